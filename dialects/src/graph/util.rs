@@ -1,0 +1,160 @@
+//! Helpers shared by op definitions: input access, axes, common shape rules, broadcasting.
+
+use super::{InferCx, OpError, OpResult};
+use crate::bail;
+use crate::tensor::{broadcast_index, Tensor};
+use crate::types::{broadcast_dims, broadcast_shapes, DType, TensorType};
+
+/// Input `i`, which must be present.
+pub fn req<'a>(inputs: &[Option<&'a Tensor>], i: usize) -> OpResult<&'a Tensor> {
+    match inputs.get(i) {
+        Some(Some(t)) => Ok(t),
+        _ => bail!("expected input {i} to be present"),
+    }
+}
+
+/// Input `i` if present.
+pub fn opt<'a>(inputs: &[Option<&'a Tensor>], i: usize) -> Option<&'a Tensor> {
+    inputs.get(i).copied().flatten()
+}
+
+/// Normalizes a possibly negative axis against `rank`.
+pub fn norm_axis(axis: i64, rank: usize) -> OpResult<usize> {
+    let r = rank as i64;
+    if axis < -r || axis >= r.max(1) && !(r == 0 && axis == 0) {
+        bail!("axis {axis} is out of range for rank {rank}");
+    }
+    Ok(if axis < 0 { (axis + r) as usize } else { axis as usize })
+}
+
+/// Normalizes a list of axes; duplicates are an error.
+pub fn norm_axes(axes: &[i64], rank: usize) -> OpResult<Vec<usize>> {
+    let mut out = Vec::with_capacity(axes.len());
+    for &a in axes {
+        let n = norm_axis(a, rank)?;
+        if out.contains(&n) {
+            bail!("axis {a} is repeated");
+        }
+        out.push(n);
+    }
+    Ok(out)
+}
+
+/// Shape rule: every output has input `i`'s type.
+pub fn same_as_input(cx: &InferCx, i: usize) -> OpResult<Vec<TensorType>> {
+    let t = cx.input(i)?.clone();
+    Ok(vec![t; cx.num_outputs.max(1)])
+}
+
+/// Shape rule: numpy broadcasting of all present inputs, output of `dtype` (or input 0's).
+pub fn broadcast_rule(cx: &mut InferCx, dtype: Option<DType>) -> OpResult<Vec<TensorType>> {
+    let first = cx.input(0)?;
+    let dtype = dtype.unwrap_or(first.dtype);
+    let mut shape = first.shape.clone();
+    for t in cx.inputs.iter().skip(1).flatten() {
+        shape = match (shape, &t.shape) {
+            (Some(a), Some(b)) => {
+                let mut fresh_counter = Vec::new();
+                let r = broadcast_dims(&a, b, &mut || {
+                    fresh_counter.push(());
+                    crate::types::Dim::sym("?")
+                });
+                match r {
+                    None => bail!(
+                        "shapes {} and {} cannot be broadcast together",
+                        TensorType::new(dtype, a),
+                        TensorType::new(dtype, b.clone())
+                    ),
+                    Some(mut s) => {
+                        for d in s.iter_mut() {
+                            if *d == crate::types::Dim::sym("?") {
+                                *d = cx.fresh_dim();
+                            }
+                        }
+                        Some(s)
+                    }
+                }
+            }
+            _ => None,
+        };
+    }
+    Ok(vec![TensorType { dtype, shape }])
+}
+
+/// Checks that input `i` has one of `allowed` element types.
+pub fn expect_dtype(t: &TensorType, what: &str, allowed: &[DType]) -> OpResult<()> {
+    if allowed.contains(&t.dtype) {
+        Ok(())
+    } else {
+        let names: Vec<_> = allowed.iter().map(|d| d.onnx_name()).collect();
+        bail!("{what} must be one of [{}], found {}", names.join(", "), t.dtype)
+    }
+}
+
+/// Applies `f` to every element of a float tensor (computing in f64), keeping its dtype.
+pub fn map_float(t: &Tensor, f: impl Fn(f64) -> f64) -> Tensor {
+    if let Some(v) = t.as_f32() {
+        return Tensor::from_f32(&t.shape, v.iter().map(|&x| f(x as f64) as f32).collect());
+    }
+    Tensor::from_f64(t.dtype(), &t.shape, t.to_f64().into_iter().map(f).collect())
+}
+
+/// Broadcasts two tensors' element indices to their common shape.
+pub fn broadcast2(a: &Tensor, b: &Tensor) -> OpResult<(Vec<usize>, Vec<usize>, Vec<usize>)> {
+    let Some(shape) = broadcast_shapes(&a.shape, &b.shape) else {
+        bail!("shapes {:?} and {:?} cannot be broadcast together", a.shape, b.shape)
+    };
+    let ia = broadcast_index(&a.shape, &shape);
+    let ib = broadcast_index(&b.shape, &shape);
+    Ok((shape, ia, ib))
+}
+
+/// Elementwise binary op with broadcasting, computed in f64 and rounded to `out` dtype.
+pub fn binary_f64(a: &Tensor, b: &Tensor, out: DType, f: impl Fn(f64, f64) -> f64) -> OpResult<Tensor> {
+    if a.shape == b.shape {
+        if let (Some(x), Some(y)) = (a.as_f32(), b.as_f32()) {
+            if out == DType::F32 {
+                let v = x.iter().zip(y).map(|(&p, &q)| f(p as f64, q as f64) as f32).collect();
+                return Ok(Tensor::from_f32(&a.shape, v));
+            }
+        }
+    }
+    let (shape, ia, ib) = broadcast2(a, b)?;
+    let (va, vb) = (a.to_f64(), b.to_f64());
+    let v = ia.iter().zip(&ib).map(|(&i, &j)| f(va[i], vb[j])).collect();
+    Ok(Tensor::from_f64(out, &shape, v))
+}
+
+/// Elementwise binary op with broadcasting on integers, computed in i64 and wrapped to `out`.
+pub fn binary_i64(a: &Tensor, b: &Tensor, out: DType, f: impl Fn(i64, i64) -> i64) -> OpResult<Tensor> {
+    let (shape, ia, ib) = broadcast2(a, b)?;
+    let (va, vb) = (a.to_i64(), b.to_i64());
+    let v = ia.iter().zip(&ib).map(|(&i, &j)| f(va[i], vb[j])).collect();
+    Ok(Tensor::from_i64_as(out, &shape, v))
+}
+
+/// Reads a 1-D integer tensor (shape, axes, pads, ...) as i64s.
+pub fn ints_of(t: &Tensor) -> OpResult<Vec<i64>> {
+    if !t.dtype().is_int() {
+        bail!("expected an integer tensor, found {}", t.dtype());
+    }
+    Ok(t.to_i64())
+}
+
+/// Turns a run-time size into usize, rejecting negatives and absurd totals.
+pub fn checked_numel(shape: &[usize]) -> OpResult<usize> {
+    let mut n: u128 = 1;
+    for &d in shape {
+        n = n.saturating_mul(d as u128);
+    }
+    if n > crate::tensor::MAX_ELEMENTS {
+        bail!("a tensor of shape {shape:?} ({n} elements) is larger than kiln's limit of 2^32 elements");
+    }
+    Ok(n as usize)
+}
+
+impl From<String> for OpError {
+    fn from(s: String) -> OpError {
+        OpError(s)
+    }
+}

@@ -1,0 +1,232 @@
+//! The reference interpreter: runs a module of graph ops with each op's [`OpDef::eval`].
+//!
+//! It is the numerics oracle for every target. It checks inputs against the function's
+//! signature (dtype, rank, known dims, consistent bindings of symbolic dims), frees each
+//! intermediate after its last use, and reports failures with the node name and op type.
+
+use crate::attr::Attr;
+use crate::graph::{lookup, EvalCx, OpError, OpResult, RegionRunner};
+use crate::ir::{Block, Module, OpId, Region, ValueId};
+use crate::tensor::Tensor;
+use crate::types::Dim;
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::rc::Rc;
+
+/// A failure while running a model, with where it happened.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum InterpError {
+    #[error("expected {expected} input(s), got {got}")]
+    InputCount { expected: usize, got: usize },
+    #[error("input '{name}': {msg}")]
+    Input { name: String, msg: String },
+    #[error("node '{node}' ({op}): {msg}")]
+    Node { node: String, op: String, msg: String },
+}
+
+/// The opset a module was imported at (attribute `kiln.opset`), default the latest.
+pub fn module_opset(m: &Module) -> i64 {
+    match m.attrs.get("kiln.opset") {
+        Some(Attr::Int(v)) => *v,
+        _ => 25,
+    }
+}
+
+/// Checks run-time inputs against the module signature and binds symbolic dims.
+pub fn check_inputs(m: &Module, inputs: &[Tensor]) -> Result<HashMap<String, usize>, InterpError> {
+    let args = m.inputs();
+    if inputs.len() != args.len() {
+        return Err(InterpError::InputCount { expected: args.len(), got: inputs.len() });
+    }
+    let mut bindings: HashMap<String, usize> = HashMap::new();
+    for (&v, t) in args.iter().zip(inputs) {
+        let vd = m.value(v);
+        let name = m.value_label(v);
+        let err = |msg: String| InterpError::Input { name: name.clone(), msg };
+        if t.dtype() != vd.ty.dtype {
+            return Err(err(format!("expected element type {}, got {}", vd.ty.dtype, t.dtype())));
+        }
+        let Some(shape) = &vd.ty.shape else { continue };
+        if shape.len() != t.rank() {
+            return Err(err(format!("expected shape {}, got rank {} shape {:?}", vd.ty, t.rank(), t.shape)));
+        }
+        for (i, (d, &n)) in shape.iter().zip(&t.shape).enumerate() {
+            match d {
+                Dim::Known(k) if *k as usize != n => {
+                    return Err(err(format!("expected dim {i} to be {k} (type {}), got {n}", vd.ty)));
+                }
+                Dim::Sym(s) => {
+                    if let Some(&prev) = bindings.get(&**s) {
+                        if prev != n {
+                            return Err(err(format!(
+                                "symbolic dim '{s}' is bound to {prev} by an earlier input, got {n}"
+                            )));
+                        }
+                    } else {
+                        bindings.insert(s.to_string(), n);
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    Ok(bindings)
+}
+
+/// Runs `m` on `inputs` (in the order of [`Module::inputs`]) and returns its outputs.
+pub fn run(m: &Module, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, InterpError> {
+    run_observed(m, inputs, &mut |_, _| {})
+}
+
+/// Like [`run`], calling `observe` with every top-level op's outputs as they are produced.
+pub fn run_observed(
+    m: &Module,
+    inputs: Vec<Tensor>,
+    observe: &mut dyn FnMut(OpId, &[Rc<Tensor>]),
+) -> Result<Vec<Tensor>, InterpError> {
+    check_inputs(m, &inputs)?;
+    let interp = Interp { m, opset: module_opset(m), env: RefCell::new(vec![None; m.values.len()]) };
+    for (&v, t) in m.inputs().iter().zip(inputs) {
+        interp.set(v, Rc::new(t));
+    }
+    // Last top-level op that reads each value (uses inside regions count for their op).
+    let mut last_use: HashMap<ValueId, usize> = HashMap::new();
+    for (i, &o) in m.body.ops.iter().enumerate() {
+        let mut f = |v: ValueId| {
+            last_use.insert(v, i);
+        };
+        collect_uses(m, o, &mut f);
+    }
+    for (i, &o) in m.body.ops.iter().enumerate() {
+        interp.exec(o).map_err(|e| interp.node_error(o, e))?;
+        {
+            let env = interp.env.borrow();
+            let outs: Vec<Rc<Tensor>> =
+                m.op(o).results.iter().filter_map(|&r| env[r.0 as usize].clone()).collect();
+            drop(env);
+            observe(o, &outs);
+        }
+        let op = m.op(o);
+        let mut env = interp.env.borrow_mut();
+        let mut free = |v: ValueId| {
+            if last_use.get(&v) == Some(&i) && !m.outputs().contains(&v) {
+                env[v.0 as usize] = None;
+            }
+        };
+        for &v in op.operands.iter().flatten() {
+            free(v);
+        }
+    }
+    let env = interp.env.borrow();
+    m.outputs()
+        .iter()
+        .map(|&v| match &env[v.0 as usize] {
+            Some(t) => Ok((**t).clone()),
+            None => Err(InterpError::Node {
+                node: m.value_label(v),
+                op: "output".into(),
+                msg: "the model output was never computed".into(),
+            }),
+        })
+        .collect()
+}
+
+/// Calls `f` on every value op `o` reads, including values captured by its regions.
+fn collect_uses(m: &Module, o: OpId, f: &mut dyn FnMut(ValueId)) {
+    let op = m.op(o);
+    for &v in op.operands.iter().flatten() {
+        f(v);
+    }
+    for r in &op.regions {
+        for b in &r.blocks {
+            for &inner in &b.ops {
+                collect_uses(m, inner, f);
+            }
+            for &y in &b.yields {
+                f(y);
+            }
+        }
+    }
+}
+
+struct Interp<'m> {
+    m: &'m Module,
+    opset: i64,
+    env: RefCell<Vec<Option<Rc<Tensor>>>>,
+}
+
+impl Interp<'_> {
+    fn set(&self, v: ValueId, t: Rc<Tensor>) {
+        self.env.borrow_mut()[v.0 as usize] = Some(t);
+    }
+
+    fn get(&self, v: ValueId) -> OpResult<Rc<Tensor>> {
+        match &self.env.borrow()[v.0 as usize] {
+            Some(t) => Ok(t.clone()),
+            None => Err(OpError(format!("value {} is used before it is computed", self.m.value_label(v)))),
+        }
+    }
+
+    fn node_error(&self, o: OpId, e: OpError) -> InterpError {
+        let op = self.m.op(o);
+        InterpError::Node { node: op.node_name().to_string(), op: op.op_type().to_string(), msg: e.0 }
+    }
+
+    fn exec(&self, o: OpId) -> OpResult<()> {
+        let op = self.m.op(o);
+        let Some(def) = lookup(op.op_type()) else {
+            return Err(OpError(format!("op '{}' has no reference semantics", op.name)));
+        };
+        let inputs: Vec<Option<Rc<Tensor>>> =
+            op.operands.iter().map(|v| v.map(|v| self.get(v)).transpose()).collect::<OpResult<_>>()?;
+        let refs: Vec<Option<&Tensor>> = inputs.iter().map(|t| t.as_deref()).collect();
+        let cx = EvalCx {
+            attrs: crate::graph::AttrView(&op.attrs),
+            num_outputs: op.results.len(),
+            opset: self.opset,
+            regions: &op.regions,
+            runner: self,
+        };
+        let outs = def.eval(&cx, &refs)?;
+        if outs.len() < op.results.len() {
+            return Err(OpError(format!("produced {} outputs, the op has {}", outs.len(), op.results.len())));
+        }
+        for (&r, t) in op.results.iter().zip(outs) {
+            let want = self.m.value(r).ty.dtype;
+            if t.dtype() != want {
+                return Err(OpError(format!(
+                    "produced an output of type {}, its declared type is {}",
+                    t.dtype(),
+                    want
+                )));
+            }
+            self.set(r, Rc::new(t));
+        }
+        Ok(())
+    }
+
+    fn run_block(&self, b: &Block, args: Vec<Tensor>) -> OpResult<Vec<Tensor>> {
+        if args.len() != b.args.len() {
+            return Err(OpError(format!("region expects {} arguments, got {}", b.args.len(), args.len())));
+        }
+        for (&v, t) in b.args.iter().zip(args) {
+            self.set(v, Rc::new(t));
+        }
+        for &o in &b.ops {
+            self.exec(o).map_err(|e| {
+                let op = self.m.op(o);
+                OpError(format!("in subgraph node '{}' ({}): {}", op.node_name(), op.op_type(), e.0))
+            })?;
+        }
+        b.yields.iter().map(|&v| self.get(v).map(|t| (*t).clone())).collect()
+    }
+}
+
+impl RegionRunner for Interp<'_> {
+    fn run_region(&self, region: &Region, args: Vec<Tensor>) -> OpResult<Vec<Tensor>> {
+        match region.blocks.first() {
+            Some(b) => self.run_block(b, args),
+            None => Err(OpError("empty region".into())),
+        }
+    }
+}

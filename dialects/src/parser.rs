@@ -1,0 +1,1 @@
+//! MLIR generic-syntax parser.

@@ -1,0 +1,366 @@
+//! Runtime tensors: a shape and a typed, row-major buffer.
+//!
+//! The reference interpreter computes on these. Floating-point ops usually go through
+//! [`Tensor::to_f64`] / [`Tensor::from_f64`] (exact for every float type kiln holds, and
+//! rounded once on the way back), integer ops through [`Tensor::to_i64`], so one op body
+//! serves every element type; hot ops (Conv, MatMul, Gemm) specialize on `f32`.
+
+use crate::types::{DType, Shape};
+use half::{bf16, f16};
+
+/// Typed storage of a tensor's elements, row-major.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Data {
+    F16(Vec<f16>),
+    BF16(Vec<bf16>),
+    F32(Vec<f32>),
+    F64(Vec<f64>),
+    I8(Vec<i8>),
+    I16(Vec<i16>),
+    I32(Vec<i32>),
+    I64(Vec<i64>),
+    U8(Vec<u8>),
+    U16(Vec<u16>),
+    U32(Vec<u32>),
+    U64(Vec<u64>),
+    Bool(Vec<bool>),
+    Str(Vec<String>),
+}
+
+/// Applies `$body` to the vector inside any numeric/bool variant of [`Data`], binding it to `$v`.
+#[macro_export]
+macro_rules! for_each_data {
+    ($data:expr, $v:ident => $body:expr) => {
+        match $data {
+            $crate::tensor::Data::F16($v) => $body,
+            $crate::tensor::Data::BF16($v) => $body,
+            $crate::tensor::Data::F32($v) => $body,
+            $crate::tensor::Data::F64($v) => $body,
+            $crate::tensor::Data::I8($v) => $body,
+            $crate::tensor::Data::I16($v) => $body,
+            $crate::tensor::Data::I32($v) => $body,
+            $crate::tensor::Data::I64($v) => $body,
+            $crate::tensor::Data::U8($v) => $body,
+            $crate::tensor::Data::U16($v) => $body,
+            $crate::tensor::Data::U32($v) => $body,
+            $crate::tensor::Data::U64($v) => $body,
+            $crate::tensor::Data::Bool($v) => $body,
+            $crate::tensor::Data::Str($v) => $body,
+        }
+    };
+}
+
+/// Rebuilds a [`Data`] of the same variant as `$data` from `$f(&vec)`, a closure generic over the
+/// element type (it may only move, copy or drop elements: gather, slice, transpose, ...).
+#[macro_export]
+macro_rules! map_data {
+    ($data:expr, $v:ident => $body:expr) => {
+        match $data {
+            $crate::tensor::Data::F16($v) => $crate::tensor::Data::F16($body),
+            $crate::tensor::Data::BF16($v) => $crate::tensor::Data::BF16($body),
+            $crate::tensor::Data::F32($v) => $crate::tensor::Data::F32($body),
+            $crate::tensor::Data::F64($v) => $crate::tensor::Data::F64($body),
+            $crate::tensor::Data::I8($v) => $crate::tensor::Data::I8($body),
+            $crate::tensor::Data::I16($v) => $crate::tensor::Data::I16($body),
+            $crate::tensor::Data::I32($v) => $crate::tensor::Data::I32($body),
+            $crate::tensor::Data::I64($v) => $crate::tensor::Data::I64($body),
+            $crate::tensor::Data::U8($v) => $crate::tensor::Data::U8($body),
+            $crate::tensor::Data::U16($v) => $crate::tensor::Data::U16($body),
+            $crate::tensor::Data::U32($v) => $crate::tensor::Data::U32($body),
+            $crate::tensor::Data::U64($v) => $crate::tensor::Data::U64($body),
+            $crate::tensor::Data::Bool($v) => $crate::tensor::Data::Bool($body),
+            $crate::tensor::Data::Str($v) => $crate::tensor::Data::Str($body),
+        }
+    };
+}
+
+impl Data {
+    pub fn dtype(&self) -> DType {
+        match self {
+            Data::F16(_) => DType::F16,
+            Data::BF16(_) => DType::BF16,
+            Data::F32(_) => DType::F32,
+            Data::F64(_) => DType::F64,
+            Data::I8(_) => DType::I8,
+            Data::I16(_) => DType::I16,
+            Data::I32(_) => DType::I32,
+            Data::I64(_) => DType::I64,
+            Data::U8(_) => DType::U8,
+            Data::U16(_) => DType::U16,
+            Data::U32(_) => DType::U32,
+            Data::U64(_) => DType::U64,
+            Data::Bool(_) => DType::Bool,
+            Data::Str(_) => DType::String,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        for_each_data!(self, v => v.len())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// `n` zero (false, empty-string) elements of `dtype`.
+    pub fn zeros(dtype: DType, n: usize) -> Data {
+        match dtype {
+            DType::F16 => Data::F16(vec![f16::ZERO; n]),
+            DType::BF16 => Data::BF16(vec![bf16::ZERO; n]),
+            DType::F32 => Data::F32(vec![0.0; n]),
+            DType::F64 => Data::F64(vec![0.0; n]),
+            DType::I8 => Data::I8(vec![0; n]),
+            DType::I16 => Data::I16(vec![0; n]),
+            DType::I32 => Data::I32(vec![0; n]),
+            DType::I64 => Data::I64(vec![0; n]),
+            DType::U8 => Data::U8(vec![0; n]),
+            DType::U16 => Data::U16(vec![0; n]),
+            DType::U32 => Data::U32(vec![0; n]),
+            DType::U64 => Data::U64(vec![0; n]),
+            DType::Bool => Data::Bool(vec![false; n]),
+            DType::String => Data::Str(vec![String::new(); n]),
+        }
+    }
+}
+
+/// A tensor value at run time.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Tensor {
+    pub shape: Shape,
+    pub data: Data,
+}
+
+/// Largest tensor the interpreter allocates (elements); bigger requests are reported, not attempted.
+pub const MAX_ELEMENTS: u128 = 1 << 32;
+
+impl Tensor {
+    /// Builds a tensor; the caller guarantees `data.len()` equals the product of `shape`.
+    pub fn new(shape: Shape, data: Data) -> Tensor {
+        debug_assert_eq!(shape.iter().product::<usize>(), data.len(), "shape {shape:?}");
+        Tensor { shape, data }
+    }
+
+    pub fn zeros(dtype: DType, shape: &[usize]) -> Tensor {
+        Tensor::new(shape.to_vec(), Data::zeros(dtype, shape.iter().product()))
+    }
+
+    pub fn scalar_f32(v: f32) -> Tensor {
+        Tensor::new(vec![], Data::F32(vec![v]))
+    }
+
+    pub fn from_f32(shape: &[usize], v: Vec<f32>) -> Tensor {
+        Tensor::new(shape.to_vec(), Data::F32(v))
+    }
+
+    pub fn from_i64(shape: &[usize], v: Vec<i64>) -> Tensor {
+        Tensor::new(shape.to_vec(), Data::I64(v))
+    }
+
+    pub fn from_bool(shape: &[usize], v: Vec<bool>) -> Tensor {
+        Tensor::new(shape.to_vec(), Data::Bool(v))
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.data.dtype()
+    }
+
+    pub fn rank(&self) -> usize {
+        self.shape.len()
+    }
+
+    pub fn len(&self) -> usize {
+        self.data.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.data.is_empty()
+    }
+
+    /// Same data, new shape (element count must match).
+    pub fn reshaped(mut self, shape: Shape) -> Tensor {
+        debug_assert_eq!(shape.iter().product::<usize>(), self.len());
+        self.shape = shape;
+        self
+    }
+
+    /// Every element as f64 (bools as 0/1; strings are an error for the caller to avoid).
+    pub fn to_f64(&self) -> Vec<f64> {
+        match &self.data {
+            Data::F16(v) => v.iter().map(|x| x.to_f64()).collect(),
+            Data::BF16(v) => v.iter().map(|x| x.to_f64()).collect(),
+            Data::F32(v) => v.iter().map(|&x| x as f64).collect(),
+            Data::F64(v) => v.clone(),
+            Data::I8(v) => v.iter().map(|&x| x as f64).collect(),
+            Data::I16(v) => v.iter().map(|&x| x as f64).collect(),
+            Data::I32(v) => v.iter().map(|&x| x as f64).collect(),
+            Data::I64(v) => v.iter().map(|&x| x as f64).collect(),
+            Data::U8(v) => v.iter().map(|&x| x as f64).collect(),
+            Data::U16(v) => v.iter().map(|&x| x as f64).collect(),
+            Data::U32(v) => v.iter().map(|&x| x as f64).collect(),
+            Data::U64(v) => v.iter().map(|&x| x as f64).collect(),
+            Data::Bool(v) => v.iter().map(|&x| x as u8 as f64).collect(),
+            Data::Str(v) => v.iter().map(|s| s.parse().unwrap_or(f64::NAN)).collect(),
+        }
+    }
+
+    /// Every element as i64 (floats truncated toward zero, saturating; u64 wraps).
+    pub fn to_i64(&self) -> Vec<i64> {
+        match &self.data {
+            Data::F16(v) => v.iter().map(|x| x.to_f64() as i64).collect(),
+            Data::BF16(v) => v.iter().map(|x| x.to_f64() as i64).collect(),
+            Data::F32(v) => v.iter().map(|&x| x as i64).collect(),
+            Data::F64(v) => v.iter().map(|&x| x as i64).collect(),
+            Data::I8(v) => v.iter().map(|&x| x as i64).collect(),
+            Data::I16(v) => v.iter().map(|&x| x as i64).collect(),
+            Data::I32(v) => v.iter().map(|&x| x as i64).collect(),
+            Data::I64(v) => v.clone(),
+            Data::U8(v) => v.iter().map(|&x| x as i64).collect(),
+            Data::U16(v) => v.iter().map(|&x| x as i64).collect(),
+            Data::U32(v) => v.iter().map(|&x| x as i64).collect(),
+            Data::U64(v) => v.iter().map(|&x| x as i64).collect(),
+            Data::Bool(v) => v.iter().map(|&x| x as i64).collect(),
+            Data::Str(v) => v.iter().map(|s| s.parse().unwrap_or(0)).collect(),
+        }
+    }
+
+    /// Every element as bool (nonzero is true).
+    pub fn to_bool(&self) -> Vec<bool> {
+        match &self.data {
+            Data::Bool(v) => v.clone(),
+            Data::Str(v) => v.iter().map(|s| !s.is_empty()).collect(),
+            _ => self.to_f64().into_iter().map(|x| x != 0.0).collect(),
+        }
+    }
+
+    /// Builds a tensor of `dtype` from f64 values, rounding/saturating as a C cast would
+    /// (float→int truncates toward zero; NaN becomes 0).
+    pub fn from_f64(dtype: DType, shape: &[usize], v: Vec<f64>) -> Tensor {
+        let data = match dtype {
+            DType::F16 => Data::F16(v.iter().map(|&x| f16::from_f64(x)).collect()),
+            DType::BF16 => Data::BF16(v.iter().map(|&x| bf16::from_f64(x)).collect()),
+            DType::F32 => Data::F32(v.iter().map(|&x| x as f32).collect()),
+            DType::F64 => Data::F64(v),
+            DType::I8 => Data::I8(v.iter().map(|&x| x as i8).collect()),
+            DType::I16 => Data::I16(v.iter().map(|&x| x as i16).collect()),
+            DType::I32 => Data::I32(v.iter().map(|&x| x as i32).collect()),
+            DType::I64 => Data::I64(v.iter().map(|&x| x as i64).collect()),
+            DType::U8 => Data::U8(v.iter().map(|&x| x as u8).collect()),
+            DType::U16 => Data::U16(v.iter().map(|&x| x as u16).collect()),
+            DType::U32 => Data::U32(v.iter().map(|&x| x as u32).collect()),
+            DType::U64 => Data::U64(v.iter().map(|&x| x as u64).collect()),
+            DType::Bool => Data::Bool(v.iter().map(|&x| x != 0.0).collect()),
+            DType::String => Data::Str(v.iter().map(|x| format_float_string(*x)).collect()),
+        };
+        Tensor::new(shape.to_vec(), data)
+    }
+
+    /// Builds a tensor of `dtype` from i64 values, wrapping as a C cast would.
+    pub fn from_i64_as(dtype: DType, shape: &[usize], v: Vec<i64>) -> Tensor {
+        let data = match dtype {
+            DType::I8 => Data::I8(v.iter().map(|&x| x as i8).collect()),
+            DType::I16 => Data::I16(v.iter().map(|&x| x as i16).collect()),
+            DType::I32 => Data::I32(v.iter().map(|&x| x as i32).collect()),
+            DType::I64 => Data::I64(v),
+            DType::U8 => Data::U8(v.iter().map(|&x| x as u8).collect()),
+            DType::U16 => Data::U16(v.iter().map(|&x| x as u16).collect()),
+            DType::U32 => Data::U32(v.iter().map(|&x| x as u32).collect()),
+            DType::U64 => Data::U64(v.iter().map(|&x| x as u64).collect()),
+            DType::Bool => Data::Bool(v.iter().map(|&x| x != 0).collect()),
+            DType::String => Data::Str(v.iter().map(|x| x.to_string()).collect()),
+            _ => return Tensor::from_f64(dtype, shape, v.into_iter().map(|x| x as f64).collect()),
+        };
+        Tensor::new(shape.to_vec(), data)
+    }
+
+    /// The f32 buffer, if this is an f32 tensor.
+    pub fn as_f32(&self) -> Option<&[f32]> {
+        match &self.data {
+            Data::F32(v) => Some(v),
+            _ => None,
+        }
+    }
+
+    /// A scalar (or single-element tensor) as f64.
+    pub fn scalar_value_f64(&self) -> Option<f64> {
+        (self.len() == 1).then(|| self.to_f64()[0])
+    }
+
+    /// A scalar (or single-element tensor) as i64.
+    pub fn scalar_value_i64(&self) -> Option<i64> {
+        (self.len() == 1).then(|| self.to_i64()[0])
+    }
+
+    /// Gathers elements by flat index into a new tensor of `shape`, for any dtype.
+    pub fn gather_flat(&self, shape: Shape, idx: &[usize]) -> Tensor {
+        let data = map_data!(&self.data, v => idx.iter().map(|&i| v[i].clone()).collect());
+        Tensor::new(shape, data)
+    }
+}
+
+/// Row-major strides of a shape, in elements.
+pub fn strides(shape: &[usize]) -> Vec<usize> {
+    let mut s = vec![1; shape.len()];
+    for i in (0..shape.len().saturating_sub(1)).rev() {
+        s[i] = s[i + 1] * shape[i + 1];
+    }
+    s
+}
+
+/// For each element of `out_shape`, the flat index into a tensor of `in_shape` broadcast to it.
+pub fn broadcast_index(in_shape: &[usize], out_shape: &[usize]) -> Vec<usize> {
+    let n: usize = out_shape.iter().product();
+    let rank = out_shape.len();
+    let off = rank - in_shape.len();
+    let in_strides = strides(in_shape);
+    // Effective stride of each output axis into the input (0 where broadcast).
+    let eff: Vec<usize> = (0..rank)
+        .map(|i| if i < off || in_shape[i - off] == 1 { 0 } else { in_strides[i - off] })
+        .collect();
+    let mut out = Vec::with_capacity(n);
+    let mut idx = vec![0usize; rank];
+    let mut flat = 0usize;
+    for _ in 0..n {
+        out.push(flat);
+        for ax in (0..rank).rev() {
+            idx[ax] += 1;
+            flat += eff[ax];
+            if idx[ax] < out_shape[ax] {
+                break;
+            }
+            flat -= eff[ax] * idx[ax];
+            idx[ax] = 0;
+        }
+    }
+    out
+}
+
+/// Formats a float the way ONNX's Cast-to-string does for common values.
+fn format_float_string(x: f64) -> String {
+    if x.is_nan() {
+        "NaN".into()
+    } else if x.is_infinite() {
+        if x > 0.0 { "INF".into() } else { "-INF".into() }
+    } else {
+        format!("{x}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn broadcast_index_repeats_rows() {
+        assert_eq!(broadcast_index(&[3], &[2, 3]), vec![0, 1, 2, 0, 1, 2]);
+        assert_eq!(broadcast_index(&[2, 1], &[2, 3]), vec![0, 0, 0, 1, 1, 1]);
+        assert_eq!(broadcast_index(&[], &[2]), vec![0, 0]);
+    }
+
+    #[test]
+    fn casts_round_and_saturate_like_c() {
+        let t = Tensor::from_f64(DType::I32, &[3], vec![1.7, -1.7, 3.0]);
+        assert_eq!(t.to_i64(), vec![1, -1, 3]);
+        let h = Tensor::from_f64(DType::F16, &[1], vec![1.0 / 3.0]);
+        assert!((h.to_f64()[0] - 0.33325).abs() < 1e-4);
+    }
+}

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Idempotent setup for kiln on a fresh Debian 12 (bookworm) machine.
+# Installs LLVM/MLIR 22 (what melior and inkwell link against), lld, clang, qemu-user and
+# the riscv64 cross libc (for the rvv target), protobuf-compiler, and a Python virtualenv
+# (.venv) with the pinned test dependencies. Safe to run again: each step checks first.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SUDO=""
+if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
+
+PKGS=(llvm-22-dev libmlir-22-dev mlir-22-tools lld-22 clang-22 libpolly-22-dev
+      libzstd-dev zlib1g-dev libxml2-dev libncurses-dev libffi-dev
+      qemu-user gcc-riscv64-linux-gnu libc6-dev-riscv64-cross
+      libclang-22-dev protobuf-compiler python3-venv pkg-config)
+missing=()
+for p in "${PKGS[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "setup: installing ${missing[*]}" >&2
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
+fi
+
+# Python test dependencies, pinned as in CLI.md.
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+if ! .venv/bin/python -c 'import onnx, onnxruntime, numpy; assert onnx.__version__ == "1.23.2" and onnxruntime.__version__ == "1.32.0" and numpy.__version__.startswith("2.")' 2>/dev/null; then
+  .venv/bin/pip install -q --disable-pip-version-check "onnx==1.23.2" "onnxruntime==1.32.0" "numpy>=2,<3" pytest >&2
+fi
+
+# ONNX backend node tests (1,884 cases with onnx 1.23.2) and the `light` models, generated from
+# the installed onnx package into target/onnx-data (not committed).
+DATA=target/onnx-data
+if [ ! -f "$DATA/.done-1.23.2" ]; then
+  rm -rf "$DATA"; mkdir -p "$DATA"
+  .venv/bin/python scripts/gen_onnx_node_tests.py "$DATA" >&2
+  .venv/bin/python -c 'import onnx, os, shutil, sys; s = os.path.join(os.path.dirname(onnx.__file__), "backend/test/data/light"); shutil.copytree(s, sys.argv[1] + "/light")' "$DATA"
+  touch "$DATA/.done-1.23.2"
+fi
+echo "setup: ok" >&2
