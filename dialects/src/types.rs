@@ -91,6 +91,57 @@ impl DType {
         }
     }
 
+    /// The ONNX `TensorProto.DataType` code.
+    pub fn onnx_code(self) -> i32 {
+        match self {
+            DType::F32 => 1,
+            DType::U8 => 2,
+            DType::I8 => 3,
+            DType::U16 => 4,
+            DType::I16 => 5,
+            DType::I32 => 6,
+            DType::I64 => 7,
+            DType::String => 8,
+            DType::Bool => 9,
+            DType::F16 => 10,
+            DType::F64 => 11,
+            DType::U32 => 12,
+            DType::U64 => 13,
+            DType::BF16 => 16,
+        }
+    }
+
+    /// The element type of an ONNX `TensorProto.DataType` code, if kiln represents it
+    /// (complex, float8, int4 and float4 types are not represented).
+    pub fn from_onnx_code(code: i64) -> Option<DType> {
+        DType::ALL.into_iter().find(|d| d.onnx_code() as i64 == code)
+    }
+
+    /// The ONNX name of a `TensorProto.DataType` code, including types kiln does not represent.
+    pub fn onnx_code_name(code: i64) -> String {
+        const OTHER: [(i64, &str); 12] = [
+            (0, "undefined"),
+            (14, "complex64"),
+            (15, "complex128"),
+            (17, "float8e4m3fn"),
+            (18, "float8e4m3fnuz"),
+            (19, "float8e5m2"),
+            (20, "float8e5m2fnuz"),
+            (21, "uint4"),
+            (22, "int4"),
+            (23, "float4e2m1"),
+            (24, "float8e8m0"),
+            (25, "uint2"),
+        ];
+        match DType::from_onnx_code(code) {
+            Some(d) => d.onnx_name().to_string(),
+            None => OTHER
+                .iter()
+                .find(|(c, _)| *c == code)
+                .map_or(format!("data type {code}"), |(_, n)| n.to_string()),
+        }
+    }
+
     /// Size of one element in bytes (strings count as a pointer).
     pub fn size_bytes(self) -> usize {
         match self {

@@ -110,11 +110,19 @@ impl<'a> AttrView<'a> {
         }
     }
 
-    /// A dtype attribute (ONNX `to`, `dtype`, ...), stored as [`Attr::Type`].
+    /// A dtype attribute (ONNX `to`, `dtype`, `output_dtype`, ...): an [`Attr::Type`], or an
+    /// [`Attr::Int`] holding an ONNX `TensorProto.DataType` code (as the frontend imports them).
     pub fn dtype(&self, name: &str) -> OpResult<Option<DType>> {
         match self.0.get(name) {
             None => Ok(None),
             Some(Attr::Type(t)) => Ok(Some(*t)),
+            Some(Attr::Int(code)) => match DType::from_onnx_code(*code) {
+                Some(t) => Ok(Some(t)),
+                None => bail!(
+                    "attribute '{name}' names element type {}, which kiln does not support",
+                    DType::onnx_code_name(*code)
+                ),
+            },
             Some(a) => bail!("attribute '{name}' must be a type, found {}", a.kind()),
         }
     }
