@@ -1,0 +1,444 @@
+//! ONNX `ModelProto` → graph-dialect [`Module`].
+//!
+//! Each node becomes one `graph.<OpType>` op whose result types come from the op's shape rule;
+//! initializers become `graph.Constant` ops; graph attributes (If/Loop/Scan bodies) become
+//! regions. Nodes whose inputs are all constants are evaluated at import (constant folding of
+//! shape subgraphs: `Shape → Gather → Concat → Reshape` chains collapse to constants), and
+//! `Shape`/`Size` of statically shaped values fold too, so later shape rules see exact shapes.
+
+use crate::proto::{
+    attribute_proto::AttributeType, type_proto, GraphProto, ModelProto, NodeProto, TypeProto, ValueInfoProto,
+};
+use crate::tensor_io::tensor_from_proto;
+use crate::FrontendError;
+use kiln_ir::graph::{lookup, EvalCx, InferCx, OpError, OpResult, RegionRunner};
+use kiln_ir::ir::NODE_NAME_ATTR;
+use kiln_ir::tensor::MAX_ELEMENTS;
+use kiln_ir::{Attr, Attrs, Block, DType, Dim, Module, Region, Tensor, TensorType, ValueId};
+use std::collections::HashMap;
+use std::path::Path;
+
+/// Ops that are never folded: their result is not a function of their inputs alone.
+const NONDETERMINISTIC: &[&str] =
+    &["RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Bernoulli", "Multinomial"];
+
+/// Folded constants larger than this many elements stay as ops (evaluated at run time).
+const MAX_FOLD_ELEMENTS: usize = 1 << 26;
+
+/// The newest default-domain opset kiln knows (onnx 1.23.2).
+pub const MAX_OPSET: i64 = 25;
+/// The oldest default-domain opset kiln accepts.
+pub const MIN_OPSET: i64 = 1;
+
+/// Imports a decoded model. `model_name` is used in messages; `base_dir` resolves external data.
+pub fn import_model(model: &ModelProto, model_name: &str, base_dir: Option<&Path>) -> Result<Module, FrontendError> {
+    let invalid = |msg: String| FrontendError::Invalid { model: model_name.to_string(), msg };
+    let Some(graph) = &model.graph else { return Err(invalid("the model has no graph".into())) };
+    let mut opset = None;
+    for o in &model.opset_import {
+        match o.domain.as_deref() {
+            None | Some("") | Some("ai.onnx") => opset = o.version,
+            _ => {}
+        }
+    }
+    // IR version 3 and older models may omit opset_import; ONNX then means opset 1.
+    let opset = opset.unwrap_or(1);
+    if !(MIN_OPSET..=MAX_OPSET).contains(&opset) {
+        return Err(invalid(format!("default-domain opset {opset} is not supported (kiln reads {MIN_OPSET} to {MAX_OPSET})")));
+    }
+    let mut unsupported = Vec::new();
+    collect_unsupported(graph, &mut unsupported);
+    if !unsupported.is_empty() {
+        return Err(FrontendError::Unsupported { model: model_name.to_string(), ops: unsupported });
+    }
+    let mut m = Module::new(graph.name.as_deref().unwrap_or("main"));
+    m.attrs.insert("kiln.opset".into(), Attr::Int(opset));
+    if let Some(p) = &model.producer_name {
+        m.attrs.insert("kiln.producer".into(), Attr::Str(p.clone()));
+    }
+    let mut imp = Importer {
+        m,
+        model_name: model_name.to_string(),
+        base_dir,
+        opset,
+        consts: HashMap::new(),
+        next_dim: 0,
+        scopes: vec![HashMap::new()],
+    };
+    let body = imp.import_graph(graph, true)?;
+    imp.m.body = body;
+    Ok(imp.m)
+}
+
+/// Lists every node (subgraphs included) whose op kiln cannot represent.
+pub fn collect_unsupported(g: &GraphProto, out: &mut Vec<(String, String)>) {
+    for n in &g.node {
+        let op = n.op_type.clone().unwrap_or_default();
+        let domain = n.domain.as_deref().unwrap_or("");
+        let known = matches!(domain, "" | "ai.onnx") && lookup(&op).is_some();
+        if !known {
+            let full = if matches!(domain, "" | "ai.onnx") { op } else { format!("{domain}.{op}") };
+            out.push((n.name.clone().unwrap_or_default(), full));
+        }
+        for a in &n.attribute {
+            for sub in a.g.iter().chain(&a.graphs) {
+                collect_unsupported(sub, out);
+            }
+        }
+    }
+}
+
+struct Importer<'a> {
+    m: Module,
+    model_name: String,
+    base_dir: Option<&'a Path>,
+    opset: i64,
+    /// Values whose contents are known at compile time.
+    consts: HashMap<ValueId, Tensor>,
+    next_dim: u32,
+    /// Name → value, innermost scope last (subgraphs see outer names).
+    scopes: Vec<HashMap<String, ValueId>>,
+}
+
+struct NoRegions;
+
+impl RegionRunner for NoRegions {
+    fn run_region(&self, _: &Region, _: Vec<Tensor>) -> OpResult<Vec<Tensor>> {
+        Err(OpError("regions are not evaluated at import".into()))
+    }
+}
+
+impl Importer<'_> {
+    fn node_err(&self, n: &NodeProto, msg: impl Into<String>) -> FrontendError {
+        FrontendError::Node {
+            model: self.model_name.clone(),
+            node: n.name.clone().unwrap_or_default(),
+            op: n.op_type.clone().unwrap_or_default(),
+            msg: msg.into(),
+        }
+    }
+
+    fn invalid(&self, msg: String) -> FrontendError {
+        FrontendError::Invalid { model: self.model_name.clone(), msg }
+    }
+
+    fn lookup_name(&self, name: &str) -> Option<ValueId> {
+        self.scopes.iter().rev().find_map(|s| s.get(name).copied())
+    }
+
+    fn define(&mut self, name: &str, v: ValueId) {
+        if !name.is_empty() {
+            self.m.value_mut(v).name = Some(name.to_string());
+            self.scopes.last_mut().expect("scope").insert(name.to_string(), v);
+        }
+    }
+
+    fn fresh_dim(&mut self) -> Dim {
+        self.next_dim += 1;
+        Dim::sym(&format!("unk{}", self.next_dim))
+    }
+
+    /// A value's type from its declared `TypeProto`.
+    fn type_of(&mut self, vi: &ValueInfoProto, what: &str) -> Result<TensorType, FrontendError> {
+        let name = vi.name.as_deref().unwrap_or("");
+        let tp: Option<&TypeProto> = vi.r#type.as_ref();
+        let Some(type_proto::Value::TensorType(tt)) = tp.and_then(|t| t.value.as_ref()) else {
+            let kind = match tp.and_then(|t| t.value.as_ref()) {
+                Some(type_proto::Value::SequenceType(_)) => "a sequence",
+                Some(type_proto::Value::OptionalType(_)) => "an optional",
+                Some(type_proto::Value::MapType(_)) => "a map",
+                Some(type_proto::Value::SparseTensorType(_)) => "a sparse tensor",
+                _ => "an untyped value",
+            };
+            return Err(self.invalid(format!("{what} '{name}' is {kind}; kiln supports tensors only")));
+        };
+        let code = tt.elem_type.unwrap_or(0) as i64;
+        let Some(dtype) = DType::from_onnx_code(code) else {
+            return Err(self.invalid(format!(
+                "{what} '{name}' has element type {}, which kiln does not support",
+                DType::onnx_code_name(code)
+            )));
+        };
+        let Some(shape) = &tt.shape else { return Ok(TensorType::unranked(dtype)) };
+        let mut dims = Vec::new();
+        for d in &shape.dim {
+            use crate::proto::tensor_shape_proto::dimension::Value;
+            dims.push(match &d.value {
+                Some(Value::DimValue(v)) if *v >= 0 => Dim::Known(*v as u64),
+                Some(Value::DimValue(v)) => {
+                    return Err(self.invalid(format!("{what} '{name}' has negative dimension {v}")));
+                }
+                Some(Value::DimParam(p)) if !p.is_empty() => Dim::sym(p),
+                _ => self.fresh_dim(),
+            });
+        }
+        let ty = TensorType::new(dtype, dims);
+        check_size(&ty).map_err(|e| self.invalid(format!("{what} '{name}': {e}")))?;
+        Ok(ty)
+    }
+
+    /// Adds a `graph.Constant` op holding `t` to `block`.
+    fn add_const(&mut self, block: &mut Block, t: Tensor, node_name: &str) -> ValueId {
+        let mut attrs = Attrs::new();
+        attrs.insert("value".into(), Attr::Tensor(t.clone()));
+        if !node_name.is_empty() {
+            attrs.insert(NODE_NAME_ATTR.into(), Attr::Str(node_name.to_string()));
+        }
+        let ty = TensorType::known(t.dtype(), &t.shape);
+        let op = self.m.create_op("graph.Constant", vec![], vec![ty], attrs, vec![]);
+        block.ops.push(op);
+        let v = self.m.op(op).results[0];
+        self.consts.insert(v, t);
+        v
+    }
+
+    /// Imports a graph into a block: the main function body or a subgraph region.
+    fn import_graph(&mut self, g: &GraphProto, is_main: bool) -> Result<Block, FrontendError> {
+        let mut block = Block::default();
+        let mut init_names = std::collections::HashSet::new();
+        for init in &g.initializer {
+            let name = init.name.clone().unwrap_or_default();
+            let t = tensor_from_proto(init, self.base_dir, &format!("initializer '{name}'"))
+                .map_err(|msg| self.invalid(msg))?;
+            let v = self.add_const(&mut block, t, &name);
+            self.define(&name, v);
+            init_names.insert(name);
+        }
+        for inp in &g.input {
+            let name = inp.name.clone().unwrap_or_default();
+            // IR v3 and older list initializers among the inputs: they are weights, not inputs.
+            if is_main && init_names.contains(&name) {
+                continue;
+            }
+            let ty = self.type_of(inp, if is_main { "input" } else { "subgraph input" })?;
+            let v = self.m.add_arg(ty, Some(name.clone()));
+            block.args.push(v);
+            self.define(&name, v);
+        }
+        for n in &g.node {
+            self.import_node(n, &mut block)?;
+        }
+        for out in &g.output {
+            let name = out.name.clone().unwrap_or_default();
+            let Some(v) = self.lookup_name(&name) else {
+                return Err(self.invalid(format!("graph output '{name}' is not produced by any node")));
+            };
+            block.yields.push(v);
+        }
+        Ok(block)
+    }
+
+    fn import_node(&mut self, n: &NodeProto, block: &mut Block) -> Result<(), FrontendError> {
+        let op_type = n.op_type.clone().unwrap_or_default();
+        let def = lookup(&op_type).ok_or_else(|| self.node_err(n, "unsupported op"))?;
+        let mut operands = Vec::new();
+        for name in &n.input {
+            if name.is_empty() {
+                operands.push(None);
+                continue;
+            }
+            match self.lookup_name(name) {
+                Some(v) => operands.push(Some(v)),
+                None => {
+                    return Err(self.node_err(
+                        n,
+                        format!("input '{name}' is not a graph input, an initializer or an earlier node's output"),
+                    ))
+                }
+            }
+        }
+        // Trailing omitted optional inputs carry no meaning.
+        while operands.last() == Some(&None) {
+            operands.pop();
+        }
+        let mut attrs = Attrs::new();
+        let mut regions = Vec::new();
+        for a in &n.attribute {
+            let name = a.name.clone().unwrap_or_default();
+            let attr = self.convert_attr(n, a, &mut regions)?;
+            attrs.insert(name, attr);
+        }
+        if let Some(name) = &n.name {
+            if !name.is_empty() {
+                attrs.insert(NODE_NAME_ATTR.into(), Attr::Str(name.clone()));
+            }
+        }
+        if !regions.is_empty() {
+            // Control-flow result dtypes come from the body's yields (the shape rule cannot see them).
+            let skip = usize::from(op_type == "Loop");
+            let dtypes: Vec<String> = regions[0]
+                .blocks
+                .first()
+                .map(|b: &Block| {
+                    b.yields.iter().skip(skip).map(|&v| self.m.value(v).ty.dtype.onnx_name().to_string()).collect()
+                })
+                .unwrap_or_default();
+            attrs.insert("kiln.result_dtypes".into(), Attr::Strs(dtypes));
+        }
+        let in_types: Vec<Option<TensorType>> =
+            operands.iter().map(|o| o.map(|v| self.m.value(v).ty.clone())).collect();
+        let const_vals: Vec<Option<&Tensor>> =
+            operands.iter().map(|o| o.and_then(|v| self.consts.get(&v))).collect();
+        let num_outputs = n.output.len();
+        let mut next_dim = self.next_dim;
+        let types = {
+            let mut cx =
+                InferCx::new(&attrs, &in_types, &const_vals, num_outputs, self.opset, &regions, &mut next_dim);
+            def.infer(&mut cx)
+        };
+        self.next_dim = next_dim;
+        let mut types = types.map_err(|e| self.node_err(n, e.0))?;
+        if types.len() < num_outputs {
+            return Err(self.node_err(n, format!("the op has {} outputs, the node names {num_outputs}", types.len())));
+        }
+        types.truncate(num_outputs);
+        for t in &types {
+            check_size(t).map_err(|e| self.node_err(n, e))?;
+        }
+
+        // Constant folding.
+        let node_name = n.name.clone().unwrap_or_default();
+        if let Some(folded) = self.try_fold(def, &op_type, &attrs, &operands, &types, num_outputs) {
+            let outs = folded.map_err(|e| self.node_err(n, e.0))?;
+            for (i, (name, t)) in n.output.iter().zip(outs).enumerate() {
+                if t.dtype() != types[i].dtype {
+                    return Err(self.node_err(n, format!("output {i} is {}, its shape rule says {}", t.dtype(), types[i].dtype)));
+                }
+                let v = self.add_const(block, t, &node_name);
+                self.define(name, v);
+            }
+            return Ok(());
+        }
+        let op = self.m.create_op(&format!("graph.{op_type}"), operands, types, attrs, regions);
+        block.ops.push(op);
+        let results = self.m.op(op).results.clone();
+        for (name, v) in n.output.iter().zip(results) {
+            self.define(name, v);
+        }
+        Ok(())
+    }
+
+    /// Evaluates a node at import when its result is known: all inputs constant, or a
+    /// `Shape`/`Size` of a statically shaped value. `None`: not foldable.
+    fn try_fold(
+        &self,
+        def: &'static dyn kiln_ir::graph::OpDef,
+        op_type: &str,
+        attrs: &Attrs,
+        operands: &[Option<ValueId>],
+        types: &[TensorType],
+        num_outputs: usize,
+    ) -> Option<OpResult<Vec<Tensor>>> {
+        if NONDETERMINISTIC.contains(&op_type) {
+            return None;
+        }
+        let has_regions = attrs.values().any(|a| matches!(a, Attr::Region(_)));
+        if has_regions {
+            return None;
+        }
+        let small = types
+            .iter()
+            .all(|t| t.num_elements().is_some_and(|n| n as usize <= MAX_FOLD_ELEMENTS));
+        if !small {
+            return None;
+        }
+        let inputs: Vec<Option<&Tensor>> = operands.iter().map(|o| o.and_then(|v| self.consts.get(&v))).collect();
+        let all_const = operands.iter().zip(&inputs).all(|(o, t)| o.is_none() || t.is_some());
+        let cx = EvalCx {
+            attrs: kiln_ir::graph::AttrView(attrs),
+            num_outputs,
+            opset: self.opset,
+            regions: &[],
+            runner: &NoRegions,
+        };
+        if all_const {
+            return Some(def.eval(&cx, &inputs));
+        }
+        if matches!(op_type, "Shape" | "Size") {
+            let v = operands.first().copied().flatten()?;
+            let shape = self.m.value(v).ty.static_shape()?;
+            // Shape and Size read only the shape: evaluate them on an empty stand-in of that rank.
+            let dummy = Tensor { shape: shape.clone(), data: kiln_ir::Data::zeros(DType::Bool, 0) };
+            return Some(def.eval(&cx, &[Some(&dummy)]));
+        }
+        None
+    }
+
+    fn convert_attr(
+        &mut self,
+        n: &NodeProto,
+        a: &crate::proto::AttributeProto,
+        regions: &mut Vec<Region>,
+    ) -> Result<Attr, FrontendError> {
+        let name = a.name.clone().unwrap_or_default();
+        let ty = a.r#type.and_then(|t| AttributeType::try_from(t).ok());
+        let ty = match ty {
+            Some(t) if t != AttributeType::Undefined => t,
+            // Old models may omit the type: infer it from the field that is set.
+            _ => {
+                if a.g.is_some() {
+                    AttributeType::Graph
+                } else if a.t.is_some() {
+                    AttributeType::Tensor
+                } else if a.s.is_some() {
+                    AttributeType::String
+                } else if a.f.is_some() {
+                    AttributeType::Float
+                } else if a.i.is_some() {
+                    AttributeType::Int
+                } else if !a.ints.is_empty() {
+                    AttributeType::Ints
+                } else if !a.floats.is_empty() {
+                    AttributeType::Floats
+                } else if !a.strings.is_empty() {
+                    AttributeType::Strings
+                } else {
+                    AttributeType::Ints
+                }
+            }
+        };
+        Ok(match ty {
+            AttributeType::Int => Attr::Int(a.i.unwrap_or(0)),
+            AttributeType::Float => Attr::Float(a.f.unwrap_or(0.0)),
+            AttributeType::String => Attr::Str(String::from_utf8_lossy(a.s.as_deref().unwrap_or(&[])).into_owned()),
+            AttributeType::Ints => Attr::Ints(a.ints.clone()),
+            AttributeType::Floats => Attr::Floats(a.floats.clone()),
+            AttributeType::Strings => {
+                Attr::Strs(a.strings.iter().map(|s| String::from_utf8_lossy(s).into_owned()).collect())
+            }
+            AttributeType::Tensor => {
+                let t = a.t.as_ref().ok_or_else(|| self.node_err(n, format!("attribute '{name}' has no tensor")))?;
+                let t = tensor_from_proto(t, self.base_dir, &format!("attribute '{name}'"))
+                    .map_err(|msg| self.node_err(n, msg))?;
+                Attr::Tensor(t)
+            }
+            AttributeType::Graph => {
+                let g = a.g.as_ref().ok_or_else(|| self.node_err(n, format!("attribute '{name}' has no graph")))?;
+                self.scopes.push(HashMap::new());
+                let block = self.import_graph(g, false);
+                self.scopes.pop();
+                regions.push(Region { blocks: vec![block?] });
+                Attr::Region(regions.len() as u32 - 1)
+            }
+            other => {
+                return Err(self.node_err(n, format!("attribute '{name}' of kind {other:?} is not supported")));
+            }
+        })
+    }
+}
+
+/// Refuses types whose static element count is beyond what kiln can hold.
+fn check_size(t: &TensorType) -> Result<(), String> {
+    if let Some(shape) = &t.shape {
+        let mut n: u128 = 1;
+        for d in shape {
+            if let Dim::Known(k) = d {
+                n = n.saturating_mul(*k as u128);
+            }
+        }
+        if n > MAX_ELEMENTS {
+            return Err(format!("type {t} has {n} elements, more than kiln's limit of 2^32"));
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,290 @@
+//! ONNX `TensorProto` and numpy `.npy` ⇄ [`Tensor`].
+
+use crate::proto::{tensor_proto::DataLocation, TensorProto};
+use crate::FrontendError;
+use half::{bf16, f16};
+use kiln_ir::tensor::{Data, MAX_ELEMENTS};
+use kiln_ir::{DType, Tensor};
+use prost::Message;
+use std::path::Path;
+
+/// Decodes a `TensorProto`. `base_dir` resolves external data files; `what` names the tensor
+/// in messages.
+pub fn tensor_from_proto(t: &TensorProto, base_dir: Option<&Path>, what: &str) -> Result<Tensor, String> {
+    let code = t.data_type.unwrap_or(0) as i64;
+    let Some(dtype) = DType::from_onnx_code(code) else {
+        return Err(format!("{what}: element type {} is not supported", DType::onnx_code_name(code)));
+    };
+    let mut shape = Vec::with_capacity(t.dims.len());
+    let mut n: u128 = 1;
+    for &d in &t.dims {
+        if d < 0 {
+            return Err(format!("{what}: negative dimension {d} in {:?}", t.dims));
+        }
+        n = n.saturating_mul(d as u128);
+        shape.push(d as usize);
+    }
+    if n > MAX_ELEMENTS {
+        return Err(format!("{what}: shape {:?} has {n} elements, more than kiln's limit of 2^32", t.dims));
+    }
+    let n = n as usize;
+    let external;
+    let raw: Option<&[u8]> = if t.data_location == Some(DataLocation::External as i32) {
+        external = read_external(t, base_dir, what)?;
+        Some(&external)
+    } else {
+        t.raw_data.as_deref()
+    };
+    let data = match raw {
+        Some(raw) if dtype != DType::String => decode_raw(dtype, raw, n, what)?,
+        _ => decode_fields(t, dtype)?,
+    };
+    if data.len() != n {
+        return Err(format!("{what}: shape {:?} needs {n} elements, the data holds {}", t.dims, data.len()));
+    }
+    Ok(Tensor::new(shape, data))
+}
+
+fn read_external(t: &TensorProto, base_dir: Option<&Path>, what: &str) -> Result<Vec<u8>, String> {
+    let get = |k: &str| t.external_data.iter().find(|e| e.key.as_deref() == Some(k)).and_then(|e| e.value.clone());
+    let Some(loc) = get("location") else {
+        return Err(format!("{what}: external data has no 'location'"));
+    };
+    if Path::new(&loc).is_absolute() || loc.split(['/', '\\']).any(|c| c == "..") {
+        return Err(format!("{what}: external data location '{loc}' must be a relative path inside the model's folder"));
+    }
+    let path = base_dir.unwrap_or(Path::new(".")).join(&loc);
+    let bytes = std::fs::read(&path)
+        .map_err(|e| format!("{what}: cannot read external data file '{}': {e}", path.display()))?;
+    let offset: usize = get("offset").map(|s| s.parse().unwrap_or(usize::MAX)).unwrap_or(0);
+    let end = match get("length") {
+        Some(l) => offset.saturating_add(l.parse().unwrap_or(usize::MAX)),
+        None => bytes.len(),
+    };
+    if offset > end || end > bytes.len() {
+        return Err(format!(
+            "{what}: external data range {offset}..{end} is outside '{}' ({} bytes)",
+            path.display(),
+            bytes.len()
+        ));
+    }
+    Ok(bytes[offset..end].to_vec())
+}
+
+fn decode_raw(dtype: DType, raw: &[u8], n: usize, what: &str) -> Result<Data, String> {
+    let size = dtype.size_bytes();
+    if raw.len() != n * size {
+        return Err(format!("{what}: raw data has {} bytes, expected {} ({n} x {dtype})", raw.len(), n * size));
+    }
+    macro_rules! le {
+        ($t:ty, $n:expr) => {
+            raw.chunks_exact($n).map(|c| <$t>::from_le_bytes(c.try_into().unwrap())).collect()
+        };
+    }
+    Ok(match dtype {
+        DType::F32 => Data::F32(le!(f32, 4)),
+        DType::F64 => Data::F64(le!(f64, 8)),
+        DType::F16 => Data::F16(raw.chunks_exact(2).map(|c| f16::from_le_bytes([c[0], c[1]])).collect()),
+        DType::BF16 => Data::BF16(raw.chunks_exact(2).map(|c| bf16::from_le_bytes([c[0], c[1]])).collect()),
+        DType::I8 => Data::I8(raw.iter().map(|&b| b as i8).collect()),
+        DType::U8 => Data::U8(raw.to_vec()),
+        DType::I16 => Data::I16(le!(i16, 2)),
+        DType::U16 => Data::U16(le!(u16, 2)),
+        DType::I32 => Data::I32(le!(i32, 4)),
+        DType::U32 => Data::U32(le!(u32, 4)),
+        DType::I64 => Data::I64(le!(i64, 8)),
+        DType::U64 => Data::U64(le!(u64, 8)),
+        DType::Bool => Data::Bool(raw.iter().map(|&b| b != 0).collect()),
+        DType::String => unreachable!("strings never use raw_data"),
+    })
+}
+
+fn decode_fields(t: &TensorProto, dtype: DType) -> Result<Data, String> {
+    let i32s = &t.int32_data;
+    Ok(match dtype {
+        DType::F32 => Data::F32(t.float_data.clone()),
+        DType::F64 => Data::F64(t.double_data.clone()),
+        DType::F16 => Data::F16(i32s.iter().map(|&v| f16::from_bits(v as u16)).collect()),
+        DType::BF16 => Data::BF16(i32s.iter().map(|&v| bf16::from_bits(v as u16)).collect()),
+        DType::I8 => Data::I8(i32s.iter().map(|&v| v as i8).collect()),
+        DType::U8 => Data::U8(i32s.iter().map(|&v| v as u8).collect()),
+        DType::I16 => Data::I16(i32s.iter().map(|&v| v as i16).collect()),
+        DType::U16 => Data::U16(i32s.iter().map(|&v| v as u16).collect()),
+        DType::I32 => Data::I32(i32s.clone()),
+        DType::Bool => Data::Bool(i32s.iter().map(|&v| v != 0).collect()),
+        DType::I64 => Data::I64(t.int64_data.clone()),
+        DType::U32 => Data::U32(t.uint64_data.iter().map(|&v| v as u32).collect()),
+        DType::U64 => Data::U64(t.uint64_data.clone()),
+        DType::String => Data::Str(
+            t.string_data.iter().map(|b| String::from_utf8_lossy(b).into_owned()).collect(),
+        ),
+    })
+}
+
+/// Encodes a tensor as a `TensorProto` (raw little-endian data; strings in `string_data`).
+pub fn tensor_to_proto(t: &Tensor, name: &str) -> TensorProto {
+    let mut p = TensorProto {
+        dims: t.shape.iter().map(|&d| d as i64).collect(),
+        data_type: Some(t.dtype().onnx_code()),
+        name: Some(name.to_string()),
+        ..Default::default()
+    };
+    let mut raw = Vec::with_capacity(t.len() * t.dtype().size_bytes());
+    match &t.data {
+        Data::F16(v) => v.iter().for_each(|x| raw.extend(x.to_le_bytes())),
+        Data::BF16(v) => v.iter().for_each(|x| raw.extend(x.to_le_bytes())),
+        Data::F32(v) => v.iter().for_each(|x| raw.extend(x.to_le_bytes())),
+        Data::F64(v) => v.iter().for_each(|x| raw.extend(x.to_le_bytes())),
+        Data::I8(v) => v.iter().for_each(|x| raw.extend(x.to_le_bytes())),
+        Data::I16(v) => v.iter().for_each(|x| raw.extend(x.to_le_bytes())),
+        Data::I32(v) => v.iter().for_each(|x| raw.extend(x.to_le_bytes())),
+        Data::I64(v) => v.iter().for_each(|x| raw.extend(x.to_le_bytes())),
+        Data::U8(v) => raw.extend_from_slice(v),
+        Data::U16(v) => v.iter().for_each(|x| raw.extend(x.to_le_bytes())),
+        Data::U32(v) => v.iter().for_each(|x| raw.extend(x.to_le_bytes())),
+        Data::U64(v) => v.iter().for_each(|x| raw.extend(x.to_le_bytes())),
+        Data::Bool(v) => raw.extend(v.iter().map(|&b| b as u8)),
+        Data::Str(v) => {
+            p.string_data = v.iter().map(|s| s.as_bytes().to_vec()).collect();
+            return p;
+        }
+    }
+    p.raw_data = Some(raw);
+    p
+}
+
+/// Reads a tensor file: a serialized `TensorProto` (`.pb`) or a numpy array (`.npy`).
+pub fn read_tensor_file(path: &Path) -> Result<Tensor, FrontendError> {
+    let bytes = std::fs::read(path).map_err(|e| FrontendError::io(path, e))?;
+    let what = path.display().to_string();
+    if bytes.starts_with(b"\x93NUMPY") {
+        return read_npy(&bytes).map_err(|msg| FrontendError::Input { path: what, msg });
+    }
+    let proto = TensorProto::decode(&bytes[..]).map_err(|e| FrontendError::Input {
+        path: what.clone(),
+        msg: format!("not a TensorProto (.pb) or .npy file: {e}"),
+    })?;
+    tensor_from_proto(&proto, path.parent(), "tensor").map_err(|msg| FrontendError::Input { path: what, msg })
+}
+
+/// Writes a tensor as a serialized `TensorProto`.
+pub fn write_tensor_pb(path: &Path, t: &Tensor, name: &str) -> Result<(), FrontendError> {
+    std::fs::write(path, tensor_to_proto(t, name).encode_to_vec()).map_err(|e| FrontendError::io(path, e))
+}
+
+/// Writes a tensor as a `.npy` file (strings are not representable and are refused).
+pub fn write_npy(path: &Path, t: &Tensor) -> Result<(), FrontendError> {
+    let descr = match t.dtype() {
+        DType::F16 => "<f2",
+        DType::F32 => "<f4",
+        DType::F64 => "<f8",
+        DType::I8 => "|i1",
+        DType::I16 => "<i2",
+        DType::I32 => "<i4",
+        DType::I64 => "<i8",
+        DType::U8 => "|u1",
+        DType::U16 => "<u2",
+        DType::U32 => "<u4",
+        DType::U64 => "<u8",
+        DType::Bool => "|b1",
+        DType::BF16 | DType::String => {
+            return Err(FrontendError::Input {
+                path: path.display().to_string(),
+                msg: format!("a {} tensor cannot be written as .npy", t.dtype()),
+            })
+        }
+    };
+    let shape = match t.shape.len() {
+        1 => format!("({},)", t.shape[0]),
+        _ => format!("({})", t.shape.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", ")),
+    };
+    let mut header = format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape}, }}");
+    while (10 + header.len() + 1) % 64 != 0 {
+        header.push(' ');
+    }
+    header.push('\n');
+    let mut out = b"\x93NUMPY\x01\x00".to_vec();
+    out.extend((header.len() as u16).to_le_bytes());
+    out.extend(header.as_bytes());
+    let proto = tensor_to_proto(t, "");
+    out.extend(proto.raw_data.unwrap_or_default());
+    std::fs::write(path, out).map_err(|e| FrontendError::io(path, e))
+}
+
+/// Parses a version 1/2/3 `.npy` file (little-endian or byte-typed, C order).
+pub fn read_npy(bytes: &[u8]) -> Result<Tensor, String> {
+    if bytes.len() < 10 {
+        return Err("truncated .npy header".into());
+    }
+    let major = bytes[6];
+    let (hlen, start) = if major == 1 {
+        (u16::from_le_bytes([bytes[8], bytes[9]]) as usize, 10)
+    } else {
+        if bytes.len() < 12 {
+            return Err("truncated .npy header".into());
+        }
+        (u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize, 12)
+    };
+    let header = bytes.get(start..start + hlen).ok_or("truncated .npy header")?;
+    let header = std::str::from_utf8(header).map_err(|_| "the .npy header is not text")?;
+    let field = |key: &str| -> Option<&str> {
+        let i = header.find(&format!("'{key}'"))? + key.len() + 2;
+        let rest = header[i..].trim_start().strip_prefix(':')?.trim_start();
+        Some(rest)
+    };
+    let descr = field("descr").and_then(|r| r.strip_prefix('\'')).and_then(|r| r.split('\'').next());
+    let descr = descr.ok_or("the .npy header has no 'descr'")?;
+    if field("fortran_order").is_some_and(|r| r.starts_with("True")) {
+        return Err("Fortran-ordered .npy arrays are not supported; save with C order".into());
+    }
+    let shape_s = field("shape").and_then(|r| r.strip_prefix('(')).and_then(|r| r.split(')').next());
+    let shape_s = shape_s.ok_or("the .npy header has no 'shape'")?;
+    let shape: Vec<usize> = shape_s
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|s| s.trim_end_matches('L').parse::<usize>().map_err(|_| format!("bad .npy shape '{shape_s}'")))
+        .collect::<Result<_, _>>()?;
+    let dtype = match descr {
+        "<f2" => DType::F16,
+        "<f4" => DType::F32,
+        "<f8" => DType::F64,
+        "|i1" | "<i1" => DType::I8,
+        "<i2" => DType::I16,
+        "<i4" => DType::I32,
+        "<i8" => DType::I64,
+        "|u1" | "<u1" => DType::U8,
+        "<u2" => DType::U16,
+        "<u4" => DType::U32,
+        "<u8" => DType::U64,
+        "|b1" => DType::Bool,
+        other => return Err(format!("unsupported .npy dtype '{other}' (big-endian, object and string arrays are not read)")),
+    };
+    let mut n: u128 = 1;
+    for &d in &shape {
+        n = n.saturating_mul(d as u128);
+    }
+    if n > MAX_ELEMENTS {
+        return Err(format!("shape {shape:?} is larger than kiln's limit of 2^32 elements"));
+    }
+    let data = decode_raw(dtype, &bytes[start + hlen..], n as usize, ".npy data")?;
+    Ok(Tensor::new(shape, data))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn npy_round_trips() {
+        let dir = std::env::temp_dir().join(format!("kiln-npy-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let t = Tensor::from_f32(&[2, 3], vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.5]);
+        let p = dir.join("a.npy");
+        write_npy(&p, &t).unwrap();
+        assert_eq!(read_tensor_file(&p).unwrap(), t);
+        let q = dir.join("a.pb");
+        write_tensor_pb(&q, &t, "a").unwrap();
+        assert_eq!(read_tensor_file(&q).unwrap(), t);
+    }
+}
