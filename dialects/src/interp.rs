@@ -28,7 +28,7 @@ pub enum InterpError {
 pub fn module_opset(m: &Module) -> i64 {
     match m.attrs.get("kiln.opset") {
         Some(Attr::Int(v)) => *v,
-        _ => 25,
+        _ => 28,
     }
 }
 

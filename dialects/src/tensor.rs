@@ -291,6 +291,7 @@ impl Tensor {
     }
 
     /// Gathers elements by flat index into a new tensor of `shape`, for any dtype.
+    #[allow(clippy::clone_on_copy)]
     pub fn gather_flat(&self, shape: Shape, idx: &[usize]) -> Tensor {
         let data = map_data!(&self.data, v => idx.iter().map(|&i| v[i].clone()).collect());
         Tensor::new(shape, data)

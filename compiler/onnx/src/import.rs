@@ -25,8 +25,8 @@ const NONDETERMINISTIC: &[&str] =
 /// Folded constants larger than this many elements stay as ops (evaluated at run time).
 const MAX_FOLD_ELEMENTS: usize = 1 << 26;
 
-/// The newest default-domain opset kiln knows (onnx 1.23.2).
-pub const MAX_OPSET: i64 = 25;
+/// The newest default-domain opset kiln knows (onnx 1.23.2 writes up to 28).
+pub const MAX_OPSET: i64 = 28;
 /// The oldest default-domain opset kiln accepts.
 pub const MIN_OPSET: i64 = 1;
 
