@@ -44,14 +44,6 @@ fn expect_float(t: &Tensor, what: &str) -> OpResult<()> {
     Ok(())
 }
 
-/// Requires tensor `t` to have rank `rank`.
-fn expect_rank(t: &Tensor, rank: usize, what: &str) -> OpResult<()> {
-    if t.rank() != rank {
-        bail!("{what} must have rank {rank}, found shape {:?}", t.shape);
-    }
-    Ok(())
-}
-
 /// Parses the `kiln.result_dtypes` attribute (ONNX type names, one per result) that the
 /// frontend sets on ops with subgraphs, whose result types the shape rule cannot see.
 fn result_dtypes(attrs: &AttrView) -> OpResult<Option<Vec<DType>>> {
@@ -64,11 +56,6 @@ fn result_dtypes(attrs: &AttrView) -> OpResult<Option<Vec<DType>>> {
         })
         .collect::<OpResult<Vec<_>>>()
         .map(Some)
-}
-
-/// A dim's size when known.
-fn known(d: &Dim) -> Option<usize> {
-    d.known().map(|n| n as usize)
 }
 
 /// `a * b` on dims when both are known; `None` otherwise.
