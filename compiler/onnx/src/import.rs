@@ -51,7 +51,10 @@ pub fn import_model(model: &ModelProto, model_name: &str, base_dir: Option<&Path
     if !unsupported.is_empty() {
         return Err(FrontendError::Unsupported { model: model_name.to_string(), ops: unsupported });
     }
-    let mut m = Module::new(graph.name.as_deref().unwrap_or("main"));
+    let mut m = Module::new(model_name);
+    if let Some(g) = graph.name.as_deref().filter(|n| !n.is_empty()) {
+        m.attrs.insert("kiln.graph_name".into(), Attr::Str(g.to_string()));
+    }
     m.attrs.insert("kiln.opset".into(), Attr::Int(opset));
     if let Some(p) = &model.producer_name {
         m.attrs.insert("kiln.producer".into(), Attr::Str(p.clone()));
