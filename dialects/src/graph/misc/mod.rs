@@ -47,13 +47,17 @@ fn expect_float(t: &Tensor, what: &str) -> OpResult<()> {
 /// Parses the `kiln.result_dtypes` attribute (ONNX type names, one per result) that the
 /// frontend sets on ops with subgraphs, whose result types the shape rule cannot see.
 fn result_dtypes(attrs: &AttrView) -> OpResult<Option<Vec<DType>>> {
-    let Some(names) = attrs.strings("kiln.result_dtypes")? else { return Ok(None) };
+    let Some(names) = attrs.strings("kiln.result_dtypes")? else {
+        return Ok(None);
+    };
     names
         .iter()
-        .map(|n| match DType::ALL.into_iter().find(|d| d.onnx_name() == n) {
-            Some(d) => Ok(d),
-            None => bail!("kiln.result_dtypes names unknown element type '{n}'"),
-        })
+        .map(
+            |n| match DType::ALL.into_iter().find(|d| d.onnx_name() == n) {
+                Some(d) => Ok(d),
+                None => bail!("kiln.result_dtypes names unknown element type '{n}'"),
+            },
+        )
         .collect::<OpResult<Vec<_>>>()
         .map(Some)
 }
