@@ -23,7 +23,9 @@ impl OpDef for Det {
         if !x.dtype.is_float() {
             bail!("Det expects a float tensor, found {}", x.dtype);
         }
-        let Some(s) = &x.shape else { return Ok(vec![TensorType::unranked(x.dtype)]) };
+        let Some(s) = &x.shape else {
+            return Ok(vec![TensorType::unranked(x.dtype)]);
+        };
         if s.len() < 2 {
             bail!("Det expects a tensor of rank >= 2, found rank {}", s.len());
         }
@@ -62,7 +64,9 @@ impl OpDef for Det {
 fn lu_det(a: &mut [f64], m: usize) -> f64 {
     let mut det = 1.0;
     for k in 0..m {
-        let p = (k..m).max_by(|&i, &j| a[i * m + k].abs().total_cmp(&a[j * m + k].abs())).unwrap_or(k);
+        let p = (k..m)
+            .max_by(|&i, &j| a[i * m + k].abs().total_cmp(&a[j * m + k].abs()))
+            .unwrap_or(k);
         let pivot = a[p * m + k];
         if pivot == 0.0 {
             return 0.0;
