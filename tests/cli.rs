@@ -39,7 +39,19 @@ fn run_writes_outputs_that_match_the_reference() {
     let c = case_dir("test_add_bcast");
     let out = temp_dir("cli-run");
     let (x, y) = (c.join("test_data_set_0/input_0.pb"), c.join("test_data_set_0/input_1.pb"));
-    let o = kiln(&["run", s(&c.join("model.onnx")), "--target", "ref", "--input", s(&x), "--input", s(&y), "--output-dir", s(&out), "--npy"]);
+    let o = kiln(&[
+        "run",
+        s(&c.join("model.onnx")),
+        "--target",
+        "ref",
+        "--input",
+        s(&x),
+        "--input",
+        s(&y),
+        "--output-dir",
+        s(&out),
+        "--npy",
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
     let got = kiln_onnx::read_tensor_file(&out.join("output_0.pb")).expect("output_0.pb");
     let want = kiln_onnx::read_tensor_file(&c.join("test_data_set_0/output_0.pb")).expect("expected");
@@ -56,7 +68,16 @@ fn inputs_bind_by_name_and_from_npy() {
     let y = c.join("test_data_set_0/input_1.pb");
     let out = dir.join("out");
     // `y` by name first, then `x` positionally: binding fills the first unbound input.
-    let o = kiln(&["run", s(&c.join("model.onnx")), "--input", &format!("y={}", s(&y)), "--input", s(&dir.join("x.npy")), "--output-dir", s(&out)]);
+    let o = kiln(&[
+        "run",
+        s(&c.join("model.onnx")),
+        "--input",
+        &format!("y={}", s(&y)),
+        "--input",
+        s(&dir.join("x.npy")),
+        "--output-dir",
+        s(&out),
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
     let got = kiln_onnx::read_tensor_file(&out.join("output_0.pb")).unwrap();
     let want = kiln_onnx::read_tensor_file(&c.join("test_data_set_0/output_0.pb")).unwrap();
@@ -97,7 +118,9 @@ fn inspect_json_is_one_object_with_the_contract_fields() {
     let o = kiln(&["inspect", s(&data_dir().join("light/light_resnet50.onnx")), "--json"]);
     assert!(o.status.success(), "{}", stderr(&o));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("stdout is exactly one JSON object");
-    for k in ["graph_ops", "kernels", "ops_by_type", "unsupported", "bytes_moved_before", "bytes_moved_after", "fusion_ms"] {
+    for k in
+        ["graph_ops", "kernels", "ops_by_type", "unsupported", "bytes_moved_before", "bytes_moved_after", "fusion_ms"]
+    {
         assert!(v.get(k).is_some(), "missing {k} in {v}");
     }
     assert_eq!(v["ops_by_type"]["Conv"], 53);
@@ -118,7 +141,11 @@ fn inspect_lists_every_unsupported_op_at_once() {
     let o = kiln(&["inspect", s(&p), "--json"]);
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
     assert_eq!(v["unsupported"], serde_json::json!(["FancyOp", "OtherOp"]));
-    fails(&["run", s(&p), "--input", "x.pb"], 1, &["unsup.onnx", "2 unsupported op(s)", "node 'a' (FancyOp)", "node 'b' (OtherOp)"]);
+    fails(
+        &["run", s(&p), "--input", "x.pb"],
+        1,
+        &["unsup.onnx", "2 unsupported op(s)", "node 'a' (FancyOp)", "node 'b' (OtherOp)"],
+    );
 }
 
 #[test]
@@ -166,10 +193,18 @@ fn bad_inputs_get_one_clear_error() {
     // Wrong input count, shape and dtype; unreadable input file.
     fails(&["run", s(&good), "--input", s(&x)], 2, &["missing input(s): y"]);
     fails(&["run", s(&good), "--input", s(&x), "--input", s(&y), "--input", s(&y)], 2, &["too many inputs"]);
-    fails(&["run", s(&good), "--input", s(&y), "--input", s(&y)], 1, &["input 'x'", "expected shape tensor<3x4x5xf32>"]);
+    fails(
+        &["run", s(&good), "--input", s(&y), "--input", s(&y)],
+        1,
+        &["input 'x'", "expected shape tensor<3x4x5xf32>"],
+    );
     let xi = dir.join("xi.pb");
     kiln_onnx::write_tensor_pb(&xi, &Tensor::from_i64(&[3, 4, 5], vec![1; 60]), "x").unwrap();
-    fails(&["run", s(&good), "--input", s(&xi), "--input", s(&y)], 1, &["input 'x'", "expected element type float, got int64"]);
+    fails(
+        &["run", s(&good), "--input", s(&xi), "--input", s(&y)],
+        1,
+        &["input 'x'", "expected element type float, got int64"],
+    );
     fails(&["run", s(&good), "--input", s(&dir.join("missing.pb")), "--input", s(&y)], 1, &["missing.pb"]);
     std::fs::write(dir.join("junk.pb"), b"\x08\x01\x10").unwrap();
     fails(&["run", s(&good), "--input", s(&dir.join("junk.pb")), "--input", s(&y)], 1, &["junk.pb"]);
@@ -178,7 +213,11 @@ fn bad_inputs_get_one_clear_error() {
     fails(&["run"], 2, &[]);
     fails(&["run", s(&good), "--bogus-flag"], 2, &[]);
     fails(&["run", s(&good), "--target", "tpu"], 2, &["unknown target 'tpu'"]);
-    fails(&["run", s(&good), "--target", "cpu", "--input", s(&x), "--input", s(&y)], 1, &["target 'cpu' cannot run models yet"]);
+    fails(
+        &["run", s(&good), "--target", "cpu", "--input", s(&x), "--input", s(&y)],
+        1,
+        &["target 'cpu' cannot run models yet"],
+    );
 }
 
 #[test]
@@ -187,20 +226,41 @@ fn absurd_sizes_and_missing_external_data_are_refused() {
     // ConstantOfShape asking for 2^40 elements.
     let m = model(
         17,
-        vec![node("ConstantOfShape", "huge", &["shape"], &["y"], vec![attr_tensor("value", f32_tensor("", &[1], &[1.0]))])],
+        vec![node(
+            "ConstantOfShape",
+            "huge",
+            &["shape"],
+            &["y"],
+            vec![attr_tensor("value", f32_tensor("", &[1], &[1.0]))],
+        )],
         vec![],
         vec![value_info("y", 1, &["1099511627776"])],
         vec![i64_tensor("shape", &[1], &[1 << 40])],
     );
     fails(&["run", s(&save(&dir, "huge.onnx", &m))], 1, &["huge.onnx", "node 'huge' (ConstantOfShape)", "2^32"]);
     // An input declared with 2^40 elements.
-    let m = model(17, vec![node("Relu", "r", &["x"], &["y"], vec![])], vec![value_info("x", 1, &["1048576", "1048576"])], vec![value_info("y", 1, &["1048576", "1048576"])], vec![]);
+    let m = model(
+        17,
+        vec![node("Relu", "r", &["x"], &["y"], vec![])],
+        vec![value_info("x", 1, &["1048576", "1048576"])],
+        vec![value_info("y", 1, &["1048576", "1048576"])],
+        vec![],
+    );
     fails(&["run", s(&save(&dir, "bigin.onnx", &m))], 1, &["bigin.onnx", "input 'x'", "2^32"]);
     // A weight stored in an external file that is not there.
     let mut w = f32_tensor("w", &[2], &[]);
     w.data_location = Some(1);
-    w.external_data = vec![kiln_onnx::proto::StringStringEntryProto { key: Some("location".into()), value: Some("weights.bin".into()) }];
-    let m = model(17, vec![node("Add", "add", &["x", "w"], &["y"], vec![])], vec![value_info("x", 1, &["2"])], vec![value_info("y", 1, &["2"])], vec![w]);
+    w.external_data = vec![kiln_onnx::proto::StringStringEntryProto {
+        key: Some("location".into()),
+        value: Some("weights.bin".into()),
+    }];
+    let m = model(
+        17,
+        vec![node("Add", "add", &["x", "w"], &["y"], vec![])],
+        vec![value_info("x", 1, &["2"])],
+        vec![value_info("y", 1, &["2"])],
+        vec![w],
+    );
     let p = save(&dir, "ext.onnx", &m);
     fails(&["run", s(&p)], 1, &["ext.onnx", "initializer 'w'", "weights.bin"]);
     // With the file present it runs.

@@ -1,8 +1,8 @@
 //! Shared helpers: where the data is, and a small builder of ONNX models in code.
 
 use kiln_onnx::proto::{
-    attribute_proto::AttributeType, tensor_shape_proto, type_proto, AttributeProto, GraphProto, ModelProto,
-    NodeProto, OperatorSetIdProto, TensorProto, TensorShapeProto, TypeProto, ValueInfoProto,
+    attribute_proto::AttributeType, tensor_shape_proto, type_proto, AttributeProto, GraphProto, ModelProto, NodeProto,
+    OperatorSetIdProto, TensorProto, TensorShapeProto, TypeProto, ValueInfoProto,
 };
 use prost::Message;
 use std::path::PathBuf;
@@ -12,11 +12,7 @@ pub fn data_dir() -> PathBuf {
     let d = std::env::var("KILN_ONNX_DATA")
         .map(PathBuf::from)
         .unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/onnx-data"));
-    assert!(
-        d.join(".done-1.23.2").exists(),
-        "test data missing at {}: run `bash scripts/setup.sh` first",
-        d.display()
-    );
+    assert!(d.join(".done-1.23.2").exists(), "test data missing at {}: run `bash scripts/setup.sh` first", d.display());
     d
 }
 
@@ -64,24 +60,33 @@ pub fn node(op: &str, name: &str, inputs: &[&str], outputs: &[&str], attrs: Vec<
     }
 }
 
-pub fn attr_int(name: &str, v: i64) -> AttributeProto {
-    AttributeProto { name: Some(name.into()), i: Some(v), r#type: Some(AttributeType::Int as i32), ..Default::default() }
-}
-
-pub fn attr_ints(name: &str, v: &[i64]) -> AttributeProto {
-    AttributeProto { name: Some(name.into()), ints: v.to_vec(), r#type: Some(AttributeType::Ints as i32), ..Default::default() }
-}
-
 pub fn attr_tensor(name: &str, t: TensorProto) -> AttributeProto {
-    AttributeProto { name: Some(name.into()), t: Some(t), r#type: Some(AttributeType::Tensor as i32), ..Default::default() }
+    AttributeProto {
+        name: Some(name.into()),
+        t: Some(t),
+        r#type: Some(AttributeType::Tensor as i32),
+        ..Default::default()
+    }
 }
 
 pub fn f32_tensor(name: &str, dims: &[i64], v: &[f32]) -> TensorProto {
-    TensorProto { name: Some(name.into()), dims: dims.to_vec(), data_type: Some(1), float_data: v.to_vec(), ..Default::default() }
+    TensorProto {
+        name: Some(name.into()),
+        dims: dims.to_vec(),
+        data_type: Some(1),
+        float_data: v.to_vec(),
+        ..Default::default()
+    }
 }
 
 pub fn i64_tensor(name: &str, dims: &[i64], v: &[i64]) -> TensorProto {
-    TensorProto { name: Some(name.into()), dims: dims.to_vec(), data_type: Some(7), int64_data: v.to_vec(), ..Default::default() }
+    TensorProto {
+        name: Some(name.into()),
+        dims: dims.to_vec(),
+        data_type: Some(7),
+        int64_data: v.to_vec(),
+        ..Default::default()
+    }
 }
 
 /// A model with one graph at the given default-domain opset.

@@ -19,11 +19,10 @@ fn expectation_file() -> PathBuf {
 
 /// Runs one case, turning a panic (always a bug) into a failure.
 fn run_one(case: &TestCase) -> Result<(), String> {
-    std::panic::catch_unwind(AssertUnwindSafe(|| run_case_ref(case)))
-        .unwrap_or_else(|p| {
-            let msg = p.downcast_ref::<String>().cloned().or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()));
-            Err(format!("PANIC: {}", msg.unwrap_or_default()))
-        })
+    std::panic::catch_unwind(AssertUnwindSafe(|| run_case_ref(case))).unwrap_or_else(|p| {
+        let msg = p.downcast_ref::<String>().cloned().or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()));
+        Err(format!("PANIC: {}", msg.unwrap_or_default()))
+    })
 }
 
 /// A short cause for grouping failures in the report.
@@ -70,7 +69,7 @@ fn onnx_node_tests_on_ref() {
         }
     }
     let mut by_count: Vec<_> = causes.into_iter().collect();
-    by_count.sort_by(|a, b| b.1.cmp(&a.1));
+    by_count.sort_by_key(|c| std::cmp::Reverse(c.1));
     println!("failures by cause:");
     for (c, n) in &by_count {
         println!("  {n:5}  {c}");
@@ -80,7 +79,8 @@ fn onnx_node_tests_on_ref() {
         100.0 * passed as f64 / EXPECTED_CASES as f64
     );
 
-    let actual: String = results.iter().map(|(n, r)| format!("{} {n}\n", if r.is_ok() { "pass" } else { "fail" })).collect();
+    let actual: String =
+        results.iter().map(|(n, r)| format!("{} {n}\n", if r.is_ok() { "pass" } else { "fail" })).collect();
     if std::env::var("KILN_BLESS").is_ok_and(|v| v == "1") {
         std::fs::write(expectation_file(), &actual).expect("write expectations");
         println!("blessed {}", expectation_file().display());

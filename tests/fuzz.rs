@@ -7,8 +7,8 @@
 use crate::common::data_dir;
 use kiln::Tensor;
 use kiln_onnx::proto::ModelProto;
-use prost::Message;
 use proptest::prelude::*;
+use prost::Message;
 use std::sync::OnceLock;
 
 /// A spread of real models to mutate.

@@ -56,7 +56,14 @@ fn snapshot_symbolic_mlp() {
 
 #[test]
 fn snapshot_node_models() {
-    for case in ["test_add_bcast", "test_conv_with_strides_padding", "test_split_variable_parts_2d_opset18", "test_if", "test_dropout_default_mask", "test_layer_normalization_2d_axis0"] {
+    for case in [
+        "test_add_bcast",
+        "test_conv_with_strides_padding",
+        "test_split_variable_parts_2d_opset18",
+        "test_if",
+        "test_dropout_default_mask",
+        "test_layer_normalization_2d_axis0",
+    ] {
         insta::assert_snapshot!(case, printed(&node_model(case)));
     }
 }
@@ -65,7 +72,10 @@ fn snapshot_node_models() {
 fn snapshot_light_model_with_elided_weights() {
     let m = load(&data_dir().join("light/light_squeezenet.onnx"));
     let c = kiln::compile(m, "ref").expect("compile");
-    insta::assert_snapshot!("light_squeezenet", print_module(c.module(), PrintOptions { elide_constants_over: Some(16) }));
+    insta::assert_snapshot!(
+        "light_squeezenet",
+        print_module(c.module(), PrintOptions { elide_constants_over: Some(16) })
+    );
 }
 
 /// Every node-test model kiln imports round-trips through the printer and parser; a spread
@@ -75,7 +85,14 @@ fn printed_ir_round_trips_and_mlir_opt_parses_it() {
     let dir = temp_dir("mlir-opt");
     let mut imported = 0;
     let mut checked = 0;
-    let special = ["test_if", "test_loop11", "test_scan_sum", "test_cast_FLOAT_to_STRING", "test_clip_default_inbounds", "test_dropout_default_mask"];
+    let special = [
+        "test_if",
+        "test_loop11",
+        "test_scan_sum",
+        "test_cast_FLOAT_to_STRING",
+        "test_clip_default_inbounds",
+        "test_dropout_default_mask",
+    ];
     for (i, case) in kiln_onnx::testcase::list_cases(&data_dir().join("node")).iter().enumerate() {
         let Ok(m) = case.load_model() else { continue };
         imported += 1;

@@ -101,8 +101,7 @@ pub fn run_observed(
         interp.exec(o).map_err(|e| interp.node_error(o, e))?;
         {
             let env = interp.env.borrow();
-            let outs: Vec<Rc<Tensor>> =
-                m.op(o).results.iter().filter_map(|&r| env[r.0 as usize].clone()).collect();
+            let outs: Vec<Rc<Tensor>> = m.op(o).results.iter().filter_map(|&r| env[r.0 as usize].clone()).collect();
             drop(env);
             observe(o, &outs);
         }

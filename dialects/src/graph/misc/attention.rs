@@ -3,9 +3,7 @@
 
 use super::{dim_add, dim_div, dim_mul, expect_float, rounder, sigmoid};
 use crate::bail;
-use crate::graph::{
-    checked_numel, opt, req, same_as_input, EvalCx, InferCx, OpDef, OpResult, Registry,
-};
+use crate::graph::{checked_numel, opt, req, same_as_input, EvalCx, InferCx, OpDef, OpResult, Registry};
 use crate::tensor::{broadcast_index, Tensor};
 use crate::types::{broadcast_shapes, DType, Dim, TensorType};
 
@@ -33,13 +31,7 @@ struct Heads {
 /// Brings a 4-D tensor or a 3-D `[B, S, H·D]` tensor to `[B, H, S, D]`.
 fn to_heads(t: &Tensor, heads: usize, what: &str) -> OpResult<Heads> {
     match *t.shape.as_slice() {
-        [b, h, s, d] => Ok(Heads {
-            b,
-            h,
-            s,
-            d,
-            data: t.to_f64(),
-        }),
+        [b, h, s, d] => Ok(Heads { b, h, s, d, data: t.to_f64() }),
         [b, s, hidden] => {
             if heads == 0 || hidden % heads != 0 {
                 bail!("{what} hidden size {hidden} is not a multiple of the head count {heads}");
@@ -56,13 +48,7 @@ fn to_heads(t: &Tensor, heads: usize, what: &str) -> OpResult<Heads> {
                     }
                 }
             }
-            Ok(Heads {
-                b,
-                h: heads,
-                s,
-                d,
-                data,
-            })
+            Ok(Heads { b, h: heads, s, d, data })
         }
         _ => bail!("{what} must have rank 3 or 4, found shape {:?}", t.shape),
     }
@@ -73,17 +59,9 @@ fn concat_seq(past: Option<&Tensor>, new: &Heads, what: &str) -> OpResult<(usize
     let Some(p) = past else {
         return Ok((new.s, new.data.clone()));
     };
-    let [pb, ph, ps, pd] = *p.shape.as_slice() else {
-        bail!("{what} must have rank 4, found shape {:?}", p.shape)
-    };
+    let [pb, ph, ps, pd] = *p.shape.as_slice() else { bail!("{what} must have rank 4, found shape {:?}", p.shape) };
     if (pb, ph, pd) != (new.b, new.h, new.d) {
-        bail!(
-            "{what} shape {:?} does not match [{}, {}, _, {}]",
-            p.shape,
-            new.b,
-            new.h,
-            new.d
-        );
+        bail!("{what} shape {:?} does not match [{}, {}, _, {}]", p.shape, new.b, new.h, new.d);
     }
     let t = ps + new.s;
     let pv = p.to_f64();
@@ -107,22 +85,14 @@ impl OpDef for Attention {
             bail!("Q must be a float tensor, found {dt}");
         }
         if k.dtype != dt || v.dtype != dt {
-            bail!(
-                "Q, K and V must have one element type, found {dt}, {} and {}",
-                k.dtype,
-                v.dtype
-            );
+            bail!("Q, K and V must have one element type, found {dt}, {} and {}", k.dtype, v.dtype);
         }
         let (Some(qs), Some(ks), Some(vs)) = (&q.shape, &k.shape, &v.shape) else {
             return Ok(vec![TensorType::unranked(dt); 4]);
         };
         let rank = qs.len();
         if !(rank == 3 || rank == 4) || ks.len() != rank || vs.len() != rank {
-            bail!(
-                "Q, K and V must all have rank 3 or all rank 4, found ranks {rank}, {} and {}",
-                ks.len(),
-                vs.len()
-            );
+            bail!("Q, K and V must all have rank 3 or all rank 4, found ranks {rank}, {} and {}", ks.len(), vs.len());
         }
         let (b, hq, sq, hkv, skv, dk, dv) = if rank == 4 {
             (
@@ -138,9 +108,7 @@ impl OpDef for Attention {
             let qh = cx.attrs.int("q_num_heads", 0)?;
             let kvh = cx.attrs.int("kv_num_heads", 0)?;
             if qh <= 0 || kvh <= 0 {
-                bail!(
-                    "3-D inputs need positive q_num_heads and kv_num_heads, found {qh} and {kvh}"
-                );
+                bail!("3-D inputs need positive q_num_heads and kv_num_heads, found {qh} and {kvh}");
             }
             let kvh = kvh as usize;
             (
@@ -153,10 +121,7 @@ impl OpDef for Attention {
                 dim_div(&vs[2], kvh),
             )
         };
-        let past = cx
-            .opt_input(4)
-            .and_then(|t| t.shape.as_ref())
-            .filter(|s| s.len() == 4);
+        let past = cx.opt_input(4).and_then(|t| t.shape.as_ref()).filter(|s| s.len() == 4);
         let total = match past {
             Some(p) => dim_add(&p[2], &skv),
             None => Some(skv),
@@ -182,28 +147,17 @@ impl OpDef for Attention {
         expect_float(q, "Q")?;
         let dt = q.dtype();
         if k.dtype() != dt || v.dtype() != dt {
-            bail!(
-                "Q, K and V must have one element type, found {dt}, {} and {}",
-                k.dtype(),
-                v.dtype()
-            );
+            bail!("Q, K and V must have one element type, found {dt}, {} and {}", k.dtype(), v.dtype());
         }
         let rank = q.rank();
         if k.rank() != rank || v.rank() != rank {
-            bail!(
-                "Q, K and V must have one rank, found {:?}, {:?} and {:?}",
-                q.shape,
-                k.shape,
-                v.shape
-            );
+            bail!("Q, K and V must have one rank, found {:?}, {:?} and {:?}", q.shape, k.shape, v.shape);
         }
         let (qh, kvh) = if rank == 3 {
             let qh = cx.attrs.int("q_num_heads", 0)?;
             let kvh = cx.attrs.int("kv_num_heads", 0)?;
             if qh <= 0 || kvh <= 0 {
-                bail!(
-                    "3-D inputs need positive q_num_heads and kv_num_heads, found {qh} and {kvh}"
-                );
+                bail!("3-D inputs need positive q_num_heads and kv_num_heads, found {qh} and {kvh}");
             }
             (qh as usize, kvh as usize)
         } else {
@@ -213,12 +167,7 @@ impl OpDef for Attention {
         let k4 = to_heads(k, kvh, "K")?;
         let v4 = to_heads(v, kvh, "V")?;
         if k4.b != q4.b || v4.b != q4.b || v4.h != k4.h || v4.s != k4.s || k4.d != q4.d {
-            bail!(
-                "Q {:?}, K {:?} and V {:?} have inconsistent shapes",
-                q.shape,
-                k.shape,
-                v.shape
-            );
+            bail!("Q {:?}, K {:?} and V {:?} have inconsistent shapes", q.shape, k.shape, v.shape);
         }
         let (b, hq, sq, dk, hkv, dv) = (q4.b, q4.h, q4.s, q4.d, k4.h, v4.d);
         if hkv == 0 || hq % hkv != 0 {
@@ -241,11 +190,7 @@ impl OpDef for Attention {
             }
             Some(n) => {
                 if !n.dtype().is_int() || n.len() != b {
-                    bail!(
-                        "nonpad_kv_seqlen must be {b} integers, found {} of shape {:?}",
-                        n.dtype(),
-                        n.shape
-                    );
+                    bail!("nonpad_kv_seqlen must be {b} integers, found {} of shape {:?}", n.dtype(), n.shape);
                 }
                 Some(n.to_i64())
             }
@@ -259,13 +204,7 @@ impl OpDef for Attention {
         let qs: Vec<f64> = q4.data.iter().map(|&x| rnd(x * s)).collect();
         let ks: Vec<f64> = present_k.iter().map(|&x| rnd(x * s)).collect();
 
-        let bias = attention_bias(
-            cx,
-            opt(inputs, 3),
-            [b, hq, sq, t],
-            past_len,
-            nonpad.as_deref(),
-        )?;
+        let bias = attention_bias(cx, opt(inputs, 3), [b, hq, sq, t], past_len, nonpad.as_deref())?;
 
         // Q·Kᵀ (with GQA head sharing), softcap.
         let rep = hq / hkv;
@@ -305,14 +244,8 @@ impl OpDef for Attention {
         let sm_rnd = rounder(sm_dt);
         let mut probs = vec![0.0; n];
         for r in 0..n.checked_div(t).unwrap_or(0) {
-            let (row, out) = (
-                &with_bias[r * t..(r + 1) * t],
-                &mut probs[r * t..(r + 1) * t],
-            );
-            if bias[r * t..(r + 1) * t]
-                .iter()
-                .all(|&x| x == f64::NEG_INFINITY)
-            {
+            let (row, out) = (&with_bias[r * t..(r + 1) * t], &mut probs[r * t..(r + 1) * t]);
+            if bias[r * t..(r + 1) * t].iter().all(|&x| x == f64::NEG_INFINITY) {
                 continue; // a fully masked row attends nothing
             }
             softmax_row(row, out, sm_rnd, sm_dt == DType::BF16);
@@ -399,11 +332,7 @@ fn attention_bias(
             *l = t;
         }
         if broadcast_shapes(&padded, &shape).as_deref() != Some(&shape[..]) {
-            bail!(
-                "attn_mask shape {:?} does not broadcast to {:?}",
-                m.shape,
-                shape
-            );
+            bail!("attn_mask shape {:?} does not broadcast to {:?}", m.shape, shape);
         }
         let is_bool = m.dtype() == DType::Bool;
         let mv = m.to_f64();
@@ -516,9 +445,7 @@ impl OpDef for RotaryEmbedding {
             [b, s, hidden] => {
                 let nh = cx.attrs.int("num_heads", 0)?;
                 if nh <= 0 || hidden % nh as usize != 0 {
-                    bail!(
-                        "3-D input needs num_heads dividing the hidden size {hidden}, found {nh}"
-                    );
+                    bail!("3-D input needs num_heads dividing the hidden size {hidden}, found {nh}");
                 }
                 (b, nh as usize, s, hidden / nh as usize, false)
             }
@@ -532,35 +459,21 @@ impl OpDef for RotaryEmbedding {
         let half = rd / 2;
         let interleaved = cx.attrs.int("interleaved", 0)? != 0;
         if cos.shape != sin.shape {
-            bail!(
-                "cos_cache {:?} and sin_cache {:?} must have one shape",
-                cos.shape,
-                sin.shape
-            );
+            bail!("cos_cache {:?} and sin_cache {:?} must have one shape", cos.shape, sin.shape);
         }
         if cos.shape.last() != Some(&half) {
-            bail!(
-                "the caches' last dim must be rotary_embedding_dim/2 = {half}, found shape {:?}",
-                cos.shape
-            );
+            bail!("the caches' last dim must be rotary_embedding_dim/2 = {half}, found shape {:?}", cos.shape);
         }
         // Row of the caches for each (batch, position).
         let rows: Vec<usize> = match pos {
             Some(p) => {
                 if !p.dtype().is_int() || p.shape != [b, s] {
-                    bail!(
-                        "position_ids must be integers of shape [{b}, {s}], found {} {:?}",
-                        p.dtype(),
-                        p.shape
-                    );
+                    bail!("position_ids must be integers of shape [{b}, {s}], found {} {:?}", p.dtype(), p.shape);
                 }
                 let max = if cos.rank() == 2 {
                     cos.shape[0]
                 } else {
-                    bail!(
-                        "with position_ids the caches must be 2-D, found {:?}",
-                        cos.shape
-                    )
+                    bail!("with position_ids the caches must be 2-D, found {:?}", cos.shape)
                 };
                 p.to_i64()
                     .into_iter()
@@ -587,17 +500,10 @@ impl OpDef for RotaryEmbedding {
                 let row = rows[bi * s + si] * half;
                 let (c, sn) = (&cv[row..row + half], &sv[row..row + half]);
                 for hi in 0..h {
-                    let base = if four {
-                        ((bi * h + hi) * s + si) * d
-                    } else {
-                        (bi * s + si) * h * d + hi * d
-                    };
+                    let base = if four { ((bi * h + hi) * s + si) * d } else { (bi * s + si) * h * d + hi * d };
                     for i in 0..half {
-                        let (a, bb) = if interleaved {
-                            (base + 2 * i, base + 2 * i + 1)
-                        } else {
-                            (base + i, base + half + i)
-                        };
+                        let (a, bb) =
+                            if interleaved { (base + 2 * i, base + 2 * i + 1) } else { (base + i, base + half + i) };
                         let (x1, x2) = (xv[a], xv[bb]);
                         y[a] = c[i] * x1 - sn[i] * x2;
                         y[bb] = sn[i] * x1 + c[i] * x2;
@@ -620,11 +526,7 @@ impl OpDef for SwiGLU {
     fn infer(&self, cx: &mut InferCx) -> OpResult<Vec<TensorType>> {
         let (a, b) = (cx.input(0)?, cx.input(1)?);
         if !a.dtype.is_float() || a.dtype != b.dtype {
-            bail!(
-                "A and B must be float tensors of one type, found {} and {}",
-                a.dtype,
-                b.dtype
-            );
+            bail!("A and B must be float tensors of one type, found {} and {}", a.dtype, b.dtype);
         }
         same_as_input(cx, 0)
     }
@@ -643,12 +545,8 @@ impl OpDef for SwiGLU {
         }
         let alpha = cx.attrs.float("alpha", 1.0)? as f64;
         let rnd = rounder(a.dtype());
-        let y = a
-            .to_f64()
-            .into_iter()
-            .zip(b.to_f64())
-            .map(|(x, g)| rnd(rnd(x * rnd(sigmoid(alpha * x))) * g))
-            .collect();
+        let y =
+            a.to_f64().into_iter().zip(b.to_f64()).map(|(x, g)| rnd(rnd(x * rnd(sigmoid(alpha * x))) * g)).collect();
         Ok(vec![Tensor::from_f64(a.dtype(), &a.shape, y)])
     }
 }
@@ -668,13 +566,7 @@ mod tests {
     }
 
     fn cx(attrs: &Attrs) -> EvalCx<'_> {
-        EvalCx {
-            attrs: AttrView(attrs),
-            num_outputs: 4,
-            opset: 23,
-            regions: &[],
-            runner: &NoRun,
-        }
+        EvalCx { attrs: AttrView(attrs), num_outputs: 4, opset: 23, regions: &[], runner: &NoRun }
     }
 
     #[test]
@@ -683,9 +575,7 @@ mod tests {
         let q = Tensor::from_f32(&[1, 1, 2, 2], vec![1.0, 0.0, 0.0, 1.0]);
         let k = Tensor::from_f32(&[1, 1, 1, 2], vec![3.0, 4.0]);
         let v = Tensor::from_f32(&[1, 1, 1, 3], vec![5.0, 6.0, 7.0]);
-        let out = Attention
-            .eval(&cx(&a), &[Some(&q), Some(&k), Some(&v)])
-            .unwrap();
+        let out = Attention.eval(&cx(&a), &[Some(&q), Some(&k), Some(&v)]).unwrap();
         assert_eq!(out[0].shape, vec![1, 1, 2, 3]);
         assert_eq!(out[0].as_f32().unwrap(), &[5.0, 6.0, 7.0, 5.0, 6.0, 7.0]);
     }
@@ -697,9 +587,7 @@ mod tests {
         let q = Tensor::from_f32(&[1, 1, 2, 1], vec![1.0, 1.0]);
         let k = Tensor::from_f32(&[1, 1, 2, 1], vec![1.0, 1.0]);
         let v = Tensor::from_f32(&[1, 1, 2, 1], vec![2.0, 4.0]);
-        let out = Attention
-            .eval(&cx(&a), &[Some(&q), Some(&k), Some(&v)])
-            .unwrap();
+        let out = Attention.eval(&cx(&a), &[Some(&q), Some(&k), Some(&v)]).unwrap();
         assert_eq!(out[0].as_f32().unwrap(), &[2.0, 3.0]);
     }
 
@@ -709,9 +597,7 @@ mod tests {
         let x = Tensor::from_f32(&[1, 1, 1, 2], vec![1.0, 0.0]);
         let cos = Tensor::from_f32(&[1, 1, 1], vec![0.0]);
         let sin = Tensor::from_f32(&[1, 1, 1], vec![1.0]);
-        let out = RotaryEmbedding
-            .eval(&cx(&a), &[Some(&x), Some(&cos), Some(&sin)])
-            .unwrap();
+        let out = RotaryEmbedding.eval(&cx(&a), &[Some(&x), Some(&cos), Some(&sin)]).unwrap();
         assert_eq!(out[0].as_f32().unwrap(), &[0.0, 1.0]);
     }
 }

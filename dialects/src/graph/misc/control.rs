@@ -24,11 +24,7 @@ fn result_types(cx: &InferCx, fallback: &[DType]) -> OpResult<Vec<TensorType>> {
     let declared = result_dtypes(&cx.attrs)?.unwrap_or_default();
     Ok((0..cx.num_outputs)
         .map(|i| {
-            let dt = declared
-                .get(i)
-                .or(fallback.get(i))
-                .copied()
-                .unwrap_or(DType::F32);
+            let dt = declared.get(i).or(fallback.get(i)).copied().unwrap_or(DType::F32);
             TensorType::unranked(dt)
         })
         .collect())
@@ -39,10 +35,7 @@ fn region<'a>(cx: &EvalCx<'a>, attr: &str) -> OpResult<&'a Region> {
     let i = cx.attrs.region(attr)? as usize;
     match cx.regions.get(i) {
         Some(r) => Ok(r),
-        None => bail!(
-            "graph attribute '{attr}' names region {i}, the op has {}",
-            cx.regions.len()
-        ),
+        None => bail!("graph attribute '{attr}' names region {i}, the op has {}", cx.regions.len()),
     }
 }
 
@@ -72,11 +65,7 @@ impl OpDef for If {
         let body = region(cx, if c { "then_branch" } else { "else_branch" })?;
         let outs = cx.runner.run_region(body, vec![])?;
         if outs.len() < cx.num_outputs {
-            bail!(
-                "the branch yields {} values, the op has {} results",
-                outs.len(),
-                cx.num_outputs
-            );
+            bail!("the branch yields {} values, the op has {} results", outs.len(), cx.num_outputs);
         }
         Ok(outs)
     }
@@ -93,23 +82,15 @@ impl OpDef for Loop {
     }
 
     fn infer(&self, cx: &mut InferCx) -> OpResult<Vec<TensorType>> {
-        let carried: Vec<DType> = cx
-            .inputs
-            .iter()
-            .skip(2)
-            .map(|t| t.as_ref().map_or(DType::F32, |t| t.dtype))
-            .collect();
+        let carried: Vec<DType> =
+            cx.inputs.iter().skip(2).map(|t| t.as_ref().map_or(DType::F32, |t| t.dtype)).collect();
         result_types(cx, &carried)
     }
 
     fn eval(&self, cx: &EvalCx, inputs: &[Option<&Tensor>]) -> OpResult<Vec<Tensor>> {
         let max = match inputs.first().copied().flatten() {
             Some(m) if m.len() == 1 && m.dtype().is_int() => Some(m.to_i64()[0]),
-            Some(m) => bail!(
-                "M must be a single integer, found {} {:?}",
-                m.dtype(),
-                m.shape
-            ),
+            Some(m) => bail!("M must be a single integer, found {} {:?}", m.dtype(), m.shape),
             None => None,
         };
         let mut cond = match inputs.get(1).copied().flatten() {
@@ -131,18 +112,11 @@ impl OpDef for Loop {
         let mut scans: Vec<Vec<Tensor>> = vec![Vec::new(); k];
         let mut it: i64 = 0;
         while cond && max.is_none_or(|m| it < m) {
-            let mut args = vec![
-                Tensor::from_i64(&[], vec![it]),
-                Tensor::from_bool(&[], vec![cond]),
-            ];
+            let mut args = vec![Tensor::from_i64(&[], vec![it]), Tensor::from_bool(&[], vec![cond])];
             args.append(&mut carried);
             let mut outs = cx.runner.run_region(body, args)?;
             if outs.len() < 1 + n + k {
-                bail!(
-                    "the body yields {} values, expected at least {}",
-                    outs.len(),
-                    1 + n + k
-                );
+                bail!("the body yields {} values, expected at least {}", outs.len(), 1 + n + k);
             }
             cond = cond_of(&outs[0], "the body's condition output")?;
             let rest = outs.split_off(1);
@@ -176,12 +150,8 @@ impl OpDef for Scan {
 
     fn infer(&self, cx: &mut InferCx) -> OpResult<Vec<TensorType>> {
         let skip = usize::from(cx.opset < 9);
-        let states: Vec<DType> = cx
-            .inputs
-            .iter()
-            .skip(skip)
-            .map(|t| t.as_ref().map_or(DType::F32, |t| t.dtype))
-            .collect();
+        let states: Vec<DType> =
+            cx.inputs.iter().skip(skip).map(|t| t.as_ref().map_or(DType::F32, |t| t.dtype)).collect();
         result_types(cx, &states)
     }
 
@@ -203,10 +173,7 @@ impl OpDef for Scan {
             })
             .collect::<OpResult<_>>()?;
         if vals.len() < m {
-            bail!(
-                "expected at least {m} scan inputs, found {} inputs",
-                vals.len()
-            );
+            bail!("expected at least {m} scan inputs, found {} inputs", vals.len());
         }
         let n = vals.len() - m;
         let k = cx.num_outputs.saturating_sub(n);
@@ -222,16 +189,7 @@ impl OpDef for Scan {
         };
         if v1 {
             let dirs = ints("directions", m)?;
-            return scan_batched(
-                cx,
-                body,
-                inputs.first().copied().flatten(),
-                &vals,
-                n,
-                k,
-                &dirs,
-                out_dt,
-            );
+            return scan_batched(cx, body, inputs.first().copied().flatten(), &vals, n, k, &dirs, out_dt);
         }
         let in_axes = ints("scan_input_axes", m)?;
         let in_dirs = ints("scan_input_directions", m)?;
@@ -303,15 +261,10 @@ fn scan_batched(
     let batch = vals[0].shape[0];
     let first = vals[n];
     if first.rank() < 2 {
-        bail!(
-            "Scan-8 scan inputs need [batch, sequence, ...] shapes, found {:?}",
-            first.shape
-        );
+        bail!("Scan-8 scan inputs need [batch, sequence, ...] shapes, found {:?}", first.shape);
     }
     let seq = first.shape[1];
-    if vals.iter().any(|t| t.shape[0] != batch)
-        || vals[n..].iter().any(|t| t.rank() < 2 || t.shape[1] != seq)
-    {
+    if vals.iter().any(|t| t.shape[0] != batch) || vals[n..].iter().any(|t| t.rank() < 2 || t.shape[1] != seq) {
         bail!("Scan-8 inputs must share batch size {batch} and sequence length {seq}");
     }
     let lens: Vec<usize> = match lens {
@@ -329,10 +282,7 @@ fn scan_batched(
         None => vec![seq; batch],
     };
     if lens.len() != batch {
-        bail!(
-            "sequence_lens must have {batch} entries, found {}",
-            lens.len()
-        );
+        bail!("sequence_lens must have {batch} entries, found {}", lens.len());
     }
     let mut final_states: Vec<Vec<Tensor>> = vec![Vec::new(); n];
     let mut scan_out: Vec<Vec<Tensor>> = vec![Vec::new(); k];
@@ -383,9 +333,7 @@ fn slice_axis(t: &Tensor, axis: usize, i: usize) -> Tensor {
     let outer: usize = t.shape[..axis].iter().product();
     let n = t.shape[axis];
     let inner: usize = t.shape[axis + 1..].iter().product();
-    let idx: Vec<usize> = (0..outer)
-        .flat_map(|o| (0..inner).map(move |k| (o * n + i) * inner + k))
-        .collect();
+    let idx: Vec<usize> = (0..outer).flat_map(|o| (0..inner).map(move |k| (o * n + i) * inner + k)).collect();
     let mut shape = t.shape.clone();
     shape.remove(axis);
     t.gather_flat(shape, &idx)
@@ -410,36 +358,23 @@ fn stack(ts: &[Tensor], axis: usize, dt: DType) -> OpResult<Tensor> {
         return Ok(Tensor::zeros(dt, &[0]));
     };
     if axis > first.rank() {
-        bail!(
-            "stacking axis {axis} is out of range for slices of rank {}",
-            first.rank()
-        );
+        bail!("stacking axis {axis} is out of range for slices of rank {}", first.rank());
     }
     let mut all = Data::zeros(first.dtype(), 0);
     for t in ts {
         if t.shape != first.shape || !append(&mut all, &t.data) {
-            bail!(
-                "scan output slices differ: {} {:?} and {} {:?}",
-                first.dtype(),
-                first.shape,
-                t.dtype(),
-                t.shape
-            );
+            bail!("scan output slices differ: {} {:?} and {} {:?}", first.dtype(), first.shape, t.dtype(), t.shape);
         }
     }
     let n = ts.len();
     let len = first.len();
     let outer: usize = first.shape[..axis].iter().product();
     let inner: usize = first.shape[axis..].iter().product();
-    let idx: Vec<usize> = (0..outer)
-        .flat_map(|o| (0..n).flat_map(move |j| (0..inner).map(move |k| j * len + o * inner + k)))
-        .collect();
+    let idx: Vec<usize> =
+        (0..outer).flat_map(|o| (0..n).flat_map(move |j| (0..inner).map(move |k| j * len + o * inner + k))).collect();
     let mut shape = first.shape.clone();
     shape.insert(axis, n);
-    let flat = Tensor {
-        shape: vec![n * len],
-        data: all,
-    };
+    let flat = Tensor { shape: vec![n * len], data: all };
     Ok(flat.gather_flat(shape, &idx))
 }
 
@@ -458,68 +393,34 @@ mod tests {
         let it = m.add_arg(TensorType::known(DType::I64, &[]), None);
         let c = m.add_arg(TensorType::known(DType::Bool, &[]), None);
         let xi = m.add_arg(f1.clone(), None);
-        let add = m.create_op(
-            "graph.Add",
-            vec![Some(xi), Some(xi)],
-            vec![f1.clone()],
-            Attrs::new(),
-            vec![],
-        );
+        let add = m.create_op("graph.Add", vec![Some(xi), Some(xi)], vec![f1.clone()], Attrs::new(), vec![]);
         let y = m.op(add).results[0];
-        let body = Region {
-            blocks: vec![Block {
-                args: vec![it, c, xi],
-                ops: vec![add],
-                yields: vec![c, y, y],
-            }],
-        };
+        let body = Region { blocks: vec![Block { args: vec![it, c, xi], ops: vec![add], yields: vec![c, y, y] }] };
         let mut attrs = Attrs::new();
         attrs.insert("body".into(), Attr::Region(0));
-        attrs.insert(
-            "kiln.result_dtypes".into(),
-            Attr::Strs(vec!["float".into(), "float".into()]),
-        );
+        attrs.insert("kiln.result_dtypes".into(), Attr::Strs(vec!["float".into(), "float".into()]));
         let lp = m.create_op(
             "graph.Loop",
             vec![Some(mv), None, Some(x)],
-            vec![
-                TensorType::unranked(DType::F32),
-                TensorType::unranked(DType::F32),
-            ],
+            vec![TensorType::unranked(DType::F32), TensorType::unranked(DType::F32)],
             attrs,
             vec![body],
         );
-        m.body = Block {
-            args: vec![mv, x],
-            ops: vec![lp],
-            yields: m.op(lp).results.clone(),
-        };
+        m.body = Block { args: vec![mv, x], ops: vec![lp], yields: m.op(lp).results.clone() };
         m
     }
 
     #[test]
     fn loop_carries_values_and_stacks_scan_outputs() {
         let m = doubling_loop();
-        let out = crate::interp::run(
-            &m,
-            vec![
-                Tensor::from_i64(&[], vec![3]),
-                Tensor::from_f32(&[1], vec![1.0]),
-            ],
-        )
-        .unwrap();
+        let out =
+            crate::interp::run(&m, vec![Tensor::from_i64(&[], vec![3]), Tensor::from_f32(&[1], vec![1.0])]).unwrap();
         assert_eq!(out[0].as_f32().unwrap(), &[8.0]);
         assert_eq!(out[1].shape, vec![3, 1]);
         assert_eq!(out[1].as_f32().unwrap(), &[2.0, 4.0, 8.0]);
         // Zero trips: the initial value comes back and the scan output is empty.
-        let out = crate::interp::run(
-            &m,
-            vec![
-                Tensor::from_i64(&[], vec![0]),
-                Tensor::from_f32(&[1], vec![1.0]),
-            ],
-        )
-        .unwrap();
+        let out =
+            crate::interp::run(&m, vec![Tensor::from_i64(&[], vec![0]), Tensor::from_f32(&[1], vec![1.0])]).unwrap();
         assert_eq!(out[0].as_f32().unwrap(), &[1.0]);
         assert_eq!(out[1].shape, vec![0]);
     }
@@ -529,10 +430,7 @@ mod tests {
         let a = Tensor::from_i64(&[2], vec![1, 2]);
         let b = Tensor::from_i64(&[2], vec![3, 4]);
         let s0 = stack(&[a.clone(), b.clone()], 0, DType::I64).unwrap();
-        assert_eq!(
-            (s0.shape.clone(), s0.to_i64()),
-            (vec![2, 2], vec![1, 2, 3, 4])
-        );
+        assert_eq!((s0.shape.clone(), s0.to_i64()), (vec![2, 2], vec![1, 2, 3, 4]));
         let s1 = stack(&[a, b.clone()], 1, DType::I64).unwrap();
         assert_eq!(s1.to_i64(), vec![1, 3, 2, 4]);
         assert_eq!(slice_axis(&s1, 1, 1), b);

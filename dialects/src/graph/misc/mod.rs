@@ -52,12 +52,10 @@ fn result_dtypes(attrs: &AttrView) -> OpResult<Option<Vec<DType>>> {
     };
     names
         .iter()
-        .map(
-            |n| match DType::ALL.into_iter().find(|d| d.onnx_name() == n) {
-                Some(d) => Ok(d),
-                None => bail!("kiln.result_dtypes names unknown element type '{n}'"),
-            },
-        )
+        .map(|n| match DType::ALL.into_iter().find(|d| d.onnx_name() == n) {
+            Some(d) => Ok(d),
+            None => bail!("kiln.result_dtypes names unknown element type '{n}'"),
+        })
         .collect::<OpResult<Vec<_>>>()
         .map(Some)
 }

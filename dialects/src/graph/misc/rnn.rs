@@ -8,11 +8,7 @@ use crate::tensor::Tensor;
 use crate::types::{Dim, TensorType};
 
 pub fn register(r: &mut Registry) {
-    r.add_all(&[
-        &Recurrent(Kind::Rnn),
-        &Recurrent(Kind::Gru),
-        &Recurrent(Kind::Lstm),
-    ]);
+    r.add_all(&[&Recurrent(Kind::Rnn), &Recurrent(Kind::Gru), &Recurrent(Kind::Lstm)]);
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -165,13 +161,7 @@ impl OpDef for Recurrent {
                 .shape
                 .as_ref()
                 .and_then(|s| s.get(2).cloned())
-                .or_else(|| {
-                    cx.input(1)
-                        .ok()?
-                        .shape
-                        .as_ref()
-                        .and_then(|s| dim_div(s.get(1)?, self.0.gates()))
-                }),
+                .or_else(|| cx.input(1).ok()?.shape.as_ref().and_then(|s| dim_div(s.get(1)?, self.0.gates()))),
         };
         let hidden = hidden.unwrap_or_else(|| cx.fresh_dim());
         let (seq, batch) = match &x.shape {
@@ -186,15 +176,9 @@ impl OpDef for Recurrent {
             None => (cx.fresh_dim(), cx.fresh_dim()),
         };
         let (y, state) = if layout == 0 {
-            (
-                vec![seq, dirs.clone(), batch.clone(), hidden.clone()],
-                vec![dirs, batch, hidden],
-            )
+            (vec![seq, dirs.clone(), batch.clone(), hidden.clone()], vec![dirs, batch, hidden])
         } else {
-            (
-                vec![batch.clone(), seq, dirs.clone(), hidden.clone()],
-                vec![batch, dirs, hidden],
-            )
+            (vec![batch.clone(), seq, dirs.clone(), hidden.clone()], vec![batch, dirs, hidden])
         };
         let mut out = vec![TensorType::new(dt, y)];
         out.extend((1..self.0.outputs()).map(|_| TensorType::new(dt, state.clone())));
@@ -212,51 +196,31 @@ impl OpDef for Recurrent {
             }
         }
         let layout = cx.attrs.int("layout", 0)?;
-        let [a0, a1, isz] = *x.shape.as_slice() else {
-            bail!("X must have rank 3, found shape {:?}", x.shape)
-        };
+        let [a0, a1, isz] = *x.shape.as_slice() else { bail!("X must have rank 3, found shape {:?}", x.shape) };
         let (seq, batch) = if layout == 0 { (a0, a1) } else { (a1, a0) };
         let direction = cx.attrs.string("direction", "forward")?;
         let dirs = num_directions(&cx.attrs)?;
         let g = kind.gates();
-        let [rd, rg, h] = *r.shape.as_slice() else {
-            bail!("R must have rank 3, found shape {:?}", r.shape)
-        };
+        let [rd, rg, h] = *r.shape.as_slice() else { bail!("R must have rank 3, found shape {:?}", r.shape) };
         if rd != dirs || rg != g * h {
-            bail!(
-                "R must have shape [{dirs}, {}, {h}], found {:?}",
-                g * h,
-                r.shape
-            );
+            bail!("R must have shape [{dirs}, {}, {h}], found {:?}", g * h, r.shape);
         }
         let hs = cx.attrs.int("hidden_size", 0)?;
         if hs > 0 && hs as usize != h {
             bail!("hidden_size {hs} does not match R's shape {:?}", r.shape);
         }
         if w.shape != [dirs, g * h, isz] {
-            bail!(
-                "W must have shape [{dirs}, {}, {isz}], found {:?}",
-                g * h,
-                w.shape
-            );
+            bail!("W must have shape [{dirs}, {}, {isz}], found {:?}", g * h, w.shape);
         }
         let bias = match opt(inputs, 3) {
             Some(b) if b.shape == [dirs, 2 * g * h] => b.to_f64(),
-            Some(b) => bail!(
-                "B must have shape [{dirs}, {}], found {:?}",
-                2 * g * h,
-                b.shape
-            ),
+            Some(b) => bail!("B must have shape [{dirs}, {}], found {:?}", 2 * g * h, b.shape),
             None => vec![0.0; dirs * 2 * g * h],
         };
         let lens: Vec<usize> = match opt(inputs, 4) {
             Some(l) => {
                 if !l.dtype().is_int() || l.len() != batch {
-                    bail!(
-                        "sequence_lens must be {batch} integers, found {} {:?}",
-                        l.dtype(),
-                        l.shape
-                    );
+                    bail!("sequence_lens must be {batch} integers, found {} {:?}", l.dtype(), l.shape);
                 }
                 l.to_i64()
                     .into_iter()
@@ -276,27 +240,15 @@ impl OpDef for Recurrent {
             let Some(t) = opt(inputs, i) else {
                 return Ok(vec![0.0; dirs * batch * h]);
             };
-            let want = if layout == 0 {
-                [dirs, batch, h]
-            } else {
-                [batch, dirs, h]
-            };
+            let want = if layout == 0 { [dirs, batch, h] } else { [batch, dirs, h] };
             if t.shape != want {
                 bail!("{what} must have shape {want:?}, found {:?}", t.shape);
             }
             let v = t.to_f64();
-            Ok(if layout == 0 {
-                v
-            } else {
-                swap01(&v, batch, dirs, h)
-            })
+            Ok(if layout == 0 { v } else { swap01(&v, batch, dirs, h) })
         };
         let h0 = state_in(5, "initial_h")?;
-        let c0 = if kind == Kind::Lstm {
-            state_in(6, "initial_c")?
-        } else {
-            vec![]
-        };
+        let c0 = if kind == Kind::Lstm { state_in(6, "initial_c")? } else { vec![] };
         let peep = match opt(inputs, 7).filter(|_| kind == Kind::Lstm) {
             Some(p) if p.shape == [dirs, 3 * h] => p.to_f64(),
             Some(p) => bail!("P must have shape [{dirs}, {}], found {:?}", 3 * h, p.shape),
@@ -306,19 +258,14 @@ impl OpDef for Recurrent {
         let na = kind.default_acts().len();
         let acts = match names {
             None => {
-                let d: Vec<String> = (0..dirs)
-                    .flat_map(|_| kind.default_acts().iter().map(|s| s.to_string()))
-                    .collect();
+                let d: Vec<String> =
+                    (0..dirs).flat_map(|_| kind.default_acts().iter().map(|s| s.to_string())).collect();
                 parse_acts(&d, &[], &[])?
             }
             Some(n) => {
                 let alphas = cx.attrs.floats("activation_alpha")?.unwrap_or_default();
                 let betas = cx.attrs.floats("activation_beta")?.unwrap_or_default();
-                let n = if n.len() == na && dirs == 2 {
-                    [n.clone(), n].concat()
-                } else {
-                    n
-                };
+                let n = if n.len() == na && dirs == 2 { [n.clone(), n].concat() } else { n };
                 if n.len() != na * dirs {
                     bail!("expected {} activations, found {}", na * dirs, n.len());
                 }
@@ -335,11 +282,7 @@ impl OpDef for Recurrent {
         let xv = x.to_f64();
         let (wv, rv) = (w.to_f64(), r.to_f64());
         let xat = |t: usize, b: usize| -> &[f64] {
-            let off = if layout == 0 {
-                (t * batch + b) * isz
-            } else {
-                (b * seq + t) * isz
-            };
+            let off = if layout == 0 { (t * batch + b) * isz } else { (b * seq + t) * isz };
             &xv[off..off + isz]
         };
         let ny = checked_numel(&[seq, dirs, batch, h])?;
@@ -354,18 +297,13 @@ impl OpDef for Recurrent {
             let act = |i: usize, v: f64| a[i].apply(clip.map_or(v, |c| v.clamp(-c, c)));
             let wd = &wv[d * g * h * isz..(d + 1) * g * h * isz];
             let rdm = &rv[d * g * h * h..(d + 1) * g * h * h];
-            let (wb, rb) = (
-                &bias[d * 2 * g * h..d * 2 * g * h + g * h],
-                &bias[d * 2 * g * h + g * h..(d + 1) * 2 * g * h],
-            );
+            let (wb, rb) =
+                (&bias[d * 2 * g * h..d * 2 * g * h + g * h], &bias[d * 2 * g * h + g * h..(d + 1) * 2 * g * h]);
             let pd = &peep[d * 3 * h..(d + 1) * 3 * h];
             for b in 0..batch {
                 let mut hs: Vec<f64> = h0[(d * batch + b) * h..][..h].to_vec();
-                let mut cs: Vec<f64> = if kind == Kind::Lstm {
-                    c0[(d * batch + b) * h..][..h].to_vec()
-                } else {
-                    vec![]
-                };
+                let mut cs: Vec<f64> =
+                    if kind == Kind::Lstm { c0[(d * batch + b) * h..][..h].to_vec() } else { vec![] };
                 for step in 0..lens[b] {
                     let t = if reverse { lens[b] - 1 - step } else { step };
                     let xt = xat(t, b);
@@ -377,16 +315,14 @@ impl OpDef for Recurrent {
                         Kind::Rnn => (0..h).map(|k| act(0, gx[k] + gh[k])).collect(),
                         Kind::Gru => {
                             let z: Vec<f64> = (0..h).map(|k| act(0, gx[k] + gh[k])).collect();
-                            let rg: Vec<f64> =
-                                (0..h).map(|k| act(0, gx[h + k] + gh[h + k])).collect();
+                            let rg: Vec<f64> = (0..h).map(|k| act(0, gx[h + k] + gh[h + k])).collect();
                             let rh: Vec<f64> = rg.iter().zip(&hs).map(|(r, s)| r * s).collect();
                             (0..h)
                                 .map(|k| {
                                     let inner = if lbr {
                                         rg[k] * gh[2 * h + k]
                                     } else {
-                                        dot(&rh, &rdm[(2 * h + k) * h..(2 * h + k + 1) * h])
-                                            + rb[2 * h + k]
+                                        dot(&rh, &rdm[(2 * h + k) * h..(2 * h + k + 1) * h]) + rb[2 * h + k]
                                     };
                                     let cand = act(1, gx[2 * h + k] + inner);
                                     (1.0 - z[k]) * cand + z[k] * hs[k]
@@ -458,8 +394,7 @@ fn swap01(v: &[f64], n0: usize, n1: usize, inner: usize) -> Vec<f64> {
     let mut out = vec![0.0; v.len()];
     for i in 0..n0 {
         for j in 0..n1 {
-            out[(j * n0 + i) * inner..][..inner]
-                .copy_from_slice(&v[(i * n1 + j) * inner..][..inner]);
+            out[(j * n0 + i) * inner..][..inner].copy_from_slice(&v[(i * n1 + j) * inner..][..inner]);
         }
     }
     out
@@ -482,19 +417,11 @@ mod tests {
     #[test]
     fn rnn_with_identity_weights_accumulates_tanh() {
         let attrs = Attrs::new();
-        let cx = EvalCx {
-            attrs: AttrView(&attrs),
-            num_outputs: 2,
-            opset: 22,
-            regions: &[],
-            runner: &NoRun,
-        };
+        let cx = EvalCx { attrs: AttrView(&attrs), num_outputs: 2, opset: 22, regions: &[], runner: &NoRun };
         let x = Tensor::from_f32(&[2, 1, 1], vec![0.5, 0.25]);
         let w = Tensor::from_f32(&[1, 1, 1], vec![1.0]);
         let r = Tensor::from_f32(&[1, 1, 1], vec![1.0]);
-        let out = Recurrent(Kind::Rnn)
-            .eval(&cx, &[Some(&x), Some(&w), Some(&r)])
-            .unwrap();
+        let out = Recurrent(Kind::Rnn).eval(&cx, &[Some(&x), Some(&w), Some(&r)]).unwrap();
         let h1 = 0.5f64.tanh();
         let h2 = (0.25 + h1).tanh();
         let y = out[0].as_f32().unwrap();

@@ -78,20 +78,12 @@ impl OpDef for GridSample {
     fn infer(&self, cx: &mut InferCx) -> OpResult<Vec<TensorType>> {
         let (x, g) = (cx.input(0)?, cx.input(1)?);
         if !x.dtype.is_numeric() || !g.dtype.is_float() {
-            bail!(
-                "expected a numeric X and a float grid, found {} and {}",
-                x.dtype,
-                g.dtype
-            );
+            bail!("expected a numeric X and a float grid, found {} and {}", x.dtype, g.dtype);
         }
         let shape = match (&x.shape, &g.shape) {
             (Some(xs), Some(gs)) => {
                 if xs.len() < 3 || gs.len() != xs.len() {
-                    bail!(
-                        "X and grid must have one rank of at least 3, found {} and {}",
-                        xs.len(),
-                        gs.len()
-                    );
+                    bail!("X and grid must have one rank of at least 3, found {} and {}", xs.len(), gs.len());
                 }
                 let mut s = vec![xs[0].clone(), xs[1].clone()];
                 s.extend(gs[1..gs.len() - 1].iter().cloned());
@@ -99,10 +91,7 @@ impl OpDef for GridSample {
             }
             _ => None,
         };
-        Ok(vec![TensorType {
-            dtype: x.dtype,
-            shape,
-        }])
+        Ok(vec![TensorType { dtype: x.dtype, shape }])
     }
 
     fn eval(&self, cx: &EvalCx, inputs: &[Option<&Tensor>]) -> OpResult<Vec<Tensor>> {
@@ -113,25 +102,14 @@ impl OpDef for GridSample {
         }
         let rank = x.rank();
         if rank < 3 || grid.rank() != rank {
-            bail!(
-                "X {:?} and grid {:?} must have one rank of at least 3",
-                x.shape,
-                grid.shape
-            );
+            bail!("X {:?} and grid {:?} must have one rank of at least 3", x.shape, grid.shape);
         }
         let r = rank - 2;
         let (n, c) = (x.shape[0], x.shape[1]);
         if grid.shape[0] != n || grid.shape[rank - 1] != r {
-            bail!(
-                "grid must have shape [{n}, ..., {r}], found {:?}",
-                grid.shape
-            );
+            bail!("grid must have shape [{n}, ..., {r}], found {:?}", grid.shape);
         }
-        let mode = match cx
-            .attrs
-            .string("mode", if cx.opset < 20 { "bilinear" } else { "linear" })?
-            .as_str()
-        {
+        let mode = match cx.attrs.string("mode", if cx.opset < 20 { "bilinear" } else { "linear" })?.as_str() {
             "nearest" => Mode::Nearest,
             "linear" | "bilinear" => Mode::Linear,
             "cubic" | "bicubic" => Mode::Cubic,
@@ -163,20 +141,12 @@ impl OpDef for GridSample {
                 for (i, pd) in per_dim.iter_mut().enumerate() {
                     let len = dims[i] as f64;
                     let norm = g[r - 1 - i];
-                    let mut v = if align {
-                        (norm + 1.0) / 2.0 * (len - 1.0)
-                    } else {
-                        ((norm + 1.0) * len - 1.0) / 2.0
-                    };
+                    let mut v = if align { (norm + 1.0) / 2.0 * (len - 1.0) } else { ((norm + 1.0) * len - 1.0) / 2.0 };
                     v = v as f32 as f64;
                     if mode == Mode::Nearest {
                         v = v.round_ties_even();
                     }
-                    let (lo, hi) = if align {
-                        (0.0, len - 1.0)
-                    } else {
-                        (-0.5, len - 0.5)
-                    };
+                    let (lo, hi) = if align { (0.0, len - 1.0) } else { (-0.5, len - 0.5) };
                     if v < lo || v > hi {
                         match padding {
                             Padding::Border => v = v.clamp(0.0, (len - 1.0).max(0.0)),
@@ -214,8 +184,7 @@ impl OpDef for GridSample {
                                 l > 0
                             }
                             Padding::Reflection => {
-                                *idx =
-                                    (reflect(*idx as f64, lo, hi).trunc() as i64).clamp(0, l - 1);
+                                *idx = (reflect(*idx as f64, lo, hi).trunc() as i64).clamp(0, l - 1);
                                 l > 0
                             }
                         }
@@ -290,11 +259,7 @@ impl OpDef for AffineGrid {
             Some([5]) => 3,
             _ => return Ok(vec![TensorType::unranked(dt)]),
         };
-        let n = theta
-            .shape
-            .as_ref()
-            .and_then(|s| s.first().cloned())
-            .unwrap_or_else(|| cx.fresh_dim());
+        let n = theta.shape.as_ref().and_then(|s| s.first().cloned()).unwrap_or_else(|| cx.fresh_dim());
         let mut shape = vec![n];
         shape.extend(cx.fresh_dims(spatial));
         shape.push(Dim::Known(spatial as u64));
@@ -311,11 +276,7 @@ impl OpDef for AffineGrid {
         let sp = s.len() - 2;
         let n = s[0] as usize;
         if theta.shape != [n, sp, sp + 1] {
-            bail!(
-                "theta must have shape [{n}, {sp}, {}], found {:?}",
-                sp + 1,
-                theta.shape
-            );
+            bail!("theta must have shape [{n}, {sp}, {}], found {:?}", sp + 1, theta.shape);
         }
         let align = cx.attrs.int("align_corners", 0)? != 0;
         let dims: Vec<usize> = s[2..].iter().map(|&d| d as usize).collect();
@@ -372,36 +333,19 @@ impl OpDef for RoiAlign {
         if oh <= 0 || ow <= 0 {
             bail!("output_height and output_width must be positive, found {oh} and {ow}");
         }
-        let r = rois
-            .shape
-            .as_ref()
-            .and_then(|s| s.first().cloned())
-            .unwrap_or_else(|| cx.fresh_dim());
-        let c = x
-            .shape
-            .as_ref()
-            .and_then(|s| s.get(1).cloned())
-            .unwrap_or_else(|| cx.fresh_dim());
-        Ok(vec![TensorType::new(
-            x.dtype,
-            vec![r, c, Dim::Known(oh as u64), Dim::Known(ow as u64)],
-        )])
+        let r = rois.shape.as_ref().and_then(|s| s.first().cloned()).unwrap_or_else(|| cx.fresh_dim());
+        let c = x.shape.as_ref().and_then(|s| s.get(1).cloned()).unwrap_or_else(|| cx.fresh_dim());
+        Ok(vec![TensorType::new(x.dtype, vec![r, c, Dim::Known(oh as u64), Dim::Known(ow as u64)])])
     }
 
     fn eval(&self, cx: &EvalCx, inputs: &[Option<&Tensor>]) -> OpResult<Vec<Tensor>> {
         let (x, rois, bidx) = (req(inputs, 0)?, req(inputs, 1)?, req(inputs, 2)?);
         expect_float(x, "X")?;
         expect_float(rois, "rois")?;
-        let [n, c, h, w] = *x.shape.as_slice() else {
-            bail!("X must have rank 4, found shape {:?}", x.shape)
-        };
+        let [n, c, h, w] = *x.shape.as_slice() else { bail!("X must have rank 4, found shape {:?}", x.shape) };
         let nr = bidx.len();
         if rois.shape != [nr, 4] || bidx.rank() != 1 {
-            bail!(
-                "rois must have shape [R, 4] and batch_indices [R], found {:?} and {:?}",
-                rois.shape,
-                bidx.shape
-            );
+            bail!("rois must have shape [R, 4] and batch_indices [R], found {:?} and {:?}", rois.shape, bidx.shape);
         }
         let batch = ints_of(bidx)?;
         let oh = cx.attrs.int("output_height", 1)?;
@@ -412,21 +356,12 @@ impl OpDef for RoiAlign {
         let (ph, pw) = (oh as usize, ow as usize);
         let sr = cx.attrs.int("sampling_ratio", 0)?;
         let scale = cx.attrs.float("spatial_scale", 1.0)? as f64;
-        let is_max = match cx
-            .attrs
-            .string("mode", "avg")?
-            .to_ascii_lowercase()
-            .as_str()
-        {
+        let is_max = match cx.attrs.string("mode", "avg")?.to_ascii_lowercase().as_str() {
             "avg" => false,
             "max" => true,
             m => bail!("mode must be avg or max, found '{m}'"),
         };
-        let default_ctm = if cx.opset < 16 {
-            "output_half_pixel"
-        } else {
-            "half_pixel"
-        };
+        let default_ctm = if cx.opset < 16 { "output_half_pixel" } else { "half_pixel" };
         let half_pixel = match cx.attrs.string("coordinate_transformation_mode", default_ctm)?.as_str() {
             "half_pixel" => true,
             "output_half_pixel" => false,
@@ -484,18 +419,11 @@ impl OpDef for RoiAlign {
                     let ss = &samples[bin * per_bin..(bin + 1) * per_bin];
                     let v = if is_max {
                         ss.iter()
-                            .map(|(p, wt)| {
-                                (0..4)
-                                    .map(|k| wt[k] * plane[p[k]])
-                                    .fold(f64::NEG_INFINITY, f64::max)
-                            })
+                            .map(|(p, wt)| (0..4).map(|k| wt[k] * plane[p[k]]).fold(f64::NEG_INFINITY, f64::max))
                             .fold(None, |m: Option<f64>, v| Some(m.map_or(v, |m| m.max(v))))
                             .unwrap_or(0.0)
                     } else {
-                        ss.iter()
-                            .map(|(p, wt)| (0..4).map(|k| wt[k] * plane[p[k]]).sum::<f64>())
-                            .sum::<f64>()
-                            / count
+                        ss.iter().map(|(p, wt)| (0..4).map(|k| wt[k] * plane[p[k]]).sum::<f64>()).sum::<f64>() / count
                     };
                     y[(ri * c + ci) * ph * pw + bin] = v;
                 }
@@ -529,10 +457,7 @@ fn bilinear_taps(y: f64, x: f64, h: usize, w: usize) -> ([usize; 4], [f64; 4]) {
     };
     let (ly, lx) = (y - yl as f64, x - xl as f64);
     let (hy, hx) = (1.0 - ly, 1.0 - lx);
-    (
-        [yl * w + xl, yl * w + xh, yh * w + xl, yh * w + xh],
-        [hy * hx, hy * lx, ly * hx, ly * lx],
-    )
+    ([yl * w + xl, yl * w + xh, yh * w + xl, yh * w + xh], [hy * hx, hy * lx, ly * hx, ly * lx])
 }
 
 #[cfg(test)]

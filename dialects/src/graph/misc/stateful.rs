@@ -27,12 +27,7 @@ impl OpDef for CausalConvWithState {
         if !x.dtype.is_float() {
             bail!("input must be a float tensor, found {}", x.dtype);
         }
-        let k = cx
-            .input(1)?
-            .shape
-            .as_ref()
-            .and_then(|s| s.get(2)?.known())
-            .filter(|&k| k >= 1);
+        let k = cx.input(1)?.shape.as_ref().and_then(|s| s.get(2)?.known()).filter(|&k| k >= 1);
         let (b, c) = match &x.shape {
             Some(s) if s.len() == 3 => (s[0].clone(), s[1].clone()),
             Some(s) => bail!("input must have rank 3, found rank {}", s.len()),
@@ -50,12 +45,8 @@ impl OpDef for CausalConvWithState {
             "silu" | "swish" => true,
             a => bail!("activation must be none, silu or swish, found '{a}'"),
         };
-        let [b, c, l] = *x.shape.as_slice() else {
-            bail!("input must have rank 3, found shape {:?}", x.shape)
-        };
-        let [wc, 1, k] = *w.shape.as_slice() else {
-            bail!("weight must have shape [C, 1, k], found {:?}", w.shape)
-        };
+        let [b, c, l] = *x.shape.as_slice() else { bail!("input must have rank 3, found shape {:?}", x.shape) };
+        let [wc, 1, k] = *w.shape.as_slice() else { bail!("weight must have shape [C, 1, k], found {:?}", w.shape) };
         if wc != c || k == 0 {
             bail!("weight must have shape [{c}, 1, k>=1], found {:?}", w.shape);
         }
@@ -68,11 +59,7 @@ impl OpDef for CausalConvWithState {
         let xv = x.to_f64();
         let past = match opt(inputs, 3) {
             Some(t) if t.shape == [b, c, k - 1] => t.to_f64(),
-            Some(t) => bail!(
-                "past_state must have shape [{b}, {c}, {}], found {:?}",
-                k - 1,
-                t.shape
-            ),
+            Some(t) => bail!("past_state must have shape [{b}, {c}, {}], found {:?}", k - 1, t.shape),
             None => vec![0.0; b * c * (k - 1)],
         };
         let wv = w.to_f64();
@@ -86,12 +73,7 @@ impl OpDef for CausalConvWithState {
             padded[k - 1..].copy_from_slice(&xv[bc * l..(bc + 1) * l]);
             let wk = &wv[ch * k..(ch + 1) * k];
             for li in 0..l {
-                let v: f64 = padded[li..li + k]
-                    .iter()
-                    .zip(wk)
-                    .map(|(a, b)| a * b)
-                    .sum::<f64>()
-                    + bias[ch];
+                let v: f64 = padded[li..li + k].iter().zip(wk).map(|(a, b)| a * b).sum::<f64>() + bias[ch];
                 let v = rnd(v);
                 out[bc * l + li] = if silu {
                     let v32 = v as f32 as f64;
@@ -102,10 +84,7 @@ impl OpDef for CausalConvWithState {
             }
             state.extend_from_slice(&padded[l..]);
         }
-        Ok(vec![
-            Tensor::from_f64(x.dtype(), &[b, c, l], out),
-            Tensor::from_f64(x.dtype(), &[b, c, k - 1], state),
-        ])
+        Ok(vec![Tensor::from_f64(x.dtype(), &[b, c, l], out), Tensor::from_f64(x.dtype(), &[b, c, k - 1], state)])
     }
 }
 
@@ -132,17 +111,10 @@ impl OpDef for LinearAttention {
         }
         let (qh, kvh) = (qh as usize, kvh as usize);
         let (Some(qs), Some(vs)) = (&q.shape, &v.shape) else {
-            return Ok(vec![
-                TensorType::unranked(q.dtype),
-                TensorType::unranked(q.dtype),
-            ]);
+            return Ok(vec![TensorType::unranked(q.dtype), TensorType::unranked(q.dtype)]);
         };
         if qs.len() != 3 || vs.len() != 3 {
-            bail!(
-                "query and value must have rank 3, found ranks {} and {}",
-                qs.len(),
-                vs.len()
-            );
+            bail!("query and value must have rank 3, found ranks {} and {}", qs.len(), vs.len());
         }
         let dv = dim_div(&vs[2], kvh);
         let dk = dim_div(&qs[2], qh);
@@ -152,10 +124,7 @@ impl OpDef for LinearAttention {
         let state_dt = cx.opt_input(3).map_or(q.dtype, |t| t.dtype);
         Ok(vec![
             TensorType::new(q.dtype, vec![qs[0].clone(), qs[1].clone(), hidden]),
-            TensorType::new(
-                state_dt,
-                vec![qs[0].clone(), Dim::Known(kvh as u64), dk, dv],
-            ),
+            TensorType::new(state_dt, vec![qs[0].clone(), Dim::Known(kvh as u64), dk, dv]),
         ])
     }
 
@@ -185,20 +154,10 @@ impl OpDef for LinearAttention {
                 if delta { "requires" } else { "forbids" }
             );
         }
-        let [b, t, qhid] = *q.shape.as_slice() else {
-            bail!("query must have rank 3, found {:?}", q.shape)
-        };
-        let [kb, kt, khid] = *k.shape.as_slice() else {
-            bail!("key must have rank 3, found {:?}", k.shape)
-        };
-        let [vb, vt, vhid] = *v.shape.as_slice() else {
-            bail!("value must have rank 3, found {:?}", v.shape)
-        };
-        if qhid % hq != 0
-            || vhid % hk != 0
-            || (kb, kt, vb, vt) != (b, t, b, t)
-            || khid != qhid / hq * hk
-        {
+        let [b, t, qhid] = *q.shape.as_slice() else { bail!("query must have rank 3, found {:?}", q.shape) };
+        let [kb, kt, khid] = *k.shape.as_slice() else { bail!("key must have rank 3, found {:?}", k.shape) };
+        let [vb, vt, vhid] = *v.shape.as_slice() else { bail!("value must have rank 3, found {:?}", v.shape) };
+        if qhid % hq != 0 || vhid % hk != 0 || (kb, kt, vb, vt) != (b, t, b, t) || khid != qhid / hq * hk {
             bail!(
                 "query {:?}, key {:?} and value {:?} are inconsistent with {hq}/{hk} heads",
                 q.shape,
@@ -210,41 +169,23 @@ impl OpDef for LinearAttention {
         let group = hq / hk;
         // Per-step decay and beta readers.
         let decay_v = match decay {
-            Some(d)
-                if d.rank() == 3
-                    && d.shape[..2] == [b, t]
-                    && (d.shape[2] == hk || d.shape[2] == hk * dk) =>
-            {
+            Some(d) if d.rank() == 3 && d.shape[..2] == [b, t] && (d.shape[2] == hk || d.shape[2] == hk * dk) => {
                 Some((d.to_f64(), d.shape[2]))
             }
-            Some(d) => bail!(
-                "decay must have shape [{b}, {t}, {hk} or {}], found {:?}",
-                hk * dk,
-                d.shape
-            ),
+            Some(d) => bail!("decay must have shape [{b}, {t}, {hk} or {}], found {:?}", hk * dk, d.shape),
             None => None,
         };
         let beta_v = match beta {
-            Some(x)
-                if x.rank() == 3
-                    && x.shape[..2] == [b, t]
-                    && (x.shape[2] == hk || x.shape[2] == 1) =>
-            {
+            Some(x) if x.rank() == 3 && x.shape[..2] == [b, t] && (x.shape[2] == hk || x.shape[2] == 1) => {
                 Some((x.to_f64(), x.shape[2]))
             }
-            Some(x) => bail!(
-                "beta must have shape [{b}, {t}, {hk} or 1], found {:?}",
-                x.shape
-            ),
+            Some(x) => bail!("beta must have shape [{b}, {t}, {hk} or 1], found {:?}", x.shape),
             None => None,
         };
         let ssz = checked_numel(&[b, hk, dk, dv])?;
         let (mut state, state_dt) = match opt(inputs, 3) {
             Some(s) if s.shape == [b, hk, dk, dv] => (s.to_f64(), s.dtype()),
-            Some(s) => bail!(
-                "past_state must have shape [{b}, {hk}, {dk}, {dv}], found {:?}",
-                s.shape
-            ),
+            Some(s) => bail!("past_state must have shape [{b}, {hk}, {dk}, {dv}], found {:?}", s.shape),
             None => (vec![0.0; ssz], q.dtype()),
         };
         let f32r = |x: f64| x as f32 as f64;
@@ -317,19 +258,11 @@ mod tests {
     #[test]
     fn causal_conv_carries_state() {
         let attrs = Attrs::new();
-        let cx = EvalCx {
-            attrs: AttrView(&attrs),
-            num_outputs: 2,
-            opset: 27,
-            regions: &[],
-            runner: &NoRun,
-        };
+        let cx = EvalCx { attrs: AttrView(&attrs), num_outputs: 2, opset: 27, regions: &[], runner: &NoRun };
         let x = Tensor::from_f32(&[1, 1, 3], vec![1.0, 2.0, 3.0]);
         let w = Tensor::from_f32(&[1, 1, 2], vec![1.0, 10.0]);
         let past = Tensor::from_f32(&[1, 1, 1], vec![5.0]);
-        let out = CausalConvWithState
-            .eval(&cx, &[Some(&x), Some(&w), None, Some(&past)])
-            .unwrap();
+        let out = CausalConvWithState.eval(&cx, &[Some(&x), Some(&w), None, Some(&past)]).unwrap();
         assert_eq!(out[0].as_f32().unwrap(), &[15.0, 21.0, 32.0]);
         assert_eq!(out[1].as_f32().unwrap(), &[3.0]);
     }

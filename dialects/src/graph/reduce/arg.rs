@@ -8,17 +8,7 @@ use crate::types::{DType, Dim, TensorType};
 use std::cmp::Ordering;
 
 pub fn register(r: &mut Registry) {
-    r.add_all(&[
-        &ArgExtreme {
-            name: "ArgMax",
-            max: true,
-        },
-        &ArgExtreme {
-            name: "ArgMin",
-            max: false,
-        },
-        &TopK,
-    ]);
+    r.add_all(&[&ArgExtreme { name: "ArgMax", max: true }, &ArgExtreme { name: "ArgMin", max: false }, &TopK]);
 }
 
 /// Orders two elements, NaN above everything (as numpy's sorts do).
@@ -92,14 +82,7 @@ impl OpDef for ArgExtreme {
 /// Index of the extreme of each lane of a `[outer, n, inner]` buffer; NaN wins (the first NaN,
 /// or the last with `last`), like numpy.
 #[allow(clippy::eq_op)]
-fn arg_extreme<T: Elem>(
-    v: &[T],
-    outer: usize,
-    n: usize,
-    inner: usize,
-    max: bool,
-    last: bool,
-) -> Vec<i64> {
+fn arg_extreme<T: Elem>(v: &[T], outer: usize, n: usize, inner: usize, max: bool, last: bool) -> Vec<i64> {
     let mut out = vec![0i64; outer * inner];
     let mut best: Vec<T> = Vec::with_capacity(inner);
     for o in 0..outer {
@@ -158,17 +141,10 @@ impl OpDef for TopK {
             bail!("TopK expects a numeric input, found {}", x.dtype);
         }
         let Some(shape) = &x.shape else {
-            return Ok(vec![
-                TensorType::unranked(x.dtype),
-                TensorType::unranked(DType::I64),
-            ]);
+            return Ok(vec![TensorType::unranked(x.dtype), TensorType::unranked(DType::I64)]);
         };
         let axis = axis_of(cx.attrs.int("axis", -1)?, shape.len())?;
-        let attr_k = cx
-            .attrs
-            .has("k")
-            .then(|| cx.attrs.int("k", 0))
-            .transpose()?;
+        let attr_k = cx.attrs.has("k").then(|| cx.attrs.int("k", 0)).transpose()?;
         let k = match (cx.opt_input(1), cx.const_input(1)) {
             (Some(_), Some(t)) => Some(int_scalar(t, "K")?),
             (Some(_), None) => None,
@@ -179,10 +155,7 @@ impl OpDef for TopK {
             Some(k) => Dim::Known(to_size(k, "K")? as u64),
             None => cx.fresh_dim(),
         };
-        Ok(vec![
-            TensorType::new(x.dtype, dims.clone()),
-            TensorType::new(DType::I64, dims),
-        ])
+        Ok(vec![TensorType::new(x.dtype, dims.clone()), TensorType::new(DType::I64, dims)])
     }
 
     fn eval(&self, cx: &EvalCx, inputs: &[Option<&Tensor>]) -> OpResult<Vec<Tensor>> {
@@ -192,11 +165,7 @@ impl OpDef for TopK {
         }
         let axis = axis_of(cx.attrs.int("axis", -1)?, x.rank())?;
         let largest = cx.attrs.int("largest", 1)? != 0;
-        let attr_k = cx
-            .attrs
-            .has("k")
-            .then(|| cx.attrs.int("k", 0))
-            .transpose()?;
+        let attr_k = cx.attrs.has("k").then(|| cx.attrs.int("k", 0)).transpose()?;
         let k = to_size(Self::k_value(cx.opset, attr_k, opt(inputs, 1))?, "K")?;
         let (outer, n, inner) = split_at_axis(&x.shape, axis);
         if k > n {
@@ -253,15 +222,8 @@ mod tests {
     fn argmax_select_last_and_keepdims() {
         let x = Tensor::from_f32(&[2, 3], vec![1.0, 3.0, 3.0, 5.0, 2.0, 5.0]);
         let y = eval_op("ArgMax", &[("axis", Attr::Int(1))], &[Some(&x)], 1, 13).unwrap();
-        assert_eq!(
-            (y[0].shape.clone(), y[0].to_i64()),
-            (vec![2, 1], vec![1, 0])
-        );
-        let a = [
-            ("axis", Attr::Int(1)),
-            ("keepdims", Attr::Int(0)),
-            ("select_last_index", Attr::Int(1)),
-        ];
+        assert_eq!((y[0].shape.clone(), y[0].to_i64()), (vec![2, 1], vec![1, 0]));
+        let a = [("axis", Attr::Int(1)), ("keepdims", Attr::Int(0)), ("select_last_index", Attr::Int(1))];
         let y = eval_op("ArgMax", &a, &[Some(&x)], 1, 13).unwrap();
         assert_eq!((y[0].shape.clone(), y[0].to_i64()), (vec![2], vec![2, 2]));
         let y = eval_op("ArgMin", &[], &[Some(&x)], 1, 13).unwrap();
@@ -275,14 +237,7 @@ mod tests {
         let y = eval_op("TopK", &[], &[Some(&x), Some(&k)], 2, 11).unwrap();
         assert_eq!(y[0].to_f64(), vec![7.0, 7.0, 2.0]);
         assert_eq!(y[1].to_i64(), vec![1, 3, 0]);
-        let y = eval_op(
-            "TopK",
-            &[("largest", Attr::Int(0))],
-            &[Some(&x), Some(&k)],
-            2,
-            11,
-        )
-        .unwrap();
+        let y = eval_op("TopK", &[("largest", Attr::Int(0))], &[Some(&x), Some(&k)], 2, 11).unwrap();
         assert_eq!(y[1].to_i64(), vec![4, 0, 2]);
         let y = eval_op("TopK", &[("k", Attr::Int(1))], &[Some(&x)], 2, 1).unwrap();
         assert_eq!(y[1].to_i64(), vec![1]);

@@ -48,10 +48,7 @@ fn parse_term(s: &str) -> OpResult<Term> {
             _ => bail!("invalid einsum term '{s}'"),
         }
     }
-    Ok(Term {
-        letters,
-        ellipsis_at,
-    })
+    Ok(Term { letters, ellipsis_at })
 }
 
 /// The label lists of every operand and of the output, for operands of `ranks`.
@@ -63,11 +60,7 @@ fn parse(eq: &str, ranks: &[usize]) -> OpResult<(Vec<Vec<Label>>, Vec<Label>)> {
     };
     let terms: Vec<Term> = lhs.split(',').map(parse_term).collect::<OpResult<_>>()?;
     if terms.len() != ranks.len() {
-        bail!(
-            "equation '{eq}' has {} operands, the op has {} inputs",
-            terms.len(),
-            ranks.len()
-        );
+        bail!("equation '{eq}' has {} operands, the op has {} inputs", terms.len(), ranks.len());
     }
     // Broadcast dims of each operand, and their common count.
     let mut ell = Vec::with_capacity(terms.len());
@@ -114,10 +107,7 @@ fn parse(eq: &str, ranks: &[usize]) -> OpResult<(Vec<Vec<Label>>, Vec<Label>)> {
             let mut once: Vec<Label> = Vec::new();
             for t in &terms {
                 for &c in &t.letters {
-                    let n: usize = terms
-                        .iter()
-                        .map(|u| u.letters.iter().filter(|&&d| d == c).count())
-                        .sum();
+                    let n: usize = terms.iter().map(|u| u.letters.iter().filter(|&&d| d == c).count()).sum();
                     if n == 1 {
                         once.push(c);
                     }
@@ -170,12 +160,7 @@ struct Operand<T> {
 
 impl<T: Num> Operand<T> {
     /// Takes diagonals of repeated labels and broadcasts size-1 axes to the label's size.
-    fn new(
-        data: &[T],
-        shape: &[usize],
-        labels: &[Label],
-        size: &dyn Fn(Label) -> usize,
-    ) -> OpResult<Self> {
+    fn new(data: &[T], shape: &[usize], labels: &[Label], size: &dyn Fn(Label) -> usize) -> OpResult<Self> {
         let st = strides(shape);
         let (mut ul, mut us, mut ust) = (Vec::new(), Vec::new(), Vec::<usize>::new());
         for (i, &l) in labels.iter().enumerate() {
@@ -199,11 +184,7 @@ impl<T: Num> Operand<T> {
             }
         }
         super::super::checked_numel(&us)?;
-        Ok(Operand {
-            data: gather_strided(data, &us, &ust),
-            labels: ul,
-            shape: us,
-        })
+        Ok(Operand { data: gather_strided(data, &us, &ust), labels: ul, shape: us })
     }
 
     /// Sums out every label not in `keep`.
@@ -212,30 +193,15 @@ impl<T: Num> Operand<T> {
         if !mask.contains(&true) {
             return self;
         }
-        let data = fold_axes(&self.data, &self.shape, &mask, T::default(), |a, v| {
-            a.add(v)
-        });
-        let (labels, shape) = self
-            .labels
-            .iter()
-            .zip(&self.shape)
-            .zip(&mask)
-            .filter(|(_, &m)| !m)
-            .map(|((&l, &s), _)| (l, s))
-            .unzip();
-        Operand {
-            data,
-            labels,
-            shape,
-        }
+        let data = fold_axes(&self.data, &self.shape, &mask, T::default(), |a, v| a.add(v));
+        let (labels, shape) =
+            self.labels.iter().zip(&self.shape).zip(&mask).filter(|(_, &m)| !m).map(|((&l, &s), _)| (l, s)).unzip();
+        Operand { data, labels, shape }
     }
 
     /// Axes permuted to the order of `labels` (a permutation of this operand's labels).
     fn arranged(&self, labels: &[Label]) -> Vec<T> {
-        let perm: Vec<usize> = labels
-            .iter()
-            .filter_map(|l| self.labels.iter().position(|x| x == l))
-            .collect();
+        let perm: Vec<usize> = labels.iter().filter_map(|l| self.labels.iter().position(|x| x == l)).collect();
         if perm.iter().enumerate().all(|(i, &p)| i == p) {
             return self.data.clone();
         }
@@ -244,11 +210,7 @@ impl<T: Num> Operand<T> {
 }
 
 /// Contracts `a` and `b` over their shared labels not in `keep`, as a batched matmul.
-fn contract<T: Num>(
-    a: Operand<T>,
-    b: Operand<T>,
-    keep: &dyn Fn(Label) -> bool,
-) -> OpResult<Operand<T>> {
+fn contract<T: Num>(a: Operand<T>, b: Operand<T>, keep: &dyn Fn(Label) -> bool) -> OpResult<Operand<T>> {
     let a = a.sum_except(&|l| keep(l) || b.labels.contains(&l));
     let b = b.sum_except(&|l| keep(l) || a.labels.contains(&l));
     let size = |l: Label| -> usize {
@@ -258,30 +220,10 @@ fn contract<T: Num>(
         };
         ops.shape.get(i).copied().unwrap_or(1)
     };
-    let batch: Vec<Label> = a
-        .labels
-        .iter()
-        .copied()
-        .filter(|l| b.labels.contains(l) && keep(*l))
-        .collect();
-    let kl: Vec<Label> = a
-        .labels
-        .iter()
-        .copied()
-        .filter(|l| b.labels.contains(l) && !keep(*l))
-        .collect();
-    let ml: Vec<Label> = a
-        .labels
-        .iter()
-        .copied()
-        .filter(|l| !b.labels.contains(l))
-        .collect();
-    let nl: Vec<Label> = b
-        .labels
-        .iter()
-        .copied()
-        .filter(|l| !a.labels.contains(l))
-        .collect();
+    let batch: Vec<Label> = a.labels.iter().copied().filter(|l| b.labels.contains(l) && keep(*l)).collect();
+    let kl: Vec<Label> = a.labels.iter().copied().filter(|l| b.labels.contains(l) && !keep(*l)).collect();
+    let ml: Vec<Label> = a.labels.iter().copied().filter(|l| !b.labels.contains(l)).collect();
+    let nl: Vec<Label> = b.labels.iter().copied().filter(|l| !a.labels.contains(l)).collect();
     let prod = |ls: &[Label]| ls.iter().map(|&l| size(l)).product::<usize>();
     let (nb, m, k, n) = (prod(&batch), prod(&ml), prod(&kl), prod(&nl));
     let av = a.arranged(&[batch.clone(), ml.clone(), kl.clone()].concat());
@@ -291,10 +233,7 @@ fn contract<T: Num>(
     super::super::checked_numel(&shape)?;
     let mut out = vec![T::default(); nb * m * n];
     for bi in 0..nb {
-        let (ab, bb) = (
-            &av[bi * m * k..(bi + 1) * m * k],
-            &bv[bi * k * n..(bi + 1) * k * n],
-        );
+        let (ab, bb) = (&av[bi * m * k..(bi + 1) * m * k], &bv[bi * k * n..(bi + 1) * k * n]);
         let ob = &mut out[bi * m * n..(bi + 1) * m * n];
         for (arow, orow) in ab.chunks_exact(k.max(1)).zip(ob.chunks_exact_mut(n.max(1))) {
             if k == 0 || n == 0 {
@@ -307,11 +246,7 @@ fn contract<T: Num>(
             }
         }
     }
-    Ok(Operand {
-        data: out,
-        labels,
-        shape,
-    })
+    Ok(Operand { data: out, labels, shape })
 }
 
 fn bv_rows<T>(b: &[T], n: usize) -> std::slice::ChunksExact<'_, T> {
@@ -343,9 +278,7 @@ fn run<T: Num>(
         ops.push(Operand::new(d, s, l, &size)?);
     }
     let mut rest = ops.into_iter();
-    let Some(mut acc) = rest.next() else {
-        bail!("Einsum needs at least one input")
-    };
+    let Some(mut acc) = rest.next() else { bail!("Einsum needs at least one input") };
     let rest: Vec<Operand<T>> = rest.collect();
     for (i, b) in rest.into_iter().enumerate() {
         let later = &labels[i + 2..];
@@ -371,14 +304,9 @@ impl OpDef for Einsum {
         }
         let mut shapes = Vec::new();
         for (i, t) in cx.inputs.iter().enumerate() {
-            let Some(t) = t else {
-                bail!("expected input {i} to be present")
-            };
+            let Some(t) = t else { bail!("expected input {i} to be present") };
             if t.dtype != dtype {
-                bail!(
-                    "Einsum inputs must share one type, found {dtype} and {}",
-                    t.dtype
-                );
+                bail!("Einsum inputs must share one type, found {dtype} and {}", t.dtype);
             }
             match &t.shape {
                 Some(s) => shapes.push(s.clone()),
@@ -406,21 +334,14 @@ impl OpDef for Einsum {
 
     fn eval(&self, cx: &EvalCx, inputs: &[Option<&Tensor>]) -> OpResult<Vec<Tensor>> {
         let eq = cx.attrs.string("equation", "")?;
-        let xs: Vec<&Tensor> = (0..inputs.len())
-            .map(|i| req(inputs, i))
-            .collect::<OpResult<_>>()?;
-        let Some(first) = xs.first() else {
-            bail!("Einsum needs at least one input")
-        };
+        let xs: Vec<&Tensor> = (0..inputs.len()).map(|i| req(inputs, i)).collect::<OpResult<_>>()?;
+        let Some(first) = xs.first() else { bail!("Einsum needs at least one input") };
         let dt = first.dtype();
         if !dt.is_numeric() {
             bail!("Einsum expects numeric inputs, found {dt}");
         }
         if let Some(x) = xs.iter().find(|x| x.dtype() != dt) {
-            bail!(
-                "Einsum inputs must share one type, found {dt} and {}",
-                x.dtype()
-            );
+            bail!("Einsum inputs must share one type, found {dt} and {}", x.dtype());
         }
         let ranks: Vec<usize> = xs.iter().map(|x| x.rank()).collect();
         let (labels, output) = parse(&eq, &ranks)?;
@@ -452,9 +373,7 @@ mod tests {
 
     fn es(eq: &str, xs: &[&Tensor]) -> Tensor {
         let ins: Vec<Option<&Tensor>> = xs.iter().map(|x| Some(*x)).collect();
-        eval_op("Einsum", &[("equation", Attr::Str(eq.into()))], &ins, 1, 12)
-            .unwrap()
-            .remove(0)
+        eval_op("Einsum", &[("equation", Attr::Str(eq.into()))], &ins, 1, 12).unwrap().remove(0)
     }
 
     #[test]
@@ -462,17 +381,11 @@ mod tests {
         let a = Tensor::from_f32(&[2, 3], vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
         let b = Tensor::from_f32(&[3, 2], vec![1.0, 0.0, 0.0, 1.0, 1.0, 1.0]);
         let y = es("ij,jk->ik", &[&a, &b]);
-        assert_eq!(
-            (y.shape.clone(), y.to_f64()),
-            (vec![2, 2], vec![4.0, 5.0, 10.0, 11.0])
-        );
+        assert_eq!((y.shape.clone(), y.to_f64()), (vec![2, 2], vec![4.0, 5.0, 10.0, 11.0]));
         let y = es("ij", &[&a]);
         assert_eq!(y.to_f64(), a.to_f64());
         let y = es("ji", &[&a]);
-        assert_eq!(
-            (y.shape.clone(), y.to_f64()),
-            (vec![3, 2], vec![1.0, 4.0, 2.0, 5.0, 3.0, 6.0])
-        );
+        assert_eq!((y.shape.clone(), y.to_f64()), (vec![3, 2], vec![1.0, 4.0, 2.0, 5.0, 3.0, 6.0]));
         let sq = Tensor::from_f32(&[2, 2], vec![1.0, 2.0, 3.0, 4.0]);
         assert_eq!(es("ii", &[&sq]).to_f64(), vec![5.0]);
         assert_eq!(es("ii->i", &[&sq]).to_f64(), vec![1.0, 4.0]);

@@ -64,9 +64,7 @@ impl OpDef for Det {
 fn lu_det(a: &mut [f64], m: usize) -> f64 {
     let mut det = 1.0;
     for k in 0..m {
-        let p = (k..m)
-            .max_by(|&i, &j| a[i * m + k].abs().total_cmp(&a[j * m + k].abs()))
-            .unwrap_or(k);
+        let p = (k..m).max_by(|&i, &j| a[i * m + k].abs().total_cmp(&a[j * m + k].abs())).unwrap_or(k);
         let pivot = a[p * m + k];
         if pivot == 0.0 {
             return 0.0;

@@ -8,14 +8,8 @@ use crate::types::TensorType;
 
 pub fn register(r: &mut Registry) {
     r.add_all(&[
-        &Loss {
-            name: "NegativeLogLikelihoodLoss",
-            softmax: false,
-        },
-        &Loss {
-            name: "SoftmaxCrossEntropyLoss",
-            softmax: true,
-        },
+        &Loss { name: "NegativeLogLikelihoodLoss", softmax: false },
+        &Loss { name: "SoftmaxCrossEntropyLoss", softmax: true },
     ]);
 }
 
@@ -61,10 +55,7 @@ impl OpDef for Loss {
         }
         let red = reduction(&cx.attrs.string("reduction", "mean")?)?;
         let loss = match red {
-            Reduction::None => TensorType {
-                dtype: x.dtype,
-                shape: t.shape.clone(),
-            },
+            Reduction::None => TensorType { dtype: x.dtype, shape: t.shape.clone() },
             _ => TensorType::new(x.dtype, vec![]),
         };
         Ok(vec![loss, x.clone()])
@@ -73,28 +64,15 @@ impl OpDef for Loss {
     fn eval(&self, cx: &EvalCx, inputs: &[Option<&Tensor>]) -> OpResult<Vec<Tensor>> {
         let (x, t) = (req(inputs, 0)?, req(inputs, 1)?);
         if !x.dtype().is_float() || !t.dtype().is_int() {
-            bail!(
-                "{} expects float input and integer labels, found {} and {}",
-                self.name,
-                x.dtype(),
-                t.dtype()
-            );
+            bail!("{} expects float input and integer labels, found {} and {}", self.name, x.dtype(), t.dtype());
         }
         if x.rank() < 2 {
-            bail!(
-                "{} expects input of shape [N, C, ...], found {:?}",
-                self.name,
-                x.shape
-            );
+            bail!("{} expects input of shape [N, C, ...], found {:?}", self.name, x.shape);
         }
         let mut want = x.shape.clone();
         want.remove(1);
         if t.shape != want {
-            bail!(
-                "labels must have shape {want:?} for input {:?}, found {:?}",
-                x.shape,
-                t.shape
-            );
+            bail!("labels must have shape {want:?} for input {:?}, found {:?}", x.shape, t.shape);
         }
         let (n, c, d) = split_at_axis(&x.shape, 1);
         let weights = match opt(inputs, 2) {
@@ -104,11 +82,7 @@ impl OpDef for Loss {
             Some(w) => Some(w.to_f64()),
             None => None,
         };
-        let ignore = if cx.attrs.has("ignore_index") {
-            Some(cx.attrs.int("ignore_index", 0)?)
-        } else {
-            None
-        };
+        let ignore = if cx.attrs.has("ignore_index") { Some(cx.attrs.int("ignore_index", 0)?) } else { None };
         let red = reduction(&cx.attrs.string("reduction", "mean")?)?;
         let mut logp = x.to_f64();
         if self.softmax {
@@ -135,9 +109,7 @@ impl OpDef for Loss {
         let y = match red {
             Reduction::None => Tensor::from_f64(x.dtype(), &t.shape, loss),
             Reduction::Sum => Tensor::from_f64(x.dtype(), &[], vec![loss.iter().sum()]),
-            Reduction::Mean => {
-                Tensor::from_f64(x.dtype(), &[], vec![loss.iter().sum::<f64>() / wsum])
-            }
+            Reduction::Mean => Tensor::from_f64(x.dtype(), &[], vec![loss.iter().sum::<f64>() / wsum]),
         };
         let mut outs = vec![y];
         if self.softmax && cx.num_outputs > 1 {
@@ -172,28 +144,11 @@ mod tests {
     fn nll_and_sce() {
         let x = Tensor::from_f32(&[2, 3], vec![-1.0, -2.0, -3.0, -0.5, -1.5, -2.5]);
         let t = Tensor::from_i64(&[2], vec![2, 0]);
-        let y = eval_op(
-            "NegativeLogLikelihoodLoss",
-            &[],
-            &[Some(&x), Some(&t)],
-            1,
-            13,
-        )
-        .unwrap();
+        let y = eval_op("NegativeLogLikelihoodLoss", &[], &[Some(&x), Some(&t)], 1, 13).unwrap();
         assert!((y[0].to_f64()[0] - 1.75).abs() < 1e-6);
         let w = Tensor::from_f32(&[3], vec![1.0, 1.0, 3.0]);
-        let a = [
-            ("reduction", Attr::Str("none".into())),
-            ("ignore_index", Attr::Int(0)),
-        ];
-        let y = eval_op(
-            "NegativeLogLikelihoodLoss",
-            &a,
-            &[Some(&x), Some(&t), Some(&w)],
-            1,
-            13,
-        )
-        .unwrap();
+        let a = [("reduction", Attr::Str("none".into())), ("ignore_index", Attr::Int(0))];
+        let y = eval_op("NegativeLogLikelihoodLoss", &a, &[Some(&x), Some(&t), Some(&w)], 1, 13).unwrap();
         assert_eq!(y[0].to_f64(), vec![9.0, 0.0]);
         let s = Tensor::from_f32(&[1, 2], vec![0.0, 0.0]);
         let l = Tensor::from_i64(&[1], vec![1]);

@@ -309,10 +309,7 @@ pub(crate) fn int_scalar(t: &Tensor, what: &str) -> OpResult<i64> {
     }
     match t.scalar_value_i64() {
         Some(v) => Ok(v),
-        None => bail!(
-            "{what} must hold exactly one element, found shape {:?}",
-            t.shape
-        ),
+        None => bail!("{what} must hold exactly one element, found shape {:?}", t.shape),
     }
 }
 
@@ -323,10 +320,7 @@ pub(crate) fn float_scalar(t: &Tensor, what: &str) -> OpResult<f64> {
     }
     match t.scalar_value_f64() {
         Some(v) => Ok(v),
-        None => bail!(
-            "{what} must hold exactly one element, found shape {:?}",
-            t.shape
-        ),
+        None => bail!("{what} must hold exactly one element, found shape {:?}", t.shape),
     }
 }
 
@@ -367,20 +361,9 @@ pub(crate) mod tests {
         num_outputs: usize,
         opset: i64,
     ) -> OpResult<Vec<Tensor>> {
-        let a: Attrs = attrs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.clone()))
-            .collect();
-        let Some(op) = crate::graph::lookup(name) else {
-            bail!("no op {name}")
-        };
-        let cx = EvalCx {
-            attrs: AttrView(&a),
-            num_outputs,
-            opset,
-            regions: &[],
-            runner: &NoRegions,
-        };
+        let a: Attrs = attrs.iter().map(|(k, v)| (k.to_string(), v.clone())).collect();
+        let Some(op) = crate::graph::lookup(name) else { bail!("no op {name}") };
+        let cx = EvalCx { attrs: AttrView(&a), num_outputs, opset, regions: &[], runner: &NoRegions };
         op.eval(&cx, inputs)
     }
 
@@ -388,16 +371,12 @@ pub(crate) mod tests {
     fn fold_axes_merges_and_reduces() {
         let x: Vec<f32> = (0..24).map(|i| i as f32).collect();
         // Reduce axes 0 and 2 of [2,3,4].
-        let s = fold_axes(&x, &[2, 3, 4], &[true, false, true], 0.0f64, |a, v| {
-            a + v as f64
-        });
+        let s = fold_axes(&x, &[2, 3, 4], &[true, false, true], 0.0f64, |a, v| a + v as f64);
         assert_eq!(s, vec![60.0, 92.0, 124.0]);
         let all = fold_axes(&x, &[2, 3, 4], &[true; 3], 0.0f64, |a, v| a + v as f64);
         assert_eq!(all, vec![276.0]);
         let empty: Vec<f32> = vec![];
-        let e = fold_axes(&empty, &[2, 0, 3], &[false, true, false], 1.0f64, |a, v| {
-            a * v as f64
-        });
+        let e = fold_axes(&empty, &[2, 0, 3], &[false, true, false], 1.0f64, |a, v| a * v as f64);
         assert_eq!(e, vec![1.0; 6]);
     }
 

@@ -37,15 +37,9 @@ impl OpDef for NonMaxSuppression {
     fn eval(&self, cx: &EvalCx, inputs: &[Option<&Tensor>]) -> OpResult<Vec<Tensor>> {
         let (boxes, scores) = (req(inputs, 0)?, req(inputs, 1)?);
         if boxes.rank() != 3 || boxes.shape[2] != 4 {
-            bail!(
-                "boxes must have shape [batch, boxes, 4], found {:?}",
-                boxes.shape
-            );
+            bail!("boxes must have shape [batch, boxes, 4], found {:?}", boxes.shape);
         }
-        if scores.rank() != 3
-            || scores.shape[0] != boxes.shape[0]
-            || scores.shape[2] != boxes.shape[1]
-        {
+        if scores.rank() != 3 || scores.shape[0] != boxes.shape[0] || scores.shape[2] != boxes.shape[1] {
             bail!(
                 "scores must have shape [batch, classes, boxes] = [{}, C, {}], found {:?}",
                 boxes.shape[0],
@@ -54,11 +48,7 @@ impl OpDef for NonMaxSuppression {
             );
         }
         if !boxes.dtype().is_float() || !scores.dtype().is_float() {
-            bail!(
-                "boxes and scores must be float tensors, found {} and {}",
-                boxes.dtype(),
-                scores.dtype()
-            );
+            bail!("boxes and scores must be float tensors, found {} and {}", boxes.dtype(), scores.dtype());
         }
         let max_out = match opt(inputs, 2) {
             Some(t) if !t.is_empty() => int_scalar(t, "max_output_boxes_per_class")?.max(0) as u64,
@@ -80,8 +70,8 @@ impl OpDef for NonMaxSuppression {
         let sv = scores.to_f64();
         let mut out: Vec<i64> = Vec::new();
         // Computes IoU in the boxes' own precision (f32 for f32 inputs, like the reference).
-        let bx32: Option<Vec<f32>> = (boxes.dtype() != DType::F64)
-            .then(|| boxes.to_f64().iter().map(|&v| v as f32).collect());
+        let bx32: Option<Vec<f32>> =
+            (boxes.dtype() != DType::F64).then(|| boxes.to_f64().iter().map(|&v| v as f32).collect());
         let bx64: Option<Vec<f64>> = (boxes.dtype() == DType::F64).then(|| boxes.to_f64());
         let iou_th32 = iou_th as f32;
         let mut cand: Vec<usize> = Vec::with_capacity(n);
@@ -91,11 +81,7 @@ impl OpDef for NonMaxSuppression {
                 let s = &sv[(b * nc + c) * n..(b * nc + c + 1) * n];
                 cand.clear();
                 cand.extend((0..n).filter(|&i| score_th.is_none_or(|t| s[i] > t)));
-                cand.sort_by(|&i, &j| {
-                    s[j].partial_cmp(&s[i])
-                        .unwrap_or(std::cmp::Ordering::Equal)
-                        .then(i.cmp(&j))
-                });
+                cand.sort_by(|&i, &j| s[j].partial_cmp(&s[i]).unwrap_or(std::cmp::Ordering::Equal).then(i.cmp(&j)));
                 picked.clear();
                 for &i in &cand {
                     if picked.len() as u64 >= max_out {
@@ -104,25 +90,11 @@ impl OpDef for NonMaxSuppression {
                     let suppressed = picked.iter().any(|&j| match (&bx32, &bx64) {
                         (Some(bx), _) => {
                             let bb = &bx[b * n * 4..(b + 1) * n * 4];
-                            overlaps(
-                                &bb[i * 4..i * 4 + 4],
-                                &bb[j * 4..j * 4 + 4],
-                                center == 1,
-                                iou_th32,
-                                0.0,
-                                2.0,
-                            )
+                            overlaps(&bb[i * 4..i * 4 + 4], &bb[j * 4..j * 4 + 4], center == 1, iou_th32, 0.0, 2.0)
                         }
                         (_, Some(bx)) => {
                             let bb = &bx[b * n * 4..(b + 1) * n * 4];
-                            overlaps(
-                                &bb[i * 4..i * 4 + 4],
-                                &bb[j * 4..j * 4 + 4],
-                                center == 1,
-                                iou_th,
-                                0.0,
-                                2.0,
-                            )
+                            overlaps(&bb[i * 4..i * 4 + 4], &bb[j * 4..j * 4 + 4], center == 1, iou_th, 0.0, 2.0)
                         }
                         _ => false,
                     });
@@ -147,19 +119,9 @@ where
     let fmin = |a: F, b: F| if a <= b { a } else { b };
     let ((x1min, x1max), (x2min, x2max), (y1min, y1max), (y2min, y2max)) = if center {
         let span = |c: F, w: F| (c - w / two, c + w / two);
-        (
-            span(b1[0], b1[2]),
-            span(b2[0], b2[2]),
-            span(b1[1], b1[3]),
-            span(b2[1], b2[3]),
-        )
+        (span(b1[0], b1[2]), span(b2[0], b2[2]), span(b1[1], b1[3]), span(b2[1], b2[3]))
     } else {
-        (
-            minmax(b1[1], b1[3]),
-            minmax(b2[1], b2[3]),
-            minmax(b1[0], b1[2]),
-            minmax(b2[0], b2[2]),
-        )
+        (minmax(b1[1], b1[3]), minmax(b2[1], b2[3]), minmax(b1[0], b1[2]), minmax(b2[0], b2[2]))
     };
     let (ix0, ix1) = (fmax(x1min, x2min), fmin(x1max, x2max));
     if ix1 <= ix0 {
@@ -189,21 +151,12 @@ mod tests {
 
     #[test]
     fn suppresses_overlapping_boxes() {
-        let boxes = Tensor::from_f32(
-            &[1, 3, 4],
-            vec![0.0, 0.0, 1.0, 1.0, 0.0, 0.1, 1.0, 1.1, 0.0, 10.0, 1.0, 11.0],
-        );
+        let boxes = Tensor::from_f32(&[1, 3, 4], vec![0.0, 0.0, 1.0, 1.0, 0.0, 0.1, 1.0, 1.1, 0.0, 10.0, 1.0, 11.0]);
         let scores = Tensor::from_f32(&[1, 1, 3], vec![0.9, 0.95, 0.3]);
         let max = Tensor::from_i64(&[1], vec![3]);
         let iou = Tensor::from_f32(&[1], vec![0.5]);
-        let y = eval_op(
-            "NonMaxSuppression",
-            &[],
-            &[Some(&boxes), Some(&scores), Some(&max), Some(&iou)],
-            1,
-            11,
-        )
-        .unwrap();
+        let y =
+            eval_op("NonMaxSuppression", &[], &[Some(&boxes), Some(&scores), Some(&max), Some(&iou)], 1, 11).unwrap();
         assert_eq!(y[0].shape, vec![2, 3]);
         assert_eq!(y[0].to_i64(), vec![0, 0, 1, 0, 0, 2]);
     }

@@ -7,16 +7,7 @@ use crate::tensor::Tensor;
 use crate::types::TensorType;
 
 pub fn register(r: &mut Registry) {
-    r.add_all(&[
-        &Cumulative {
-            name: "CumSum",
-            prod: false,
-        },
-        &Cumulative {
-            name: "CumProd",
-            prod: true,
-        },
-    ]);
+    r.add_all(&[&Cumulative { name: "CumSum", prod: false }, &Cumulative { name: "CumProd", prod: true }]);
 }
 
 /// `CumSum`/`CumProd`: `y[..., j, ...] = x[..., 0, ...] (+|*) ... (+|*) x[..., j, ...]` along the
@@ -50,13 +41,7 @@ impl OpDef for Cumulative {
         let reverse = cx.attrs.int("reverse", 0)? != 0;
         let (outer, n, inner) = split_at_axis(&x.shape, axis);
         let dt = x.dtype();
-        let lanes = Lanes {
-            outer,
-            n,
-            inner,
-            exclusive,
-            reverse,
-        };
+        let lanes = Lanes { outer, n, inner, exclusive, reverse };
         let y = if dt.is_float() {
             let v = with_elems!(&x.data, v => {
                 if self.prod {

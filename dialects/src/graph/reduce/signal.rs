@@ -4,27 +4,16 @@
 
 use super::{float_scalar, int_scalar, to_size};
 use crate::bail;
-use crate::graph::{
-    checked_numel, norm_axis, opt, req, EvalCx, InferCx, OpDef, OpResult, Registry,
-};
+use crate::graph::{checked_numel, norm_axis, opt, req, EvalCx, InferCx, OpDef, OpResult, Registry};
 use crate::tensor::Tensor;
 use crate::types::{DType, Dim, TensorType};
 use std::f64::consts::PI;
 
 pub fn register(r: &mut Registry) {
     r.add_all(&[
-        &Window {
-            name: "HannWindow",
-            kind: WindowKind::Hann,
-        },
-        &Window {
-            name: "HammingWindow",
-            kind: WindowKind::Hamming,
-        },
-        &Window {
-            name: "BlackmanWindow",
-            kind: WindowKind::Blackman,
-        },
+        &Window { name: "HannWindow", kind: WindowKind::Hann },
+        &Window { name: "HammingWindow", kind: WindowKind::Hamming },
+        &Window { name: "BlackmanWindow", kind: WindowKind::Blackman },
         &Dft,
         &Stft,
         &MelWeightMatrix,
@@ -73,20 +62,14 @@ impl OpDef for Window {
         let size = to_size(int_scalar(req(inputs, 0)?, "size")?, "size")?;
         checked_numel(&[size])?;
         let periodic = cx.attrs.int("periodic", 1)? != 0;
-        let big_n = if periodic {
-            size as f64
-        } else {
-            size as f64 - 1.0
-        };
+        let big_n = if periodic { size as f64 } else { size as f64 - 1.0 };
         let v = (0..size)
             .map(|i| {
                 let x = i as f64 / big_n;
                 match self.kind {
                     WindowKind::Hann => (PI * x).sin().powi(2),
                     WindowKind::Hamming => 25.0 / 46.0 - (21.0 / 46.0) * (2.0 * PI * x).cos(),
-                    WindowKind::Blackman => {
-                        0.42 - 0.5 * (2.0 * PI * x).cos() + 0.08 * (4.0 * PI * x).cos()
-                    }
+                    WindowKind::Blackman => 0.42 - 0.5 * (2.0 * PI * x).cos() + 0.08 * (4.0 * PI * x).cos(),
                 }
             })
             .collect();
@@ -134,10 +117,7 @@ fn fft(z: &mut [C64], inverse: bool) {
         }
         return;
     }
-    let tw: Vec<C64> = (0..n)
-        .map(|k| (sign * 2.0 * PI * k as f64 / n as f64).sin_cos())
-        .map(|(s, c)| (c, s))
-        .collect();
+    let tw: Vec<C64> = (0..n).map(|k| (sign * 2.0 * PI * k as f64 / n as f64).sin_cos()).map(|(s, c)| (c, s)).collect();
     let src = z.to_vec();
     for (k, out) in z.iter_mut().enumerate() {
         let mut acc = (0.0, 0.0);
@@ -200,12 +180,7 @@ impl DftMode {
 }
 
 /// Applies `mode` along `axis` of `x` (shape `[..., c]`, c = 1 or 2); returns data and shape.
-fn dft_axis(
-    x: &[f64],
-    shape: &[usize],
-    axis: usize,
-    mode: DftMode,
-) -> OpResult<(Vec<f64>, Vec<usize>)> {
+fn dft_axis(x: &[f64], shape: &[usize], axis: usize, mode: DftMode) -> OpResult<(Vec<f64>, Vec<usize>)> {
     let r = shape.len();
     let c = shape[r - 1];
     let (outer, len, inner) = super::split_at_axis(&shape[..r - 1], axis);
@@ -244,17 +219,8 @@ fn dft_axis(
 struct Dft;
 
 impl Dft {
-    fn axis(
-        cx_attrs: crate::graph::AttrView,
-        opset: i64,
-        axis_input: Option<i64>,
-        rank: usize,
-    ) -> OpResult<usize> {
-        let a = if cx_attrs.has("axis") || opset < 20 {
-            cx_attrs.int("axis", 1)?
-        } else {
-            axis_input.unwrap_or(-2)
-        };
+    fn axis(cx_attrs: crate::graph::AttrView, opset: i64, axis_input: Option<i64>, rank: usize) -> OpResult<usize> {
+        let a = if cx_attrs.has("axis") || opset < 20 { cx_attrs.int("axis", 1)? } else { axis_input.unwrap_or(-2) };
         let ax = norm_axis(a, rank)?;
         if ax + 1 >= rank {
             bail!("DFT axis {a} must not be the last (complex) axis of a rank-{rank} input");
@@ -277,10 +243,7 @@ impl OpDef for Dft {
             return Ok(vec![TensorType::unranked(x.dtype)]);
         };
         if shape.len() < 2 {
-            bail!(
-                "DFT expects an input of rank >= 2, found rank {}",
-                shape.len()
-            );
+            bail!("DFT expects an input of rank >= 2, found rank {}", shape.len());
         }
         let axis_input = match (cx.opt_input(2), cx.const_input(2)) {
             (Some(_), Some(t)) => Some(int_scalar(t, "axis")?),
@@ -311,15 +274,7 @@ impl OpDef for Dft {
         let last = out.len() - 1;
         out[last] = Dim::Known(if inverse && onesided { 1 } else { 2 });
         out[axis] = match n {
-            Some(n) => Dim::Known(
-                DftMode {
-                    n,
-                    inverse,
-                    onesided,
-                }
-                .out_dims()
-                .0 as u64,
-            ),
+            Some(n) => Dim::Known(DftMode { n, inverse, onesided }.out_dims().0 as u64),
             None => cx.fresh_dim(),
         };
         Ok(vec![TensorType::new(x.dtype, out)])
@@ -332,16 +287,9 @@ impl OpDef for Dft {
         }
         let r = x.rank();
         if r < 2 || !(1..=2).contains(&x.shape[r - 1]) {
-            bail!(
-                "DFT expects shape [..., 1] or [..., 2], found {:?}",
-                x.shape
-            );
+            bail!("DFT expects shape [..., 1] or [..., 2], found {:?}", x.shape);
         }
-        let axis_input = if cx.opset >= 20 {
-            opt(inputs, 2).map(|t| int_scalar(t, "axis")).transpose()?
-        } else {
-            None
-        };
+        let axis_input = if cx.opset >= 20 { opt(inputs, 2).map(|t| int_scalar(t, "axis")).transpose()? } else { None };
         let axis = Self::axis(cx.attrs, cx.opset, axis_input, r)?;
         let inverse = cx.attrs.int("inverse", 0)? != 0;
         let onesided = cx.attrs.int("onesided", 0)? != 0;
@@ -355,16 +303,7 @@ impl OpDef for Dft {
             bail!("DFT length must be positive");
         }
         checked_numel(&[n])?;
-        let (v, shape) = dft_axis(
-            &x.to_f64(),
-            &x.shape,
-            axis,
-            DftMode {
-                n,
-                inverse,
-                onesided,
-            },
-        )?;
+        let (v, shape) = dft_axis(&x.to_f64(), &x.shape, axis, DftMode { n, inverse, onesided })?;
         Ok(vec![Tensor::from_f64(x.dtype(), &shape, v)])
     }
 }
@@ -386,23 +325,13 @@ impl OpDef for Stft {
             bail!("STFT expects a float signal, found {}", x.dtype);
         }
         let onesided = cx.attrs.int("onesided", 1)? != 0;
-        let step = cx
-            .const_input(1)
-            .map(|t| int_scalar(t, "frame_step"))
-            .transpose()?;
+        let step = cx.const_input(1).map(|t| int_scalar(t, "frame_step")).transpose()?;
         let fl = match (cx.opt_input(3), cx.const_input(3)) {
             (Some(_), Some(t)) => Some(int_scalar(t, "frame_length")?),
             (Some(_), None) => None,
-            (None, _) => cx
-                .opt_input(2)
-                .and_then(|w| w.shape.as_ref()?.first()?.known())
-                .map(|n| n as i64),
+            (None, _) => cx.opt_input(2).and_then(|w| w.shape.as_ref()?.first()?.known()).map(|n| n as i64),
         };
-        let len = x
-            .shape
-            .as_ref()
-            .and_then(|s| s.get(1)?.known())
-            .map(|n| n as i64);
+        let len = x.shape.as_ref().and_then(|s| s.get(1)?.known()).map(|n| n as i64);
         let batch = match x.shape.as_ref().and_then(|s| s.first().cloned()) {
             Some(b) => b,
             None => cx.fresh_dim(),
@@ -415,20 +344,13 @@ impl OpDef for Stft {
             Some(f) if f > 0 => Dim::Known(if onesided { f as u64 / 2 + 1 } else { f as u64 }),
             _ => cx.fresh_dim(),
         };
-        Ok(vec![TensorType::new(
-            x.dtype,
-            vec![batch, frames, bins, Dim::Known(2)],
-        )])
+        Ok(vec![TensorType::new(x.dtype, vec![batch, frames, bins, Dim::Known(2)])])
     }
 
     fn eval(&self, cx: &EvalCx, inputs: &[Option<&Tensor>]) -> OpResult<Vec<Tensor>> {
         let x = req(inputs, 0)?;
         if !x.dtype().is_float() || x.rank() != 3 || !(1..=2).contains(&x.shape[2]) {
-            bail!(
-                "STFT expects a float signal of shape [batch, length, 1|2], found {} {:?}",
-                x.dtype(),
-                x.shape
-            );
+            bail!("STFT expects a float signal of shape [batch, length, 1|2], found {} {:?}", x.dtype(), x.shape);
         }
         let step = int_scalar(req(inputs, 1)?, "frame_step")?;
         if step <= 0 {
@@ -452,11 +374,7 @@ impl OpDef for Stft {
         }
         let frames = 1 + (len - fl) / step as usize;
         let onesided = cx.attrs.int("onesided", 1)? != 0;
-        let mode = DftMode {
-            n: fl,
-            inverse: false,
-            onesided,
-        };
+        let mode = DftMode { n: fl, inverse: false, onesided };
         let bins = mode.out_dims().0;
         let out_shape = [batch, frames, bins, 2];
         let mut out = vec![0.0; checked_numel(&out_shape)?];
@@ -571,61 +489,27 @@ mod tests {
         let y = eval_op("DFT", &[], &[Some(&x)], 1, 17).unwrap().remove(0);
         assert_eq!(y.shape, vec![1, 4, 2]);
         let want = [10.0, 0.0, -2.0, 2.0, -2.0, 0.0, -2.0, -2.0];
-        assert!(y
-            .to_f64()
-            .iter()
-            .zip(want)
-            .all(|(a, b)| (a - b).abs() < 1e-5));
-        let z = eval_op("DFT", &[("inverse", Attr::Int(1))], &[Some(&y)], 1, 17)
-            .unwrap()
-            .remove(0);
+        assert!(y.to_f64().iter().zip(want).all(|(a, b)| (a - b).abs() < 1e-5));
+        let z = eval_op("DFT", &[("inverse", Attr::Int(1))], &[Some(&y)], 1, 17).unwrap().remove(0);
         let want = [1.0, 0.0, 2.0, 0.0, 3.0, 0.0, 4.0, 0.0];
-        assert!(z
-            .to_f64()
-            .iter()
-            .zip(want)
-            .all(|(a, b)| (a - b).abs() < 1e-5));
+        assert!(z.to_f64().iter().zip(want).all(|(a, b)| (a - b).abs() < 1e-5));
         // Non-power-of-two, one-sided, then a real inverse back.
-        let x = Tensor::from_f64(
-            crate::types::DType::F64,
-            &[5, 1],
-            vec![1.0, -1.0, 2.0, 0.5, 3.0],
-        );
+        let x = Tensor::from_f64(crate::types::DType::F64, &[5, 1], vec![1.0, -1.0, 2.0, 0.5, 3.0]);
         let ax = Tensor::from_i64(&[], vec![0]);
-        let y = eval_op(
-            "DFT",
-            &[("onesided", Attr::Int(1))],
-            &[Some(&x), None, Some(&ax)],
-            1,
-            20,
-        )
-        .unwrap()
-        .remove(0);
+        let y = eval_op("DFT", &[("onesided", Attr::Int(1))], &[Some(&x), None, Some(&ax)], 1, 20).unwrap().remove(0);
         assert_eq!(y.shape, vec![3, 2]);
         let n = Tensor::from_i64(&[], vec![5]);
         let a = [("onesided", Attr::Int(1)), ("inverse", Attr::Int(1))];
-        let z = eval_op("DFT", &a, &[Some(&y), Some(&n), Some(&ax)], 1, 20)
-            .unwrap()
-            .remove(0);
+        let z = eval_op("DFT", &a, &[Some(&y), Some(&n), Some(&ax)], 1, 20).unwrap().remove(0);
         assert_eq!(z.shape, vec![5, 1]);
-        assert!(z
-            .to_f64()
-            .iter()
-            .zip(x.to_f64())
-            .all(|(a, b)| (a - b).abs() < 1e-9));
+        assert!(z.to_f64().iter().zip(x.to_f64()).all(|(a, b)| (a - b).abs() < 1e-9));
     }
 
     #[test]
     fn windows() {
         let n = Tensor::from_i64(&[], vec![4]);
-        let y = eval_op("HannWindow", &[], &[Some(&n)], 1, 17)
-            .unwrap()
-            .remove(0);
+        let y = eval_op("HannWindow", &[], &[Some(&n)], 1, 17).unwrap().remove(0);
         let want = [0.0, 0.5, 1.0, 0.5];
-        assert!(y
-            .to_f64()
-            .iter()
-            .zip(want)
-            .all(|(a, b)| (a - b).abs() < 1e-6));
+        assert!(y.to_f64().iter().zip(want).all(|(a, b)| (a - b).abs() < 1e-6));
     }
 }

@@ -86,12 +86,7 @@ impl OpDef for Unique {
             None => cx.fresh_dim(),
         };
         let per_u = TensorType::new(DType::I64, vec![u]);
-        Ok(vec![
-            y,
-            per_u.clone(),
-            TensorType::new(DType::I64, vec![m]),
-            per_u,
-        ])
+        Ok(vec![y, per_u.clone(), TensorType::new(DType::I64, vec![m]), per_u])
     }
 
     fn eval(&self, cx: &EvalCx, inputs: &[Option<&Tensor>]) -> OpResult<Vec<Tensor>> {
@@ -167,10 +162,7 @@ mod tests {
     fn unique_rows() {
         let x = Tensor::from_i64(&[3, 2], vec![1, 0, 0, 1, 1, 0]);
         let y = eval_op("Unique", &[("axis", Attr::Int(0))], &[Some(&x)], 4, 11).unwrap();
-        assert_eq!(
-            (y[0].shape.clone(), y[0].to_i64()),
-            (vec![2, 2], vec![0, 1, 1, 0])
-        );
+        assert_eq!((y[0].shape.clone(), y[0].to_i64()), (vec![2, 2], vec![0, 1, 1, 0]));
         assert_eq!(y[2].to_i64(), vec![1, 0, 1]);
     }
 }
