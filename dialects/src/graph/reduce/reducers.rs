@@ -173,14 +173,14 @@ impl OpDef for Reduce {
                 return Ok(vec![Tensor::from_i64_as(
                     dt,
                     &shape,
-                    self.int_reduce(x, &mask, count),
+                    self.int_reduce(x, &mask, count)?,
                 )]);
             }
             _ => {
                 return Ok(vec![Tensor::from_f64(
                     dt,
                     &shape,
-                    self.float_reduce(x, &mask, count),
+                    self.float_reduce(x, &mask, count)?,
                 )])
             }
         };
@@ -201,42 +201,46 @@ impl Reduce {
     }
 
     /// Float semantics, accumulated in f64 (read in place from any element type).
-    fn float_reduce(&self, x: &Tensor, mask: &[bool], count: usize) -> Vec<f64> {
-        let s = &x.shape;
-        let sum = |g: fn(f64) -> f64| -> Vec<f64> {
-            with_elems!(&x.data, v => fold_axes(v, s, mask, 0.0, |a, e| a + g(e.f64())), str => vec![])
-        };
-        match self.kind {
-            Kind::Sum => sum(|e| e),
-            Kind::Mean => sum(|e| e).into_iter().map(|a| a / count as f64).collect(),
-            Kind::L1 => sum(f64::abs),
-            Kind::SumSquare => sum(|e| e * e),
-            Kind::L2 => sum(|e| e * e).into_iter().map(f64::sqrt).collect(),
-            Kind::LogSum => sum(|e| e).into_iter().map(f64::ln).collect(),
+    fn float_reduce(&self, x: &Tensor, mask: &[bool], count: usize) -> OpResult<Vec<f64>> {
+        let sum = |g| sum_map(x, mask, g);
+        Ok(match self.kind {
+            Kind::Sum => sum(Map::Id),
+            Kind::Mean => sum(Map::Id).into_iter().map(|a| a / count as f64).collect(),
+            Kind::L1 => sum(Map::Abs),
+            Kind::SumSquare => sum(Map::Square),
+            Kind::L2 => sum(Map::Square).into_iter().map(f64::sqrt).collect(),
+            Kind::LogSum => sum(Map::Id).into_iter().map(f64::ln).collect(),
             Kind::Prod => {
-                with_elems!(&x.data, v => fold_axes(v, s, mask, 1.0, |a, e| a * e.f64()), str => vec![])
+                with_elems!(&x.data, v => fold_axes(v, &x.shape, mask, 1.0, |a, e| a * e.f64()),
+                str => bail!("{} does not support strings", self.name))
             }
             Kind::LogSumExp => {
-                let acc = with_elems!(&x.data, v => fold_axes(v, s, mask, (f64::NEG_INFINITY, 0.0), |a, e| {
+                let init = (f64::NEG_INFINITY, 0.0);
+                let acc = with_elems!(&x.data, v => fold_axes(v, &x.shape, mask, init, |a, e| {
                     lse_step(a, e.f64())
-                }), str => vec![]);
+                }), str => bail!("{} does not support strings", self.name));
                 acc.into_iter()
                     .map(|(m, s)| if s.is_infinite() { s } else { m + s.ln() })
                     .collect()
             }
-            Kind::Max | Kind::Min => unreachable!("handled natively"),
-        }
+            Kind::Max | Kind::Min => bail!("{} is computed in the input type", self.name),
+        })
     }
 
     /// Integer semantics: wrapping i64 accumulation, cast back to the input type.
-    fn int_reduce(&self, x: &Tensor, mask: &[bool], count: usize) -> Vec<i64> {
+    fn int_reduce(&self, x: &Tensor, mask: &[bool], count: usize) -> OpResult<Vec<i64>> {
         let s = &x.shape;
-        let fold = |init: i64, g: fn(i64, i64) -> i64| -> Vec<i64> {
-            with_elems!(&x.data, v => fold_axes(v, s, mask, init, |a, e| g(a, e.i64())), str => vec![])
-        };
-        match self.kind {
-            Kind::Sum => fold(0, i64::wrapping_add),
-            Kind::Mean => fold(0, i64::wrapping_add)
+        macro_rules! fold {
+            ($init:expr, |$a:ident, $e:ident| $body:expr) => {
+                with_elems!(&x.data, v => fold_axes(v, s, mask, $init, |$a: i64, e| {
+                    let $e = e.i64();
+                    $body
+                }), str => bail!("{} does not support strings", self.name))
+            };
+        }
+        Ok(match self.kind {
+            Kind::Sum => fold!(0, |a, e| a.wrapping_add(e)),
+            Kind::Mean => fold!(0, |a, e| a.wrapping_add(e))
                 .into_iter()
                 .map(|a| {
                     if count == 0 {
@@ -246,12 +250,35 @@ impl Reduce {
                     }
                 })
                 .collect(),
-            Kind::Prod => fold(1, i64::wrapping_mul),
-            Kind::L1 => fold(0, |a, e| a.wrapping_add(e.wrapping_abs())),
-            Kind::SumSquare => fold(0, |a, e| a.wrapping_add(e.wrapping_mul(e))),
-            _ => unreachable!("float-valued reductions of integers go through f64"),
+            Kind::Prod => fold!(1, |a, e| a.wrapping_mul(e)),
+            Kind::L1 => fold!(0, |a, e| a.wrapping_add(e.wrapping_abs())),
+            Kind::SumSquare => fold!(0, |a, e| a.wrapping_add(e.wrapping_mul(e))),
+            _ => bail!("{} of integers is computed in f64", self.name),
+        })
+    }
+}
+
+/// The elementwise map applied before summing.
+#[derive(Clone, Copy)]
+enum Map {
+    Id,
+    Abs,
+    Square,
+}
+
+/// `sum(map(x))` over the masked axes, in f64; each map gets its own monomorphized loop.
+fn sum_map(x: &Tensor, mask: &[bool], m: Map) -> Vec<f64> {
+    fn go<T: Elem>(v: &[T], s: &[usize], mask: &[bool], m: Map) -> Vec<f64> {
+        match m {
+            Map::Id => fold_axes(v, s, mask, 0.0, |a, e| a + e.f64()),
+            Map::Abs => fold_axes(v, s, mask, 0.0, |a, e| a + e.f64().abs()),
+            Map::Square => fold_axes(v, s, mask, 0.0, |a, e| {
+                let e = e.f64();
+                a + e * e
+            }),
         }
     }
+    with_elems!(&x.data, v => go(v, &x.shape, mask, m), str => vec![])
 }
 
 /// One step of a streaming log-sum-exp: the accumulator is (running max, sum of exp(x - max)).
