@@ -7,22 +7,54 @@
 
 use super::{fold_axes, map_elems, with_elems, Elem};
 use crate::bail;
-use crate::graph::{ints_of, norm_axes, opt, req, AttrView, EvalCx, InferCx, OpDef, OpResult, Registry};
+use crate::graph::{
+    ints_of, norm_axes, opt, req, AttrView, EvalCx, InferCx, OpDef, OpResult, Registry,
+};
 use crate::tensor::Tensor;
 use crate::types::{DType, Dim, TensorType};
 
 pub fn register(r: &mut Registry) {
     r.add_all(&[
-        &Reduce { name: "ReduceSum", kind: Kind::Sum },
-        &Reduce { name: "ReduceMean", kind: Kind::Mean },
-        &Reduce { name: "ReduceMax", kind: Kind::Max },
-        &Reduce { name: "ReduceMin", kind: Kind::Min },
-        &Reduce { name: "ReduceProd", kind: Kind::Prod },
-        &Reduce { name: "ReduceL1", kind: Kind::L1 },
-        &Reduce { name: "ReduceL2", kind: Kind::L2 },
-        &Reduce { name: "ReduceLogSum", kind: Kind::LogSum },
-        &Reduce { name: "ReduceLogSumExp", kind: Kind::LogSumExp },
-        &Reduce { name: "ReduceSumSquare", kind: Kind::SumSquare },
+        &Reduce {
+            name: "ReduceSum",
+            kind: Kind::Sum,
+        },
+        &Reduce {
+            name: "ReduceMean",
+            kind: Kind::Mean,
+        },
+        &Reduce {
+            name: "ReduceMax",
+            kind: Kind::Max,
+        },
+        &Reduce {
+            name: "ReduceMin",
+            kind: Kind::Min,
+        },
+        &Reduce {
+            name: "ReduceProd",
+            kind: Kind::Prod,
+        },
+        &Reduce {
+            name: "ReduceL1",
+            kind: Kind::L1,
+        },
+        &Reduce {
+            name: "ReduceL2",
+            kind: Kind::L2,
+        },
+        &Reduce {
+            name: "ReduceLogSum",
+            kind: Kind::LogSum,
+        },
+        &Reduce {
+            name: "ReduceLogSumExp",
+            kind: Kind::LogSumExp,
+        },
+        &Reduce {
+            name: "ReduceSumSquare",
+            kind: Kind::SumSquare,
+        },
     ]);
 }
 
@@ -48,7 +80,10 @@ struct Reduce {
 }
 
 /// The requested axes: `Some(list)` (possibly empty) or `None` when unknown at compile time.
-fn requested_axes(attrs: AttrView, axes_input: Option<Option<&Tensor>>) -> OpResult<Option<Vec<i64>>> {
+fn requested_axes(
+    attrs: AttrView,
+    axes_input: Option<Option<&Tensor>>,
+) -> OpResult<Option<Vec<i64>>> {
     if let Some(a) = attrs.ints("axes")? {
         return Ok(Some(a));
     }
@@ -107,7 +142,10 @@ impl OpDef for Reduce {
             return Ok(vec![TensorType::unranked(x.dtype)]);
         };
         let mask = reduced_mask(&axes, shape.len(), noop)?;
-        Ok(vec![TensorType::new(x.dtype, out_shape(shape, &mask, keepdims, Dim::Known(1)))])
+        Ok(vec![TensorType::new(
+            x.dtype,
+            out_shape(shape, &mask, keepdims, Dim::Known(1)),
+        )])
     }
 
     fn eval(&self, cx: &EvalCx, inputs: &[Option<&Tensor>]) -> OpResult<Vec<Tensor>> {
@@ -118,7 +156,13 @@ impl OpDef for Reduce {
         let axes = requested_axes(cx.attrs, Some(opt(inputs, 1)))?.unwrap_or_default();
         let mask = reduced_mask(&axes, x.rank(), noop)?;
         let shape = out_shape(&x.shape, &mask, keepdims, 1);
-        let count: usize = x.shape.iter().zip(&mask).filter(|(_, &r)| r).map(|(&d, _)| d).product();
+        let count: usize = x
+            .shape
+            .iter()
+            .zip(&mask)
+            .filter(|(_, &r)| r)
+            .map(|(&d, _)| d)
+            .product();
         let dt = x.dtype();
         let data = match self.kind {
             Kind::Max | Kind::Min => {
@@ -126,9 +170,19 @@ impl OpDef for Reduce {
                 map_elems!(&x.data, v => extreme(v, &x.shape, &mask, max), str => bail!("{} does not support strings", self.name))
             }
             _ if dt.is_int() && !matches!(self.kind, Kind::L2 | Kind::LogSum | Kind::LogSumExp) => {
-                return Ok(vec![Tensor::from_i64_as(dt, &shape, self.int_reduce(x, &mask, count))]);
+                return Ok(vec![Tensor::from_i64_as(
+                    dt,
+                    &shape,
+                    self.int_reduce(x, &mask, count)?,
+                )]);
             }
-            _ => return Ok(vec![Tensor::from_f64(dt, &shape, self.float_reduce(x, &mask, count))]),
+            _ => {
+                return Ok(vec![Tensor::from_f64(
+                    dt,
+                    &shape,
+                    self.float_reduce(x, &mask, count)?,
+                )])
+            }
         };
         Ok(vec![Tensor::new(shape, data)])
     }
@@ -147,49 +201,84 @@ impl Reduce {
     }
 
     /// Float semantics, accumulated in f64 (read in place from any element type).
-    fn float_reduce(&self, x: &Tensor, mask: &[bool], count: usize) -> Vec<f64> {
-        let s = &x.shape;
-        let sum = |g: fn(f64) -> f64| -> Vec<f64> {
-            with_elems!(&x.data, v => fold_axes(v, s, mask, 0.0, |a, e| a + g(e.f64())), str => vec![])
-        };
-        match self.kind {
-            Kind::Sum => sum(|e| e),
-            Kind::Mean => sum(|e| e).into_iter().map(|a| a / count as f64).collect(),
-            Kind::L1 => sum(f64::abs),
-            Kind::SumSquare => sum(|e| e * e),
-            Kind::L2 => sum(|e| e * e).into_iter().map(f64::sqrt).collect(),
-            Kind::LogSum => sum(|e| e).into_iter().map(f64::ln).collect(),
+    fn float_reduce(&self, x: &Tensor, mask: &[bool], count: usize) -> OpResult<Vec<f64>> {
+        let sum = |g| sum_map(x, mask, g);
+        Ok(match self.kind {
+            Kind::Sum => sum(Map::Id),
+            Kind::Mean => sum(Map::Id).into_iter().map(|a| a / count as f64).collect(),
+            Kind::L1 => sum(Map::Abs),
+            Kind::SumSquare => sum(Map::Square),
+            Kind::L2 => sum(Map::Square).into_iter().map(f64::sqrt).collect(),
+            Kind::LogSum => sum(Map::Id).into_iter().map(f64::ln).collect(),
             Kind::Prod => {
-                with_elems!(&x.data, v => fold_axes(v, s, mask, 1.0, |a, e| a * e.f64()), str => vec![])
+                with_elems!(&x.data, v => fold_axes(v, &x.shape, mask, 1.0, |a, e| a * e.f64()),
+                str => bail!("{} does not support strings", self.name))
             }
             Kind::LogSumExp => {
-                let acc = with_elems!(&x.data, v => fold_axes(v, s, mask, (f64::NEG_INFINITY, 0.0), |a, e| {
+                let init = (f64::NEG_INFINITY, 0.0);
+                let acc = with_elems!(&x.data, v => fold_axes(v, &x.shape, mask, init, |a, e| {
                     lse_step(a, e.f64())
-                }), str => vec![]);
-                acc.into_iter().map(|(m, s)| if s.is_infinite() { s } else { m + s.ln() }).collect()
+                }), str => bail!("{} does not support strings", self.name));
+                acc.into_iter()
+                    .map(|(m, s)| if s.is_infinite() { s } else { m + s.ln() })
+                    .collect()
             }
-            Kind::Max | Kind::Min => unreachable!("handled natively"),
-        }
+            Kind::Max | Kind::Min => bail!("{} is computed in the input type", self.name),
+        })
     }
 
     /// Integer semantics: wrapping i64 accumulation, cast back to the input type.
-    fn int_reduce(&self, x: &Tensor, mask: &[bool], count: usize) -> Vec<i64> {
+    fn int_reduce(&self, x: &Tensor, mask: &[bool], count: usize) -> OpResult<Vec<i64>> {
         let s = &x.shape;
-        let fold = |init: i64, g: fn(i64, i64) -> i64| -> Vec<i64> {
-            with_elems!(&x.data, v => fold_axes(v, s, mask, init, |a, e| g(a, e.i64())), str => vec![])
-        };
-        match self.kind {
-            Kind::Sum => fold(0, i64::wrapping_add),
-            Kind::Mean => fold(0, i64::wrapping_add)
+        macro_rules! fold {
+            ($init:expr, |$a:ident, $e:ident| $body:expr) => {
+                with_elems!(&x.data, v => fold_axes(v, s, mask, $init, |$a: i64, e| {
+                    let $e = e.i64();
+                    $body
+                }), str => bail!("{} does not support strings", self.name))
+            };
+        }
+        Ok(match self.kind {
+            Kind::Sum => fold!(0, |a, e| a.wrapping_add(e)),
+            Kind::Mean => fold!(0, |a, e| a.wrapping_add(e))
                 .into_iter()
-                .map(|a| if count == 0 { 0 } else { a.wrapping_div(count as i64) })
+                .map(|a| {
+                    if count == 0 {
+                        0
+                    } else {
+                        a.wrapping_div(count as i64)
+                    }
+                })
                 .collect(),
-            Kind::Prod => fold(1, i64::wrapping_mul),
-            Kind::L1 => fold(0, |a, e| a.wrapping_add(e.wrapping_abs())),
-            Kind::SumSquare => fold(0, |a, e| a.wrapping_add(e.wrapping_mul(e))),
-            _ => unreachable!("float-valued reductions of integers go through f64"),
+            Kind::Prod => fold!(1, |a, e| a.wrapping_mul(e)),
+            Kind::L1 => fold!(0, |a, e| a.wrapping_add(e.wrapping_abs())),
+            Kind::SumSquare => fold!(0, |a, e| a.wrapping_add(e.wrapping_mul(e))),
+            _ => bail!("{} of integers is computed in f64", self.name),
+        })
+    }
+}
+
+/// The elementwise map applied before summing.
+#[derive(Clone, Copy)]
+enum Map {
+    Id,
+    Abs,
+    Square,
+}
+
+/// `sum(map(x))` over the masked axes, in f64; each map gets its own monomorphized loop.
+fn sum_map(x: &Tensor, mask: &[bool], m: Map) -> Vec<f64> {
+    fn go<T: Elem>(v: &[T], s: &[usize], mask: &[bool], m: Map) -> Vec<f64> {
+        match m {
+            Map::Id => fold_axes(v, s, mask, 0.0, |a, e| a + e.f64()),
+            Map::Abs => fold_axes(v, s, mask, 0.0, |a, e| a + e.f64().abs()),
+            Map::Square => fold_axes(v, s, mask, 0.0, |a, e| {
+                let e = e.f64();
+                a + e * e
+            }),
         }
     }
+    with_elems!(&x.data, v => go(v, &x.shape, mask, m), str => vec![])
 }
 
 /// One step of a streaming log-sum-exp: the accumulator is (running max, sum of exp(x - max)).
@@ -213,9 +302,21 @@ fn extreme<T: Elem>(v: &[T], shape: &[usize], mask: &[bool], max: bool) -> Vec<T
     #[allow(clippy::eq_op)]
     let is_nan = |e: T| e != e;
     if max {
-        fold_axes(v, shape, mask, T::LOWEST, |a, e| if e > a || is_nan(e) { e } else { a })
+        fold_axes(v, shape, mask, T::LOWEST, |a, e| {
+            if e > a || is_nan(e) {
+                e
+            } else {
+                a
+            }
+        })
     } else {
-        fold_axes(v, shape, mask, T::HIGHEST, |a, e| if e < a || is_nan(e) { e } else { a })
+        fold_axes(v, shape, mask, T::HIGHEST, |a, e| {
+            if e < a || is_nan(e) {
+                e
+            } else {
+                a
+            }
+        })
     }
 }
 
@@ -227,7 +328,9 @@ mod tests {
 
     fn run(name: &str, attrs: &[(&str, Attr)], x: Tensor, axes: Option<Vec<i64>>) -> Tensor {
         let axes = axes.map(|v| Tensor::from_i64(&[v.len()], v));
-        eval_op(name, attrs, &[Some(&x), axes.as_ref()], 1, 18).unwrap().remove(0)
+        eval_op(name, attrs, &[Some(&x), axes.as_ref()], 1, 18)
+            .unwrap()
+            .remove(0)
     }
 
     #[test]
@@ -235,8 +338,16 @@ mod tests {
         let x = Tensor::from_f32(&[2, 3], vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
         let y = run("ReduceSum", &[], x.clone(), Some(vec![1]));
         assert_eq!((y.shape.clone(), y.to_f64()), (vec![2, 1], vec![6.0, 15.0]));
-        let y = run("ReduceMean", &[("keepdims", Attr::Int(0))], x.clone(), Some(vec![0]));
-        assert_eq!((y.shape.clone(), y.to_f64()), (vec![3], vec![2.5, 3.5, 4.5]));
+        let y = run(
+            "ReduceMean",
+            &[("keepdims", Attr::Int(0))],
+            x.clone(),
+            Some(vec![0]),
+        );
+        assert_eq!(
+            (y.shape.clone(), y.to_f64()),
+            (vec![3], vec![2.5, 3.5, 4.5])
+        );
         let y = run("ReduceMax", &[("keepdims", Attr::Int(0))], x.clone(), None);
         assert_eq!((y.shape.clone(), y.to_f64()), (vec![], vec![6.0]));
         let y = run("ReduceLogSumExp", &[], x, Some(vec![1]));
@@ -251,7 +362,12 @@ mod tests {
         let y = run("ReduceMin", &[], x, Some(vec![1]));
         assert!(y.to_f64().iter().all(|v| *v == f64::INFINITY));
         let x = Tensor::from_i64(&[2], vec![3, -4]);
-        let y = run("ReduceSumSquare", &[("noop_with_empty_axes", Attr::Int(1))], x, Some(vec![]));
+        let y = run(
+            "ReduceSumSquare",
+            &[("noop_with_empty_axes", Attr::Int(1))],
+            x,
+            Some(vec![]),
+        );
         assert_eq!(y.to_i64(), vec![9, 16]);
         let b = Tensor::from_bool(&[2, 2], vec![true, false, false, false]);
         let y = run("ReduceMax", &[("axes", Attr::Ints(vec![1]))], b, None);
