@@ -163,8 +163,8 @@ impl OpDef for ConstantOfShape {
         let shape = shape_from(&ints_of(req(inputs, 0)?)?)?;
         let n = shape.iter().product();
         with_elem!(v.dtype(), T => {
-            let x = elems::<T>(&v)?[0].clone();
-            Ok(vec![build(shape, vec![x; n])])
+            let x = elems::<T>(&v)?;
+            Ok(vec![build(shape, x.iter().cycle().take(n).cloned().collect())])
         })
     }
 }
@@ -329,15 +329,20 @@ impl OpDef for Trilu {
             }
         };
         with_elem!(x.dtype(), T => {
-            let src = elems::<T>(x)?;
-            let mut out = Vec::with_capacity(src.len());
-            for (n, v) in src.iter().enumerate() {
-                let (i, j) = ((n / cols.max(1)) % rows.max(1), n % cols.max(1));
-                out.push(if keep(i, j) { v.clone() } else { T::default() });
-            }
+            let out = mask_to_default(elems::<T>(x)?, |n| {
+                keep((n / cols.max(1)) % rows.max(1), n % cols.max(1))
+            });
             Ok(vec![build(x.shape.clone(), out)])
         })
     }
+}
+
+/// The elements at flat positions where `keep` holds; zero (the default) elsewhere.
+fn mask_to_default<T: Clone + Default>(src: &[T], keep: impl Fn(usize) -> bool) -> Vec<T> {
+    src.iter()
+        .enumerate()
+        .map(|(n, v)| if keep(n) { v.clone() } else { T::default() })
+        .collect()
 }
 
 #[cfg(test)]

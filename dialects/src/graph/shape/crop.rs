@@ -89,7 +89,8 @@ impl SliceArgs {
         let mut out: Vec<(i64, usize, i64)> = shape.iter().map(|&d| (0, d, 1)).collect();
         for (i, &a) in axes.iter().enumerate() {
             let (s, len) = adjust_slice(shape[a], self.starts[i], self.ends[i], steps[i])?;
-            out[a] = (s, len, steps[i]);
+            // The step only matters between two elements; keep strides small otherwise.
+            out[a] = (s, len, if len > 1 { steps[i] } else { 1 });
         }
         Ok(out)
     }
@@ -256,15 +257,18 @@ fn pad_mode(cx_attrs: &crate::graph::AttrView) -> OpResult<PadMode> {
 /// The input index each output position of a padded axis reads (or [`FILL`]). Negative pads crop
 /// first; the modes then pad the cropped range.
 fn pad_map(dim: usize, begin: i64, end: i64, mode: PadMode) -> OpResult<Vec<usize>> {
-    let lo = (-begin).max(0) as i128;
-    let hi = dim as i128 - (-end).max(0) as i128;
+    let (begin, end) = (begin as i128, end as i128);
+    let lo = (-begin).max(0);
+    let hi = dim as i128 - (-end).max(0);
     let c = hi - lo;
     if c < 0 {
         bail!("pads ({begin}, {end}) crop more than the dimension of size {dim}");
     }
-    let (pb, pe) = (begin.max(0) as i128, end.max(0) as i128);
+    let (pb, pe) = (begin.max(0), end.max(0));
     let total = c + pb + pe;
-    checked_numel(&[total as usize])?;
+    if total > crate::tensor::MAX_ELEMENTS as i128 {
+        bail!("pads ({begin}, {end}) make a dimension of {total} elements");
+    }
     if c == 0 && (pb > 0 || pe > 0) && mode != PadMode::Constant {
         bail!("cannot pad an empty dimension in this mode");
     }
@@ -569,7 +573,52 @@ impl OpDef for ReverseSequence {
 
 #[cfg(test)]
 mod tests {
+    use super::super::testing::{attrs, eval, infer};
     use super::*;
+    use crate::types::DType;
+
+    #[test]
+    fn slice_infers_known_and_symbolic_dims() {
+        let x = TensorType::new(DType::F32, vec![Dim::sym("N"), Dim::Known(10)]);
+        let i = TensorType::known(DType::I64, &[1]);
+        let c = |v: i64| Some(Tensor::from_i64(&[1], vec![v]));
+        let t = infer(
+            &Slice,
+            &attrs(&[]),
+            &[x.clone(), i.clone(), i.clone(), i.clone()],
+            &[None, c(2), c(-3), c(1)],
+        );
+        assert_eq!(
+            t.unwrap()[0],
+            TensorType::new(DType::F32, vec![Dim::sym("N"), Dim::Known(5)])
+        );
+        let t = infer(
+            &Slice,
+            &attrs(&[]),
+            &[x.clone(), i.clone(), i.clone(), i],
+            &[None, c(0), c(i64::MAX), c(0)],
+        );
+        assert_eq!(t.unwrap()[0], x);
+    }
+
+    #[test]
+    fn slice_negative_step_and_pad_reflect() {
+        let x = Tensor::from_i64(&[5], (0..5).collect());
+        let t = |v: i64| Tensor::from_i64(&[1], vec![v]);
+        let y = eval(
+            &Slice,
+            &attrs(&[]),
+            &[&x, &t(-1), &t(i64::MIN), &t(0), &t(-2)],
+            1,
+        )
+        .unwrap();
+        assert_eq!(y[0].to_i64(), vec![4, 2, 0]);
+        let x = Tensor::from_f32(&[3], vec![1.0, 2.0, 3.0]);
+        let a = attrs(&[("mode", crate::attr::Attr::Str("reflect".into()))]);
+        let pads = Tensor::from_i64(&[2], vec![2, 1]);
+        let y = eval(&Pad, &a, &[&x, &pads], 1).unwrap();
+        assert_eq!(y[0].as_f32().unwrap(), &[3.0, 2.0, 1.0, 2.0, 3.0, 2.0]);
+    }
 
     #[test]
     fn slice_clamps_like_numpy() {

@@ -113,7 +113,9 @@ impl OpDef for Gather {
             .chain(&x.shape[a + 1..])
             .copied()
             .collect();
-        checked_numel(&shape)?;
+        if checked_numel(&shape)? == 0 {
+            return Ok(vec![Tensor::zeros(x.dtype(), &shape)]);
+        }
         let mut starts = Vec::with_capacity(outer * idx.len());
         for o in 0..outer {
             starts.extend(idx.iter().map(|&i| (o * d + i) * inner));
@@ -319,10 +321,7 @@ fn scatter_apply(
     let dt = data.dtype();
     if red == Reduction::None {
         return with_elem!(dt, T => {
-            let mut out = elems::<T>(data)?.to_vec();
-            for (&t, u) in targets.iter().zip(elems::<T>(updates)?) {
-                out[t] = u.clone();
-            }
+            let out = scatter_copy(elems::<T>(data)?, elems::<T>(updates)?, targets);
             Ok(build(data.shape.clone(), out))
         });
     }
@@ -355,6 +354,15 @@ fn scatter_apply(
         };
     }
     Ok(Tensor::from_i64_as(dt, &data.shape, out))
+}
+
+/// A copy of `data` with `updates[i]` written at `targets[i]`, in order.
+fn scatter_copy<T: Clone>(data: &[T], updates: &[T], targets: &[usize]) -> Vec<T> {
+    let mut out = data.to_vec();
+    for (&t, u) in targets.iter().zip(updates) {
+        out[t] = u.clone();
+    }
+    out
 }
 
 /// `ScatterElements(data, indices, updates)` (and the older `Scatter`): a copy of `data` with
@@ -601,20 +609,30 @@ impl OpDef for OneHot {
         let idx = ind.to_i64();
         let dl = depth as i64;
         with_elem!(values.dtype(), T => {
-            let v = elems::<T>(values)?;
-            let (off, on) = (&v[0], &v[1]);
-            let mut out = Vec::with_capacity(shape.iter().product());
-            for chunk in idx.chunks(inner.max(1)) {
-                for d in 0..dl {
-                    out.extend(chunk.iter().map(|&i| {
-                        let i = if i < 0 { i + dl } else { i };
-                        if i == d { on.clone() } else { off.clone() }
-                    }));
-                }
-            }
+            let out = one_hot(&idx, inner, dl, elems::<T>(values)?);
             Ok(vec![build(shape, out)])
         })
     }
+}
+
+/// One-hot rows: for each block of `inner` indices, `depth` rows of `values[1]` where the
+/// (normalized) index equals the row and `values[0]` elsewhere.
+fn one_hot<T: Clone>(idx: &[i64], inner: usize, depth: i64, values: &[T]) -> Vec<T> {
+    let (off, on) = (&values[0], &values[1]);
+    let mut out = Vec::with_capacity(idx.len() * depth.max(0) as usize);
+    for chunk in idx.chunks(inner.max(1)) {
+        for d in 0..depth {
+            out.extend(chunk.iter().map(|&i| {
+                let i = if i < 0 { i + depth } else { i };
+                if i == d {
+                    on.clone()
+                } else {
+                    off.clone()
+                }
+            }));
+        }
+    }
+    out
 }
 
 #[cfg(test)]

@@ -154,7 +154,9 @@ fn infer_minus_one(input: Option<&[Dim]>, out: &[Option<Dim>]) -> Option<Dim> {
         }
     }
     match in_syms.as_slice() {
-        [] if out_known != 0 && in_known % out_known == 0 => Some(Dim::Known(in_known / out_known)),
+        [] if out_known != 0 && in_known.is_multiple_of(out_known) => {
+            Some(Dim::Known(in_known / out_known))
+        }
         [s] if in_known == out_known => Some((*s).clone()),
         _ => None,
     }
@@ -601,7 +603,7 @@ fn default_split(dim: usize, n: usize) -> OpResult<Vec<usize>> {
     if n == 0 {
         bail!("Split needs at least one output");
     }
-    if dim % n == 0 {
+    if dim.is_multiple_of(n) {
         return Ok(vec![dim / n; n]);
     }
     let div = dim / n + 1;
@@ -615,7 +617,13 @@ fn default_split(dim: usize, n: usize) -> OpResult<Vec<usize>> {
 
 fn split_count(cx_attrs: &crate::graph::AttrView, num_outputs: usize) -> OpResult<usize> {
     match cx_attrs.get("num_outputs") {
-        Some(_) => Ok(cx_attrs.int("num_outputs", 0)?.max(0) as usize),
+        Some(_) => {
+            let n = cx_attrs.int("num_outputs", 0)?;
+            if n < 1 || n as usize != num_outputs {
+                bail!("num_outputs is {n}, the node has {num_outputs} outputs");
+            }
+            Ok(n as usize)
+        }
         None => Ok(num_outputs),
     }
 }
@@ -641,7 +649,7 @@ impl OpDef for Split {
                     bail!("split sizes {s:?} must be non-negative");
                 }
                 if let Dim::Known(k) = d[axis] {
-                    if s.iter().sum::<i64>() as u64 != k {
+                    if s.iter().try_fold(0i64, |a, &b| a.checked_add(b)) != Some(k as i64) {
                         bail!("split sizes {s:?} do not add up to the axis size {k}");
                     }
                 }
@@ -677,7 +685,8 @@ impl OpDef for Split {
         let dim = x.shape[axis];
         let sizes = match ints_attr_or_input(cx, inputs, "split", 1)? {
             Some(s) => {
-                if s.iter().any(|&v| v < 0) || s.iter().sum::<i64>() as usize != dim {
+                let sum = s.iter().try_fold(0i64, |a, &b| a.checked_add(b));
+                if s.iter().any(|&v| v < 0) || sum != Some(dim as i64) {
                     bail!(
                         "split sizes {s:?} must be non-negative and add up to the axis size {dim}"
                     );
@@ -843,6 +852,9 @@ impl OpDef for DepthToSpace {
         let [b, c, h, w] = x.shape[..] else {
             bail!("expected a rank-4 input, found shape {:?}", x.shape)
         };
+        if bs > c.max(1) {
+            bail!("blocksize {bs} is larger than the {c} channels");
+        }
         if c % (bs * bs) != 0 {
             bail!("channels {c} are not divisible by blocksize² = {}", bs * bs);
         }
@@ -887,7 +899,94 @@ impl OpDef for SpaceToDepth {
 
 #[cfg(test)]
 mod tests {
+    use super::super::testing::{attrs, eval, infer};
     use super::*;
+    use crate::attr::Attr;
+    use crate::tensor::Data;
+    use crate::types::DType;
+
+    fn n() -> Dim {
+        Dim::sym("N")
+    }
+
+    #[test]
+    fn reshape_keeps_symbolic_batch() {
+        let x = TensorType::new(DType::F32, vec![n(), Dim::Known(3), Dim::Known(4)]);
+        let shape = TensorType::known(DType::I64, &[2]);
+        let c = Tensor::from_i64(&[2], vec![0, -1]);
+        let t = infer(&Reshape, &attrs(&[]), &[x, shape], &[None, Some(c)]).unwrap();
+        assert_eq!(t[0], TensorType::new(DType::F32, vec![n(), Dim::Known(12)]));
+    }
+
+    #[test]
+    fn concat_and_transpose_carry_symbols() {
+        let a = TensorType::new(DType::F32, vec![n(), Dim::Known(2)]);
+        let b = TensorType::new(DType::F32, vec![n(), Dim::Known(3)]);
+        let t = infer(
+            &Concat,
+            &attrs(&[("axis", Attr::Int(-1))]),
+            &[a.clone(), b],
+            &[],
+        )
+        .unwrap();
+        assert_eq!(t[0], TensorType::new(DType::F32, vec![n(), Dim::Known(5)]));
+        let t = infer(&Transpose, &attrs(&[]), &[a], &[]).unwrap();
+        assert_eq!(t[0], TensorType::new(DType::F32, vec![Dim::Known(2), n()]));
+    }
+
+    #[test]
+    fn expand_and_unsqueeze_rules() {
+        let x = TensorType::known(DType::F32, &[3, 1]);
+        let c = Tensor::from_i64(&[3], vec![2, 1, 6]);
+        let t = infer(
+            &Expand,
+            &attrs(&[]),
+            &[x, TensorType::known(DType::I64, &[3])],
+            &[None, Some(c)],
+        );
+        assert_eq!(t.unwrap()[0], TensorType::known(DType::F32, &[2, 3, 6]));
+        let x = TensorType::new(DType::Bool, vec![n()]);
+        let c = Tensor::from_i64(&[2], vec![0, -1]);
+        let t = infer(
+            &Unsqueeze,
+            &attrs(&[]),
+            &[x, TensorType::known(DType::I64, &[2])],
+            &[None, Some(c)],
+        );
+        assert_eq!(
+            t.unwrap()[0],
+            TensorType::new(DType::Bool, vec![Dim::Known(1), n(), Dim::Known(1)])
+        );
+    }
+
+    #[test]
+    fn transpose_and_concat_strings() {
+        let s = |v: &[&str]| Data::Str(v.iter().map(|x| x.to_string()).collect());
+        let x = Tensor::new(vec![2, 2], s(&["a", "b", "c", "d"]));
+        let y = eval(&Transpose, &attrs(&[]), &[&x], 1).unwrap();
+        assert_eq!(y[0].data, s(&["a", "c", "b", "d"]));
+        let y = eval(&Concat, &attrs(&[("axis", Attr::Int(1))]), &[&x, &x], 1).unwrap();
+        assert_eq!(y[0].shape, vec![2, 4]);
+        assert_eq!(y[0].data, s(&["a", "b", "a", "b", "c", "d", "c", "d"]));
+    }
+
+    #[test]
+    fn split_uneven_and_depth_to_space() {
+        let x = Tensor::from_i64(&[5], (0..5).collect());
+        let a = attrs(&[("num_outputs", Attr::Int(2))]);
+        let y = eval(&Split, &a, &[&x], 2).unwrap();
+        assert_eq!((y[0].to_i64(), y[1].to_i64()), (vec![0, 1, 2], vec![3, 4]));
+        let x = Tensor::from_i64(&[1, 4, 1, 1], vec![0, 1, 2, 3]);
+        let y = eval(
+            &DepthToSpace,
+            &attrs(&[("blocksize", Attr::Int(2))]),
+            &[&x],
+            1,
+        )
+        .unwrap();
+        assert_eq!(y[0].shape, vec![1, 1, 2, 2]);
+        assert_eq!(y[0].to_i64(), vec![0, 1, 2, 3]);
+    }
 
     #[test]
     fn reshape_resolves_zero_and_minus_one() {

@@ -390,6 +390,61 @@ pub(crate) fn expect_index_dtype(t: &Tensor, what: &str) -> OpResult<()> {
     Ok(())
 }
 
+/// Test helpers: run an op's shape rule or semantics directly.
+#[cfg(test)]
+pub(crate) mod testing {
+    use crate::attr::{Attr, Attrs};
+    use crate::graph::{EvalCx, InferCx, OpDef, OpResult, RegionRunner};
+    use crate::ir::Region;
+    use crate::tensor::Tensor;
+    use crate::types::TensorType;
+
+    pub fn attrs(kv: &[(&str, Attr)]) -> Attrs {
+        kv.iter().map(|(k, v)| (k.to_string(), v.clone())).collect()
+    }
+
+    /// Runs `op.infer` on input types, with constant values where given.
+    pub fn infer(
+        op: &dyn OpDef,
+        a: &Attrs,
+        inputs: &[TensorType],
+        consts: &[Option<Tensor>],
+    ) -> OpResult<Vec<TensorType>> {
+        let ins: Vec<Option<TensorType>> = inputs.iter().cloned().map(Some).collect();
+        let cs: Vec<Option<&Tensor>> = (0..inputs.len())
+            .map(|i| consts.get(i).and_then(|c| c.as_ref()))
+            .collect();
+        let mut next = 0;
+        let mut cx = InferCx::new(a, &ins, &cs, 1, 25, &[], &mut next);
+        op.infer(&mut cx)
+    }
+
+    struct NoRegions;
+    impl RegionRunner for NoRegions {
+        fn run_region(&self, _: &Region, _: Vec<Tensor>) -> OpResult<Vec<Tensor>> {
+            unreachable!("no regions in shape ops")
+        }
+    }
+
+    /// Runs `op.eval` at the latest opset.
+    pub fn eval(
+        op: &dyn OpDef,
+        a: &Attrs,
+        inputs: &[&Tensor],
+        outs: usize,
+    ) -> OpResult<Vec<Tensor>> {
+        let cx = EvalCx {
+            attrs: crate::graph::AttrView(a),
+            num_outputs: outs,
+            opset: 25,
+            regions: &[],
+            runner: &NoRegions,
+        };
+        let ins: Vec<Option<&Tensor>> = inputs.iter().map(|&t| Some(t)).collect();
+        op.eval(&cx, &ins)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -249,7 +249,7 @@ fn plan_axis(
                 offset + (yf + 0.5) / scale - 0.5
             }
         };
-        if !x.is_finite() {
+        if !x.is_finite() || x.abs() > 1e15 {
             bail!("resize coordinate is not finite (scale {scale})");
         }
         let ratio = if x == x.floor() { 1.0 } else { x - x.floor() };
@@ -265,7 +265,7 @@ fn plan_axis(
         let p = xp.floor();
         let frac = xp - p;
         let half = (n / 2) as i64;
-        let offset = if n % 2 == 0 {
+        let offset = if n.is_multiple_of(2) {
             if frac == 0.0 {
                 -half
             } else {
@@ -436,7 +436,11 @@ fn sizes_and_scales(
             }
         }
     } else if let Some(scales) = scales {
-        if scales.len() != axes.len() || scales.iter().any(|&s| !(s > 0.0) || !s.is_finite()) {
+        if scales.len() != axes.len()
+            || scales
+                .iter()
+                .any(|&s| s.is_nan() || s <= 0.0 || !s.is_finite())
+        {
             bail!(
                 "scales {scales:?} must have one positive scale per axis ({} axes)",
                 axes.len()
