@@ -9,15 +9,7 @@ use crate::tensor::{Data, Tensor};
 use crate::types::{DType, TensorType};
 
 pub fn register(r: &mut Registry) {
-    r.add_all(&[
-        &Shape,
-        &Size,
-        &Constant,
-        &ConstantOfShape,
-        &Range,
-        &EyeLike,
-        &Trilu,
-    ]);
+    r.add_all(&[&Shape, &Size, &Constant, &ConstantOfShape, &Range, &EyeLike, &Trilu]);
 }
 
 /// `Shape(data)`: the input's dims `[start, end)` as a 1-D int64 tensor.
@@ -93,10 +85,7 @@ fn constant_value(a: &crate::graph::AttrView) -> OpResult<Tensor> {
         return Ok(Tensor::from_i64(&[v.len()], v));
     }
     if a.has("value_string") {
-        return Ok(Tensor::new(
-            vec![],
-            Data::Str(vec![a.string("value_string", "")?]),
-        ));
+        return Ok(Tensor::new(vec![], Data::Str(vec![a.string("value_string", "")?])));
     }
     if let Some(v) = a.strings("value_strings")? {
         return Ok(Tensor::new(vec![v.len()], Data::Str(v)));
@@ -104,9 +93,7 @@ fn constant_value(a: &crate::graph::AttrView) -> OpResult<Tensor> {
     if a.has("sparse_value") {
         bail!("Constant with a sparse_value is not supported");
     }
-    bail!(
-        "Constant needs one of the attributes value, value_float(s), value_int(s), value_string(s)"
-    )
+    bail!("Constant needs one of the attributes value, value_float(s), value_int(s), value_string(s)")
 }
 
 impl OpDef for Constant {
@@ -129,10 +116,7 @@ struct ConstantOfShape;
 fn fill_value(a: &crate::graph::AttrView) -> OpResult<Tensor> {
     match a.tensor("value")? {
         Some(t) if t.len() == 1 => Ok(t.clone()),
-        Some(t) => bail!(
-            "value must hold exactly one element, found shape {:?}",
-            t.shape
-        ),
+        Some(t) => bail!("value must hold exactly one element, found shape {:?}", t.shape),
         None => Ok(Tensor::scalar_f32(0.0)),
     }
 }
@@ -175,11 +159,7 @@ struct Range;
 fn range(start: &Tensor, limit: &Tensor, delta: &Tensor) -> OpResult<Tensor> {
     let dt = start.dtype();
     if limit.dtype() != dt || delta.dtype() != dt {
-        bail!(
-            "start, limit and delta must have one type, found {dt}, {} and {}",
-            limit.dtype(),
-            delta.dtype()
-        );
+        bail!("start, limit and delta must have one type, found {dt}, {} and {}", limit.dtype(), delta.dtype());
     }
     if !dt.is_numeric() {
         bail!("Range needs numeric inputs, found {dt}");
@@ -188,11 +168,7 @@ fn range(start: &Tensor, limit: &Tensor, delta: &Tensor) -> OpResult<Tensor> {
         bail!("start, limit and delta must be scalars");
     }
     if dt.is_int() {
-        let (s, l, d) = (
-            start.to_i64()[0] as i128,
-            limit.to_i64()[0] as i128,
-            delta.to_i64()[0] as i128,
-        );
+        let (s, l, d) = (start.to_i64()[0] as i128, limit.to_i64()[0] as i128, delta.to_i64()[0] as i128);
         if d == 0 {
             bail!("delta must not be 0");
         }
@@ -218,11 +194,7 @@ fn range(start: &Tensor, limit: &Tensor, delta: &Tensor) -> OpResult<Tensor> {
     }
     let n = n as usize;
     checked_numel(&[n])?;
-    Ok(Tensor::from_f64(
-        dt,
-        &[n],
-        (0..n).map(|i| s + i as f64 * d).collect(),
-    ))
+    Ok(Tensor::from_f64(dt, &[n], (0..n).map(|i| s + i as f64 * d).collect()))
 }
 
 impl OpDef for Range {
@@ -238,11 +210,7 @@ impl OpDef for Range {
         Ok(vec![TensorType::new(dtype, vec![n])])
     }
     fn eval(&self, _cx: &EvalCx, inputs: &[Option<&Tensor>]) -> OpResult<Vec<Tensor>> {
-        Ok(vec![range(
-            req(inputs, 0)?,
-            req(inputs, 1)?,
-            req(inputs, 2)?,
-        )?])
+        Ok(vec![range(req(inputs, 0)?, req(inputs, 1)?, req(inputs, 2)?)?])
     }
 }
 
@@ -274,9 +242,7 @@ impl OpDef for EyeLike {
     fn eval(&self, cx: &EvalCx, inputs: &[Option<&Tensor>]) -> OpResult<Vec<Tensor>> {
         let x = req(inputs, 0)?;
         let dtype = eyelike_dtype(&cx.attrs, x.dtype())?;
-        let [r, c] = x.shape[..] else {
-            bail!("EyeLike needs a 2-D input, found shape {:?}", x.shape)
-        };
+        let [r, c] = x.shape[..] else { bail!("EyeLike needs a 2-D input, found shape {:?}", x.shape) };
         let k = cx.attrs.int("k", 0)?;
         let mut v = vec![0.0; r * c];
         for i in 0..r {
@@ -339,10 +305,7 @@ impl OpDef for Trilu {
 
 /// The elements at flat positions where `keep` holds; zero (the default) elsewhere.
 fn mask_to_default<T: Clone + Default>(src: &[T], keep: impl Fn(usize) -> bool) -> Vec<T> {
-    src.iter()
-        .enumerate()
-        .map(|(n, v)| if keep(n) { v.clone() } else { T::default() })
-        .collect()
+    src.iter().enumerate().map(|(n, v)| if keep(n) { v.clone() } else { T::default() }).collect()
 }
 
 #[cfg(test)]
@@ -356,18 +319,12 @@ mod tests {
         assert_eq!(range(&t(3), &t(9), &t(3)).unwrap().to_i64(), vec![3, 6]);
         assert_eq!(range(&t(3), &t(1), &t(3)).unwrap().len(), 0);
         let f = |v: f32| Tensor::scalar_f32(v);
-        assert_eq!(
-            range(&f(1.0), &f(2.0), &f(0.25)).unwrap().as_f32().unwrap(),
-            &[1.0, 1.25, 1.5, 1.75]
-        );
+        assert_eq!(range(&f(1.0), &f(2.0), &f(0.25)).unwrap().as_f32().unwrap(), &[1.0, 1.25, 1.5, 1.75]);
     }
 
     #[test]
     fn shape_range_clamps() {
         let attrs = crate::attr::Attrs::from([("start".to_string(), crate::attr::Attr::Int(-10))]);
-        assert_eq!(
-            shape_range(&crate::graph::AttrView(&attrs), 3).unwrap(),
-            (0, 3)
-        );
+        assert_eq!(shape_range(&crate::graph::AttrView(&attrs), 3).unwrap(), (0, 3));
     }
 }

@@ -63,11 +63,7 @@ impl SliceArgs {
     fn check(&self, rank: usize) -> OpResult<(Vec<usize>, Vec<i64>)> {
         let n = self.starts.len();
         if self.ends.len() != n {
-            bail!(
-                "starts {:?} and ends {:?} differ in length",
-                self.starts,
-                self.ends
-            );
+            bail!("starts {:?} and ends {:?} differ in length", self.starts, self.ends);
         }
         let axes = match &self.axes {
             Some(a) if a.len() != n => bail!("axes {a:?} must have {n} entries like starts"),
@@ -101,12 +97,7 @@ fn slice_args_eval(cx: &EvalCx, inputs: &[Option<&Tensor>]) -> OpResult<SliceArg
         let (Some(starts), Some(ends)) = (cx.attrs.ints("starts")?, cx.attrs.ints("ends")?) else {
             bail!("Slice (opset < 10) needs 'starts' and 'ends' attributes")
         };
-        return Ok(SliceArgs {
-            starts,
-            ends,
-            axes: cx.attrs.ints("axes")?,
-            steps: None,
-        });
+        return Ok(SliceArgs { starts, ends, axes: cx.attrs.ints("axes")?, steps: None });
     }
     Ok(SliceArgs {
         starts: ints_of(req(inputs, 1)?)?,
@@ -122,12 +113,7 @@ fn slice_args_infer(cx: &InferCx) -> OpResult<Option<SliceArgs>> {
         let (Some(starts), Some(ends)) = (cx.attrs.ints("starts")?, cx.attrs.ints("ends")?) else {
             bail!("Slice (opset < 10) needs 'starts' and 'ends' attributes")
         };
-        return Ok(Some(SliceArgs {
-            starts,
-            ends,
-            axes: cx.attrs.ints("axes")?,
-            steps: None,
-        }));
+        return Ok(Some(SliceArgs { starts, ends, axes: cx.attrs.ints("axes")?, steps: None }));
     }
     let get = |i: usize| -> Option<Option<Vec<i64>>> {
         match cx.opt_input(i) {
@@ -135,17 +121,10 @@ fn slice_args_infer(cx: &InferCx) -> OpResult<Option<SliceArgs>> {
             Some(_) => const_ints(cx, i).map(Some),
         }
     };
-    let (Some(Some(starts)), Some(Some(ends)), Some(axes), Some(steps)) =
-        (get(1), get(2), get(3), get(4))
-    else {
+    let (Some(Some(starts)), Some(Some(ends)), Some(axes), Some(steps)) = (get(1), get(2), get(3), get(4)) else {
         return Ok(None);
     };
-    Ok(Some(SliceArgs {
-        starts,
-        ends,
-        axes,
-        steps,
-    }))
+    Ok(Some(SliceArgs { starts, ends, axes, steps }))
 }
 
 /// Whether a slice of a dim of unknown size provably keeps all of it.
@@ -168,37 +147,21 @@ impl OpDef for Slice {
         };
         let Some(args) = slice_args_infer(cx)? else {
             // Unknown bounds: the sliced axes get fresh dims (all axes if they are unknown too).
-            let axes = if cx.opset >= 10 && cx.opt_input(3).is_some() {
-                const_ints(cx, 3)
-            } else {
-                None
-            };
+            let axes = if cx.opset >= 10 && cx.opt_input(3).is_some() { const_ints(cx, 3) } else { None };
             let axes = match axes {
                 Some(a) => norm_axes(&a, d.len())?,
                 None => (0..d.len()).collect(),
             };
-            let shape = (0..d.len())
-                .map(|k| {
-                    if axes.contains(&k) {
-                        cx.fresh_dim()
-                    } else {
-                        d[k].clone()
-                    }
-                })
-                .collect();
+            let shape = (0..d.len()).map(|k| if axes.contains(&k) { cx.fresh_dim() } else { d[k].clone() }).collect();
             return Ok(vec![TensorType::new(dtype, shape)]);
         };
         let (axes, steps) = args.check(d.len())?;
         let mut shape = d.clone();
         for (i, &a) in axes.iter().enumerate() {
             shape[a] = match &d[a] {
-                Dim::Known(n) => {
-                    kd(adjust_slice(*n as usize, args.starts[i], args.ends[i], steps[i])?.1)
-                }
+                Dim::Known(n) => kd(adjust_slice(*n as usize, args.starts[i], args.ends[i], steps[i])?.1),
                 Dim::Sym(_) if steps[i] == 0 => bail!("slice step must not be 0"),
-                Dim::Sym(_) if keeps_whole_dim(args.starts[i], args.ends[i], steps[i]) => {
-                    d[a].clone()
-                }
+                Dim::Sym(_) if keeps_whole_dim(args.starts[i], args.ends[i], steps[i]) => d[a].clone(),
                 Dim::Sym(_) => cx.fresh_dim(),
             };
         }
@@ -209,21 +172,9 @@ impl OpDef for Slice {
         let per_axis = slice_args_eval(cx, inputs)?.resolve(&x.shape)?;
         let st = istrides(&x.shape);
         let shape: Vec<usize> = per_axis.iter().map(|p| p.1).collect();
-        let strides: Vec<isize> = per_axis
-            .iter()
-            .zip(&st)
-            .map(|(p, &s)| s * p.2 as isize)
-            .collect();
+        let strides: Vec<isize> = per_axis.iter().zip(&st).map(|(p, &s)| s * p.2 as isize).collect();
         let empty = shape.contains(&0);
-        let base: isize = if empty {
-            0
-        } else {
-            per_axis
-                .iter()
-                .zip(&st)
-                .map(|(p, &s)| p.0 as isize * s)
-                .sum()
-        };
+        let base: isize = if empty { 0 } else { per_axis.iter().zip(&st).map(|(p, &s)| p.0 as isize * s).sum() };
         Ok(vec![strided_view(x, shape, &strides, base)])
     }
 }
@@ -334,11 +285,7 @@ impl OpDef for Pad {
         } else {
             const_ints(cx, 1)
         };
-        let axes = if cx.opt_input(3).is_some() {
-            const_ints(cx, 3).map(Some)
-        } else {
-            Some(None)
-        };
+        let axes = if cx.opt_input(3).is_some() { const_ints(cx, 3).map(Some) } else { Some(None) };
         let (Some(pads), Some(axes)) = (pads, axes) else {
             return Ok(vec![TensorType::new(dtype, cx.fresh_dims(d.len()))]);
         };
@@ -364,9 +311,7 @@ impl OpDef for Pad {
         let mode = pad_mode(&cx.attrs)?;
         let (pads, value, axes) = if cx.opset < 11 {
             let attr = if cx.opset < 2 { "paddings" } else { "pads" };
-            let Some(p) = cx.attrs.ints(attr)? else {
-                bail!("Pad needs the '{attr}' attribute")
-            };
+            let Some(p) = cx.attrs.ints(attr)? else { bail!("Pad needs the '{attr}' attribute") };
             let v = cx.attrs.float("value", 0.0)? as f64;
             (p, Some(Tensor::from_f64(x.dtype(), &[1], vec![v])), None)
         } else {
@@ -374,19 +319,11 @@ impl OpDef for Pad {
             if let Some(v) = &v {
                 same_dtype(x, v, "constant_value")?;
             }
-            (
-                ints_of(req(inputs, 1)?)?,
-                v,
-                opt(inputs, 3).map(ints_of).transpose()?,
-            )
+            (ints_of(req(inputs, 1)?)?, v, opt(inputs, 3).map(ints_of).transpose()?)
         };
         let full = full_pads(&pads, axes.as_deref(), x.rank())?;
-        let maps: Vec<Vec<usize>> = x
-            .shape
-            .iter()
-            .zip(&full)
-            .map(|(&d, &(b, e))| pad_map(d, b, e, mode))
-            .collect::<OpResult<_>>()?;
+        let maps: Vec<Vec<usize>> =
+            x.shape.iter().zip(&full).map(|(&d, &(b, e))| pad_map(d, b, e, mode)).collect::<OpResult<_>>()?;
         Ok(vec![gather_maps(x, &maps, value.as_ref())?])
     }
 }
@@ -430,10 +367,7 @@ impl OpDef for CenterCropPad {
             None => (0..x.rank()).collect(),
         };
         if target.len() != axes.len() || target.iter().any(|&v| v < 0) {
-            bail!(
-                "shape {target:?} must have one non-negative size per axis ({} axes)",
-                axes.len()
-            );
+            bail!("shape {target:?} must have one non-negative size per axis ({} axes)", axes.len());
         }
         let mut maps: Vec<Vec<usize>> = x.shape.iter().map(|&d| (0..d).collect()).collect();
         for (&a, &sh) in axes.iter().zip(&target) {
@@ -444,15 +378,7 @@ impl OpDef for CenterCropPad {
                 (start..start + sh).collect()
             } else {
                 let start = (sh - dim) / 2;
-                (0..sh)
-                    .map(|o| {
-                        if o >= start && o < start + dim {
-                            o - start
-                        } else {
-                            FILL
-                        }
-                    })
-                    .collect()
+                (0..sh).map(|o| if o >= start && o < start + dim { o - start } else { FILL }).collect()
             };
         }
         Ok(vec![gather_maps(x, &maps, None)?])
@@ -470,9 +396,7 @@ impl OpDef for Compress {
     fn infer(&self, cx: &mut InferCx) -> OpResult<Vec<TensorType>> {
         let x = cx.input(0)?;
         let dtype = x.dtype;
-        let count = cx
-            .const_input(1)
-            .map(|c| c.to_bool().iter().filter(|&&b| b).count());
+        let count = cx.const_input(1).map(|c| c.to_bool().iter().filter(|&&b| b).count());
         let n = match count {
             Some(c) => kd(c),
             None => cx.fresh_dim(),
@@ -503,18 +427,9 @@ impl OpDef for Compress {
             bail!("Compress with an axis needs an input of rank >= 1");
         }
         let dim = x.shape[axis];
-        let keep: Vec<usize> = cond
-            .to_bool()
-            .iter()
-            .enumerate()
-            .filter(|(_, &b)| b)
-            .map(|(i, _)| i)
-            .collect();
+        let keep: Vec<usize> = cond.to_bool().iter().enumerate().filter(|(_, &b)| b).map(|(i, _)| i).collect();
         if keep.last().is_some_and(|&i| i >= dim) {
-            bail!(
-                "condition has {} entries, the axis has only {dim}",
-                cond.len()
-            );
+            bail!("condition has {} entries, the axis has only {dim}", cond.len());
         }
         let mut maps: Vec<Vec<usize>> = x.shape.iter().map(|&d| (0..d).collect()).collect();
         maps[axis] = keep;
@@ -546,10 +461,7 @@ impl OpDef for ReverseSequence {
         }
         let (nb, nt) = (x.shape[ba], x.shape[ta]);
         if lens.len() != nb {
-            bail!(
-                "sequence_lens has {} entries, the batch has {nb}",
-                lens.len()
-            );
+            bail!("sequence_lens has {} entries, the batch has {nb}", lens.len());
         }
         if let Some(&l) = lens.iter().find(|&&l| l < 0 || l as usize > nt) {
             bail!("sequence length {l} is out of range [0, {nt}]");
@@ -582,22 +494,9 @@ mod tests {
         let x = TensorType::new(DType::F32, vec![Dim::sym("N"), Dim::Known(10)]);
         let i = TensorType::known(DType::I64, &[1]);
         let c = |v: i64| Some(Tensor::from_i64(&[1], vec![v]));
-        let t = infer(
-            &Slice,
-            &attrs(&[]),
-            &[x.clone(), i.clone(), i.clone(), i.clone()],
-            &[None, c(2), c(-3), c(1)],
-        );
-        assert_eq!(
-            t.unwrap()[0],
-            TensorType::new(DType::F32, vec![Dim::sym("N"), Dim::Known(5)])
-        );
-        let t = infer(
-            &Slice,
-            &attrs(&[]),
-            &[x.clone(), i.clone(), i.clone(), i],
-            &[None, c(0), c(i64::MAX), c(0)],
-        );
+        let t = infer(&Slice, &attrs(&[]), &[x.clone(), i.clone(), i.clone(), i.clone()], &[None, c(2), c(-3), c(1)]);
+        assert_eq!(t.unwrap()[0], TensorType::new(DType::F32, vec![Dim::sym("N"), Dim::Known(5)]));
+        let t = infer(&Slice, &attrs(&[]), &[x.clone(), i.clone(), i.clone(), i], &[None, c(0), c(i64::MAX), c(0)]);
         assert_eq!(t.unwrap()[0], x);
     }
 
@@ -605,13 +504,7 @@ mod tests {
     fn slice_negative_step_and_pad_reflect() {
         let x = Tensor::from_i64(&[5], (0..5).collect());
         let t = |v: i64| Tensor::from_i64(&[1], vec![v]);
-        let y = eval(
-            &Slice,
-            &attrs(&[]),
-            &[&x, &t(-1), &t(i64::MIN), &t(0), &t(-2)],
-            1,
-        )
-        .unwrap();
+        let y = eval(&Slice, &attrs(&[]), &[&x, &t(-1), &t(i64::MIN), &t(0), &t(-2)], 1).unwrap();
         assert_eq!(y[0].to_i64(), vec![4, 2, 0]);
         let x = Tensor::from_f32(&[3], vec![1.0, 2.0, 3.0]);
         let a = attrs(&[("mode", crate::attr::Attr::Str("reflect".into()))]);
@@ -631,22 +524,10 @@ mod tests {
 
     #[test]
     fn pad_maps_each_mode() {
-        assert_eq!(
-            pad_map(3, 2, 1, PadMode::Reflect).unwrap(),
-            vec![2, 1, 0, 1, 2, 1]
-        );
-        assert_eq!(
-            pad_map(3, 2, 1, PadMode::Edge).unwrap(),
-            vec![0, 0, 0, 1, 2, 2]
-        );
-        assert_eq!(
-            pad_map(3, 2, 1, PadMode::Wrap).unwrap(),
-            vec![1, 2, 0, 1, 2, 0]
-        );
-        assert_eq!(
-            pad_map(3, 1, -1, PadMode::Constant).unwrap(),
-            vec![FILL, 0, 1]
-        );
+        assert_eq!(pad_map(3, 2, 1, PadMode::Reflect).unwrap(), vec![2, 1, 0, 1, 2, 1]);
+        assert_eq!(pad_map(3, 2, 1, PadMode::Edge).unwrap(), vec![0, 0, 0, 1, 2, 2]);
+        assert_eq!(pad_map(3, 2, 1, PadMode::Wrap).unwrap(), vec![1, 2, 0, 1, 2, 0]);
+        assert_eq!(pad_map(3, 1, -1, PadMode::Constant).unwrap(), vec![FILL, 0, 1]);
         assert!(pad_map(2, -2, -1, PadMode::Constant).is_err());
     }
 }

@@ -13,9 +13,7 @@ pub fn register(r: &mut Registry) {
         &Gather,
         &GatherElements,
         &GatherND,
-        &ScatterElements {
-            name: "ScatterElements",
-        },
+        &ScatterElements { name: "ScatterElements" },
         &ScatterElements { name: "Scatter" },
         &ScatterND,
         &TensorScatter,
@@ -38,10 +36,7 @@ fn gather_runs(t: &Tensor, shape: Vec<usize>, starts: &[usize], len: usize) -> O
 }
 
 /// Calls `f(flat, coords)` for every index of `shape`, row-major.
-fn for_each_index(
-    shape: &[usize],
-    mut f: impl FnMut(usize, &[usize]) -> OpResult<()>,
-) -> OpResult<()> {
+fn for_each_index(shape: &[usize], mut f: impl FnMut(usize, &[usize]) -> OpResult<()>) -> OpResult<()> {
     let n: usize = shape.iter().product();
     let mut idx = vec![0usize; shape.len()];
     for flat in 0..n {
@@ -76,21 +71,11 @@ impl OpDef for Gather {
                 if d.is_empty() {
                     bail!("Gather data must have rank >= 1");
                 }
-                Some(
-                    d[..a]
-                        .iter()
-                        .chain(ind)
-                        .chain(&d[a + 1..])
-                        .cloned()
-                        .collect(),
-                )
+                Some(d[..a].iter().chain(ind).chain(&d[a + 1..]).cloned().collect())
             }
             _ => None,
         };
-        Ok(vec![TensorType {
-            dtype: x.dtype,
-            shape,
-        }])
+        Ok(vec![TensorType { dtype: x.dtype, shape }])
     }
     fn eval(&self, cx: &EvalCx, inputs: &[Option<&Tensor>]) -> OpResult<Vec<Tensor>> {
         let (x, ind) = (req(inputs, 0)?, req(inputs, 1)?);
@@ -102,17 +87,8 @@ impl OpDef for Gather {
         let d = x.shape[a];
         let inner: usize = x.shape[a + 1..].iter().product();
         let outer: usize = x.shape[..a].iter().product();
-        let idx: Vec<usize> = ind
-            .to_i64()
-            .into_iter()
-            .map(|i| norm_index(i, d, "index"))
-            .collect::<OpResult<_>>()?;
-        let shape: Vec<usize> = x.shape[..a]
-            .iter()
-            .chain(&ind.shape)
-            .chain(&x.shape[a + 1..])
-            .copied()
-            .collect();
+        let idx: Vec<usize> = ind.to_i64().into_iter().map(|i| norm_index(i, d, "index")).collect::<OpResult<_>>()?;
+        let shape: Vec<usize> = x.shape[..a].iter().chain(&ind.shape).chain(&x.shape[a + 1..]).copied().collect();
         if checked_numel(&shape)? == 0 {
             return Ok(vec![Tensor::zeros(x.dtype(), &shape)]);
         }
@@ -128,18 +104,11 @@ impl OpDef for Gather {
 /// of `indices` in a tensor of shape `data`, with the `axis` coordinate taken from the index.
 fn element_targets(data: &[usize], ind: &Tensor, axis: usize) -> OpResult<Vec<usize>> {
     if ind.rank() != data.len() {
-        bail!(
-            "indices must have the data's rank {}, found rank {}",
-            data.len(),
-            ind.rank()
-        );
+        bail!("indices must have the data's rank {}, found rank {}", data.len(), ind.rank());
     }
     for k in 0..data.len() {
         if k != axis && ind.shape[k] > data[k] {
-            bail!(
-                "indices shape {:?} exceeds data shape {data:?} in dim {k}",
-                ind.shape
-            );
+            bail!("indices shape {:?} exceeds data shape {data:?} in dim {k}", ind.shape);
         }
     }
     let st = strides(data);
@@ -147,12 +116,7 @@ fn element_targets(data: &[usize], ind: &Tensor, axis: usize) -> OpResult<Vec<us
     let mut out = Vec::with_capacity(vals.len());
     for_each_index(&ind.shape, |flat, c| {
         let i = norm_index(vals[flat], data[axis], "index")?;
-        out.push(
-            c.iter()
-                .enumerate()
-                .map(|(k, &v)| if k == axis { i } else { v } * st[k])
-                .sum(),
-        );
+        out.push(c.iter().enumerate().map(|(k, &v)| if k == axis { i } else { v } * st[k]).sum());
         Ok(())
     })?;
     Ok(out)
@@ -167,10 +131,7 @@ impl OpDef for GatherElements {
     }
     fn infer(&self, cx: &mut InferCx) -> OpResult<Vec<TensorType>> {
         let (x, i) = (cx.input(0)?, cx.input(1)?);
-        Ok(vec![TensorType {
-            dtype: x.dtype,
-            shape: i.shape.clone(),
-        }])
+        Ok(vec![TensorType { dtype: x.dtype, shape: i.shape.clone() }])
     }
     fn eval(&self, cx: &EvalCx, inputs: &[Option<&Tensor>]) -> OpResult<Vec<Tensor>> {
         let (x, ind) = (req(inputs, 0)?, req(inputs, 1)?);
@@ -202,10 +163,7 @@ fn nd_geometry(data: &[usize], ind: &Tensor, b: usize) -> OpResult<NdGeom> {
         bail!("batch_dims {b} must be smaller than both ranks ({r}, {q})");
     }
     if data[..b] != ind.shape[..b] {
-        bail!(
-            "batch dims of data {data:?} and indices {:?} differ",
-            ind.shape
-        );
+        bail!("batch dims of data {data:?} and indices {:?} differ", ind.shape);
     }
     let k = ind.shape[q - 1];
     if k < 1 || k > r - b {
@@ -223,10 +181,7 @@ fn nd_geometry(data: &[usize], ind: &Tensor, b: usize) -> OpResult<NdGeom> {
         }
         offsets.push(off);
     }
-    Ok(NdGeom {
-        offsets,
-        chunk: data[b + k..].iter().product(),
-    })
+    Ok(NdGeom { offsets, chunk: data[b + k..].iter().product() })
 }
 
 /// `GatherND(data, indices)`: gathers the slices of `data` that the last axis of `indices`
@@ -242,25 +197,15 @@ impl OpDef for GatherND {
         let b = cx.attrs.int("batch_dims", 0)?.max(0) as usize;
         let shape = match (&x.shape, &i.shape) {
             (Some(d), Some(ind)) if !ind.is_empty() => match ind[ind.len() - 1] {
-                Dim::Known(k) if b + k as usize <= d.len() => Some(
-                    ind[..ind.len() - 1]
-                        .iter()
-                        .chain(&d[b + k as usize..])
-                        .cloned()
-                        .collect(),
-                ),
-                Dim::Known(k) => bail!(
-                    "index tuples of length {k} do not fit data of rank {}",
-                    d.len()
-                ),
+                Dim::Known(k) if b + k as usize <= d.len() => {
+                    Some(ind[..ind.len() - 1].iter().chain(&d[b + k as usize..]).cloned().collect())
+                }
+                Dim::Known(k) => bail!("index tuples of length {k} do not fit data of rank {}", d.len()),
                 _ => None,
             },
             _ => None,
         };
-        Ok(vec![TensorType {
-            dtype: x.dtype,
-            shape,
-        }])
+        Ok(vec![TensorType { dtype: x.dtype, shape }])
     }
     fn eval(&self, cx: &EvalCx, inputs: &[Option<&Tensor>]) -> OpResult<Vec<Tensor>> {
         let (x, ind) = (req(inputs, 0)?, req(inputs, 1)?);
@@ -271,11 +216,7 @@ impl OpDef for GatherND {
         }
         let g = nd_geometry(&x.shape, ind, b as usize)?;
         let k = ind.shape[ind.rank() - 1];
-        let shape: Vec<usize> = ind.shape[..ind.rank() - 1]
-            .iter()
-            .chain(&x.shape[b as usize + k..])
-            .copied()
-            .collect();
+        let shape: Vec<usize> = ind.shape[..ind.rank() - 1].iter().chain(&x.shape[b as usize + k..]).copied().collect();
         Ok(vec![gather_runs(x, shape, &g.offsets, g.chunk)?])
     }
 }
@@ -304,19 +245,10 @@ fn reduction(cx: &EvalCx) -> OpResult<Reduction> {
 }
 
 /// A copy of `data` with `updates[i]` written to (or combined into) `data[targets[i]]`, in order.
-fn scatter_apply(
-    data: &Tensor,
-    updates: &Tensor,
-    targets: &[usize],
-    red: Reduction,
-) -> OpResult<Tensor> {
+fn scatter_apply(data: &Tensor, updates: &Tensor, targets: &[usize], red: Reduction) -> OpResult<Tensor> {
     same_dtype(data, updates, "updates")?;
     if targets.len() != updates.len() {
-        bail!(
-            "internal: {} scatter targets for {} updates",
-            targets.len(),
-            updates.len()
-        );
+        bail!("internal: {} scatter targets for {} updates", targets.len(), updates.len());
     }
     let dt = data.dtype();
     if red == Reduction::None {
@@ -385,11 +317,7 @@ impl OpDef for ScatterElements {
             bail!("data must have rank >= 1");
         }
         if ind.shape != upd.shape {
-            bail!(
-                "indices {:?} and updates {:?} must have one shape",
-                ind.shape,
-                upd.shape
-            );
+            bail!("indices {:?} and updates {:?} must have one shape", ind.shape, upd.shape);
         }
         let a = norm_axis(cx.attrs.int("axis", 0)?, x.rank())?;
         let targets = element_targets(&x.shape, ind, a)?;
@@ -413,11 +341,7 @@ impl OpDef for ScatterND {
         expect_index_dtype(ind, "indices")?;
         let g = nd_geometry(&x.shape, ind, 0)?;
         let k = ind.shape[ind.rank() - 1];
-        let want: Vec<usize> = ind.shape[..ind.rank() - 1]
-            .iter()
-            .chain(&x.shape[k..])
-            .copied()
-            .collect();
+        let want: Vec<usize> = ind.shape[..ind.rank() - 1].iter().chain(&x.shape[k..]).copied().collect();
         if upd.shape != want {
             bail!("updates must have shape {want:?}, found {:?}", upd.shape);
         }
@@ -451,19 +375,9 @@ impl OpDef for TensorScatter {
             bail!("axis must not be the batch axis 0");
         }
         let ok = upd.rank() == r
-            && (0..r).all(|k| {
-                if k == axis {
-                    upd.shape[k] <= cache.shape[k]
-                } else {
-                    upd.shape[k] == cache.shape[k]
-                }
-            });
+            && (0..r).all(|k| if k == axis { upd.shape[k] <= cache.shape[k] } else { upd.shape[k] == cache.shape[k] });
         if !ok {
-            bail!(
-                "update shape {:?} does not fit cache shape {:?} on axis {axis}",
-                upd.shape,
-                cache.shape
-            );
+            bail!("update shape {:?} does not fit cache shape {:?} on axis {axis}", upd.shape, cache.shape);
         }
         let batch = cache.shape[0];
         let wi = match opt(inputs, 2) {
@@ -471,10 +385,7 @@ impl OpDef for TensorScatter {
                 expect_index_dtype(w, "write_indices")?;
                 let v = w.to_i64();
                 if v.len() != batch {
-                    bail!(
-                        "write_indices has {} entries, the batch has {batch}",
-                        v.len()
-                    );
+                    bail!("write_indices has {} entries, the batch has {batch}", v.len());
                 }
                 v
             }
@@ -528,18 +439,8 @@ impl OpDef for NonZero {
     fn eval(&self, _cx: &EvalCx, inputs: &[Option<&Tensor>]) -> OpResult<Vec<Tensor>> {
         let x = req(inputs, 0)?;
         // A scalar behaves as a one-element vector (numpy's nonzero).
-        let shape = if x.rank() == 0 {
-            vec![1]
-        } else {
-            x.shape.clone()
-        };
-        let nz: Vec<usize> = x
-            .to_bool()
-            .iter()
-            .enumerate()
-            .filter(|(_, &b)| b)
-            .map(|(i, _)| i)
-            .collect();
+        let shape = if x.rank() == 0 { vec![1] } else { x.shape.clone() };
+        let nz: Vec<usize> = x.to_bool().iter().enumerate().filter(|(_, &b)| b).map(|(i, _)| i).collect();
         let st = strides(&shape);
         let r = shape.len();
         let mut out = vec![0i64; r * nz.len()];
@@ -561,9 +462,7 @@ fn onehot_axis(cx_attrs: &crate::graph::AttrView, rank: usize) -> OpResult<usize
 }
 
 fn depth_of(t: &Tensor) -> OpResult<usize> {
-    let Some(d) = t.scalar_value_f64() else {
-        bail!("depth must be a single value, found shape {:?}", t.shape)
-    };
+    let Some(d) = t.scalar_value_f64() else { bail!("depth must be a single value, found shape {:?}", t.shape) };
     if !d.is_finite() || d < 0.0 {
         bail!("depth must be a non-negative number, found {d}");
     }
@@ -596,10 +495,7 @@ impl OpDef for OneHot {
         }
         let depth = depth_of(depth)?;
         if values.len() != 2 {
-            bail!(
-                "values must hold [off_value, on_value], found {} elements",
-                values.len()
-            );
+            bail!("values must hold [off_value, on_value], found {} elements", values.len());
         }
         let a = onehot_axis(&cx.attrs, ind.rank())?;
         let mut shape = ind.shape.clone();

@@ -1,9 +1,7 @@
 //! Layout ops: Reshape, Transpose, Flatten, Squeeze, Unsqueeze, Expand, Concat, Split, Tile,
 //! DepthToSpace, SpaceToDepth.
 
-use super::{
-    build, const_ints, elems, gather_maps, in_dims, istrides, kd, permuted, product_dim, static_len,
-};
+use super::{build, const_ints, elems, gather_maps, in_dims, istrides, kd, permuted, product_dim, static_len};
 use super::{ints_attr_or_input, strided_view};
 use crate::bail;
 use crate::graph::{checked_numel, ints_of, norm_axes, norm_axis, req};
@@ -53,10 +51,7 @@ fn resolve_reshape(input: &[usize], target: &[i64], allowzero: bool) -> OpResult
             }
             0 if !allowzero => match input.get(i) {
                 Some(&d) => out.push(d),
-                None => bail!(
-                    "shape {target:?} copies dim {i} (0), but the input has rank {}",
-                    input.len()
-                ),
+                None => bail!("shape {target:?} copies dim {i} (0), but the input has rank {}", input.len()),
             },
             t if t < 0 => bail!("shape {target:?} has invalid dim {t}"),
             t => out.push(t as usize),
@@ -82,21 +77,10 @@ fn resolve_reshape(input: &[usize], target: &[i64], allowzero: bool) -> OpResult
 }
 
 /// Symbolic version of [`resolve_reshape`].
-fn reshape_dims(
-    cx: &mut InferCx,
-    input: Option<&[Dim]>,
-    target: &[i64],
-    allowzero: bool,
-) -> OpResult<Vec<Dim>> {
-    if let Some(shape) = input.and_then(|s| {
-        s.iter()
-            .map(|d| d.known().map(|n| n as usize))
-            .collect::<Option<Vec<_>>>()
-    }) {
-        return Ok(resolve_reshape(&shape, target, allowzero)?
-            .into_iter()
-            .map(kd)
-            .collect());
+fn reshape_dims(cx: &mut InferCx, input: Option<&[Dim]>, target: &[i64], allowzero: bool) -> OpResult<Vec<Dim>> {
+    if let Some(shape) = input.and_then(|s| s.iter().map(|d| d.known().map(|n| n as usize)).collect::<Option<Vec<_>>>())
+    {
+        return Ok(resolve_reshape(&shape, target, allowzero)?.into_iter().map(kd).collect());
     }
     let mut out: Vec<Option<Dim>> = Vec::with_capacity(target.len());
     let mut infer_at = None;
@@ -111,10 +95,7 @@ fn reshape_dims(
             0 if !allowzero => match input {
                 Some(s) => match s.get(i) {
                     Some(d) => Some(d.clone()),
-                    None => bail!(
-                        "shape {target:?} copies dim {i} (0), but the input has rank {}",
-                        s.len()
-                    ),
+                    None => bail!("shape {target:?} copies dim {i} (0), but the input has rank {}", s.len()),
                 },
                 None => Some(cx.fresh_dim()),
             },
@@ -125,10 +106,7 @@ fn reshape_dims(
     if let Some(i) = infer_at {
         out[i] = Some(infer_minus_one(input, &out).unwrap_or_else(|| cx.fresh_dim()));
     }
-    Ok(out
-        .into_iter()
-        .map(|d| d.unwrap_or(Dim::Known(1)))
-        .collect())
+    Ok(out.into_iter().map(|d| d.unwrap_or(Dim::Known(1))).collect())
 }
 
 /// The `-1` dim of a reshape from symbolic dims: what is left of the input after cancelling the
@@ -154,9 +132,7 @@ fn infer_minus_one(input: Option<&[Dim]>, out: &[Option<Dim>]) -> Option<Dim> {
         }
     }
     match in_syms.as_slice() {
-        [] if out_known != 0 && in_known.is_multiple_of(out_known) => {
-            Some(Dim::Known(in_known / out_known))
-        }
+        [] if out_known != 0 && in_known.is_multiple_of(out_known) => Some(Dim::Known(in_known / out_known)),
         [s] if in_known == out_known => Some((*s).clone()),
         _ => None,
     }
@@ -177,16 +153,11 @@ impl OpDef for Reshape {
             Some(t) => Some(reshape_dims(cx, x.shape.as_deref(), &t, az)?),
             None => static_len(cx, 1).map(|n| cx.fresh_dims(n)),
         };
-        Ok(vec![TensorType {
-            dtype: x.dtype,
-            shape,
-        }])
+        Ok(vec![TensorType { dtype: x.dtype, shape }])
     }
     fn eval(&self, cx: &EvalCx, inputs: &[Option<&Tensor>]) -> OpResult<Vec<Tensor>> {
         let x = req(inputs, 0)?;
-        let Some(target) = ints_attr_or_input(cx, inputs, "shape", 1)? else {
-            bail!("Reshape needs a 'shape' input")
-        };
+        let Some(target) = ints_attr_or_input(cx, inputs, "shape", 1)? else { bail!("Reshape needs a 'shape' input") };
         let shape = resolve_reshape(&x.shape, &target, allowzero(&cx.attrs, cx.opset)?)?;
         Ok(vec![x.clone().reshaped(shape)])
     }
@@ -203,10 +174,7 @@ fn perm_of(cx_perm: Option<Vec<i64>>, rank: usize) -> OpResult<Vec<usize>> {
         None => Ok((0..rank).rev().collect()),
         Some(p) => {
             if p.len() != rank {
-                bail!(
-                    "perm {p:?} has {} entries, the input has rank {rank}",
-                    p.len()
-                );
+                bail!("perm {p:?} has {} entries, the input has rank {rank}", p.len());
             }
             norm_axes(&p, rank)
         }
@@ -228,10 +196,7 @@ impl OpDef for Transpose {
             (None, Some(p)) => Some(cx.fresh_dims(p.len())),
             (None, None) => None,
         };
-        Ok(vec![TensorType {
-            dtype: x.dtype,
-            shape,
-        }])
+        Ok(vec![TensorType { dtype: x.dtype, shape }])
     }
     fn eval(&self, cx: &EvalCx, inputs: &[Option<&Tensor>]) -> OpResult<Vec<Tensor>> {
         let x = req(inputs, 0)?;
@@ -251,11 +216,7 @@ fn flatten_axis(axis: i64, rank: usize) -> OpResult<usize> {
     if axis < -r || axis > r {
         bail!("axis {axis} is out of range for Flatten of rank {rank}");
     }
-    Ok(if axis < 0 {
-        (axis + r) as usize
-    } else {
-        axis as usize
-    })
+    Ok(if axis < 0 { (axis + r) as usize } else { axis as usize })
 }
 
 impl OpDef for Flatten {
@@ -313,10 +274,7 @@ impl OpDef for Squeeze {
                         }
                     }
                 }
-                (0..d.len())
-                    .filter(|i| !a.contains(i))
-                    .map(|i| d[i].clone())
-                    .collect()
+                (0..d.len()).filter(|i| !a.contains(i)).map(|i| d[i].clone()).collect()
             }
             None => {
                 if d.iter().any(|x| matches!(x, Dim::Sym(_))) {
@@ -337,10 +295,7 @@ impl OpDef for Squeeze {
                         bail!("cannot squeeze axis {i} of size {}", x.shape[i]);
                     }
                 }
-                (0..x.rank())
-                    .filter(|i| !a.contains(i))
-                    .map(|i| x.shape[i])
-                    .collect()
+                (0..x.rank()).filter(|i| !a.contains(i)).map(|i| x.shape[i]).collect()
             }
             None => x.shape.iter().copied().filter(|&d| d != 1).collect(),
         };
@@ -356,13 +311,7 @@ fn unsqueeze<T: Clone>(dims: &[T], axes: &[i64], one: T) -> OpResult<Vec<T>> {
     let a = norm_axes(axes, out_rank)?;
     let mut it = dims.iter();
     Ok((0..out_rank)
-        .map(|k| {
-            if a.contains(&k) {
-                one.clone()
-            } else {
-                it.next().cloned().unwrap_or(one.clone())
-            }
-        })
+        .map(|k| if a.contains(&k) { one.clone() } else { it.next().cloned().unwrap_or(one.clone()) })
         .collect())
 }
 
@@ -386,9 +335,7 @@ impl OpDef for Unsqueeze {
     }
     fn eval(&self, cx: &EvalCx, inputs: &[Option<&Tensor>]) -> OpResult<Vec<Tensor>> {
         let x = req(inputs, 0)?;
-        let Some(axes) = ints_attr_or_input(cx, inputs, "axes", 1)? else {
-            bail!("Unsqueeze needs 'axes'")
-        };
+        let Some(axes) = ints_attr_or_input(cx, inputs, "axes", 1)? else { bail!("Unsqueeze needs 'axes'") };
         let shape = unsqueeze(&x.shape, &axes, 1)?;
         Ok(vec![x.clone().reshaped(shape)])
     }
@@ -421,10 +368,7 @@ impl OpDef for Expand {
                     fresh.push(());
                     Dim::sym("?")
                 }) else {
-                    bail!(
-                        "input shape {} cannot be expanded to {s:?}",
-                        TensorType::new(dtype, d)
-                    )
+                    bail!("input shape {} cannot be expanded to {s:?}", TensorType::new(dtype, d))
                 };
                 for o in out.iter_mut() {
                     if *o == Dim::sym("?") {
@@ -458,15 +402,8 @@ impl OpDef for Expand {
         checked_numel(&out)?;
         let st = istrides(&x.shape);
         let off = out.len() - x.rank();
-        let strides: Vec<isize> = (0..out.len())
-            .map(|k| {
-                if k < off || x.shape[k - off] == 1 {
-                    0
-                } else {
-                    st[k - off]
-                }
-            })
-            .collect();
+        let strides: Vec<isize> =
+            (0..out.len()).map(|k| if k < off || x.shape[k - off] == 1 { 0 } else { st[k - off] }).collect();
         Ok(vec![strided_view(x, out, &strides, 0)])
     }
 }
@@ -494,10 +431,7 @@ impl OpDef for Concat {
         for i in 0..cx.inputs.len() {
             let t = cx.input(i)?;
             if t.dtype != dtype {
-                bail!(
-                    "all inputs must have one element type, found {dtype} and {}",
-                    t.dtype
-                );
+                bail!("all inputs must have one element type, found {dtype} and {}", t.dtype);
             }
             match &t.shape {
                 Some(s) => ranked.push(s),
@@ -513,10 +447,7 @@ impl OpDef for Concat {
         let mut sum: Option<u64> = (!any_unranked).then_some(0);
         for s in &ranked {
             if s.len() != rank {
-                bail!(
-                    "all inputs must have one rank, found {rank} and {}",
-                    s.len()
-                );
+                bail!("all inputs must have one rank, found {rank} and {}", s.len());
             }
             sum = match (sum, &s[axis]) {
                 (Some(a), Dim::Known(k)) => Some(a + k),
@@ -547,12 +478,8 @@ impl OpDef for Concat {
         Ok(vec![TensorType::new(dtype, out)])
     }
     fn eval(&self, cx: &EvalCx, inputs: &[Option<&Tensor>]) -> OpResult<Vec<Tensor>> {
-        let ts: Vec<&Tensor> = (0..inputs.len())
-            .map(|i| req(inputs, i))
-            .collect::<OpResult<_>>()?;
-        let Some(&t0) = ts.first() else {
-            bail!("Concat needs at least one input")
-        };
+        let ts: Vec<&Tensor> = (0..inputs.len()).map(|i| req(inputs, i)).collect::<OpResult<_>>()?;
+        let Some(&t0) = ts.first() else { bail!("Concat needs at least one input") };
         let rank = t0.rank();
         if rank == 0 {
             bail!("Concat inputs must have rank >= 1, found a scalar");
@@ -562,20 +489,11 @@ impl OpDef for Concat {
         out_shape[axis] = 0;
         for t in &ts {
             if t.dtype() != t0.dtype() {
-                bail!(
-                    "all inputs must have one element type, found {} and {}",
-                    t0.dtype(),
-                    t.dtype()
-                );
+                bail!("all inputs must have one element type, found {} and {}", t0.dtype(), t.dtype());
             }
-            let same =
-                t.rank() == rank && (0..rank).all(|k| k == axis || t.shape[k] == t0.shape[k]);
+            let same = t.rank() == rank && (0..rank).all(|k| k == axis || t.shape[k] == t0.shape[k]);
             if !same {
-                bail!(
-                    "cannot concatenate shapes {:?} and {:?} along axis {axis}",
-                    t0.shape,
-                    t.shape
-                );
+                bail!("cannot concatenate shapes {:?} and {:?} along axis {axis}", t0.shape, t.shape);
             }
             out_shape[axis] += t.shape[axis];
         }
@@ -655,18 +573,13 @@ impl OpDef for Split {
                 }
                 s.iter().map(|&v| Some(v as u64)).collect()
             }
-            (None, Dim::Known(k)) if cx.opt_input(1).is_none() => default_split(*k as usize, n)?
-                .into_iter()
-                .map(|v| Some(v as u64))
-                .collect(),
+            (None, Dim::Known(k)) if cx.opt_input(1).is_none() => {
+                default_split(*k as usize, n)?.into_iter().map(|v| Some(v as u64)).collect()
+            }
             _ => vec![None; n],
         };
         let mut outs = Vec::with_capacity(sizes.len().max(n));
-        for s in sizes
-            .iter()
-            .chain(std::iter::repeat(&None))
-            .take(sizes.len().max(n))
-        {
+        for s in sizes.iter().chain(std::iter::repeat(&None)).take(sizes.len().max(n)) {
             let mut dims = d.clone();
             dims[axis] = match s {
                 Some(v) => Dim::Known(*v),
@@ -687,20 +600,14 @@ impl OpDef for Split {
             Some(s) => {
                 let sum = s.iter().try_fold(0i64, |a, &b| a.checked_add(b));
                 if s.iter().any(|&v| v < 0) || sum != Some(dim as i64) {
-                    bail!(
-                        "split sizes {s:?} must be non-negative and add up to the axis size {dim}"
-                    );
+                    bail!("split sizes {s:?} must be non-negative and add up to the axis size {dim}");
                 }
                 s.iter().map(|&v| v as usize).collect()
             }
             None => default_split(dim, split_count(&cx.attrs, cx.num_outputs)?)?,
         };
         if sizes.len() < cx.num_outputs {
-            bail!(
-                "split gives {} pieces, the node has {} outputs",
-                sizes.len(),
-                cx.num_outputs
-            );
+            bail!("split gives {} pieces, the node has {} outputs", sizes.len(), cx.num_outputs);
         }
         let strides = istrides(&x.shape);
         let mut pos = 0;
@@ -708,12 +615,7 @@ impl OpDef for Split {
         for s in sizes {
             let mut shape = x.shape.clone();
             shape[axis] = s;
-            outs.push(strided_view(
-                x,
-                shape,
-                &strides,
-                pos as isize * strides[axis],
-            ));
+            outs.push(strided_view(x, shape, &strides, pos as isize * strides[axis]));
             pos += s;
         }
         Ok(outs)
@@ -738,10 +640,7 @@ impl OpDef for Tile {
                 if r.len() != d.len() || r.iter().any(|&v| v < 0) {
                     bail!("repeats {r:?} must be {} non-negative counts", d.len());
                 }
-                d.iter()
-                    .zip(&r)
-                    .map(|(dim, &k)| dim_mul(cx, dim, k as u64))
-                    .collect()
+                d.iter().zip(&r).map(|(dim, &k)| dim_mul(cx, dim, k as u64)).collect()
             }
             None => cx.fresh_dims(d.len()),
         };
@@ -753,19 +652,9 @@ impl OpDef for Tile {
         if r.len() != x.rank() || r.iter().any(|&v| v < 0) {
             bail!("repeats {r:?} must be {} non-negative counts", x.rank());
         }
-        let out: Vec<usize> = x
-            .shape
-            .iter()
-            .zip(&r)
-            .map(|(&d, &k)| d.saturating_mul(k as usize))
-            .collect();
+        let out: Vec<usize> = x.shape.iter().zip(&r).map(|(&d, &k)| d.saturating_mul(k as usize)).collect();
         checked_numel(&out)?;
-        let maps: Vec<Vec<usize>> = x
-            .shape
-            .iter()
-            .zip(&out)
-            .map(|(&d, &o)| (0..o).map(|i| i % d).collect())
-            .collect();
+        let maps: Vec<Vec<usize>> = x.shape.iter().zip(&out).map(|(&d, &o)| (0..o).map(|i| i % d).collect()).collect();
         Ok(vec![gather_maps(x, &maps, None)?])
     }
 }
@@ -818,19 +707,9 @@ fn space_depth_infer(cx: &mut InferCx, up: bool) -> OpResult<Vec<TensorType>> {
         }
     };
     let shape = if up {
-        vec![
-            d[0].clone(),
-            div(cx, &d[1], bs * bs)?,
-            dim_mul(cx, &d[2], bs),
-            dim_mul(cx, &d[3], bs),
-        ]
+        vec![d[0].clone(), div(cx, &d[1], bs * bs)?, dim_mul(cx, &d[2], bs), dim_mul(cx, &d[3], bs)]
     } else {
-        vec![
-            d[0].clone(),
-            dim_mul(cx, &d[1], bs * bs),
-            div(cx, &d[2], bs)?,
-            div(cx, &d[3], bs)?,
-        ]
+        vec![d[0].clone(), dim_mul(cx, &d[1], bs * bs), div(cx, &d[2], bs)?, div(cx, &d[3], bs)?]
     };
     Ok(vec![TensorType::new(dtype, shape)])
 }
@@ -849,9 +728,7 @@ impl OpDef for DepthToSpace {
     fn eval(&self, cx: &EvalCx, inputs: &[Option<&Tensor>]) -> OpResult<Vec<Tensor>> {
         let x = req(inputs, 0)?;
         let bs = blocksize(&cx.attrs)?;
-        let [b, c, h, w] = x.shape[..] else {
-            bail!("expected a rank-4 input, found shape {:?}", x.shape)
-        };
+        let [b, c, h, w] = x.shape[..] else { bail!("expected a rank-4 input, found shape {:?}", x.shape) };
         if bs > c.max(1) {
             bail!("blocksize {bs} is larger than the {c} channels");
         }
@@ -881,9 +758,7 @@ impl OpDef for SpaceToDepth {
     fn eval(&self, cx: &EvalCx, inputs: &[Option<&Tensor>]) -> OpResult<Vec<Tensor>> {
         let x = req(inputs, 0)?;
         let bs = blocksize(&cx.attrs)?;
-        let [b, c, h, w] = x.shape[..] else {
-            bail!("expected a rank-4 input, found shape {:?}", x.shape)
-        };
+        let [b, c, h, w] = x.shape[..] else { bail!("expected a rank-4 input, found shape {:?}", x.shape) };
         if h % bs != 0 || w % bs != 0 {
             bail!("spatial dims {h}x{w} are not divisible by blocksize {bs}");
         }
@@ -922,13 +797,7 @@ mod tests {
     fn concat_and_transpose_carry_symbols() {
         let a = TensorType::new(DType::F32, vec![n(), Dim::Known(2)]);
         let b = TensorType::new(DType::F32, vec![n(), Dim::Known(3)]);
-        let t = infer(
-            &Concat,
-            &attrs(&[("axis", Attr::Int(-1))]),
-            &[a.clone(), b],
-            &[],
-        )
-        .unwrap();
+        let t = infer(&Concat, &attrs(&[("axis", Attr::Int(-1))]), &[a.clone(), b], &[]).unwrap();
         assert_eq!(t[0], TensorType::new(DType::F32, vec![n(), Dim::Known(5)]));
         let t = infer(&Transpose, &attrs(&[]), &[a], &[]).unwrap();
         assert_eq!(t[0], TensorType::new(DType::F32, vec![Dim::Known(2), n()]));
@@ -938,25 +807,12 @@ mod tests {
     fn expand_and_unsqueeze_rules() {
         let x = TensorType::known(DType::F32, &[3, 1]);
         let c = Tensor::from_i64(&[3], vec![2, 1, 6]);
-        let t = infer(
-            &Expand,
-            &attrs(&[]),
-            &[x, TensorType::known(DType::I64, &[3])],
-            &[None, Some(c)],
-        );
+        let t = infer(&Expand, &attrs(&[]), &[x, TensorType::known(DType::I64, &[3])], &[None, Some(c)]);
         assert_eq!(t.unwrap()[0], TensorType::known(DType::F32, &[2, 3, 6]));
         let x = TensorType::new(DType::Bool, vec![n()]);
         let c = Tensor::from_i64(&[2], vec![0, -1]);
-        let t = infer(
-            &Unsqueeze,
-            &attrs(&[]),
-            &[x, TensorType::known(DType::I64, &[2])],
-            &[None, Some(c)],
-        );
-        assert_eq!(
-            t.unwrap()[0],
-            TensorType::new(DType::Bool, vec![Dim::Known(1), n(), Dim::Known(1)])
-        );
+        let t = infer(&Unsqueeze, &attrs(&[]), &[x, TensorType::known(DType::I64, &[2])], &[None, Some(c)]);
+        assert_eq!(t.unwrap()[0], TensorType::new(DType::Bool, vec![Dim::Known(1), n(), Dim::Known(1)]));
     }
 
     #[test]
@@ -977,23 +833,14 @@ mod tests {
         let y = eval(&Split, &a, &[&x], 2).unwrap();
         assert_eq!((y[0].to_i64(), y[1].to_i64()), (vec![0, 1, 2], vec![3, 4]));
         let x = Tensor::from_i64(&[1, 4, 1, 1], vec![0, 1, 2, 3]);
-        let y = eval(
-            &DepthToSpace,
-            &attrs(&[("blocksize", Attr::Int(2))]),
-            &[&x],
-            1,
-        )
-        .unwrap();
+        let y = eval(&DepthToSpace, &attrs(&[("blocksize", Attr::Int(2))]), &[&x], 1).unwrap();
         assert_eq!(y[0].shape, vec![1, 1, 2, 2]);
         assert_eq!(y[0].to_i64(), vec![0, 1, 2, 3]);
     }
 
     #[test]
     fn reshape_resolves_zero_and_minus_one() {
-        assert_eq!(
-            resolve_reshape(&[2, 3, 4], &[0, -1], false).unwrap(),
-            vec![2, 12]
-        );
+        assert_eq!(resolve_reshape(&[2, 3, 4], &[0, -1], false).unwrap(), vec![2, 12]);
         assert_eq!(resolve_reshape(&[0, 3], &[3, 0], true).unwrap(), vec![3, 0]);
         assert!(resolve_reshape(&[2, 3], &[4, -1], false).is_err());
         assert!(resolve_reshape(&[2, 3], &[-1, -1], false).is_err());
@@ -1002,15 +849,9 @@ mod tests {
     #[test]
     fn reshape_infers_symbolic_minus_one() {
         let n = Dim::sym("N");
-        let out = infer_minus_one(
-            Some(&[n.clone(), Dim::Known(3), Dim::Known(4)]),
-            &[Some(n.clone()), None],
-        );
+        let out = infer_minus_one(Some(&[n.clone(), Dim::Known(3), Dim::Known(4)]), &[Some(n.clone()), None]);
         assert_eq!(out, Some(Dim::Known(12)));
-        let out = infer_minus_one(
-            Some(&[n.clone(), Dim::Known(12)]),
-            &[Some(Dim::Known(12)), None],
-        );
+        let out = infer_minus_one(Some(&[n.clone(), Dim::Known(12)]), &[Some(Dim::Known(12)), None]);
         assert_eq!(out, Some(n));
     }
 

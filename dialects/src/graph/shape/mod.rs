@@ -126,10 +126,7 @@ impl_elem!(
 pub(crate) fn elems<T: Elem>(t: &Tensor) -> OpResult<&[T]> {
     match T::slice(&t.data) {
         Some(v) => Ok(v),
-        None => bail!(
-            "expected a tensor of the data's element type, found {}",
-            t.dtype()
-        ),
+        None => bail!("expected a tensor of the data's element type, found {}", t.dtype()),
     }
 }
 
@@ -141,31 +138,19 @@ pub(crate) fn build<T: Elem>(shape: Vec<usize>, v: Vec<T>) -> Tensor {
 /// Checks that `b` has the same element type as `a`.
 pub(crate) fn same_dtype(a: &Tensor, b: &Tensor, what: &str) -> OpResult<()> {
     if a.dtype() != b.dtype() {
-        bail!(
-            "{what} must have the data's element type {}, found {}",
-            a.dtype(),
-            b.dtype()
-        );
+        bail!("{what} must have the data's element type {}, found {}", a.dtype(), b.dtype());
     }
     Ok(())
 }
 
 /// Row-major strides as `isize`.
 pub(crate) fn istrides(shape: &[usize]) -> Vec<isize> {
-    crate::tensor::strides(shape)
-        .into_iter()
-        .map(|s| s as isize)
-        .collect()
+    crate::tensor::strides(shape).into_iter().map(|s| s as isize).collect()
 }
 
 /// `out[o] = src[base + Σ o_k·strides_k]` for every index `o` of `out_shape`, row-major.
 /// The caller guarantees every addressed element is in range.
-pub(crate) fn strided_copy<T: Clone>(
-    src: &[T],
-    out_shape: &[usize],
-    strides: &[isize],
-    base: isize,
-) -> Vec<T> {
+pub(crate) fn strided_copy<T: Clone>(src: &[T], out_shape: &[usize], strides: &[isize], base: isize) -> Vec<T> {
     let n: usize = out_shape.iter().product();
     let mut out = Vec::with_capacity(n);
     if n == 0 {
@@ -208,12 +193,7 @@ pub(crate) fn strided_copy<T: Clone>(
 }
 
 /// A strided view of `t` (see [`strided_copy`]) materialized as a tensor of `out_shape`.
-pub(crate) fn strided_view(
-    t: &Tensor,
-    out_shape: Vec<usize>,
-    strides: &[isize],
-    base: isize,
-) -> Tensor {
+pub(crate) fn strided_view(t: &Tensor, out_shape: Vec<usize>, strides: &[isize], base: isize) -> Tensor {
     let data = crate::map_data!(&t.data, v => strided_copy(v, &out_shape, strides, base));
     Tensor::new(out_shape, data)
 }
@@ -251,23 +231,13 @@ fn map_gather<T: Clone>(src: &[T], in_shape: &[usize], maps: &[Vec<usize>], fill
         let mut base = Some(0usize);
         for k in 0..r - 1 {
             let m = maps[k][idx[k]];
-            base = if m == FILL {
-                None
-            } else {
-                base.map(|b| b + m * st[k])
-            };
+            base = if m == FILL { None } else { base.map(|b| b + m * st[k]) };
         }
         match base {
             None => out.extend(std::iter::repeat_n(fill.clone(), last.len())),
             Some(b) => {
                 let s = st[r - 1];
-                out.extend(last.iter().map(|&m| {
-                    if m == FILL {
-                        fill.clone()
-                    } else {
-                        src[b + m * s].clone()
-                    }
-                }))
+                out.extend(last.iter().map(|&m| if m == FILL { fill.clone() } else { src[b + m * s].clone() }))
             }
         }
         let mut ax = r - 1;
@@ -287,19 +257,11 @@ fn map_gather<T: Clone>(src: &[T], in_shape: &[usize], maps: &[Vec<usize>], fill
 
 /// Gathers `t` through one index map per axis (see [`map_gather`]); `fill` (its first element,
 /// else zero) fills the [`FILL`] positions. Map entries must be in range of `t`'s dims.
-pub(crate) fn gather_maps(
-    t: &Tensor,
-    maps: &[Vec<usize>],
-    fill: Option<&Tensor>,
-) -> OpResult<Tensor> {
+pub(crate) fn gather_maps(t: &Tensor, maps: &[Vec<usize>], fill: Option<&Tensor>) -> OpResult<Tensor> {
     let out_shape: Vec<usize> = maps.iter().map(Vec::len).collect();
     checked_numel(&out_shape)?;
     if maps.len() != t.rank() {
-        bail!(
-            "internal: {} index maps for a rank-{} tensor",
-            maps.len(),
-            t.rank()
-        );
+        bail!("internal: {} index maps for a rank-{} tensor", maps.len(), t.rank());
     }
     with_elem!(t.dtype(), T => {
         let src = elems::<T>(t)?;
@@ -323,9 +285,7 @@ pub(crate) fn in_dims(cx: &InferCx, i: usize) -> OpResult<Option<Vec<Dim>>> {
 
 /// Input `i`'s constant value as i64s, when known and integer.
 pub(crate) fn const_ints(cx: &InferCx, i: usize) -> Option<Vec<i64>> {
-    cx.const_input(i)
-        .filter(|t| t.dtype().is_int())
-        .map(|t| t.to_i64())
+    cx.const_input(i).filter(|t| t.dtype().is_int()).map(|t| t.to_i64())
 }
 
 /// The length of a 1-D input (shape, axes, pads, ...) when its type says so statically.
@@ -411,9 +371,7 @@ pub(crate) mod testing {
         consts: &[Option<Tensor>],
     ) -> OpResult<Vec<TensorType>> {
         let ins: Vec<Option<TensorType>> = inputs.iter().cloned().map(Some).collect();
-        let cs: Vec<Option<&Tensor>> = (0..inputs.len())
-            .map(|i| consts.get(i).and_then(|c| c.as_ref()))
-            .collect();
+        let cs: Vec<Option<&Tensor>> = (0..inputs.len()).map(|i| consts.get(i).and_then(|c| c.as_ref())).collect();
         let mut next = 0;
         let mut cx = InferCx::new(a, &ins, &cs, 1, 25, &[], &mut next);
         op.infer(&mut cx)
@@ -427,19 +385,9 @@ pub(crate) mod testing {
     }
 
     /// Runs `op.eval` at the latest opset.
-    pub fn eval(
-        op: &dyn OpDef,
-        a: &Attrs,
-        inputs: &[&Tensor],
-        outs: usize,
-    ) -> OpResult<Vec<Tensor>> {
-        let cx = EvalCx {
-            attrs: crate::graph::AttrView(a),
-            num_outputs: outs,
-            opset: 25,
-            regions: &[],
-            runner: &NoRegions,
-        };
+    pub fn eval(op: &dyn OpDef, a: &Attrs, inputs: &[&Tensor], outs: usize) -> OpResult<Vec<Tensor>> {
+        let cx =
+            EvalCx { attrs: crate::graph::AttrView(a), num_outputs: outs, opset: 25, regions: &[], runner: &NoRegions };
         let ins: Vec<Option<&Tensor>> = inputs.iter().map(|&t| Some(t)).collect();
         op.eval(&cx, &ins)
     }

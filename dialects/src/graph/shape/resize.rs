@@ -80,10 +80,7 @@ impl Cfg {
             "cubic" | "bicubic" => Mode::Cubic,
             m => bail!("mode must be nearest, linear or cubic, found '{m}'"),
         };
-        let coord = match a
-            .string("coordinate_transformation_mode", "half_pixel")?
-            .as_str()
-        {
+        let coord = match a.string("coordinate_transformation_mode", "half_pixel")?.as_str() {
             _ if legacy => Coord::Asymmetric,
             "half_pixel" => Coord::HalfPixel,
             "half_pixel_symmetric" => Coord::HalfPixelSymmetric,
@@ -166,9 +163,7 @@ fn coeffs(cfg: &Cfg, ratio: f64, scale: f64, nearest: Nearest) -> Vec<f64> {
             let start = (-1.0 / s).floor() as i64 + 1;
             let footprint = 2 - 2 * start;
             normalize(
-                (start..start + footprint)
-                    .map(|i| (1.0 - ((i as f64 - ratio) * s).abs()).clamp(0.0, 1.0))
-                    .collect(),
+                (start..start + footprint).map(|i| (1.0 - ((i as f64 - ratio) * s).abs()).clamp(0.0, 1.0)).collect(),
             )
         }
         Mode::Linear => vec![1.0 - ratio, ratio],
@@ -176,31 +171,17 @@ fn coeffs(cfg: &Cfg, ratio: f64, scale: f64, nearest: Nearest) -> Vec<f64> {
             let s = scale.min(1.0);
             let i_start = (-2.0 / s).floor() as i64 + 1;
             let i_end = 2 - i_start;
-            normalize(
-                (i_start..i_end)
-                    .map(|i| cubic_kernel(s * (i as f64 - ratio), cfg.cubic_a))
-                    .collect(),
-            )
+            normalize((i_start..i_end).map(|i| cubic_kernel(s * (i as f64 - ratio), cfg.cubic_a)).collect())
         }
         Mode::Cubic => {
             let a = cfg.cubic_a;
-            [ratio + 1.0, ratio, 1.0 - ratio, 2.0 - ratio]
-                .iter()
-                .map(|&x| cubic_kernel(x, a))
-                .collect()
+            [ratio + 1.0, ratio, 1.0 - ratio, 2.0 - ratio].iter().map(|&x| cubic_kernel(x, a)).collect()
         }
     }
 }
 
 /// Plans the resize of one axis from `in_w` to `out_w` elements.
-fn plan_axis(
-    cfg: &Cfg,
-    axis: usize,
-    in_w: usize,
-    out_w: usize,
-    scale: f64,
-    roi: (f64, f64),
-) -> OpResult<AxisPlan> {
+fn plan_axis(cfg: &Cfg, axis: usize, in_w: usize, out_w: usize, scale: f64, roi: (f64, f64)) -> OpResult<AxisPlan> {
     if in_w == 0 && out_w > 0 {
         bail!("cannot resize an empty axis {axis} to {out_w} elements");
     }
@@ -216,14 +197,7 @@ fn plan_axis(
         _ => Nearest::Floor,
     };
     let (inf, out_f) = (in_w as f64, scale * in_w as f64);
-    let mut plan = AxisPlan {
-        axis,
-        out: out_w,
-        taps: 0,
-        idx: Vec::new(),
-        w: Vec::new(),
-        extrap: vec![false; out_w],
-    };
+    let mut plan = AxisPlan { axis, out: out_w, taps: 0, idx: Vec::new(), w: Vec::new(), extrap: vec![false; out_w] };
     for y in 0..out_w {
         let yf = y as f64;
         let x = match cfg.coord {
@@ -292,8 +266,7 @@ fn plan_axis(
             c.iter_mut().for_each(|cj| *cj /= s);
         }
         for (j, &cj) in c.iter().enumerate() {
-            plan.idx
-                .push((start + j as i64).clamp(0, in_w as i64 - 1).max(0) as usize);
+            plan.idx.push((start + j as i64).clamp(0, in_w as i64 - 1).max(0) as usize);
             plan.w.push(cj);
         }
     }
@@ -326,12 +299,7 @@ impl Num for f64 {
 }
 
 /// Applies one axis plan to `src` of `shape`; returns the new buffer (shape updated in place).
-fn apply_axis<F: Num>(
-    src: &[F],
-    shape: &mut [usize],
-    plan: &AxisPlan,
-    extrapolation: f64,
-) -> Vec<F> {
+fn apply_axis<F: Num>(src: &[F], shape: &mut [usize], plan: &AxisPlan, extrapolation: f64) -> Vec<F> {
     let a = plan.axis;
     let outer: usize = shape[..a].iter().product();
     let inner: usize = shape[a + 1..].iter().product();
@@ -377,8 +345,7 @@ fn resize(
     checked_numel(out)?;
     let mut plans = Vec::new();
     for &a in axes {
-        let trivial_roi =
-            cfg.coord != Coord::TfCropAndResize || (roi[a].0 == 0.0 && roi[a].1 == 1.0);
+        let trivial_roi = cfg.coord != Coord::TfCropAndResize || (roi[a].0 == 0.0 && roi[a].1 == 1.0);
         if (scales[a] - 1.0).abs() <= 1e-9 && out[a] == x.shape[a] && trivial_roi {
             continue;
         }
@@ -414,10 +381,7 @@ fn sizes_and_scales(
     let mut sc = vec![1.0; in_shape.len()];
     if let Some(sizes) = sizes {
         if sizes.len() != axes.len() || sizes.iter().any(|&s| s < 0) {
-            bail!(
-                "sizes {sizes:?} must have one non-negative size per axis ({} axes)",
-                axes.len()
-            );
+            bail!("sizes {sizes:?} must have one non-negative size per axis ({} axes)", axes.len());
         }
         for (&a, &s) in axes.iter().zip(sizes) {
             out[a] = s as usize;
@@ -436,15 +400,8 @@ fn sizes_and_scales(
             }
         }
     } else if let Some(scales) = scales {
-        if scales.len() != axes.len()
-            || scales
-                .iter()
-                .any(|&s| s.is_nan() || s <= 0.0 || !s.is_finite())
-        {
-            bail!(
-                "scales {scales:?} must have one positive scale per axis ({} axes)",
-                axes.len()
-            );
+        if scales.len() != axes.len() || scales.iter().any(|&s| s.is_nan() || s <= 0.0 || !s.is_finite()) {
+            bail!("scales {scales:?} must have one positive scale per axis ({} axes)", axes.len());
         }
         for (&a, &s) in axes.iter().zip(scales) {
             sc[a] = s;
@@ -489,21 +446,11 @@ impl OpDef for Resize {
             return Ok(vec![TensorType::unranked(dtype)]);
         };
         let axes = resize_axes(&cx.attrs, d.len())?;
-        let (scales_i, sizes_i) = if cx.opset < 11 {
-            (1, usize::MAX)
-        } else {
-            (2, 3)
-        };
+        let (scales_i, sizes_i) = if cx.opset < 11 { (1, usize::MAX) } else { (2, 3) };
         let present = |i: usize| cx.opt_input(i).is_some_and(|t| t.num_elements() != Some(0));
-        let sizes = if present(sizes_i) {
-            const_ints(cx, sizes_i)
-        } else {
-            None
-        };
+        let sizes = if present(sizes_i) { const_ints(cx, sizes_i) } else { None };
         let scales: Option<Vec<f64>> = if present(scales_i) {
-            cx.const_input(scales_i)
-                .filter(|t| t.dtype().is_float() && !t.is_empty())
-                .map(|t| t.to_f64())
+            cx.const_input(scales_i).filter(|t| t.dtype().is_float() && !t.is_empty()).map(|t| t.to_f64())
         } else {
             None
         };
@@ -516,16 +463,11 @@ impl OpDef for Resize {
         let (roi, scales, sizes) = if cx.opset < 11 {
             (None, nonempty(inputs, 1), None)
         } else {
-            (
-                nonempty(inputs, 1),
-                nonempty(inputs, 2),
-                nonempty(inputs, 3),
-            )
+            (nonempty(inputs, 1), nonempty(inputs, 2), nonempty(inputs, 3))
         };
         let sizes = sizes.map(|t| t.to_i64());
         let scales = scales.map(|t| t.to_f64());
-        let (out, sc) =
-            sizes_and_scales(&cfg, &x.shape, &axes, sizes.as_deref(), scales.as_deref())?;
+        let (out, sc) = sizes_and_scales(&cfg, &x.shape, &axes, sizes.as_deref(), scales.as_deref())?;
         let mut full_roi = vec![(0.0, 1.0); x.rank()];
         if let (Coord::TfCropAndResize, Some(r)) = (cfg.coord, roi) {
             let r = r.to_f64();
@@ -560,10 +502,7 @@ fn infer_resized(
         }
         (Some(s), _, None) if cfg.policy == Policy::Stretch => {
             if s.len() != axes.len() || s.iter().any(|&v| v < 0) {
-                bail!(
-                    "sizes {s:?} must have one non-negative size per axis ({} axes)",
-                    axes.len()
-                );
+                bail!("sizes {s:?} must have one non-negative size per axis ({} axes)", axes.len());
             }
             for (&a, &v) in axes.iter().zip(&s) {
                 shape[a] = Dim::Known(v as u64);
@@ -571,10 +510,7 @@ fn infer_resized(
         }
         (None, Some(s), _) if !sizes_given => {
             if s.len() != axes.len() {
-                bail!(
-                    "scales {s:?} must have one scale per axis ({} axes)",
-                    axes.len()
-                );
+                bail!("scales {s:?} must have one scale per axis ({} axes)", axes.len());
             }
             for (&a, &v) in axes.iter().zip(&s) {
                 shape[a] = match &d[a] {
@@ -620,10 +556,7 @@ fn upsample_attr_scales(a: &AttrView, rank: Option<usize>) -> OpResult<Option<Ve
         return Ok(Some(s.into_iter().map(f64::from).collect()));
     }
     if a.has("height_scale") || a.has("width_scale") {
-        let (h, w) = (
-            a.float("height_scale", 1.0)? as f64,
-            a.float("width_scale", 1.0)? as f64,
-        );
+        let (h, w) = (a.float("height_scale", 1.0)? as f64, a.float("width_scale", 1.0)? as f64);
         let r = rank.unwrap_or(4);
         let mut s = vec![1.0; r];
         if r >= 2 {
