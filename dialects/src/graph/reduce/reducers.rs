@@ -7,54 +7,22 @@
 
 use super::{fold_axes, map_elems, with_elems, Elem};
 use crate::bail;
-use crate::graph::{
-    ints_of, norm_axes, opt, req, AttrView, EvalCx, InferCx, OpDef, OpResult, Registry,
-};
+use crate::graph::{ints_of, norm_axes, opt, req, AttrView, EvalCx, InferCx, OpDef, OpResult, Registry};
 use crate::tensor::Tensor;
 use crate::types::{DType, Dim, TensorType};
 
 pub fn register(r: &mut Registry) {
     r.add_all(&[
-        &Reduce {
-            name: "ReduceSum",
-            kind: Kind::Sum,
-        },
-        &Reduce {
-            name: "ReduceMean",
-            kind: Kind::Mean,
-        },
-        &Reduce {
-            name: "ReduceMax",
-            kind: Kind::Max,
-        },
-        &Reduce {
-            name: "ReduceMin",
-            kind: Kind::Min,
-        },
-        &Reduce {
-            name: "ReduceProd",
-            kind: Kind::Prod,
-        },
-        &Reduce {
-            name: "ReduceL1",
-            kind: Kind::L1,
-        },
-        &Reduce {
-            name: "ReduceL2",
-            kind: Kind::L2,
-        },
-        &Reduce {
-            name: "ReduceLogSum",
-            kind: Kind::LogSum,
-        },
-        &Reduce {
-            name: "ReduceLogSumExp",
-            kind: Kind::LogSumExp,
-        },
-        &Reduce {
-            name: "ReduceSumSquare",
-            kind: Kind::SumSquare,
-        },
+        &Reduce { name: "ReduceSum", kind: Kind::Sum },
+        &Reduce { name: "ReduceMean", kind: Kind::Mean },
+        &Reduce { name: "ReduceMax", kind: Kind::Max },
+        &Reduce { name: "ReduceMin", kind: Kind::Min },
+        &Reduce { name: "ReduceProd", kind: Kind::Prod },
+        &Reduce { name: "ReduceL1", kind: Kind::L1 },
+        &Reduce { name: "ReduceL2", kind: Kind::L2 },
+        &Reduce { name: "ReduceLogSum", kind: Kind::LogSum },
+        &Reduce { name: "ReduceLogSumExp", kind: Kind::LogSumExp },
+        &Reduce { name: "ReduceSumSquare", kind: Kind::SumSquare },
     ]);
 }
 
@@ -80,10 +48,7 @@ struct Reduce {
 }
 
 /// The requested axes: `Some(list)` (possibly empty) or `None` when unknown at compile time.
-fn requested_axes(
-    attrs: AttrView,
-    axes_input: Option<Option<&Tensor>>,
-) -> OpResult<Option<Vec<i64>>> {
+fn requested_axes(attrs: AttrView, axes_input: Option<Option<&Tensor>>) -> OpResult<Option<Vec<i64>>> {
     if let Some(a) = attrs.ints("axes")? {
         return Ok(Some(a));
     }
@@ -142,10 +107,7 @@ impl OpDef for Reduce {
             return Ok(vec![TensorType::unranked(x.dtype)]);
         };
         let mask = reduced_mask(&axes, shape.len(), noop)?;
-        Ok(vec![TensorType::new(
-            x.dtype,
-            out_shape(shape, &mask, keepdims, Dim::Known(1)),
-        )])
+        Ok(vec![TensorType::new(x.dtype, out_shape(shape, &mask, keepdims, Dim::Known(1)))])
     }
 
     fn eval(&self, cx: &EvalCx, inputs: &[Option<&Tensor>]) -> OpResult<Vec<Tensor>> {
@@ -156,13 +118,7 @@ impl OpDef for Reduce {
         let axes = requested_axes(cx.attrs, Some(opt(inputs, 1)))?.unwrap_or_default();
         let mask = reduced_mask(&axes, x.rank(), noop)?;
         let shape = out_shape(&x.shape, &mask, keepdims, 1);
-        let count: usize = x
-            .shape
-            .iter()
-            .zip(&mask)
-            .filter(|(_, &r)| r)
-            .map(|(&d, _)| d)
-            .product();
+        let count: usize = x.shape.iter().zip(&mask).filter(|(_, &r)| r).map(|(&d, _)| d).product();
         let dt = x.dtype();
         let data = match self.kind {
             Kind::Max | Kind::Min => {
@@ -170,19 +126,9 @@ impl OpDef for Reduce {
                 map_elems!(&x.data, v => extreme(v, &x.shape, &mask, max), str => bail!("{} does not support strings", self.name))
             }
             _ if dt.is_int() && !matches!(self.kind, Kind::L2 | Kind::LogSum | Kind::LogSumExp) => {
-                return Ok(vec![Tensor::from_i64_as(
-                    dt,
-                    &shape,
-                    self.int_reduce(x, &mask, count)?,
-                )]);
+                return Ok(vec![Tensor::from_i64_as(dt, &shape, self.int_reduce(x, &mask, count)?)]);
             }
-            _ => {
-                return Ok(vec![Tensor::from_f64(
-                    dt,
-                    &shape,
-                    self.float_reduce(x, &mask, count)?,
-                )])
-            }
+            _ => return Ok(vec![Tensor::from_f64(dt, &shape, self.float_reduce(x, &mask, count)?)]),
         };
         Ok(vec![Tensor::new(shape, data)])
     }
@@ -219,9 +165,7 @@ impl Reduce {
                 let acc = with_elems!(&x.data, v => fold_axes(v, &x.shape, mask, init, |a, e| {
                     lse_step(a, e.f64())
                 }), str => bail!("{} does not support strings", self.name));
-                acc.into_iter()
-                    .map(|(m, s)| if s.is_infinite() { s } else { m + s.ln() })
-                    .collect()
+                acc.into_iter().map(|(m, s)| if s.is_infinite() { s } else { m + s.ln() }).collect()
             }
             Kind::Max | Kind::Min => bail!("{} is computed in the input type", self.name),
         })
@@ -242,13 +186,7 @@ impl Reduce {
             Kind::Sum => fold!(0, |a, e| a.wrapping_add(e)),
             Kind::Mean => fold!(0, |a, e| a.wrapping_add(e))
                 .into_iter()
-                .map(|a| {
-                    if count == 0 {
-                        0
-                    } else {
-                        a.wrapping_div(count as i64)
-                    }
-                })
+                .map(|a| if count == 0 { 0 } else { a.wrapping_div(count as i64) })
                 .collect(),
             Kind::Prod => fold!(1, |a, e| a.wrapping_mul(e)),
             Kind::L1 => fold!(0, |a, e| a.wrapping_add(e.wrapping_abs())),
@@ -302,21 +240,9 @@ fn extreme<T: Elem>(v: &[T], shape: &[usize], mask: &[bool], max: bool) -> Vec<T
     #[allow(clippy::eq_op)]
     let is_nan = |e: T| e != e;
     if max {
-        fold_axes(v, shape, mask, T::LOWEST, |a, e| {
-            if e > a || is_nan(e) {
-                e
-            } else {
-                a
-            }
-        })
+        fold_axes(v, shape, mask, T::LOWEST, |a, e| if e > a || is_nan(e) { e } else { a })
     } else {
-        fold_axes(v, shape, mask, T::HIGHEST, |a, e| {
-            if e < a || is_nan(e) {
-                e
-            } else {
-                a
-            }
-        })
+        fold_axes(v, shape, mask, T::HIGHEST, |a, e| if e < a || is_nan(e) { e } else { a })
     }
 }
 
@@ -328,9 +254,7 @@ mod tests {
 
     fn run(name: &str, attrs: &[(&str, Attr)], x: Tensor, axes: Option<Vec<i64>>) -> Tensor {
         let axes = axes.map(|v| Tensor::from_i64(&[v.len()], v));
-        eval_op(name, attrs, &[Some(&x), axes.as_ref()], 1, 18)
-            .unwrap()
-            .remove(0)
+        eval_op(name, attrs, &[Some(&x), axes.as_ref()], 1, 18).unwrap().remove(0)
     }
 
     #[test]
@@ -338,16 +262,8 @@ mod tests {
         let x = Tensor::from_f32(&[2, 3], vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
         let y = run("ReduceSum", &[], x.clone(), Some(vec![1]));
         assert_eq!((y.shape.clone(), y.to_f64()), (vec![2, 1], vec![6.0, 15.0]));
-        let y = run(
-            "ReduceMean",
-            &[("keepdims", Attr::Int(0))],
-            x.clone(),
-            Some(vec![0]),
-        );
-        assert_eq!(
-            (y.shape.clone(), y.to_f64()),
-            (vec![3], vec![2.5, 3.5, 4.5])
-        );
+        let y = run("ReduceMean", &[("keepdims", Attr::Int(0))], x.clone(), Some(vec![0]));
+        assert_eq!((y.shape.clone(), y.to_f64()), (vec![3], vec![2.5, 3.5, 4.5]));
         let y = run("ReduceMax", &[("keepdims", Attr::Int(0))], x.clone(), None);
         assert_eq!((y.shape.clone(), y.to_f64()), (vec![], vec![6.0]));
         let y = run("ReduceLogSumExp", &[], x, Some(vec![1]));
@@ -362,12 +278,7 @@ mod tests {
         let y = run("ReduceMin", &[], x, Some(vec![1]));
         assert!(y.to_f64().iter().all(|v| *v == f64::INFINITY));
         let x = Tensor::from_i64(&[2], vec![3, -4]);
-        let y = run(
-            "ReduceSumSquare",
-            &[("noop_with_empty_axes", Attr::Int(1))],
-            x,
-            Some(vec![]),
-        );
+        let y = run("ReduceSumSquare", &[("noop_with_empty_axes", Attr::Int(1))], x, Some(vec![]));
         assert_eq!(y.to_i64(), vec![9, 16]);
         let b = Tensor::from_bool(&[2, 2], vec![true, false, false, false]);
         let y = run("ReduceMax", &[("axes", Attr::Ints(vec![1]))], b, None);
