@@ -261,7 +261,11 @@ impl OpDef for Squeeze {
             Some(a) => Some(a),
             None if cx.opt_input(1).is_some() => match const_ints(cx, 1) {
                 Some(a) => Some(a),
-                None => return Ok(vec![TensorType::unranked(dtype)]),
+                // Unknown axes: only the rank is known, when the axes' count is.
+                None => {
+                    let shape = static_len(cx, 1).and_then(|n| d.len().checked_sub(n)).map(|r| cx.fresh_dims(r));
+                    return Ok(vec![TensorType { dtype, shape }]);
+                }
             },
             None => None,
         };
