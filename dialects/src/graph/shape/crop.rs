@@ -1,8 +1,9 @@
 //! Windowing ops: Slice, Pad, CenterCropPad, Compress, ReverseSequence.
 
+use super::{axes_in, axis_in};
 use super::{const_ints, gather_maps, istrides, kd, same_dtype, strided_view, FILL};
 use crate::bail;
-use crate::graph::{checked_numel, ints_of, norm_axes, norm_axis, opt, req};
+use crate::graph::{checked_numel, ints_of, opt, req};
 use crate::graph::{EvalCx, InferCx, OpDef, OpResult, Registry};
 use crate::tensor::Tensor;
 use crate::types::{Dim, TensorType};
@@ -67,7 +68,7 @@ impl SliceArgs {
         }
         let axes = match &self.axes {
             Some(a) if a.len() != n => bail!("axes {a:?} must have {n} entries like starts"),
-            Some(a) => norm_axes(a, rank)?,
+            Some(a) => axes_in(a, rank)?,
             None if n > rank => bail!("{n} starts for a rank-{rank} input"),
             None => (0..n).collect(),
         };
@@ -149,7 +150,7 @@ impl OpDef for Slice {
             // Unknown bounds: the sliced axes get fresh dims (all axes if they are unknown too).
             let axes = if cx.opset >= 10 && cx.opt_input(3).is_some() { const_ints(cx, 3) } else { None };
             let axes = match axes {
-                Some(a) => norm_axes(&a, d.len())?,
+                Some(a) => axes_in(&a, d.len())?,
                 None => (0..d.len()).collect(),
             };
             let shape = (0..d.len()).map(|k| if axes.contains(&k) { cx.fresh_dim() } else { d[k].clone() }).collect();
@@ -253,7 +254,7 @@ fn pad_map(dim: usize, begin: i64, end: i64, mode: PadMode) -> OpResult<Vec<usiz
 /// Full-rank (begin, end) pads from `pads` over `axes` (all axes when absent).
 fn full_pads(pads: &[i64], axes: Option<&[i64]>, rank: usize) -> OpResult<Vec<(i64, i64)>> {
     let axes = match axes {
-        Some(a) => norm_axes(a, rank)?,
+        Some(a) => axes_in(a, rank)?,
         None => (0..rank).collect(),
     };
     if pads.len() != 2 * axes.len() {
@@ -345,7 +346,7 @@ impl OpDef for CenterCropPad {
             return Ok(vec![TensorType::unranked(dtype)]);
         };
         let axes = match cx.attrs.ints("axes")? {
-            Some(a) => norm_axes(&a, d.len())?,
+            Some(a) => axes_in(&a, d.len())?,
             None => (0..d.len()).collect(),
         };
         let target = const_ints(cx, 1);
@@ -363,7 +364,7 @@ impl OpDef for CenterCropPad {
         let x = req(inputs, 0)?;
         let target = ints_of(req(inputs, 1)?)?;
         let axes = match cx.attrs.ints("axes")? {
-            Some(a) => norm_axes(&a, x.rank())?,
+            Some(a) => axes_in(&a, x.rank())?,
             None => (0..x.rank()).collect(),
         };
         if target.len() != axes.len() || target.iter().any(|&v| v < 0) {
@@ -403,8 +404,9 @@ impl OpDef for Compress {
         };
         let shape = match (cx.attrs.get("axis"), &x.shape) {
             (None, _) => Some(vec![n]),
+            (Some(_), Some(d)) if d.is_empty() => bail!("Compress with an axis needs an input of rank >= 1"),
             (Some(_), Some(d)) => {
-                let a = norm_axis(cx.attrs.int("axis", 0)?, d.len())?;
+                let a = axis_in(cx.attrs.int("axis", 0)?, d.len())?;
                 let mut s = d.clone();
                 s[a] = n;
                 Some(s)
@@ -421,7 +423,7 @@ impl OpDef for Compress {
         }
         let (x, axis) = match cx.attrs.get("axis") {
             None => (x.clone().reshaped(vec![x.len()]), 0),
-            Some(_) => (x.clone(), norm_axis(cx.attrs.int("axis", 0)?, x.rank())?),
+            Some(_) => (x.clone(), axis_in(cx.attrs.int("axis", 0)?, x.rank())?),
         };
         if x.rank() == 0 {
             bail!("Compress with an axis needs an input of rank >= 1");
@@ -454,8 +456,8 @@ impl OpDef for ReverseSequence {
         if x.rank() < 2 {
             bail!("input must have rank >= 2, found {}", x.rank());
         }
-        let ba = norm_axis(cx.attrs.int("batch_axis", 1)?, x.rank())?;
-        let ta = norm_axis(cx.attrs.int("time_axis", 0)?, x.rank())?;
+        let ba = axis_in(cx.attrs.int("batch_axis", 1)?, x.rank())?;
+        let ta = axis_in(cx.attrs.int("time_axis", 0)?, x.rank())?;
         if ba == ta || ba > 1 || ta > 1 {
             bail!("batch_axis and time_axis must be 0 and 1 in some order, found {ba} and {ta}");
         }

@@ -1,9 +1,10 @@
 //! Indexing ops: Gather, GatherElements, GatherND, Scatter, ScatterElements, ScatterND,
 //! TensorScatter, NonZero, OneHot.
 
+use super::axis_in;
 use super::{build, elems, expect_index_dtype, kd, norm_index, same_dtype};
 use crate::bail;
-use crate::graph::{checked_numel, norm_axis, opt, req, same_as_input};
+use crate::graph::{checked_numel, opt, req, same_as_input};
 use crate::graph::{EvalCx, InferCx, OpDef, OpResult, Registry};
 use crate::tensor::{strides, Tensor};
 use crate::types::{DType, Dim, TensorType};
@@ -67,7 +68,7 @@ impl OpDef for Gather {
         let (x, i) = (cx.input(0)?, cx.input(1)?);
         let shape = match (&x.shape, &i.shape) {
             (Some(d), Some(ind)) => {
-                let a = norm_axis(cx.attrs.int("axis", 0)?, d.len())?;
+                let a = axis_in(cx.attrs.int("axis", 0)?, d.len())?;
                 if d.is_empty() {
                     bail!("Gather data must have rank >= 1");
                 }
@@ -83,7 +84,7 @@ impl OpDef for Gather {
         if x.rank() == 0 {
             bail!("Gather data must have rank >= 1");
         }
-        let a = norm_axis(cx.attrs.int("axis", 0)?, x.rank())?;
+        let a = axis_in(cx.attrs.int("axis", 0)?, x.rank())?;
         let d = x.shape[a];
         let inner: usize = x.shape[a + 1..].iter().product();
         let outer: usize = x.shape[..a].iter().product();
@@ -136,7 +137,7 @@ impl OpDef for GatherElements {
     fn eval(&self, cx: &EvalCx, inputs: &[Option<&Tensor>]) -> OpResult<Vec<Tensor>> {
         let (x, ind) = (req(inputs, 0)?, req(inputs, 1)?);
         expect_index_dtype(ind, "indices")?;
-        let a = norm_axis(cx.attrs.int("axis", 0)?, x.rank())?;
+        let a = axis_in(cx.attrs.int("axis", 0)?, x.rank())?;
         if x.rank() == 0 {
             bail!("GatherElements data must have rank >= 1");
         }
@@ -319,7 +320,7 @@ impl OpDef for ScatterElements {
         if ind.shape != upd.shape {
             bail!("indices {:?} and updates {:?} must have one shape", ind.shape, upd.shape);
         }
-        let a = norm_axis(cx.attrs.int("axis", 0)?, x.rank())?;
+        let a = axis_in(cx.attrs.int("axis", 0)?, x.rank())?;
         let targets = element_targets(&x.shape, ind, a)?;
         Ok(vec![scatter_apply(x, upd, &targets, reduction(cx)?)?])
     }
@@ -370,7 +371,7 @@ impl OpDef for TensorScatter {
             m => bail!("mode must be linear or circular, found '{m}'"),
         };
         let r = cache.rank();
-        let axis = norm_axis(cx.attrs.int("axis", -2)?, r)?;
+        let axis = axis_in(cx.attrs.int("axis", -2)?, r)?;
         if axis == 0 {
             bail!("axis must not be the batch axis 0");
         }
@@ -458,7 +459,7 @@ impl OpDef for NonZero {
 struct OneHot;
 
 fn onehot_axis(cx_attrs: &crate::graph::AttrView, rank: usize) -> OpResult<usize> {
-    norm_axis(cx_attrs.int("axis", -1)?, rank + 1)
+    axis_in(cx_attrs.int("axis", -1)?, rank + 1)
 }
 
 fn depth_of(t: &Tensor) -> OpResult<usize> {

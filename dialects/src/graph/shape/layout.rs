@@ -1,10 +1,11 @@
 //! Layout ops: Reshape, Transpose, Flatten, Squeeze, Unsqueeze, Expand, Concat, Split, Tile,
 //! DepthToSpace, SpaceToDepth.
 
+use super::{axes_in, axis_in};
 use super::{build, const_ints, elems, gather_maps, in_dims, istrides, kd, permuted, product_dim, static_len};
 use super::{ints_attr_or_input, strided_view};
 use crate::bail;
-use crate::graph::{checked_numel, ints_of, norm_axes, norm_axis, req};
+use crate::graph::{checked_numel, ints_of, req};
 use crate::graph::{EvalCx, InferCx, OpDef, OpResult, Registry};
 use crate::tensor::Tensor;
 use crate::types::{broadcast_dims, Dim, TensorType};
@@ -176,7 +177,7 @@ fn perm_of(cx_perm: Option<Vec<i64>>, rank: usize) -> OpResult<Vec<usize>> {
             if p.len() != rank {
                 bail!("perm {p:?} has {} entries, the input has rank {rank}", p.len());
             }
-            norm_axes(&p, rank)
+            axes_in(&p, rank)
         }
     }
 }
@@ -260,13 +261,17 @@ impl OpDef for Squeeze {
             Some(a) => Some(a),
             None if cx.opt_input(1).is_some() => match const_ints(cx, 1) {
                 Some(a) => Some(a),
-                None => return Ok(vec![TensorType::unranked(dtype)]),
+                // Unknown axes: only the rank is known, when the axes' count is.
+                None => {
+                    let shape = static_len(cx, 1).and_then(|n| d.len().checked_sub(n)).map(|r| cx.fresh_dims(r));
+                    return Ok(vec![TensorType { dtype, shape }]);
+                }
             },
             None => None,
         };
         let shape = match axes {
             Some(a) => {
-                let a = norm_axes(&a, d.len())?;
+                let a = axes_in(&a, d.len())?;
                 for &i in &a {
                     if let Dim::Known(k) = d[i] {
                         if k != 1 {
@@ -289,7 +294,7 @@ impl OpDef for Squeeze {
         let x = req(inputs, 0)?;
         let shape = match ints_attr_or_input(cx, inputs, "axes", 1)? {
             Some(a) => {
-                let a = norm_axes(&a, x.rank())?;
+                let a = axes_in(&a, x.rank())?;
                 for &i in &a {
                     if x.shape[i] != 1 {
                         bail!("cannot squeeze axis {i} of size {}", x.shape[i]);
@@ -308,7 +313,7 @@ struct Unsqueeze;
 
 fn unsqueeze<T: Clone>(dims: &[T], axes: &[i64], one: T) -> OpResult<Vec<T>> {
     let out_rank = dims.len() + axes.len();
-    let a = norm_axes(axes, out_rank)?;
+    let a = axes_in(axes, out_rank)?;
     let mut it = dims.iter();
     Ok((0..out_rank)
         .map(|k| if a.contains(&k) { one.clone() } else { it.next().cloned().unwrap_or(one.clone()) })
@@ -442,7 +447,10 @@ impl OpDef for Concat {
             return Ok(vec![TensorType::unranked(dtype)]);
         };
         let rank = r0.len();
-        let axis = norm_axis(concat_axis(&cx.attrs, cx.opset)?, rank)?;
+        if rank == 0 {
+            bail!("Concat inputs must have rank >= 1, found a scalar");
+        }
+        let axis = axis_in(concat_axis(&cx.attrs, cx.opset)?, rank)?;
         let mut out = Vec::with_capacity(rank);
         let mut sum: Option<u64> = (!any_unranked).then_some(0);
         for s in &ranked {
@@ -484,7 +492,7 @@ impl OpDef for Concat {
         if rank == 0 {
             bail!("Concat inputs must have rank >= 1, found a scalar");
         }
-        let axis = norm_axis(concat_axis(&cx.attrs, cx.opset)?, rank)?;
+        let axis = axis_in(concat_axis(&cx.attrs, cx.opset)?, rank)?;
         let mut out_shape = t0.shape.clone();
         out_shape[axis] = 0;
         for t in &ts {
@@ -556,7 +564,10 @@ impl OpDef for Split {
         let Some(d) = x.shape.clone() else {
             return Ok(vec![TensorType::unranked(x.dtype); n]);
         };
-        let axis = norm_axis(cx.attrs.int("axis", 0)?, d.len())?;
+        if d.is_empty() {
+            bail!("cannot split a scalar");
+        }
+        let axis = axis_in(cx.attrs.int("axis", 0)?, d.len())?;
         let split = match cx.attrs.ints("split")? {
             Some(s) => Some(s),
             None => const_ints(cx, 1),
@@ -594,7 +605,7 @@ impl OpDef for Split {
         if x.rank() == 0 {
             bail!("cannot split a scalar");
         }
-        let axis = norm_axis(cx.attrs.int("axis", 0)?, x.rank())?;
+        let axis = axis_in(cx.attrs.int("axis", 0)?, x.rank())?;
         let dim = x.shape[axis];
         let sizes = match ints_attr_or_input(cx, inputs, "split", 1)? {
             Some(s) => {

@@ -203,8 +203,19 @@ pub(crate) fn strided_view(t: &Tensor, out_shape: Vec<usize>, strides: &[isize],
 pub(crate) fn permuted(t: &Tensor, view: &[usize], perm: &[usize]) -> Tensor {
     let st = istrides(view);
     let out_shape: Vec<usize> = perm.iter().map(|&p| view[p]).collect();
-    let strides: Vec<isize> = perm.iter().map(|&p| st[p]).collect();
-    strided_view(t, out_shape, &strides, 0)
+    // Input axes that stay adjacent and in order move as one: merging them makes the copy work
+    // on longer contiguous runs. Each group is (its last input axis, its size).
+    let mut groups: Vec<(usize, usize)> = Vec::with_capacity(perm.len());
+    for &p in perm {
+        match groups.last_mut() {
+            Some(g) if p == g.0 + 1 => *g = (p, g.1 * view[p]),
+            _ => groups.push((p, view[p])),
+        }
+    }
+    let sizes: Vec<usize> = groups.iter().map(|g| g.1).collect();
+    let strides: Vec<isize> = groups.iter().map(|g| st[g.0]).collect();
+    let data = crate::map_data!(&t.data, v => strided_copy(v, &sizes, &strides, 0));
+    Tensor::new(out_shape, data)
 }
 
 /// Marks an output position that takes the fill value in [`gather_maps`].
@@ -326,6 +337,28 @@ pub(crate) fn norm_index(i: i64, dim: usize, what: &str) -> OpResult<usize> {
     Ok(if i < 0 { (i + d) as usize } else { i as usize })
 }
 
+/// Normalizes a possibly negative axis into `[0, rank)` (so a scalar has no axis).
+pub(crate) fn axis_in(axis: i64, rank: usize) -> OpResult<usize> {
+    let r = rank as i64;
+    if axis < -r || axis >= r {
+        bail!("axis {axis} is out of range for rank {rank}");
+    }
+    Ok(if axis < 0 { (axis + r) as usize } else { axis as usize })
+}
+
+/// Normalizes a list of axes with [`axis_in`]; duplicates are an error.
+pub(crate) fn axes_in(axes: &[i64], rank: usize) -> OpResult<Vec<usize>> {
+    let mut out = Vec::with_capacity(axes.len());
+    for &a in axes {
+        let n = axis_in(a, rank)?;
+        if out.contains(&n) {
+            bail!("axis {a} is repeated in {axes:?}");
+        }
+        out.push(n);
+    }
+    Ok(out)
+}
+
 /// Reads an integer list from the attribute `attr` when present, else from input `i`.
 pub(crate) fn ints_attr_or_input(
     cx: &super::EvalCx,
@@ -397,12 +430,119 @@ pub(crate) mod testing {
 mod tests {
     use super::*;
 
+    /// Random inputs and attributes must give results or errors, never panics.
+    #[test]
+    fn ops_never_panic_on_random_inputs() {
+        use crate::attr::{Attr, Attrs};
+        use crate::graph::{AttrView, EvalCx, InferCx, OpDef};
+        use crate::types::TensorType;
+        let mut reg = Registry { ops: std::collections::HashMap::new() };
+        register(&mut reg);
+        let mut seed: u64 = 0x9e3779b97f4a7c15;
+        let mut rnd = move |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n.max(1)
+        };
+        let dtypes = [DType::F32, DType::I64, DType::I32, DType::Bool, DType::String, DType::F16];
+        let strs =
+            ["constant", "reflect", "edge", "wrap", "DCR", "CRD", "nearest", "linear", "cubic", "add", "max", "none"];
+        let names = reg.names();
+        struct NoRegions;
+        impl crate::graph::RegionRunner for NoRegions {
+            fn run_region(&self, _: &crate::ir::Region, _: Vec<Tensor>) -> OpResult<Vec<Tensor>> {
+                Err(crate::graph::OpError("no regions".into()))
+            }
+        }
+        for _ in 0..20000 {
+            let op: &dyn OpDef = reg.get(names[rnd(names.len() as u64) as usize]).expect("op");
+            let mut inputs = Vec::new();
+            for _ in 0..rnd(5) {
+                if rnd(6) == 0 {
+                    inputs.push(None);
+                    continue;
+                }
+                // Shape-like inputs are mostly int64; updates often share the data's type and shape.
+                let first = inputs.first().and_then(|t: &Option<Tensor>| t.as_ref());
+                let dt = match (inputs.len(), rnd(4), first) {
+                    (0, _, _) | (_, 0, _) => dtypes[rnd(dtypes.len() as u64) as usize],
+                    (_, 1, Some(f)) => f.dtype(),
+                    _ => DType::I64,
+                };
+                let shape: Vec<usize> = match (rnd(3), first) {
+                    (0, Some(f)) => f.shape.clone(),
+                    _ => (0..rnd(4)).map(|_| rnd(4) as usize).collect(),
+                };
+                let n: usize = shape.iter().product();
+                let vals: Vec<i64> = (0..n).map(|_| rnd(10) as i64 - 4).collect();
+                inputs.push(Some(Tensor::from_i64_as(dt, &shape, vals)));
+            }
+            let mut attrs = Attrs::new();
+            for key in [
+                "axis",
+                "axes",
+                "perm",
+                "mode",
+                "blocksize",
+                "k",
+                "upper",
+                "batch_dims",
+                "reduction",
+                "start",
+                "end",
+                "num_outputs",
+                "split",
+                "pads",
+                "value",
+                "coordinate_transformation_mode",
+                "time_axis",
+                "batch_axis",
+                "shape",
+            ] {
+                if rnd(4) != 0 {
+                    continue;
+                }
+                let v = match rnd(4) {
+                    0 => Attr::Int(rnd(7) as i64 - 3),
+                    1 => Attr::Ints((0..rnd(4)).map(|_| rnd(7) as i64 - 3).collect()),
+                    2 => Attr::Str(strs[rnd(strs.len() as u64) as usize].into()),
+                    _ => Attr::Float(rnd(5) as f32 - 1.0),
+                };
+                attrs.insert(key.into(), v);
+            }
+            let opset = [7, 9, 10, 11, 13, 18, 25][rnd(7) as usize];
+            let nout = 1 + rnd(3) as usize;
+            let refs: Vec<Option<&Tensor>> = inputs.iter().map(|t| t.as_ref()).collect();
+            let cx = EvalCx { attrs: AttrView(&attrs), num_outputs: nout, opset, regions: &[], runner: &NoRegions };
+            let _ = op.eval(&cx, &refs);
+            let types: Vec<Option<TensorType>> =
+                inputs.iter().map(|t| t.as_ref().map(|t| TensorType::known(t.dtype(), &t.shape))).collect();
+            let consts: Vec<Option<&Tensor>> = refs.iter().map(|t| if rnd(2) == 0 { *t } else { None }).collect();
+            let mut next = 0;
+            let mut icx = InferCx::new(&attrs, &types, &consts, nout, opset, &[], &mut next);
+            let _ = op.infer(&mut icx);
+        }
+    }
+
     #[test]
     fn strided_copy_transposes() {
         let src: Vec<i32> = (0..6).collect();
         // [2,3] transposed to [3,2]
         let out = strided_copy(&src, &[3, 2], &[1, 3], 0);
         assert_eq!(out, vec![0, 3, 1, 4, 2, 5]);
+    }
+
+    #[test]
+    fn permuted_merges_adjacent_axes() {
+        let t = Tensor::from_i64(&[2, 3, 2], (0..12).collect());
+        // [0, 2, 1]: axes 1 and 2 swap; [1, 2, 0]: axes 1, 2 move together.
+        let y = permuted(&t, &t.shape, &[0, 2, 1]);
+        assert_eq!(y.shape, vec![2, 2, 3]);
+        assert_eq!(y.to_i64(), vec![0, 2, 4, 1, 3, 5, 6, 8, 10, 7, 9, 11]);
+        let y = permuted(&t, &t.shape, &[1, 2, 0]);
+        assert_eq!(y.shape, vec![3, 2, 2]);
+        assert_eq!(y.to_i64(), vec![0, 6, 1, 7, 2, 8, 3, 9, 4, 10, 5, 11]);
     }
 
     #[test]

@@ -5,9 +5,10 @@
 //! `exclude_outside` and antialias filters), then applied as one pass over the data
 //! ([`apply_axis`]). f32 inputs are resized in f32; other types in f64.
 
+use super::axes_in;
 use super::{const_ints, kd};
 use crate::bail;
-use crate::graph::{checked_numel, norm_axes, opt, req};
+use crate::graph::{checked_numel, opt, req};
 use crate::graph::{AttrView, EvalCx, InferCx, OpDef, OpResult, Registry};
 use crate::tensor::Tensor;
 use crate::types::{DType, Dim, TensorType};
@@ -429,7 +430,7 @@ struct Resize;
 
 fn resize_axes(a: &AttrView, rank: usize) -> OpResult<Vec<usize>> {
     match a.ints("axes")? {
-        Some(ax) => norm_axes(&ax, rank),
+        Some(ax) => axes_in(&ax, rank),
         None => Ok((0..rank).collect()),
     }
 }
