@@ -59,9 +59,7 @@ pub struct CompiledModel {
 pub fn compile(mut module: Module, target: &str) -> Result<CompiledModel, Error> {
     let t = kiln_targets::lookup(target).ok_or_else(|| Error::UnknownTarget(target.to_string()))?;
     let name = module.name.clone();
-    PassManager::default_pipeline()
-        .run(&mut module)
-        .map_err(|source| Error::Pass { model: name.clone(), source })?;
+    PassManager::default_pipeline().run(&mut module).map_err(|source| Error::Pass { model: name.clone(), source })?;
     Ok(CompiledModel { module, target: t, name })
 }
 

@@ -93,10 +93,16 @@ fn main() -> ExitCode {
 
 fn dispatch(cmd: Cmd) -> Result<(), Error> {
     match cmd {
-        Cmd::Run { model, target, inputs, output_dir, npy, dims } => run(&model, &target, &inputs, &output_dir, npy, &dims),
-        Cmd::Compile { model, target, out, emit, full_constants } => compile(&model, &target, out.as_deref(), &emit, full_constants),
+        Cmd::Run { model, target, inputs, output_dir, npy, dims } => {
+            run(&model, &target, &inputs, &output_dir, npy, &dims)
+        }
+        Cmd::Compile { model, target, out, emit, full_constants } => {
+            compile(&model, &target, out.as_deref(), &emit, full_constants)
+        }
         Cmd::Inspect { model, target, json } => inspect(&model, &target, json),
-        Cmd::Bench { model, target, inputs, dims, iters, threads, json } => bench(&model, &target, &inputs, &dims, iters, threads, json),
+        Cmd::Bench { model, target, inputs, dims, iters, threads, json } => {
+            bench(&model, &target, &inputs, &dims, iters, threads, json)
+        }
         Cmd::Targets => {
             targets();
             Ok(())
@@ -161,12 +167,19 @@ fn bind_inputs(c: &kiln::CompiledModel, files: &[String], dims: &[String]) -> Re
         if !syms.contains_key(name) {
             let mut known: Vec<_> = syms.keys().cloned().collect();
             known.sort();
-            return Err(Error::Usage(format!("--dim {name}: the model has no symbolic dim '{name}' (it has: [{}])", known.join(", "))));
+            return Err(Error::Usage(format!(
+                "--dim {name}: the model has no symbolic dim '{name}' (it has: [{}])",
+                known.join(", ")
+            )));
         }
     }
-    let missing: Vec<&str> = ports.iter().zip(&bound).filter(|(_, b)| b.is_none()).map(|((n, _), _)| n.as_str()).collect();
+    let missing: Vec<&str> =
+        ports.iter().zip(&bound).filter(|(_, b)| b.is_none()).map(|((n, _), _)| n.as_str()).collect();
     if !missing.is_empty() {
-        return Err(Error::Usage(format!("missing input(s): {} (give one --input per graph input)", missing.join(", "))));
+        return Err(Error::Usage(format!(
+            "missing input(s): {} (give one --input per graph input)",
+            missing.join(", ")
+        )));
     }
     let tensors: Vec<Tensor> = bound.into_iter().map(|t| t.expect("checked above")).collect();
     // `--dim` bindings must agree with the input files.
@@ -282,19 +295,35 @@ fn random_input(ty: &kiln::TensorType, dims: &HashMap<String, usize>, seed: u64)
     Ok(Tensor::from_f64(ty.dtype, &shape, vals))
 }
 
-fn bench(model: &Path, target: &str, files: &[String], dims: &[String], iters: usize, threads: Option<usize>, json: bool) -> Result<(), Error> {
+fn bench(
+    model: &Path,
+    target: &str,
+    files: &[String],
+    dims: &[String],
+    iters: usize,
+    threads: Option<usize>,
+    json: bool,
+) -> Result<(), Error> {
     let t0 = Instant::now();
     let m = kiln::load_model(model)?;
     let c = kiln::compile(m, target)?;
     let compile_ms = t0.elapsed().as_secs_f64() * 1e3;
     let inputs = if files.is_empty() {
         let d = parse_dims(dims)?;
-        c.inputs().iter().enumerate().map(|(i, (_, ty))| random_input(ty, &d, i as u64 + 1)).collect::<Result<_, _>>()?
+        c.inputs()
+            .iter()
+            .enumerate()
+            .map(|(i, (_, ty))| random_input(ty, &d, i as u64 + 1))
+            .collect::<Result<_, _>>()?
     } else {
         bind_inputs(&c, files, dims)?
     };
     // The reference interpreter is single-threaded.
-    let threads_used = if target == "ref" { 1 } else { threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())) };
+    let threads_used = if target == "ref" {
+        1
+    } else {
+        threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+    };
     c.run(inputs.clone())?; // warm-up
     let mut times = Vec::with_capacity(iters.max(1));
     for _ in 0..iters.max(1) {
@@ -304,7 +333,12 @@ fn bench(model: &Path, target: &str, files: &[String], dims: &[String], iters: u
     }
     times.sort_by(|a, b| a.total_cmp(b));
     let median = times[times.len() / 2];
-    let peak: u64 = c.module().values.iter().map(|v| v.ty.num_elements().unwrap_or(0) as u64 * v.ty.dtype.size_bytes() as u64).sum();
+    let peak: u64 = c
+        .module()
+        .values
+        .iter()
+        .map(|v| v.ty.num_elements().unwrap_or(0) as u64 * v.ty.dtype.size_bytes() as u64)
+        .sum();
     let obj = serde_json::json!({
         "target": target, "compile_ms": compile_ms, "median_ms": median, "min_ms": times[0],
         "iters": times.len(), "threads": threads_used, "peak_memory_bytes": peak,
@@ -312,7 +346,12 @@ fn bench(model: &Path, target: &str, files: &[String], dims: &[String], iters: u
     if json {
         println!("{obj}");
     } else {
-        println!("{}: compile {compile_ms:.1} ms, median {median:.3} ms, min {:.3} ms over {} runs on {target}", model.display(), times[0], times.len());
+        println!(
+            "{}: compile {compile_ms:.1} ms, median {median:.3} ms, min {:.3} ms over {} runs on {target}",
+            model.display(),
+            times[0],
+            times.len()
+        );
     }
     Ok(())
 }

@@ -91,7 +91,9 @@ impl Parser<'_> {
     fn ident(&mut self) -> PResult<String> {
         self.ws();
         let start = self.pos;
-        while self.pos < self.s.len() && (self.s[self.pos].is_ascii_alphanumeric() || b"_$.".contains(&self.s[self.pos])) {
+        while self.pos < self.s.len()
+            && (self.s[self.pos].is_ascii_alphanumeric() || b"_$.".contains(&self.s[self.pos]))
+        {
             self.pos += 1;
         }
         if start == self.pos {
@@ -144,7 +146,9 @@ impl Parser<'_> {
     fn number(&mut self) -> PResult<String> {
         self.ws();
         let start = self.pos;
-        while self.pos < self.s.len() && (self.s[self.pos].is_ascii_alphanumeric() || b"+-.".contains(&self.s[self.pos])) {
+        while self.pos < self.s.len()
+            && (self.s[self.pos].is_ascii_alphanumeric() || b"+-.".contains(&self.s[self.pos]))
+        {
             // A '-' or '+' only starts a number or follows an exponent.
             let c = self.s[self.pos];
             if (c == b'-' || c == b'+') && self.pos > start && !matches!(self.s[self.pos - 1], b'e' | b'E') {

@@ -81,7 +81,9 @@ impl<'m> Verifier<'m> {
         }
         for v in op.operands.iter().flatten() {
             if !self.defined.contains(v) {
-                return Err(self.fail(Some(o), format!("operand {} is used before it is defined", self.m.value_label(*v))));
+                return Err(
+                    self.fail(Some(o), format!("operand {} is used before it is defined", self.m.value_label(*v)))
+                );
             }
         }
         for r in &op.regions {
@@ -108,7 +110,10 @@ impl<'m> Verifier<'m> {
         for a in op.attrs.values() {
             if let Attr::Region(r) = a {
                 if *r as usize >= op.regions.len() {
-                    return Err(self.fail(Some(o), format!("graph attribute refers to region {r}, the op has {}", op.regions.len())));
+                    return Err(self.fail(
+                        Some(o),
+                        format!("graph attribute refers to region {r}, the op has {}", op.regions.len()),
+                    ));
                 }
             }
         }
@@ -117,8 +122,10 @@ impl<'m> Verifier<'m> {
                 self.consts.insert(op.results[0], t);
             }
         }
-        let in_types: Vec<Option<TensorType>> = op.operands.iter().map(|v| v.map(|v| self.m.value(v).ty.clone())).collect();
-        let consts: Vec<Option<&Tensor>> = op.operands.iter().map(|v| v.and_then(|v| self.consts.get(&v).copied())).collect();
+        let in_types: Vec<Option<TensorType>> =
+            op.operands.iter().map(|v| v.map(|v| self.m.value(v).ty.clone())).collect();
+        let consts: Vec<Option<&Tensor>> =
+            op.operands.iter().map(|v| v.and_then(|v| self.consts.get(&v).copied())).collect();
         let opset = crate::interp::module_opset(self.m);
         let mut next = self.next_dim;
         let inferred = {

@@ -30,7 +30,13 @@ pub fn probe() -> Toolchain {
     LlvmTarget::initialize_amd_gpu(&cfg);
     let backends = ["x86-64", "aarch64", "riscv64", "nvptx64", "amdgcn"]
         .into_iter()
-        .zip(["x86_64-unknown-linux-gnu", "aarch64-unknown-linux-gnu", "riscv64-unknown-linux-gnu", "nvptx64-nvidia-cuda", "amdgcn-amd-amdhsa"])
+        .zip([
+            "x86_64-unknown-linux-gnu",
+            "aarch64-unknown-linux-gnu",
+            "riscv64-unknown-linux-gnu",
+            "nvptx64-nvidia-cuda",
+            "amdgcn-amd-amdhsa",
+        ])
         .filter(|(_, triple)| LlvmTarget::from_triple(&inkwell::targets::TargetTriple::create(triple)).is_ok())
         .map(|(name, _)| name)
         .collect();

@@ -13,11 +13,7 @@ pub fn register(r: &mut Registry) {
         &Binary { name: "Add", f: |a, b| a + b, i: |a, b| a.wrapping_add(b) },
         &Binary { name: "Sub", f: |a, b| a - b, i: |a, b| a.wrapping_sub(b) },
         &Binary { name: "Mul", f: |a, b| a * b, i: |a, b| a.wrapping_mul(b) },
-        &Binary {
-            name: "Div",
-            f: |a, b| a / b,
-            i: |a, b| if b == 0 { 0 } else { a.wrapping_div(b) },
-        },
+        &Binary { name: "Div", f: |a, b| a / b, i: |a, b| if b == 0 { 0 } else { a.wrapping_div(b) } },
     ]);
 }
 
