@@ -433,7 +433,13 @@ impl OpDef for ConvTranspose {
                 bail!("bias must have {m} elements, found shape {:?}", b.shape);
             }
         }
-        fn run<T: Real>(x: &[T], w: &[T], b: Option<&[T]>, g: &Geom, (n, c, m, group): (usize, usize, usize, usize)) -> Vec<T> {
+        fn run<T: Real>(
+            x: &[T],
+            w: &[T],
+            b: Option<&[T]>,
+            g: &Geom,
+            (n, c, m, group): (usize, usize, usize, usize),
+        ) -> Vec<T> {
             let (cg, mg) = (c / group, m / group);
             let (p, ks, img) = (g.out_size(), g.kernel_size(), g.in_size());
             let kc = mg * ks;

@@ -257,7 +257,13 @@ fn sub_zero_point(v: &mut [f64], shape: &[usize], zp: Option<&Tensor>, per_col: 
     let r = shape.len();
     let (rows, cols) = match r {
         0 => (1, 1),
-        1 => if per_col { (shape[0], 1) } else { (1, shape[0]) },
+        1 => {
+            if per_col {
+                (shape[0], 1)
+            } else {
+                (1, shape[0])
+            }
+        }
         _ => (shape[r - 2], shape[r - 1]),
     };
     let want = if per_col { cols } else { rows };

@@ -194,7 +194,11 @@ impl WindowParams {
                 let out = len.div_ceil(s);
                 let total = ((out.max(1) - 1) * s + ek).saturating_sub(len);
                 let small = total / 2;
-                Ok(if self.auto_pad == "SAME_UPPER" { (small, total - small, out) } else { (total - small, small, out) })
+                Ok(if self.auto_pad == "SAME_UPPER" {
+                    (small, total - small, out)
+                } else {
+                    (total - small, small, out)
+                })
             }
             "VALID" => {
                 if len < ek {

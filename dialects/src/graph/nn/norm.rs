@@ -65,7 +65,10 @@ impl OpDef for BatchNormalization {
         let training = cx.attrs.int("training_mode", 0)? != 0 || cx.num_outputs > 1;
         let per_act = p.iter().all(|t| t.len() == c * sp) && sp > 1;
         if !per_act && p.iter().any(|t| t.len() != c) {
-            bail!("scale, B, mean and var must each have {c} elements, found shapes {:?}", p.iter().map(|t| &t.shape).collect::<Vec<_>>());
+            bail!(
+                "scale, B, mean and var must each have {c} elements, found shapes {:?}",
+                p.iter().map(|t| &t.shape).collect::<Vec<_>>()
+            );
         }
         let pv: Vec<Vec<f64>> = p.iter().map(|t| t.to_f64()).collect();
         let t = x.dtype();
@@ -175,13 +178,25 @@ impl OpDef for InstanceNormalization {
         let (x, s, b) = (req(inputs, 0)?, req(inputs, 1)?, req(inputs, 2)?);
         expect_float(x, "input")?;
         if x.rank() < 2 || s.len() != x.shape[1] || b.len() != x.shape[1] {
-            bail!("InstanceNormalization needs [N, C, ...] input and [C] scale/B, found {:?}, {:?}, {:?}", x.shape, s.shape, b.shape);
+            bail!(
+                "InstanceNormalization needs [N, C, ...] input and [C] scale/B, found {:?}, {:?}, {:?}",
+                x.shape,
+                s.shape,
+                b.shape
+            );
         }
         let (c, sp) = (x.shape[1], x.shape[2..].iter().product::<usize>());
         let eps = cx.attrs.float("epsilon", 1e-5)? as f64;
         let (sv, bv) = (s.to_f64(), b.to_f64());
         let pidx = move |i: usize| (i / sp.max(1)) % c;
-        fn go<T: Real>(x: &Tensor, sp: usize, eps: f64, sv: &[f64], bv: &[f64], pidx: &dyn Fn(usize) -> usize) -> Tensor {
+        fn go<T: Real>(
+            x: &Tensor,
+            sp: usize,
+            eps: f64,
+            sv: &[f64],
+            bv: &[f64],
+            pidx: &dyn Fn(usize) -> usize,
+        ) -> Tensor {
             let (y, _, _) = normalize_blocks(&T::values(x), sp, eps, false, sv, Some(bv), pidx);
             T::tensor(x.dtype(), &x.shape, y)
         }
@@ -211,12 +226,19 @@ impl OpDef for Lrn {
         if size < 1 {
             bail!("attribute 'size' must be positive, found {size}");
         }
-        let (alpha, beta, bias) =
-            (cx.attrs.float("alpha", 1e-4)? as f64, cx.attrs.float("beta", 0.75)? as f64, cx.attrs.float("bias", 1.0)? as f64);
+        let (alpha, beta, bias) = (
+            cx.attrs.float("alpha", 1e-4)? as f64,
+            cx.attrs.float("beta", 0.75)? as f64,
+            cx.attrs.float("bias", 1.0)? as f64,
+        );
         let (n, c, sp) = (x.shape[0], x.shape[1], x.shape[2..].iter().product::<usize>());
         let size = size as usize;
         let (lo, hi) = ((size - 1) / 2, (size - 1).div_ceil(2));
-        fn go<T: Real>(x: &Tensor, (n, c, sp, lo, hi, size): (usize, usize, usize, usize, usize, usize), (alpha, beta, bias): (f64, f64, f64)) -> Tensor {
+        fn go<T: Real>(
+            x: &Tensor,
+            (n, c, sp, lo, hi, size): (usize, usize, usize, usize, usize, usize),
+            (alpha, beta, bias): (f64, f64, f64),
+        ) -> Tensor {
             let xv = T::values(x);
             let mut y = vec![T::ZERO; xv.len()];
             let mut sq = vec![T::ZERO; sp];
@@ -365,7 +387,11 @@ impl OpDef for GroupNormalization {
         let cg = c / g;
         let pidx = move |i: usize| {
             let ch = (i / sp.max(1)) % c;
-            if per_group { ch / cg } else { ch }
+            if per_group {
+                ch / cg
+            } else {
+                ch
+            }
         };
         let xv = x.to_f64();
         let (y, _, _) = normalize_blocks(&xv, cg * sp, eps, false, &s.to_f64(), Some(&b.to_f64()), &pidx);

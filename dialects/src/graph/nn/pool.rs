@@ -378,12 +378,12 @@ mod tests {
         attrs.insert("kernel_shape".into(), Attr::Ints(vec![2]));
         attrs.insert("pads".into(), Attr::Ints(vec![1, 0]));
         let g = geom(&attrs, &[3]);
-        assert_eq!(g.out[2], 2);
+        assert_eq!(g.out[2], 3);
         let x = [2.0f64, 4.0, 6.0];
         let mut o = PoolOpts { kind: Kind::Avg, count_include_pad: false, p: 2.0 };
-        assert_eq!(pool_real(&x, 1, &g, &o).0, vec![2.0, 3.0]);
+        assert_eq!(pool_real(&x, 1, &g, &o).0, vec![2.0, 3.0, 5.0]);
         o.count_include_pad = true;
-        assert_eq!(pool_real(&x, 1, &g, &o).0, vec![1.0, 3.0]);
+        assert_eq!(pool_real(&x, 1, &g, &o).0, vec![1.0, 3.0, 5.0]);
     }
 
     #[test]

@@ -171,7 +171,11 @@ impl OpDef for Dropout {
                 state ^= state << 17;
                 let k = (state >> 11) as f64 / (1u64 << 53) as f64 >= ratio;
                 keep.push(if k { 1.0 } else { 0.0 });
-                if k { v * scale } else { 0.0 }
+                if k {
+                    v * scale
+                } else {
+                    0.0
+                }
             })
             .collect();
         Ok(vec![Tensor::from_f64(x.dtype(), &x.shape, y), Tensor::from_f64(mask_t, &x.shape, keep)])
