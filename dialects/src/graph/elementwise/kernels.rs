@@ -56,7 +56,7 @@ pub(super) trait Real:
 }
 
 macro_rules! impl_real {
-    ($t:ident) => {
+    ($t:ident, $erf:path) => {
         impl Real for $t {
             const ZERO: Self = 0.0;
             const ONE: Self = 1.0;
@@ -69,7 +69,7 @@ macro_rules! impl_real {
                 self.round_ties_even()
             }
             fn erf(self) -> Self {
-                erf_f64(self as f64) as $t
+                $erf(self)
             }
             fn powf(self, e: Self) -> Self {
                 <$t>::powf(self, e)
@@ -90,8 +90,8 @@ macro_rules! impl_real {
     };
 }
 
-impl_real!(f32);
-impl_real!(f64);
+impl_real!(f32, erf_f32);
+impl_real!(f64, erf_f64);
 
 /// The error function, to about 1e-7 relative (Taylor series near 0, Numerical Recipes'
 /// `erfcc` Chebyshev fit elsewhere).
@@ -121,7 +121,41 @@ pub(super) fn erf_f64(x: f64) -> f64 {
                 + t * (0.09678418
                     + t * (-0.18628806
                         + t * (0.27886807
-                            + t * (-1.13520398 + t * (1.48851587 + t * (-0.82215223 + t * 0.17087277))))))));
+                            + t * (-1.13520398
+                                + t * (1.48851587 + t * (-0.82215223 + t * 0.17087277))))))));
+    let erfc = t * poly.exp();
+    if x >= 0.0 {
+        1.0 - erfc
+    } else {
+        erfc - 1.0
+    }
+}
+
+/// The error function in f32 arithmetic, to a few f32 ulps (the same fits as [`erf_f64`]).
+pub(super) fn erf_f32(x: f32) -> f32 {
+    let z = x.abs();
+    if z < 0.5 {
+        let x2 = x * x;
+        // Taylor terms through x^13: the next is below 1e-9 relative for |x| < 0.5.
+        let p = 1.0
+            + x2 * (-1.0 / 3.0
+                + x2 * (1.0 / 10.0
+                    + x2 * (-1.0 / 42.0
+                        + x2 * (1.0 / 216.0 + x2 * (-1.0 / 1320.0 + x2 * (1.0 / 9360.0))))));
+        return x * p * std::f32::consts::FRAC_2_SQRT_PI;
+    }
+    if z.is_nan() {
+        return x;
+    }
+    let t = 1.0 / (1.0 + 0.5 * z);
+    let poly = -z * z - 1.265_512_2
+        + t * (1.000_023_7
+            + t * (0.374_091_96
+                + t * (0.096_784_18
+                    + t * (-0.186_288_06
+                        + t * (0.278_868_07
+                            + t * (-1.135_203_9
+                                + t * (1.488_515_9 + t * (-0.822_152_2 + t * 0.170_872_77))))))));
     let erfc = t * poly.exp();
     if x >= 0.0 {
         1.0 - erfc
@@ -132,7 +166,13 @@ pub(super) fn erf_f64(x: f64) -> f64 {
 
 /// An integer element type.
 pub(super) trait IntElem:
-    Copy + Ord + Default + BitAnd<Output = Self> + BitOr<Output = Self> + BitXor<Output = Self> + Not<Output = Self>
+    Copy
+    + Ord
+    + Default
+    + BitAnd<Output = Self>
+    + BitOr<Output = Self>
+    + BitXor<Output = Self>
+    + Not<Output = Self>
 {
     const BITS: u32;
     fn is_neg(self) -> bool;
@@ -273,7 +313,12 @@ impl<const K: usize> Plan<K> {
         let (inner, inner_strides) = merged.pop().unwrap_or((1, [0; K]));
         let outer_dims = merged.iter().map(|m| m.0).collect();
         let outer_strides = merged.iter().map(|m| m.1).collect();
-        Plan { inner, inner_strides, outer_dims, outer_strides }
+        Plan {
+            inner,
+            inner_strides,
+            outer_dims,
+            outer_strides,
+        }
     }
 
     /// Calls `f` with each row's start offsets, in output order.
@@ -355,7 +400,12 @@ pub(super) fn zip_map<A, B, O>(
             let x = &a[oa];
             out.extend(b[ob..ob + len].iter().map(|y| f(x, y)));
         }
-        _ => out.extend(a[oa..oa + len].iter().zip(&b[ob..ob + len]).map(|(x, y)| f(x, y))),
+        _ => out.extend(
+            a[oa..oa + len]
+                .iter()
+                .zip(&b[ob..ob + len])
+                .map(|(x, y)| f(x, y)),
+        ),
     });
     Ok((shape, out))
 }
@@ -463,19 +513,37 @@ mod tests {
 
     #[test]
     fn three_way_broadcast() {
-        let (s, v) =
-            zip3_map((&[true, false], &[2, 1]), (&[1, 2], &[2]), (&[9], &[]), |&c, &x, &y| if c { x } else { y })
-                .unwrap();
+        let (s, v) = zip3_map(
+            (&[true, false], &[2, 1]),
+            (&[1, 2], &[2]),
+            (&[9], &[]),
+            |&c, &x, &y| if c { x } else { y },
+        )
+        .unwrap();
         assert_eq!((s, v), (vec![2, 2], vec![1, 2, 9, 9]));
     }
 
     #[test]
     fn erf_matches_known_values() {
-        for (x, want) in [(0.0, 0.0), (0.1, 0.1124629160), (0.5, 0.5204998778), (1.0, 0.8427007929), (-2.0, -0.9953222650)]
-        {
+        for (x, want) in [
+            (0.0, 0.0),
+            (0.1, 0.1124629160),
+            (0.5, 0.5204998778),
+            (1.0, 0.8427007929),
+            (-2.0, -0.9953222650),
+        ] {
             assert!((erf_f64(x) - want).abs() < 2e-7, "erf({x})");
         }
         assert!((erf_f64(1e-9) / 1.1283791670955126e-9 - 1.0).abs() < 1e-12);
+        for i in -400..400 {
+            let x = i as f32 / 80.0;
+            let (a, b) = (erf_f32(x) as f64, erf_f64(x as f64));
+            assert!(
+                (a - b).abs() <= 1e-6 * b.abs().max(1e-3),
+                "erf_f32({x}) = {a}, want {b}"
+            );
+        }
+        assert!((erf_f32(1e-20) / 1.1283791e-20 - 1.0).abs() < 1e-6);
     }
 
     #[test]
