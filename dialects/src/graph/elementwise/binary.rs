@@ -200,6 +200,20 @@ fn pow_mixed(a: &Tensor, b: &Tensor, sb: &[usize]) -> OpResult<Tensor> {
     Ok(Tensor::from_f64(t, &s, v))
 }
 
+/// `x^2` and `x^0.5` of an f32 tensor without calling `powf` per element (LayerNorm
+/// decompositions square and take roots of whole activations).
+fn square_or_sqrt(a: &Tensor, b: &Tensor) -> Option<Tensor> {
+    let (x, e) = (a.as_f32()?, b.as_f32()?.first()?);
+    let v = if *e == 2.0 {
+        x.iter().map(|v| v * v).collect()
+    } else if *e == 0.5 {
+        x.iter().map(|v| v.sqrt()).collect()
+    } else {
+        return None;
+    };
+    Some(Tensor::from_f32(&a.shape, v))
+}
+
 /// The shape `b` is read with: before opset 7, `broadcast=1` with `axis` aligns `b` to `a`'s
 /// axes starting at `axis` (trailing ones are appended); otherwise `b`'s own shape.
 fn legacy_ones(attrs: &AttrView, opset: i64, a_rank: usize, b_rank: usize) -> OpResult<usize> {
@@ -315,6 +329,11 @@ impl OpDef for Arith {
         let sb = eval_b_shape(cx, a, b)?;
         if op == Bin::Pow && a.dtype() != b.dtype() {
             return Ok(vec![pow_mixed(a, b, &sb)?]);
+        }
+        if op == Bin::Pow && a.dtype() == DType::F32 && b.len() == 1 && sb.len() <= a.rank() {
+            if let Some(y) = square_or_sqrt(a, b) {
+                return Ok(vec![y]);
+            }
         }
         Ok(vec![binary(op, a, b, &sb)?])
     }

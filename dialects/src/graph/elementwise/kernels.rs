@@ -512,6 +512,39 @@ mod tests {
     }
 
     #[test]
+    fn broadcast_matches_index_reference() {
+        use crate::tensor::broadcast_index;
+        // Every pair of shapes of rank <= 3 with dims in {1, 2, 3} (dropping mismatches).
+        let mut shapes: Vec<Vec<usize>> = vec![vec![]];
+        for r in 1..=3u32 {
+            for code in 0..3usize.pow(r) {
+                shapes.push((0..r).map(|i| code / 3usize.pow(i) % 3 + 1).collect());
+            }
+        }
+        let mut checked = 0;
+        for sa in &shapes {
+            for sb in &shapes {
+                let Some(out) = broadcast_shapes(sa, sb) else {
+                    continue;
+                };
+                let a: Vec<i64> = (0..sa.iter().product::<usize>() as i64).collect();
+                let b: Vec<i64> = (0..sb.iter().product::<usize>() as i64)
+                    .map(|x| x * 1000)
+                    .collect();
+                let (s, v) = zip_map(&a, sa, &b, sb, |x, y| x + y).unwrap();
+                let (ia, ib) = (broadcast_index(sa, &out), broadcast_index(sb, &out));
+                let want: Vec<i64> = ia.iter().zip(&ib).map(|(&i, &j)| a[i] + b[j]).collect();
+                assert_eq!((s, v), (out.clone(), want.clone()), "{sa:?} {sb:?}");
+                let (_, w) =
+                    zip3_map((&a, sa), (&b, sb), (&[1i64], &[]), |x, y, z| x + y + z).unwrap();
+                assert_eq!(w, want.iter().map(|x| x + 1).collect::<Vec<_>>());
+                checked += 1;
+            }
+        }
+        assert!(checked > 500);
+    }
+
+    #[test]
     fn three_way_broadcast() {
         let (s, v) = zip3_map(
             (&[true, false], &[2, 1]),

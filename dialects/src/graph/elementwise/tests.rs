@@ -131,6 +131,13 @@ fn legacy_axis_broadcast_before_opset_7() {
 
 #[test]
 fn pow_mixed_types_and_bitshift() {
+    let x = Tensor::from_f32(&[2], vec![3.0, -4.0]);
+    assert_eq!(
+        f32s(&run("Pow", &[&x, &Tensor::scalar_f32(2.0)])),
+        vec![9.0, 16.0]
+    );
+    let r = f32s(&run("Pow", &[&x, &Tensor::scalar_f32(0.5)]));
+    assert!(r[0] == 3f32.sqrt() && r[1].is_nan());
     let a = Tensor::new(vec![3], Data::I32(vec![1, 2, 3]));
     let e = Tensor::from_f32(&[3], vec![4.0, 5.0, 6.0]);
     assert_eq!(run("Pow", &[&a, &e]).data, Data::I32(vec![1, 32, 729]));
