@@ -39,6 +39,7 @@ if [ ! -f "$DATA/.done-1.23.2" ]; then
   rm -rf "$DATA"; mkdir -p "$DATA"
   .venv/bin/python scripts/gen_onnx_node_tests.py "$DATA" >&2
   .venv/bin/python -c 'import onnx, os, shutil, sys; s = os.path.join(os.path.dirname(onnx.__file__), "backend/test/data/light"); shutil.copytree(s, sys.argv[1] + "/light")' "$DATA"
+  .venv/bin/python scripts/make_light_random.py "$DATA/light" "$DATA/light-random" >&2
   touch "$DATA/.done-1.23.2"
 fi
 echo "setup: ok" >&2

@@ -1,1 +1,369 @@
-fn main() {}
+//! The `kiln` command line (contract: ../shared/CLI.md, kept in the README).
+
+use clap::{Parser, Subcommand};
+use kiln::{Error, Tensor};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Instant;
+
+#[derive(Parser)]
+#[command(name = "kiln", version, about = "kiln: an AI compiler for domestic AI accelerators")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run a model on a target and write its outputs as TensorProto files.
+    Run {
+        model: PathBuf,
+        #[arg(long, default_value = "ref")]
+        target: String,
+        /// Input file (.pb TensorProto or .npy), bound in graph-input order; `NAME=FILE` binds by name.
+        #[arg(long = "input")]
+        inputs: Vec<String>,
+        #[arg(long, default_value = "kiln-out")]
+        output_dir: PathBuf,
+        /// Also write each output as `output_<i>.npy`.
+        #[arg(long)]
+        npy: bool,
+        /// Bind a symbolic dimension: `NAME=N` (checked against the inputs).
+        #[arg(long = "dim")]
+        dims: Vec<String>,
+    },
+    /// Compile a model for a target and print or write each requested stage.
+    Compile {
+        model: PathBuf,
+        #[arg(long, default_value = "ref")]
+        target: String,
+        /// Output directory for the emitted stages.
+        #[arg(short = 'o')]
+        out: Option<PathBuf>,
+        /// Stage to emit: graph, fused, kernel, mlir, llvm, asm.
+        #[arg(long = "emit")]
+        emit: Vec<String>,
+        /// Print every constant in full (large ones are elided by default).
+        #[arg(long)]
+        full_constants: bool,
+    },
+    /// Describe a model: ops by type, inputs, outputs, unsupported ops (all at once).
+    Inspect {
+        model: PathBuf,
+        #[arg(long, default_value = "cpu")]
+        target: String,
+        /// Print exactly one JSON object on stdout.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Measure compile time and run latency on a target.
+    Bench {
+        model: PathBuf,
+        #[arg(long, default_value = "ref")]
+        target: String,
+        #[arg(long = "input")]
+        inputs: Vec<String>,
+        #[arg(long = "dim")]
+        dims: Vec<String>,
+        #[arg(long, default_value_t = 10)]
+        iters: usize,
+        #[arg(long)]
+        threads: Option<usize>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the targets and the toolchain kiln links.
+    Targets,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match dispatch(cli.cmd) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(match e {
+                Error::Usage(_) | Error::UnknownTarget(_) => 2,
+                _ => 1,
+            })
+        }
+    }
+}
+
+fn dispatch(cmd: Cmd) -> Result<(), Error> {
+    match cmd {
+        Cmd::Run { model, target, inputs, output_dir, npy, dims } => {
+            run(&model, &target, &inputs, &output_dir, npy, &dims)
+        }
+        Cmd::Compile { model, target, out, emit, full_constants } => {
+            compile(&model, &target, out.as_deref(), &emit, full_constants)
+        }
+        Cmd::Inspect { model, target, json } => inspect(&model, &target, json),
+        Cmd::Bench { model, target, inputs, dims, iters, threads, json } => {
+            bench(&model, &target, &inputs, &dims, iters, threads, json)
+        }
+        Cmd::Targets => {
+            targets();
+            Ok(())
+        }
+    }
+}
+
+fn io_err(path: &Path, e: std::io::Error) -> Error {
+    Error::Io { path: path.display().to_string(), msg: e.to_string() }
+}
+
+/// Parses `NAME=N` dimension bindings.
+fn parse_dims(dims: &[String]) -> Result<HashMap<String, usize>, Error> {
+    dims.iter()
+        .map(|d| {
+            let (n, v) = d.split_once('=').ok_or_else(|| Error::Usage(format!("--dim '{d}': expected NAME=N")))?;
+            let v = v.parse().map_err(|_| Error::Usage(format!("--dim '{d}': '{v}' is not a non-negative integer")))?;
+            Ok((n.to_string(), v))
+        })
+        .collect()
+}
+
+/// Binds input files to the model's inputs: positional in order, or `NAME=FILE`.
+fn bind_inputs(c: &kiln::CompiledModel, files: &[String], dims: &[String]) -> Result<Vec<Tensor>, Error> {
+    let ports = c.inputs();
+    let mut bound: Vec<Option<Tensor>> = vec![None; ports.len()];
+    let mut next = 0;
+    for f in files {
+        let by_name = f.split_once('=').and_then(|(n, p)| ports.iter().position(|(pn, _)| pn == n).map(|i| (i, p)));
+        let (i, path) = match by_name {
+            Some((i, p)) => (i, p),
+            None => {
+                while next < bound.len() && bound[next].is_some() {
+                    next += 1;
+                }
+                if next >= bound.len() {
+                    return Err(Error::Usage(format!(
+                        "too many inputs: the model takes {} ({})",
+                        ports.len(),
+                        ports.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>().join(", ")
+                    )));
+                }
+                (next, f.as_str())
+            }
+        };
+        if bound[i].is_some() {
+            return Err(Error::Usage(format!("input '{}' is given twice", ports[i].0)));
+        }
+        bound[i] = Some(kiln_onnx::read_tensor_file(Path::new(path))?);
+    }
+    let dims = parse_dims(dims)?;
+    let mut syms: HashMap<String, usize> = HashMap::new();
+    for (name, ty) in &ports {
+        for d in ty.shape.iter().flatten() {
+            if let kiln::Dim::Sym(s) = d {
+                syms.insert(s.to_string(), 0);
+            }
+        }
+        let _ = name;
+    }
+    for name in dims.keys() {
+        if !syms.contains_key(name) {
+            let mut known: Vec<_> = syms.keys().cloned().collect();
+            known.sort();
+            return Err(Error::Usage(format!(
+                "--dim {name}: the model has no symbolic dim '{name}' (it has: [{}])",
+                known.join(", ")
+            )));
+        }
+    }
+    let missing: Vec<&str> =
+        ports.iter().zip(&bound).filter(|(_, b)| b.is_none()).map(|((n, _), _)| n.as_str()).collect();
+    if !missing.is_empty() {
+        return Err(Error::Usage(format!(
+            "missing input(s): {} (give one --input per graph input)",
+            missing.join(", ")
+        )));
+    }
+    let tensors: Vec<Tensor> = bound.into_iter().map(|t| t.expect("checked above")).collect();
+    // `--dim` bindings must agree with the input files.
+    for ((name, ty), t) in ports.iter().zip(&tensors) {
+        for (d, &n) in ty.shape.iter().flatten().zip(&t.shape) {
+            if let kiln::Dim::Sym(s) = d {
+                if let Some(&want) = dims.get(&**s) {
+                    if want != n {
+                        return Err(Error::Usage(format!("input '{name}': dim '{s}' is {n}, but --dim {s}={want}")));
+                    }
+                }
+            }
+        }
+    }
+    Ok(tensors)
+}
+
+fn run(model: &Path, target: &str, files: &[String], out: &Path, npy: bool, dims: &[String]) -> Result<(), Error> {
+    let m = kiln::load_model(model)?;
+    let c = kiln::compile(m, target)?;
+    let inputs = bind_inputs(&c, files, dims)?;
+    let outputs = c.run(inputs)?;
+    std::fs::create_dir_all(out).map_err(|e| io_err(out, e))?;
+    for (i, (t, (name, _))) in outputs.iter().zip(c.outputs()).enumerate() {
+        let p = out.join(format!("output_{i}.pb"));
+        kiln_onnx::write_tensor_pb(&p, t, &name)?;
+        if npy {
+            kiln_onnx::write_npy(&out.join(format!("output_{i}.npy")), t)?;
+        }
+        println!("{}: {name} {}{:?}", p.display(), t.dtype(), t.shape);
+    }
+    Ok(())
+}
+
+fn compile(model: &Path, target: &str, out: Option<&Path>, emit: &[String], full: bool) -> Result<(), Error> {
+    let m = kiln::load_model(model)?;
+    let c = kiln::compile(m, target)?;
+    let stages: Vec<&str> = if emit.is_empty() { vec!["graph"] } else { emit.iter().map(String::as_str).collect() };
+    for stage in stages {
+        let text = match stage {
+            "graph" => {
+                let opts = kiln_ir::printer::PrintOptions { elide_constants_over: if full || out.is_some() { None } else { Some(16) } };
+                kiln_ir::printer::print_module(c.module(), opts)
+            }
+            "fused" | "kernel" | "mlir" | "llvm" | "asm" => {
+                return Err(Error::Usage(format!(
+                    "--emit {stage}: not available yet (fusion and code generation land with issues #4, #5, #6, #9); available: graph"
+                )))
+            }
+            other => return Err(Error::Usage(format!("--emit {other}: unknown stage (graph, fused, kernel, mlir, llvm, asm)"))),
+        };
+        match out {
+            Some(dir) => {
+                std::fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
+                let stem = model.file_stem().map_or("model".into(), |s| s.to_string_lossy().into_owned());
+                let p = dir.join(format!("{stem}.{stage}.mlir"));
+                std::fs::write(&p, text).map_err(|e| io_err(&p, e))?;
+                eprintln!("wrote {}", p.display());
+            }
+            None => print!("{text}"),
+        }
+    }
+    Ok(())
+}
+
+fn inspect(model: &Path, target: &str, json: bool) -> Result<(), Error> {
+    let r = kiln::inspect::inspect(model, target)?;
+    if json {
+        println!("{}", serde_json::to_string(&r).expect("report serializes"));
+        return Ok(());
+    }
+    println!("model: {}", model.display());
+    if !r.unsupported.is_empty() {
+        println!("unsupported ops ({}): {}", r.unsupported.len(), r.unsupported.join(", "));
+    }
+    println!("opset: {}", r.opset);
+    for p in &r.inputs {
+        println!("input  {}: {}", p.name, p.ty);
+    }
+    for p in &r.outputs {
+        println!("output {}: {}", p.name, p.ty);
+    }
+    println!("graph ops: {} ({} constants, {} bytes)", r.graph_ops, r.constants, r.constant_bytes);
+    for (op, n) in &r.ops_by_type {
+        println!("  {op:<28} {n}");
+    }
+    println!("kernels on {}: {}", r.target, r.kernels);
+    Ok(())
+}
+
+/// Seeded pseudo-random input for a port (xorshift; symbolic dims bound by `--dim` or 1).
+fn random_input(ty: &kiln::TensorType, dims: &HashMap<String, usize>, seed: u64) -> Result<Tensor, Error> {
+    let shape: Vec<usize> = ty
+        .shape
+        .as_ref()
+        .ok_or_else(|| Error::Usage("an input has unknown rank: give it with --input".into()))?
+        .iter()
+        .map(|d| match d {
+            kiln::Dim::Known(n) => *n as usize,
+            kiln::Dim::Sym(s) => dims.get(&**s).copied().unwrap_or(1),
+        })
+        .collect();
+    let n: usize = shape.iter().product();
+    let mut state = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
+    let vals: Vec<f64> = (0..n)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0
+        })
+        .collect();
+    Ok(Tensor::from_f64(ty.dtype, &shape, vals))
+}
+
+fn bench(
+    model: &Path,
+    target: &str,
+    files: &[String],
+    dims: &[String],
+    iters: usize,
+    threads: Option<usize>,
+    json: bool,
+) -> Result<(), Error> {
+    let t0 = Instant::now();
+    let m = kiln::load_model(model)?;
+    let c = kiln::compile(m, target)?;
+    let compile_ms = t0.elapsed().as_secs_f64() * 1e3;
+    let inputs = if files.is_empty() {
+        let d = parse_dims(dims)?;
+        c.inputs()
+            .iter()
+            .enumerate()
+            .map(|(i, (_, ty))| random_input(ty, &d, i as u64 + 1))
+            .collect::<Result<_, _>>()?
+    } else {
+        bind_inputs(&c, files, dims)?
+    };
+    // The reference interpreter is single-threaded.
+    let threads_used = if target == "ref" {
+        1
+    } else {
+        threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+    };
+    c.run(inputs.clone())?; // warm-up
+    let mut times = Vec::with_capacity(iters.max(1));
+    for _ in 0..iters.max(1) {
+        let t = Instant::now();
+        c.run(inputs.clone())?;
+        times.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    times.sort_by(|a, b| a.total_cmp(b));
+    let median = times[times.len() / 2];
+    let peak: u64 = c
+        .module()
+        .values
+        .iter()
+        .map(|v| v.ty.num_elements().unwrap_or(0) as u64 * v.ty.dtype.size_bytes() as u64)
+        .sum();
+    let obj = serde_json::json!({
+        "target": target, "compile_ms": compile_ms, "median_ms": median, "min_ms": times[0],
+        "iters": times.len(), "threads": threads_used, "peak_memory_bytes": peak,
+    });
+    if json {
+        println!("{obj}");
+    } else {
+        println!(
+            "{}: compile {compile_ms:.1} ms, median {median:.3} ms, min {:.3} ms over {} runs on {target}",
+            model.display(),
+            times[0],
+            times.len()
+        );
+    }
+    Ok(())
+}
+
+fn targets() {
+    for t in kiln_targets::all() {
+        let status = if t.can_run() { "runs" } else { "description only" };
+        println!("{:<5} {:<17} {}", t.name(), status, t.summary());
+    }
+    let tc = kiln_targets::llvm::probe();
+    let (a, b, c) = tc.llvm_version;
+    println!();
+    println!("LLVM {a}.{b}.{c}, MLIR with {} dialects; backends: {}", tc.mlir_dialects, tc.backends.join(", "));
+    println!("host: {} ({})", tc.host_triple, tc.host_cpu);
+}

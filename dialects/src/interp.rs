@@ -28,7 +28,7 @@ pub enum InterpError {
 pub fn module_opset(m: &Module) -> i64 {
     match m.attrs.get("kiln.opset") {
         Some(Attr::Int(v)) => *v,
-        _ => 25,
+        _ => 28,
     }
 }
 
@@ -101,8 +101,7 @@ pub fn run_observed(
         interp.exec(o).map_err(|e| interp.node_error(o, e))?;
         {
             let env = interp.env.borrow();
-            let outs: Vec<Rc<Tensor>> =
-                m.op(o).results.iter().filter_map(|&r| env[r.0 as usize].clone()).collect();
+            let outs: Vec<Rc<Tensor>> = m.op(o).results.iter().filter_map(|&r| env[r.0 as usize].clone()).collect();
             drop(env);
             observe(o, &outs);
         }

@@ -1,1 +1,65 @@
-//! Machine descriptions.
+//! Machine descriptions: the plain data that cost models read (memory levels, capacities,
+//! bandwidths, compute peaks, vector and matrix shapes).
+//!
+//! Boundary: this type lives below `passes` so that the e-graph cost model can price a plan
+//! for any target without naming one; `targets` builds the descriptions and hands them down.
+
+use serde::{Deserialize, Serialize};
+
+/// One level of a memory hierarchy, from the largest/slowest (index 0) to the fastest.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MemoryLevel {
+    /// Name as the target calls it (`dram`, `l2`, `GM`, `UB`, `shared`, ...).
+    pub name: String,
+    /// Capacity in bytes (per core / per block where the level is private).
+    pub capacity_bytes: u64,
+    /// Sustained bandwidth into the next-faster level, in GB/s.
+    pub bandwidth_gbps: f64,
+    /// Latency of one access or DMA transfer, in cycles.
+    pub latency_cycles: u32,
+    /// Software-managed (scratchpad, explicit DMA) rather than a cache.
+    pub software_managed: bool,
+}
+
+/// A target's compute and memory resources.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MachineDescription {
+    pub name: String,
+    /// Clock in GHz.
+    pub clock_ghz: f64,
+    /// Parallel cores / compute units / SMs.
+    pub cores: u32,
+    /// Memory levels, slowest first.
+    pub levels: Vec<MemoryLevel>,
+    /// Peak vector throughput, f32 GFLOP/s over all cores.
+    pub vector_gflops: f64,
+    /// Vector register width in bits (0: none).
+    pub vector_bits: u32,
+    /// Matrix unit tile shape `[m, n, k]` (empty: none).
+    pub matrix_shape: Vec<u32>,
+    /// Peak matrix throughput, GFLOP/s (0: no matrix unit).
+    pub matrix_gflops: f64,
+}
+
+impl MachineDescription {
+    /// The fastest level that a fused kernel's intermediates should stay in.
+    pub fn fast_level(&self) -> Option<&MemoryLevel> {
+        self.levels.last()
+    }
+
+    /// A stable hash of the description (tuning records are keyed by it).
+    pub fn stable_hash(&self) -> u64 {
+        // FNV-1a over the JSON form: stable across runs and platforms.
+        let json = serde_json_like(self);
+        let mut h: u64 = 0xcbf29ce484222325;
+        for b in json.bytes() {
+            h ^= b as u64;
+            h = h.wrapping_mul(0x100000001b3);
+        }
+        h
+    }
+}
+
+fn serde_json_like(m: &MachineDescription) -> String {
+    format!("{m:?}")
+}

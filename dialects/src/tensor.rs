@@ -291,6 +291,7 @@ impl Tensor {
     }
 
     /// Gathers elements by flat index into a new tensor of `shape`, for any dtype.
+    #[allow(clippy::clone_on_copy)]
     pub fn gather_flat(&self, shape: Shape, idx: &[usize]) -> Tensor {
         let data = map_data!(&self.data, v => idx.iter().map(|&i| v[i].clone()).collect());
         Tensor::new(shape, data)
@@ -313,9 +314,8 @@ pub fn broadcast_index(in_shape: &[usize], out_shape: &[usize]) -> Vec<usize> {
     let off = rank - in_shape.len();
     let in_strides = strides(in_shape);
     // Effective stride of each output axis into the input (0 where broadcast).
-    let eff: Vec<usize> = (0..rank)
-        .map(|i| if i < off || in_shape[i - off] == 1 { 0 } else { in_strides[i - off] })
-        .collect();
+    let eff: Vec<usize> =
+        (0..rank).map(|i| if i < off || in_shape[i - off] == 1 { 0 } else { in_strides[i - off] }).collect();
     let mut out = Vec::with_capacity(n);
     let mut idx = vec![0usize; rank];
     let mut flat = 0usize;
@@ -339,7 +339,11 @@ fn format_float_string(x: f64) -> String {
     if x.is_nan() {
         "NaN".into()
     } else if x.is_infinite() {
-        if x > 0.0 { "INF".into() } else { "-INF".into() }
+        if x > 0.0 {
+            "INF".into()
+        } else {
+            "-INF".into()
+        }
     } else {
         format!("{x}")
     }

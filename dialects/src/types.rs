@@ -135,10 +135,7 @@ impl DType {
         ];
         match DType::from_onnx_code(code) {
             Some(d) => d.onnx_name().to_string(),
-            None => OTHER
-                .iter()
-                .find(|(c, _)| *c == code)
-                .map_or(format!("data type {code}"), |(_, n)| n.to_string()),
+            None => OTHER.iter().find(|(c, _)| *c == code).map_or(format!("data type {code}"), |(_, n)| n.to_string()),
         }
     }
 

@@ -1,1 +1,60 @@
-//! Targets.
+//! Targets: one module per ISA behind the [`Target`] trait, listed in one table ([`all`]).
+//!
+//! A target exists first as a machine description (enough for cost models and `kiln inspect`)
+//! and gains codegen and a runner as the issues land. Today `ref` runs (the reference
+//! interpreter); `cpu`, `rvv`, `npu`, `cuda` and `rocm` are described. Adding an ISA: a new
+//! module implementing [`Target`] and one line in [`all`].
+
+pub mod descriptions;
+pub mod llvm;
+pub mod reference;
+
+use kiln_ir::machine::MachineDescription;
+use kiln_ir::{Module, Tensor};
+
+/// Why a target could not compile or run a model.
+#[derive(Debug, thiserror::Error)]
+pub enum TargetError {
+    /// The target has no code generator or runner yet.
+    #[error("target '{target}' cannot {what} yet: {why}")]
+    NotAvailable { target: &'static str, what: &'static str, why: &'static str },
+    /// Running the model failed (node and op named inside).
+    #[error(transparent)]
+    Run(#[from] kiln_ir::interp::InterpError),
+}
+
+/// One compilation target.
+pub trait Target: Send + Sync {
+    /// The name used on the command line (`--target NAME`).
+    fn name(&self) -> &'static str;
+    /// One line: what it is and which chips it stands for.
+    fn summary(&self) -> &'static str;
+    /// Memory hierarchy and compute resources, for cost models.
+    fn machine(&self) -> MachineDescription;
+    /// Whether [`Target::run`] executes models today.
+    fn can_run(&self) -> bool;
+    /// Runs a verified graph-dialect module on inputs ordered as [`Module::inputs`].
+    fn run(&self, m: &Module, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, TargetError>;
+}
+
+/// Every target, in the order `kiln targets` lists them.
+pub fn all() -> Vec<Box<dyn Target>> {
+    vec![
+        Box::new(reference::Reference),
+        Box::new(descriptions::Described::cpu()),
+        Box::new(descriptions::Described::rvv()),
+        Box::new(descriptions::Described::npu()),
+        Box::new(descriptions::Described::cuda()),
+        Box::new(descriptions::Described::rocm()),
+    ]
+}
+
+/// Looks a target up by name.
+pub fn lookup(name: &str) -> Option<Box<dyn Target>> {
+    all().into_iter().find(|t| t.name() == name)
+}
+
+/// Names of every target.
+pub fn names() -> Vec<&'static str> {
+    all().iter().map(|t| t.name()).collect()
+}

@@ -7,9 +7,9 @@ use kiln_onnx::testcase::{list_cases, run_case_ref};
 use std::path::PathBuf;
 
 fn main() {
-    let root = std::env::var("KILN_ONNX_DATA").map(PathBuf::from).unwrap_or_else(|_| {
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target/onnx-data")
-    });
+    let root = std::env::var("KILN_ONNX_DATA")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target/onnx-data"));
     let filters: Vec<String> = std::env::args().skip(1).collect();
     let (mut pass, mut fail) = (0, 0);
     for case in list_cases(&root.join("node")) {

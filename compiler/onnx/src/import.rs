@@ -25,8 +25,8 @@ const NONDETERMINISTIC: &[&str] =
 /// Folded constants larger than this many elements stay as ops (evaluated at run time).
 const MAX_FOLD_ELEMENTS: usize = 1 << 26;
 
-/// The newest default-domain opset kiln knows (onnx 1.23.2).
-pub const MAX_OPSET: i64 = 25;
+/// The newest default-domain opset kiln knows (onnx 1.23.2 writes up to 28).
+pub const MAX_OPSET: i64 = 28;
 /// The oldest default-domain opset kiln accepts.
 pub const MIN_OPSET: i64 = 1;
 
@@ -44,14 +44,19 @@ pub fn import_model(model: &ModelProto, model_name: &str, base_dir: Option<&Path
     // IR version 3 and older models may omit opset_import; ONNX then means opset 1.
     let opset = opset.unwrap_or(1);
     if !(MIN_OPSET..=MAX_OPSET).contains(&opset) {
-        return Err(invalid(format!("default-domain opset {opset} is not supported (kiln reads {MIN_OPSET} to {MAX_OPSET})")));
+        return Err(invalid(format!(
+            "default-domain opset {opset} is not supported (kiln reads {MIN_OPSET} to {MAX_OPSET})"
+        )));
     }
     let mut unsupported = Vec::new();
     collect_unsupported(graph, &mut unsupported);
     if !unsupported.is_empty() {
         return Err(FrontendError::Unsupported { model: model_name.to_string(), ops: unsupported });
     }
-    let mut m = Module::new(graph.name.as_deref().unwrap_or("main"));
+    let mut m = Module::new(model_name);
+    if let Some(g) = graph.name.as_deref().filter(|n| !n.is_empty()) {
+        m.attrs.insert("kiln.graph_name".into(), Attr::Str(g.to_string()));
+    }
     m.attrs.insert("kiln.opset".into(), Attr::Int(opset));
     if let Some(p) = &model.producer_name {
         m.attrs.insert("kiln.producer".into(), Attr::Str(p.clone()));
@@ -277,13 +282,11 @@ impl Importer<'_> {
         }
         let in_types: Vec<Option<TensorType>> =
             operands.iter().map(|o| o.map(|v| self.m.value(v).ty.clone())).collect();
-        let const_vals: Vec<Option<&Tensor>> =
-            operands.iter().map(|o| o.and_then(|v| self.consts.get(&v))).collect();
+        let const_vals: Vec<Option<&Tensor>> = operands.iter().map(|o| o.and_then(|v| self.consts.get(&v))).collect();
         let num_outputs = n.output.len();
         let mut next_dim = self.next_dim;
         let types = {
-            let mut cx =
-                InferCx::new(&attrs, &in_types, &const_vals, num_outputs, self.opset, &regions, &mut next_dim);
+            let mut cx = InferCx::new(&attrs, &in_types, &const_vals, num_outputs, self.opset, &regions, &mut next_dim);
             def.infer(&mut cx)
         };
         self.next_dim = next_dim;
@@ -302,7 +305,8 @@ impl Importer<'_> {
             let outs = folded.map_err(|e| self.node_err(n, e.0))?;
             for (i, (name, t)) in n.output.iter().zip(outs).enumerate() {
                 if t.dtype() != types[i].dtype {
-                    return Err(self.node_err(n, format!("output {i} is {}, its shape rule says {}", t.dtype(), types[i].dtype)));
+                    return Err(self
+                        .node_err(n, format!("output {i} is {}, its shape rule says {}", t.dtype(), types[i].dtype)));
                 }
                 let v = self.add_const(block, t, &node_name);
                 self.define(name, v);
@@ -336,9 +340,7 @@ impl Importer<'_> {
         if has_regions {
             return None;
         }
-        let small = types
-            .iter()
-            .all(|t| t.num_elements().is_some_and(|n| n as usize <= MAX_FOLD_ELEMENTS));
+        let small = types.iter().all(|t| t.num_elements().is_some_and(|n| n as usize <= MAX_FOLD_ELEMENTS));
         if !small {
             return None;
         }

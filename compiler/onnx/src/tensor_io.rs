@@ -51,7 +51,9 @@ fn read_external(t: &TensorProto, base_dir: Option<&Path>, what: &str) -> Result
         return Err(format!("{what}: external data has no 'location'"));
     };
     if Path::new(&loc).is_absolute() || loc.split(['/', '\\']).any(|c| c == "..") {
-        return Err(format!("{what}: external data location '{loc}' must be a relative path inside the model's folder"));
+        return Err(format!(
+            "{what}: external data location '{loc}' must be a relative path inside the model's folder"
+        ));
     }
     let path = base_dir.unwrap_or(Path::new(".")).join(&loc);
     let bytes = std::fs::read(&path)
@@ -115,9 +117,7 @@ fn decode_fields(t: &TensorProto, dtype: DType) -> Result<Data, String> {
         DType::I64 => Data::I64(t.int64_data.clone()),
         DType::U32 => Data::U32(t.uint64_data.iter().map(|&v| v as u32).collect()),
         DType::U64 => Data::U64(t.uint64_data.clone()),
-        DType::String => Data::Str(
-            t.string_data.iter().map(|b| String::from_utf8_lossy(b).into_owned()).collect(),
-        ),
+        DType::String => Data::Str(t.string_data.iter().map(|b| String::from_utf8_lossy(b).into_owned()).collect()),
     })
 }
 
@@ -258,7 +258,9 @@ pub fn read_npy(bytes: &[u8]) -> Result<Tensor, String> {
         "<u4" => DType::U32,
         "<u8" => DType::U64,
         "|b1" => DType::Bool,
-        other => return Err(format!("unsupported .npy dtype '{other}' (big-endian, object and string arrays are not read)")),
+        other => {
+            return Err(format!("unsupported .npy dtype '{other}' (big-endian, object and string arrays are not read)"))
+        }
     };
     let mut n: u128 = 1;
     for &d in &shape {

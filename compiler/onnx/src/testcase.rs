@@ -37,7 +37,9 @@ impl TestCase {
             .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("test_data_set_")))
             .collect();
         dirs.sort();
-        dirs.iter().map(|d| Ok(DataSet { inputs: read_numbered(d, "input")?, outputs: read_numbered(d, "output")? })).collect()
+        dirs.iter()
+            .map(|d| Ok(DataSet { inputs: read_numbered(d, "input")?, outputs: read_numbered(d, "output")? }))
+            .collect()
     }
 }
 

@@ -1,0 +1,120 @@
+//! `kiln inspect`: what a model holds and what kiln makes of it.
+
+use crate::Error;
+use kiln_ir::{Module, TensorType};
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::path::Path;
+
+/// One graph input or output.
+#[derive(Debug, Serialize)]
+pub struct Port {
+    pub name: String,
+    #[serde(rename = "type")]
+    pub ty: String,
+}
+
+/// The report (`--json` prints it; CLI.md fixes the first seven fields).
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub graph_ops: usize,
+    pub kernels: usize,
+    pub ops_by_type: BTreeMap<String, usize>,
+    pub unsupported: Vec<String>,
+    pub bytes_moved_before: u64,
+    pub bytes_moved_after: u64,
+    pub fusion_ms: f64,
+    pub target: String,
+    pub opset: i64,
+    pub inputs: Vec<Port>,
+    pub outputs: Vec<Port>,
+    pub constants: usize,
+    pub constant_bytes: u64,
+}
+
+/// Inspects a model file. Unsupported ops are listed, all of them, rather than failing.
+pub fn inspect(path: &Path, target: &str) -> Result<Report, Error> {
+    if kiln_targets::lookup(target).is_none() {
+        return Err(Error::UnknownTarget(target.to_string()));
+    }
+    let bytes = std::fs::read(path).map_err(|e| Error::Io { path: path.display().to_string(), msg: e.to_string() })?;
+    let name = path.display().to_string();
+    let proto = kiln_onnx::decode_model(&bytes, &name)?;
+    let mut unsupported = Vec::new();
+    if let Some(g) = &proto.graph {
+        kiln_onnx::import::collect_unsupported(g, &mut unsupported);
+    }
+    if !unsupported.is_empty() {
+        // Count what the file holds, without importing it.
+        let mut ops_by_type = BTreeMap::new();
+        let mut graph_ops = 0;
+        for n in proto.graph.iter().flat_map(|g| &g.node) {
+            let op = n.op_type.clone().unwrap_or_default();
+            if op != "Constant" {
+                graph_ops += 1;
+                *ops_by_type.entry(op).or_insert(0) += 1;
+            }
+        }
+        let mut names: Vec<String> = unsupported.iter().map(|(_, op)| op.clone()).collect();
+        names.sort();
+        names.dedup();
+        return Ok(Report {
+            graph_ops,
+            kernels: 0,
+            ops_by_type,
+            unsupported: names,
+            bytes_moved_before: 0,
+            bytes_moved_after: 0,
+            fusion_ms: 0.0,
+            target: target.into(),
+            opset: 0,
+            inputs: vec![],
+            outputs: vec![],
+            constants: 0,
+            constant_bytes: 0,
+        });
+    }
+    let m = kiln_onnx::import_model(&proto, &name, path.parent())?;
+    let compiled = crate::compile(m, target)?;
+    Ok(report(compiled.module(), target))
+}
+
+fn type_bytes(t: &TensorType) -> u64 {
+    // Symbolic dims count as 1: the figure is per unit of each symbol.
+    let n: u64 = t.shape.as_ref().map_or(1, |s| s.iter().map(|d| d.known().unwrap_or(1)).product());
+    n * t.dtype.size_bytes() as u64
+}
+
+/// Builds the report of an imported module.
+pub fn report(m: &Module, target: &str) -> Report {
+    let mut ops_by_type = BTreeMap::new();
+    let (mut graph_ops, mut constants, mut constant_bytes, mut bytes) = (0, 0, 0u64, 0u64);
+    m.walk(&mut |_, op| {
+        if op.op_type() == "Constant" {
+            constants += 1;
+            constant_bytes += op.results.iter().map(|&r| type_bytes(&m.value(r).ty)).sum::<u64>();
+            return;
+        }
+        graph_ops += 1;
+        *ops_by_type.entry(op.op_type().to_string()).or_insert(0) += 1;
+        bytes += op.operands.iter().flatten().map(|&v| type_bytes(&m.value(v).ty)).sum::<u64>();
+        bytes += op.results.iter().map(|&v| type_bytes(&m.value(v).ty)).sum::<u64>();
+    });
+    let port = |v| Port { name: m.value_label(v), ty: m.value(v).ty.to_string() };
+    Report {
+        graph_ops,
+        // Without fusion (it lands with the e-graph work) every graph op is one kernel.
+        kernels: graph_ops,
+        ops_by_type,
+        unsupported: vec![],
+        bytes_moved_before: bytes,
+        bytes_moved_after: bytes,
+        fusion_ms: 0.0,
+        target: target.into(),
+        opset: kiln_ir::interp::module_opset(m),
+        inputs: m.inputs().iter().map(|&v| port(v)).collect(),
+        outputs: m.outputs().iter().map(|&v| port(v)).collect(),
+        constants,
+        constant_bytes,
+    }
+}

@@ -1,5 +1,0 @@
-//! The `misc` family of graph ops.
-
-use super::Registry;
-
-pub fn register(_r: &mut Registry) {}

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# kiln's main job, end to end on a fresh machine: set up, build, then inspect, print and run the
+# small model kept in the repo (examples/tiny_cnn, symbolic batch N) on the reference target and
+# check its output against onnxruntime's (stored next to the model).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+cargo build --release -q -p kiln
+KILN=target/release/kiln
+M=examples/tiny_cnn
+echo "== kiln targets"; $KILN targets
+echo "== kiln inspect $M/model.onnx"; $KILN inspect $M/model.onnx
+echo "== kiln compile $M/model.onnx --emit graph (first lines)"; $KILN compile $M/model.onnx --emit graph | head -n 12
+echo "== kiln run $M/model.onnx --target ref"
+$KILN run $M/model.onnx --target ref --input $M/input_0.pb --output-dir kiln-out --npy
+.venv/bin/python - <<'PY'
+import numpy as np, onnx
+from onnx import numpy_helper
+got = numpy_helper.to_array(onnx.load_tensor("kiln-out/output_0.pb"))
+want = numpy_helper.to_array(onnx.load_tensor("examples/tiny_cnn/expected_output_0.pb"))
+err = np.abs(got - want).max()
+assert got.shape == want.shape and np.allclose(got, want, rtol=1e-3, atol=1e-5), f"max abs err {err}"
+print(f"kiln-out/output_0.pb matches onnxruntime: shape {got.shape}, max abs err {err:.2e}")
+PY

@@ -1,0 +1,108 @@
+//! The official ONNX backend node tests on `--target ref`, against a checked-in expectation file.
+//!
+//! Every case listed `pass` in `tests/expectations/node_ref.txt` must still pass: a regression
+//! fails the test and names the case and why. Cases that newly pass are reported; re-bless the
+//! file with `KILN_BLESS=1`. The pass rate counts all 1,884 cases (CLI.md), sequence, optional
+//! and string-typed ones included.
+
+use crate::common::data_dir;
+use kiln_onnx::testcase::{list_cases, run_case_ref, TestCase};
+use std::collections::BTreeMap;
+use std::panic::AssertUnwindSafe;
+use std::path::PathBuf;
+
+const EXPECTED_CASES: usize = 1884;
+
+fn expectation_file() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/expectations/node_ref.txt")
+}
+
+/// Runs one case, turning a panic (always a bug) into a failure.
+fn run_one(case: &TestCase) -> Result<(), String> {
+    std::panic::catch_unwind(AssertUnwindSafe(|| run_case_ref(case))).unwrap_or_else(|p| {
+        let msg = p.downcast_ref::<String>().cloned().or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()));
+        Err(format!("PANIC: {}", msg.unwrap_or_default()))
+    })
+}
+
+/// A short cause for grouping failures in the report.
+fn cause(err: &str) -> String {
+    if let Some(i) = err.find("unsupported op(s): ") {
+        let ops = &err[i + 19..];
+        let first = ops.split(", ").next().unwrap_or("");
+        let op = first.rsplit('(').next().unwrap_or("").trim_end_matches(')');
+        return format!("unsupported op {op}");
+    }
+    for key in ["is a sequence", "is an optional", "element type", "PANIC", "dtype", "shape", "element "] {
+        if err.contains(key) {
+            return match key {
+                "is a sequence" => "sequence values".into(),
+                "is an optional" => "optional values".into(),
+                "element type" => "unsupported element type".into(),
+                "PANIC" => "panic".into(),
+                "element " => "numeric mismatch".into(),
+                k => format!("{k} mismatch"),
+            };
+        }
+    }
+    "other error".into()
+}
+
+#[test]
+fn onnx_node_tests_on_ref() {
+    let cases = list_cases(&data_dir().join("node"));
+    assert_eq!(cases.len(), EXPECTED_CASES, "onnx 1.23.2 generates {EXPECTED_CASES} node tests");
+    // Two workers (the CI machine has 2 cores); results keep case order.
+    let results: Vec<(String, Result<(), String>)> = std::thread::scope(|s| {
+        let chunks: Vec<&[TestCase]> = cases.chunks(cases.len().div_ceil(2)).collect();
+        let handles: Vec<_> = chunks
+            .into_iter()
+            .map(|chunk| s.spawn(move || chunk.iter().map(|c| (c.name.clone(), run_one(c))).collect::<Vec<_>>()))
+            .collect();
+        handles.into_iter().flat_map(|h| h.join().expect("worker")).collect()
+    });
+    let passed = results.iter().filter(|(_, r)| r.is_ok()).count();
+    let mut causes: BTreeMap<String, usize> = BTreeMap::new();
+    for (_, r) in &results {
+        if let Err(e) = r {
+            *causes.entry(cause(e)).or_default() += 1;
+        }
+    }
+    let mut by_count: Vec<_> = causes.into_iter().collect();
+    by_count.sort_by_key(|c| std::cmp::Reverse(c.1));
+    println!("failures by cause:");
+    for (c, n) in &by_count {
+        println!("  {n:5}  {c}");
+    }
+    println!(
+        "ONNX node tests on ref: {passed}/{EXPECTED_CASES} passed ({:.1}%)",
+        100.0 * passed as f64 / EXPECTED_CASES as f64
+    );
+
+    let actual: String =
+        results.iter().map(|(n, r)| format!("{} {n}\n", if r.is_ok() { "pass" } else { "fail" })).collect();
+    if std::env::var("KILN_BLESS").is_ok_and(|v| v == "1") {
+        std::fs::write(expectation_file(), &actual).expect("write expectations");
+        println!("blessed {}", expectation_file().display());
+        return;
+    }
+    let expected = std::fs::read_to_string(expectation_file()).expect("tests/expectations/node_ref.txt");
+    let want: BTreeMap<&str, bool> =
+        expected.lines().filter_map(|l| l.split_once(' ')).map(|(s, n)| (n, s == "pass")).collect();
+    let mut regressions = Vec::new();
+    let mut newly = Vec::new();
+    for (name, r) in &results {
+        match (want.get(name.as_str()), r) {
+            (Some(true), Err(e)) => regressions.push(format!("{name}: {e}")),
+            (Some(false) | None, Ok(())) => newly.push(name.clone()),
+            _ => {}
+        }
+    }
+    if !newly.is_empty() {
+        println!("{} case(s) pass that the expectation file lists as failing (bless with KILN_BLESS=1):", newly.len());
+        for n in &newly {
+            println!("  {n}");
+        }
+    }
+    assert!(regressions.is_empty(), "{} node test(s) regressed:\n{}", regressions.len(), regressions.join("\n"));
+}
