@@ -70,7 +70,7 @@ pub fn import_model(model: &ModelProto, model_name: &str, base_dir: Option<&Path
         next_dim: 0,
         scopes: vec![HashMap::new()],
     };
-    let body = imp.import_graph(graph, true)?;
+    let body = imp.import_graph(graph, true, &[])?;
     imp.m.body = body;
     Ok(imp.m)
 }
@@ -198,7 +198,9 @@ impl Importer<'_> {
     }
 
     /// Imports a graph into a block: the main function body or a subgraph region.
-    fn import_graph(&mut self, g: &GraphProto, is_main: bool) -> Result<Block, FrontendError> {
+    /// `hints` types the subgraph inputs that the model leaves untyped (ONNX allows that for
+    /// Loop and Scan bodies: their types follow from the op's operands).
+    fn import_graph(&mut self, g: &GraphProto, is_main: bool, hints: &[TensorType]) -> Result<Block, FrontendError> {
         let mut block = Block::default();
         let mut init_names = std::collections::HashSet::new();
         for init in &g.initializer {
@@ -215,7 +217,12 @@ impl Importer<'_> {
             if is_main && init_names.contains(&name) {
                 continue;
             }
-            let ty = self.type_of(inp, if is_main { "input" } else { "subgraph input" })?;
+            let untyped = inp.r#type.as_ref().and_then(|t| t.value.as_ref()).is_none();
+            let hint = hints.get(block.args.len());
+            let ty = match (untyped, hint) {
+                (true, Some(h)) => h.clone(),
+                _ => self.type_of(inp, if is_main { "input" } else { "subgraph input" })?,
+            };
             let v = self.m.add_arg(ty, Some(name.clone()));
             block.args.push(v);
             self.define(&name, v);
@@ -366,6 +373,26 @@ impl Importer<'_> {
         None
     }
 
+    /// Types of a control-flow body's inputs implied by the op's operands.
+    fn subgraph_hints(&self, n: &NodeProto) -> Vec<TensorType> {
+        let operand = |name: &String| {
+            self.lookup_name(name).map(|v| self.m.value(v).ty.clone()).unwrap_or(TensorType::unranked(DType::F32))
+        };
+        match n.op_type.as_deref() {
+            // Loop body: (iteration_num: i64 scalar, cond: bool scalar, loop-carried values...).
+            Some("Loop") => {
+                let mut h = vec![TensorType::known(DType::I64, &[]), TensorType::known(DType::Bool, &[])];
+                h.extend(n.input.iter().skip(2).map(operand));
+                h
+            }
+            // Scan body: (state values..., one slice of each scan input): element types carry over.
+            Some("Scan") => {
+                n.input.iter().filter(|i| !i.is_empty()).map(|i| TensorType::unranked(operand(i).dtype)).collect()
+            }
+            _ => vec![],
+        }
+    }
+
     fn convert_attr(
         &mut self,
         n: &NodeProto,
@@ -417,7 +444,8 @@ impl Importer<'_> {
             AttributeType::Graph => {
                 let g = a.g.as_ref().ok_or_else(|| self.node_err(n, format!("attribute '{name}' has no graph")))?;
                 self.scopes.push(HashMap::new());
-                let block = self.import_graph(g, false);
+                let hints = self.subgraph_hints(n);
+                let block = self.import_graph(g, false, &hints);
                 self.scopes.pop();
                 regions.push(Region { blocks: vec![block?] });
                 Attr::Region(regions.len() as u32 - 1)
