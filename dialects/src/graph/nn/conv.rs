@@ -230,12 +230,10 @@ impl OpDef for ConvInteger {
         let (x, w) = (req(inputs, 0)?, req(inputs, 1)?);
         expect_nc(x, "x")?;
         let s = conv_setup(cx.attrs, &x.shape, &w.shape)?;
-        let xv = shifted(x, opt(inputs, 2), "x")?;
-        let xv = if opt(inputs, 2).is_some_and(|z| z.len() != 1) {
+        if opt(inputs, 2).is_some_and(|z| z.len() != 1) {
             bail!("x_zero_point must be a scalar");
-        } else {
-            xv
-        };
+        }
+        let xv = shifted(x, opt(inputs, 2), "x")?;
         let wv = shifted(w, opt(inputs, 3), "w")?;
         Ok(vec![Tensor::from_f64(DType::I32, &s.out_shape, conv_real(&s, &xv, &wv, None))])
     }
