@@ -52,7 +52,7 @@ fn conv_setup(a: AttrView, x: &[usize], w: &[usize]) -> OpResult<ConvSetup> {
     }
     let group = group_attr(a)?;
     let (n, c, m) = (x[0], x[1], w[0]);
-    if c != w[1] * group || m % group != 0 {
+    if w[1].checked_mul(group) != Some(c) || m % group != 0 {
         bail!("Conv with group {group}: X has {c} channels and W is {w:?} (expected [M, C/group, ...], M divisible by group)");
     }
     let geom = conv_window(a, &w[2..])?.geometry(&x[2..])?;
@@ -422,7 +422,8 @@ impl OpDef for ConvTranspose {
             g.dil[off + i] = dil[i];
             g.pad[off + i] = axes[i].0;
         }
-        let (n, c, m) = (x.shape[0], x.shape[1], w.shape[1] * group);
+        let Some(m) = w.shape[1].checked_mul(group) else { bail!("group {group} is too large") };
+        let (n, c) = (x.shape[0], x.shape[1]);
         let mut out_shape = vec![n, m];
         out_shape.extend_from_slice(&g.input[off..]);
         checked_numel(&out_shape)?;
