@@ -52,7 +52,7 @@ fn conv_setup(a: AttrView, x: &[usize], w: &[usize]) -> OpResult<ConvSetup> {
     }
     let group = group_attr(a)?;
     let (n, c, m) = (x[0], x[1], w[0]);
-    if c != w[1] * group || m % group != 0 {
+    if w[1].checked_mul(group) != Some(c) || m % group != 0 {
         bail!("Conv with group {group}: X has {c} channels and W is {w:?} (expected [M, C/group, ...], M divisible by group)");
     }
     let geom = conv_window(a, &w[2..])?.geometry(&x[2..])?;
@@ -230,12 +230,10 @@ impl OpDef for ConvInteger {
         let (x, w) = (req(inputs, 0)?, req(inputs, 1)?);
         expect_nc(x, "x")?;
         let s = conv_setup(cx.attrs, &x.shape, &w.shape)?;
-        let xv = shifted(x, opt(inputs, 2), "x")?;
-        let xv = if opt(inputs, 2).is_some_and(|z| z.len() != 1) {
+        if opt(inputs, 2).is_some_and(|z| z.len() != 1) {
             bail!("x_zero_point must be a scalar");
-        } else {
-            xv
-        };
+        }
+        let xv = shifted(x, opt(inputs, 2), "x")?;
         let wv = shifted(w, opt(inputs, 3), "w")?;
         Ok(vec![Tensor::from_f64(DType::I32, &s.out_shape, conv_real(&s, &xv, &wv, None))])
     }
@@ -424,7 +422,8 @@ impl OpDef for ConvTranspose {
             g.dil[off + i] = dil[i];
             g.pad[off + i] = axes[i].0;
         }
-        let (n, c, m) = (x.shape[0], x.shape[1], w.shape[1] * group);
+        let Some(m) = w.shape[1].checked_mul(group) else { bail!("group {group} is too large") };
+        let (n, c) = (x.shape[0], x.shape[1]);
         let mut out_shape = vec![n, m];
         out_shape.extend_from_slice(&g.input[off..]);
         checked_numel(&out_shape)?;

@@ -191,6 +191,7 @@ impl OpDef for Gemm {
         let (m, n) = gemm_dims(&dims(&a.shape), &dims(&b.shape), ta, tb)?;
         let (m, n) = (m.known().unwrap_or(0) as usize, n.known().unwrap_or(0) as usize);
         let k = if ta { a.shape[0] } else { a.shape[1] };
+        checked_numel(&[m, n])?;
         let cidx = match c {
             Some(c) => {
                 if broadcast_shapes(&c.shape, &[m, n]).as_deref() != Some(&[m, n][..]) || c.rank() > 2 {

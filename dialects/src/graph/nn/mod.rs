@@ -6,6 +6,7 @@
 //! Convolutions and matrix products share one cache-blocked GEMM kernel ([`gemm`]).
 
 mod conv;
+mod deform;
 mod gemm;
 mod matmul;
 mod norm;
@@ -21,6 +22,7 @@ use std::borrow::Cow;
 
 pub fn register(r: &mut Registry) {
     conv::register(r);
+    deform::register(r);
     matmul::register(r);
     norm::register(r);
     pool::register(r);
