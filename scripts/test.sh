@@ -8,4 +8,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export PROPTEST_CASES="${PROPTEST_CASES:-192}"
-cargo test --release --workspace --no-fail-fast -- --test-threads=2 2>&1
+cargo test --release --workspace --no-fail-fast -- --test-threads=2 --show-output 2>&1
