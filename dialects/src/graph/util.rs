@@ -18,10 +18,11 @@ pub fn opt<'a>(inputs: &[Option<&'a Tensor>], i: usize) -> Option<&'a Tensor> {
     inputs.get(i).copied().flatten()
 }
 
-/// Normalizes a possibly negative axis against `rank`.
+/// Normalizes a possibly negative axis against `rank`: valid axes are `-rank..rank`, so a
+/// scalar has none (callers index the shape with the result).
 pub fn norm_axis(axis: i64, rank: usize) -> OpResult<usize> {
     let r = rank as i64;
-    if axis < -r || axis >= r.max(1) && !(r == 0 && axis == 0) {
+    if axis < -r || axis >= r {
         bail!("axis {axis} is out of range for rank {rank}");
     }
     Ok(if axis < 0 { (axis + r) as usize } else { axis as usize })
