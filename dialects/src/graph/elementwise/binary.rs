@@ -31,10 +31,7 @@ pub(super) enum Bin {
 
 impl Bin {
     fn int_only(self) -> bool {
-        matches!(
-            self,
-            Bin::BitAnd | Bin::BitOr | Bin::BitXor | Bin::Shl | Bin::Shr
-        )
+        matches!(self, Bin::BitAnd | Bin::BitOr | Bin::BitXor | Bin::Shl | Bin::Shr)
     }
 }
 
@@ -67,13 +64,7 @@ fn nan_min<T: Real>(x: T, y: T) -> T {
     }
 }
 
-fn real_bin<T: Real>(
-    op: Bin,
-    a: &[T],
-    sa: &[usize],
-    b: &[T],
-    sb: &[usize],
-) -> OpResult<(Shape, Vec<T>)> {
+fn real_bin<T: Real>(op: Bin, a: &[T], sa: &[usize], b: &[T], sb: &[usize]) -> OpResult<(Shape, Vec<T>)> {
     let zero = T::ZERO;
     macro_rules! each {
         ($($k:ident => |$x:ident, $y:ident| $e:expr),* $(,)?) => {
@@ -109,13 +100,7 @@ fn shift<T: IntElem>(x: T, s: T, left: bool) -> T {
     }
 }
 
-fn int_bin<T: IntElem>(
-    op: Bin,
-    a: &[T],
-    sa: &[usize],
-    b: &[T],
-    sb: &[usize],
-) -> OpResult<(Shape, Vec<T>)> {
+fn int_bin<T: IntElem>(op: Bin, a: &[T], sa: &[usize], b: &[T], sb: &[usize]) -> OpResult<(Shape, Vec<T>)> {
     macro_rules! each {
         ($($k:ident => |$x:ident, $y:ident| $e:expr),* $(,)?) => {
             match op { $(Bin::$k => zip_map(a, sa, b, sb, |&$x, &$y| $e),)* }
@@ -148,11 +133,7 @@ fn int_bin<T: IntElem>(
 pub(super) fn binary(op: Bin, a: &Tensor, b: &Tensor, sb: &[usize]) -> OpResult<Tensor> {
     let sa = &a.shape[..];
     if a.dtype() != b.dtype() {
-        bail!(
-            "both inputs must have one type, found {} and {}",
-            a.dtype(),
-            b.dtype()
-        );
+        bail!("both inputs must have one type, found {} and {}", a.dtype(), b.dtype());
     }
     let (shape, data) = match (&a.data, &b.data) {
         (Data::F32(x), Data::F32(y)) => {
@@ -264,10 +245,7 @@ fn binary_shapes(cx: &InferCx) -> OpResult<Vec<Option<Vec<Dim>>>> {
 /// `b`'s shape for evaluation, with the legacy broadcast applied.
 fn eval_b_shape(cx: &EvalCx, a: &Tensor, b: &Tensor) -> OpResult<Shape> {
     let mut s = b.shape.clone();
-    s.extend(std::iter::repeat_n(
-        1,
-        legacy_ones(&cx.attrs, cx.opset, a.rank(), b.rank())?,
-    ));
+    s.extend(std::iter::repeat_n(1, legacy_ones(&cx.attrs, cx.opset, a.rank(), b.rank())?));
     Ok(s)
 }
 
@@ -296,11 +274,7 @@ impl Arith {
     }
 
     fn check_dtype(&self, op: Bin, t: DType) -> OpResult<()> {
-        let ok = if op.int_only() {
-            t.is_int()
-        } else {
-            t.is_numeric()
-        };
+        let ok = if op.int_only() { t.is_int() } else { t.is_numeric() };
         if !ok {
             bail!("{} is not defined on {t} tensors", self.name);
         }
@@ -360,11 +334,7 @@ impl OpDef for Logical {
     fn infer(&self, cx: &mut InferCx) -> OpResult<Vec<TensorType>> {
         for i in 0..2 {
             if cx.input(i)?.dtype != DType::Bool {
-                bail!(
-                    "{} expects bool inputs, input {i} is {}",
-                    self.name,
-                    cx.input(i)?.dtype
-                );
+                bail!("{} expects bool inputs, input {i} is {}", self.name, cx.input(i)?.dtype);
             }
         }
         let shapes = binary_shapes(cx)?;
@@ -374,12 +344,7 @@ impl OpDef for Logical {
         let (a, b) = (req(inputs, 0)?, req(inputs, 1)?);
         let sb = eval_b_shape(cx, a, b)?;
         let (Data::Bool(x), Data::Bool(y)) = (&a.data, &b.data) else {
-            bail!(
-                "{} expects bool inputs, found {} and {}",
-                self.name,
-                a.dtype(),
-                b.dtype()
-            )
+            bail!("{} expects bool inputs, found {} and {}", self.name, a.dtype(), b.dtype())
         };
         let (s, v) = match self.op {
             Logic::And => zip_map(x, &a.shape, y, &sb, |&p, &q| p & q)?,
@@ -420,13 +385,7 @@ macro_rules! zip_all_data {
 
 pub(super) use zip_all_data;
 
-fn compare_slices<T: PartialOrd>(
-    k: Cmp,
-    a: &[T],
-    sa: &[usize],
-    b: &[T],
-    sb: &[usize],
-) -> OpResult<(Shape, Vec<bool>)> {
+fn compare_slices<T: PartialOrd>(k: Cmp, a: &[T], sa: &[usize], b: &[T], sb: &[usize]) -> OpResult<(Shape, Vec<bool>)> {
     match k {
         Cmp::Eq => zip_map(a, sa, b, sb, |x, y| x == y),
         Cmp::Lt => zip_map(a, sa, b, sb, |x, y| x < y),

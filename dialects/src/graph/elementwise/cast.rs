@@ -18,10 +18,7 @@ fn target(attrs: &AttrView) -> OpResult<DType> {
             "BFLOAT16" => DType::BF16,
             "BOOL" => DType::Bool,
             "STRING" => DType::String,
-            _ => match DType::ALL
-                .into_iter()
-                .find(|d| d.onnx_name().eq_ignore_ascii_case(&up))
-            {
+            _ => match DType::ALL.into_iter().find(|d| d.onnx_name().eq_ignore_ascii_case(&up)) {
                 Some(d) => d,
                 None => {
                     bail!("attribute 'to' names element type {name:?}, which kiln does not support")
@@ -71,11 +68,7 @@ fn numpy_float_str(v: f64, sci: &str, cutoff: f64) -> String {
             format!("{sign}0.{}{digits}", "0".repeat((-exp - 1) as usize))
         }
     } else {
-        let m = if digits.len() > 1 {
-            format!("{}.{}", &digits[..1], &digits[1..])
-        } else {
-            digits
-        };
+        let m = if digits.len() > 1 { format!("{}.{}", &digits[..1], &digits[1..]) } else { digits };
         let es = if exp < 0 { '-' } else { '+' };
         format!("{sign}{m}e{es}{:02}", exp.abs())
     }
@@ -83,46 +76,22 @@ fn numpy_float_str(v: f64, sci: &str, cutoff: f64) -> String {
 
 /// Shortest `{:e}` form of a half value that reads back as the same value.
 fn half_sci(x: f32, same: impl Fn(f32) -> bool) -> String {
-    (0..9)
-        .map(|p| format!("{x:.p$e}"))
-        .find(|s| s.parse::<f32>().is_ok_and(&same))
-        .unwrap_or_else(|| format!("{x:e}"))
+    (0..9).map(|p| format!("{x:.p$e}")).find(|s| s.parse::<f32>().is_ok_and(&same)).unwrap_or_else(|| format!("{x:e}"))
 }
 
 fn to_strings(x: &Tensor) -> Vec<String> {
     match &x.data {
         Data::Str(v) => v.clone(),
-        Data::Bool(v) => v
-            .iter()
-            .map(|&b| if b { "True" } else { "False" }.to_string())
-            .collect(),
-        Data::F64(v) => v
-            .iter()
-            .map(|&f| numpy_float_str(f, &format!("{f:e}"), 1e16))
-            .collect(),
-        Data::F32(v) => v
-            .iter()
-            .map(|&f| numpy_float_str(f as f64, &format!("{f:e}"), 1e6))
-            .collect(),
+        Data::Bool(v) => v.iter().map(|&b| if b { "True" } else { "False" }.to_string()).collect(),
+        Data::F64(v) => v.iter().map(|&f| numpy_float_str(f, &format!("{f:e}"), 1e16)).collect(),
+        Data::F32(v) => v.iter().map(|&f| numpy_float_str(f as f64, &format!("{f:e}"), 1e6)).collect(),
         Data::F16(v) => v
             .iter()
-            .map(|&h| {
-                numpy_float_str(
-                    h.to_f64(),
-                    &half_sci(h.to_f32(), |r| f16::from_f32(r) == h),
-                    1e3,
-                )
-            })
+            .map(|&h| numpy_float_str(h.to_f64(), &half_sci(h.to_f32(), |r| f16::from_f32(r) == h), 1e3))
             .collect(),
         Data::BF16(v) => v
             .iter()
-            .map(|&h| {
-                numpy_float_str(
-                    h.to_f64(),
-                    &half_sci(h.to_f32(), |r| bf16::from_f32(r) == h),
-                    1e3,
-                )
-            })
+            .map(|&h| numpy_float_str(h.to_f64(), &half_sci(h.to_f32(), |r| bf16::from_f32(r) == h), 1e3))
             .collect(),
         Data::U64(v) => v.iter().map(|n| n.to_string()).collect(),
         _ => x.to_i64().iter().map(|n| n.to_string()).collect(),
@@ -199,26 +168,16 @@ pub(super) fn cast_tensor(x: &Tensor, to: DType) -> OpResult<Tensor> {
     }
     let t = match (&x.data, to) {
         (Data::Str(v), _) => return from_strings(v, to, shape),
-        (Data::F32(v), DType::F16) => Tensor::new(
-            shape.clone(),
-            Data::F16(v.iter().map(|&f| f16::from_f32(f)).collect()),
-        ),
-        (Data::F32(v), DType::BF16) => Tensor::new(
-            shape.clone(),
-            Data::BF16(v.iter().map(|&f| bf16::from_f32(f)).collect()),
-        ),
-        (Data::F16(v), DType::F32) => {
-            Tensor::from_f32(shape, v.iter().map(|h| h.to_f32()).collect())
+        (Data::F32(v), DType::F16) => {
+            Tensor::new(shape.clone(), Data::F16(v.iter().map(|&f| f16::from_f32(f)).collect()))
         }
-        (Data::BF16(v), DType::F32) => {
-            Tensor::from_f32(shape, v.iter().map(|h| h.to_f32()).collect())
+        (Data::F32(v), DType::BF16) => {
+            Tensor::new(shape.clone(), Data::BF16(v.iter().map(|&f| bf16::from_f32(f)).collect()))
         }
-        (Data::I64(v), DType::F32) => {
-            Tensor::from_f32(shape, v.iter().map(|&n| n as f32).collect())
-        }
-        (Data::U64(v), DType::F32) => {
-            Tensor::from_f32(shape, v.iter().map(|&n| n as f32).collect())
-        }
+        (Data::F16(v), DType::F32) => Tensor::from_f32(shape, v.iter().map(|h| h.to_f32()).collect()),
+        (Data::BF16(v), DType::F32) => Tensor::from_f32(shape, v.iter().map(|h| h.to_f32()).collect()),
+        (Data::I64(v), DType::F32) => Tensor::from_f32(shape, v.iter().map(|&n| n as f32).collect()),
+        (Data::U64(v), DType::F32) => Tensor::from_f32(shape, v.iter().map(|&n| n as f32).collect()),
         _ if to.is_float() || from.is_float() => Tensor::from_f64(to, shape, x.to_f64()),
         _ => Tensor::from_i64_as(to, shape, x.to_i64()),
     };
@@ -235,10 +194,7 @@ impl OpDef for Cast {
     }
     fn infer(&self, cx: &mut InferCx) -> OpResult<Vec<TensorType>> {
         let to = target(&cx.attrs)?;
-        Ok(vec![TensorType {
-            dtype: to,
-            shape: cx.input(0)?.shape.clone(),
-        }])
+        Ok(vec![TensorType { dtype: to, shape: cx.input(0)?.shape.clone() }])
     }
     fn eval(&self, cx: &EvalCx, inputs: &[Option<&Tensor>]) -> OpResult<Vec<Tensor>> {
         Ok(vec![cast_tensor(req(inputs, 0)?, target(&cx.attrs)?)?])
@@ -254,10 +210,7 @@ impl OpDef for CastLike {
     }
     fn infer(&self, cx: &mut InferCx) -> OpResult<Vec<TensorType>> {
         let to = cx.input(1)?.dtype;
-        Ok(vec![TensorType {
-            dtype: to,
-            shape: cx.input(0)?.shape.clone(),
-        }])
+        Ok(vec![TensorType { dtype: to, shape: cx.input(0)?.shape.clone() }])
     }
     fn eval(&self, _cx: &EvalCx, inputs: &[Option<&Tensor>]) -> OpResult<Vec<Tensor>> {
         Ok(vec![cast_tensor(req(inputs, 0)?, req(inputs, 1)?.dtype())?])
@@ -303,9 +256,7 @@ fn le_bytes(d: &Data) -> Option<Vec<u8>> {
 fn from_le_bytes(to: DType, b: &[u8]) -> Data {
     macro_rules! read {
         ($t:ty, $n:literal) => {
-            b.chunks_exact($n)
-                .map(|c| <$t>::from_le_bytes(<[u8; $n]>::try_from(c).unwrap_or([0; $n])))
-                .collect()
+            b.chunks_exact($n).map(|c| <$t>::from_le_bytes(<[u8; $n]>::try_from(c).unwrap_or([0; $n]))).collect()
         };
     }
     match to {
@@ -351,22 +302,14 @@ impl OpDef for BitCast {
         let to = target(&cx.attrs)?;
         let t = cx.input(0)?;
         check_bitcast(t.dtype, to)?;
-        Ok(vec![TensorType {
-            dtype: to,
-            shape: t.shape.clone(),
-        }])
+        Ok(vec![TensorType { dtype: to, shape: t.shape.clone() }])
     }
     fn eval(&self, cx: &EvalCx, inputs: &[Option<&Tensor>]) -> OpResult<Vec<Tensor>> {
         let x = req(inputs, 0)?;
         let to = target(&cx.attrs)?;
         check_bitcast(x.dtype(), to)?;
-        let Some(bytes) = le_bytes(&x.data) else {
-            bail!("BitCast does not take strings")
-        };
-        Ok(vec![Tensor::new(
-            x.shape.clone(),
-            from_le_bytes(to, &bytes),
-        )])
+        let Some(bytes) = le_bytes(&x.data) else { bail!("BitCast does not take strings") };
+        Ok(vec![Tensor::new(x.shape.clone(), from_le_bytes(to, &bytes))])
     }
 }
 
@@ -379,10 +322,7 @@ mod tests {
         let t = Tensor::from_f32(&[6], vec![0.1, 1.0, 1e6, 1e-5, -2.5, f32::NEG_INFINITY]);
         let s = cast_tensor(&t, DType::String).unwrap();
         let want = ["0.1", "1.0", "1e+06", "1e-05", "-2.5", "-inf"];
-        assert_eq!(
-            s.data,
-            Data::Str(want.iter().map(|s| s.to_string()).collect())
-        );
+        assert_eq!(s.data, Data::Str(want.iter().map(|s| s.to_string()).collect()));
         let h = Tensor::from_f64(DType::F16, &[2], vec![0.1, 65504.0]);
         let s = cast_tensor(&h, DType::String).unwrap();
         assert_eq!(s.data, Data::Str(vec!["0.1".into(), "6.55e+04".into()]));
@@ -393,28 +333,16 @@ mod tests {
     #[test]
     fn casts_between_numbers() {
         let t = Tensor::from_f32(&[3], vec![-1.7, 2.5, 0.0]);
-        assert_eq!(
-            cast_tensor(&t, DType::I32).unwrap().to_i64(),
-            vec![-1, 2, 0]
-        );
-        assert_eq!(
-            cast_tensor(&t, DType::Bool).unwrap().to_bool(),
-            vec![true, true, false]
-        );
+        assert_eq!(cast_tensor(&t, DType::I32).unwrap().to_i64(), vec![-1, 2, 0]);
+        assert_eq!(cast_tensor(&t, DType::Bool).unwrap().to_bool(), vec![true, true, false]);
         let i = Tensor::from_i64(&[2], vec![-1, 300]);
-        assert_eq!(
-            cast_tensor(&i, DType::U8).unwrap().data,
-            Data::U8(vec![255, 44])
-        );
+        assert_eq!(cast_tensor(&i, DType::U8).unwrap().data, Data::U8(vec![255, 44]));
     }
 
     #[test]
     fn bitcast_reinterprets() {
         let t = Tensor::from_f32(&[2], vec![1.0, -0.0]);
-        let r = Tensor::new(
-            vec![2],
-            from_le_bytes(DType::I32, &le_bytes(&t.data).unwrap()),
-        );
+        let r = Tensor::new(vec![2], from_le_bytes(DType::I32, &le_bytes(&t.data).unwrap()));
         assert_eq!(r.data, Data::I32(vec![0x3f80_0000, i32::MIN]));
         assert!(check_bitcast(DType::F32, DType::I64).is_err());
     }

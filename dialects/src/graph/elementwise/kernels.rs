@@ -121,8 +121,7 @@ pub(super) fn erf_f64(x: f64) -> f64 {
                 + t * (0.09678418
                     + t * (-0.18628806
                         + t * (0.27886807
-                            + t * (-1.13520398
-                                + t * (1.48851587 + t * (-0.82215223 + t * 0.17087277))))))));
+                            + t * (-1.13520398 + t * (1.48851587 + t * (-0.82215223 + t * 0.17087277))))))));
     let erfc = t * poly.exp();
     if x >= 0.0 {
         1.0 - erfc
@@ -140,8 +139,7 @@ pub(super) fn erf_f32(x: f32) -> f32 {
         let p = 1.0
             + x2 * (-1.0 / 3.0
                 + x2 * (1.0 / 10.0
-                    + x2 * (-1.0 / 42.0
-                        + x2 * (1.0 / 216.0 + x2 * (-1.0 / 1320.0 + x2 * (1.0 / 9360.0))))));
+                    + x2 * (-1.0 / 42.0 + x2 * (1.0 / 216.0 + x2 * (-1.0 / 1320.0 + x2 * (1.0 / 9360.0))))));
         return x * p * std::f32::consts::FRAC_2_SQRT_PI;
     }
     if z.is_nan() {
@@ -154,8 +152,7 @@ pub(super) fn erf_f32(x: f32) -> f32 {
                 + t * (0.096_784_18
                     + t * (-0.186_288_06
                         + t * (0.278_868_07
-                            + t * (-1.135_204
-                                + t * (1.488_515_9 + t * (-0.822_152_2 + t * 0.170_872_77))))))));
+                            + t * (-1.135_204 + t * (1.488_515_9 + t * (-0.822_152_2 + t * 0.170_872_77))))))));
     let erfc = t * poly.exp();
     if x >= 0.0 {
         1.0 - erfc
@@ -166,13 +163,7 @@ pub(super) fn erf_f32(x: f32) -> f32 {
 
 /// An integer element type.
 pub(super) trait IntElem:
-    Copy
-    + Ord
-    + Default
-    + BitAnd<Output = Self>
-    + BitOr<Output = Self>
-    + BitXor<Output = Self>
-    + Not<Output = Self>
+    Copy + Ord + Default + BitAnd<Output = Self> + BitOr<Output = Self> + BitXor<Output = Self> + Not<Output = Self>
 {
     const BITS: u32;
     fn is_neg(self) -> bool;
@@ -313,12 +304,7 @@ impl<const K: usize> Plan<K> {
         let (inner, inner_strides) = merged.pop().unwrap_or((1, [0; K]));
         let outer_dims = merged.iter().map(|m| m.0).collect();
         let outer_strides = merged.iter().map(|m| m.1).collect();
-        Plan {
-            inner,
-            inner_strides,
-            outer_dims,
-            outer_strides,
-        }
+        Plan { inner, inner_strides, outer_dims, outer_strides }
     }
 
     /// Calls `f` with each row's start offsets, in output order.
@@ -400,12 +386,7 @@ pub(super) fn zip_map<A, B, O>(
             let x = &a[oa];
             out.extend(b[ob..ob + len].iter().map(|y| f(x, y)));
         }
-        _ => out.extend(
-            a[oa..oa + len]
-                .iter()
-                .zip(&b[ob..ob + len])
-                .map(|(x, y)| f(x, y)),
-        ),
+        _ => out.extend(a[oa..oa + len].iter().zip(&b[ob..ob + len]).map(|(x, y)| f(x, y))),
     });
     Ok((shape, out))
 }
@@ -528,15 +509,12 @@ mod tests {
                     continue;
                 };
                 let a: Vec<i64> = (0..sa.iter().product::<usize>() as i64).collect();
-                let b: Vec<i64> = (0..sb.iter().product::<usize>() as i64)
-                    .map(|x| x * 1000)
-                    .collect();
+                let b: Vec<i64> = (0..sb.iter().product::<usize>() as i64).map(|x| x * 1000).collect();
                 let (s, v) = zip_map(&a, sa, &b, sb, |x, y| x + y).unwrap();
                 let (ia, ib) = (broadcast_index(sa, &out), broadcast_index(sb, &out));
                 let want: Vec<i64> = ia.iter().zip(&ib).map(|(&i, &j)| a[i] + b[j]).collect();
                 assert_eq!((s, v), (out.clone(), want.clone()), "{sa:?} {sb:?}");
-                let (_, w) =
-                    zip3_map((&a, sa), (&b, sb), (&[1i64], &[]), |x, y, z| x + y + z).unwrap();
+                let (_, w) = zip3_map((&a, sa), (&b, sb), (&[1i64], &[]), |x, y, z| x + y + z).unwrap();
                 assert_eq!(w, want.iter().map(|x| x + 1).collect::<Vec<_>>());
                 checked += 1;
             }
@@ -546,35 +524,24 @@ mod tests {
 
     #[test]
     fn three_way_broadcast() {
-        let (s, v) = zip3_map(
-            (&[true, false], &[2, 1]),
-            (&[1, 2], &[2]),
-            (&[9], &[]),
-            |&c, &x, &y| if c { x } else { y },
-        )
-        .unwrap();
+        let (s, v) =
+            zip3_map((&[true, false], &[2, 1]), (&[1, 2], &[2]), (&[9], &[]), |&c, &x, &y| if c { x } else { y })
+                .unwrap();
         assert_eq!((s, v), (vec![2, 2], vec![1, 2, 9, 9]));
     }
 
     #[test]
     fn erf_matches_known_values() {
-        for (x, want) in [
-            (0.0, 0.0),
-            (0.1, 0.1124629160),
-            (0.5, 0.5204998778),
-            (1.0, 0.8427007929),
-            (-2.0, -0.9953222650),
-        ] {
+        for (x, want) in
+            [(0.0, 0.0), (0.1, 0.1124629160), (0.5, 0.5204998778), (1.0, 0.8427007929), (-2.0, -0.9953222650)]
+        {
             assert!((erf_f64(x) - want).abs() < 2e-7, "erf({x})");
         }
         assert!((erf_f64(1e-9) / 1.1283791670955126e-9 - 1.0).abs() < 1e-12);
         for i in -400..400 {
             let x = i as f32 / 80.0;
             let (a, b) = (erf_f32(x) as f64, erf_f64(x as f64));
-            assert!(
-                (a - b).abs() <= 1e-6 * b.abs().max(1e-3),
-                "erf_f32({x}) = {a}, want {b}"
-            );
+            assert!((a - b).abs() <= 1e-6 * b.abs().max(1e-3), "erf_f32({x}) = {a}, want {b}");
         }
         assert!((erf_f32(1e-20) / 1.1283791e-20 - 1.0).abs() < 1e-6);
     }

@@ -34,102 +34,29 @@ pub fn register(r: &mut Registry) {
         r.add(op);
     }
     r.add_all(&[
-        &Arith {
-            name: "Add",
-            op: Bin::Add,
-        },
-        &Arith {
-            name: "Sub",
-            op: Bin::Sub,
-        },
-        &Arith {
-            name: "Mul",
-            op: Bin::Mul,
-        },
-        &Arith {
-            name: "Div",
-            op: Bin::Div,
-        },
-        &Arith {
-            name: "Pow",
-            op: Bin::Pow,
-        },
-        &Arith {
-            name: "Mod",
-            op: Bin::Mod,
-        },
-        &Arith {
-            name: "BitShift",
-            op: Bin::Shl,
-        },
-        &Arith {
-            name: "PRelu",
-            op: Bin::PRelu,
-        },
-        &Arith {
-            name: "BitwiseAnd",
-            op: Bin::BitAnd,
-        },
-        &Arith {
-            name: "BitwiseOr",
-            op: Bin::BitOr,
-        },
-        &Arith {
-            name: "BitwiseXor",
-            op: Bin::BitXor,
-        },
-        &Logical {
-            name: "And",
-            op: Logic::And,
-        },
-        &Logical {
-            name: "Or",
-            op: Logic::Or,
-        },
-        &Logical {
-            name: "Xor",
-            op: Logic::Xor,
-        },
-        &Compare {
-            name: "Equal",
-            op: Cmp::Eq,
-        },
-        &Compare {
-            name: "Less",
-            op: Cmp::Lt,
-        },
-        &Compare {
-            name: "LessOrEqual",
-            op: Cmp::Le,
-        },
-        &Compare {
-            name: "Greater",
-            op: Cmp::Gt,
-        },
-        &Compare {
-            name: "GreaterOrEqual",
-            op: Cmp::Ge,
-        },
-        &Variadic {
-            name: "Sum",
-            op: Bin::Add,
-            mean: false,
-        },
-        &Variadic {
-            name: "Mean",
-            op: Bin::Add,
-            mean: true,
-        },
-        &Variadic {
-            name: "Max",
-            op: Bin::Max,
-            mean: false,
-        },
-        &Variadic {
-            name: "Min",
-            op: Bin::Min,
-            mean: false,
-        },
+        &Arith { name: "Add", op: Bin::Add },
+        &Arith { name: "Sub", op: Bin::Sub },
+        &Arith { name: "Mul", op: Bin::Mul },
+        &Arith { name: "Div", op: Bin::Div },
+        &Arith { name: "Pow", op: Bin::Pow },
+        &Arith { name: "Mod", op: Bin::Mod },
+        &Arith { name: "BitShift", op: Bin::Shl },
+        &Arith { name: "PRelu", op: Bin::PRelu },
+        &Arith { name: "BitwiseAnd", op: Bin::BitAnd },
+        &Arith { name: "BitwiseOr", op: Bin::BitOr },
+        &Arith { name: "BitwiseXor", op: Bin::BitXor },
+        &Logical { name: "And", op: Logic::And },
+        &Logical { name: "Or", op: Logic::Or },
+        &Logical { name: "Xor", op: Logic::Xor },
+        &Compare { name: "Equal", op: Cmp::Eq },
+        &Compare { name: "Less", op: Cmp::Lt },
+        &Compare { name: "LessOrEqual", op: Cmp::Le },
+        &Compare { name: "Greater", op: Cmp::Gt },
+        &Compare { name: "GreaterOrEqual", op: Cmp::Ge },
+        &Variadic { name: "Sum", op: Bin::Add, mean: false },
+        &Variadic { name: "Mean", op: Bin::Add, mean: true },
+        &Variadic { name: "Max", op: Bin::Max, mean: false },
+        &Variadic { name: "Min", op: Bin::Min, mean: false },
         &Where,
         &Clip,
         &IsNaN,

@@ -96,10 +96,7 @@ impl Un {
 
     fn name(self) -> &'static str {
         // GeluTanh is the only variant not in the table.
-        Un::TABLE
-            .iter()
-            .find(|e| e.0 == self)
-            .map_or("Gelu", |e| e.1)
+        Un::TABLE.iter().find(|e| e.0 == self).map_or("Gelu", |e| e.1)
     }
 
     /// Ops ONNX also defines on integer tensors.
@@ -120,11 +117,7 @@ impl Params<f64> {
     /// Reads the op's attributes; also resolves Gelu's `approximate` into [`Un::GeluTanh`].
     fn read(op: Un, attrs: &AttrView) -> OpResult<(Un, Params<f64>)> {
         let f = |name: &str, d: f32| attrs.float(name, d).map(f64::from);
-        let mut p = Params {
-            a: 0.0,
-            b: 0.0,
-            g: 0.0,
-        };
+        let mut p = Params { a: 0.0, b: 0.0, g: 0.0 };
         let mut op = op;
         match op {
             Un::LeakyRelu => p.a = f("alpha", 0.01)?,
@@ -154,11 +147,7 @@ impl Params<f64> {
     }
 
     fn cast<T: Real>(self) -> Params<T> {
-        Params {
-            a: T::c(self.a),
-            b: T::c(self.b),
-            g: T::c(self.g),
-        }
+        Params { a: T::c(self.a), b: T::c(self.b), g: T::c(self.g) }
     }
 }
 
@@ -251,20 +240,10 @@ fn int_kernel<T: IntElem>(op: Un, p: Params<f64>, x: &[T]) -> Vec<T> {
     match op {
         Un::Abs => x.iter().map(|v| v.wabs()).collect(),
         Un::Neg => x.iter().map(|v| v.wneg()).collect(),
-        Un::Sign => x
-            .iter()
-            .map(|&v| {
-                T::from_i64(if v.is_neg() {
-                    -1
-                } else {
-                    i64::from(v != T::default())
-                })
-            })
-            .collect(),
-        Un::Relu => x
-            .iter()
-            .map(|&v| if v.is_neg() { T::default() } else { v })
-            .collect(),
+        Un::Sign => {
+            x.iter().map(|&v| T::from_i64(if v.is_neg() { -1 } else { i64::from(v != T::default()) })).collect()
+        }
+        Un::Relu => x.iter().map(|&v| if v.is_neg() { T::default() } else { v }).collect(),
         _ => x
             .iter()
             .map(|&v| {
@@ -325,10 +304,7 @@ fn expect_float(t: &TensorType, op: &str) -> OpResult<()> {
 
 fn bool_like(cx: &InferCx) -> OpResult<Vec<TensorType>> {
     let t = cx.input(0)?;
-    Ok(vec![TensorType {
-        dtype: DType::Bool,
-        shape: t.shape.clone(),
-    }])
+    Ok(vec![TensorType { dtype: DType::Bool, shape: t.shape.clone() }])
 }
 
 /// IsNaN: a bool tensor, true where the float input is NaN.
@@ -372,11 +348,7 @@ impl OpDef for IsInf {
         }
         let pos = cx.attrs.int("detect_positive", 1)? != 0;
         let neg = cx.attrs.int("detect_negative", 1)? != 0;
-        let v = x
-            .to_f64()
-            .into_iter()
-            .map(|v| v.is_infinite() && if v > 0.0 { pos } else { neg })
-            .collect();
+        let v = x.to_f64().into_iter().map(|v| v.is_infinite() && if v > 0.0 { pos } else { neg }).collect();
         Ok(vec![Tensor::from_bool(&x.shape, v)])
     }
 }
@@ -396,13 +368,8 @@ impl OpDef for NotOp {
     }
     fn eval(&self, _cx: &EvalCx, inputs: &[Option<&Tensor>]) -> OpResult<Vec<Tensor>> {
         let x = req(inputs, 0)?;
-        let Data::Bool(v) = &x.data else {
-            bail!("Not expects a bool tensor, found {}", x.dtype())
-        };
-        Ok(vec![Tensor::from_bool(
-            &x.shape,
-            v.iter().map(|b| !b).collect(),
-        )])
+        let Data::Bool(v) = &x.data else { bail!("Not expects a bool tensor, found {}", x.dtype()) };
+        Ok(vec![Tensor::from_bool(&x.shape, v.iter().map(|b| !b).collect())])
     }
 }
 
@@ -415,10 +382,7 @@ impl OpDef for BitwiseNot {
     }
     fn infer(&self, cx: &mut InferCx) -> OpResult<Vec<TensorType>> {
         if !cx.input(0)?.dtype.is_int() {
-            bail!(
-                "BitwiseNot expects an integer tensor, found {}",
-                cx.input(0)?.dtype
-            );
+            bail!("BitwiseNot expects an integer tensor, found {}", cx.input(0)?.dtype);
         }
         same_as_input(cx, 0)
     }
@@ -455,25 +419,15 @@ fn clip_slice<T: PartialOrd + Copy>(x: &[T], lo: Option<T>, hi: Option<T>) -> Ve
 }
 
 /// A clip bound from input `i`: a one-element tensor of the data's type.
-fn clip_bound<'a>(
-    inputs: &[Option<&'a Tensor>],
-    i: usize,
-    dtype: DType,
-) -> OpResult<Option<&'a Tensor>> {
+fn clip_bound<'a>(inputs: &[Option<&'a Tensor>], i: usize, dtype: DType) -> OpResult<Option<&'a Tensor>> {
     let Some(t) = opt(inputs, i) else {
         return Ok(None);
     };
     if t.len() != 1 {
-        bail!(
-            "Clip bound (input {i}) must be a scalar, found shape {:?}",
-            t.shape
-        );
+        bail!("Clip bound (input {i}) must be a scalar, found shape {:?}", t.shape);
     }
     if t.dtype() != dtype {
-        bail!(
-            "Clip bound (input {i}) must have the input's type {dtype}, found {}",
-            t.dtype()
-        );
+        bail!("Clip bound (input {i}) must have the input's type {dtype}, found {}", t.dtype());
     }
     Ok(Some(t))
 }
@@ -496,18 +450,8 @@ impl OpDef for Clip {
         let (lo, hi): (Option<f64>, Option<f64>);
         let (mut ilo, mut ihi): (Option<i64>, Option<i64>) = (None, None);
         if cx.attrs.has("min") || cx.attrs.has("max") || cx.opset < 11 {
-            lo = cx
-                .attrs
-                .has("min")
-                .then(|| cx.attrs.float("min", 0.0))
-                .transpose()?
-                .map(f64::from);
-            hi = cx
-                .attrs
-                .has("max")
-                .then(|| cx.attrs.float("max", 0.0))
-                .transpose()?
-                .map(f64::from);
+            lo = cx.attrs.has("min").then(|| cx.attrs.float("min", 0.0)).transpose()?.map(f64::from);
+            hi = cx.attrs.has("max").then(|| cx.attrs.float("max", 0.0)).transpose()?.map(f64::from);
             // Float bounds on integers: ceil/floor so that the comparison is exact.
             ilo = lo.map(|v| IntElem::from_f64(v.ceil()));
             ihi = hi.map(|v| IntElem::from_f64(v.floor()));

@@ -19,11 +19,7 @@ pub(super) struct Variadic {
 
 impl Variadic {
     fn check_dtype(&self, t: DType) -> OpResult<()> {
-        let ok = if self.op == Bin::Add {
-            t.is_float()
-        } else {
-            t.is_numeric()
-        };
+        let ok = if self.op == Bin::Add { t.is_float() } else { t.is_numeric() };
         if !ok {
             bail!("{} is not defined on {t} tensors", self.name);
         }
@@ -40,14 +36,9 @@ impl OpDef for Variadic {
         self.check_dtype(t)?;
         let mut shapes = Vec::new();
         for (i, inp) in cx.inputs.iter().enumerate() {
-            let Some(inp) = inp else {
-                bail!("expected input {i} to be present")
-            };
+            let Some(inp) = inp else { bail!("expected input {i} to be present") };
             if inp.dtype != t {
-                bail!(
-                    "all inputs must have one type, input 0 is {t} and input {i} is {}",
-                    inp.dtype
-                );
+                bail!("all inputs must have one type, input 0 is {t} and input {i} is {}", inp.dtype);
             }
             shapes.push(inp.shape.clone());
         }
@@ -93,20 +84,14 @@ impl OpDef for Where {
             bail!("Where condition must be bool, found {}", c.dtype);
         }
         if x.dtype != y.dtype {
-            bail!(
-                "Where branches must have one type, found {} and {}",
-                x.dtype,
-                y.dtype
-            );
+            bail!("Where branches must have one type, found {} and {}", x.dtype, y.dtype);
         }
         let shapes = [c.shape.clone(), x.shape.clone(), y.shape.clone()];
         infer_broadcast(cx, &shapes, x.dtype)
     }
     fn eval(&self, _cx: &EvalCx, inputs: &[Option<&Tensor>]) -> OpResult<Vec<Tensor>> {
         let (c, x, y) = (req(inputs, 0)?, req(inputs, 1)?, req(inputs, 2)?);
-        let Data::Bool(cv) = &c.data else {
-            bail!("Where condition must be bool, found {}", c.dtype())
-        };
+        let Data::Bool(cv) = &c.data else { bail!("Where condition must be bool, found {}", c.dtype()) };
         let shape: Vec<usize>;
         let data = zip_all_data!(same, &x.data, &y.data, (p, q) => {
             let (s, v) = zip3_map((cv, &c.shape), (p, &x.shape), (q, &y.shape), |&c, p, q| {
