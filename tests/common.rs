@@ -135,3 +135,44 @@ pub fn symbolic_mlp() -> ModelProto {
         vec![f32_tensor("W", &[4, 3], &w), f32_tensor("b", &[3], &[0.5, -0.5, 0.0])],
     )
 }
+
+/// Multi-head split of a `[B, S, 8]` activation as exporters write it: the target shape of the
+/// Reshape is computed at run time from `Shape(x)` (`[B, S, 2, 4]`), then heads move forward.
+pub fn dynamic_head_split() -> ModelProto {
+    let i64s = |name: &str, v: &[i64]| i64_tensor(name, &[v.len() as i64], v);
+    let scalar = |name: &str, v: i64| i64_tensor(name, &[], &[v]);
+    model(
+        17,
+        vec![
+            node("Shape", "shape", &["x"], &["s"], vec![]),
+            node("Gather", "batch", &["s", "zero"], &["b"], vec![]),
+            node("Gather", "seq", &["s", "one"], &["q"], vec![]),
+            node("Unsqueeze", "b1", &["b", "axes0"], &["b_1"], vec![]),
+            node("Unsqueeze", "q1", &["q", "axes0"], &["q_1"], vec![]),
+            node("Concat", "target", &["b_1", "q_1", "heads"], &["t"], vec![attr_int("axis", 0)]),
+            node("Reshape", "split", &["x", "t"], &["r"], vec![]),
+            node("Transpose", "to_bhsd", &["r"], &["y"], vec![attr_ints("perm", &[0, 2, 1, 3])]),
+        ],
+        vec![value_info("x", 1, &["B", "S", "8"])],
+        vec![value_info("y", 1, &["B", "2", "S", "4"])],
+        vec![scalar("zero", 0), scalar("one", 1), i64s("axes0", &[0]), i64s("heads", &[2, 4])],
+    )
+}
+
+pub fn attr_int(name: &str, v: i64) -> AttributeProto {
+    AttributeProto {
+        name: Some(name.into()),
+        i: Some(v),
+        r#type: Some(AttributeType::Int as i32),
+        ..Default::default()
+    }
+}
+
+pub fn attr_ints(name: &str, v: &[i64]) -> AttributeProto {
+    AttributeProto {
+        name: Some(name.into()),
+        ints: v.to_vec(),
+        r#type: Some(AttributeType::Ints as i32),
+        ..Default::default()
+    }
+}

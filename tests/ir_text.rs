@@ -54,6 +54,24 @@ fn snapshot_symbolic_mlp() {
     insta::assert_snapshot!("symbolic_mlp", printed(&m));
 }
 
+/// Shape computations on symbolic dims keep the symbols: the Reshape gives `[B, S, 2, 4]`.
+#[test]
+fn snapshot_dynamic_head_split() {
+    let dir = temp_dir("snap-heads");
+    let m = load(&save(&dir, "heads.onnx", &crate::common::dynamic_head_split()));
+    let y = m.value(m.outputs()[0]).ty.to_string();
+    assert_eq!(y, "tensor<?x2x?x4xf32, [\"B\", \"S\"]>");
+    insta::assert_snapshot!("dynamic_head_split", printed(&m));
+    // And it runs at any binding of B and S.
+    for (b, sq) in [(1usize, 1usize), (2, 3)] {
+        let x = kiln::Tensor::from_f32(&[b, sq, 8], (0..b * sq * 8).map(|i| i as f32).collect());
+        let y = kiln_ir::interp::run(&m, vec![x]).expect("runs");
+        assert_eq!(y[0].shape, vec![b, 2, sq, 4]);
+        // y[0, h, s, d] = x[0, s, h * 4 + d]
+        assert_eq!(y[0].as_f32().unwrap()[4 * sq + 1], 4.0 + 1.0);
+    }
+}
+
 #[test]
 fn snapshot_node_models() {
     for case in [

@@ -11,7 +11,7 @@ use crate::proto::{
 };
 use crate::tensor_io::tensor_from_proto;
 use crate::FrontendError;
-use kiln_ir::graph::{lookup, EvalCx, InferCx, OpError, OpResult, RegionRunner};
+use kiln_ir::graph::{lookup, EvalCx, InferCx, OpError, OpResult, RegionRunner, SymInt};
 use kiln_ir::ir::NODE_NAME_ATTR;
 use kiln_ir::tensor::MAX_ELEMENTS;
 use kiln_ir::{Attr, Attrs, Block, DType, Dim, Module, Region, Tensor, TensorType, ValueId};
@@ -67,6 +67,7 @@ pub fn import_model(model: &ModelProto, model_name: &str, base_dir: Option<&Path
         base_dir,
         opset,
         consts: HashMap::new(),
+        sym_values: HashMap::new(),
         next_dim: 0,
         scopes: vec![HashMap::new()],
     };
@@ -100,6 +101,8 @@ struct Importer<'a> {
     opset: i64,
     /// Values whose contents are known at compile time.
     consts: HashMap<ValueId, Tensor>,
+    /// Integer values known element-wise, some elements symbolic dims (see [`crate::symbolic`]).
+    sym_values: HashMap<ValueId, Vec<SymInt>>,
     next_dim: u32,
     /// Name → value, innermost scope last (subgraphs see outer names).
     scopes: Vec<HashMap<String, ValueId>>,
@@ -290,11 +293,23 @@ impl Importer<'_> {
         let in_types: Vec<Option<TensorType>> =
             operands.iter().map(|o| o.map(|v| self.m.value(v).ty.clone())).collect();
         let const_vals: Vec<Option<&Tensor>> = operands.iter().map(|o| o.and_then(|v| self.consts.get(&v))).collect();
+        let shape_vals: Vec<Option<Vec<SymInt>>> = operands
+            .iter()
+            .map(|o| {
+                let v = (*o)?;
+                match self.consts.get(&v) {
+                    Some(t) if t.dtype().is_int() && t.len() <= 64 => {
+                        Some(t.to_i64().into_iter().map(SymInt::Int).collect())
+                    }
+                    _ => self.sym_values.get(&v).cloned(),
+                }
+            })
+            .collect();
         let num_outputs = n.output.len();
         let mut next_dim = self.next_dim;
         let types = {
-            let mut cx = InferCx::new(&attrs, &in_types, &const_vals, num_outputs, self.opset, &regions, &mut next_dim);
-            def.infer(&mut cx)
+            let cx = InferCx::new(&attrs, &in_types, &const_vals, num_outputs, self.opset, &regions, &mut next_dim);
+            def.infer(&mut cx.with_shape_values(&shape_vals))
         };
         self.next_dim = next_dim;
         let mut types = types.map_err(|e| self.node_err(n, e.0))?;
@@ -320,9 +335,13 @@ impl Importer<'_> {
             }
             return Ok(());
         }
+        let sym = crate::symbolic::propagate(&op_type, &attrs, self.opset, &shape_vals, &in_types);
         let op = self.m.create_op(&format!("graph.{op_type}"), operands, types, attrs, regions);
         block.ops.push(op);
         let results = self.m.op(op).results.clone();
+        if let (Some(sym), Some(&r)) = (sym, results.first()) {
+            self.sym_values.insert(r, sym);
+        }
         for (name, v) in n.output.iter().zip(results) {
             self.define(name, v);
         }

@@ -8,6 +8,7 @@
 //! `proto/onnx.proto` (onnx 1.23.2).
 
 pub mod import;
+pub mod symbolic;
 pub mod tensor_io;
 pub mod testcase;
 

@@ -147,7 +147,35 @@ pub struct InferCx<'a> {
     pub num_outputs: usize,
     pub opset: i64,
     pub regions: &'a [Region],
+    /// Integer inputs known element-wise at compile time, some elements symbolic (e.g. the
+    /// output of `Shape` on a value with a symbolic batch dim); see [`InferCx::shape_value`].
+    pub shape_values: &'a [Option<Vec<SymInt>>],
     next_dim: &'a mut u32,
+}
+
+/// An integer known at compile time: a number, or the size of a symbolic dimension.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum SymInt {
+    Int(i64),
+    Sym(std::sync::Arc<str>),
+}
+
+impl SymInt {
+    /// As a dimension: non-negative numbers and symbols.
+    pub fn to_dim(&self) -> Option<Dim> {
+        match self {
+            SymInt::Int(n) if *n >= 0 => Some(Dim::Known(*n as u64)),
+            SymInt::Int(_) => None,
+            SymInt::Sym(s) => Some(Dim::Sym(s.clone())),
+        }
+    }
+
+    pub fn from_dim(d: &Dim) -> SymInt {
+        match d {
+            Dim::Known(n) => SymInt::Int(*n as i64),
+            Dim::Sym(s) => SymInt::Sym(s.clone()),
+        }
+    }
 }
 
 impl<'a> InferCx<'a> {
@@ -160,7 +188,23 @@ impl<'a> InferCx<'a> {
         regions: &'a [Region],
         next_dim: &'a mut u32,
     ) -> InferCx<'a> {
-        InferCx { attrs: AttrView(attrs), inputs, consts, num_outputs, opset, regions, next_dim }
+        InferCx { attrs: AttrView(attrs), inputs, consts, num_outputs, opset, regions, shape_values: &[], next_dim }
+    }
+
+    /// Adds per-input symbolic integer values (the frontend tracks them through shape
+    /// computations such as `Shape → Gather → Concat`).
+    pub fn with_shape_values(mut self, v: &'a [Option<Vec<SymInt>>]) -> InferCx<'a> {
+        self.shape_values = v;
+        self
+    }
+
+    /// Input `i` as a list of compile-time integers, some possibly symbolic: from a constant
+    /// integer input, or from the frontend's symbolic shape values.
+    pub fn shape_value(&self, i: usize) -> Option<Vec<SymInt>> {
+        if let Some(t) = self.const_input(i).filter(|t| t.dtype().is_int()) {
+            return Some(t.to_i64().into_iter().map(SymInt::Int).collect());
+        }
+        self.shape_values.get(i).cloned().flatten()
     }
 
     /// The type of input `i`, which must be present.

@@ -136,9 +136,13 @@ impl OpDef for ConstantOfShape {
     }
     fn infer(&self, cx: &mut InferCx) -> OpResult<Vec<TensorType>> {
         let dtype = fill_value(&cx.attrs)?.dtype();
-        let shape = match const_ints(cx, 0) {
-            Some(v) => Some(shape_from(&v)?.into_iter().map(kd).collect()),
-            None => static_len(cx, 0).map(|n| cx.fresh_dims(n)),
+        let shape = match (const_ints(cx, 0), cx.shape_value(0)) {
+            (Some(v), _) => Some(shape_from(&v)?.into_iter().map(kd).collect()),
+            (None, Some(v)) => match v.iter().map(crate::graph::SymInt::to_dim).collect::<Option<Vec<_>>>() {
+                Some(dims) => Some(dims),
+                None => bail!("ConstantOfShape shape {v:?} has a negative dim"),
+            },
+            (None, None) => static_len(cx, 0).map(|n| cx.fresh_dims(n)),
         };
         Ok(vec![TensorType { dtype, shape }])
     }

@@ -6,7 +6,7 @@ use super::{build, const_ints, elems, gather_maps, in_dims, istrides, kd, permut
 use super::{ints_attr_or_input, strided_view};
 use crate::bail;
 use crate::graph::{checked_numel, ints_of, req};
-use crate::graph::{EvalCx, InferCx, OpDef, OpResult, Registry};
+use crate::graph::{EvalCx, InferCx, OpDef, OpResult, Registry, SymInt};
 use crate::tensor::Tensor;
 use crate::types::{broadcast_dims, Dim, TensorType};
 
@@ -78,14 +78,23 @@ fn resolve_reshape(input: &[usize], target: &[i64], allowzero: bool) -> OpResult
 }
 
 /// Symbolic version of [`resolve_reshape`].
-fn reshape_dims(cx: &mut InferCx, input: Option<&[Dim]>, target: &[i64], allowzero: bool) -> OpResult<Vec<Dim>> {
-    if let Some(shape) = input.and_then(|s| s.iter().map(|d| d.known().map(|n| n as usize)).collect::<Option<Vec<_>>>())
-    {
-        return Ok(resolve_reshape(&shape, target, allowzero)?.into_iter().map(kd).collect());
+fn reshape_dims(cx: &mut InferCx, input: Option<&[Dim]>, target: &[SymInt], allowzero: bool) -> OpResult<Vec<Dim>> {
+    let ints: Option<Vec<i64>> = target.iter().map(|t| if let SymInt::Int(n) = t { Some(*n) } else { None }).collect();
+    let static_in = input.and_then(|s| s.iter().map(|d| d.known().map(|n| n as usize)).collect::<Option<Vec<_>>>());
+    if let (Some(shape), Some(ints)) = (static_in, &ints) {
+        return Ok(resolve_reshape(&shape, ints, allowzero)?.into_iter().map(kd).collect());
     }
     let mut out: Vec<Option<Dim>> = Vec::with_capacity(target.len());
     let mut infer_at = None;
-    for (i, &t) in target.iter().enumerate() {
+    for (i, t) in target.iter().enumerate() {
+        let t = match t {
+            // A symbolic entry (e.g. the batch size read by `Shape`) is that dimension.
+            SymInt::Sym(s) => {
+                out.push(Some(Dim::Sym(s.clone())));
+                continue;
+            }
+            SymInt::Int(n) => *n,
+        };
         out.push(match t {
             -1 => {
                 if infer_at.replace(i).is_some() {
@@ -147,8 +156,8 @@ impl OpDef for Reshape {
         let x = cx.input(0)?.clone();
         let az = allowzero(&cx.attrs, cx.opset)?;
         let target = match cx.attrs.ints("shape")? {
-            Some(s) => Some(s),
-            None => const_ints(cx, 1),
+            Some(s) => Some(s.into_iter().map(SymInt::Int).collect::<Vec<_>>()),
+            None => cx.shape_value(1),
         };
         let shape = match target {
             Some(t) => Some(reshape_dims(cx, x.shape.as_deref(), &t, az)?),
@@ -362,12 +371,11 @@ impl OpDef for Expand {
         let Some(d) = x.shape.clone() else {
             return Ok(vec![TensorType::unranked(dtype)]);
         };
-        let shape = match const_ints(cx, 1) {
+        let shape = match cx.shape_value(1) {
             Some(s) => {
-                if s.iter().any(|&v| v < 0) {
+                let Some(target) = s.iter().map(SymInt::to_dim).collect::<Option<Vec<Dim>>>() else {
                     bail!("Expand shape {s:?} has a negative dim");
-                }
-                let target: Vec<Dim> = s.iter().map(|&v| Dim::Known(v as u64)).collect();
+                };
                 let mut fresh = Vec::new();
                 let Some(mut out) = broadcast_dims(&d, &target, &mut || {
                     fresh.push(());
