@@ -272,3 +272,18 @@ fn absurd_sizes_and_missing_external_data_are_refused() {
     let y = kiln_onnx::read_tensor_file(&dir.join("out/output_0.pb")).unwrap();
     assert_eq!(y.as_f32().unwrap(), &[11.0, 22.0]);
 }
+
+#[test]
+fn bench_json_reports_latency_and_peak_memory() {
+    let dir = temp_dir("cli-bench");
+    let model = save(&dir, "mlp.onnx", &symbolic_mlp());
+    let o = kiln(&["bench", s(&model), "--target", "ref", "--dim", "N=16", "--iters", "3", "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("stdout is exactly one JSON object");
+    for k in ["target", "compile_ms", "median_ms", "min_ms", "iters", "threads", "peak_memory_bytes"] {
+        assert!(v.get(k).is_some(), "missing {k} in {v}");
+    }
+    assert_eq!(v["iters"], 3);
+    // x [16, 4] and y [16, 3] are alive at once at least, all f32.
+    assert!(v["peak_memory_bytes"].as_u64().unwrap() >= (16 * 4 + 16 * 3) * 4, "{v}");
+}

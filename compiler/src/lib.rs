@@ -85,6 +85,14 @@ impl CompiledModel {
         m.outputs().iter().map(|&v| (m.value_label(v), m.value(v).ty.clone())).collect()
     }
 
+    /// Runs the model on the reference interpreter and reports its peak memory (bytes of
+    /// tensors alive at once). Used by `kiln bench` for `ref`.
+    pub fn run_ref_with_stats(&self, inputs: Vec<Tensor>) -> Result<(Vec<Tensor>, u64), Error> {
+        kiln_ir::interp::run_with_stats(&self.module, inputs, &mut |_, _| {})
+            .map(|(o, s)| (o, s.peak_bytes))
+            .map_err(|source| Error::Run { model: self.name.clone(), source })
+    }
+
     /// Runs the model on inputs ordered as [`CompiledModel::inputs`].
     pub fn run(&self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, Error> {
         self.target.run(&self.module, inputs).map_err(|e| match e {

@@ -325,6 +325,8 @@ fn bench(
         threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
     };
     c.run(inputs.clone())?; // warm-up
+                            // Peak memory is measured on the reference interpreter (the only runner today).
+    let (_, peak) = c.run_ref_with_stats(inputs.clone())?;
     let mut times = Vec::with_capacity(iters.max(1));
     for _ in 0..iters.max(1) {
         let t = Instant::now();
@@ -333,12 +335,6 @@ fn bench(
     }
     times.sort_by(|a, b| a.total_cmp(b));
     let median = times[times.len() / 2];
-    let peak: u64 = c
-        .module()
-        .values
-        .iter()
-        .map(|v| v.ty.num_elements().unwrap_or(0) as u64 * v.ty.dtype.size_bytes() as u64)
-        .sum();
     let obj = serde_json::json!({
         "target": target, "compile_ms": compile_ms, "median_ms": median, "min_ms": times[0],
         "iters": times.len(), "threads": threads_used, "peak_memory_bytes": peak,

@@ -78,46 +78,78 @@ pub fn run(m: &Module, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, InterpError> 
     run_observed(m, inputs, &mut |_, _| {})
 }
 
+/// Statistics of one run.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RunStats {
+    /// Most bytes of tensors alive at once (inputs, intermediates, outputs; constants count
+    /// while they are live).
+    pub peak_bytes: u64,
+}
+
 /// Like [`run`], calling `observe` with every top-level op's outputs as they are produced.
 pub fn run_observed(
     m: &Module,
     inputs: Vec<Tensor>,
     observe: &mut dyn FnMut(OpId, &[Rc<Tensor>]),
 ) -> Result<Vec<Tensor>, InterpError> {
+    run_with_stats(m, inputs, observe).map(|(outs, _)| outs)
+}
+
+fn tensor_bytes(t: &Tensor) -> u64 {
+    (t.len() * t.dtype().size_bytes()) as u64
+}
+
+/// Like [`run_observed`], also returning [`RunStats`].
+pub fn run_with_stats(
+    m: &Module,
+    inputs: Vec<Tensor>,
+    observe: &mut dyn FnMut(OpId, &[Rc<Tensor>]),
+) -> Result<(Vec<Tensor>, RunStats), InterpError> {
     check_inputs(m, &inputs)?;
     let interp = Interp { m, opset: module_opset(m), env: RefCell::new(vec![None; m.values.len()]) };
+    let mut live: u64 = inputs.iter().map(tensor_bytes).sum();
+    let mut stats = RunStats { peak_bytes: live };
     for (&v, t) in m.inputs().iter().zip(inputs) {
         interp.set(v, Rc::new(t));
     }
-    // Last top-level op that reads each value (uses inside regions count for their op).
+    // Values to free after each top-level op: those it reads last (uses inside regions count
+    // for their op), and results nothing reads. Model outputs are kept.
     let mut last_use: HashMap<ValueId, usize> = HashMap::new();
     for (i, &o) in m.body.ops.iter().enumerate() {
-        let mut f = |v: ValueId| {
+        collect_uses(m, o, &mut |v| {
             last_use.insert(v, i);
-        };
-        collect_uses(m, o, &mut f);
+        });
+        for &r in &m.op(o).results {
+            last_use.entry(r).or_insert(i);
+        }
+    }
+    let top_level: std::collections::HashSet<ValueId> =
+        m.body.args.iter().copied().chain(m.body.ops.iter().flat_map(|&o| m.op(o).results.iter().copied())).collect();
+    let mut frees: Vec<Vec<ValueId>> = vec![Vec::new(); m.body.ops.len()];
+    for (&v, &i) in &last_use {
+        if top_level.contains(&v) && !m.outputs().contains(&v) {
+            frees[i].push(v);
+        }
     }
     for (i, &o) in m.body.ops.iter().enumerate() {
         interp.exec(o).map_err(|e| interp.node_error(o, e))?;
-        {
+        let outs: Vec<Rc<Tensor>> = {
             let env = interp.env.borrow();
-            let outs: Vec<Rc<Tensor>> = m.op(o).results.iter().filter_map(|&r| env[r.0 as usize].clone()).collect();
-            drop(env);
-            observe(o, &outs);
-        }
-        let op = m.op(o);
-        let mut env = interp.env.borrow_mut();
-        let mut free = |v: ValueId| {
-            if last_use.get(&v) == Some(&i) && !m.outputs().contains(&v) {
-                env[v.0 as usize] = None;
-            }
+            m.op(o).results.iter().filter_map(|&r| env[r.0 as usize].clone()).collect()
         };
-        for &v in op.operands.iter().flatten() {
-            free(v);
+        live += outs.iter().map(|t| tensor_bytes(t)).sum::<u64>();
+        stats.peak_bytes = stats.peak_bytes.max(live);
+        observe(o, &outs);
+        let mut env = interp.env.borrow_mut();
+        for &v in &frees[i] {
+            if let Some(t) = env[v.0 as usize].take() {
+                live = live.saturating_sub(tensor_bytes(&t));
+            }
         }
     }
     let env = interp.env.borrow();
-    m.outputs()
+    let outs = m
+        .outputs()
         .iter()
         .map(|&v| match &env[v.0 as usize] {
             Some(t) => Ok((**t).clone()),
@@ -127,7 +159,8 @@ pub fn run_observed(
                 msg: "the model output was never computed".into(),
             }),
         })
-        .collect()
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok((outs, stats))
 }
 
 /// Calls `f` on every value op `o` reads, including values captured by its regions.
