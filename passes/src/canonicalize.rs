@@ -59,14 +59,14 @@ fn rewrite_op(m: &mut Module, o: OpId, fwd: &HashMap<ValueId, ValueId>) {
             *v = s;
         }
     }
-    let regions = std::mem::take(&mut op.regions);
-    let mut regions2 = regions.clone();
-    for r in &mut regions2 {
+    // Regions are taken out while their ops are rewritten (they live in the same arena).
+    let mut regions = std::mem::take(&mut op.regions);
+    for r in &mut regions {
         for b in &mut r.blocks {
             rewrite_block(m, b, fwd);
         }
     }
-    m.op_mut(o).regions = regions2;
+    m.op_mut(o).regions = regions;
 }
 
 fn rewrite_block(m: &mut Module, b: &mut Block, fwd: &HashMap<ValueId, ValueId>) {
