@@ -61,3 +61,43 @@ impl PassManager {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kiln_ir::{Attrs, DType, TensorType};
+
+    /// x → Identity → Relu → y, plus an Exp nobody reads.
+    fn module() -> Module {
+        let mut m = Module::new("t");
+        let ty = TensorType::known(DType::F32, &[2]);
+        let x = m.add_arg(ty.clone(), Some("x".into()));
+        m.body.args.push(x);
+        let id = m.push_op("graph.Identity", vec![Some(x)], vec![ty.clone()], Attrs::new());
+        let idv = m.op(id).results[0];
+        let relu = m.push_op("graph.Relu", vec![Some(idv)], vec![ty.clone()], Attrs::new());
+        m.push_op("graph.Exp", vec![Some(x)], vec![ty], Attrs::new());
+        m.body.yields.push(m.op(relu).results[0]);
+        m
+    }
+
+    #[test]
+    fn pipeline_forwards_identity_and_drops_dead_ops() {
+        let mut m = module();
+        PassManager::default_pipeline().run(&mut m).expect("valid after each pass");
+        let names: Vec<&str> = m.body.ops.iter().map(|&o| m.op(o).name.as_str()).collect();
+        assert_eq!(names, ["graph.Relu"]);
+        let relu = m.op(m.body.ops[0]);
+        assert_eq!(relu.operands[0], Some(m.body.args[0]));
+        let out = kiln_ir::interp::run(&m, vec![kiln_ir::Tensor::from_f32(&[2], vec![-1.0, 2.0])]).unwrap();
+        assert_eq!(out[0].as_f32().unwrap(), &[0.0, 2.0]);
+    }
+
+    #[test]
+    fn dce_keeps_everything_that_feeds_an_output() {
+        let mut m = module();
+        assert!(dce::DeadCodeElimination.run(&mut m));
+        assert_eq!(m.body.ops.len(), 2);
+        assert!(!dce::DeadCodeElimination.run(&mut m));
+    }
+}
