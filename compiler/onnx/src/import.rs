@@ -66,7 +66,6 @@ pub fn import_model(model: &ModelProto, model_name: &str, base_dir: Option<&Path
         model_name: model_name.to_string(),
         base_dir,
         opset,
-        consts: HashMap::new(),
         sym_values: HashMap::new(),
         next_dim: 0,
         scopes: vec![HashMap::new()],
@@ -99,8 +98,6 @@ struct Importer<'a> {
     model_name: String,
     base_dir: Option<&'a Path>,
     opset: i64,
-    /// Values whose contents are known at compile time.
-    consts: HashMap<ValueId, Tensor>,
     /// Integer values known element-wise, some elements symbolic dims (see [`crate::symbolic`]).
     sym_values: HashMap<ValueId, Vec<SymInt>>,
     next_dim: u32,
@@ -128,6 +125,17 @@ impl Importer<'_> {
 
     fn invalid(&self, msg: String) -> FrontendError {
         FrontendError::Invalid { model: self.model_name.clone(), msg }
+    }
+
+    /// The contents of a value known at compile time: the `value` of the `graph.Constant`
+    /// that defines it (initializers and folded nodes are such constants).
+    fn const_value(&self, v: ValueId) -> Option<&Tensor> {
+        let kiln_ir::ValueDef::OpResult(o, 0) = self.m.value(v).def else { return None };
+        let op = self.m.op(o);
+        match op.attrs.get("value") {
+            Some(Attr::Tensor(t)) if op.name == "graph.Constant" => Some(t),
+            _ => None,
+        }
     }
 
     fn lookup_name(&self, name: &str) -> Option<ValueId> {
@@ -188,16 +196,14 @@ impl Importer<'_> {
     /// Adds a `graph.Constant` op holding `t` to `block`.
     fn add_const(&mut self, block: &mut Block, t: Tensor, node_name: &str) -> ValueId {
         let mut attrs = Attrs::new();
-        attrs.insert("value".into(), Attr::Tensor(t.clone()));
+        let ty = TensorType::known(t.dtype(), &t.shape);
+        attrs.insert("value".into(), Attr::Tensor(t));
         if !node_name.is_empty() {
             attrs.insert(NODE_NAME_ATTR.into(), Attr::Str(node_name.to_string()));
         }
-        let ty = TensorType::known(t.dtype(), &t.shape);
         let op = self.m.create_op("graph.Constant", vec![], vec![ty], attrs, vec![]);
         block.ops.push(op);
-        let v = self.m.op(op).results[0];
-        self.consts.insert(v, t);
-        v
+        self.m.op(op).results[0]
     }
 
     /// Imports a graph into a block: the main function body or a subgraph region.
@@ -292,12 +298,12 @@ impl Importer<'_> {
         }
         let in_types: Vec<Option<TensorType>> =
             operands.iter().map(|o| o.map(|v| self.m.value(v).ty.clone())).collect();
-        let const_vals: Vec<Option<&Tensor>> = operands.iter().map(|o| o.and_then(|v| self.consts.get(&v))).collect();
+        let const_vals: Vec<Option<&Tensor>> = operands.iter().map(|o| o.and_then(|v| self.const_value(v))).collect();
         let shape_vals: Vec<Option<Vec<SymInt>>> = operands
             .iter()
             .map(|o| {
                 let v = (*o)?;
-                match self.consts.get(&v) {
+                match self.const_value(v) {
                     Some(t) if t.dtype().is_int() && t.len() <= 64 => {
                         Some(t.to_i64().into_iter().map(SymInt::Int).collect())
                     }
@@ -370,7 +376,7 @@ impl Importer<'_> {
         if !small {
             return None;
         }
-        let inputs: Vec<Option<&Tensor>> = operands.iter().map(|o| o.and_then(|v| self.consts.get(&v))).collect();
+        let inputs: Vec<Option<&Tensor>> = operands.iter().map(|o| o.and_then(|v| self.const_value(v))).collect();
         let all_const = operands.iter().zip(&inputs).all(|(o, t)| o.is_none() || t.is_some());
         let cx = EvalCx {
             attrs: kiln_ir::graph::AttrView(attrs),

@@ -63,6 +63,7 @@ pub fn load_model(path: &Path) -> Result<Module, FrontendError> {
     let bytes = std::fs::read(path).map_err(|e| FrontendError::io(path, e))?;
     let name = path.display().to_string();
     let model = decode_model(&bytes, &name)?;
+    drop(bytes);
     import_model(&model, &name, path.parent())
 }
 
