@@ -252,6 +252,9 @@ impl Importer<'_> {
     fn import_node(&mut self, n: &NodeProto, block: &mut Block) -> Result<(), FrontendError> {
         let op_type = n.op_type.clone().unwrap_or_default();
         let def = lookup(&op_type).ok_or_else(|| self.node_err(n, "unsupported op"))?;
+        if op_type == "If" && self.inline_constant_if(n, block)? {
+            return Ok(());
+        }
         let mut operands = Vec::new();
         for name in &n.input {
             if name.is_empty() {
@@ -352,6 +355,59 @@ impl Importer<'_> {
             self.define(name, v);
         }
         Ok(())
+    }
+
+    /// An `If` whose condition is a constant is replaced by the branch it takes: that branch's
+    /// nodes are imported in place (the other branch, which may not even be valid for these
+    /// shapes, is dropped). Returns whether it inlined.
+    fn inline_constant_if(&mut self, n: &NodeProto, block: &mut Block) -> Result<bool, FrontendError> {
+        let cond = n.input.first().and_then(|c| self.lookup_name(c));
+        let Some(taken) = cond.and_then(|v| self.const_value(v)).and_then(|t| t.to_bool().first().copied()) else {
+            return Ok(false);
+        };
+        let want = if taken { "then_branch" } else { "else_branch" };
+        let Some(g) = n.attribute.iter().find(|a| a.name.as_deref() == Some(want)).and_then(|a| a.g.as_ref()) else {
+            return Ok(false);
+        };
+        if g.output.len() != n.output.len() {
+            return Err(self.node_err(n, format!("{want} has {} outputs, the node {}", g.output.len(), n.output.len())));
+        }
+        self.scopes.push(HashMap::new());
+        let inner = (|| {
+            let mut b = Block::default();
+            for init in &g.initializer {
+                let name = init.name.clone().unwrap_or_default();
+                let t = tensor_from_proto(init, self.base_dir, &format!("initializer '{name}'"))
+                    .map_err(|msg| self.invalid(msg))?;
+                let v = self.add_const(&mut b, t, &name);
+                self.define(&name, v);
+            }
+            for inner in &g.node {
+                self.import_node(inner, &mut b)?;
+            }
+            g.output
+                .iter()
+                .map(|o| {
+                    let name = o.name.clone().unwrap_or_default();
+                    self.lookup_name(&name)
+                        .ok_or_else(|| self.node_err(n, format!("{want} output '{name}' is not produced by any node")))
+                })
+                .collect::<Result<Vec<_>, _>>()
+                .map(|outs| (b, outs))
+        })();
+        self.scopes.pop();
+        let (b, outs) = inner?;
+        block.ops.extend(b.ops);
+        for (name, v) in n.output.iter().zip(outs) {
+            if !name.is_empty() {
+                // The If's output is the branch's value; the first name given to a value is kept.
+                self.scopes.last_mut().expect("scope").insert(name.clone(), v);
+                if self.m.value(v).name.is_none() {
+                    self.m.value_mut(v).name = Some(name.clone());
+                }
+            }
+        }
+        Ok(true)
     }
 
     /// Evaluates a node at import when its result is known: all inputs constant, or a
