@@ -464,6 +464,25 @@ mod tests {
     }
 
     #[test]
+    fn dense_constants_print_and_parse() {
+        // Element lists as mlir-opt prints them (hex for float8 specials), then kiln's hex form.
+        let src = r#""builtin.module"() ({
+  "func.func"() <{arg_attrs = [], function_type = () -> (tensor<3xf8E5M2>, tensor<3xi4>), res_attrs = [{}, {}], sym_name = "main"}> ({
+  ^bb0():
+    %0 = "graph.Constant"() {value = dense<[0x7C, -1.5, 0x7E]> : tensor<3xf8E5M2>} : () -> tensor<3xf8E5M2>
+    %1 = "graph.Constant"() {value = dense<[-8, 7, -1]> : tensor<3xi4>} : () -> tensor<3xi4>
+    "func.return"(%0, %1) : (tensor<3xf8E5M2>, tensor<3xi4>) -> ()
+  }) : () -> ()
+}) : () -> ()"#;
+        let m = crate::parser::parse_module(src).expect("parses");
+        let text = crate::printer::print_module(&m, Default::default());
+        assert!(text.contains(r#"dense<"0x7CBE7E"> : tensor<3xf8E5M2>"#), "{text}");
+        assert!(text.contains(r#"dense<"0x08070F"> : tensor<3xi4>"#), "{text}");
+        let back = crate::parser::parse_module(&text).expect("parses back");
+        assert_eq!(crate::printer::print_module(&back, Default::default()), text);
+    }
+
+    #[test]
     fn small_ints_wrap_and_pack() {
         assert_eq!(SmallInt::I4.wrap(-9), 7);
         assert_eq!(SmallInt::U4.wrap(-1), 15);

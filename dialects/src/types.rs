@@ -213,12 +213,7 @@ impl DType {
     pub fn is_low_precision_float(self) -> bool {
         matches!(
             self,
-            DType::F8E4M3FN
-                | DType::F8E4M3FNUZ
-                | DType::F8E5M2
-                | DType::F8E5M2FNUZ
-                | DType::F8E8M0
-                | DType::F4E2M1
+            DType::F8E4M3FN | DType::F8E4M3FNUZ | DType::F8E5M2 | DType::F8E5M2FNUZ | DType::F8E8M0 | DType::F4E2M1
         )
     }
 

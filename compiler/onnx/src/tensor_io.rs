@@ -317,4 +317,26 @@ mod tests {
         write_tensor_pb(&q, &t, "a").unwrap();
         assert_eq!(read_tensor_file(&q).unwrap(), t);
     }
+
+    #[test]
+    fn packed_types_round_trip() {
+        // 4-bit and 2-bit elements pack low bits first; an odd count pads the last byte.
+        let t = Tensor::from_i64_as(DType::I4, &[3], vec![-8, 7, -1]);
+        let p = tensor_tensor_round_trip(&t);
+        assert_eq!(p, vec![0x78, 0x0F]);
+        let u = Tensor::from_i64_as(DType::U2, &[5], vec![1, 2, 3, 0, 1]);
+        assert_eq!(tensor_tensor_round_trip(&u), vec![0b0011_1001, 1]);
+        let f = Tensor::from_f64(DType::F8E4M3FN, &[2], vec![1.0, -448.0]);
+        assert_eq!(tensor_tensor_round_trip(&f), vec![0x38, 0xFE]);
+        let short =
+            TensorProto { dims: vec![3], data_type: Some(22), raw_data: Some(vec![0x78]), ..Default::default() };
+        assert!(tensor_from_proto(&short, None, "t").is_err());
+    }
+
+    /// Encodes, decodes, checks equality; returns the raw bytes.
+    fn tensor_tensor_round_trip(t: &Tensor) -> Vec<u8> {
+        let p = tensor_to_proto(t, "t");
+        assert_eq!(&tensor_from_proto(&p, None, "t").unwrap(), t);
+        p.raw_data.unwrap_or_default()
+    }
 }

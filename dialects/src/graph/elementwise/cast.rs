@@ -212,7 +212,9 @@ pub(crate) fn cast_tensor_with(x: &Tensor, to: DType, mode: CastMode) -> OpResul
         (Data::BF16(v), DType::F32) => Tensor::from_f32(shape, v.iter().map(|h| h.to_f32()).collect()),
         (Data::I64(v), DType::F32) => Tensor::from_f32(shape, v.iter().map(|&n| n as f32).collect()),
         (Data::U64(v), DType::F32) => Tensor::from_f32(shape, v.iter().map(|&n| n as f32).collect()),
-        _ if to.is_float() || from.is_float() => Tensor::from_f64_with(to, shape, x.to_f64(), mode.saturate, mode.round),
+        _ if to.is_float() || from.is_float() => {
+            Tensor::from_f64_with(to, shape, x.to_f64(), mode.saturate, mode.round)
+        }
         _ => Tensor::from_i64_as(to, shape, x.to_i64()),
     };
     Ok(t)
@@ -386,6 +388,18 @@ mod tests {
         assert_eq!(cast_tensor(&t, DType::Bool).unwrap().to_bool(), vec![true, true, false]);
         let i = Tensor::from_i64(&[2], vec![-1, 300]);
         assert_eq!(cast_tensor(&i, DType::U8).unwrap().data, Data::U8(vec![255, 44]));
+    }
+
+    #[test]
+    fn float8_casts_saturate_unless_told_not_to() {
+        let t = Tensor::from_f32(&[3], vec![1e6, f32::NEG_INFINITY, 0.3]);
+        let sat = cast_tensor(&t, DType::F8E4M3FN).unwrap();
+        assert_eq!(sat.to_f64(), vec![448.0, -448.0, 0.3125]);
+        let raw = cast_tensor_with(&t, DType::F8E5M2, CastMode { saturate: false, round: E8M0Round::Up }).unwrap();
+        assert_eq!(raw.to_f64()[..2], [f64::INFINITY, f64::NEG_INFINITY]);
+        let i4 = cast_tensor(&Tensor::from_f32(&[2], vec![-9.0, 8.5]), DType::I4).unwrap();
+        assert_eq!(i4.to_i64(), vec![7, -8]);
+        assert!(check_bitcast(DType::I4, DType::U4).is_err());
     }
 
     #[test]

@@ -33,9 +33,7 @@ fn quant_range(t: DType) -> OpResult<(f64, f64)> {
                 let (lo, hi) = si.range();
                 (lo as f64, hi as f64)
             }
-            None => bail!(
-                "quantized type must be an 8/16/32-bit, 4-bit or 2-bit integer, float8 or float4, found {t}"
-            ),
+            None => bail!("quantized type must be an 8/16/32-bit, 4-bit or 2-bit integer, float8 or float4, found {t}"),
         },
     })
 }
