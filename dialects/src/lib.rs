@@ -13,6 +13,7 @@ pub mod attr;
 pub mod graph;
 pub mod interp;
 pub mod ir;
+pub mod lowp;
 pub mod machine;
 pub mod parser;
 pub mod printer;

@@ -178,6 +178,7 @@ impl Parser<'_> {
                 DType::F64 => f64::from_bits(bits),
                 DType::F16 => half::f16::from_bits(bits as u16).to_f64(),
                 DType::BF16 => half::bf16::from_bits(bits as u16).to_f64(),
+                t if t.is_low_precision_float() => crate::lowp::pattern_to_f64(t, bits as u8),
                 _ => f32::from_bits(bits as u32) as f64,
             });
         }
@@ -755,7 +756,8 @@ fn build(dtype: DType, shape: &[usize], elems: Vec<Elem>) -> Tensor {
                     .collect(),
             ),
         ),
-        t if t.is_float() => Tensor::from_f64(
+        // Not saturating: the values are exact, and float8 infinities must stay infinite.
+        t if t.is_float() => Tensor::from_f64_with(
             t,
             shape,
             elems
@@ -767,6 +769,8 @@ fn build(dtype: DType, shape: &[usize], elems: Vec<Elem>) -> Tensor {
                     Elem::S(_) => 0.0,
                 })
                 .collect(),
+            false,
+            crate::lowp::E8M0Round::Up,
         ),
         t => Tensor::from_i64_as(
             t,
@@ -805,6 +809,7 @@ fn from_raw(dtype: DType, shape: &[usize], raw: &[u8]) -> Tensor {
         DType::U64 => Data::U64(le!(u64, 8)),
         DType::Bool => Data::Bool(raw.iter().map(|&b| b != 0).collect()),
         DType::String => Data::Str(vec![]),
+        t => Data::from_patterns(t, raw.to_vec()).unwrap_or(Data::U8(vec![])),
     };
     Tensor::new(shape.to_vec(), data)
 }

@@ -262,8 +262,11 @@ impl Printer<'_> {
         if self.opts.elide_constants_over.is_some_and(|n| t.len() > n) {
             return write!(s, "dense_resource<__elided__> : {ty}");
         }
-        // Large numeric tensors print as one hex blob of little-endian bytes (exact and compact).
-        if t.len() > 16 && !matches!(t.dtype(), DType::Bool | DType::String) {
+        // Large numeric tensors print as one hex blob of little-endian bytes (exact and compact);
+        // low-precision types always do, one byte per element (their bit pattern, as MLIR
+        // stores sub-byte and float8 elements).
+        let lowp = t.data.patterns().is_some() && !t.is_empty();
+        if lowp || (t.len() > 16 && !matches!(t.dtype(), DType::Bool | DType::String)) {
             s.push_str("dense<\"0x");
             let raw = raw_bytes(t);
             for b in raw {
@@ -335,6 +338,7 @@ pub fn raw_bytes(t: &Tensor) -> Vec<u8> {
         Data::U64(v) => put!(v),
         Data::Bool(v) => raw.extend(v.iter().map(|&b| b as u8)),
         Data::Str(_) => {}
+        d => raw.extend(d.patterns().unwrap_or_default()),
     }
     raw
 }

@@ -5,6 +5,7 @@
 //! rounded once on the way back), integer ops through [`Tensor::to_i64`], so one op body
 //! serves every element type; hot ops (Conv, MatMul, Gemm) specialize on `f32`.
 
+use crate::lowp::{self, pattern_from_f64, pattern_to_f64, E8M0Round, Lowp};
 use crate::types::{DType, Shape};
 use half::{bf16, f16};
 
@@ -25,6 +26,17 @@ pub enum Data {
     U64(Vec<u64>),
     Bool(Vec<bool>),
     Str(Vec<String>),
+    /// Low-precision types: one bit pattern per byte (see [`crate::lowp`]).
+    F8E4M3FN(Vec<lowp::F8E4M3FN>),
+    F8E4M3FNUZ(Vec<lowp::F8E4M3FNUZ>),
+    F8E5M2(Vec<lowp::F8E5M2>),
+    F8E5M2FNUZ(Vec<lowp::F8E5M2FNUZ>),
+    F8E8M0(Vec<lowp::F8E8M0>),
+    F4E2M1(Vec<lowp::F4E2M1>),
+    U4(Vec<lowp::U4>),
+    I4(Vec<lowp::I4>),
+    U2(Vec<lowp::U2>),
+    I2(Vec<lowp::I2>),
 }
 
 /// Applies `$body` to the vector inside any numeric/bool variant of [`Data`], binding it to `$v`.
@@ -46,6 +58,16 @@ macro_rules! for_each_data {
             $crate::tensor::Data::U64($v) => $body,
             $crate::tensor::Data::Bool($v) => $body,
             $crate::tensor::Data::Str($v) => $body,
+            $crate::tensor::Data::F8E4M3FN($v) => $body,
+            $crate::tensor::Data::F8E4M3FNUZ($v) => $body,
+            $crate::tensor::Data::F8E5M2($v) => $body,
+            $crate::tensor::Data::F8E5M2FNUZ($v) => $body,
+            $crate::tensor::Data::F8E8M0($v) => $body,
+            $crate::tensor::Data::F4E2M1($v) => $body,
+            $crate::tensor::Data::U4($v) => $body,
+            $crate::tensor::Data::I4($v) => $body,
+            $crate::tensor::Data::U2($v) => $body,
+            $crate::tensor::Data::I2($v) => $body,
         }
     };
 }
@@ -70,6 +92,16 @@ macro_rules! map_data {
             $crate::tensor::Data::U64($v) => $crate::tensor::Data::U64($body),
             $crate::tensor::Data::Bool($v) => $crate::tensor::Data::Bool($body),
             $crate::tensor::Data::Str($v) => $crate::tensor::Data::Str($body),
+            $crate::tensor::Data::F8E4M3FN($v) => $crate::tensor::Data::F8E4M3FN($body),
+            $crate::tensor::Data::F8E4M3FNUZ($v) => $crate::tensor::Data::F8E4M3FNUZ($body),
+            $crate::tensor::Data::F8E5M2($v) => $crate::tensor::Data::F8E5M2($body),
+            $crate::tensor::Data::F8E5M2FNUZ($v) => $crate::tensor::Data::F8E5M2FNUZ($body),
+            $crate::tensor::Data::F8E8M0($v) => $crate::tensor::Data::F8E8M0($body),
+            $crate::tensor::Data::F4E2M1($v) => $crate::tensor::Data::F4E2M1($body),
+            $crate::tensor::Data::U4($v) => $crate::tensor::Data::U4($body),
+            $crate::tensor::Data::I4($v) => $crate::tensor::Data::I4($body),
+            $crate::tensor::Data::U2($v) => $crate::tensor::Data::U2($body),
+            $crate::tensor::Data::I2($v) => $crate::tensor::Data::I2($body),
         }
     };
 }
@@ -91,6 +123,16 @@ impl Data {
             Data::U64(_) => DType::U64,
             Data::Bool(_) => DType::Bool,
             Data::Str(_) => DType::String,
+            Data::F8E4M3FN(_) => DType::F8E4M3FN,
+            Data::F8E4M3FNUZ(_) => DType::F8E4M3FNUZ,
+            Data::F8E5M2(_) => DType::F8E5M2,
+            Data::F8E5M2FNUZ(_) => DType::F8E5M2FNUZ,
+            Data::F8E8M0(_) => DType::F8E8M0,
+            Data::F4E2M1(_) => DType::F4E2M1,
+            Data::U4(_) => DType::U4,
+            Data::I4(_) => DType::I4,
+            Data::U2(_) => DType::U2,
+            Data::I2(_) => DType::I2,
         }
     }
 
@@ -119,7 +161,51 @@ impl Data {
             DType::U64 => Data::U64(vec![0; n]),
             DType::Bool => Data::Bool(vec![false; n]),
             DType::String => Data::Str(vec![String::new(); n]),
+            // E8M0 has no zero: its pattern 0 is the smallest value, 2^-127.
+            t => Data::from_patterns(t, vec![0; n]).unwrap_or(Data::U8(vec![0; n])),
         }
+    }
+
+    /// Builds data of a low-precision type (float8, float4, 4-bit and 2-bit integers) from
+    /// bit patterns, one per byte (bits above the type's width are dropped); `None` for other
+    /// types.
+    pub fn from_patterns(dtype: DType, p: Vec<u8>) -> Option<Data> {
+        fn conv<const K: u8>(p: Vec<u8>) -> Vec<Lowp<K>> {
+            p.into_iter().map(Lowp::from_bits).collect()
+        }
+        Some(match dtype {
+            DType::F8E4M3FN => Data::F8E4M3FN(conv(p)),
+            DType::F8E4M3FNUZ => Data::F8E4M3FNUZ(conv(p)),
+            DType::F8E5M2 => Data::F8E5M2(conv(p)),
+            DType::F8E5M2FNUZ => Data::F8E5M2FNUZ(conv(p)),
+            DType::F8E8M0 => Data::F8E8M0(conv(p)),
+            DType::F4E2M1 => Data::F4E2M1(conv(p)),
+            DType::U4 => Data::U4(conv(p)),
+            DType::I4 => Data::I4(conv(p)),
+            DType::U2 => Data::U2(conv(p)),
+            DType::I2 => Data::I2(conv(p)),
+            _ => return None,
+        })
+    }
+
+    /// The bit patterns of low-precision data, one per byte; `None` for other types.
+    pub fn patterns(&self) -> Option<Vec<u8>> {
+        fn bits<const K: u8>(v: &[Lowp<K>]) -> Vec<u8> {
+            v.iter().map(|x| x.0).collect()
+        }
+        Some(match self {
+            Data::F8E4M3FN(v) => bits(v),
+            Data::F8E4M3FNUZ(v) => bits(v),
+            Data::F8E5M2(v) => bits(v),
+            Data::F8E5M2FNUZ(v) => bits(v),
+            Data::F8E8M0(v) => bits(v),
+            Data::F4E2M1(v) => bits(v),
+            Data::U4(v) => bits(v),
+            Data::I4(v) => bits(v),
+            Data::U2(v) => bits(v),
+            Data::I2(v) => bits(v),
+            _ => return None,
+        })
     }
 }
 
@@ -200,6 +286,10 @@ impl Tensor {
             Data::U64(v) => v.iter().map(|&x| x as f64).collect(),
             Data::Bool(v) => v.iter().map(|&x| x as u8 as f64).collect(),
             Data::Str(v) => v.iter().map(|s| s.parse().unwrap_or(f64::NAN)).collect(),
+            _ => {
+                let t = self.dtype();
+                self.data.patterns().unwrap_or_default().into_iter().map(|b| pattern_to_f64(t, b)).collect()
+            }
         }
     }
 
@@ -220,6 +310,10 @@ impl Tensor {
             Data::U64(v) => v.iter().map(|&x| x as i64).collect(),
             Data::Bool(v) => v.iter().map(|&x| x as i64).collect(),
             Data::Str(v) => v.iter().map(|s| s.parse().unwrap_or(0)).collect(),
+            _ => match self.dtype().small_int() {
+                Some(si) => self.data.patterns().unwrap_or_default().into_iter().map(|b| si.wrap(b as i64)).collect(),
+                None => self.to_f64().into_iter().map(|x| x as i64).collect(),
+            },
         }
     }
 
@@ -233,8 +327,19 @@ impl Tensor {
     }
 
     /// Builds a tensor of `dtype` from f64 values, rounding/saturating as a C cast would
-    /// (float→int truncates toward zero; NaN becomes 0).
+    /// (float→int truncates toward zero; NaN becomes 0). float8 types saturate (ONNX Cast's
+    /// default), E8M0 rounds up; 4-bit and 2-bit integers wrap as `ml_dtypes` does.
     pub fn from_f64(dtype: DType, shape: &[usize], v: Vec<f64>) -> Tensor {
+        Tensor::from_f64_with(dtype, shape, v, true, E8M0Round::Up)
+    }
+
+    /// [`Tensor::from_f64`] with ONNX Cast's `saturate` (float8 types: clamp out-of-range
+    /// values to the largest finite one, else they become Inf/NaN) and `round_mode` (E8M0).
+    pub fn from_f64_with(dtype: DType, shape: &[usize], v: Vec<f64>, saturate: bool, round: E8M0Round) -> Tensor {
+        if dtype.is_low_precision_float() || dtype.small_int().is_some() {
+            let p = v.iter().map(|&x| pattern_from_f64(dtype, x, saturate, round)).collect();
+            return Tensor::new(shape.to_vec(), Data::from_patterns(dtype, p).unwrap_or(Data::U8(vec![])));
+        }
         let data = match dtype {
             DType::F16 => Data::F16(v.iter().map(|&x| f16::from_f64(x)).collect()),
             DType::BF16 => Data::BF16(v.iter().map(|&x| bf16::from_f64(x)).collect()),
@@ -250,6 +355,7 @@ impl Tensor {
             DType::U64 => Data::U64(v.iter().map(|&x| x as u64).collect()),
             DType::Bool => Data::Bool(v.iter().map(|&x| x != 0.0).collect()),
             DType::String => Data::Str(v.iter().map(|x| format_float_string(*x)).collect()),
+            _ => Data::zeros(dtype, v.len()),
         };
         Tensor::new(shape.to_vec(), data)
     }
@@ -267,6 +373,9 @@ impl Tensor {
             DType::U64 => Data::U64(v.iter().map(|&x| x as u64).collect()),
             DType::Bool => Data::Bool(v.iter().map(|&x| x != 0).collect()),
             DType::String => Data::Str(v.iter().map(|x| x.to_string()).collect()),
+            t if t.small_int().is_some() => {
+                Data::from_patterns(t, v.iter().map(|&x| x as u8).collect()).unwrap_or(Data::U8(vec![]))
+            }
             _ => return Tensor::from_f64(dtype, shape, v.into_iter().map(|x| x as f64).collect()),
         };
         Tensor::new(shape.to_vec(), data)

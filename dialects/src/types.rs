@@ -25,11 +25,27 @@ pub enum DType {
     U64,
     Bool,
     String,
+    /// float8 E4M3, finite (no Inf; NaN is S.1111.111).
+    F8E4M3FN,
+    /// float8 E4M3, finite, unsigned zero (0x80 is NaN).
+    F8E4M3FNUZ,
+    /// float8 E5M2 (IEEE-like, with Inf and NaN).
+    F8E5M2,
+    /// float8 E5M2, finite, unsigned zero.
+    F8E5M2FNUZ,
+    /// float8 E8M0: an unsigned power-of-two scale (0xFF is NaN).
+    F8E8M0,
+    /// float4 E2M1 (no Inf, no NaN).
+    F4E2M1,
+    U4,
+    I4,
+    U2,
+    I2,
 }
 
 impl DType {
     /// All element types, in a stable order.
-    pub const ALL: [DType; 14] = [
+    pub const ALL: [DType; 24] = [
         DType::F16,
         DType::BF16,
         DType::F32,
@@ -44,6 +60,16 @@ impl DType {
         DType::U64,
         DType::Bool,
         DType::String,
+        DType::F8E4M3FN,
+        DType::F8E4M3FNUZ,
+        DType::F8E5M2,
+        DType::F8E5M2FNUZ,
+        DType::F8E8M0,
+        DType::F4E2M1,
+        DType::U4,
+        DType::I4,
+        DType::U2,
+        DType::I2,
     ];
 
     /// The MLIR spelling of the element type (`f32`, `ui8`, `i1`, `!kiln.string`).
@@ -63,6 +89,16 @@ impl DType {
             DType::U64 => "ui64",
             DType::Bool => "i1",
             DType::String => "!kiln.string",
+            DType::F8E4M3FN => "f8E4M3FN",
+            DType::F8E4M3FNUZ => "f8E4M3FNUZ",
+            DType::F8E5M2 => "f8E5M2",
+            DType::F8E5M2FNUZ => "f8E5M2FNUZ",
+            DType::F8E8M0 => "f8E8M0FNU",
+            DType::F4E2M1 => "f4E2M1FN",
+            DType::U4 => "ui4",
+            DType::I4 => "i4",
+            DType::U2 => "ui2",
+            DType::I2 => "i2",
         }
     }
 
@@ -88,6 +124,16 @@ impl DType {
             DType::U64 => "uint64",
             DType::Bool => "bool",
             DType::String => "string",
+            DType::F8E4M3FN => "float8e4m3fn",
+            DType::F8E4M3FNUZ => "float8e4m3fnuz",
+            DType::F8E5M2 => "float8e5m2",
+            DType::F8E5M2FNUZ => "float8e5m2fnuz",
+            DType::F8E8M0 => "float8e8m0",
+            DType::F4E2M1 => "float4e2m1",
+            DType::U4 => "uint4",
+            DType::I4 => "int4",
+            DType::U2 => "uint2",
+            DType::I2 => "int2",
         }
     }
 
@@ -108,49 +154,92 @@ impl DType {
             DType::U32 => 12,
             DType::U64 => 13,
             DType::BF16 => 16,
+            DType::F8E4M3FN => 17,
+            DType::F8E4M3FNUZ => 18,
+            DType::F8E5M2 => 19,
+            DType::F8E5M2FNUZ => 20,
+            DType::U4 => 21,
+            DType::I4 => 22,
+            DType::F4E2M1 => 23,
+            DType::F8E8M0 => 24,
+            DType::U2 => 25,
+            DType::I2 => 26,
         }
     }
 
     /// The element type of an ONNX `TensorProto.DataType` code, if kiln represents it
-    /// (complex, float8, int4 and float4 types are not represented).
+    /// (complex and float6 types are not represented).
     pub fn from_onnx_code(code: i64) -> Option<DType> {
         DType::ALL.into_iter().find(|d| d.onnx_code() as i64 == code)
     }
 
     /// The ONNX name of a `TensorProto.DataType` code, including types kiln does not represent.
     pub fn onnx_code_name(code: i64) -> String {
-        const OTHER: [(i64, &str); 12] = [
-            (0, "undefined"),
-            (14, "complex64"),
-            (15, "complex128"),
-            (17, "float8e4m3fn"),
-            (18, "float8e4m3fnuz"),
-            (19, "float8e5m2"),
-            (20, "float8e5m2fnuz"),
-            (21, "uint4"),
-            (22, "int4"),
-            (23, "float4e2m1"),
-            (24, "float8e8m0"),
-            (25, "uint2"),
-        ];
+        const OTHER: [(i64, &str); 5] =
+            [(0, "undefined"), (14, "complex64"), (15, "complex128"), (27, "float6e2m3"), (28, "float6e3m2")];
         match DType::from_onnx_code(code) {
             Some(d) => d.onnx_name().to_string(),
             None => OTHER.iter().find(|(c, _)| *c == code).map_or(format!("data type {code}"), |(_, n)| n.to_string()),
         }
     }
 
-    /// Size of one element in bytes (strings count as a pointer).
+    /// Size of one element in bytes as kiln stores it (strings count as a pointer; the 4-bit
+    /// and 2-bit types take one byte each, unpacked).
     pub fn size_bytes(self) -> usize {
         match self {
             DType::Bool | DType::I8 | DType::U8 => 1,
+            DType::F8E4M3FN | DType::F8E4M3FNUZ | DType::F8E5M2 | DType::F8E5M2FNUZ | DType::F8E8M0 => 1,
+            DType::F4E2M1 | DType::U4 | DType::I4 | DType::U2 | DType::I2 => 1,
             DType::F16 | DType::BF16 | DType::I16 | DType::U16 => 2,
             DType::F32 | DType::I32 | DType::U32 => 4,
             DType::F64 | DType::I64 | DType::U64 | DType::String => 8,
         }
     }
 
+    /// Width of one element in bits (4 and 2 for the sub-byte types; strings as a pointer).
+    pub fn bit_width(self) -> usize {
+        match self {
+            DType::F4E2M1 | DType::U4 | DType::I4 => 4,
+            DType::U2 | DType::I2 => 2,
+            _ => self.size_bytes() * 8,
+        }
+    }
+
     pub fn is_float(self) -> bool {
-        matches!(self, DType::F16 | DType::BF16 | DType::F32 | DType::F64)
+        matches!(self, DType::F16 | DType::BF16 | DType::F32 | DType::F64) || self.is_low_precision_float()
+    }
+
+    /// The float8 and float4 types (stored as bit patterns, one per byte).
+    pub fn is_low_precision_float(self) -> bool {
+        matches!(
+            self,
+            DType::F8E4M3FN | DType::F8E4M3FNUZ | DType::F8E5M2 | DType::F8E5M2FNUZ | DType::F8E8M0 | DType::F4E2M1
+        )
+    }
+
+    /// The sign/exponent/mantissa format of a float8/float4 type (not E8M0).
+    pub fn minifloat(self) -> Option<crate::lowp::Minifloat> {
+        use crate::lowp::Minifloat;
+        Some(match self {
+            DType::F8E4M3FN => Minifloat::E4M3FN,
+            DType::F8E4M3FNUZ => Minifloat::E4M3FNUZ,
+            DType::F8E5M2 => Minifloat::E5M2,
+            DType::F8E5M2FNUZ => Minifloat::E5M2FNUZ,
+            DType::F4E2M1 => Minifloat::E2M1,
+            _ => return None,
+        })
+    }
+
+    /// The width and signedness of a 4-bit or 2-bit integer type.
+    pub fn small_int(self) -> Option<crate::lowp::SmallInt> {
+        use crate::lowp::SmallInt;
+        Some(match self {
+            DType::I4 => SmallInt::I4,
+            DType::U4 => SmallInt::U4,
+            DType::I2 => SmallInt::I2,
+            DType::U2 => SmallInt::U2,
+            _ => return None,
+        })
     }
 
     pub fn is_int(self) -> bool {
@@ -158,11 +247,11 @@ impl DType {
     }
 
     pub fn is_signed_int(self) -> bool {
-        matches!(self, DType::I8 | DType::I16 | DType::I32 | DType::I64)
+        matches!(self, DType::I8 | DType::I16 | DType::I32 | DType::I64 | DType::I4 | DType::I2)
     }
 
     pub fn is_unsigned_int(self) -> bool {
-        matches!(self, DType::U8 | DType::U16 | DType::U32 | DType::U64)
+        matches!(self, DType::U8 | DType::U16 | DType::U32 | DType::U64 | DType::U4 | DType::U2)
     }
 
     /// Numeric types: everything but bool and string.

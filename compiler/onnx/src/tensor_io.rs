@@ -3,6 +3,7 @@
 use crate::proto::{tensor_proto::DataLocation, TensorProto};
 use crate::FrontendError;
 use half::{bf16, f16};
+use kiln_ir::lowp;
 use kiln_ir::tensor::{Data, MAX_ELEMENTS};
 use kiln_ir::{DType, Tensor};
 use prost::Message;
@@ -37,7 +38,7 @@ pub fn tensor_from_proto(t: &TensorProto, base_dir: Option<&Path>, what: &str) -
     };
     let data = match raw {
         Some(raw) if dtype != DType::String => decode_raw(dtype, raw, n, what)?,
-        _ => decode_fields(t, dtype)?,
+        _ => decode_fields(t, dtype, n, what)?,
     };
     if data.len() != n {
         return Err(format!("{what}: shape {:?} needs {n} elements, the data holds {}", t.dims, data.len()));
@@ -74,6 +75,16 @@ fn read_external(t: &TensorProto, base_dir: Option<&Path>, what: &str) -> Result
 }
 
 fn decode_raw(dtype: DType, raw: &[u8], n: usize, what: &str) -> Result<Data, String> {
+    let bits = dtype.bit_width();
+    if bits < 8 {
+        // 4-bit and 2-bit elements are packed, low bits first.
+        let need = n.div_ceil(8 / bits);
+        if raw.len() != need {
+            return Err(format!("{what}: raw data has {} bytes, expected {need} ({n} packed x {dtype})", raw.len()));
+        }
+        let p = lowp::unpack(raw, bits as u32, n).unwrap_or_default();
+        return Data::from_patterns(dtype, p).ok_or_else(|| format!("{what}: {dtype} is not a packed type"));
+    }
     let size = dtype.size_bytes();
     if raw.len() != n * size {
         return Err(format!("{what}: raw data has {} bytes, expected {} ({n} x {dtype})", raw.len(), n * size));
@@ -97,12 +108,22 @@ fn decode_raw(dtype: DType, raw: &[u8], n: usize, what: &str) -> Result<Data, St
         DType::I64 => Data::I64(le!(i64, 8)),
         DType::U64 => Data::U64(le!(u64, 8)),
         DType::Bool => Data::Bool(raw.iter().map(|&b| b != 0).collect()),
-        DType::String => unreachable!("strings never use raw_data"),
+        DType::String => return Err(format!("{what}: string tensors cannot use raw data")),
+        t => Data::from_patterns(t, raw.to_vec()).unwrap_or(Data::U8(vec![])),
     })
 }
 
-fn decode_fields(t: &TensorProto, dtype: DType) -> Result<Data, String> {
+fn decode_fields(t: &TensorProto, dtype: DType, n: usize, what: &str) -> Result<Data, String> {
     let i32s = &t.int32_data;
+    let bits = dtype.bit_width();
+    if bits < 8 {
+        // int32_data holds the packed bytes, one per entry.
+        let bytes: Vec<u8> = i32s.iter().map(|&v| v as u8).collect();
+        let Some(p) = lowp::unpack(&bytes, bits as u32, n) else {
+            return Err(format!("{what}: int32_data has {} packed bytes, too few for {n} x {dtype}", bytes.len()));
+        };
+        return Data::from_patterns(dtype, p).ok_or_else(|| format!("{what}: {dtype} is not a packed type"));
+    }
     Ok(match dtype {
         DType::F32 => Data::F32(t.float_data.clone()),
         DType::F64 => Data::F64(t.double_data.clone()),
@@ -118,6 +139,8 @@ fn decode_fields(t: &TensorProto, dtype: DType) -> Result<Data, String> {
         DType::U32 => Data::U32(t.uint64_data.iter().map(|&v| v as u32).collect()),
         DType::U64 => Data::U64(t.uint64_data.clone()),
         DType::String => Data::Str(t.string_data.iter().map(|b| String::from_utf8_lossy(b).into_owned()).collect()),
+        // float8: one pattern per int32_data entry.
+        d => Data::from_patterns(d, i32s.iter().map(|&v| v as u8).collect()).unwrap_or(Data::U8(vec![])),
     })
 }
 
@@ -147,6 +170,11 @@ pub fn tensor_to_proto(t: &Tensor, name: &str) -> TensorProto {
         Data::Str(v) => {
             p.string_data = v.iter().map(|s| s.as_bytes().to_vec()).collect();
             return p;
+        }
+        d => {
+            let pats = d.patterns().unwrap_or_default();
+            let bits = d.dtype().bit_width();
+            raw = if bits < 8 { lowp::pack(&pats, bits as u32) } else { pats };
         }
     }
     p.raw_data = Some(raw);
@@ -187,7 +215,7 @@ pub fn write_npy(path: &Path, t: &Tensor) -> Result<(), FrontendError> {
         DType::U32 => "<u4",
         DType::U64 => "<u8",
         DType::Bool => "|b1",
-        DType::BF16 | DType::String => {
+        _ => {
             return Err(FrontendError::Input {
                 path: path.display().to_string(),
                 msg: format!("a {} tensor cannot be written as .npy", t.dtype()),
@@ -288,5 +316,27 @@ mod tests {
         let q = dir.join("a.pb");
         write_tensor_pb(&q, &t, "a").unwrap();
         assert_eq!(read_tensor_file(&q).unwrap(), t);
+    }
+
+    #[test]
+    fn packed_types_round_trip() {
+        // 4-bit and 2-bit elements pack low bits first; an odd count pads the last byte.
+        let t = Tensor::from_i64_as(DType::I4, &[3], vec![-8, 7, -1]);
+        let p = tensor_tensor_round_trip(&t);
+        assert_eq!(p, vec![0x78, 0x0F]);
+        let u = Tensor::from_i64_as(DType::U2, &[5], vec![1, 2, 3, 0, 1]);
+        assert_eq!(tensor_tensor_round_trip(&u), vec![0b0011_1001, 1]);
+        let f = Tensor::from_f64(DType::F8E4M3FN, &[2], vec![1.0, -448.0]);
+        assert_eq!(tensor_tensor_round_trip(&f), vec![0x38, 0xFE]);
+        let short =
+            TensorProto { dims: vec![3], data_type: Some(22), raw_data: Some(vec![0x78]), ..Default::default() };
+        assert!(tensor_from_proto(&short, None, "t").is_err());
+    }
+
+    /// Encodes, decodes, checks equality; returns the raw bytes.
+    fn tensor_tensor_round_trip(t: &Tensor) -> Vec<u8> {
+        let p = tensor_to_proto(t, "t");
+        assert_eq!(&tensor_from_proto(&p, None, "t").unwrap(), t);
+        p.raw_data.unwrap_or_default()
     }
 }

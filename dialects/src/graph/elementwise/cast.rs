@@ -2,6 +2,7 @@
 
 use crate::bail;
 use crate::graph::{req, same_as_input, AttrView, EvalCx, InferCx, OpDef, OpResult};
+use crate::lowp::E8M0Round;
 use crate::tensor::{Data, Tensor};
 use crate::types::{DType, TensorType};
 use crate::Attr;
@@ -94,6 +95,9 @@ fn to_strings(x: &Tensor) -> Vec<String> {
             .map(|&h| numpy_float_str(h.to_f64(), &half_sci(h.to_f32(), |r| bf16::from_f32(r) == h), 1e3))
             .collect(),
         Data::U64(v) => v.iter().map(|n| n.to_string()).collect(),
+        _ if x.dtype().is_float() => {
+            x.to_f64().into_iter().map(|f| numpy_float_str(f, &format!("{:e}", f as f32), 1e16)).collect()
+        }
         _ => x.to_i64().iter().map(|n| n.to_string()).collect(),
     }
 }
@@ -155,9 +159,39 @@ fn from_strings(v: &[String], to: DType, shape: &[usize]) -> OpResult<Tensor> {
     Ok(t)
 }
 
+/// How a cast treats values out of a float8 type's range (`saturate`) and rounds to E8M0
+/// (`round_mode`).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct CastMode {
+    pub saturate: bool,
+    pub round: E8M0Round,
+}
+
+impl CastMode {
+    /// ONNX's defaults: saturate, round E8M0 up.
+    #[cfg(test)]
+    pub const DEFAULT: CastMode = CastMode { saturate: true, round: E8M0Round::Up };
+
+    /// The `saturate` and `round_mode` attributes.
+    pub fn from_attrs(a: &AttrView) -> OpResult<CastMode> {
+        let saturate = a.int("saturate", 1)? != 0;
+        let mode = a.string("round_mode", "up")?;
+        let Some(round) = E8M0Round::parse(&mode) else {
+            bail!("round_mode must be \"up\", \"down\" or \"nearest\", found {mode:?}")
+        };
+        Ok(CastMode { saturate, round })
+    }
+}
+
 /// Converts `x` to `to` like numpy's `astype`: floats to integers truncate toward zero
 /// (saturating), integers wrap, anything nonzero is true, strings parse and print.
+#[cfg(test)]
 pub(super) fn cast_tensor(x: &Tensor, to: DType) -> OpResult<Tensor> {
+    cast_tensor_with(x, to, CastMode::DEFAULT)
+}
+
+/// [`cast_tensor`] with float8 saturation and E8M0 rounding as `mode` says (ONNX Cast).
+pub(crate) fn cast_tensor_with(x: &Tensor, to: DType, mode: CastMode) -> OpResult<Tensor> {
     let from = x.dtype();
     let shape = &x.shape;
     if from == to {
@@ -178,14 +212,17 @@ pub(super) fn cast_tensor(x: &Tensor, to: DType) -> OpResult<Tensor> {
         (Data::BF16(v), DType::F32) => Tensor::from_f32(shape, v.iter().map(|h| h.to_f32()).collect()),
         (Data::I64(v), DType::F32) => Tensor::from_f32(shape, v.iter().map(|&n| n as f32).collect()),
         (Data::U64(v), DType::F32) => Tensor::from_f32(shape, v.iter().map(|&n| n as f32).collect()),
-        _ if to.is_float() || from.is_float() => Tensor::from_f64(to, shape, x.to_f64()),
+        _ if to.is_float() || from.is_float() => {
+            Tensor::from_f64_with(to, shape, x.to_f64(), mode.saturate, mode.round)
+        }
         _ => Tensor::from_i64_as(to, shape, x.to_i64()),
     };
     Ok(t)
 }
 
 /// Cast: converts the input to the element type `to` (every kiln type, strings both ways).
-/// `saturate` and `round_mode` only concern float8 types, which kiln does not represent.
+/// `saturate` (default 1) clamps values out of a float8 type's range to its largest finite
+/// value instead of Inf/NaN; `round_mode` (up, down, nearest) rounds to float8 E8M0.
 pub(super) struct Cast;
 
 impl OpDef for Cast {
@@ -197,11 +234,12 @@ impl OpDef for Cast {
         Ok(vec![TensorType { dtype: to, shape: cx.input(0)?.shape.clone() }])
     }
     fn eval(&self, cx: &EvalCx, inputs: &[Option<&Tensor>]) -> OpResult<Vec<Tensor>> {
-        Ok(vec![cast_tensor(req(inputs, 0)?, target(&cx.attrs)?)?])
+        Ok(vec![cast_tensor_with(req(inputs, 0)?, target(&cx.attrs)?, CastMode::from_attrs(&cx.attrs)?)?])
     }
 }
 
-/// CastLike: Cast to the element type of the second input.
+/// CastLike: Cast to the element type of the second input (with Cast's `saturate` and
+/// `round_mode`).
 pub(super) struct CastLike;
 
 impl OpDef for CastLike {
@@ -212,8 +250,9 @@ impl OpDef for CastLike {
         let to = cx.input(1)?.dtype;
         Ok(vec![TensorType { dtype: to, shape: cx.input(0)?.shape.clone() }])
     }
-    fn eval(&self, _cx: &EvalCx, inputs: &[Option<&Tensor>]) -> OpResult<Vec<Tensor>> {
-        Ok(vec![cast_tensor(req(inputs, 0)?, req(inputs, 1)?.dtype())?])
+    fn eval(&self, cx: &EvalCx, inputs: &[Option<&Tensor>]) -> OpResult<Vec<Tensor>> {
+        let mode = CastMode::from_attrs(&cx.attrs)?;
+        Ok(vec![cast_tensor_with(req(inputs, 0)?, req(inputs, 1)?.dtype(), mode)?])
     }
 }
 
@@ -232,8 +271,15 @@ impl OpDef for Identity {
     }
 }
 
-/// The elements' little-endian bytes (bools as one byte each); `None` for strings.
+/// The elements' little-endian bytes (bools as one byte each, float8 as their patterns);
+/// `None` for strings and sub-byte types.
 fn le_bytes(d: &Data) -> Option<Vec<u8>> {
+    if d.dtype().bit_width() < 8 {
+        return None;
+    }
+    if let Some(p) = d.patterns() {
+        return Some(p);
+    }
     Some(match d {
         Data::Str(_) => return None,
         Data::Bool(v) => v.iter().map(|&b| u8::from(b)).collect(),
@@ -249,6 +295,7 @@ fn le_bytes(d: &Data) -> Option<Vec<u8>> {
         Data::U16(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
         Data::U32(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
         Data::U64(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        _ => return None,
     })
 }
 
@@ -274,12 +321,16 @@ fn from_le_bytes(to: DType, b: &[u8]) -> Data {
         DType::I64 => Data::I64(read!(i64, 8)),
         DType::U64 => Data::U64(read!(u64, 8)),
         DType::String => Data::Str(Vec::new()),
+        t => Data::from_patterns(t, b.to_vec()).unwrap_or(Data::U8(Vec::new())),
     }
 }
 
 fn check_bitcast(from: DType, to: DType) -> OpResult<()> {
     if from == DType::String || to == DType::String {
         bail!("BitCast does not take strings (from {from} to {to})");
+    }
+    if from.bit_width() < 8 || to.bit_width() < 8 {
+        bail!("BitCast does not take 4-bit or 2-bit types (from {from} to {to})");
     }
     if from.size_bytes() != to.size_bytes() {
         bail!(
@@ -337,6 +388,18 @@ mod tests {
         assert_eq!(cast_tensor(&t, DType::Bool).unwrap().to_bool(), vec![true, true, false]);
         let i = Tensor::from_i64(&[2], vec![-1, 300]);
         assert_eq!(cast_tensor(&i, DType::U8).unwrap().data, Data::U8(vec![255, 44]));
+    }
+
+    #[test]
+    fn float8_casts_saturate_unless_told_not_to() {
+        let t = Tensor::from_f32(&[3], vec![1e6, f32::NEG_INFINITY, 0.3]);
+        let sat = cast_tensor(&t, DType::F8E4M3FN).unwrap();
+        assert_eq!(sat.to_f64(), vec![448.0, -448.0, 0.3125]);
+        let raw = cast_tensor_with(&t, DType::F8E5M2, CastMode { saturate: false, round: E8M0Round::Up }).unwrap();
+        assert_eq!(raw.to_f64()[..2], [f64::INFINITY, f64::NEG_INFINITY]);
+        let i4 = cast_tensor(&Tensor::from_f32(&[2], vec![-9.0, 8.5]), DType::I4).unwrap();
+        assert_eq!(i4.to_i64(), vec![7, -8]);
+        assert!(check_bitcast(DType::I4, DType::U4).is_err());
     }
 
     #[test]

@@ -28,8 +28,27 @@ fn quant_range(t: DType) -> OpResult<(f64, f64)> {
         DType::I16 => (-32768.0, 32767.0),
         DType::I32 => (i32::MIN as f64, i32::MAX as f64),
         DType::U32 => (0.0, u32::MAX as f64),
-        _ => bail!("quantized type must be int8, uint8, int16, uint16 or int32, found {t}"),
+        t => match t.small_int() {
+            Some(si) => {
+                let (lo, hi) = si.range();
+                (lo as f64, hi as f64)
+            }
+            None => bail!("quantized type must be an 8/16/32-bit, 4-bit or 2-bit integer, float8 or float4, found {t}"),
+        },
     })
+}
+
+/// Whether `t` is a valid QuantizeLinear output type.
+fn check_quant_type(t: DType) -> OpResult<()> {
+    if is_float_quant(t) {
+        return Ok(());
+    }
+    quant_range(t).map(|_| ())
+}
+
+/// The float8 and float4 types QuantizeLinear produces (E8M0 is a scale type, not one of them).
+fn is_float_quant(t: DType) -> bool {
+    t.is_low_precision_float() && t != DType::F8E8M0
 }
 
 /// Integer-valued f64s clamped into `t`'s range.
@@ -99,7 +118,7 @@ impl OpDef for QuantizeLinear {
     fn infer(&self, cx: &mut InferCx) -> OpResult<Vec<TensorType>> {
         let x = cx.input(0)?;
         let t = zero_point_dtype(cx.opt_input(2).map(|t| t.dtype), output_dtype(cx.attrs)?, DType::U8)?;
-        quant_range(t)?;
+        check_quant_type(t)?;
         Ok(vec![TensorType { dtype: t, shape: x.shape.clone() }])
     }
     fn eval(&self, cx: &EvalCx, inputs: &[Option<&Tensor>]) -> OpResult<Vec<Tensor>> {
@@ -108,6 +127,7 @@ impl OpDef for QuantizeLinear {
             bail!("y_scale must be a float tensor, found {}", s.dtype());
         }
         let t = zero_point_dtype(zp.map(|z| z.dtype()), output_dtype(cx.attrs)?, DType::U8)?;
+        check_quant_type(t)?;
         let (axis, block) = (cx.attrs.int("axis", 1)?, cx.attrs.int("block_size", 0)?);
         let si = param_index(&x.shape, &s.shape, axis, block)?;
         let zi = match zp {
@@ -118,6 +138,21 @@ impl OpDef for QuantizeLinear {
         let zv = zp.map(|z| z.to_f64());
         // Divide in the input's precision, as ONNX does.
         let xt = if x.dtype().is_float() { x.dtype() } else { DType::F32 };
+        if is_float_quant(t) {
+            // float8: a (saturating) cast of x / scale, the zero point only gives the type;
+            // float4: the zero point is added, and the cast clamps to its range on its own.
+            let saturate = cx.attrs.int("saturate", 1)? != 0;
+            let v = (0..xv.len())
+                .map(|i| {
+                    let q = round_in(xt, xv[i] / sv[si[i]]);
+                    match (&zv, &zi) {
+                        (Some(z), Some(zi)) if t == DType::F4E2M1 => round_in(DType::F32, q + z[zi[i]]),
+                        _ => q,
+                    }
+                })
+                .collect();
+            return Ok(vec![Tensor::from_f64_with(t, &x.shape, v, saturate, crate::lowp::E8M0Round::Up)]);
+        }
         let v = (0..xv.len())
             .map(|i| {
                 let q = round_in(xt, xv[i] / sv[si[i]]).round_ties_even();
@@ -164,7 +199,8 @@ impl OpDef for DequantizeLinear {
             None => None,
         };
         let (xv, sv) = (x.to_f64(), s.to_f64());
-        let zv = zp.map(|z| z.to_f64());
+        // A float8/float4 zero point must be zero (ONNX's reference does not subtract it).
+        let zv = zp.filter(|_| !x.dtype().is_low_precision_float()).map(|z| z.to_f64());
         // numpy computes in f32 (or wider if the scale is f64).
         let wt = if s.dtype() == DType::F64 { DType::F64 } else { DType::F32 };
         let v = (0..xv.len())

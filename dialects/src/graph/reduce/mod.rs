@@ -101,6 +101,17 @@ impl Elem for bf16 {
     }
 }
 
+impl<const K: u8> Elem for crate::lowp::Lowp<K> {
+    const LOWEST: Self = Self::LOWEST;
+    const HIGHEST: Self = Self::HIGHEST;
+    fn f64(self) -> f64 {
+        self.to_f64()
+    }
+    fn i64(self) -> i64 {
+        self.to_i64()
+    }
+}
+
 impl Elem for bool {
     const LOWEST: Self = false;
     const HIGHEST: Self = true;
@@ -131,6 +142,16 @@ macro_rules! with_elems {
             $crate::tensor::Data::U64($v) => $body,
             $crate::tensor::Data::Bool($v) => $body,
             $crate::tensor::Data::Str(_) => $str,
+            $crate::tensor::Data::F8E4M3FN($v) => $body,
+            $crate::tensor::Data::F8E4M3FNUZ($v) => $body,
+            $crate::tensor::Data::F8E5M2($v) => $body,
+            $crate::tensor::Data::F8E5M2FNUZ($v) => $body,
+            $crate::tensor::Data::F8E8M0($v) => $body,
+            $crate::tensor::Data::F4E2M1($v) => $body,
+            $crate::tensor::Data::U4($v) => $body,
+            $crate::tensor::Data::I4($v) => $body,
+            $crate::tensor::Data::U2($v) => $body,
+            $crate::tensor::Data::I2($v) => $body,
         }
     };
 }
@@ -155,6 +176,16 @@ macro_rules! map_elems {
             $crate::tensor::Data::U64($v) => $crate::tensor::Data::U64($body),
             $crate::tensor::Data::Bool($v) => $crate::tensor::Data::Bool($body),
             $crate::tensor::Data::Str(_) => $str,
+            $crate::tensor::Data::F8E4M3FN($v) => $crate::tensor::Data::F8E4M3FN($body),
+            $crate::tensor::Data::F8E4M3FNUZ($v) => $crate::tensor::Data::F8E4M3FNUZ($body),
+            $crate::tensor::Data::F8E5M2($v) => $crate::tensor::Data::F8E5M2($body),
+            $crate::tensor::Data::F8E5M2FNUZ($v) => $crate::tensor::Data::F8E5M2FNUZ($body),
+            $crate::tensor::Data::F8E8M0($v) => $crate::tensor::Data::F8E8M0($body),
+            $crate::tensor::Data::F4E2M1($v) => $crate::tensor::Data::F4E2M1($body),
+            $crate::tensor::Data::U4($v) => $crate::tensor::Data::U4($body),
+            $crate::tensor::Data::I4($v) => $crate::tensor::Data::I4($body),
+            $crate::tensor::Data::U2($v) => $crate::tensor::Data::U2($body),
+            $crate::tensor::Data::I2($v) => $crate::tensor::Data::I2($body),
         }
     };
 }

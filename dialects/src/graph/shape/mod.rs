@@ -77,6 +77,46 @@ macro_rules! with_elem {
                 type $T = String;
                 $body
             }
+            $crate::types::DType::F8E4M3FN => {
+                type $T = $crate::lowp::F8E4M3FN;
+                $body
+            }
+            $crate::types::DType::F8E4M3FNUZ => {
+                type $T = $crate::lowp::F8E4M3FNUZ;
+                $body
+            }
+            $crate::types::DType::F8E5M2 => {
+                type $T = $crate::lowp::F8E5M2;
+                $body
+            }
+            $crate::types::DType::F8E5M2FNUZ => {
+                type $T = $crate::lowp::F8E5M2FNUZ;
+                $body
+            }
+            $crate::types::DType::F8E8M0 => {
+                type $T = $crate::lowp::F8E8M0;
+                $body
+            }
+            $crate::types::DType::F4E2M1 => {
+                type $T = $crate::lowp::F4E2M1;
+                $body
+            }
+            $crate::types::DType::U4 => {
+                type $T = $crate::lowp::U4;
+                $body
+            }
+            $crate::types::DType::I4 => {
+                type $T = $crate::lowp::I4;
+                $body
+            }
+            $crate::types::DType::U2 => {
+                type $T = $crate::lowp::U2;
+                $body
+            }
+            $crate::types::DType::I2 => {
+                type $T = $crate::lowp::I2;
+                $body
+            }
         }
     };
 }
@@ -120,6 +160,10 @@ macro_rules! impl_elem {
 impl_elem!(
     f16 => F16, bf16 => BF16, f32 => F32, f64 => F64, i8 => I8, i16 => I16, i32 => I32,
     i64 => I64, u8 => U8, u16 => U16, u32 => U32, u64 => U64, bool => Bool, String => Str,
+    crate::lowp::F8E4M3FN => F8E4M3FN, crate::lowp::F8E4M3FNUZ => F8E4M3FNUZ,
+    crate::lowp::F8E5M2 => F8E5M2, crate::lowp::F8E5M2FNUZ => F8E5M2FNUZ, crate::lowp::F8E8M0 => F8E8M0,
+    crate::lowp::F4E2M1 => F4E2M1, crate::lowp::U4 => U4, crate::lowp::I4 => I4, crate::lowp::U2 => U2,
+    crate::lowp::I2 => I2,
 );
 
 /// The elements of `t` as `T` (an error if `t` holds another type).
