@@ -683,7 +683,10 @@ impl Parser<'_> {
             if bytes.len() != n * size {
                 return self.err(format!("hex constant has {} bytes, its type needs {}", bytes.len(), n * size));
             }
-            from_raw(ty.dtype, &shape, &bytes)
+            match Data::from_le_bytes(ty.dtype, &bytes) {
+                Some(data) => Tensor::new(shape.clone(), data),
+                None => return self.err(format!("a hex constant cannot hold {} elements", ty.dtype)),
+            }
         } else {
             let mut elems = Vec::new();
             self.dense_elems(ty.dtype, body_end, &mut elems)?;
@@ -786,30 +789,4 @@ fn build(dtype: DType, shape: &[usize], elems: Vec<Elem>) -> Tensor {
                 .collect(),
         ),
     }
-}
-
-fn from_raw(dtype: DType, shape: &[usize], raw: &[u8]) -> Tensor {
-    macro_rules! le {
-        ($t:ty, $n:expr) => {
-            raw.chunks_exact($n).map(|c| <$t>::from_le_bytes(c.try_into().expect("chunk"))).collect()
-        };
-    }
-    let data = match dtype {
-        DType::F16 => Data::F16(le!(half::f16, 2)),
-        DType::BF16 => Data::BF16(le!(half::bf16, 2)),
-        DType::F32 => Data::F32(le!(f32, 4)),
-        DType::F64 => Data::F64(le!(f64, 8)),
-        DType::I8 => Data::I8(le!(i8, 1)),
-        DType::I16 => Data::I16(le!(i16, 2)),
-        DType::I32 => Data::I32(le!(i32, 4)),
-        DType::I64 => Data::I64(le!(i64, 8)),
-        DType::U8 => Data::U8(raw.to_vec()),
-        DType::U16 => Data::U16(le!(u16, 2)),
-        DType::U32 => Data::U32(le!(u32, 4)),
-        DType::U64 => Data::U64(le!(u64, 8)),
-        DType::Bool => Data::Bool(raw.iter().map(|&b| b != 0).collect()),
-        DType::String => Data::Str(vec![]),
-        t => Data::from_patterns(t, raw.to_vec()).unwrap_or(Data::U8(vec![])),
-    };
-    Tensor::new(shape.to_vec(), data)
 }

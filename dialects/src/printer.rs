@@ -268,7 +268,7 @@ impl Printer<'_> {
         let lowp = t.data.patterns().is_some() && !t.is_empty();
         if lowp || (t.len() > 16 && !matches!(t.dtype(), DType::Bool | DType::String)) {
             s.push_str("dense<\"0x");
-            let raw = raw_bytes(t);
+            let raw = t.data.to_le_bytes();
             for b in raw {
                 write!(s, "{b:02X}")?;
             }
@@ -313,34 +313,6 @@ fn nested(s: &mut String, shape: &[usize], elems: &[String]) {
         }
     }
     s.push(']');
-}
-
-/// The little-endian bytes of a numeric tensor.
-pub fn raw_bytes(t: &Tensor) -> Vec<u8> {
-    let mut raw = Vec::with_capacity(t.len() * t.dtype().size_bytes());
-    macro_rules! put {
-        ($v:expr) => {
-            $v.iter().for_each(|x| raw.extend_from_slice(&x.to_le_bytes()))
-        };
-    }
-    match &t.data {
-        Data::F16(v) => put!(v),
-        Data::BF16(v) => put!(v),
-        Data::F32(v) => put!(v),
-        Data::F64(v) => put!(v),
-        Data::I8(v) => put!(v),
-        Data::I16(v) => put!(v),
-        Data::I32(v) => put!(v),
-        Data::I64(v) => put!(v),
-        Data::U8(v) => put!(v),
-        Data::U16(v) => put!(v),
-        Data::U32(v) => put!(v),
-        Data::U64(v) => put!(v),
-        Data::Bool(v) => raw.extend(v.iter().map(|&b| b as u8)),
-        Data::Str(_) => {}
-        d => raw.extend(d.patterns().unwrap_or_default()),
-    }
-    raw
 }
 
 fn name_dict(name: Option<&str>) -> String {

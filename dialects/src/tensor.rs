@@ -207,6 +207,67 @@ impl Data {
             _ => return None,
         })
     }
+
+    /// The elements as little-endian bytes, `size_bytes()` per element (bools and
+    /// low-precision types one byte each, unpacked); empty for strings.
+    pub fn to_le_bytes(&self) -> Vec<u8> {
+        let mut raw = Vec::with_capacity(self.len() * self.dtype().size_bytes());
+        macro_rules! put {
+            ($v:expr) => {
+                $v.iter().for_each(|x| raw.extend_from_slice(&x.to_le_bytes()))
+            };
+        }
+        match self {
+            Data::F16(v) => put!(v),
+            Data::BF16(v) => put!(v),
+            Data::F32(v) => put!(v),
+            Data::F64(v) => put!(v),
+            Data::I8(v) => put!(v),
+            Data::I16(v) => put!(v),
+            Data::I32(v) => put!(v),
+            Data::I64(v) => put!(v),
+            Data::U8(v) => raw.extend_from_slice(v),
+            Data::U16(v) => put!(v),
+            Data::U32(v) => put!(v),
+            Data::U64(v) => put!(v),
+            Data::Bool(v) => raw.extend(v.iter().map(|&b| b as u8)),
+            Data::Str(_) => {}
+            d => raw.extend(d.patterns().unwrap_or_default()),
+        }
+        raw
+    }
+
+    /// The inverse of [`Data::to_le_bytes`]: `None` for strings, or when `raw` is not a whole
+    /// number of elements.
+    pub fn from_le_bytes(dtype: DType, raw: &[u8]) -> Option<Data> {
+        let size = dtype.size_bytes();
+        if dtype == DType::String || !raw.len().is_multiple_of(size) {
+            return None;
+        }
+        macro_rules! le {
+            ($t:ty) => {
+                raw.chunks_exact(size)
+                    .map(|c| <$t>::from_le_bytes(c.try_into().expect("chunk of size_bytes")))
+                    .collect()
+            };
+        }
+        Some(match dtype {
+            DType::F16 => Data::F16(le!(f16)),
+            DType::BF16 => Data::BF16(le!(bf16)),
+            DType::F32 => Data::F32(le!(f32)),
+            DType::F64 => Data::F64(le!(f64)),
+            DType::I8 => Data::I8(le!(i8)),
+            DType::I16 => Data::I16(le!(i16)),
+            DType::I32 => Data::I32(le!(i32)),
+            DType::I64 => Data::I64(le!(i64)),
+            DType::U8 => Data::U8(raw.to_vec()),
+            DType::U16 => Data::U16(le!(u16)),
+            DType::U32 => Data::U32(le!(u32)),
+            DType::U64 => Data::U64(le!(u64)),
+            DType::Bool => Data::Bool(raw.iter().map(|&b| b != 0).collect()),
+            t => Data::from_patterns(t, raw.to_vec())?,
+        })
+    }
 }
 
 /// A tensor value at run time.

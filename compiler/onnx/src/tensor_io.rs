@@ -89,28 +89,7 @@ fn decode_raw(dtype: DType, raw: &[u8], n: usize, what: &str) -> Result<Data, St
     if raw.len() != n * size {
         return Err(format!("{what}: raw data has {} bytes, expected {} ({n} x {dtype})", raw.len(), n * size));
     }
-    macro_rules! le {
-        ($t:ty, $n:expr) => {
-            raw.chunks_exact($n).map(|c| <$t>::from_le_bytes(c.try_into().unwrap())).collect()
-        };
-    }
-    Ok(match dtype {
-        DType::F32 => Data::F32(le!(f32, 4)),
-        DType::F64 => Data::F64(le!(f64, 8)),
-        DType::F16 => Data::F16(raw.chunks_exact(2).map(|c| f16::from_le_bytes([c[0], c[1]])).collect()),
-        DType::BF16 => Data::BF16(raw.chunks_exact(2).map(|c| bf16::from_le_bytes([c[0], c[1]])).collect()),
-        DType::I8 => Data::I8(raw.iter().map(|&b| b as i8).collect()),
-        DType::U8 => Data::U8(raw.to_vec()),
-        DType::I16 => Data::I16(le!(i16, 2)),
-        DType::U16 => Data::U16(le!(u16, 2)),
-        DType::I32 => Data::I32(le!(i32, 4)),
-        DType::U32 => Data::U32(le!(u32, 4)),
-        DType::I64 => Data::I64(le!(i64, 8)),
-        DType::U64 => Data::U64(le!(u64, 8)),
-        DType::Bool => Data::Bool(raw.iter().map(|&b| b != 0).collect()),
-        DType::String => return Err(format!("{what}: string tensors cannot use raw data")),
-        t => Data::from_patterns(t, raw.to_vec()).unwrap_or(Data::U8(vec![])),
-    })
+    Data::from_le_bytes(dtype, raw).ok_or_else(|| format!("{what}: {dtype} tensors cannot use raw data"))
 }
 
 fn decode_fields(t: &TensorProto, dtype: DType, n: usize, what: &str) -> Result<Data, String> {
@@ -152,31 +131,15 @@ pub fn tensor_to_proto(t: &Tensor, name: &str) -> TensorProto {
         name: Some(name.to_string()),
         ..Default::default()
     };
-    let mut raw = Vec::with_capacity(t.len() * t.dtype().size_bytes());
-    match &t.data {
-        Data::F16(v) => v.iter().for_each(|x| raw.extend(x.to_le_bytes())),
-        Data::BF16(v) => v.iter().for_each(|x| raw.extend(x.to_le_bytes())),
-        Data::F32(v) => v.iter().for_each(|x| raw.extend(x.to_le_bytes())),
-        Data::F64(v) => v.iter().for_each(|x| raw.extend(x.to_le_bytes())),
-        Data::I8(v) => v.iter().for_each(|x| raw.extend(x.to_le_bytes())),
-        Data::I16(v) => v.iter().for_each(|x| raw.extend(x.to_le_bytes())),
-        Data::I32(v) => v.iter().for_each(|x| raw.extend(x.to_le_bytes())),
-        Data::I64(v) => v.iter().for_each(|x| raw.extend(x.to_le_bytes())),
-        Data::U8(v) => raw.extend_from_slice(v),
-        Data::U16(v) => v.iter().for_each(|x| raw.extend(x.to_le_bytes())),
-        Data::U32(v) => v.iter().for_each(|x| raw.extend(x.to_le_bytes())),
-        Data::U64(v) => v.iter().for_each(|x| raw.extend(x.to_le_bytes())),
-        Data::Bool(v) => raw.extend(v.iter().map(|&b| b as u8)),
-        Data::Str(v) => {
-            p.string_data = v.iter().map(|s| s.as_bytes().to_vec()).collect();
-            return p;
-        }
-        d => {
-            let pats = d.patterns().unwrap_or_default();
-            let bits = d.dtype().bit_width();
-            raw = if bits < 8 { lowp::pack(&pats, bits as u32) } else { pats };
-        }
+    if let Data::Str(v) = &t.data {
+        p.string_data = v.iter().map(|s| s.as_bytes().to_vec()).collect();
+        return p;
     }
+    let bits = t.dtype().bit_width();
+    // 4-bit and 2-bit elements are packed, low bits first; everything else one element per
+    // `size_bytes`, little-endian.
+    let raw =
+        if bits < 8 { lowp::pack(&t.data.patterns().unwrap_or_default(), bits as u32) } else { t.data.to_le_bytes() };
     p.raw_data = Some(raw);
     p
 }
