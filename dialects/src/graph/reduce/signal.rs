@@ -367,11 +367,11 @@ impl OpDef for Stft {
             (None, Some(w)) => w.len(),
             (None, None) => x.shape[1],
         };
-        let window = window.unwrap_or_else(|| vec![1.0; fl]);
         let (batch, len, c) = (x.shape[0], x.shape[1], x.shape[2]);
         if fl == 0 || fl > len {
             bail!("frame_length {fl} must be in 1..={len} (the signal length)");
         }
+        let window = window.unwrap_or_else(|| vec![1.0; fl]);
         let frames = 1 + (len - fl) / step as usize;
         let onesided = cx.attrs.int("onesided", 1)? != 0;
         let mode = DftMode { n: fl, inverse: false, onesided };
