@@ -344,9 +344,9 @@ fn rand_tensor_of(r: &mut Rng, dtype: DType, shape: &[usize]) -> Tensor {
         DType::String => {
             Data::Str((0..n).map(|_| r.pick(&["", "a", "1", "-2.5", "nan", "hello", "0"]).to_string()).collect())
         }
-        // Wide unsigned values below 2^32 would make legitimate (checked) allocations of many
-        // GiB: u16/u32 hold small values only.
-        DType::U16 | DType::U32 => {
+        // Unsigned values below 2^32 (255, 65535, ...) would make legitimate (checked)
+        // allocations of many GiB: unsigned types up to u32 hold small values only.
+        DType::U8 | DType::U16 | DType::U32 => {
             return Tensor::from_i64_as(dtype, &shape, (0..n).map(|_| r.below(5) as i64).collect())
         }
         _ => return Tensor::from_i64_as(dtype, &shape, (0..n).map(|_| rand_int(r)).collect()),

@@ -685,8 +685,9 @@ pub(crate) fn dim_mul(cx: &mut InferCx, d: &Dim, k: u64) -> Dim {
 
 fn blocksize(cx_attrs: &crate::graph::AttrView) -> OpResult<usize> {
     let b = cx_attrs.int("blocksize", 0)?;
-    if b < 1 {
-        bail!("blocksize must be a positive integer, found {b}");
+    // blocksize² channels must be countable: larger blocks cannot fit any tensor.
+    if !(1..=1 << 16).contains(&b) {
+        bail!("blocksize must be a positive integer up to 65536, found {b}");
     }
     Ok(b as usize)
 }
