@@ -337,7 +337,7 @@ impl OpDef for Stft {
             None => cx.fresh_dim(),
         };
         let frames = match (len, fl, step) {
-            (Some(l), Some(f), Some(s)) if s > 0 && l >= f => Dim::Known((1 + (l - f) / s) as u64),
+            (Some(l), Some(f), Some(s)) if s > 0 && f > 0 && l >= f => Dim::Known((1 + (l - f) / s) as u64),
             _ => cx.fresh_dim(),
         };
         let bins = match fl {

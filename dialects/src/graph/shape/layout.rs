@@ -673,7 +673,10 @@ impl OpDef for Tile {
 /// `d * k` as a dim: known when `d` is, `d` itself when `k == 1`.
 pub(crate) fn dim_mul(cx: &mut InferCx, d: &Dim, k: u64) -> Dim {
     match d {
-        Dim::Known(n) => Dim::Known(n * k),
+        Dim::Known(n) => match n.checked_mul(k) {
+            Some(m) => Dim::Known(m),
+            None => cx.fresh_dim(),
+        },
         _ if k == 1 => d.clone(),
         _ if k == 0 => Dim::Known(0),
         _ => cx.fresh_dim(),
