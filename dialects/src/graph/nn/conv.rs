@@ -383,7 +383,7 @@ impl OpDef for ConvTranspose {
         let group = group_attr(cx.attrs)? as u64;
         let (m, kernel) = match &w.shape {
             Some(ws) if ws.len() == xs.len() => {
-                let m = ws[1].known().map_or_else(|| cx.fresh_dim(), |d| Dim::Known(d * group));
+                let m = ws[1].known().and_then(|d| d.checked_mul(group)).map_or_else(|| cx.fresh_dim(), Dim::Known);
                 (m, ws[2..].iter().map(known).collect::<Option<Vec<_>>>())
             }
             Some(_) => bail!("W must have the rank of X ({}), found {w}", xs.len()),
