@@ -265,25 +265,7 @@ fn op_infos(names: &[&'static str]) -> BTreeMap<&'static str, OpInfo> {
 /// Integer values: small ones, and huge ones chosen so that no quotient or product of two of them
 /// (or with a small one) lands between 2^27 and 2^32: such a size is a legitimate allocation of
 /// several GiB (kiln's limit is 2^32 elements), which this test must not attempt.
-const INTS: &[i64] = &[
-    0,
-    1,
-    1,
-    2,
-    2,
-    3,
-    4,
-    -1,
-    -1,
-    -2,
-    -3,
-    -5,
-    1 << 40,
-    -(1 << 40),
-    i64::MAX,
-    i64::MIN,
-    i64::MAX - 1,
-];
+const INTS: &[i64] = &[0, 1, 1, 2, 2, 3, 4, -1, -1, -2, -3, -5, 1 << 40, -(1 << 40), i64::MAX, i64::MIN, i64::MAX - 1];
 
 const FLOATS: &[f64] = &[
     0.0,
@@ -744,7 +726,8 @@ impl Case {
         for t in &self.inputs {
             match t {
                 Some(t) => {
-                    let (ty, exact) = if r.chance(0.5) { (TensorType::known(t.dtype(), &t.shape), true) } else { rand_type(r, t) };
+                    let (ty, exact) =
+                        if r.chance(0.5) { (TensorType::known(t.dtype(), &t.shape), true) } else { rand_type(r, t) };
                     self.types.push(Some(ty));
                     self.consts.push(exact && r.chance(0.5));
                 }
@@ -892,7 +875,11 @@ fn run_case(op: &dyn OpDef, case: &Case, findings: &mut BTreeMap<(String, String
     let mut record = |phase: &str, msg: String, case: &Case| {
         // Key by op and panic location (the message's first line without its values).
         let loc = msg.lines().next().unwrap_or("").to_string();
-        let f = findings.entry((name.to_string(), loc)).or_insert(Finding { count: 0, size: usize::MAX, case: String::new() });
+        let f = findings.entry((name.to_string(), loc)).or_insert(Finding {
+            count: 0,
+            size: usize::MAX,
+            case: String::new(),
+        });
         f.count += 1;
         if case.size() < f.size {
             f.size = case.size();
@@ -918,7 +905,8 @@ fn run_case(op: &dyn OpDef, case: &Case, findings: &mut BTreeMap<(String, String
     if case.inputs.iter().flatten().any(|t| t.len() > 100_000) {
         return (infer_ok, false);
     }
-    let runner = FuzzRunner { rng: RefCell::new(Rng::new(case.size() as u64)), yields: case.runner_yields, calls: Cell::new(0) };
+    let runner =
+        FuzzRunner { rng: RefCell::new(Rng::new(case.size() as u64)), yields: case.runner_yields, calls: Cell::new(0) };
     let ins: Vec<Option<&Tensor>> = case.inputs.iter().map(|t| t.as_ref()).collect();
     let desc = case.describe(name, "eval");
     let start = Instant::now();
@@ -945,7 +933,7 @@ fn run_case(op: &dyn OpDef, case: &Case, findings: &mut BTreeMap<(String, String
 
 #[test]
 fn no_op_panics_on_random_inputs() {
-    let cases: usize = std::env::var("KILN_OPFUZZ_CASES").ok().and_then(|s| s.parse().ok()).unwrap_or(300);
+    let cases: usize = std::env::var("KILN_OPFUZZ_CASES").ok().and_then(|s| s.parse().ok()).unwrap_or(2000);
     let seed: u64 = std::env::var("KILN_OPFUZZ_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(1);
     let only = std::env::var("KILN_OPFUZZ_OPS").ok();
     let verbose = std::env::var("KILN_OPFUZZ_VERBOSE").is_ok();
@@ -965,9 +953,10 @@ fn no_op_panics_on_random_inputs() {
             if !loc.contains("dialects/src") {
                 // A panic inside std: name the innermost graph function on the stack.
                 let bt = std::backtrace::Backtrace::force_capture().to_string();
-                let frame = bt.lines().map(str::trim).find(|l| {
-                    l.contains("kiln_ir::") && !l.contains("fuzz_tests") && !l.contains("panic")
-                });
+                let frame = bt
+                    .lines()
+                    .map(str::trim)
+                    .find(|l| l.contains("kiln_ir::") && !l.contains("fuzz_tests") && !l.contains("panic"));
                 if let Some(f) = frame {
                     loc = format!("{loc} in {}", f.split_once(": ").map_or(f, |x| x.1));
                 }
