@@ -9,6 +9,8 @@
 //! Families live one per file: [`elementwise`], [`nn`], [`shape`], [`reduce`], [`misc`].
 
 pub mod elementwise;
+#[cfg(test)]
+mod fuzz_tests;
 pub mod misc;
 pub mod nn;
 pub mod reduce;

@@ -142,13 +142,14 @@ pub fn ints_of(t: &Tensor) -> OpResult<Vec<i64>> {
     Ok(t.to_i64())
 }
 
-/// Turns a run-time size into usize, rejecting negatives and absurd totals.
+/// Turns a run-time size into usize, rejecting negatives and absurd totals. A single dim over
+/// the limit is absurd too, even when another dim is 0 (ops build per-axis index maps).
 pub fn checked_numel(shape: &[usize]) -> OpResult<usize> {
     let mut n: u128 = 1;
     for &d in shape {
         n = n.saturating_mul(d as u128);
     }
-    if n > crate::tensor::MAX_ELEMENTS {
+    if n > crate::tensor::MAX_ELEMENTS || shape.iter().any(|&d| d as u128 > crate::tensor::MAX_ELEMENTS) {
         bail!("a tensor of shape {shape:?} ({n} elements) is larger than kiln's limit of 2^32 elements");
     }
     Ok(n as usize)

@@ -276,6 +276,9 @@ impl OpDef for Recurrent {
             Some(_) => Some(cx.attrs.float("clip", 0.0)? as f64),
             None => None,
         };
+        if let Some(c) = clip.filter(|c| c.is_nan() || *c < 0.0) {
+            bail!("clip must be a non-negative threshold, found {c}");
+        }
         let input_forget = cx.attrs.int("input_forget", 0)? != 0;
         let lbr = cx.attrs.int("linear_before_reset", 0)? != 0;
 

@@ -333,12 +333,19 @@ fn convt_axes(a: AttrView, xsp: &[Option<usize>], kernel: &[usize]) -> OpResult<
     if strides.contains(&0) || dil.contains(&0) || kernel.contains(&0) {
         bail!("strides, dilations and kernel dims must be positive");
     }
+    // Bounds that keep the window arithmetic in range (no tensor is that large).
+    if kernel.iter().chain(&strides).chain(&dil).chain(&opad).chain(&pads).any(|&v| v > 1 << 31) {
+        bail!("kernel dims, strides, dilations and pads must be at most 2^31");
+    }
     let out_shape = a.ints("output_shape")?.map(|v| v[v.len().saturating_sub(n)..].to_vec());
     let same = matches!(auto_pad.as_str(), "SAME_UPPER" | "SAME_LOWER");
     (0..n)
         .map(|i| {
             let ek = (kernel[i] - 1) * dil[i] + 1;
             let Some(len) = xsp[i] else { return Ok((0, None)) };
+            if len as u128 > crate::tensor::MAX_ELEMENTS {
+                bail!("spatial axis {i}: input length {len} is too large");
+            }
             let full = strides[i] * (len.max(1) - 1) + opad[i] + ek;
             let target = match &out_shape {
                 Some(o) if o.len() == n => Some(o[i].max(0) as usize),
@@ -376,7 +383,7 @@ impl OpDef for ConvTranspose {
         let group = group_attr(cx.attrs)? as u64;
         let (m, kernel) = match &w.shape {
             Some(ws) if ws.len() == xs.len() => {
-                let m = ws[1].known().map_or_else(|| cx.fresh_dim(), |d| Dim::Known(d * group));
+                let m = ws[1].known().and_then(|d| d.checked_mul(group)).map_or_else(|| cx.fresh_dim(), Dim::Known);
                 (m, ws[2..].iter().map(known).collect::<Option<Vec<_>>>())
             }
             Some(_) => bail!("W must have the rank of X ({}), found {w}", xs.len()),
@@ -491,9 +498,9 @@ impl OpDef for Col2Im {
         match &x.shape {
             Some(s) if s.len() == 3 => {
                 out.push(s[0].clone());
-                let bs: i64 = blk.iter().product();
-                out.push(match s[1].known() {
-                    Some(cb) if bs > 0 => Dim::Known(cb / bs as u64),
+                let bs = blk.iter().try_fold(1i64, |p, &b| p.checked_mul(b));
+                out.push(match (s[1].known(), bs) {
+                    (Some(cb), Some(bs)) if bs > 0 => Dim::Known(cb / bs as u64),
                     _ => cx.fresh_dim(),
                 });
             }
@@ -517,9 +524,9 @@ impl OpDef for Col2Im {
         let blk: Vec<usize> = blk.iter().map(|&d| d as usize).collect();
         let wp = WindowParams::new(cx.attrs, blk.clone(), false)?;
         let g = wp.geometry(&img)?;
-        let bs: usize = blk.iter().product();
+        let bs = checked_numel(&blk)?;
         let (n, cb, l) = (x.shape[0], x.shape[1], x.shape[2]);
-        if cb % bs != 0 || l != g.out_size() {
+        if cb % bs != 0 || l != checked_numel(&g.out)? {
             bail!("Col2Im input {:?} does not match {bs} block elements and {} block positions", x.shape, g.out_size());
         }
         let c = cb / bs;

@@ -21,7 +21,8 @@ fn bilinear<T: Real>(p: &[T], h: usize, w: usize, y: f64, x: f64) -> f64 {
     let (y0, x0) = (y.floor(), x.floor());
     let (dy, dx) = (y - y0, x - x0);
     let at = |yy: f64, xx: f64| {
-        if yy < 0.0 || xx < 0.0 || yy >= h as f64 || xx >= w as f64 {
+        // Written so that NaN coordinates fall outside too.
+        if !(yy >= 0.0 && xx >= 0.0 && yy < h as f64 && xx < w as f64) {
             0.0
         } else {
             p[yy as usize * w + xx as usize].f64()

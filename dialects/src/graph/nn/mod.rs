@@ -179,6 +179,10 @@ impl WindowParams {
         if kernel.contains(&0) {
             bail!("kernel dims must be positive, found {kernel:?}");
         }
+        // Bounds that keep the window arithmetic in range (no tensor is that large).
+        if kernel.iter().chain(&strides).chain(&dilations).chain(&pads).any(|&v| v > 1 << 31) {
+            bail!("kernel {kernel:?}, strides {strides:?}, dilations {dilations:?} and pads {pads:?} must be at most 2^31");
+        }
         let auto_pad = a.string("auto_pad", "NOTSET")?;
         if !matches!(auto_pad.as_str(), "NOTSET" | "SAME_UPPER" | "SAME_LOWER" | "VALID") {
             bail!("auto_pad must be NOTSET, SAME_UPPER, SAME_LOWER or VALID, found {auto_pad}");
@@ -190,6 +194,9 @@ impl WindowParams {
     /// `(pad_begin, pad_end, out_len)` along spatial axis `i` for an input of length `len`.
     pub fn axis(&self, i: usize, len: usize) -> OpResult<(usize, usize, usize)> {
         let (k, s, d) = (self.kernel[i], self.strides[i], self.dilations[i]);
+        if len as u128 > crate::tensor::MAX_ELEMENTS {
+            bail!("spatial axis {i}: input length {len} is too large");
+        }
         let ek = (k - 1) * d + 1;
         match self.auto_pad.as_str() {
             "SAME_UPPER" | "SAME_LOWER" => {

@@ -313,9 +313,14 @@ fn layer_norm(cx: &EvalCx, inputs: &[Option<&Tensor>], rms: bool) -> OpResult<Ve
         bi.iter().map(|&i| bv[i]).collect()
     });
     let xv = x.to_f64();
-    let (y, means, invs) = normalize_blocks(&xv, block, eps, rms, &scale, bias.as_deref(), &|i| i);
+    let (y, mut means, mut invs) = normalize_blocks(&xv, block, eps, rms, &scale, bias.as_deref(), &|i| i);
     let mut sshape = x.shape[..a].to_vec();
     sshape.extend((a..x.rank()).map(|_| 1));
+    if block == 0 {
+        // Statistics of empty blocks (numpy's mean of nothing).
+        let n = sshape.iter().product();
+        (means, invs) = (vec![f64::NAN; n], vec![f64::NAN; n]);
+    }
     let st = stash_dtype(cx.attrs)?;
     let st = if st.is_float() { st } else { DType::F32 };
     Ok(vec![

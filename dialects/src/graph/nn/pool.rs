@@ -292,8 +292,11 @@ fn unpool_shape(cx_attrs: crate::graph::AttrView, xs: &[usize]) -> OpResult<Vec<
     let pads = spatial_attr(cx_attrs, "pads", 2 * nsp, 0)?;
     let mut out = xs[..2].to_vec();
     for i in 0..nsp {
-        let full = (xs[2 + i].max(1) - 1) * strides[i] + k[i] as usize;
-        let Some(v) = full.checked_sub(pads[i] + pads[i + nsp]) else { bail!("pads {pads:?} are too large") };
+        let full = (xs[2 + i].max(1) - 1).checked_mul(strides[i]).and_then(|v| v.checked_add(k[i] as usize));
+        let Some(full) = full else { bail!("the output of spatial axis {i} is too large") };
+        let Some(v) = pads[i].checked_add(pads[i + nsp]).and_then(|p| full.checked_sub(p)) else {
+            bail!("pads {pads:?} are too large")
+        };
         out.push(v);
     }
     Ok(out)

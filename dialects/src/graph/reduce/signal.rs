@@ -337,7 +337,7 @@ impl OpDef for Stft {
             None => cx.fresh_dim(),
         };
         let frames = match (len, fl, step) {
-            (Some(l), Some(f), Some(s)) if s > 0 && l >= f => Dim::Known((1 + (l - f) / s) as u64),
+            (Some(l), Some(f), Some(s)) if s > 0 && f > 0 && l >= f => Dim::Known((1 + (l - f) / s) as u64),
             _ => cx.fresh_dim(),
         };
         let bins = match fl {
@@ -367,11 +367,11 @@ impl OpDef for Stft {
             (None, Some(w)) => w.len(),
             (None, None) => x.shape[1],
         };
-        let window = window.unwrap_or_else(|| vec![1.0; fl]);
         let (batch, len, c) = (x.shape[0], x.shape[1], x.shape[2]);
         if fl == 0 || fl > len {
             bail!("frame_length {fl} must be in 1..={len} (the signal length)");
         }
+        let window = window.unwrap_or_else(|| vec![1.0; fl]);
         let frames = 1 + (len - fl) / step as usize;
         let onesided = cx.attrs.int("onesided", 1)? != 0;
         let mode = DftMode { n: fl, inverse: false, onesided };

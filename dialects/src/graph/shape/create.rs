@@ -250,7 +250,7 @@ impl OpDef for EyeLike {
         let k = cx.attrs.int("k", 0)?;
         let mut v = vec![0.0; r * c];
         for i in 0..r {
-            let j = i as i64 + k;
+            let j = (i as i64).saturating_add(k);
             if j >= 0 && (j as usize) < c {
                 v[i * c + j as usize] = 1.0;
             }

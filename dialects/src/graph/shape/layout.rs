@@ -681,7 +681,10 @@ impl OpDef for Tile {
 /// `d * k` as a dim: known when `d` is, `d` itself when `k == 1`.
 pub(crate) fn dim_mul(cx: &mut InferCx, d: &Dim, k: u64) -> Dim {
     match d {
-        Dim::Known(n) => Dim::Known(n * k),
+        Dim::Known(n) => match n.checked_mul(k) {
+            Some(m) => Dim::Known(m),
+            None => cx.fresh_dim(),
+        },
         _ if k == 1 => d.clone(),
         _ if k == 0 => Dim::Known(0),
         _ => cx.fresh_dim(),
@@ -693,8 +696,9 @@ pub(crate) fn dim_mul(cx: &mut InferCx, d: &Dim, k: u64) -> Dim {
 
 fn blocksize(cx_attrs: &crate::graph::AttrView) -> OpResult<usize> {
     let b = cx_attrs.int("blocksize", 0)?;
-    if b < 1 {
-        bail!("blocksize must be a positive integer, found {b}");
+    // blocksize² channels must be countable: larger blocks cannot fit any tensor.
+    if !(1..=1 << 16).contains(&b) {
+        bail!("blocksize must be a positive integer up to 65536, found {b}");
     }
     Ok(b as usize)
 }

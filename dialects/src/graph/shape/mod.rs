@@ -343,11 +343,12 @@ pub(crate) fn const_ints(cx: &InferCx, i: usize) -> Option<Vec<i64>> {
     cx.const_input(i).filter(|t| t.dtype().is_int()).map(|t| t.to_i64())
 }
 
-/// The length of a 1-D input (shape, axes, pads, ...) when its type says so statically.
+/// The length of a 1-D input (shape, axes, pads, ...) when its type says so statically (and it
+/// is a plausible rank: a longer one is left unknown rather than typed with that many dims).
 pub(crate) fn static_len(cx: &InferCx, i: usize) -> Option<usize> {
     let t = cx.opt_input(i)?;
     match t.shape.as_deref() {
-        Some([d]) => d.known().map(|n| n as usize),
+        Some([d]) => d.known().filter(|&n| n <= 1024).map(|n| n as usize),
         Some([]) => Some(1),
         _ => None,
     }

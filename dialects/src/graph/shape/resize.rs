@@ -415,6 +415,9 @@ fn sizes_and_scales(
     } else {
         bail!("Resize needs either scales or sizes");
     }
+    if let Some(a) = out.iter().position(|&n| n > u32::MAX as usize) {
+        bail!("output size {} of axis {a} is too large", out[a]);
+    }
     Ok((out, sc))
 }
 
