@@ -11,7 +11,7 @@ use crate::proto::{
 };
 use crate::tensor_io::tensor_from_proto;
 use crate::FrontendError;
-use kiln_ir::graph::{lookup, EvalCx, InferCx, OpError, OpResult, RegionRunner, SymInt};
+use kiln_ir::graph::{lookup, EvalCx, InferCx, OpResult, SymInt};
 use kiln_ir::ir::NODE_NAME_ATTR;
 use kiln_ir::tensor::MAX_ELEMENTS;
 use kiln_ir::{Attr, Attrs, Block, DType, Dim, Module, Region, Tensor, TensorType, ValueId};
@@ -103,14 +103,6 @@ struct Importer<'a> {
     next_dim: u32,
     /// Name → value, innermost scope last (subgraphs see outer names).
     scopes: Vec<HashMap<String, ValueId>>,
-}
-
-struct NoRegions;
-
-impl RegionRunner for NoRegions {
-    fn run_region(&self, _: &Region, _: Vec<Tensor>) -> OpResult<Vec<Tensor>> {
-        Err(OpError("regions are not evaluated at import".into()))
-    }
 }
 
 impl Importer<'_> {
@@ -439,7 +431,7 @@ impl Importer<'_> {
             num_outputs,
             opset: self.opset,
             regions: &[],
-            runner: &NoRegions,
+            runner: &kiln_ir::graph::NoRegions,
         };
         if all_const {
             return Some(def.eval(&cx, &inputs));

@@ -245,6 +245,16 @@ pub trait RegionRunner {
     fn run_region(&self, region: &Region, args: Vec<Tensor>) -> OpResult<Vec<Tensor>>;
 }
 
+/// A [`RegionRunner`] for contexts that run no regions (constant folding, unit tests): it
+/// answers every request with an error.
+pub struct NoRegions;
+
+impl RegionRunner for NoRegions {
+    fn run_region(&self, _: &Region, _: Vec<Tensor>) -> OpResult<Vec<Tensor>> {
+        Err(OpError("regions are not run in this context".into()))
+    }
+}
+
 /// What an op's reference semantics sees besides its inputs.
 pub struct EvalCx<'a> {
     pub attrs: AttrView<'a>,

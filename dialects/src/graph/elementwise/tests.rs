@@ -1,22 +1,13 @@
 //! Unit tests of the elementwise ops through their `OpDef`s.
 
 use crate::attr::{Attr, Attrs};
-use crate::graph::{lookup, AttrView, EvalCx, OpResult, RegionRunner};
-use crate::ir::Region;
+use crate::graph::{lookup, AttrView, EvalCx, OpResult};
 use crate::tensor::{Data, Tensor};
 use crate::types::DType;
 
-struct NoRegions;
-
-impl RegionRunner for NoRegions {
-    fn run_region(&self, _: &Region, _: Vec<Tensor>) -> OpResult<Vec<Tensor>> {
-        unreachable!("elementwise ops have no regions")
-    }
-}
-
 fn run_attrs(op: &str, attrs: &Attrs, opset: i64, inputs: &[&Tensor]) -> OpResult<Tensor> {
     let def = lookup(op).expect("op registered");
-    let cx = EvalCx { attrs: AttrView(attrs), num_outputs: 1, opset, regions: &[], runner: &NoRegions };
+    let cx = EvalCx { attrs: AttrView(attrs), num_outputs: 1, opset, regions: &[], runner: &crate::graph::NoRegions };
     let ins: Vec<Option<&Tensor>> = inputs.iter().map(|&t| Some(t)).collect();
     Ok(def.eval(&cx, &ins)?.remove(0))
 }

@@ -555,18 +555,10 @@ impl OpDef for SwiGLU {
 mod tests {
     use super::*;
     use crate::attr::Attrs;
-    use crate::graph::{AttrView, RegionRunner};
-    use crate::ir::Region;
-
-    struct NoRun;
-    impl RegionRunner for NoRun {
-        fn run_region(&self, _: &Region, _: Vec<Tensor>) -> OpResult<Vec<Tensor>> {
-            bail!("no regions")
-        }
-    }
+    use crate::graph::AttrView;
 
     fn cx(attrs: &Attrs) -> EvalCx<'_> {
-        EvalCx { attrs: AttrView(attrs), num_outputs: 4, opset: 23, regions: &[], runner: &NoRun }
+        EvalCx { attrs: AttrView(attrs), num_outputs: 4, opset: 23, regions: &[], runner: &crate::graph::NoRegions }
     }
 
     #[test]

@@ -407,20 +407,17 @@ fn swap01(v: &[f64], n0: usize, n1: usize, inner: usize) -> Vec<f64> {
 mod tests {
     use super::*;
     use crate::attr::Attrs;
-    use crate::graph::RegionRunner;
-    use crate::ir::Region;
-
-    struct NoRun;
-    impl RegionRunner for NoRun {
-        fn run_region(&self, _: &Region, _: Vec<Tensor>) -> OpResult<Vec<Tensor>> {
-            bail!("no regions")
-        }
-    }
 
     #[test]
     fn rnn_with_identity_weights_accumulates_tanh() {
         let attrs = Attrs::new();
-        let cx = EvalCx { attrs: AttrView(&attrs), num_outputs: 2, opset: 22, regions: &[], runner: &NoRun };
+        let cx = EvalCx {
+            attrs: AttrView(&attrs),
+            num_outputs: 2,
+            opset: 22,
+            regions: &[],
+            runner: &crate::graph::NoRegions,
+        };
         let x = Tensor::from_f32(&[2, 1, 1], vec![0.5, 0.25]);
         let w = Tensor::from_f32(&[1, 1, 1], vec![1.0]);
         let r = Tensor::from_f32(&[1, 1, 1], vec![1.0]);

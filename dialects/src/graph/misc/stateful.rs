@@ -245,20 +245,18 @@ impl OpDef for LinearAttention {
 mod tests {
     use super::*;
     use crate::attr::Attrs;
-    use crate::graph::{AttrView, RegionRunner};
-    use crate::ir::Region;
-
-    struct NoRun;
-    impl RegionRunner for NoRun {
-        fn run_region(&self, _: &Region, _: Vec<Tensor>) -> OpResult<Vec<Tensor>> {
-            bail!("no regions")
-        }
-    }
+    use crate::graph::AttrView;
 
     #[test]
     fn causal_conv_carries_state() {
         let attrs = Attrs::new();
-        let cx = EvalCx { attrs: AttrView(&attrs), num_outputs: 2, opset: 27, regions: &[], runner: &NoRun };
+        let cx = EvalCx {
+            attrs: AttrView(&attrs),
+            num_outputs: 2,
+            opset: 27,
+            regions: &[],
+            runner: &crate::graph::NoRegions,
+        };
         let x = Tensor::from_f32(&[1, 1, 3], vec![1.0, 2.0, 3.0]);
         let w = Tensor::from_f32(&[1, 1, 2], vec![1.0, 10.0]);
         let past = Tensor::from_f32(&[1, 1, 1], vec![5.0]);

@@ -375,14 +375,7 @@ pub(crate) fn to_size(v: i64, what: &str) -> OpResult<usize> {
 pub(crate) mod tests {
     use super::*;
     use crate::attr::{Attr, Attrs};
-    use crate::graph::{AttrView, EvalCx, RegionRunner};
-
-    struct NoRegions;
-    impl RegionRunner for NoRegions {
-        fn run_region(&self, _: &crate::ir::Region, _: Vec<Tensor>) -> OpResult<Vec<Tensor>> {
-            Err(crate::graph::OpError("no regions in these tests".into()))
-        }
-    }
+    use crate::graph::{AttrView, EvalCx};
 
     /// Evaluates op `name` directly (no module) for unit tests.
     pub(crate) fn eval_op(
@@ -394,7 +387,7 @@ pub(crate) mod tests {
     ) -> OpResult<Vec<Tensor>> {
         let a: Attrs = attrs.iter().map(|(k, v)| (k.to_string(), v.clone())).collect();
         let Some(op) = crate::graph::lookup(name) else { bail!("no op {name}") };
-        let cx = EvalCx { attrs: AttrView(&a), num_outputs, opset, regions: &[], runner: &NoRegions };
+        let cx = EvalCx { attrs: AttrView(&a), num_outputs, opset, regions: &[], runner: &crate::graph::NoRegions };
         op.eval(&cx, inputs)
     }
 

@@ -432,8 +432,8 @@ pub(crate) fn expect_index_dtype(t: &Tensor, what: &str) -> OpResult<()> {
 #[cfg(test)]
 pub(crate) mod testing {
     use crate::attr::{Attr, Attrs};
-    use crate::graph::{EvalCx, InferCx, OpDef, OpResult, RegionRunner};
-    use crate::ir::Region;
+    use crate::graph::{EvalCx, InferCx, OpDef, OpResult};
+
     use crate::tensor::Tensor;
     use crate::types::TensorType;
 
@@ -455,17 +455,15 @@ pub(crate) mod testing {
         op.infer(&mut cx)
     }
 
-    struct NoRegions;
-    impl RegionRunner for NoRegions {
-        fn run_region(&self, _: &Region, _: Vec<Tensor>) -> OpResult<Vec<Tensor>> {
-            unreachable!("no regions in shape ops")
-        }
-    }
-
     /// Runs `op.eval` at the latest opset.
     pub fn eval(op: &dyn OpDef, a: &Attrs, inputs: &[&Tensor], outs: usize) -> OpResult<Vec<Tensor>> {
-        let cx =
-            EvalCx { attrs: crate::graph::AttrView(a), num_outputs: outs, opset: 25, regions: &[], runner: &NoRegions };
+        let cx = EvalCx {
+            attrs: crate::graph::AttrView(a),
+            num_outputs: outs,
+            opset: 25,
+            regions: &[],
+            runner: &crate::graph::NoRegions,
+        };
         let ins: Vec<Option<&Tensor>> = inputs.iter().map(|&t| Some(t)).collect();
         op.eval(&cx, &ins)
     }
@@ -494,12 +492,6 @@ mod tests {
         let strs =
             ["constant", "reflect", "edge", "wrap", "DCR", "CRD", "nearest", "linear", "cubic", "add", "max", "none"];
         let names = reg.names();
-        struct NoRegions;
-        impl crate::graph::RegionRunner for NoRegions {
-            fn run_region(&self, _: &crate::ir::Region, _: Vec<Tensor>) -> OpResult<Vec<Tensor>> {
-                Err(crate::graph::OpError("no regions".into()))
-            }
-        }
         for _ in 0..20000 {
             let op: &dyn OpDef = reg.get(names[rnd(names.len() as u64) as usize]).expect("op");
             let mut inputs = Vec::new();
@@ -559,7 +551,13 @@ mod tests {
             let opset = [7, 9, 10, 11, 13, 18, 25][rnd(7) as usize];
             let nout = 1 + rnd(3) as usize;
             let refs: Vec<Option<&Tensor>> = inputs.iter().map(|t| t.as_ref()).collect();
-            let cx = EvalCx { attrs: AttrView(&attrs), num_outputs: nout, opset, regions: &[], runner: &NoRegions };
+            let cx = EvalCx {
+                attrs: AttrView(&attrs),
+                num_outputs: nout,
+                opset,
+                regions: &[],
+                runner: &crate::graph::NoRegions,
+            };
             let _ = op.eval(&cx, &refs);
             let types: Vec<Option<TensorType>> =
                 inputs.iter().map(|t| t.as_ref().map(|t| TensorType::known(t.dtype(), &t.shape))).collect();
