@@ -7,5 +7,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-export PROPTEST_CASES="${PROPTEST_CASES:-192}"
+export PROPTEST_CASES="${PROPTEST_CASES:-2000}"
 cargo test --release --workspace --no-fail-fast -- --test-threads=2 --show-output 2>&1

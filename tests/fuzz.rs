@@ -118,8 +118,13 @@ fn mutate_structure(m: &mut ModelProto, pick: usize, value: i64) {
     }
 }
 
+/// Cases per property: `PROPTEST_CASES`, default 2000 (about a second in release).
+fn cases() -> u32 {
+    std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(2000)
+}
+
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 192, failure_persistence: None, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: cases(), failure_persistence: None, ..ProptestConfig::default() })]
 
     #[test]
     fn mutated_bytes_never_panic(pick in any::<usize>(), muts in prop::collection::vec(mutation(), 1..4)) {
