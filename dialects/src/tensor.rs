@@ -39,10 +39,15 @@ pub enum Data {
     I2(Vec<lowp::I2>),
 }
 
-/// Applies `$body` to the vector inside any numeric/bool variant of [`Data`], binding it to `$v`.
+/// Applies `$body` to the vector inside any variant of [`Data`], binding it to `$v`.
+/// With `str $s => $str`, string data binds to the pattern `$s` and evaluates `$str` instead
+/// (for bodies that need numeric elements).
 #[macro_export]
 macro_rules! for_each_data {
     ($data:expr, $v:ident => $body:expr) => {
+        $crate::for_each_data!($data, $v => $body, str $v => $body)
+    };
+    ($data:expr, $v:ident => $body:expr, str $s:pat => $str:expr) => {
         match $data {
             $crate::tensor::Data::F16($v) => $body,
             $crate::tensor::Data::BF16($v) => $body,
@@ -57,7 +62,6 @@ macro_rules! for_each_data {
             $crate::tensor::Data::U32($v) => $body,
             $crate::tensor::Data::U64($v) => $body,
             $crate::tensor::Data::Bool($v) => $body,
-            $crate::tensor::Data::Str($v) => $body,
             $crate::tensor::Data::F8E4M3FN($v) => $body,
             $crate::tensor::Data::F8E4M3FNUZ($v) => $body,
             $crate::tensor::Data::F8E5M2($v) => $body,
@@ -68,15 +72,20 @@ macro_rules! for_each_data {
             $crate::tensor::Data::I4($v) => $body,
             $crate::tensor::Data::U2($v) => $body,
             $crate::tensor::Data::I2($v) => $body,
+            $crate::tensor::Data::Str($s) => $str,
         }
     };
 }
 
-/// Rebuilds a [`Data`] of the same variant as `$data` from `$f(&vec)`, a closure generic over the
-/// element type (it may only move, copy or drop elements: gather, slice, transpose, ...).
+/// Rebuilds a [`Data`] of the same variant as `$data` from `$body`, a `Vec` built from the bound
+/// vector (gather, slice, transpose, ...: it may only move, copy or drop elements). With
+/// `str $s => $str`, string data binds to `$s` and `$str` (a `Data`, or diverging) is used.
 #[macro_export]
 macro_rules! map_data {
     ($data:expr, $v:ident => $body:expr) => {
+        $crate::map_data!($data, $v => $body, str $v => $crate::tensor::Data::Str($body))
+    };
+    ($data:expr, $v:ident => $body:expr, str $s:pat => $str:expr) => {
         match $data {
             $crate::tensor::Data::F16($v) => $crate::tensor::Data::F16($body),
             $crate::tensor::Data::BF16($v) => $crate::tensor::Data::BF16($body),
@@ -91,7 +100,6 @@ macro_rules! map_data {
             $crate::tensor::Data::U32($v) => $crate::tensor::Data::U32($body),
             $crate::tensor::Data::U64($v) => $crate::tensor::Data::U64($body),
             $crate::tensor::Data::Bool($v) => $crate::tensor::Data::Bool($body),
-            $crate::tensor::Data::Str($v) => $crate::tensor::Data::Str($body),
             $crate::tensor::Data::F8E4M3FN($v) => $crate::tensor::Data::F8E4M3FN($body),
             $crate::tensor::Data::F8E4M3FNUZ($v) => $crate::tensor::Data::F8E4M3FNUZ($body),
             $crate::tensor::Data::F8E5M2($v) => $crate::tensor::Data::F8E5M2($body),
@@ -102,6 +110,7 @@ macro_rules! map_data {
             $crate::tensor::Data::I4($v) => $crate::tensor::Data::I4($body),
             $crate::tensor::Data::U2($v) => $crate::tensor::Data::U2($body),
             $crate::tensor::Data::I2($v) => $crate::tensor::Data::I2($body),
+            $crate::tensor::Data::Str($s) => $str,
         }
     };
 }

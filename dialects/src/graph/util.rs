@@ -160,3 +160,47 @@ impl From<String> for OpError {
         OpError(s)
     }
 }
+
+/// `out[o] = src[base + Σ o_k·strides_k]` for every index `o` of `out_shape`, row-major.
+/// The caller guarantees every addressed element is in range.
+pub fn strided_copy<T: Clone>(src: &[T], out_shape: &[usize], strides: &[isize], base: isize) -> Vec<T> {
+    let n: usize = out_shape.iter().product();
+    let mut out = Vec::with_capacity(n);
+    if n == 0 {
+        return out;
+    }
+    let r = out_shape.len();
+    if r == 0 {
+        out.push(src[base as usize].clone());
+        return out;
+    }
+    let (inner, istride) = (out_shape[r - 1], strides[r - 1]);
+    let mut idx = vec![0usize; r - 1];
+    let mut off = base;
+    loop {
+        if istride == 1 {
+            let s = off as usize;
+            out.extend_from_slice(&src[s..s + inner]);
+        } else {
+            let mut p = off;
+            for _ in 0..inner {
+                out.push(src[p as usize].clone());
+                p += istride;
+            }
+        }
+        let mut ax = r - 1;
+        loop {
+            if ax == 0 {
+                return out;
+            }
+            ax -= 1;
+            idx[ax] += 1;
+            off += strides[ax];
+            if idx[ax] < out_shape[ax] {
+                break;
+            }
+            off -= strides[ax] * out_shape[ax] as isize;
+            idx[ax] = 0;
+        }
+    }
+}

@@ -5,8 +5,9 @@
 //! nowhere else are summed out early; operands are then contracted pairwise, left to right,
 //! each pair as a batched matrix product `[batch, M, K] x [batch, K, N]`.
 
-use super::{fold_axes, gather_strided, permute};
+use super::{fold_axes, permute};
 use crate::bail;
+use crate::graph::strided_copy;
 use crate::graph::{req, EvalCx, InferCx, OpDef, OpResult, Registry};
 use crate::tensor::{strides, Data, Tensor};
 use crate::types::{DType, Dim, TensorType};
@@ -184,7 +185,8 @@ impl<T: Num> Operand<T> {
             }
         }
         super::super::checked_numel(&us)?;
-        Ok(Operand { data: gather_strided(data, &us, &ust), labels: ul, shape: us })
+        let ust: Vec<isize> = ust.iter().map(|&s| s as isize).collect();
+        Ok(Operand { data: strided_copy(data, &us, &ust, 0), labels: ul, shape: us })
     }
 
     /// Sums out every label not in `keep`.

@@ -5,7 +5,7 @@
 //!
 //! Shared machinery lives here: [`Elem`] (per-element-type access without converting whole
 //! buffers), [`fold_axes`] (a cache-friendly reduction over any set of axes) and
-//! [`gather_strided`] (transposes, diagonals and broadcasts as one strided copy).
+//! [`strided_copy`] (transposes, diagonals and broadcasts as one strided copy).
 
 mod arg;
 mod einsum;
@@ -17,7 +17,7 @@ mod scan;
 mod signal;
 mod unique;
 
-use super::{norm_axis, OpResult, Registry};
+use super::{norm_axis, strided_copy, OpResult, Registry};
 use crate::bail;
 use crate::tensor::Tensor;
 use half::{bf16, f16};
@@ -123,70 +123,18 @@ impl Elem for bool {
     }
 }
 
-/// Applies `$body` to the vector inside any numeric/bool variant of a [`crate::tensor::Data`],
-/// binding it to `$v` (typed, implementing [`Elem`]); strings evaluate `$str`.
+/// [`crate::for_each_data!`] with strings evaluating `$str` (bodies here need [`Elem`]).
 macro_rules! with_elems {
     ($data:expr, $v:ident => $body:expr, str => $str:expr) => {
-        match $data {
-            $crate::tensor::Data::F16($v) => $body,
-            $crate::tensor::Data::BF16($v) => $body,
-            $crate::tensor::Data::F32($v) => $body,
-            $crate::tensor::Data::F64($v) => $body,
-            $crate::tensor::Data::I8($v) => $body,
-            $crate::tensor::Data::I16($v) => $body,
-            $crate::tensor::Data::I32($v) => $body,
-            $crate::tensor::Data::I64($v) => $body,
-            $crate::tensor::Data::U8($v) => $body,
-            $crate::tensor::Data::U16($v) => $body,
-            $crate::tensor::Data::U32($v) => $body,
-            $crate::tensor::Data::U64($v) => $body,
-            $crate::tensor::Data::Bool($v) => $body,
-            $crate::tensor::Data::Str(_) => $str,
-            $crate::tensor::Data::F8E4M3FN($v) => $body,
-            $crate::tensor::Data::F8E4M3FNUZ($v) => $body,
-            $crate::tensor::Data::F8E5M2($v) => $body,
-            $crate::tensor::Data::F8E5M2FNUZ($v) => $body,
-            $crate::tensor::Data::F8E8M0($v) => $body,
-            $crate::tensor::Data::F4E2M1($v) => $body,
-            $crate::tensor::Data::U4($v) => $body,
-            $crate::tensor::Data::I4($v) => $body,
-            $crate::tensor::Data::U2($v) => $body,
-            $crate::tensor::Data::I2($v) => $body,
-        }
+        $crate::for_each_data!($data, $v => $body, str _ => $str)
     };
 }
 pub(crate) use with_elems;
 
-/// Rebuilds a [`crate::tensor::Data`] of the same variant from `$body` (a `Vec` of the bound
-/// vector's element type); strings evaluate `$str` (which must diverge or be a `Data`).
+/// [`crate::map_data!`] with strings evaluating `$str` (which must diverge or be a `Data`).
 macro_rules! map_elems {
     ($data:expr, $v:ident => $body:expr, str => $str:expr) => {
-        match $data {
-            $crate::tensor::Data::F16($v) => $crate::tensor::Data::F16($body),
-            $crate::tensor::Data::BF16($v) => $crate::tensor::Data::BF16($body),
-            $crate::tensor::Data::F32($v) => $crate::tensor::Data::F32($body),
-            $crate::tensor::Data::F64($v) => $crate::tensor::Data::F64($body),
-            $crate::tensor::Data::I8($v) => $crate::tensor::Data::I8($body),
-            $crate::tensor::Data::I16($v) => $crate::tensor::Data::I16($body),
-            $crate::tensor::Data::I32($v) => $crate::tensor::Data::I32($body),
-            $crate::tensor::Data::I64($v) => $crate::tensor::Data::I64($body),
-            $crate::tensor::Data::U8($v) => $crate::tensor::Data::U8($body),
-            $crate::tensor::Data::U16($v) => $crate::tensor::Data::U16($body),
-            $crate::tensor::Data::U32($v) => $crate::tensor::Data::U32($body),
-            $crate::tensor::Data::U64($v) => $crate::tensor::Data::U64($body),
-            $crate::tensor::Data::Bool($v) => $crate::tensor::Data::Bool($body),
-            $crate::tensor::Data::Str(_) => $str,
-            $crate::tensor::Data::F8E4M3FN($v) => $crate::tensor::Data::F8E4M3FN($body),
-            $crate::tensor::Data::F8E4M3FNUZ($v) => $crate::tensor::Data::F8E4M3FNUZ($body),
-            $crate::tensor::Data::F8E5M2($v) => $crate::tensor::Data::F8E5M2($body),
-            $crate::tensor::Data::F8E5M2FNUZ($v) => $crate::tensor::Data::F8E5M2FNUZ($body),
-            $crate::tensor::Data::F8E8M0($v) => $crate::tensor::Data::F8E8M0($body),
-            $crate::tensor::Data::F4E2M1($v) => $crate::tensor::Data::F4E2M1($body),
-            $crate::tensor::Data::U4($v) => $crate::tensor::Data::U4($body),
-            $crate::tensor::Data::I4($v) => $crate::tensor::Data::I4($body),
-            $crate::tensor::Data::U2($v) => $crate::tensor::Data::U2($body),
-            $crate::tensor::Data::I2($v) => $crate::tensor::Data::I2($body),
-        }
+        $crate::map_data!($data, $v => $body, str _ => $str)
     };
 }
 pub(crate) use map_elems;
@@ -280,50 +228,12 @@ fn fold_rec<T: Copy, A: Copy>(
     }
 }
 
-/// Copies elements of `x` into a new row-major buffer of `out_shape`, where output axis `i`
-/// steps `strides[i]` elements in `x` (0 broadcasts; a sum of strides takes a diagonal).
-pub(crate) fn gather_strided<T: Clone>(x: &[T], out_shape: &[usize], strides: &[usize]) -> Vec<T> {
-    let n: usize = out_shape.iter().product();
-    let mut out = Vec::with_capacity(n);
-    if n == 0 {
-        return out;
-    }
-    let rank = out_shape.len();
-    if rank == 0 {
-        out.push(x[0].clone());
-        return out;
-    }
-    let mut idx = vec![0usize; rank];
-    let mut off = 0usize;
-    let (last_n, last_s) = (out_shape[rank - 1], strides[rank - 1]);
-    loop {
-        for j in 0..last_n {
-            out.push(x[off + j * last_s].clone());
-        }
-        // Advance the outer axes.
-        let mut ax = rank - 1;
-        loop {
-            if ax == 0 {
-                return out;
-            }
-            ax -= 1;
-            idx[ax] += 1;
-            off += strides[ax];
-            if idx[ax] < out_shape[ax] {
-                break;
-            }
-            off -= strides[ax] * idx[ax];
-            idx[ax] = 0;
-        }
-    }
-}
-
 /// Permutes the axes of a row-major buffer: output axis `i` is input axis `perm[i]`.
 pub(crate) fn permute<T: Clone>(x: &[T], shape: &[usize], perm: &[usize]) -> (Vec<T>, Vec<usize>) {
     let st = crate::tensor::strides(shape);
     let out_shape: Vec<usize> = perm.iter().map(|&p| shape[p]).collect();
-    let out_strides: Vec<usize> = perm.iter().map(|&p| st[p]).collect();
-    (gather_strided(x, &out_shape, &out_strides), out_shape)
+    let out_strides: Vec<isize> = perm.iter().map(|&p| st[p] as isize).collect();
+    (strided_copy(x, &out_shape, &out_strides, 0), out_shape)
 }
 
 /// Splits `shape` at `axis` into (outer, axis length, inner) element counts.
