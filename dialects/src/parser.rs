@@ -739,6 +739,19 @@ enum Elem {
     S(String),
 }
 
+impl Elem {
+    /// The element as a number, converted as a C cast would (strings, which only string
+    /// tensors hold, count as 0).
+    fn num<T: Default>(&self, i: fn(i64) -> T, u: fn(u64) -> T, f: fn(f64) -> T) -> T {
+        match *self {
+            Elem::I(v) => i(v),
+            Elem::U(v) => u(v),
+            Elem::F(v) => f(v),
+            Elem::S(_) => T::default(),
+        }
+    }
+}
+
 fn build(dtype: DType, shape: &[usize], elems: Vec<Elem>) -> Tensor {
     match dtype {
         DType::String => Tensor::new(
@@ -747,46 +760,16 @@ fn build(dtype: DType, shape: &[usize], elems: Vec<Elem>) -> Tensor {
         ),
         DType::U64 => Tensor::new(
             shape.to_vec(),
-            Data::U64(
-                elems
-                    .into_iter()
-                    .map(|e| match e {
-                        Elem::U(v) => v,
-                        Elem::I(v) => v as u64,
-                        Elem::F(v) => v as u64,
-                        Elem::S(_) => 0,
-                    })
-                    .collect(),
-            ),
+            Data::U64(elems.iter().map(|e| e.num(|v| v as u64, |v| v, |v| v as u64)).collect()),
         ),
         // Not saturating: the values are exact, and float8 infinities must stay infinite.
         t if t.is_float() => Tensor::from_f64_with(
             t,
             shape,
-            elems
-                .into_iter()
-                .map(|e| match e {
-                    Elem::F(v) => v,
-                    Elem::I(v) => v as f64,
-                    Elem::U(v) => v as f64,
-                    Elem::S(_) => 0.0,
-                })
-                .collect(),
+            elems.iter().map(|e| e.num(|v| v as f64, |v| v as f64, |v| v)).collect(),
             false,
             crate::lowp::E8M0Round::Up,
         ),
-        t => Tensor::from_i64_as(
-            t,
-            shape,
-            elems
-                .into_iter()
-                .map(|e| match e {
-                    Elem::I(v) => v,
-                    Elem::U(v) => v as i64,
-                    Elem::F(v) => v as i64,
-                    Elem::S(_) => 0,
-                })
-                .collect(),
-        ),
+        t => Tensor::from_i64_as(t, shape, elems.iter().map(|e| e.num(|v| v, |v| v as i64, |v| v as i64)).collect()),
     }
 }
