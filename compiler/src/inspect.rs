@@ -24,6 +24,16 @@ pub struct Report {
     pub bytes_moved_before: u64,
     pub bytes_moved_after: u64,
     pub fusion_ms: f64,
+    /// Kernels by what they are built around (`graph.fused` kinds, else the op type).
+    pub kernels_by_kind: BTreeMap<String, usize>,
+    /// The cost model's estimate of one run, unfused and as compiled (ms; symbolic dims as 1).
+    pub estimated_ms_before: f64,
+    pub estimated_ms_after: f64,
+    /// Rewrite rules that applied during saturation, with how often.
+    pub rewrites: BTreeMap<String, usize>,
+    pub egraph_nodes: usize,
+    pub egraph_iterations: usize,
+    pub fusion: bool,
     pub target: String,
     pub opset: i64,
     pub inputs: Vec<Port>,
@@ -34,6 +44,11 @@ pub struct Report {
 
 /// Inspects a model file. Unsupported ops are listed, all of them, rather than failing.
 pub fn inspect(path: &Path, target: &str) -> Result<Report, Error> {
+    inspect_with(path, target, &crate::Options::default())
+}
+
+/// [`inspect`] with compile options (`--no-fusion`).
+pub fn inspect_with(path: &Path, target: &str, opts: &crate::Options) -> Result<Report, Error> {
     if kiln_targets::lookup(target).is_none() {
         return Err(Error::UnknownTarget(target.to_string()));
     }
@@ -66,6 +81,13 @@ pub fn inspect(path: &Path, target: &str) -> Result<Report, Error> {
             bytes_moved_before: 0,
             bytes_moved_after: 0,
             fusion_ms: 0.0,
+            kernels_by_kind: BTreeMap::new(),
+            estimated_ms_before: 0.0,
+            estimated_ms_after: 0.0,
+            rewrites: BTreeMap::new(),
+            egraph_nodes: 0,
+            egraph_iterations: 0,
+            fusion: opts.fusion,
             target: target.into(),
             opset: 0,
             inputs: vec![],
@@ -75,8 +97,39 @@ pub fn inspect(path: &Path, target: &str) -> Result<Report, Error> {
         });
     }
     let m = kiln_onnx::import_model(&proto, &name, path.parent())?;
-    let compiled = crate::compile(m, target)?;
-    Ok(report(compiled.module(), target))
+    let mut r = report(&m, target);
+    let compiled = crate::compile_with(m, target, opts)?;
+    let o = compiled.report();
+    r.kernels = o.after.kernels;
+    r.bytes_moved_before = o.before.bytes_moved;
+    r.bytes_moved_after = o.after.bytes_moved;
+    r.estimated_ms_before = o.before.seconds * 1e3;
+    r.estimated_ms_after = o.after.seconds * 1e3;
+    r.fusion_ms = o.fusion_ms;
+    r.rewrites = o.saturation.applied.clone();
+    r.egraph_nodes = o.saturation.nodes;
+    r.egraph_iterations = o.saturation.iterations;
+    r.fusion = opts.fusion;
+    r.kernels_by_kind = kernels_by_kind(compiled.module());
+    Ok(r)
+}
+
+/// Kernels of a compiled module by kind: `fused:<kind>` for fused ops, else the op type.
+pub fn kernels_by_kind(m: &Module) -> BTreeMap<String, usize> {
+    let mut out = BTreeMap::new();
+    for &o in &m.body.ops {
+        let op = m.op(o);
+        let t = op.op_type();
+        if t == "Constant" || kiln_passes::cost::is_view(t) {
+            continue;
+        }
+        let key = match op.attrs.get("kind") {
+            Some(kiln_ir::attr::Attr::Str(k)) if op.name == "graph.fused" => format!("fused:{k}"),
+            _ => t.to_string(),
+        };
+        *out.entry(key).or_insert(0) += 1;
+    }
+    out
 }
 
 fn type_bytes(t: &TensorType) -> u64 {
@@ -85,7 +138,7 @@ fn type_bytes(t: &TensorType) -> u64 {
     n * t.dtype.size_bytes() as u64
 }
 
-/// Builds the report of an imported module.
+/// Builds the report of an imported module, before optimization (kernels: one per op).
 pub fn report(m: &Module, target: &str) -> Report {
     let mut ops_by_type = BTreeMap::new();
     let (mut graph_ops, mut constants, mut constant_bytes, mut bytes) = (0, 0, 0u64, 0u64);
@@ -103,13 +156,19 @@ pub fn report(m: &Module, target: &str) -> Report {
     let port = |v| Port { name: m.value_label(v), ty: m.value(v).ty.to_string() };
     Report {
         graph_ops,
-        // Without fusion (it lands with the e-graph work) every graph op is one kernel.
         kernels: graph_ops,
         ops_by_type,
         unsupported: vec![],
         bytes_moved_before: bytes,
         bytes_moved_after: bytes,
         fusion_ms: 0.0,
+        kernels_by_kind: BTreeMap::new(),
+        estimated_ms_before: 0.0,
+        estimated_ms_after: 0.0,
+        rewrites: BTreeMap::new(),
+        egraph_nodes: 0,
+        egraph_iterations: 0,
+        fusion: false,
         target: target.into(),
         opset: kiln_ir::interp::module_opset(m),
         inputs: m.inputs().iter().map(|&v| port(v)).collect(),

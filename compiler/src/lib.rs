@@ -16,7 +16,7 @@ pub mod inspect;
 
 pub use kiln_ir::{DType, Dim, Module, Tensor, TensorType};
 use kiln_onnx::FrontendError;
-use kiln_passes::{PassError, PassManager};
+use kiln_passes::{OptimizeReport, PassError, PassManager};
 use kiln_targets::{Target, TargetError};
 use std::path::Path;
 
@@ -53,20 +53,56 @@ pub struct CompiledModel {
     module: Module,
     target: Box<dyn Target>,
     name: String,
+    report: OptimizeReport,
 }
 
-/// Runs the graph pipeline on `module` for `target`.
-pub fn compile(mut module: Module, target: &str) -> Result<CompiledModel, Error> {
+/// How to compile.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// E-graph rewriting and kernel fusion (on by default; `--no-fusion` turns it off: every
+    /// graph op is then its own kernel).
+    pub fusion: bool,
+}
+
+impl Default for Options {
+    fn default() -> Options {
+        Options { fusion: true }
+    }
+}
+
+/// Runs the graph pipeline on `module` for `target` with default [`Options`].
+pub fn compile(module: Module, target: &str) -> Result<CompiledModel, Error> {
+    compile_with(module, target, &Options::default())
+}
+
+/// Runs the graph pipeline on `module` for `target`: cleanup, then (unless disabled) e-graph
+/// rewriting and fusion priced by the target's machine description.
+pub fn compile_with(mut module: Module, target: &str, opts: &Options) -> Result<CompiledModel, Error> {
     let t = kiln_targets::lookup(target).ok_or_else(|| Error::UnknownTarget(target.to_string()))?;
     let name = module.name.clone();
-    PassManager::default_pipeline().run(&mut module).map_err(|source| Error::Pass { model: name.clone(), source })?;
-    Ok(CompiledModel { module, target: t, name })
+    let report = kiln_passes::optimize(&mut module, &t.machine(), opts.fusion)
+        .map_err(|source| Error::Pass { model: name.clone(), source })?;
+    Ok(CompiledModel { module, target: t, name, report })
+}
+
+/// Cleans up an imported module (canonicalization, dead code) without optimizing it: the
+/// `graph` stage of `kiln compile --emit`.
+pub fn cleanup(mut module: Module) -> Result<Module, Error> {
+    let name = module.name.clone();
+    PassManager::default_pipeline().run(&mut module).map_err(|source| Error::Pass { model: name, source })?;
+    Ok(module)
 }
 
 impl CompiledModel {
-    /// The compiled graph.
+    /// The compiled graph (with `graph.fused` kernels when fusion is on).
     pub fn module(&self) -> &Module {
         &self.module
+    }
+
+    /// What optimization did: kernels and bytes moved before and after, saturation and
+    /// fusion statistics, time taken.
+    pub fn report(&self) -> &OptimizeReport {
+        &self.report
     }
 
     pub fn target(&self) -> &dyn Target {

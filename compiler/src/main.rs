@@ -32,6 +32,9 @@ enum Cmd {
         /// Bind a symbolic dimension: `NAME=N` (checked against the inputs).
         #[arg(long = "dim")]
         dims: Vec<String>,
+        /// Turn e-graph rewriting and fusion off: every graph op is its own kernel.
+        #[arg(long)]
+        no_fusion: bool,
     },
     /// Compile a model for a target and print or write each requested stage.
     Compile {
@@ -47,6 +50,9 @@ enum Cmd {
         /// Print every constant in full (large ones are elided by default).
         #[arg(long)]
         full_constants: bool,
+        /// Turn e-graph rewriting and fusion off: every graph op is its own kernel.
+        #[arg(long)]
+        no_fusion: bool,
     },
     /// Describe a model: ops by type, inputs, outputs, unsupported ops (all at once).
     Inspect {
@@ -56,6 +62,9 @@ enum Cmd {
         /// Print exactly one JSON object on stdout.
         #[arg(long)]
         json: bool,
+        /// Turn e-graph rewriting and fusion off: every graph op is its own kernel.
+        #[arg(long)]
+        no_fusion: bool,
     },
     /// Measure compile time and run latency on a target.
     Bench {
@@ -72,6 +81,9 @@ enum Cmd {
         threads: Option<usize>,
         #[arg(long)]
         json: bool,
+        /// Turn e-graph rewriting and fusion off: every graph op is its own kernel.
+        #[arg(long)]
+        no_fusion: bool,
     },
     /// List the targets and the toolchain kiln links.
     Targets,
@@ -93,21 +105,25 @@ fn main() -> ExitCode {
 
 fn dispatch(cmd: Cmd) -> Result<(), Error> {
     match cmd {
-        Cmd::Run { model, target, inputs, output_dir, npy, dims } => {
-            run(&model, &target, &inputs, &output_dir, npy, &dims)
+        Cmd::Run { model, target, inputs, output_dir, npy, dims, no_fusion } => {
+            run(&model, &target, &inputs, &output_dir, npy, &dims, &options(no_fusion))
         }
-        Cmd::Compile { model, target, out, emit, full_constants } => {
-            compile(&model, &target, out.as_deref(), &emit, full_constants)
+        Cmd::Compile { model, target, out, emit, full_constants, no_fusion } => {
+            compile(&model, &target, out.as_deref(), &emit, full_constants, &options(no_fusion))
         }
-        Cmd::Inspect { model, target, json } => inspect(&model, &target, json),
-        Cmd::Bench { model, target, inputs, dims, iters, threads, json } => {
-            bench(&model, &target, &inputs, &dims, iters, threads, json)
+        Cmd::Inspect { model, target, json, no_fusion } => inspect(&model, &target, json, &options(no_fusion)),
+        Cmd::Bench { model, target, inputs, dims, iters, threads, json, no_fusion } => {
+            bench(&model, &target, &inputs, &dims, iters, threads, json, &options(no_fusion))
         }
         Cmd::Targets => {
             targets();
             Ok(())
         }
     }
+}
+
+fn options(no_fusion: bool) -> kiln::Options {
+    kiln::Options { fusion: !no_fusion }
 }
 
 fn io_err(path: &Path, e: std::io::Error) -> Error {
@@ -197,9 +213,17 @@ fn bind_inputs(c: &kiln::CompiledModel, files: &[String], dims: &[String]) -> Re
     Ok(tensors)
 }
 
-fn run(model: &Path, target: &str, files: &[String], out: &Path, npy: bool, dims: &[String]) -> Result<(), Error> {
+fn run(
+    model: &Path,
+    target: &str,
+    files: &[String],
+    out: &Path,
+    npy: bool,
+    dims: &[String],
+    opts: &kiln::Options,
+) -> Result<(), Error> {
     let m = kiln::load_model(model)?;
-    let c = kiln::compile(m, target)?;
+    let c = kiln::compile_with(m, target, opts)?;
     let inputs = bind_inputs(&c, files, dims)?;
     let outputs = c.run(inputs)?;
     std::fs::create_dir_all(out).map_err(|e| io_err(out, e))?;
@@ -214,21 +238,33 @@ fn run(model: &Path, target: &str, files: &[String], out: &Path, npy: bool, dims
     Ok(())
 }
 
-fn compile(model: &Path, target: &str, out: Option<&Path>, emit: &[String], full: bool) -> Result<(), Error> {
-    let m = kiln::load_model(model)?;
-    let c = kiln::compile(m, target)?;
+fn compile(
+    model: &Path,
+    target: &str,
+    out: Option<&Path>,
+    emit: &[String],
+    full: bool,
+    opts: &kiln::Options,
+) -> Result<(), Error> {
     let stages: Vec<&str> = if emit.is_empty() { vec!["graph"] } else { emit.iter().map(String::as_str).collect() };
+    for stage in &stages {
+        if !["graph", "fused", "kernel", "mlir", "llvm", "asm"].contains(stage) {
+            return Err(Error::Usage(format!("--emit {stage}: unknown stage (graph, fused, kernel, mlir, llvm, asm)")));
+        }
+        if !["graph", "fused"].contains(stage) {
+            return Err(Error::Usage(format!(
+                "--emit {stage}: not available yet (code generation lands with issues #5, #6, #9); available: graph, fused"
+            )));
+        }
+    }
+    let m = kiln::load_model(model)?;
+    let graph = if stages.contains(&"graph") { Some(kiln::cleanup(m.clone())?) } else { None };
+    let c = kiln::compile_with(m, target, opts)?;
+    let print_opts = kiln_ir::printer::PrintOptions { elide_constants_over: if full || out.is_some() { None } else { Some(16) } };
     for stage in stages {
         let text = match stage {
-            "graph" => {
-                let opts = kiln_ir::printer::PrintOptions { elide_constants_over: if full || out.is_some() { None } else { Some(16) } };
-                kiln_ir::printer::print_module(c.module(), opts)
-            }
-            "fused" | "kernel" | "mlir" | "llvm" | "asm" => {
-                return Err(Error::Usage(format!(
-                    "--emit {stage}: not available yet (fusion and code generation land with issues #4, #5, #6, #9); available: graph"
-                )))
-            }
+            "graph" => kiln_ir::printer::print_module(graph.as_ref().expect("cleaned up above"), print_opts),
+            "fused" => kiln_ir::printer::print_module(c.module(), print_opts),
             other => return Err(Error::Usage(format!("--emit {other}: unknown stage (graph, fused, kernel, mlir, llvm, asm)"))),
         };
         match out {
@@ -245,8 +281,8 @@ fn compile(model: &Path, target: &str, out: Option<&Path>, emit: &[String], full
     Ok(())
 }
 
-fn inspect(model: &Path, target: &str, json: bool) -> Result<(), Error> {
-    let r = kiln::inspect::inspect(model, target)?;
+fn inspect(model: &Path, target: &str, json: bool, opts: &kiln::Options) -> Result<(), Error> {
+    let r = kiln::inspect::inspect_with(model, target, opts)?;
     if json {
         println!("{}", serde_json::to_string(&r).expect("report serializes"));
         return Ok(());
@@ -266,7 +302,27 @@ fn inspect(model: &Path, target: &str, json: bool) -> Result<(), Error> {
     for (op, n) in &r.ops_by_type {
         println!("  {op:<28} {n}");
     }
-    println!("kernels on {}: {}", r.target, r.kernels);
+    println!(
+        "kernels on {}: {}{}",
+        r.target,
+        r.kernels,
+        if r.fusion { format!(" (fusion {:.1} ms)", r.fusion_ms) } else { " (fusion off)".into() }
+    );
+    for (kind, n) in &r.kernels_by_kind {
+        println!("  {kind:<28} {n}");
+    }
+    println!(
+        "bytes moved: {} before, {} after ({:.2}x); estimated {:.3} ms before, {:.3} ms after",
+        r.bytes_moved_before,
+        r.bytes_moved_after,
+        r.bytes_moved_before as f64 / r.bytes_moved_after.max(1) as f64,
+        r.estimated_ms_before,
+        r.estimated_ms_after
+    );
+    if !r.rewrites.is_empty() {
+        let list: Vec<String> = r.rewrites.iter().map(|(k, n)| format!("{k} {n}")).collect();
+        println!("rewrites: {}", list.join(", "));
+    }
     Ok(())
 }
 
@@ -295,6 +351,7 @@ fn random_input(ty: &kiln::TensorType, dims: &HashMap<String, usize>, seed: u64)
     Ok(Tensor::from_f64(ty.dtype, &shape, vals))
 }
 
+#[allow(clippy::too_many_arguments)]
 fn bench(
     model: &Path,
     target: &str,
@@ -303,10 +360,11 @@ fn bench(
     iters: usize,
     threads: Option<usize>,
     json: bool,
+    opts: &kiln::Options,
 ) -> Result<(), Error> {
     let t0 = Instant::now();
     let m = kiln::load_model(model)?;
-    let c = kiln::compile(m, target)?;
+    let c = kiln::compile_with(m, target, opts)?;
     let compile_ms = t0.elapsed().as_secs_f64() * 1e3;
     let inputs = if files.is_empty() {
         let d = parse_dims(dims)?;

@@ -250,7 +250,13 @@ impl Interp<'_> {
                 OpError(format!("in subgraph node '{}' ({}): {}", op.node_name(), op.op_type(), e.0))
             })?;
         }
-        b.yields.iter().map(|&v| self.get(v).map(|t| (*t).clone())).collect()
+        let outs = b.yields.iter().map(|&v| self.get(v).map(|t| (*t).clone())).collect();
+        // The block's own values die with it (a fused kernel's intermediates, a loop body's).
+        let mut env = self.env.borrow_mut();
+        for &v in b.args.iter().chain(b.ops.iter().flat_map(|&o| self.m.op(o).results.iter())) {
+            env[v.0 as usize] = None;
+        }
+        outs
     }
 }
 

@@ -39,6 +39,10 @@ pub struct MachineDescription {
     pub matrix_shape: Vec<u32>,
     /// Peak matrix throughput, GFLOP/s (0: no matrix unit).
     pub matrix_gflops: f64,
+    /// Fixed cost of launching one kernel, in microseconds (fork-join of a thread pool on a
+    /// CPU, a launch on a GPU, a task dispatch on an NPU).
+    #[serde(default)]
+    pub launch_us: f64,
 }
 
 impl MachineDescription {

@@ -91,6 +91,9 @@ impl<'m> Verifier<'m> {
                 self.block(b, Some(o))?;
             }
         }
+        if op.name == "graph.fused" {
+            self.fused_signature(o)?;
+        }
         for &r in &op.results {
             if !self.defined.insert(r) {
                 return Err(self.fail(Some(o), format!("result %{} is defined twice", r.0)));
@@ -98,6 +101,24 @@ impl<'m> Verifier<'m> {
         }
         if op.dialect() == "graph" {
             self.graph_op(o)?;
+        }
+        Ok(())
+    }
+
+    /// A `graph.fused` op's region takes its operands and yields its results, type for type.
+    fn fused_signature(&self, o: OpId) -> Result<(), VerifyError> {
+        let op = self.m.op(o);
+        let Some(b) = op.regions.first().and_then(|r| r.blocks.first()) else {
+            return Err(self.fail(Some(o), "a fused op needs a body region".into()));
+        };
+        let ty = |v: &ValueId| &self.m.value(*v).ty;
+        let operands: Vec<Option<&TensorType>> = op.operands.iter().map(|v| v.as_ref().map(ty)).collect();
+        let args: Vec<Option<&TensorType>> = b.args.iter().map(|v| Some(ty(v))).collect();
+        if operands != args {
+            return Err(self.fail(Some(o), "the body's arguments do not match the operands".into()));
+        }
+        if op.results.iter().map(ty).ne(b.yields.iter().map(ty)) {
+            return Err(self.fail(Some(o), "the body's yields do not match the results".into()));
         }
         Ok(())
     }

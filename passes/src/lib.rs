@@ -2,13 +2,19 @@
 //!
 //! A [`Pass`] rewrites a [`Module`] in place; the [`PassManager`] runs a pipeline and verifies
 //! the module after each pass (so a broken rewrite is caught where it happens, by name).
-//! Today: dead-code elimination ([`dce`]) and canonicalization ([`canonicalize`]: inference-time
-//! no-ops such as `Identity` and `Dropout` disappear). Constant folding of shape subgraphs runs
-//! during import, where it sharpens shape inference (see `kiln-onnx`). The e-graph fusion
-//! passes (egg) land here next.
+//! Cleanup: dead-code elimination ([`dce`]) and canonicalization ([`canonicalize`]:
+//! inference-time no-ops such as `Identity` and `Dropout` disappear). Constant folding of shape
+//! subgraphs runs during import, where it sharpens shape inference (see `kiln-onnx`).
+//!
+//! Optimization ([`optimize`]) for a target: equality saturation over the graph ([`egraph`]:
+//! algebraic rewrites and recognition of decomposed ops, extraction by the target's
+//! [`cost::CostModel`]), then kernel fusion ([`fusion`]: `graph.fused` ops).
 
 pub mod canonicalize;
+pub mod cost;
 pub mod dce;
+pub mod egraph;
+pub mod fusion;
 
 use kiln_ir::verify::{verify, VerifyError};
 use kiln_ir::Module;
@@ -21,13 +27,59 @@ pub trait Pass {
     fn run(&self, m: &mut Module) -> bool;
 }
 
-/// A pass failed to leave a valid module.
+/// A pass failed, or left an invalid module.
 #[derive(Debug, thiserror::Error)]
-#[error("after pass '{pass}': {source}")]
+#[error("after pass '{pass}': {msg}")]
 pub struct PassError {
     pub pass: &'static str,
-    #[source]
-    pub source: VerifyError,
+    pub msg: String,
+}
+
+impl PassError {
+    fn verify(pass: &'static str, e: VerifyError) -> PassError {
+        PassError { pass, msg: e.to_string() }
+    }
+}
+
+/// What [`optimize`] did, with the plan's figures before and after.
+#[derive(Clone, Debug, Default)]
+pub struct OptimizeReport {
+    /// Every graph op its own kernel (views included): the unfused baseline.
+    pub before: fusion::PlanFigures,
+    pub after: fusion::PlanFigures,
+    /// Wall time of saturation, extraction and fusion, in milliseconds.
+    pub fusion_ms: f64,
+    pub saturation: egraph::SaturationStats,
+    pub fusion: fusion::FusionReport,
+}
+
+/// Cleans up `m`, then (with `fuse`) rewrites it by equality saturation and fuses it into
+/// kernels for the machine `machine` describes. Without `fuse`, every graph op stays its own
+/// kernel.
+pub fn optimize(
+    m: &mut Module,
+    machine: &kiln_ir::machine::MachineDescription,
+    fuse: bool,
+) -> Result<OptimizeReport, PassError> {
+    PassManager::default_pipeline().run(m)?;
+    let cost = cost::CostModel::new(machine);
+    let before = fusion::figures(m, &cost, true);
+    let mut report = OptimizeReport { before: before.clone(), after: before, ..Default::default() };
+    if !fuse {
+        return Ok(report);
+    }
+    let t0 = std::time::Instant::now();
+    let rules = egraph::rules::rewrites();
+    let (rewritten, sat) = egraph::saturate(m, &rules, &cost, egraph::Limits::default())
+        .map_err(|msg| PassError { pass: "egraph", msg })?;
+    verify(&rewritten).map_err(|e| PassError::verify("egraph", e))?;
+    *m = rewritten;
+    report.saturation = sat;
+    report.fusion = fusion::fuse(m, &cost);
+    verify(m).map_err(|e| PassError::verify("fusion", e))?;
+    report.fusion_ms = t0.elapsed().as_secs_f64() * 1e3;
+    report.after = fusion::figures(m, &cost, false);
+    Ok(report)
 }
 
 /// Runs passes in order, verifying after each.
@@ -56,7 +108,7 @@ impl PassManager {
     pub fn run(&self, m: &mut Module) -> Result<(), PassError> {
         for p in &self.passes {
             p.run(m);
-            verify(m).map_err(|source| PassError { pass: p.name(), source })?;
+            verify(m).map_err(|e| PassError::verify(p.name(), e))?;
         }
         Ok(())
     }

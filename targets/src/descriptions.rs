@@ -45,6 +45,7 @@ impl Described {
                 vector_bits: 256,
                 matrix_shape: vec![],
                 matrix_gflops: 0.0,
+                launch_us: 2.0,
             },
         }
     }
@@ -68,6 +69,7 @@ impl Described {
                 vector_bits: 256,
                 matrix_shape: vec![],
                 matrix_gflops: 0.0,
+                launch_us: 2.0,
             },
         }
     }
@@ -92,6 +94,7 @@ impl Described {
                 vector_bits: 2048,
                 matrix_shape: vec![16, 16, 16],
                 matrix_gflops: 20.0 * 4096.0 * 2.0 * 1.8,
+                launch_us: 5.0,
             },
         }
     }
@@ -115,6 +118,7 @@ impl Described {
                 vector_bits: 1024,
                 matrix_shape: vec![16, 8, 16],
                 matrix_gflops: 156000.0,
+                launch_us: 4.0,
             },
         }
     }
@@ -138,6 +142,7 @@ impl Described {
                 vector_bits: 2048,
                 matrix_shape: vec![16, 16, 16],
                 matrix_gflops: 181000.0,
+                launch_us: 6.0,
             },
         }
     }

@@ -32,6 +32,7 @@ impl Target for Reference {
             vector_bits: 0,
             matrix_shape: vec![],
             matrix_gflops: 0.0,
+            launch_us: 0.5,
         }
     }
 

@@ -280,6 +280,8 @@ pub trait OpDef: Send + Sync {
 /// The op table: name → definition.
 pub struct Registry {
     ops: HashMap<&'static str, &'static dyn OpDef>,
+    families: HashMap<&'static str, &'static str>,
+    family: &'static str,
 }
 
 impl Registry {
@@ -287,6 +289,7 @@ impl Registry {
     pub fn add(&mut self, op: &'static dyn OpDef) {
         let prev = self.ops.insert(op.name(), op);
         assert!(prev.is_none(), "op {} defined twice", op.name());
+        self.families.insert(op.name(), self.family);
     }
 
     /// Adds several ops.
@@ -298,6 +301,11 @@ impl Registry {
 
     pub fn get(&self, name: &str) -> Option<&'static dyn OpDef> {
         self.ops.get(name).copied()
+    }
+
+    /// The family an op is defined in (`elementwise`, `nn`, `shape`, `reduce`, `misc`).
+    pub fn family(&self, name: &str) -> Option<&'static str> {
+        self.families.get(name).copied()
     }
 
     /// All op names, sorted.
@@ -312,12 +320,18 @@ impl Registry {
 pub fn registry() -> &'static Registry {
     static REG: OnceLock<Registry> = OnceLock::new();
     REG.get_or_init(|| {
-        let mut r = Registry { ops: HashMap::new() };
-        elementwise::register(&mut r);
-        nn::register(&mut r);
-        shape::register(&mut r);
-        reduce::register(&mut r);
-        misc::register(&mut r);
+        let mut r = Registry { ops: HashMap::new(), families: HashMap::new(), family: "" };
+        let families: [(&'static str, fn(&mut Registry)); 5] = [
+            ("elementwise", elementwise::register),
+            ("nn", nn::register),
+            ("shape", shape::register),
+            ("reduce", reduce::register),
+            ("misc", misc::register),
+        ];
+        for (name, register) in families {
+            r.family = name;
+            register(&mut r);
+        }
         r
     })
 }

@@ -16,7 +16,42 @@ use crate::tensor::{Data, Tensor};
 use crate::types::{DType, TensorType};
 
 pub fn register(r: &mut Registry) {
-    r.add_all(&[&If, &Loop, &Scan]);
+    r.add_all(&[&If, &Loop, &Scan, &Fused]);
+}
+
+/// `fused` (kiln's own op, `graph.fused`): a group of graph ops that later lowering turns into
+/// one kernel. Its region (graph attribute `body`) takes the op's operands as block arguments
+/// and yields its results; attribute `kind` says what the kernel is built around
+/// (`elementwise`, `reduction`, `contraction`, `attention`, ...). Semantics: run the region.
+/// Result types come from `kiln.result_dtypes`; the verifier checks them against the region's
+/// yields.
+struct Fused;
+
+impl OpDef for Fused {
+    fn name(&self) -> &'static str {
+        "fused"
+    }
+
+    fn infer(&self, cx: &mut InferCx) -> OpResult<Vec<TensorType>> {
+        result_types(cx, &[])
+    }
+
+    fn eval(&self, cx: &EvalCx, inputs: &[Option<&Tensor>]) -> OpResult<Vec<Tensor>> {
+        let body = region(cx, "body")?;
+        let args = inputs
+            .iter()
+            .enumerate()
+            .map(|(i, t)| match t {
+                Some(t) => Ok((*t).clone()),
+                None => bail!("fused operand {i} is missing"),
+            })
+            .collect::<OpResult<Vec<_>>>()?;
+        let outs = cx.runner.run_region(body, args)?;
+        if outs.len() != cx.num_outputs {
+            bail!("the fused body yields {} values, the op has {} results", outs.len(), cx.num_outputs);
+        }
+        Ok(outs)
+    }
 }
 
 /// Unranked result types from `kiln.result_dtypes`, else `fallback[i]`, else float.

@@ -435,7 +435,7 @@ mod tests {
         use crate::attr::{Attr, Attrs};
         use crate::graph::{AttrView, EvalCx, InferCx, OpDef};
         use crate::types::TensorType;
-        let mut reg = Registry { ops: std::collections::HashMap::new() };
+        let mut reg = Registry { ops: Default::default(), families: Default::default(), family: "shape" };
         register(&mut reg);
         let mut seed: u64 = 0x9e3779b97f4a7c15;
         let mut rnd = move |n: u64| {

@@ -1,0 +1,142 @@
+//! The cost model: what a kernel costs on a target, from the target's machine description.
+//!
+//! A kernel reads its inputs from the slowest memory level and writes its outputs back; in
+//! between, its intermediates live in the fastest level. Its time is a roofline:
+//! `max(bytes / bandwidth, flops / peak) + launch`, plus a penalty when its working set does
+//! not fit the fast level (the intermediates spill to the next level and back). The e-graph
+//! extractor prices each op as its own kernel with it; the fusion partitioner prices a group.
+//!
+//! Symbolic dims count as 1 in byte and flop counts: figures are per unit of each symbol.
+
+use kiln_ir::attr::Attrs;
+use kiln_ir::graph::AttrView;
+use kiln_ir::machine::MachineDescription;
+use kiln_ir::TensorType;
+
+/// Elements of a type (symbolic dims count 1; unranked counts 1).
+pub fn numel(t: &TensorType) -> u64 {
+    t.shape.as_ref().map_or(1, |s| s.iter().map(|d| d.known().unwrap_or(1)).product())
+}
+
+/// Bytes of a tensor of this type (sub-byte types round up).
+pub fn type_bytes(t: &TensorType) -> u64 {
+    let bits = t.dtype.bit_width() as u64;
+    (numel(t) * bits).div_ceil(8)
+}
+
+/// Ops that only reinterpret their input's shape: they alias it and cost nothing.
+pub fn is_view(op_type: &str) -> bool {
+    matches!(op_type, "Reshape" | "Flatten" | "Squeeze" | "Unsqueeze" | "Identity")
+}
+
+/// Ops that a matrix unit runs, where a target has one.
+pub fn is_contraction(op_type: &str) -> bool {
+    matches!(op_type, "MatMul" | "Gemm" | "Conv" | "ConvTranspose" | "Attention" | "MatMulInteger" | "QLinearMatMul")
+}
+
+/// What one kernel does: bytes it moves to and from the slow level, floating-point work,
+/// and bytes of intermediates that do not fit the fast level.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct KernelWork {
+    pub bytes: u64,
+    pub flops: f64,
+    /// Work done on a matrix unit (subset of `flops`).
+    pub matrix_flops: f64,
+    pub spill_bytes: u64,
+}
+
+/// Prices kernels for one machine.
+#[derive(Clone, Debug)]
+pub struct CostModel {
+    /// Bytes/s between the slowest level and the core.
+    slow_bw: f64,
+    /// Bytes/s of the level that spilled intermediates go to.
+    spill_bw: f64,
+    fast_capacity: u64,
+    vector_flops: f64,
+    matrix_flops: f64,
+    launch_s: f64,
+}
+
+impl CostModel {
+    pub fn new(m: &MachineDescription) -> CostModel {
+        let gb = |x: f64| x.max(1e-3) * 1e9;
+        let slow = m.levels.first();
+        let spill = m.levels.get(1).or(slow);
+        let fast = m.levels.last();
+        let vector = gb(m.vector_gflops);
+        CostModel {
+            slow_bw: slow.map_or(gb(10.0), |l| gb(l.bandwidth_gbps)),
+            spill_bw: spill.map_or(gb(10.0), |l| gb(l.bandwidth_gbps)),
+            fast_capacity: fast.map_or(32 << 10, |l| l.capacity_bytes),
+            vector_flops: vector,
+            matrix_flops: if m.matrix_gflops > 0.0 { gb(m.matrix_gflops) } else { vector },
+            launch_s: m.launch_us.max(0.0) * 1e-6,
+        }
+    }
+
+    /// Bytes a fused kernel's working set may take before it spills.
+    pub fn fast_capacity(&self) -> u64 {
+        self.fast_capacity
+    }
+
+    /// Seconds one kernel takes.
+    pub fn seconds(&self, w: &KernelWork) -> f64 {
+        let memory = w.bytes as f64 / self.slow_bw + 2.0 * w.spill_bytes as f64 / self.spill_bw;
+        let vector = (w.flops - w.matrix_flops).max(0.0) / self.vector_flops;
+        let compute = vector + w.matrix_flops / self.matrix_flops;
+        memory.max(compute) + self.launch_s
+    }
+}
+
+/// Floating-point work of one op, from its input and output types.
+pub fn op_flops(op_type: &str, attrs: &Attrs, inputs: &[Option<&TensorType>], outputs: &[&TensorType]) -> f64 {
+    let out: f64 = outputs.iter().map(|t| numel(t) as f64).sum();
+    let input = |i: usize| inputs.get(i).copied().flatten();
+    let dim = |t: Option<&TensorType>, i: isize| -> f64 {
+        t.and_then(|t| t.shape.as_ref())
+            .and_then(|s| {
+                let i = if i < 0 { s.len() as isize + i } else { i };
+                s.get(usize::try_from(i).ok()?)
+            })
+            .and_then(|d| d.known())
+            .unwrap_or(1) as f64
+    };
+    let in_numel = |i: usize| input(i).map_or(0.0, |t| numel(t) as f64);
+    match op_type {
+        "MatMul" | "MatMulInteger" => 2.0 * out * dim(input(0), -1),
+        "Gemm" => {
+            let trans_a = AttrView(attrs).int("transA", 0).unwrap_or(0) != 0;
+            2.0 * out * dim(input(0), if trans_a { 0 } else { 1 })
+        }
+        "Conv" | "ConvInteger" => {
+            let w = input(1);
+            let per = w.and_then(|t| t.shape.as_ref()).map_or(1.0, |s| {
+                s.iter().skip(1).map(|d| d.known().unwrap_or(1) as f64).product::<f64>()
+            });
+            2.0 * out * per
+        }
+        "ConvTranspose" => {
+            let w = input(1);
+            let per = w.and_then(|t| t.shape.as_ref()).map_or(1.0, |s| {
+                s.iter().skip(1).map(|d| d.known().unwrap_or(1) as f64).product::<f64>()
+            });
+            2.0 * in_numel(0) * per
+        }
+        // Q·Kᵀ and P·V: 4·B·H·S·T·D.
+        "Attention" => 4.0 * in_numel(0) * dim(input(1), -2),
+        "Exp" | "Log" | "Erf" | "Tanh" | "Sigmoid" | "Gelu" | "Swish" | "Mish" | "Softplus" | "Pow" | "Sin" | "Cos"
+        | "Elu" | "Selu" | "HardSwish" => 10.0 * out,
+        "LayerNormalization" | "RMSNormalization" | "Softmax" | "LogSoftmax" | "GroupNormalization"
+        | "InstanceNormalization" => 8.0 * in_numel(0),
+        "MaxPool" | "AveragePool" | "LpPool" => {
+            let k: f64 = AttrView(attrs)
+                .ints("kernel_shape")
+                .ok()
+                .flatten()
+                .map_or(1.0, |k| k.iter().map(|&v| v.max(1) as f64).product());
+            out * k
+        }
+        _ => out.max(in_numel(0)),
+    }
+}
