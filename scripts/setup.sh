@@ -42,4 +42,11 @@ if [ ! -f "$DATA/.done-1.23.2" ]; then
   .venv/bin/python scripts/make_light_random.py "$DATA/light" "$DATA/light-random" >&2
   touch "$DATA/.done-1.23.2"
 fi
+# GPT-2 / Llama transformer blocks as exporters write them, with onnxruntime outputs. A separate
+# stamp so that machines set up before these existed get them too.
+if [ ! -f "$DATA/transformers/.done-v1" ]; then
+  rm -rf "$DATA/transformers"
+  .venv/bin/python scripts/make_transformer_blocks.py "$DATA/transformers" >&2
+  touch "$DATA/transformers/.done-v1"
+fi
 echo "setup: ok" >&2

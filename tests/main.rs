@@ -1,9 +1,9 @@
 //! kiln's integration tests: one binary (each test binary links LLVM/MLIR statically).
 //!
 //! Data comes from `scripts/setup.sh` (ONNX node tests, the `light` CNNs and their
-//! randomized-weight copies with onnxruntime outputs) under `target/onnx-data`, or
-//! `$KILN_ONNX_DATA`. Tests that need it fail with a pointer to setup when it is missing: a
-//! missing data set is never a pass.
+//! randomized-weight copies with onnxruntime outputs, GPT-2 / Llama transformer blocks) under
+//! `target/onnx-data`, or `$KILN_ONNX_DATA`. Tests that need it fail with a pointer to setup
+//! when it is missing: a missing data set is never a pass.
 
 mod cli;
 mod common;
@@ -11,3 +11,4 @@ mod conformance;
 mod fuzz;
 mod ir_text;
 mod light;
+mod transformers;
