@@ -120,7 +120,8 @@ pub fn kernels_by_kind(m: &Module) -> BTreeMap<String, usize> {
     for &o in &m.body.ops {
         let op = m.op(o);
         let t = op.op_type();
-        if t == "Constant" || kiln_passes::cost::is_view(t) {
+        use kiln_passes::fusion::{classify, OpClass};
+        if matches!(classify(m, o), OpClass::Constant | OpClass::View | OpClass::Host) {
             continue;
         }
         let key = match op.attrs.get("kind") {

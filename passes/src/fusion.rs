@@ -39,6 +39,9 @@ pub const LAYOUT_EPILOGUE: &str = RULES[4];
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum OpClass {
     Constant,
+    /// Shape arithmetic on a few integers (`Shape`, and small integer ops on its results): the
+    /// host computes it when it binds symbolic dims; no kernel.
+    Host,
     View,
     Layout,
     Injective,
@@ -57,6 +60,12 @@ impl OpClass {
     }
 }
 
+/// Ops that move elements without computing on them (a kernel reading through one applies
+/// its index map): Transpose, Slice, Expand, and Concat (an index map with several sources).
+pub fn is_index_map(op_type: &str) -> bool {
+    matches!(op_type, "Transpose" | "Slice" | "Expand" | "Concat")
+}
+
 /// The fusion class of an op.
 pub fn classify(m: &Module, o: OpId) -> OpClass {
     let op = m.op(o);
@@ -67,13 +76,20 @@ pub fn classify(m: &Module, o: OpId) -> OpClass {
     if t == "Constant" {
         return OpClass::Constant;
     }
+    let small_int = |v: &ValueId| {
+        let ty = &m.value(*v).ty;
+        ty.dtype.is_int() && ty.static_shape().is_some_and(|s| s.iter().product::<usize>() <= 64)
+    };
+    if matches!(t, "Shape" | "Size") || (op.results.iter().all(small_int) && op.operands.iter().flatten().all(small_int)) {
+        return OpClass::Host;
+    }
     if op.results.len() != 1 {
         return OpClass::Opaque;
     }
     if is_view(t) {
         return OpClass::View;
     }
-    if matches!(t, "Transpose" | "Slice" | "Expand") {
+    if is_index_map(t) {
         return OpClass::Layout;
     }
     if is_contraction(t) {
@@ -113,7 +129,7 @@ pub fn classify(m: &Module, o: OpId) -> OpClass {
 /// The figures of a plan.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct PlanFigures {
-    /// Kernels launched: top-level ops other than constants and views.
+    /// Kernels launched: top-level ops other than constants, views and host shape arithmetic.
     pub kernels: usize,
     /// Bytes the kernels read and write at the slowest memory level.
     pub bytes_moved: u64,
@@ -128,7 +144,7 @@ pub fn figures(m: &Module, cost: &CostModel, views_are_kernels: bool) -> PlanFig
     let mut f = PlanFigures::default();
     for &o in &m.body.ops {
         let class = classify(m, o);
-        if class == OpClass::Constant || (class == OpClass::View && !views_are_kernels) {
+        if matches!(class, OpClass::Constant | OpClass::Host) || (class == OpClass::View && !views_are_kernels) {
             continue;
         }
         let w = kernel_work(m, &[o], cost);
@@ -146,11 +162,15 @@ fn kernel_work(m: &Module, ops: &[OpId], cost: &CostModel) -> KernelWork {
     for &o in ops {
         flatten(m, o, &mut flat);
     }
+    // Values made inside: results of the ops (and of the ops in their fused regions), and
+    // fused regions' block arguments (their operands are counted instead).
     let mut produced: HashSet<ValueId> = HashSet::new();
     for &o in &flat {
         produced.extend(m.op(o).results.iter().copied());
-        if let Some(b) = m.op(o).regions.first().and_then(|r| r.blocks.first()) {
-            produced.extend(b.args.iter().copied());
+        if m.op(o).name == "graph.fused" {
+            for b in m.op(o).regions.iter().flat_map(|r| &r.blocks) {
+                produced.extend(b.args.iter().copied());
+            }
         }
     }
     let mut w = KernelWork::default();
@@ -159,13 +179,14 @@ fn kernel_work(m: &Module, ops: &[OpId], cost: &CostModel) -> KernelWork {
     let mut row = 0u64;
     for &o in &flat {
         let op = m.op(o);
-        if op.name == "graph.fused" {
-            continue;
-        }
+        let is_top = inside.contains(&o);
         for v in op.operands.iter().flatten() {
-            if !produced.contains(v) {
+            if !produced.contains(v) || (is_top && op.name == "graph.fused" && !is_result_of(m, ops, *v)) {
                 inputs.insert(*v);
             }
+        }
+        if op.name == "graph.fused" {
+            continue;
         }
         let ins: Vec<Option<&kiln_ir::TensorType>> =
             op.operands.iter().map(|v| v.map(|v| &m.value(v).ty)).collect();
@@ -192,6 +213,11 @@ fn kernel_work(m: &Module, ops: &[OpId], cost: &CostModel) -> KernelWork {
         w.spill_bytes = internal_bytes;
     }
     w
+}
+
+/// `v` is a result of one of `ops`.
+fn is_result_of(m: &Module, ops: &[OpId], v: ValueId) -> bool {
+    ops.iter().any(|&o| m.op(o).results.contains(&v))
 }
 
 fn flatten(m: &Module, o: OpId, out: &mut Vec<OpId>) {
@@ -324,7 +350,7 @@ impl<'m> Partition<'m> {
     }
 
     fn fusible(&self, i: usize) -> bool {
-        !matches!(self.class[i], OpClass::Constant | OpClass::Opaque)
+        !matches!(self.class[i], OpClass::Constant | OpClass::Host | OpClass::Opaque)
     }
 
     fn anchors(&self, g: usize) -> usize {

@@ -119,6 +119,8 @@ pub struct GraphAnalysis {
     pub fold_limit: u64,
     pending: Option<Pending>,
     next_dim: u32,
+    /// Small constants rules built, by content.
+    const_index: HashMap<(kiln_ir::DType, Vec<usize>, Vec<u8>), u32>,
     /// Constants that [`rules::MATMUL_MERGE`] built (never merged again).
     pub merged_weights: HashSet<u32>,
     /// Weight sets [`rules::MATMUL_MERGE`] already merged.
@@ -136,6 +138,7 @@ impl GraphAnalysis {
             fold_limit: 1 << 22,
             pending: None,
             next_dim: 1 << 20,
+            const_index: HashMap::new(),
             merged_weights: HashSet::new(),
             merges_done: HashSet::new(),
         }
@@ -279,10 +282,12 @@ fn infer_node(eg: &mut Graph, sym: &str, ch: &[Id]) -> Option<(Vec<TensorType>, 
     let const_refs: Vec<Option<&Tensor>> = consts.iter().map(|c| c.as_deref()).collect();
     let mut next = eg.analysis.next_dim;
     let opset = eg.analysis.opset;
-    let types = {
+    let mut types = {
         let mut cx = InferCx::new(&info.attrs, &inputs, &const_refs, 1, opset, &info.regions, &mut next);
         def.infer(&mut cx).ok()?
     };
+    // Rules build single-result ops; shape rules also list optional outputs.
+    types.truncate(1);
     eg.analysis.next_dim = next;
     let foldable = types.len() == 1
         && info.regions.is_empty()
@@ -328,10 +333,18 @@ pub fn add_op(eg: &mut Graph, op_type: &str, operands: &[Option<Id>], attrs: Att
     eg.add(Node::Op(Symbol::from(op_type), ch))
 }
 
-/// Adds a constant.
+/// Adds a constant. Small constants that rules build are shared: building the same one twice
+/// gives the same class, so re-applying a rule adds nothing.
 pub fn add_const(eg: &mut Graph, t: Tensor) -> Id {
+    let key = (t.len() <= 1 << 16 && t.dtype() != kiln_ir::DType::String).then(|| (t.dtype(), t.shape.clone(), t.data.to_le_bytes()));
+    if let Some(&k) = key.as_ref().and_then(|k| eg.analysis.const_index.get(k)) {
+        return eg.add(Node::Leaf(Leaf::Const(k)));
+    }
     let k = eg.analysis.consts.len() as u32;
     eg.analysis.consts.push(Arc::new(t));
+    if let Some(key) = key {
+        eg.analysis.const_index.insert(key, k);
+    }
     eg.add(Node::Leaf(Leaf::Const(k)))
 }
 
@@ -449,8 +462,10 @@ pub fn node_cost(eg: &Graph, cost: &CostModel, c: Id, n: &Node) -> Option<f64> {
     if ch.iter().any(|&x| !eg[x].data.valid) {
         return None;
     }
-    if is_view(sym) {
-        // Free, but not nothing: of two equal plans, the one with fewer ops wins.
+    // Views, and index maps (Transpose, Slice, Expand, Concat) that the kernels reading them
+    // absorb (see crate::fusion), are free; but not nothing: of two equal plans, the one with
+    // fewer ops wins.
+    if is_view(sym) || crate::fusion::is_index_map(sym) {
         return Some(1e-12);
     }
     let Some(Leaf::Attrs(k)) = eg[ch[0]].data.leaf else { return None };
@@ -523,18 +538,107 @@ pub fn extract(eg: &Graph, cost: &CostModel, roots: &[Id]) -> Result<HashMap<Id,
             }
         }
     }
-    let mut choice = HashMap::new();
-    let mut stack: Vec<Id> = roots.iter().map(|&r| eg.find(r)).collect();
-    while let Some(c) = stack.pop() {
-        if choice.contains_key(&c) {
-            continue;
+    let mut pick: HashMap<Id, usize> = best.iter().map(|(&c, b)| (c, b.node)).collect();
+    let roots: Vec<Id> = roots.iter().map(|&r| eg.find(r)).collect();
+    for r in &roots {
+        if !pick.contains_key(r) {
+            return Err(format!("no valid plan for e-class {r}"));
         }
-        let b = best.get(&c).ok_or_else(|| format!("no valid plan for e-class {c}"))?;
-        let n = eg[c].nodes[b.node].clone();
-        stack.extend(n.children().iter().map(|&k| eg.find(k)));
-        choice.insert(c, n);
+    }
+    share_subterms(eg, &costs, &roots, &mut pick);
+    let mut choice = HashMap::new();
+    for c in reachable(eg, &roots, &pick).unwrap_or_default() {
+        choice.insert(c, eg[c].nodes[pick[&c]].clone());
     }
     Ok(choice)
+}
+
+/// Classes reachable from `roots` through the picked nodes, or `None` on a cycle.
+fn reachable(eg: &Graph, roots: &[Id], pick: &HashMap<Id, usize>) -> Option<Vec<Id>> {
+    // 0: unseen, 1: on the stack, 2: done.
+    let mut state: HashMap<Id, u8> = HashMap::new();
+    let mut out = Vec::new();
+    for &r in roots {
+        let mut stack: Vec<(Id, bool)> = vec![(r, false)];
+        while let Some((c, leaving)) = stack.pop() {
+            if leaving {
+                state.insert(c, 2);
+                out.push(c);
+                continue;
+            }
+            match state.get(&c) {
+                Some(2) => continue,
+                Some(1) => return None,
+                _ => {}
+            }
+            state.insert(c, 1);
+            stack.push((c, true));
+            let n = &eg[c].nodes[*pick.get(&c)?];
+            for &k in n.children() {
+                let k = eg.find(k);
+                match state.get(&k) {
+                    Some(2) => {}
+                    Some(1) => return None,
+                    _ => stack.push((k, false)),
+                }
+            }
+        }
+    }
+    Some(out)
+}
+
+/// Total cost of the picked DAG, `None` when it has a cycle or an unpriced node.
+fn dag_cost(eg: &Graph, costs: &HashMap<Id, Vec<Option<f64>>>, roots: &[Id], pick: &HashMap<Id, usize>) -> Option<f64> {
+    reachable(eg, roots, pick)?.iter().map(|c| costs[c][pick[c]]).sum()
+}
+
+/// Greedy extraction prices each class alone, so an alternative that several classes could
+/// share (one MatMul over concatenated Q, K, V weights, sliced three ways) never wins it:
+/// alone, each pays for the whole shared node. This pass tries switching, together, every
+/// picked class that has an alternative reading the same unpicked class, and keeps the switch
+/// when the whole DAG gets cheaper.
+fn share_subterms(eg: &Graph, costs: &HashMap<Id, Vec<Option<f64>>>, roots: &[Id], pick: &mut HashMap<Id, usize>) {
+    let Some(mut current) = dag_cost(eg, costs, roots, pick) else { return };
+    for _round in 0..4 {
+        let live: HashSet<Id> = reachable(eg, roots, pick).unwrap_or_default().into_iter().collect();
+        // Unpicked class → (picked class, its alternative node reading it).
+        let mut sharers: BTreeMap<Id, Vec<(Id, usize)>> = BTreeMap::new();
+        let mut ids: Vec<Id> = live.iter().copied().collect();
+        ids.sort();
+        for &c in &ids {
+            for (i, n) in eg[c].nodes.iter().enumerate() {
+                if i == pick[&c] || costs[&c][i].is_none() {
+                    continue;
+                }
+                for &k in n.children() {
+                    let k = eg.find(k);
+                    if !live.contains(&k) && pick.contains_key(&k) {
+                        let e = sharers.entry(k).or_default();
+                        if !e.iter().any(|&(x, _)| x == c) {
+                            e.push((c, i));
+                        }
+                    }
+                }
+            }
+        }
+        let mut improved = false;
+        for (_, users) in sharers.into_iter().filter(|(_, u)| u.len() >= 2) {
+            let mut trial = pick.clone();
+            for &(c, i) in &users {
+                trial.insert(c, i);
+            }
+            if let Some(t) = dag_cost(eg, costs, roots, &trial) {
+                if t < current * (1.0 - 1e-9) {
+                    *pick = trial;
+                    current = t;
+                    improved = true;
+                }
+            }
+        }
+        if !improved {
+            break;
+        }
+    }
 }
 
 /// Rebuilds a module from the chosen nodes: `src` gives the name, attributes, signature and the

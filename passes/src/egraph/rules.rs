@@ -138,6 +138,26 @@ fn ty(eg: &Graph, c: Id) -> Option<&TensorType> {
     }
 }
 
+/// Class `new` can stand for class `old`: same dtype and rank, equal known dims (symbols may
+/// differ: shape rules name run-time sizes afresh, e.g. after a broadcast against a slice).
+fn fits(eg: &Graph, new: Id, old: Id) -> bool {
+    let (Some(a), Some(b)) = (ty(eg, new), ty(eg, old)) else { return false };
+    if a.dtype != b.dtype {
+        return false;
+    }
+    match (&a.shape, &b.shape) {
+        (Some(x), Some(y)) => {
+            x.len() == y.len()
+                && x.iter().zip(y).all(|(p, q)| match (p.known(), q.known()) {
+                    (Some(p), Some(q)) => p == q,
+                    _ => true,
+                })
+        }
+        (None, None) => true,
+        _ => false,
+    }
+}
+
 fn rank(eg: &Graph, c: Id) -> Option<usize> {
     ty(eg, c).and_then(|t| t.rank())
 }
@@ -463,7 +483,7 @@ pub const SCALAR_CHAIN: Rule = Rule {
             return vec![];
         }
         let new = add_op(eg, sym, &[Some(b[1]), Some(folded)], Attrs::new());
-        if ty(eg, new) != ty(eg, root) {
+        if !fits(eg, new, root) {
             return vec![];
         }
         union_with(eg, root, new)
@@ -495,7 +515,7 @@ pub const MATMUL_ASSOC: Rule = Rule {
             let l = add_op(eg, "MatMul", &[Some(a), Some(bb)], Attrs::new());
             add_op(eg, "MatMul", &[Some(l), Some(c)], Attrs::new())
         };
-        if ty(eg, new) != ty(eg, root) {
+        if !fits(eg, new, root) {
             return vec![];
         }
         union_with(eg, root, new)
@@ -571,7 +591,7 @@ pub const MATMUL_MERGE: Rule = Rule {
             let ends = add_const(eg, Tensor::from_i64(&[1], vec![off + nw as i64]));
             off += nw as i64;
             let s = add_op(eg, "Slice", &[Some(merged), Some(starts), Some(ends), Some(axes)], Attrs::new());
-            if ty(eg, s) == ty(eg, m) {
+            if fits(eg, s, m) {
                 changed.extend(union_with(eg, m, s));
             }
         }
@@ -670,7 +690,7 @@ pub const LAYERNORM_AFFINE: Rule = Rule {
         let (g, beta) = (add_const(eg, g), add_const(eg, beta));
         let a = info(eg, &b[0..1]).map(|i| i.attrs.clone()).unwrap_or_default();
         let new = add_op(eg, "LayerNormalization", &[Some(b[1]), Some(g), Some(beta)], a);
-        if ty(eg, new) != ty(eg, root) {
+        if !fits(eg, new, root) {
             return vec![];
         }
         union_with(eg, root, new)
@@ -741,7 +761,7 @@ pub const RMSNORM: Rule = Rule {
         a.insert("axis".into(), Attr::Int(-1));
         a.insert("epsilon".into(), float_attr(eps));
         let new = add_op(eg, "RMSNormalization", &[Some(x), Some(one)], a);
-        if ty(eg, new) != ty(eg, root) {
+        if !fits(eg, new, root) {
             return vec![];
         }
         union_with(eg, root, new)
@@ -773,7 +793,7 @@ pub const RMSNORM_SCALE: Rule = Rule {
         let w = add_const(eg, w);
         let a = info(eg, &b[0..1]).map(|i| i.attrs.clone()).unwrap_or_default();
         let new = add_op(eg, "RMSNormalization", &[Some(b[1]), Some(w)], a);
-        if ty(eg, new) != ty(eg, root) {
+        if !fits(eg, new, root) {
             return vec![];
         }
         union_with(eg, root, new)
@@ -875,7 +895,7 @@ pub const SILU: Rule = Rule {
             return vec![];
         }
         let new = add_op(eg, "Swish", &[Some(b[0])], Attrs::new());
-        if ty(eg, new) != ty(eg, root) {
+        if !fits(eg, new, root) {
             return vec![];
         }
         union_with(eg, root, new)
@@ -913,7 +933,7 @@ pub const SOFTMAX: Rule = Rule {
         let mut a = Attrs::new();
         a.insert("axis".into(), Attr::Int(-1));
         let new = add_op(eg, "Softmax", &[Some(b[0])], a);
-        if ty(eg, new) != ty(eg, root) {
+        if !fits(eg, new, root) {
             return vec![];
         }
         union_with(eg, root, new)
@@ -945,7 +965,7 @@ pub const ATTENTION: Rule = Rule {
             for masked in softmax_last(eg, pv[1]) {
                 // (scores, mask or absent marker, kind: 0 none / 1 bool / 2 additive)
                 let mut cands: Vec<(Id, Option<Id>, usize)> = vec![(masked, None, 0)];
-                let same_ty = |x: Id| ty(eg, x).is_some() && ty(eg, x) == ty(eg, masked);
+                let same_ty = |x: Id| fits(eg, x, masked);
                 for w in ops(eg, masked, "Where") {
                     let neg = scalar(eg, w[3]).is_some_and(|x| x <= -1e9);
                     if neg && ty(eg, w[1]).is_some_and(|t| t.dtype == DType::Bool) && same_ty(w[2]) {
@@ -1022,7 +1042,7 @@ pub const ATTENTION: Rule = Rule {
             operands.push(m);
         }
         let new = add_op(eg, "Attention", &operands, a);
-        if ty(eg, new) != ty(eg, root) {
+        if !fits(eg, new, root) {
             return vec![];
         }
         union_with(eg, root, new)
