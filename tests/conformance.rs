@@ -4,9 +4,13 @@
 //! fails the test and names the case and why. Cases that newly pass are reported; re-bless the
 //! file with `KILN_BLESS=1`. The pass rate counts all 1,884 cases (CLI.md), sequence, optional
 //! and string-typed ones included.
+//!
+//! The suite runs twice: as imported, and after the optimizing pipeline (e-graph rewriting and
+//! fusion priced for the `cpu` target, as `kiln run` compiles by default), on the interpreter.
+//! Both must pass every case the expectation file lists.
 
 use crate::common::data_dir;
-use kiln_onnx::testcase::{list_cases, run_case_ref, TestCase};
+use kiln_onnx::testcase::{list_cases, run_case_with, TestCase};
 use std::collections::BTreeMap;
 use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
@@ -17,9 +21,30 @@ fn expectation_file() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/expectations/node_ref.txt")
 }
 
+/// Imported as is, or optimized (fusion) for the cpu target's description.
+#[derive(Clone, Copy, PartialEq)]
+enum Mode {
+    Imported,
+    Fused,
+}
+
+/// Cases whose optimized module holds at least one `graph.fused` kernel.
+static FUSED_CASES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+fn prepare(mode: Mode, mut m: kiln::Module) -> Result<kiln::Module, String> {
+    if mode == Mode::Fused {
+        let machine = kiln_targets::lookup("cpu").expect("cpu target").machine();
+        kiln_passes::optimize(&mut m, &machine, true).map_err(|e| e.to_string())?;
+        if m.body.ops.iter().any(|&o| m.op(o).name == "graph.fused") {
+            FUSED_CASES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+    Ok(m)
+}
+
 /// Runs one case, turning a panic (always a bug) into a failure.
-fn run_one(case: &TestCase) -> Result<(), String> {
-    std::panic::catch_unwind(AssertUnwindSafe(|| run_case_ref(case))).unwrap_or_else(|p| {
+fn run_one(case: &TestCase, mode: Mode) -> Result<(), String> {
+    std::panic::catch_unwind(AssertUnwindSafe(|| run_case_with(case, &|m| prepare(mode, m)))).unwrap_or_else(|p| {
         let msg = p.downcast_ref::<String>().cloned().or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()));
         Err(format!("PANIC: {}", msg.unwrap_or_default()))
     })
@@ -50,6 +75,16 @@ fn cause(err: &str) -> String {
 
 #[test]
 fn onnx_node_tests_on_ref() {
+    node_tests(Mode::Imported);
+}
+
+#[test]
+fn onnx_node_tests_on_ref_fused() {
+    node_tests(Mode::Fused);
+}
+
+fn node_tests(mode: Mode) {
+    let label = if mode == Mode::Fused { "ref, fused for cpu" } else { "ref" };
     let cases = list_cases(&data_dir().join("node"));
     assert_eq!(cases.len(), EXPECTED_CASES, "onnx 1.23.2 generates {EXPECTED_CASES} node tests");
     // Two workers (the CI machine has 2 cores); results keep case order.
@@ -57,7 +92,7 @@ fn onnx_node_tests_on_ref() {
         let chunks: Vec<&[TestCase]> = cases.chunks(cases.len().div_ceil(2)).collect();
         let handles: Vec<_> = chunks
             .into_iter()
-            .map(|chunk| s.spawn(move || chunk.iter().map(|c| (c.name.clone(), run_one(c))).collect::<Vec<_>>()))
+            .map(|chunk| s.spawn(move || chunk.iter().map(|c| (c.name.clone(), run_one(c, mode))).collect::<Vec<_>>()))
             .collect();
         handles.into_iter().flat_map(|h| h.join().expect("worker")).collect()
     });
@@ -75,13 +110,16 @@ fn onnx_node_tests_on_ref() {
         println!("  {n:5}  {c}");
     }
     println!(
-        "ONNX node tests on ref: {passed}/{EXPECTED_CASES} passed ({:.1}%)",
+        "ONNX node tests on {label}: {passed}/{EXPECTED_CASES} passed ({:.1}%)",
         100.0 * passed as f64 / EXPECTED_CASES as f64
     );
+    if mode == Mode::Fused {
+        println!("{} case(s) ran with fused kernels", FUSED_CASES.load(std::sync::atomic::Ordering::Relaxed));
+    }
 
     let actual: String =
         results.iter().map(|(n, r)| format!("{} {n}\n", if r.is_ok() { "pass" } else { "fail" })).collect();
-    if std::env::var("KILN_BLESS").is_ok_and(|v| v == "1") {
+    if mode == Mode::Imported && std::env::var("KILN_BLESS").is_ok_and(|v| v == "1") {
         std::fs::write(expectation_file(), &actual).expect("write expectations");
         println!("blessed {}", expectation_file().display());
         return;

@@ -142,12 +142,13 @@ pub struct PlanFigures {
 /// (the unfused baseline: every graph op its own kernel).
 pub fn figures(m: &Module, cost: &CostModel, views_are_kernels: bool) -> PlanFigures {
     let mut f = PlanFigures::default();
+    let users = users_of(m);
     for &o in &m.body.ops {
         let class = classify(m, o);
         if matches!(class, OpClass::Constant | OpClass::Host) || (class == OpClass::View && !views_are_kernels) {
             continue;
         }
-        let w = kernel_work(m, &[o], cost);
+        let w = kernel_work(m, &[o], cost, &users);
         f.kernels += 1;
         f.bytes_moved += w.bytes;
         f.seconds += cost.seconds(&w);
@@ -156,7 +157,7 @@ pub fn figures(m: &Module, cost: &CostModel, views_are_kernels: bool) -> PlanFig
 }
 
 /// Work of a kernel made of `ops` (ops of a `graph.fused` region count through it).
-fn kernel_work(m: &Module, ops: &[OpId], cost: &CostModel) -> KernelWork {
+fn kernel_work(m: &Module, ops: &[OpId], cost: &CostModel, users: &HashMap<ValueId, Vec<OpId>>) -> KernelWork {
     let inside: HashSet<OpId> = ops.iter().copied().collect();
     let mut flat = Vec::new();
     for &o in ops {
@@ -207,7 +208,7 @@ fn kernel_work(m: &Module, ops: &[OpId], cost: &CostModel) -> KernelWork {
             row = row.max(last * t.map_or(4, |t| t.dtype.size_bytes() as u64));
         }
     }
-    let outputs = kernel_outputs(m, ops, &inside);
+    let outputs = kernel_outputs(m, ops, &inside, users);
     w.bytes = inputs.iter().chain(&outputs).map(|&v| type_bytes(&m.value(v).ty)).sum();
     if flat.len() > 1 && row * flat.len() as u64 > cost.fast_capacity() {
         w.spill_bytes = internal_bytes;
@@ -234,14 +235,18 @@ fn flatten(m: &Module, o: OpId, out: &mut Vec<OpId>) {
 }
 
 /// Values made by `ops` that something outside them reads (or that are model outputs).
-fn kernel_outputs(m: &Module, ops: &[OpId], inside: &HashSet<OpId>) -> Vec<ValueId> {
+fn kernel_outputs(
+    m: &Module,
+    ops: &[OpId],
+    inside: &HashSet<OpId>,
+    users: &HashMap<ValueId, Vec<OpId>>,
+) -> Vec<ValueId> {
     let mut out = Vec::new();
     for &o in ops {
         for &r in &m.op(o).results {
             out.push(r);
         }
     }
-    let users = users_of(m);
     out.retain(|v| m.outputs().contains(v) || users.get(v).is_some_and(|us| us.iter().any(|u| !inside.contains(u))));
     out
 }
@@ -299,6 +304,7 @@ struct Partition<'m> {
     /// Producer op index of each value defined at top level.
     producer: HashMap<ValueId, usize>,
     users: Vec<Vec<usize>>,
+    value_users: HashMap<ValueId, Vec<OpId>>,
     outputs: HashSet<ValueId>,
 }
 
@@ -314,8 +320,9 @@ impl<'m> Partition<'m> {
             }
         }
         let mut users = vec![Vec::new(); order.len()];
-        for (v, us) in users_of(m) {
-            if let Some(&p) = producer.get(&v) {
+        let value_users = users_of(m);
+        for (v, us) in &value_users {
+            if let Some(&p) = producer.get(v) {
                 let mut list: Vec<usize> = us.iter().map(|u| index[u]).collect();
                 list.sort();
                 list.dedup();
@@ -338,6 +345,7 @@ impl<'m> Partition<'m> {
             members,
             producer,
             users,
+            value_users,
             outputs: m.outputs().iter().copied().collect(),
         }
     }
@@ -369,7 +377,7 @@ impl<'m> Partition<'m> {
         if ops.iter().all(|&o| is_view(self.m.op(o).op_type())) {
             return 0.0;
         }
-        self.cost.seconds(&kernel_work(self.m, &ops, self.cost))
+        self.cost.seconds(&kernel_work(self.m, &ops, self.cost, &self.value_users))
     }
 
     /// Groups whose results group `g` reads.
@@ -817,3 +825,7 @@ fn remap_uses(m: &mut Module, o: OpId, remap: &HashMap<ValueId, ValueId>) {
     }
     m.op_mut(o).regions = op;
 }
+
+#[cfg(test)]
+#[path = "fusion_tests.rs"]
+mod tests;

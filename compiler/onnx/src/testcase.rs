@@ -112,7 +112,13 @@ pub fn compare(got: &Tensor, want: &Tensor, rtol: f64, atol: f64) -> Result<(), 
 
 /// Runs a case on the reference interpreter; `Err` is the reason it fails.
 pub fn run_case_ref(case: &TestCase) -> Result<(), String> {
-    let m = case.load_model().map_err(|e| e.to_string())?;
+    run_case_with(case, &|m| Ok(m))
+}
+
+/// Runs a case on the reference interpreter after `prepare` rewrote the imported module (a
+/// pass pipeline, e.g. fusion); `Err` is the reason it fails.
+pub fn run_case_with(case: &TestCase, prepare: &dyn Fn(Module) -> Result<Module, String>) -> Result<(), String> {
+    let m = prepare(case.load_model().map_err(|e| e.to_string())?)?;
     let sets = case.data_sets().map_err(|e| e.to_string())?;
     for (si, set) in sets.into_iter().enumerate() {
         let got = kiln_ir::interp::run(&m, set.inputs).map_err(|e| e.to_string())?;

@@ -123,6 +123,8 @@ pub struct GraphAnalysis {
     const_index: HashMap<(kiln_ir::DType, Vec<usize>, Vec<u8>), u32>,
     /// Constants that [`rules::MATMUL_MERGE`] built (never merged again).
     pub merged_weights: HashSet<u32>,
+    /// Rule applications done: (rule, canonical classes of the root and the bindings).
+    pub applied: HashSet<(&'static str, Vec<Id>)>,
     /// Weight sets [`rules::MATMUL_MERGE`] already merged.
     pub merges_done: HashSet<Vec<u32>>,
 }
@@ -140,6 +142,7 @@ impl GraphAnalysis {
             next_dim: 1 << 20,
             const_index: HashMap::new(),
             merged_weights: HashSet::new(),
+            applied: HashSet::new(),
             merges_done: HashSet::new(),
         }
     }
@@ -820,3 +823,6 @@ pub fn saturate(
     let out = to_module(m, &runner.egraph, &choice, &roots)?;
     Ok((out, stats))
 }
+
+#[cfg(test)]
+mod tests;

@@ -55,6 +55,13 @@ impl Searcher<Node, super::GraphAnalysis> for Rule {
 impl Applier<Node, super::GraphAnalysis> for Rule {
     fn apply_one(&self, eg: &mut Graph, eclass: Id, subst: &Subst, _: Option<&PatternAst<Node>>, _: Symbol) -> Vec<Id> {
         let ids: Vec<Id> = (0..MAX_BINDINGS).map_while(|i| subst.get(var(i)).copied()).collect();
+        // A rule applies once per binding: re-applying would rebuild the same nodes (and, for
+        // folded weights, new constants) every iteration.
+        let mut key = vec![eg.find(eclass)];
+        key.extend(ids.iter().map(|&i| eg.find(i)));
+        if !eg.analysis.applied.insert((self.name, key)) {
+            return vec![];
+        }
         (self.apply)(eg, eclass, &ids)
     }
 }
