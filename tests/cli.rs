@@ -149,13 +149,58 @@ fn inspect_lists_every_unsupported_op_at_once() {
 }
 
 #[test]
-fn compile_emits_graph_ir_and_refuses_stages_not_built_yet() {
+fn compile_emits_graph_and_fused_ir_and_refuses_stages_not_built_yet() {
     let m = case_dir("test_add_bcast").join("model.onnx");
     let o = kiln(&["compile", s(&m), "--emit", "graph"]);
     assert!(o.status.success(), "{}", stderr(&o));
     let text = String::from_utf8_lossy(&o.stdout);
     assert!(text.contains("\"func.func\"") && text.contains("\"graph.Add\""), "{text}");
     fails(&["compile", s(&m), "--emit", "kernel"], 2, &["--emit kernel", "not available yet"]);
+    // The fused stage: an elementwise chain becomes one graph.fused kernel; --no-fusion keeps
+    // every op.
+    let chain = model(
+        17,
+        vec![
+            node("Add", "add", &["x", "x"], &["a"], vec![]),
+            node("Relu", "relu", &["a"], &["r"], vec![]),
+            node("Exp", "exp", &["r"], &["y"], vec![]),
+        ],
+        vec![value_info("x", 1, &["4", "8"])],
+        vec![value_info("y", 1, &["4", "8"])],
+        vec![],
+    );
+    let dir = temp_dir("cli-fused");
+    let p = save(&dir, "chain.onnx", &chain);
+    let o = kiln(&["compile", s(&p), "--target", "cpu", "--emit", "fused"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(text.matches("\"graph.fused\"").count(), 1, "{text}");
+    assert!(text.contains("kind = \"elementwise\""), "{text}");
+    let o = kiln(&["compile", s(&p), "--target", "cpu", "--emit", "fused", "--no-fusion"]);
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(!text.contains("graph.fused") && text.contains("graph.Exp"), "{text}");
+    let o = kiln(&["inspect", s(&p), "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
+    assert_eq!((v["graph_ops"].as_u64(), v["kernels"].as_u64()), (Some(3), Some(1)), "{v}");
+    assert!(v["bytes_moved_after"].as_u64() < v["bytes_moved_before"].as_u64(), "{v}");
+    let o = kiln(&["inspect", s(&p), "--json", "--no-fusion"]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
+    assert_eq!(v["kernels"].as_u64(), Some(3), "{v}");
+    assert_eq!(v["bytes_moved_after"], v["bytes_moved_before"], "{v}");
+    // Runs agree with and without fusion.
+    let x = dir.join("x.pb");
+    kiln_onnx::write_tensor_pb(&x, &Tensor::from_f32(&[4, 8], (0..32).map(|i| i as f32 / 8.0 - 2.0).collect()), "x")
+        .unwrap();
+    for (flag, out) in [(None, "on"), (Some("--no-fusion"), "off")] {
+        let d = dir.join(out);
+        let mut args = vec!["run", s(&p), "--input", s(&x), "--output-dir", s(&d)];
+        args.extend(flag);
+        let o = kiln(&args);
+        assert!(o.status.success(), "{}", stderr(&o));
+    }
+    let a = kiln_onnx::read_tensor_file(&dir.join("on/output_0.pb")).unwrap();
+    let b = kiln_onnx::read_tensor_file(&dir.join("off/output_0.pb")).unwrap();
+    kiln_onnx::testcase::compare(&a, &b, 1e-6, 0.0).unwrap();
     fails(&["compile", s(&m), "--emit", "bogus"], 2, &["unknown stage"]);
     let dir = temp_dir("cli-compile");
     let o = kiln(&["compile", s(&m), "-o", s(&dir)]);

@@ -8,6 +8,7 @@
 mod cli;
 mod common;
 mod conformance;
+mod fusion;
 mod fuzz;
 mod ir_text;
 mod light;

@@ -1,7 +1,10 @@
 //! GPT-2 and Llama transformer blocks as exporters write them (decomposed LayerNorm / RMSNorm,
 //! erf-GELU, SwiGLU, rotary embedding, causal masks; scripts/make_transformer_blocks.py), static
 //! `[1,128,256]` and with symbolic `["B","S",256]` inputs, on `--target ref`: every data set is
-//! compared with onnxruntime's output (rtol 1e-4, atol 1e-5).
+//! compared with onnxruntime's output (rtol 1e-4, atol 1e-5), fused (the default) and with
+//! `--no-fusion`, and fused against unfused (rtol 1e-4, atol 1e-5, CLI.md). The fusion figures
+//! (`kiln inspect`) must show fewer than one kernel per five graph ops and, for the static
+//! blocks, at least halved bytes moved.
 
 use crate::common::data_dir;
 use kiln_onnx::testcase::{compare, TestCase};
@@ -29,13 +32,19 @@ fn run_block(name: &str) {
     let case = TestCase::new(&blocks_dir().join(name));
     let t0 = Instant::now();
     let m = kiln::load_model(&case.dir.join("model.onnx")).unwrap_or_else(|e| panic!("{e}"));
+    let unfused =
+        kiln::compile_with(m.clone(), "ref", &kiln::Options { fusion: false }).unwrap_or_else(|e| panic!("{e}"));
     let c = kiln::compile(m, "ref").unwrap_or_else(|e| panic!("{e}"));
     let load = t0.elapsed();
+    let fused_ops = c.module().body.ops.iter().filter(|&&o| c.module().op(o).name == "graph.fused").count();
+    assert!(fused_ops > 0, "{name}: nothing was fused");
+    assert!(!unfused.module().body.ops.iter().any(|&o| unfused.module().op(o).name == "graph.fused"));
     let sets = case.data_sets().unwrap_or_else(|e| panic!("{e}"));
     assert!(!sets.is_empty(), "{name}: no test data sets");
     for (si, set) in sets.into_iter().enumerate() {
         let shape = set.inputs[0].shape.clone();
         let t1 = Instant::now();
+        let plain = unfused.run(set.inputs.clone()).unwrap_or_else(|e| panic!("{name}, data set {si}, unfused: {e}"));
         let got = c.run(set.inputs).unwrap_or_else(|e| panic!("{name}, data set {si}: {e}"));
         println!(
             "{name} set {si} {shape:?}: load {:.2} s, run {:.3} s",
@@ -43,9 +52,13 @@ fn run_block(name: &str) {
             t1.elapsed().as_secs_f64()
         );
         assert_eq!(got.len(), set.outputs.len(), "{name}, data set {si}: output count");
-        for (i, (g, w)) in got.iter().zip(&set.outputs).enumerate() {
+        for (i, ((g, p), w)) in got.iter().zip(&plain).zip(&set.outputs).enumerate() {
             compare(g, w, 1e-4, 1e-5)
                 .unwrap_or_else(|e| panic!("{name}, data set {si}, output {i} vs onnxruntime: {e}"));
+            compare(p, w, 1e-4, 1e-5)
+                .unwrap_or_else(|e| panic!("{name}, data set {si}, output {i} unfused vs onnxruntime: {e}"));
+            compare(g, p, 1e-4, 1e-5)
+                .unwrap_or_else(|e| panic!("{name}, data set {si}, output {i} fused vs unfused: {e}"));
         }
     }
 }
@@ -74,5 +87,37 @@ fn llama_block_dyn() {
 fn block_paths_exist() {
     for p in block_paths() {
         assert!(p.exists(), "{} missing", p.display());
+    }
+}
+
+/// Fusion figures of every block on the `cpu` description (symbolic dims count 1 in bytes, so
+/// only the static blocks are held to the bytes figure).
+#[test]
+fn fusion_figures() {
+    for (name, path) in BLOCKS.iter().zip(block_paths()) {
+        let r = kiln::inspect::inspect(&path, "cpu").unwrap_or_else(|e| panic!("{e}"));
+        println!(
+            "{name}: {} graph ops -> {} kernels ({:.1} ops/kernel), bytes moved {} -> {} ({:.2}x), fusion {:.1} ms, kernels {:?}",
+            r.graph_ops,
+            r.kernels,
+            r.graph_ops as f64 / r.kernels as f64,
+            r.bytes_moved_before,
+            r.bytes_moved_after,
+            r.bytes_moved_before as f64 / r.bytes_moved_after as f64,
+            r.fusion_ms,
+            r.kernels_by_kind
+        );
+        assert!(r.kernels * 5 < r.graph_ops, "{name}: {} kernels for {} graph ops", r.kernels, r.graph_ops);
+        assert_eq!(r.kernels_by_kind.get("fused:attention"), Some(&1), "{name}: attention is one kernel");
+        if !name.ends_with("_dyn") {
+            assert!(
+                r.bytes_moved_after * 2 <= r.bytes_moved_before,
+                "{name}: bytes moved {} -> {}",
+                r.bytes_moved_before,
+                r.bytes_moved_after
+            );
+        }
+        let off = kiln::inspect::inspect_with(&path, "cpu", &kiln::Options { fusion: false }).unwrap();
+        assert_eq!(off.kernels, off.graph_ops, "{name}: --no-fusion runs every graph op as a kernel");
     }
 }

@@ -260,12 +260,17 @@ fn compile(
     let m = kiln::load_model(model)?;
     let graph = if stages.contains(&"graph") { Some(kiln::cleanup(m.clone())?) } else { None };
     let c = kiln::compile_with(m, target, opts)?;
-    let print_opts = kiln_ir::printer::PrintOptions { elide_constants_over: if full || out.is_some() { None } else { Some(16) } };
+    let print_opts =
+        kiln_ir::printer::PrintOptions { elide_constants_over: if full || out.is_some() { None } else { Some(16) } };
     for stage in stages {
         let text = match stage {
             "graph" => kiln_ir::printer::print_module(graph.as_ref().expect("cleaned up above"), print_opts),
             "fused" => kiln_ir::printer::print_module(c.module(), print_opts),
-            other => return Err(Error::Usage(format!("--emit {other}: unknown stage (graph, fused, kernel, mlir, llvm, asm)"))),
+            other => {
+                return Err(Error::Usage(format!(
+                    "--emit {other}: unknown stage (graph, fused, kernel, mlir, llvm, asm)"
+                )))
+            }
         };
         match out {
             Some(dir) => {

@@ -111,23 +111,27 @@ pub fn op_flops(op_type: &str, attrs: &Attrs, inputs: &[Option<&TensorType>], ou
         }
         "Conv" | "ConvInteger" => {
             let w = input(1);
-            let per = w.and_then(|t| t.shape.as_ref()).map_or(1.0, |s| {
-                s.iter().skip(1).map(|d| d.known().unwrap_or(1) as f64).product::<f64>()
-            });
+            let per = w
+                .and_then(|t| t.shape.as_ref())
+                .map_or(1.0, |s| s.iter().skip(1).map(|d| d.known().unwrap_or(1) as f64).product::<f64>());
             2.0 * out * per
         }
         "ConvTranspose" => {
             let w = input(1);
-            let per = w.and_then(|t| t.shape.as_ref()).map_or(1.0, |s| {
-                s.iter().skip(1).map(|d| d.known().unwrap_or(1) as f64).product::<f64>()
-            });
+            let per = w
+                .and_then(|t| t.shape.as_ref())
+                .map_or(1.0, |s| s.iter().skip(1).map(|d| d.known().unwrap_or(1) as f64).product::<f64>());
             2.0 * in_numel(0) * per
         }
         // Q·Kᵀ and P·V: 4·B·H·S·T·D.
         "Attention" => 4.0 * in_numel(0) * dim(input(1), -2),
         "Exp" | "Log" | "Erf" | "Tanh" | "Sigmoid" | "Gelu" | "Swish" | "Mish" | "Softplus" | "Pow" | "Sin" | "Cos"
         | "Elu" | "Selu" | "HardSwish" => 10.0 * out,
-        "LayerNormalization" | "RMSNormalization" | "Softmax" | "LogSoftmax" | "GroupNormalization"
+        "LayerNormalization"
+        | "RMSNormalization"
+        | "Softmax"
+        | "LogSoftmax"
+        | "GroupNormalization"
         | "InstanceNormalization" => 8.0 * in_numel(0),
         "MaxPool" | "AveragePool" | "LpPool" => {
             let k: f64 = AttrView(attrs)

@@ -80,7 +80,9 @@ pub fn classify(m: &Module, o: OpId) -> OpClass {
         let ty = &m.value(*v).ty;
         ty.dtype.is_int() && ty.static_shape().is_some_and(|s| s.iter().product::<usize>() <= 64)
     };
-    if matches!(t, "Shape" | "Size") || (op.results.iter().all(small_int) && op.operands.iter().flatten().all(small_int)) {
+    if matches!(t, "Shape" | "Size")
+        || (op.results.iter().all(small_int) && op.operands.iter().flatten().all(small_int))
+    {
         return OpClass::Host;
     }
     if op.results.len() != 1 {
@@ -138,14 +140,14 @@ pub struct PlanFigures {
 }
 
 /// Figures of `m` as it stands: each top-level op is one kernel (a `graph.fused` op counts its
-/// operands and results only). With `views_are_kernels`, views count as copying kernels too
-/// (the unfused baseline: every graph op its own kernel).
-pub fn figures(m: &Module, cost: &CostModel, views_are_kernels: bool) -> PlanFigures {
+/// operands and results only). With `unfused`, views and host shape arithmetic count as kernels
+/// too (the unfused baseline: every graph op its own kernel).
+pub fn figures(m: &Module, cost: &CostModel, unfused: bool) -> PlanFigures {
     let mut f = PlanFigures::default();
     let users = users_of(m);
     for &o in &m.body.ops {
         let class = classify(m, o);
-        if matches!(class, OpClass::Constant | OpClass::Host) || (class == OpClass::View && !views_are_kernels) {
+        if class == OpClass::Constant || (matches!(class, OpClass::View | OpClass::Host) && !unfused) {
             continue;
         }
         let w = kernel_work(m, &[o], cost, &users);
@@ -189,8 +191,7 @@ fn kernel_work(m: &Module, ops: &[OpId], cost: &CostModel, users: &HashMap<Value
         if op.name == "graph.fused" {
             continue;
         }
-        let ins: Vec<Option<&kiln_ir::TensorType>> =
-            op.operands.iter().map(|v| v.map(|v| &m.value(v).ty)).collect();
+        let ins: Vec<Option<&kiln_ir::TensorType>> = op.operands.iter().map(|v| v.map(|v| &m.value(v).ty)).collect();
         let outs: Vec<&kiln_ir::TensorType> = op.results.iter().map(|&r| &m.value(r).ty).collect();
         if is_view(op.op_type()) {
             continue;
@@ -519,9 +520,8 @@ impl<'m> Partition<'m> {
         let mut n = 0;
         for g0 in self.roots() {
             let mut g = self.find(g0);
-            let is_reduction = self.members.get(&g).is_some_and(|ms| {
-                ms.iter().any(|&i| self.class[i] == OpClass::Reduction)
-            });
+            let is_reduction =
+                self.members.get(&g).is_some_and(|ms| ms.iter().any(|&i| self.class[i] == OpClass::Reduction));
             if !is_reduction {
                 continue;
             }
@@ -550,9 +550,10 @@ impl<'m> Partition<'m> {
             if self.members[&g].iter().all(|&i| self.class[i] == OpClass::View) {
                 continue;
             }
-            let best = self.producer_groups(g).into_iter().filter(|&p| !self.only_layout(p) && self.can_merge(p, g)).max_by(
-                |&a, &b| self.saving(a, g).partial_cmp(&self.saving(b, g)).unwrap_or(std::cmp::Ordering::Equal),
-            );
+            let best =
+                self.producer_groups(g).into_iter().filter(|&p| !self.only_layout(p) && self.can_merge(p, g)).max_by(
+                    |&a, &b| self.saving(a, g).partial_cmp(&self.saving(b, g)).unwrap_or(std::cmp::Ordering::Equal),
+                );
             if let Some(p) = best {
                 if self.saving(p, g) > 0.0 {
                     self.merge(p, g);
@@ -687,7 +688,9 @@ fn emit(m: &mut Module, groups: &[Vec<OpId>]) {
         let outputs: Vec<ValueId> = g
             .iter()
             .flat_map(|&o| m.op(o).results.clone())
-            .filter(|v| m.outputs().contains(v) || users.get(v).is_some_and(|us| us.iter().any(|u| !inside.contains(u))))
+            .filter(|v| {
+                m.outputs().contains(v) || users.get(v).is_some_and(|us| us.iter().any(|u| !inside.contains(u)))
+            })
             .collect();
         let mut block = Block::default();
         let mut arg_of: HashMap<ValueId, ValueId> = HashMap::new();
@@ -779,8 +782,7 @@ fn emit(m: &mut Module, groups: &[Vec<OpId>]) {
         });
         *indeg.get_mut(&u).expect("unit") = seen.len();
     }
-    let mut ready: BTreeSet<(usize, u32)> =
-        top.iter().filter(|u| indeg[u] == 0).map(|&u| (first[&u], u.0)).collect();
+    let mut ready: BTreeSet<(usize, u32)> = top.iter().filter(|u| indeg[u] == 0).map(|&u| (first[&u], u.0)).collect();
     let mut order = Vec::with_capacity(top.len());
     while let Some(&(k, id)) = ready.iter().next() {
         ready.remove(&(k, id));

@@ -190,7 +190,8 @@ impl Analysis<Node> for GraphAnalysis {
 
     fn make(eg: &mut Graph, n: &Node) -> Data {
         let pending = eg.analysis.pending.take().unwrap_or_default();
-        let mut d = Data { node_name: pending.node_name, value_name: pending.value_name, valid: true, ..Data::default() };
+        let mut d =
+            Data { node_name: pending.node_name, value_name: pending.value_name, valid: true, ..Data::default() };
         match n {
             Node::Leaf(l @ (Leaf::Attrs(_) | Leaf::Index(_) | Leaf::Absent)) => d.leaf = Some(*l),
             Node::Leaf(Leaf::Input(i)) => d.types = vec![eg.analysis.input_types[*i as usize].clone()],
@@ -339,7 +340,8 @@ pub fn add_op(eg: &mut Graph, op_type: &str, operands: &[Option<Id>], attrs: Att
 /// Adds a constant. Small constants that rules build are shared: building the same one twice
 /// gives the same class, so re-applying a rule adds nothing.
 pub fn add_const(eg: &mut Graph, t: Tensor) -> Id {
-    let key = (t.len() <= 1 << 16 && t.dtype() != kiln_ir::DType::String).then(|| (t.dtype(), t.shape.clone(), t.data.to_le_bytes()));
+    let key = (t.len() <= 1 << 16 && t.dtype() != kiln_ir::DType::String)
+        .then(|| (t.dtype(), t.shape.clone(), t.data.to_le_bytes()));
     if let Some(&k) = key.as_ref().and_then(|k| eg.analysis.const_index.get(k)) {
         return eg.add(Node::Leaf(Leaf::Const(k)));
     }
@@ -436,7 +438,11 @@ pub fn to_egraph(m: &Module) -> Result<Converted, String> {
             let tuple = add_named(&mut eg, node, Pending { types: Some(types.clone()), node_name, value_name: None });
             for (i, &r) in op.results.iter().enumerate() {
                 let idx = eg.add(Node::Leaf(Leaf::Index(i as u32)));
-                let p = Pending { types: Some(vec![types[i].clone()]), node_name: None, value_name: m.value(r).name.clone() };
+                let p = Pending {
+                    types: Some(vec![types[i].clone()]),
+                    node_name: None,
+                    value_name: m.value(r).name.clone(),
+                };
                 class.insert(r, add_named(&mut eg, Node::Op(Symbol::from(GET), vec![idx, tuple]), p));
             }
         }
@@ -704,7 +710,8 @@ pub fn to_module(src: &Module, eg: &Graph, choice: &HashMap<Id, Node>, roots: &[
                 for (&old, &x) in info.captured.iter().zip(&ch[1 + info.n_operands..]) {
                     remap.insert(old, done[&eg.find(x)][0]);
                 }
-                let regions: Vec<Region> = info.regions.iter().map(|r| copy_region(src, &mut m, r, &mut remap)).collect();
+                let regions: Vec<Region> =
+                    info.regions.iter().map(|r| copy_region(src, &mut m, r, &mut remap)).collect();
                 let mut attrs = info.attrs.clone();
                 if let Some(n) = &d.node_name {
                     attrs.insert(NODE_NAME_ATTR.into(), Attr::Str(n.clone()));

@@ -242,7 +242,9 @@ fn float_attr(v: f64) -> Attr {
 /// Normalized permutation of a Transpose of rank `r` (default: reversed).
 fn perm(a: AttrView, r: usize) -> Option<Vec<usize>> {
     match a.ints("perm").ok()? {
-        Some(p) if p.len() == r => p.iter().map(|&x| usize::try_from(if x < 0 { x + r as i64 } else { x }).ok()).collect(),
+        Some(p) if p.len() == r => {
+            p.iter().map(|&x| usize::try_from(if x < 0 { x + r as i64 } else { x }).ok()).collect()
+        }
         Some(_) => None,
         None => Some((0..r).rev().collect()),
     }
@@ -379,7 +381,8 @@ pub const BN_INTO_CONV: Rule = Rule {
     },
     apply: |eg, root, b| {
         let eps = attrs(eg, &b[4..5]).float("epsilon", 1e-5).unwrap_or(1e-5) as f64;
-        let [s, beta, mean, var] = [b[5], b[6], b[7], b[8]].map(|p| konst(eg, p).map(|t| t.to_f64()).unwrap_or_default());
+        let [s, beta, mean, var] =
+            [b[5], b[6], b[7], b[8]].map(|p| konst(eg, p).map(|t| t.to_f64()).unwrap_or_default());
         let k: Vec<f64> = s.iter().zip(&var).map(|(s, v)| s / (v + eps).sqrt()).collect();
         match rescaled_conv(eg, b, &k, &mean, &beta) {
             Some(new) => union_with(eg, root, new),
@@ -629,7 +632,8 @@ pub const LAYERNORM: Rule = Rule {
                                 continue;
                             }
                             for p in reduce_last(eg, var, "ReduceMean") {
-                                let squares = ops(eg, p, "Pow").any(|pw| same(eg, pw[1], d) && scalar(eg, pw[2]) == Some(2.0))
+                                let squares = ops(eg, p, "Pow")
+                                    .any(|pw| same(eg, pw[1], d) && scalar(eg, pw[2]) == Some(2.0))
                                     || ops(eg, p, "Mul").any(|m| same(eg, m[1], d) && same(eg, m[2], d));
                                 if squares {
                                     out.push(vec![x, eps]);
