@@ -11,6 +11,8 @@ M=examples/tiny_cnn
 echo "== kiln targets"; $KILN targets
 echo "== kiln inspect $M/model.onnx"; $KILN inspect $M/model.onnx
 echo "== kiln compile $M/model.onnx --emit graph (first lines)"; $KILN compile $M/model.onnx --emit graph | head -n 12
+echo "== kiln compile $M/model.onnx --target cpu --emit fused (kernels, one line each)"
+$KILN compile $M/model.onnx --target cpu --emit fused | grep -E '^    %[0-9]+ = "graph\.' | grep -v graph.Constant | cut -c1-140
 echo "== kiln run $M/model.onnx --target ref"
 $KILN run $M/model.onnx --target ref --input $M/input_0.pb --output-dir kiln-out --npy
 .venv/bin/python - <<'PY'
