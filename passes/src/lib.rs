@@ -70,7 +70,7 @@ pub fn optimize(
     }
     let t0 = std::time::Instant::now();
     let rules = egraph::rules::rewrites();
-    let (rewritten, sat) = egraph::saturate(m, &rules, &cost, egraph::Limits::default())
+    let (rewritten, sat) = egraph::saturate_owned(std::mem::take(m), &rules, &cost, egraph::Limits::default())
         .map_err(|msg| PassError { pass: "egraph", msg })?;
     verify(&rewritten).map_err(|e| PassError::verify("egraph", e))?;
     *m = rewritten;

@@ -22,7 +22,7 @@ use crate::cost::{is_view, op_flops, type_bytes, CostModel, KernelWork};
 use egg::{define_language, Analysis, DidMerge, EGraph, Id, Language, Symbol};
 use kiln_ir::attr::{Attr, Attrs};
 use kiln_ir::graph::{lookup, EvalCx, InferCx, NoRegions};
-use kiln_ir::ir::{Block, Module, Region, ValueId, NODE_NAME_ATTR};
+use kiln_ir::ir::{Block, Module, OpId, Region, ValueId, NODE_NAME_ATTR};
 use kiln_ir::{Tensor, TensorType};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
@@ -388,8 +388,13 @@ pub fn captured_values(m: &Module, regions: &[Region]) -> Vec<ValueId> {
     out
 }
 
-/// Builds the e-graph of `m`'s body.
+/// Builds the e-graph of `m`'s body (constants are copied into it).
 pub fn to_egraph(m: &Module) -> Result<Converted, String> {
+    convert(m, &mut |_, t| t.clone())
+}
+
+/// Builds the e-graph of `m`'s body; `constant(op, value)` hands over each constant's value.
+fn convert(m: &Module, constant: &mut dyn FnMut(OpId, &Tensor) -> Tensor) -> Result<Converted, String> {
     let input_types = m.inputs().iter().map(|&v| m.value(v).ty.clone()).collect();
     let mut eg = Graph::new(GraphAnalysis::new(input_types, kiln_ir::interp::module_opset(m)));
     let mut class: HashMap<ValueId, Id> = HashMap::new();
@@ -407,7 +412,7 @@ pub fn to_egraph(m: &Module) -> Result<Converted, String> {
         if op_type == "Constant" && op.results.len() == 1 {
             if let Some(Attr::Tensor(t)) = op.attrs.get("value") {
                 let k = eg.analysis.consts.len() as u32;
-                eg.analysis.consts.push(Arc::new(t.clone()));
+                eg.analysis.consts.push(Arc::new(constant(o, t)));
                 let r = op.results[0];
                 let p = Pending { node_name, value_name: m.value(r).name.clone(), types: None };
                 class.insert(r, add_named(&mut eg, Node::Leaf(Leaf::Const(k)), p));
@@ -653,6 +658,17 @@ fn share_subterms(eg: &Graph, costs: &HashMap<Id, Vec<Option<f64>>>, roots: &[Id
 /// Rebuilds a module from the chosen nodes: `src` gives the name, attributes, signature and the
 /// region bodies of region ops; values get their classes' names, ops their classes' node names.
 pub fn to_module(src: &Module, eg: &Graph, choice: &HashMap<Id, Node>, roots: &[Id]) -> Result<Module, String> {
+    build_module(src, eg, choice, roots, &mut |k| (*eg.analysis.consts[k as usize]).clone())
+}
+
+/// [`to_module`], taking each constant's value from `constant(index)`.
+fn build_module(
+    src: &Module,
+    eg: &Graph,
+    choice: &HashMap<Id, Node>,
+    roots: &[Id],
+    constant: &mut dyn FnMut(u32) -> Tensor,
+) -> Result<Module, String> {
     let mut m = Module::new(&src.name);
     m.attrs = src.attrs.clone();
     for &v in src.inputs() {
@@ -682,7 +698,7 @@ pub fn to_module(src: &Module, eg: &Graph, choice: &HashMap<Id, Node>, roots: &[
         let vals = match n {
             Node::Leaf(Leaf::Input(i)) => vec![m.body.args[*i as usize]],
             Node::Leaf(Leaf::Const(k)) => {
-                let t = (*eg.analysis.consts[*k as usize]).clone();
+                let t = constant(*k);
                 let mut attrs = Attrs::new();
                 attrs.insert("value".into(), Attr::Tensor(t));
                 if let Some(n) = &d.node_name {
@@ -807,7 +823,29 @@ pub fn saturate(
     cost: &CostModel,
     limits: Limits,
 ) -> Result<(Module, SaturationStats), String> {
-    let Converted { egraph, roots } = to_egraph(m)?;
+    saturate_owned(m.clone(), rules, cost, limits)
+}
+
+/// [`saturate`] consuming the module: constants move into the e-graph and out again into the
+/// result instead of being copied (weights are most of a model's bytes).
+pub fn saturate_owned(
+    mut m: Module,
+    rules: &[egg::Rewrite<Node, GraphAnalysis>],
+    cost: &CostModel,
+    limits: Limits,
+) -> Result<(Module, SaturationStats), String> {
+    let mut taken: HashMap<OpId, Tensor> = HashMap::new();
+    for o in m.body.ops.clone() {
+        let op = m.op_mut(o);
+        if op.name == "graph.Constant" && op.results.len() == 1 {
+            if let Some(Attr::Tensor(t)) = op.attrs.get_mut("value") {
+                let empty = Tensor::zeros(t.dtype(), &[0]);
+                taken.insert(o, std::mem::replace(t, empty));
+            }
+        }
+    }
+    let Converted { egraph, roots } =
+        convert(&m, &mut |o, t| taken.remove(&o).unwrap_or_else(|| t.clone()))?;
     let runner = egg::Runner::<Node, GraphAnalysis, ()>::new(GraphAnalysis::new(vec![], 0))
         .with_egraph(egraph)
         .with_iter_limit(limits.iterations)
@@ -827,7 +865,16 @@ pub fn saturate(
         }
     }
     let choice = extract(&runner.egraph, cost, &roots)?;
-    let out = to_module(m, &runner.egraph, &choice, &roots)?;
+    // Drop the analysis' references so each constant is handed over, not copied.
+    let mut eg = runner.egraph;
+    for c in eg.classes_mut() {
+        c.data.konst = None;
+    }
+    let mut consts: Vec<Option<Arc<Tensor>>> = std::mem::take(&mut eg.analysis.consts).into_iter().map(Some).collect();
+    let out = build_module(&m, &eg, &choice, &roots, &mut |k| match consts[k as usize].take() {
+        Some(a) => Arc::try_unwrap(a).unwrap_or_else(|a| (*a).clone()),
+        None => Tensor::zeros(kiln_ir::DType::F32, &[0]),
+    })?;
     Ok((out, stats))
 }
 

@@ -101,6 +101,10 @@ impl OpDef for Constant {
         "Constant"
     }
     fn infer(&self, cx: &mut InferCx) -> OpResult<Vec<TensorType>> {
+        // The common form is read in place: weights are not copied to learn their type.
+        if let Some(t) = cx.attrs.tensor("value")? {
+            return Ok(vec![TensorType::known(t.dtype(), &t.shape)]);
+        }
         let t = constant_value(&cx.attrs)?;
         Ok(vec![TensorType::known(t.dtype(), &t.shape)])
     }
