@@ -171,7 +171,8 @@ fn fused_ir(name: &str, proto: &ModelProto) -> String {
     let path = save(&dir, &format!("{name}.onnx"), proto);
     let m = kiln::load_model(&path).unwrap_or_else(|e| panic!("{e}"));
     let fused = kiln::compile(m.clone(), "cpu").unwrap_or_else(|e| panic!("{e}"));
-    let plain = kiln::compile_with(m, "cpu", &kiln::Options { fusion: false }).unwrap_or_else(|e| panic!("{e}"));
+    let plain = kiln::compile_with(m, "cpu", &kiln::Options { fusion: false, ..Default::default() })
+        .unwrap_or_else(|e| panic!("{e}"));
     let inputs: Vec<Tensor> = fused
         .inputs()
         .iter()

@@ -62,11 +62,14 @@ pub struct Options {
     /// E-graph rewriting and kernel fusion (on by default; `--no-fusion` turns it off: every
     /// graph op is then its own kernel).
     pub fusion: bool,
+    /// Sizes of symbolic dims to price plans with (`--dim NAME=N`); unbound ones count 1.
+    /// They guide fusion decisions only: the compiled model still runs at any size.
+    pub dims: Vec<(String, u64)>,
 }
 
 impl Default for Options {
     fn default() -> Options {
-        Options { fusion: true }
+        Options { fusion: true, dims: Vec::new() }
     }
 }
 
@@ -80,7 +83,8 @@ pub fn compile(module: Module, target: &str) -> Result<CompiledModel, Error> {
 pub fn compile_with(mut module: Module, target: &str, opts: &Options) -> Result<CompiledModel, Error> {
     let t = kiln_targets::lookup(target).ok_or_else(|| Error::UnknownTarget(target.to_string()))?;
     let name = module.name.clone();
-    let report = kiln_passes::optimize(&mut module, &t.machine(), opts.fusion)
+    let cost = kiln_passes::cost::CostModel::new(&t.machine()).with_dims(opts.dims.iter().cloned());
+    let report = kiln_passes::optimize_with(&mut module, &cost, opts.fusion)
         .map_err(|source| Error::Pass { model: name.clone(), source })?;
     Ok(CompiledModel { module, target: t, name, report })
 }

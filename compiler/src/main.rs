@@ -65,6 +65,9 @@ enum Cmd {
         /// Turn e-graph rewriting and fusion off: every graph op is its own kernel.
         #[arg(long)]
         no_fusion: bool,
+        /// Size a symbolic dimension for the figures and the cost model: `NAME=N` (default 1).
+        #[arg(long = "dim")]
+        dims: Vec<String>,
     },
     /// Measure compile time and run latency on a target.
     Bench {
@@ -106,14 +109,16 @@ fn main() -> ExitCode {
 fn dispatch(cmd: Cmd) -> Result<(), Error> {
     match cmd {
         Cmd::Run { model, target, inputs, output_dir, npy, dims, no_fusion } => {
-            run(&model, &target, &inputs, &output_dir, npy, &dims, &options(no_fusion))
+            run(&model, &target, &inputs, &output_dir, npy, &dims, &options(no_fusion, &dims)?)
         }
         Cmd::Compile { model, target, out, emit, full_constants, no_fusion } => {
-            compile(&model, &target, out.as_deref(), &emit, full_constants, &options(no_fusion))
+            compile(&model, &target, out.as_deref(), &emit, full_constants, &options(no_fusion, &[])?)
         }
-        Cmd::Inspect { model, target, json, no_fusion } => inspect(&model, &target, json, &options(no_fusion)),
+        Cmd::Inspect { model, target, json, no_fusion, dims } => {
+            inspect(&model, &target, json, &options(no_fusion, &dims)?)
+        }
         Cmd::Bench { model, target, inputs, dims, iters, threads, json, no_fusion } => {
-            bench(&model, &target, &inputs, &dims, iters, threads, json, &options(no_fusion))
+            bench(&model, &target, &inputs, &dims, iters, threads, json, &options(no_fusion, &dims)?)
         }
         Cmd::Targets => {
             targets();
@@ -122,8 +127,10 @@ fn dispatch(cmd: Cmd) -> Result<(), Error> {
     }
 }
 
-fn options(no_fusion: bool) -> kiln::Options {
-    kiln::Options { fusion: !no_fusion }
+fn options(no_fusion: bool, dims: &[String]) -> Result<kiln::Options, Error> {
+    let mut d: Vec<(String, u64)> = parse_dims(dims)?.into_iter().map(|(k, v)| (k, v as u64)).collect();
+    d.sort();
+    Ok(kiln::Options { fusion: !no_fusion, dims: d })
 }
 
 fn io_err(path: &Path, e: std::io::Error) -> Error {

@@ -6,22 +6,23 @@
 //! not fit the fast level (the intermediates spill to the next level and back). The e-graph
 //! extractor prices each op as its own kernel with it; the fusion partitioner prices a group.
 //!
-//! Symbolic dims count as 1 in byte and flop counts: figures are per unit of each symbol.
+//! Symbolic dims count as their binding when one is given ([`CostModel::with_dims`]: `--dim
+//! NAME=N`). Unbound ones (shape rules name run-time sizes afresh, e.g. after broadcasting
+//! against a slice) count as the largest binding, since they are usually derived from a bound
+//! dim; with no binding at all every symbol counts 1 (figures are then per unit of each symbol).
 
 use kiln_ir::attr::Attrs;
 use kiln_ir::graph::AttrView;
 use kiln_ir::machine::MachineDescription;
-use kiln_ir::TensorType;
+use kiln_ir::{Dim, TensorType};
+use std::collections::HashMap;
 
-/// Elements of a type (symbolic dims count 1; unranked counts 1).
-pub fn numel(t: &TensorType) -> u64 {
-    t.shape.as_ref().map_or(1, |s| s.iter().map(|d| d.known().unwrap_or(1)).product())
-}
-
-/// Bytes of a tensor of this type (sub-byte types round up).
-pub fn type_bytes(t: &TensorType) -> u64 {
-    let bits = t.dtype.bit_width() as u64;
-    (numel(t) * bits).div_ceil(8)
+/// Size of a dim: known, bound, else the largest binding (1 without bindings).
+fn dim_size(d: &Dim, dims: &HashMap<String, u64>) -> u64 {
+    match d {
+        Dim::Known(n) => *n,
+        Dim::Sym(s) => dims.get(&**s).copied().unwrap_or_else(|| dims.values().copied().max().unwrap_or(1)),
+    }
 }
 
 /// Ops that only reinterpret their input's shape: they alias it and cost nothing.
@@ -56,9 +57,26 @@ pub struct CostModel {
     vector_flops: f64,
     matrix_flops: f64,
     launch_s: f64,
+    dims: HashMap<String, u64>,
 }
 
 impl CostModel {
+    /// Binds symbolic dims for pricing (unbound ones count 1).
+    pub fn with_dims(mut self, dims: impl IntoIterator<Item = (String, u64)>) -> CostModel {
+        self.dims.extend(dims);
+        self
+    }
+
+    /// Elements of a type (unranked counts 1).
+    pub fn numel(&self, t: &TensorType) -> u64 {
+        t.shape.as_ref().map_or(1, |s| s.iter().map(|d| dim_size(d, &self.dims)).product())
+    }
+
+    /// Bytes of a tensor of this type (sub-byte types round up).
+    pub fn bytes(&self, t: &TensorType) -> u64 {
+        (self.numel(t) * t.dtype.bit_width() as u64).div_ceil(8)
+    }
+
     pub fn new(m: &MachineDescription) -> CostModel {
         let gb = |x: f64| x.max(1e-3) * 1e9;
         let slow = m.levels.first();
@@ -72,6 +90,7 @@ impl CostModel {
             vector_flops: vector,
             matrix_flops: if m.matrix_gflops > 0.0 { gb(m.matrix_gflops) } else { vector },
             launch_s: m.launch_us.max(0.0) * 1e-6,
+            dims: HashMap::new(),
         }
     }
 
@@ -89,58 +108,60 @@ impl CostModel {
     }
 }
 
-/// Floating-point work of one op, from its input and output types.
-pub fn op_flops(op_type: &str, attrs: &Attrs, inputs: &[Option<&TensorType>], outputs: &[&TensorType]) -> f64 {
-    let out: f64 = outputs.iter().map(|t| numel(t) as f64).sum();
-    let input = |i: usize| inputs.get(i).copied().flatten();
-    let dim = |t: Option<&TensorType>, i: isize| -> f64 {
-        t.and_then(|t| t.shape.as_ref())
-            .and_then(|s| {
-                let i = if i < 0 { s.len() as isize + i } else { i };
-                s.get(usize::try_from(i).ok()?)
-            })
-            .and_then(|d| d.known())
-            .unwrap_or(1) as f64
-    };
-    let in_numel = |i: usize| input(i).map_or(0.0, |t| numel(t) as f64);
-    match op_type {
-        "MatMul" | "MatMulInteger" => 2.0 * out * dim(input(0), -1),
-        "Gemm" => {
-            let trans_a = AttrView(attrs).int("transA", 0).unwrap_or(0) != 0;
-            2.0 * out * dim(input(0), if trans_a { 0 } else { 1 })
+impl CostModel {
+    /// Floating-point work of one op, from its input and output types.
+    pub fn flops(&self, op_type: &str, attrs: &Attrs, inputs: &[Option<&TensorType>], outputs: &[&TensorType]) -> f64 {
+        let numel = |t: &TensorType| self.numel(t);
+        let out: f64 = outputs.iter().map(|t| numel(t) as f64).sum();
+        let input = |i: usize| inputs.get(i).copied().flatten();
+        let dim = |t: Option<&TensorType>, i: isize| -> f64 {
+            t.and_then(|t| t.shape.as_ref())
+                .and_then(|s| {
+                    let i = if i < 0 { s.len() as isize + i } else { i };
+                    s.get(usize::try_from(i).ok()?)
+                })
+                .map_or(1, |d| dim_size(d, &self.dims)) as f64
+        };
+        let in_numel = |i: usize| input(i).map_or(0.0, |t| numel(t) as f64);
+        match op_type {
+            "MatMul" | "MatMulInteger" => 2.0 * out * dim(input(0), -1),
+            "Gemm" => {
+                let trans_a = AttrView(attrs).int("transA", 0).unwrap_or(0) != 0;
+                2.0 * out * dim(input(0), if trans_a { 0 } else { 1 })
+            }
+            "Conv" | "ConvInteger" => {
+                let w = input(1);
+                let per = w
+                    .and_then(|t| t.shape.as_ref())
+                    .map_or(1.0, |s| s.iter().skip(1).map(|d| d.known().unwrap_or(1) as f64).product::<f64>());
+                2.0 * out * per
+            }
+            "ConvTranspose" => {
+                let w = input(1);
+                let per = w
+                    .and_then(|t| t.shape.as_ref())
+                    .map_or(1.0, |s| s.iter().skip(1).map(|d| d.known().unwrap_or(1) as f64).product::<f64>());
+                2.0 * in_numel(0) * per
+            }
+            // Q·Kᵀ and P·V: 4·B·H·S·T·D.
+            "Attention" => 4.0 * in_numel(0) * dim(input(1), -2),
+            "Exp" | "Log" | "Erf" | "Tanh" | "Sigmoid" | "Gelu" | "Swish" | "Mish" | "Softplus" | "Pow" | "Sin"
+            | "Cos" | "Elu" | "Selu" | "HardSwish" => 10.0 * out,
+            "LayerNormalization"
+            | "RMSNormalization"
+            | "Softmax"
+            | "LogSoftmax"
+            | "GroupNormalization"
+            | "InstanceNormalization" => 8.0 * in_numel(0),
+            "MaxPool" | "AveragePool" | "LpPool" => {
+                let k: f64 = AttrView(attrs)
+                    .ints("kernel_shape")
+                    .ok()
+                    .flatten()
+                    .map_or(1.0, |k| k.iter().map(|&v| v.max(1) as f64).product());
+                out * k
+            }
+            _ => out.max(in_numel(0)),
         }
-        "Conv" | "ConvInteger" => {
-            let w = input(1);
-            let per = w
-                .and_then(|t| t.shape.as_ref())
-                .map_or(1.0, |s| s.iter().skip(1).map(|d| d.known().unwrap_or(1) as f64).product::<f64>());
-            2.0 * out * per
-        }
-        "ConvTranspose" => {
-            let w = input(1);
-            let per = w
-                .and_then(|t| t.shape.as_ref())
-                .map_or(1.0, |s| s.iter().skip(1).map(|d| d.known().unwrap_or(1) as f64).product::<f64>());
-            2.0 * in_numel(0) * per
-        }
-        // Q·Kᵀ and P·V: 4·B·H·S·T·D.
-        "Attention" => 4.0 * in_numel(0) * dim(input(1), -2),
-        "Exp" | "Log" | "Erf" | "Tanh" | "Sigmoid" | "Gelu" | "Swish" | "Mish" | "Softplus" | "Pow" | "Sin" | "Cos"
-        | "Elu" | "Selu" | "HardSwish" => 10.0 * out,
-        "LayerNormalization"
-        | "RMSNormalization"
-        | "Softmax"
-        | "LogSoftmax"
-        | "GroupNormalization"
-        | "InstanceNormalization" => 8.0 * in_numel(0),
-        "MaxPool" | "AveragePool" | "LpPool" => {
-            let k: f64 = AttrView(attrs)
-                .ints("kernel_shape")
-                .ok()
-                .flatten()
-                .map_or(1.0, |k| k.iter().map(|&v| v.max(1) as f64).product());
-            out * k
-        }
-        _ => out.max(in_numel(0)),
     }
 }

@@ -20,7 +20,7 @@
 //! Every merge must keep the graph acyclic and must not make the kernel dearer under the
 //! target's [`CostModel`] (a working set beyond the fast memory level spills).
 
-use crate::cost::{is_contraction, is_view, op_flops, type_bytes, CostModel, KernelWork};
+use crate::cost::{is_contraction, is_view, CostModel, KernelWork};
 use kiln_ir::attr::{Attr, Attrs};
 use kiln_ir::graph::registry;
 use kiln_ir::ir::{Block, Module, OpId, Region, ValueId, NODE_NAME_ATTR};
@@ -196,12 +196,12 @@ fn kernel_work(m: &Module, ops: &[OpId], cost: &CostModel, users: &HashMap<Value
         if is_view(op.op_type()) {
             continue;
         }
-        let f = op_flops(op.op_type(), &op.attrs, &ins, &outs);
+        let f = cost.flops(op.op_type(), &op.attrs, &ins, &outs);
         w.flops += f;
         if is_contraction(op.op_type()) {
             w.matrix_flops += f;
         }
-        internal_bytes += outs.iter().map(|t| type_bytes(t)).sum::<u64>();
+        internal_bytes += outs.iter().map(|t| cost.bytes(t)).sum::<u64>();
         if matches!(classify(m, o), OpClass::Reduction) {
             // One reduced row of the input per element of the output stays in fast memory.
             let t = ins.first().copied().flatten();
@@ -210,7 +210,7 @@ fn kernel_work(m: &Module, ops: &[OpId], cost: &CostModel, users: &HashMap<Value
         }
     }
     let outputs = kernel_outputs(m, ops, &inside, users);
-    w.bytes = inputs.iter().chain(&outputs).map(|&v| type_bytes(&m.value(v).ty)).sum();
+    w.bytes = inputs.iter().chain(&outputs).map(|&v| cost.bytes(&m.value(v).ty)).sum();
     if flat.len() > 1 && row * flat.len() as u64 > cost.fast_capacity() {
         w.spill_bytes = internal_bytes;
     }

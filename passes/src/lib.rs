@@ -61,24 +61,28 @@ pub fn optimize(
     machine: &kiln_ir::machine::MachineDescription,
     fuse: bool,
 ) -> Result<OptimizeReport, PassError> {
+    optimize_with(m, &cost::CostModel::new(machine), fuse)
+}
+
+/// [`optimize`] with a given cost model (e.g. with symbolic dims bound).
+pub fn optimize_with(m: &mut Module, cost: &cost::CostModel, fuse: bool) -> Result<OptimizeReport, PassError> {
     PassManager::default_pipeline().run(m)?;
-    let cost = cost::CostModel::new(machine);
-    let before = fusion::figures(m, &cost, true);
+    let before = fusion::figures(m, cost, true);
     let mut report = OptimizeReport { before: before.clone(), after: before, ..Default::default() };
     if !fuse {
         return Ok(report);
     }
     let t0 = std::time::Instant::now();
     let rules = egraph::rules::rewrites();
-    let (rewritten, sat) = egraph::saturate_owned(std::mem::take(m), &rules, &cost, egraph::Limits::default())
+    let (rewritten, sat) = egraph::saturate_owned(std::mem::take(m), &rules, cost, egraph::Limits::default())
         .map_err(|msg| PassError { pass: "egraph", msg })?;
     verify(&rewritten).map_err(|e| PassError::verify("egraph", e))?;
     *m = rewritten;
     report.saturation = sat;
-    report.fusion = fusion::fuse(m, &cost);
+    report.fusion = fusion::fuse(m, cost);
     verify(m).map_err(|e| PassError::verify("fusion", e))?;
     report.fusion_ms = t0.elapsed().as_secs_f64() * 1e3;
-    report.after = fusion::figures(m, &cost, false);
+    report.after = fusion::figures(m, cost, false);
     Ok(report)
 }
 

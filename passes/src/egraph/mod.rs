@@ -18,7 +18,7 @@
 
 pub mod rules;
 
-use crate::cost::{is_view, op_flops, type_bytes, CostModel, KernelWork};
+use crate::cost::{is_view, CostModel, KernelWork};
 use egg::{define_language, Analysis, DidMerge, EGraph, Id, Language, Symbol};
 use kiln_ir::attr::{Attr, Attrs};
 use kiln_ir::graph::{lookup, EvalCx, InferCx, NoRegions};
@@ -487,9 +487,9 @@ pub fn node_cost(eg: &Graph, cost: &CostModel, c: Id, n: &Node) -> Option<f64> {
     let operands = &ch[1..1 + info.n_operands];
     let inputs: Vec<Option<&TensorType>> = operands.iter().map(|&x| eg[x].data.types.first()).collect();
     let outputs: Vec<&TensorType> = d.types.iter().collect();
-    let bytes = inputs.iter().flatten().map(|t| type_bytes(t)).sum::<u64>()
-        + outputs.iter().map(|t| type_bytes(t)).sum::<u64>();
-    let flops = op_flops(sym, &info.attrs, &inputs, &outputs);
+    let bytes = inputs.iter().flatten().map(|t| cost.bytes(t)).sum::<u64>()
+        + outputs.iter().map(|t| cost.bytes(t)).sum::<u64>();
+    let flops = cost.flops(sym, &info.attrs, &inputs, &outputs);
     let matrix = if crate::cost::is_contraction(sym) { flops } else { 0.0 };
     Some(cost.seconds(&KernelWork { bytes, flops, matrix_flops: matrix, spill_bytes: 0 }))
 }
@@ -844,8 +844,7 @@ pub fn saturate_owned(
             }
         }
     }
-    let Converted { egraph, roots } =
-        convert(&m, &mut |o, t| taken.remove(&o).unwrap_or_else(|| t.clone()))?;
+    let Converted { egraph, roots } = convert(&m, &mut |o, t| taken.remove(&o).unwrap_or_else(|| t.clone()))?;
     let runner = egg::Runner::<Node, GraphAnalysis, ()>::new(GraphAnalysis::new(vec![], 0))
         .with_egraph(egraph)
         .with_iter_limit(limits.iterations)
