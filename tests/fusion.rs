@@ -123,6 +123,27 @@ fn attention() -> ModelProto {
     )
 }
 
+/// Attention with a tanh soft-cap on the scores (`30·tanh(s/30)`, as Gemma does), which the
+/// e-graph does not recognize as `Attention`: fusion still makes the chain one kernel.
+fn softcapped_attention() -> ModelProto {
+    let qkv = |n: &str| value_info(n, 1, &["1", "2", "8", "4"]);
+    model(
+        17,
+        vec![
+            node("Transpose", "attn/kt", &["k"], &["kt"], vec![attr_ints("perm", &[0, 1, 3, 2])]),
+            node("MatMul", "attn/qk", &["q", "kt"], &["s0"], vec![]),
+            node("Div", "attn/cap_in", &["s0", "cap"], &["s1"], vec![]),
+            node("Tanh", "attn/tanh", &["s1"], &["s2"], vec![]),
+            node("Mul", "attn/cap_out", &["s2", "cap"], &["s3"], vec![]),
+            node("Softmax", "attn/softmax", &["s3"], &["p"], vec![attr_int("axis", -1)]),
+            node("MatMul", "attn/pv", &["p", "v"], &["y"], vec![]),
+        ],
+        vec![qkv("q"), qkv("k"), qkv("v")],
+        vec![qkv("y")],
+        vec![scalar("cap", 30.0)],
+    )
+}
+
 /// `relu(batchnorm(conv(x)))` on `[1, 3, 8, 8]`, 4 filters 3×3, pad 1, plus a residual
 /// `relu(. + conv2(.))` as ResNet blocks have.
 fn conv_bn_relu() -> ModelProto {
@@ -227,6 +248,13 @@ fn attention_is_one_kernel() {
     // Kᵀ of the recognized op composes with the model's own transpose: nothing else is left.
     assert_eq!(top_level_ops(&ir), ["graph.Attention"], "{ir}");
     insta::assert_snapshot!("fused_attention", ir);
+}
+
+#[test]
+fn unrecognized_attention_chain_is_still_one_kernel() {
+    let ir = fused_ir("softcapped_attention", &softcapped_attention());
+    assert_eq!(top_level_ops(&ir), ["graph.fused"], "{ir}");
+    assert!(ir.contains("kind = \"attention\"") && ir.contains("graph.Tanh"), "{ir}");
 }
 
 #[test]

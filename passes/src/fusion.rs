@@ -14,7 +14,10 @@
 //!    and scale fuse into a MatMul/Conv/Attention or a reduction.
 //! 4. [`REDUCTION_PROLOGUE`]: an elementwise kernel feeding a reduction joins it (the
 //!    reduction computes it on the fly).
-//! 5. [`LAYOUT_EPILOGUE`]: a layout op left alone (its user is opaque or a model output) joins
+//! 5. [`ATTENTION_CHAIN`]: `MatMul (+ scale, mask) → Softmax → MatMul` that the e-graph did
+//!    not recognize as `Attention` (a mask or bias computed at run time, say) becomes one
+//!    kernel all the same: the scores never leave fast memory (online softmax).
+//! 6. [`LAYOUT_EPILOGUE`]: a layout op left alone (its user is opaque or a model output) joins
 //!    its producer.
 //!
 //! Every merge must keep the graph acyclic and must not make the kernel dearer under the
@@ -27,13 +30,14 @@ use kiln_ir::ir::{Block, Module, OpId, Region, ValueId, NODE_NAME_ATTR};
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 
 /// The fusion rules, by name (the order they run in).
-pub const RULES: [&str; 5] =
-    ["layout-duplicate", "layout-prologue", "epilogue", "reduction-prologue", "layout-epilogue"];
+pub const RULES: [&str; 6] =
+    ["layout-duplicate", "layout-prologue", "epilogue", "reduction-prologue", "attention-chain", "layout-epilogue"];
 pub const LAYOUT_DUPLICATE: &str = RULES[0];
 pub const LAYOUT_PROLOGUE: &str = RULES[1];
 pub const EPILOGUE: &str = RULES[2];
 pub const REDUCTION_PROLOGUE: &str = RULES[3];
-pub const LAYOUT_EPILOGUE: &str = RULES[4];
+pub const ATTENTION_CHAIN: &str = RULES[4];
+pub const LAYOUT_EPILOGUE: &str = RULES[5];
 
 /// How an op takes part in fusion.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -398,29 +402,26 @@ impl<'m> Partition<'m> {
         out
     }
 
-    /// Whether a path leaves `a`, passes an op outside `a ∪ b` and reaches `b`.
-    fn path_outside(&self, a: usize, b: usize) -> bool {
-        let limit = *self.members[&b].iter().max().unwrap_or(&0);
+    /// Whether a path leaves the union of `groups` through an op outside it and comes back.
+    fn reenters(&self, groups: &[usize]) -> bool {
+        let inside = |i: usize| groups.contains(&self.find(i));
+        let limit = groups.iter().flat_map(|g| self.members[g].iter()).copied().max().unwrap_or(0);
         let mut seen = HashSet::new();
-        let mut queue: VecDeque<usize> = VecDeque::new();
-        for &i in &self.members[&a] {
-            for &u in &self.users[i] {
-                let gu = self.find(u);
-                if gu != a && gu != b && seen.insert(u) {
-                    queue.push_back(u);
-                }
-            }
-        }
+        let mut queue: VecDeque<usize> = groups
+            .iter()
+            .flat_map(|g| self.members[g].iter())
+            .flat_map(|&i| self.users[i].iter().copied())
+            .filter(|&u| !inside(u))
+            .collect();
         while let Some(i) = queue.pop_front() {
+            if !seen.insert(i) {
+                continue;
+            }
             for &u in &self.users[i] {
-                if u > limit {
-                    continue;
-                }
-                let gu = self.find(u);
-                if gu == b {
+                if inside(u) {
                     return true;
                 }
-                if gu != a && seen.insert(u) {
+                if u <= limit {
                     queue.push_back(u);
                 }
             }
@@ -429,7 +430,7 @@ impl<'m> Partition<'m> {
     }
 
     fn can_merge(&self, a: usize, b: usize) -> bool {
-        a != b && self.anchors(a) + self.anchors(b) <= 1 && !self.path_outside(a, b) && !self.path_outside(b, a)
+        a != b && self.anchors(a) + self.anchors(b) <= 1 && !self.reenters(&[a, b])
     }
 
     /// Time saved by merging `a` and `b` (positive: cheaper merged).
@@ -539,7 +540,66 @@ impl<'m> Partition<'m> {
         n
     }
 
-    /// Rule 5: layout groups left alone join their producer.
+    /// The anchor op type of group `g`, if it has one anchor.
+    fn anchor_type(&self, g: usize) -> Option<&'m str> {
+        let mut anchors = self.members[&g].iter().filter(|&&i| self.class[i].is_anchor());
+        let a = *anchors.next()?;
+        anchors.next().is_none().then(|| self.m.op(self.order[a]).op_type())
+    }
+
+    /// Whether every result of group `a` that leaves it is read only by group `b`.
+    fn feeds_only(&self, a: usize, b: usize) -> bool {
+        self.members[&a].iter().all(|&i| {
+            let r = self.m.op(self.order[i]).results[0];
+            !self.outputs.contains(&r) && self.users[i].iter().all(|&u| self.find(u) == a || self.find(u) == b)
+        })
+    }
+
+    /// Rule 5: `MatMul → Softmax → MatMul` groups merge into one attention kernel.
+    fn attention_chain(&mut self) -> usize {
+        let mut n = 0;
+        for g0 in self.roots() {
+            let g = self.find(g0);
+            if !self.members.contains_key(&g) || self.anchor_type(g) != Some("Softmax") {
+                continue;
+            }
+            let qk: Vec<usize> = self
+                .producer_groups(g)
+                .into_iter()
+                .filter(|&p| self.anchor_type(p) == Some("MatMul") && self.feeds_only(p, g))
+                .collect();
+            let pv: Vec<usize> = {
+                let mut c: Vec<usize> = self.members[&g]
+                    .iter()
+                    .flat_map(|&i| self.users[i].iter().map(|&u| self.find(u)))
+                    .filter(|&u| u != g)
+                    .collect();
+                c.sort();
+                c.dedup();
+                c
+            };
+            let ([p], [c]) = (qk.as_slice(), pv.as_slice()) else { continue };
+            let (p, c) = (*p, *c);
+            if self.anchor_type(c) != Some("MatMul") || !self.feeds_only(g, c) {
+                continue;
+            }
+            // The probabilities must be the left operand of the second MatMul.
+            let probs_left = self.members[&c].iter().any(|&i| {
+                let op = self.m.op(self.order[i]);
+                op.op_type() == "MatMul"
+                    && op.operands[0].and_then(|v| self.producer.get(&v)).is_some_and(|&q| self.find(q) == g)
+            });
+            if !probs_left || self.reenters(&[p, g, c]) {
+                continue;
+            }
+            let merged = self.merge(p, g);
+            self.merge(merged, c);
+            n += 1;
+        }
+        n
+    }
+
+    /// Rule 6: layout groups left alone join their producer.
     fn layout_epilogue(&mut self) -> usize {
         let mut n = 0;
         for g0 in self.roots() {
@@ -631,6 +691,7 @@ pub fn fuse(m: &mut Module, cost: &CostModel) -> FusionReport {
             (LAYOUT_PROLOGUE, p.layout_prologue()),
             (EPILOGUE, p.epilogue()),
             (REDUCTION_PROLOGUE, p.reduction_prologue()),
+            (ATTENTION_CHAIN, p.attention_chain()),
             (LAYOUT_EPILOGUE, p.layout_epilogue()),
         ];
         let groups: Vec<Vec<OpId>> = p.roots().into_iter().map(|g| p.group_ops(g)).collect();
@@ -643,6 +704,10 @@ pub fn fuse(m: &mut Module, cost: &CostModel) -> FusionReport {
 
 /// The kind of a kernel: what it is built around.
 fn kernel_kind(m: &Module, ops: &[OpId]) -> (&'static str, Option<String>) {
+    if ops.iter().filter(|&&o| classify(m, o).is_anchor()).count() > 1 {
+        // Only the attention chain puts several anchors in one kernel.
+        return ("attention", Some("MatMul-Softmax-MatMul".into()));
+    }
     let anchor = ops.iter().find(|&&o| classify(m, o).is_anchor());
     match anchor {
         Some(&a) => {
