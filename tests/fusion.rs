@@ -250,6 +250,27 @@ fn attention_is_one_kernel() {
     insta::assert_snapshot!("fused_attention", ir);
 }
 
+/// NCHW → NHWC, an activation and a scale, then back: the transposes move past the
+/// elementwise ops, meet and cancel, leaving one elementwise kernel.
+#[test]
+fn transposes_around_elementwise_ops_cancel() {
+    let m = model(
+        17,
+        vec![
+            node("Transpose", "to_nhwc", &["x"], &["t"], vec![attr_ints("perm", &[0, 2, 3, 1])]),
+            node("Relu", "relu", &["t"], &["r"], vec![]),
+            node("Mul", "scale", &["r", "half"], &["s"], vec![]),
+            node("Transpose", "to_nchw", &["s"], &["y"], vec![attr_ints("perm", &[0, 3, 1, 2])]),
+        ],
+        vec![value_info("x", 1, &["1", "3", "4", "5"])],
+        vec![value_info("y", 1, &["1", "3", "4", "5"])],
+        vec![scalar("half", 0.5)],
+    );
+    let ir = fused_ir("transposes", &m);
+    assert!(!ir.contains("graph.Transpose"), "{ir}");
+    assert_eq!(top_level_ops(&ir), ["graph.fused"], "{ir}");
+}
+
 #[test]
 fn unrecognized_attention_chain_is_still_one_kernel() {
     let ir = fused_ir("softcapped_attention", &softcapped_attention());

@@ -3,7 +3,7 @@
 //! try both operand orders of commutative ops) and a builder that adds the equivalent form.
 //! Saturation keeps both forms; extraction picks by cost.
 //!
-//! - algebraic: [`TRANSPOSE_TRANSPOSE`], [`VIEW_NOOP`], [`VIEW_CHAIN`], [`BN_INTO_CONV`],
+//! - algebraic: [`TRANSPOSE_TRANSPOSE`], [`TRANSPOSE_SINK`], [`VIEW_NOOP`], [`VIEW_CHAIN`], [`BN_INTO_CONV`],
 //!   [`SCALE_INTO_CONV`], [`BIAS_INTO_CONV`], [`SCALAR_CHAIN`], [`MATMUL_ASSOC`],
 //!   [`MATMUL_MERGE`] (QKV merging);
 //! - recognition of decomposed ops: [`LAYERNORM`], [`LAYERNORM_AFFINE`], [`RMSNORM`],
@@ -76,6 +76,7 @@ impl Rule {
 pub fn all() -> Vec<Rule> {
     vec![
         TRANSPOSE_TRANSPOSE,
+        TRANSPOSE_SINK,
         VIEW_NOOP,
         VIEW_CHAIN,
         BN_INTO_CONV,
@@ -273,6 +274,57 @@ pub const TRANSPOSE_TRANSPOSE: Rule = Rule {
             a.insert("perm".into(), Attr::Ints(p.iter().map(|&x| x as i64).collect()));
             add_op(eg, "Transpose", &[Some(b[2])], a)
         };
+        union_with(eg, root, new)
+    },
+};
+
+/// Elementwise ops of one operand, or of one operand and a scalar constant.
+fn elementwise_of_one(eg: &Graph, ch: &[Id], sym: &str) -> Option<Id> {
+    if kiln_ir::graph::registry().family(sym) != Some("elementwise") || matches!(sym, "Identity" | "Cast" | "CastLike")
+    {
+        return None;
+    }
+    match ch.len() {
+        2 => Some(ch[1]),
+        3 if konst(eg, ch[2]).is_some_and(|t| t.len() == 1 && t.rank() == 0) => Some(ch[1]),
+        _ => None,
+    }
+}
+
+/// `f(Transpose(x))` → `Transpose(f(x))` for elementwise `f` of one tensor (a scalar constant
+/// second operand allowed): transposes move toward each other and cancel
+/// ([`TRANSPOSE_TRANSPOSE`]), e.g. around an activation between two layout changes.
+pub const TRANSPOSE_SINK: Rule = Rule {
+    name: "transpose-sink",
+    search: |eg, c| {
+        let mut out = vec![];
+        for n in &eg[c].nodes {
+            let Node::Op(sym, ch) = n else { continue };
+            let Some(x) = elementwise_of_one(eg, ch, sym.as_str()) else { continue };
+            for t in ops(eg, x, "Transpose") {
+                out.push(vec![t[0], t[1], ch[0], x]);
+            }
+        }
+        out
+    },
+    apply: |eg, root, b| {
+        let (ta, x, attrs_class, arg) = (b[0], b[1], b[2], b[3]);
+        let found = eg[root].nodes.iter().find_map(|n| match n {
+            Node::Op(sym, ch) if same(eg, ch[0], attrs_class) && ch.len() >= 2 && same(eg, ch[1], arg) => {
+                Some((*sym, ch.clone()))
+            }
+            _ => None,
+        });
+        let Some((sym, ch)) = found else { return vec![] };
+        let Some(a) = info(eg, &ch).map(|i| i.attrs.clone()) else { return vec![] };
+        let mut operands = vec![Some(x)];
+        operands.extend(ch[2..].iter().map(|&c| Some(c)));
+        let inner = add_op(eg, sym.as_str(), &operands, a);
+        let Some(t) = info(eg, &[ta]).map(|i| i.attrs.clone()) else { return vec![] };
+        let new = add_op(eg, "Transpose", &[Some(inner)], t);
+        if !fits(eg, new, root) {
+            return vec![];
+        }
         union_with(eg, root, new)
     },
 };
