@@ -271,6 +271,24 @@ fn transposes_around_elementwise_ops_cancel() {
     assert_eq!(top_level_ops(&ir), ["graph.fused"], "{ir}");
 }
 
+/// An explicit Expand before a broadcasting Add is dropped (the Add broadcasts by itself).
+#[test]
+fn explicit_expand_before_broadcast_is_dropped() {
+    let m = model(
+        17,
+        vec![
+            node("Expand", "expand", &["b", "shape"], &["be"], vec![]),
+            node("Add", "add", &["x", "be"], &["y"], vec![]),
+        ],
+        vec![value_info("x", 1, &["2", "3", "4"])],
+        vec![value_info("y", 1, &["2", "3", "4"])],
+        vec![f32s("b", &[4], 7), i64_tensor("shape", &[3], &[2, 3, 4])],
+    );
+    let ir = fused_ir("expand", &m);
+    assert!(!ir.contains("graph.Expand"), "{ir}");
+    assert_eq!(top_level_ops(&ir), ["graph.Add"], "{ir}");
+}
+
 #[test]
 fn unrecognized_attention_chain_is_still_one_kernel() {
     let ir = fused_ir("softcapped_attention", &softcapped_attention());

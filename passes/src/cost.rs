@@ -165,3 +165,74 @@ impl CostModel {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kiln_ir::machine::MemoryLevel;
+    use kiln_ir::DType;
+
+    fn machine() -> MachineDescription {
+        let level = |name: &str, kib: u64, gbps: f64| MemoryLevel {
+            name: name.into(),
+            capacity_bytes: kib << 10,
+            bandwidth_gbps: gbps,
+            latency_cycles: 1,
+            software_managed: false,
+        };
+        MachineDescription {
+            name: "t".into(),
+            clock_ghz: 1.0,
+            cores: 1,
+            levels: vec![level("dram", 1 << 20, 10.0), level("l1", 32, 100.0)],
+            vector_gflops: 10.0,
+            vector_bits: 256,
+            matrix_shape: vec![],
+            matrix_gflops: 0.0,
+            launch_us: 1.0,
+        }
+    }
+
+    #[test]
+    fn a_kernel_is_a_roofline_plus_its_launch() {
+        let c = CostModel::new(&machine());
+        // Memory-bound: 1 GB at 10 GB/s.
+        let mem = c.seconds(&KernelWork { bytes: 1_000_000_000, flops: 1.0, ..Default::default() });
+        assert!((mem - (0.1 + 1e-6)).abs() < 1e-9, "{mem}");
+        // Compute-bound: 1 GFLOP at 10 GFLOP/s.
+        let comp = c.seconds(&KernelWork { bytes: 8, flops: 1e9, ..Default::default() });
+        assert!((comp - (0.1 + 1e-6)).abs() < 1e-9, "{comp}");
+        // Spilled intermediates go to the next level and back.
+        let spill = c.seconds(&KernelWork { bytes: 0, spill_bytes: 1_000_000_000, ..Default::default() });
+        assert!((spill - (0.02 + 1e-6)).abs() < 1e-9, "{spill}");
+        assert_eq!(c.fast_capacity(), 32 << 10);
+    }
+
+    #[test]
+    fn symbolic_dims_count_their_binding_else_the_largest_else_one() {
+        let t = TensorType::new(DType::F32, vec![Dim::sym("B"), Dim::sym("S"), Dim::Known(8)]);
+        let c = CostModel::new(&machine());
+        assert_eq!(c.numel(&t), 8);
+        let c = c.with_dims([("S".to_string(), 16)]);
+        assert_eq!(c.numel(&t), 16 * 16 * 8, "an unbound dim counts as the largest binding");
+        let c = c.with_dims([("B".to_string(), 2)]);
+        assert_eq!(c.bytes(&t), 2 * 16 * 8 * 4);
+        let bits = TensorType::known(DType::I4, &[3]);
+        assert_eq!(c.bytes(&bits), 2, "sub-byte types round up");
+    }
+
+    #[test]
+    fn flops_of_contractions_and_elementwise_ops() {
+        let c = CostModel::new(&machine());
+        let a = TensorType::known(DType::F32, &[4, 8]);
+        let b = TensorType::known(DType::F32, &[8, 16]);
+        let y = TensorType::known(DType::F32, &[4, 16]);
+        assert_eq!(c.flops("MatMul", &Attrs::new(), &[Some(&a), Some(&b)], &[&y]), 2.0 * 4.0 * 16.0 * 8.0);
+        let x = TensorType::known(DType::F32, &[1, 3, 8, 8]);
+        let w = TensorType::known(DType::F32, &[4, 3, 3, 3]);
+        let o = TensorType::known(DType::F32, &[1, 4, 8, 8]);
+        assert_eq!(c.flops("Conv", &Attrs::new(), &[Some(&x), Some(&w)], &[&o]), 2.0 * 256.0 * 27.0);
+        assert_eq!(c.flops("Relu", &Attrs::new(), &[Some(&y)], &[&y]), 64.0);
+        assert!(c.flops("Erf", &Attrs::new(), &[Some(&y)], &[&y]) > 64.0);
+    }
+}

@@ -3,7 +3,7 @@
 //! try both operand orders of commutative ops) and a builder that adds the equivalent form.
 //! Saturation keeps both forms; extraction picks by cost.
 //!
-//! - algebraic: [`TRANSPOSE_TRANSPOSE`], [`TRANSPOSE_SINK`], [`VIEW_NOOP`], [`VIEW_CHAIN`], [`BN_INTO_CONV`],
+//! - algebraic: [`TRANSPOSE_TRANSPOSE`], [`TRANSPOSE_SINK`], [`EXPAND_INTO_BROADCAST`], [`VIEW_NOOP`], [`VIEW_CHAIN`], [`BN_INTO_CONV`],
 //!   [`SCALE_INTO_CONV`], [`BIAS_INTO_CONV`], [`SCALAR_CHAIN`], [`MATMUL_ASSOC`],
 //!   [`MATMUL_MERGE`] (QKV merging);
 //! - recognition of decomposed ops: [`LAYERNORM`], [`LAYERNORM_AFFINE`], [`RMSNORM`],
@@ -77,6 +77,7 @@ pub fn all() -> Vec<Rule> {
     vec![
         TRANSPOSE_TRANSPOSE,
         TRANSPOSE_SINK,
+        EXPAND_INTO_BROADCAST,
         VIEW_NOOP,
         VIEW_CHAIN,
         BN_INTO_CONV,
@@ -323,6 +324,49 @@ pub const TRANSPOSE_SINK: Rule = Rule {
         let Some(t) = info(eg, &[ta]).map(|i| i.attrs.clone()) else { return vec![] };
         let new = add_op(eg, "Transpose", &[Some(inner)], t);
         if !fits(eg, new, root) {
+            return vec![];
+        }
+        union_with(eg, root, new)
+    },
+};
+
+/// Broadcasting binary elementwise ops (numpy rules on both operands).
+const BROADCASTING: [&str; 8] = ["Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Where"];
+
+/// Broadcast normalization: an explicit `Expand` feeding a broadcasting elementwise op is
+/// dropped when the op's implicit broadcasting gives the same result type.
+pub const EXPAND_INTO_BROADCAST: Rule = Rule {
+    name: "expand-into-broadcast",
+    search: |eg, c| {
+        let mut out = vec![];
+        for n in &eg[c].nodes {
+            let Node::Op(sym, ch) = n else { continue };
+            if !BROADCASTING.contains(&sym.as_str()) || ch.len() < 3 {
+                continue;
+            }
+            for (pos, &operand) in ch.iter().enumerate().skip(1) {
+                for e in ops(eg, operand, "Expand") {
+                    out.push(vec![ch[0], ch[1], Id::from(pos), e[1]]);
+                }
+            }
+        }
+        out
+    },
+    apply: |eg, root, b| {
+        let (attrs_class, first, pos, x) = (b[0], b[1], usize::from(b[2]), b[3]);
+        let found = eg[root].nodes.iter().find_map(|n| match n {
+            Node::Op(sym, ch) if same(eg, ch[0], attrs_class) && same(eg, ch[1], first) && ch.len() > pos => {
+                Some((*sym, ch.clone()))
+            }
+            _ => None,
+        });
+        let Some((sym, mut ch)) = found else { return vec![] };
+        ch[pos] = x;
+        let Some(a) = info(eg, &ch).map(|i| i.attrs.clone()) else { return vec![] };
+        let operands: Vec<Option<Id>> = ch[1..].iter().map(|&c| Some(c)).collect();
+        let new = add_op(eg, sym.as_str(), &operands, a);
+        // Only where the implicit broadcast reaches the same shape exactly.
+        if ty(eg, new).is_none() || ty(eg, new) != ty(eg, root) {
             return vec![];
         }
         union_with(eg, root, new)
