@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 /// One graph input or output.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Default, Serialize)]
 pub struct Port {
     pub name: String,
     #[serde(rename = "type")]
@@ -15,7 +15,7 @@ pub struct Port {
 }
 
 /// The report (`--json` prints it; CLI.md fixes the first seven fields).
-#[derive(Debug, Serialize)]
+#[derive(Debug, Default, Serialize)]
 pub struct Report {
     pub graph_ops: usize,
     pub kernels: usize,
@@ -78,22 +78,9 @@ pub fn inspect_with(path: &Path, target: &str, opts: &crate::Options) -> Result<
             kernels: 0,
             ops_by_type,
             unsupported: names,
-            bytes_moved_before: 0,
-            bytes_moved_after: 0,
-            fusion_ms: 0.0,
-            kernels_by_kind: BTreeMap::new(),
-            estimated_ms_before: 0.0,
-            estimated_ms_after: 0.0,
-            rewrites: BTreeMap::new(),
-            egraph_nodes: 0,
-            egraph_iterations: 0,
             fusion: opts.fusion,
             target: target.into(),
-            opset: 0,
-            inputs: vec![],
-            outputs: vec![],
-            constants: 0,
-            constant_bytes: 0,
+            ..Report::default()
         });
     }
     let m = kiln_onnx::import_model(&proto, &name, path.parent())?;
@@ -162,19 +149,12 @@ pub fn report(m: &Module, target: &str) -> Report {
         unsupported: vec![],
         bytes_moved_before: bytes,
         bytes_moved_after: bytes,
-        fusion_ms: 0.0,
-        kernels_by_kind: BTreeMap::new(),
-        estimated_ms_before: 0.0,
-        estimated_ms_after: 0.0,
-        rewrites: BTreeMap::new(),
-        egraph_nodes: 0,
-        egraph_iterations: 0,
-        fusion: false,
         target: target.into(),
         opset: kiln_ir::interp::module_opset(m),
         inputs: m.inputs().iter().map(|&v| port(v)).collect(),
         outputs: m.outputs().iter().map(|&v| port(v)).collect(),
         constants,
         constant_bytes,
+        ..Report::default()
     }
 }

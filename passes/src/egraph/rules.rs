@@ -742,21 +742,29 @@ pub const LAYERNORM: Rule = Rule {
         }
         out
     },
-    apply: |eg, root, b| {
-        let (x, eps) = (b[0], scalar(eg, b[1]).unwrap_or(1e-5));
-        let (Some(n), Some(dt)) = (last_dim(eg, x), ty(eg, x).map(|t| t.dtype)) else { return vec![] };
-        if !dt.is_float() {
-            return vec![];
-        }
-        let one = add_const(eg, filled(dt, n, 1.0));
-        let zero = add_const(eg, filled(dt, n, 0.0));
-        let mut a = Attrs::new();
-        a.insert("axis".into(), Attr::Int(-1));
-        a.insert("epsilon".into(), float_attr(eps));
-        let new = add_op(eg, "LayerNormalization", &[Some(x), Some(one), Some(zero)], a);
-        union_with(eg, root, new)
-    },
+    apply: |eg, root, b| normalization(eg, root, "LayerNormalization", b[0], scalar(eg, b[1]).unwrap_or(1e-5)),
 };
+
+/// Builds `op(x, 1[, 0])` (LayerNormalization with a bias, RMSNormalization without) over the
+/// last axis with `epsilon`, and unions it with `root`.
+fn normalization(eg: &mut Graph, root: Id, op: &str, x: Id, eps: f64) -> Vec<Id> {
+    let (Some(n), Some(dt)) = (last_dim(eg, x), ty(eg, x).map(|t| t.dtype)) else { return vec![] };
+    if !dt.is_float() {
+        return vec![];
+    }
+    let mut operands = vec![Some(x), Some(add_const(eg, filled(dt, n, 1.0)))];
+    if op == "LayerNormalization" {
+        operands.push(Some(add_const(eg, filled(dt, n, 0.0))));
+    }
+    let mut a = Attrs::new();
+    a.insert("axis".into(), Attr::Int(-1));
+    a.insert("epsilon".into(), float_attr(eps));
+    let new = add_op(eg, op, &operands, a);
+    if !fits(eg, new, root) {
+        return vec![];
+    }
+    union_with(eg, root, new)
+}
 
 /// A constant of the last-dim size `n` (shape `[n]`, or `[1, .., n]`), as a 1-D tensor.
 fn last_axis_const(eg: &Graph, c: Id, n: usize) -> Option<Tensor> {
@@ -857,22 +865,7 @@ pub const RMSNORM: Rule = Rule {
         }
         out
     },
-    apply: |eg, root, b| {
-        let (x, eps) = (b[0], scalar(eg, b[1]).unwrap_or(1e-6));
-        let (Some(n), Some(dt)) = (last_dim(eg, x), ty(eg, x).map(|t| t.dtype)) else { return vec![] };
-        if !dt.is_float() {
-            return vec![];
-        }
-        let one = add_const(eg, filled(dt, n, 1.0));
-        let mut a = Attrs::new();
-        a.insert("axis".into(), Attr::Int(-1));
-        a.insert("epsilon".into(), float_attr(eps));
-        let new = add_op(eg, "RMSNormalization", &[Some(x), Some(one)], a);
-        if !fits(eg, new, root) {
-            return vec![];
-        }
-        union_with(eg, root, new)
-    },
+    apply: |eg, root, b| normalization(eg, root, "RMSNormalization", b[0], scalar(eg, b[1]).unwrap_or(1e-6)),
 };
 
 /// `RMSNormalization(x, 1)·w` with a constant `w` over the last axis → `RMSNormalization(x, w)`.
