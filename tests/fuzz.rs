@@ -1,7 +1,8 @@
 //! Fuzzing the ONNX loader with proptest: real models (node tests and a `light` CNN) with
 //! random byte-level mutations (bit flips, overwrites, truncation, splices) and structural
 //! mutations (dims, attribute values, op types) must load, or be refused with an error,
-//! and never panic; what loads is verified and run on small inputs, which must not panic either.
+//! and never panic; what loads is verified, optimized (e-graph rewriting and fusion) and run on
+//! small inputs, fused and unfused, which must not panic either.
 //! Runs briefly in CI (PROPTEST_CASES overrides the case count).
 
 use crate::common::data_dir;
@@ -38,6 +39,12 @@ fn exercise(bytes: &[u8]) {
             return;
         }
         inputs.push(Tensor::zeros(ty.dtype, &dims));
+    }
+    let mut fused = m.clone();
+    static MACHINE: OnceLock<kiln_ir::machine::MachineDescription> = OnceLock::new();
+    let machine = MACHINE.get_or_init(|| kiln_targets::lookup("cpu").expect("cpu").machine());
+    if kiln_passes::optimize(&mut fused, machine, true).is_ok() {
+        let _ = kiln_ir::interp::run(&fused, inputs.clone());
     }
     let _ = kiln_ir::interp::run(&m, inputs);
 }
