@@ -299,8 +299,13 @@ struct Partition<'m> {
     class: Vec<OpClass>,
     /// Union-find parent of each op index.
     parent: Vec<usize>,
-    /// Members of each group root.
+    /// Members of each group root. A group's root is its first member.
     members: HashMap<usize, Vec<usize>>,
+    /// Last member of each group root.
+    last: Vec<usize>,
+    /// Fenwick tree of prefix maxima: for an op index `i`, the last member of any group whose
+    /// first member is at or before `i` (see [`Partition::reach_limit`]).
+    last_from: Vec<usize>,
     /// Producer op index of each value defined at top level.
     producer: HashMap<ValueId, usize>,
     users: Vec<Vec<usize>>,
@@ -335,6 +340,16 @@ impl<'m> Partition<'m> {
         }
         let parent = (0..order.len()).collect();
         let members = (0..order.len()).map(|i| (i, vec![i])).collect();
+        let last = (0..order.len()).collect();
+        // Every op is its own group: the prefix maximum at `i` is `i`.
+        let mut last_from = vec![0; order.len()];
+        for i in 0..order.len() {
+            let mut k = i + 1;
+            while k <= order.len() {
+                last_from[k - 1] = last_from[k - 1].max(i);
+                k += k & k.wrapping_neg();
+            }
+        }
         Partition {
             m,
             cost,
@@ -343,6 +358,8 @@ impl<'m> Partition<'m> {
             class,
             parent,
             members,
+            last,
+            last_from,
             producer,
             users,
             value_users,
@@ -397,30 +414,35 @@ impl<'m> Partition<'m> {
         out
     }
 
-    /// Whether a path leaves `a`, passes an op outside `a ∪ b` and reaches `b`.
+    /// Whether a path leaves `a`, passes a group outside `a ∪ b` and reaches `b`. The walk goes
+    /// group by group, not op by op: once emitted, a group is one fused op that reads all its
+    /// inputs before it writes any output, so a path may enter a group at one member and leave
+    /// it at another that does not depend on the first.
     fn path_outside(&self, a: usize, b: usize) -> bool {
-        let limit = *self.members[&b].iter().max().unwrap_or(&0);
+        let limit = self.reach_limit(b);
         let mut seen = HashSet::new();
         let mut queue: VecDeque<usize> = VecDeque::new();
         for &i in &self.members[&a] {
             for &u in &self.users[i] {
                 let gu = self.find(u);
-                if gu != a && gu != b && seen.insert(u) {
-                    queue.push_back(u);
+                if u <= limit && gu != a && gu != b && seen.insert(gu) {
+                    queue.push_back(gu);
                 }
             }
         }
-        while let Some(i) = queue.pop_front() {
-            for &u in &self.users[i] {
-                if u > limit {
-                    continue;
-                }
-                let gu = self.find(u);
-                if gu == b {
-                    return true;
-                }
-                if gu != a && seen.insert(u) {
-                    queue.push_back(u);
+        while let Some(g) = queue.pop_front() {
+            for &i in &self.members[&g] {
+                for &u in &self.users[i] {
+                    if u > limit {
+                        continue;
+                    }
+                    let gu = self.find(u);
+                    if gu == b {
+                        return true;
+                    }
+                    if gu != a && seen.insert(gu) {
+                        queue.push_back(gu);
+                    }
                 }
             }
         }
@@ -441,7 +463,37 @@ impl<'m> Partition<'m> {
         self.parent[gone] = keep;
         let moved = self.members.remove(&gone).unwrap_or_default();
         self.members.get_mut(&keep).expect("group").extend(moved);
+        // The merged group starts at `keep` and ends at the later of the two ends. The entry
+        // of `gone` stays: it is below this one, which starts no later and ends no earlier.
+        let last = self.last[keep].max(self.last[gone]);
+        self.last[keep] = last;
+        let mut k = keep + 1;
+        while k <= self.last_from.len() {
+            self.last_from[k - 1] = self.last_from[k - 1].max(last);
+            k += k & k.wrapping_neg();
+        }
         keep
+    }
+
+    /// The last op index a path into group `b` can pass through. A path walks whole groups
+    /// (see [`Partition::path_outside`]), so an op after `b`'s last member may still lead to
+    /// `b` through a group that has members on both sides of it; the limit grows over every
+    /// group that starts at or before it, to a fixpoint. Past it, every op is in a group that
+    /// lies wholly past it, whose users come later still: none leads to `b`.
+    fn reach_limit(&self, b: usize) -> usize {
+        let mut limit = self.last[b];
+        loop {
+            let mut k = limit + 1;
+            let mut next = limit;
+            while k > 0 {
+                next = next.max(self.last_from[k - 1]);
+                k -= k & k.wrapping_neg();
+            }
+            if next == limit {
+                return limit;
+            }
+            limit = next;
+        }
     }
 
     fn roots(&self) -> Vec<usize> {

@@ -825,4 +825,4 @@ pub fn saturate(
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
