@@ -304,8 +304,13 @@ struct Partition<'m> {
     class: Vec<OpClass>,
     /// Union-find parent of each op index.
     parent: Vec<usize>,
-    /// Members of each group root.
+    /// Members of each group root. A group's root is its first member.
     members: HashMap<usize, Vec<usize>>,
+    /// Last member of each group root.
+    last: Vec<usize>,
+    /// Fenwick tree of prefix maxima: for an op index `i`, the last member of any group whose
+    /// first member is at or before `i` (see [`Partition::reach_limit`]).
+    last_from: Vec<usize>,
     /// Producer op index of each value defined at top level.
     producer: HashMap<ValueId, usize>,
     users: Vec<Vec<usize>>,
@@ -340,6 +345,16 @@ impl<'m> Partition<'m> {
         }
         let parent = (0..order.len()).collect();
         let members = (0..order.len()).map(|i| (i, vec![i])).collect();
+        let last = (0..order.len()).collect();
+        // Every op is its own group: the prefix maximum at `i` is `i`.
+        let mut last_from = vec![0; order.len()];
+        for i in 0..order.len() {
+            let mut k = i + 1;
+            while k <= order.len() {
+                last_from[k - 1] = last_from[k - 1].max(i);
+                k += k & k.wrapping_neg();
+            }
+        }
         Partition {
             m,
             cost,
@@ -348,6 +363,8 @@ impl<'m> Partition<'m> {
             class,
             parent,
             members,
+            last,
+            last_from,
             producer,
             users,
             value_users,
@@ -402,27 +419,34 @@ impl<'m> Partition<'m> {
         out
     }
 
-    /// Whether a path leaves the union of `groups` through an op outside it and comes back.
+    /// Whether a path leaves the union of `groups`, passes a group outside it and comes back.
+    /// The walk goes group by group, not op by op: once emitted, a group is one fused op that
+    /// reads all its inputs before it writes any output, so a path may enter a group at one
+    /// member and leave it at another that does not depend on the first.
     fn reenters(&self, groups: &[usize]) -> bool {
         let inside = |i: usize| groups.contains(&self.find(i));
-        let limit = groups.iter().flat_map(|g| self.members[g].iter()).copied().max().unwrap_or(0);
+        let limit = groups.iter().map(|&g| self.reach_limit(g)).max().unwrap_or(0);
         let mut seen = HashSet::new();
-        let mut queue: VecDeque<usize> = groups
-            .iter()
-            .flat_map(|g| self.members[g].iter())
-            .flat_map(|&i| self.users[i].iter().copied())
-            .filter(|&u| !inside(u))
-            .collect();
-        while let Some(i) = queue.pop_front() {
-            if !seen.insert(i) {
-                continue;
-            }
+        let mut queue: VecDeque<usize> = VecDeque::new();
+        for &i in groups.iter().flat_map(|g| self.members[g].iter()) {
             for &u in &self.users[i] {
-                if inside(u) {
-                    return true;
+                if u <= limit && !inside(u) && seen.insert(self.find(u)) {
+                    queue.push_back(self.find(u));
                 }
-                if u <= limit {
-                    queue.push_back(u);
+            }
+        }
+        while let Some(g) = queue.pop_front() {
+            for &i in &self.members[&g] {
+                for &u in &self.users[i] {
+                    if u > limit {
+                        continue;
+                    }
+                    if inside(u) {
+                        return true;
+                    }
+                    if seen.insert(self.find(u)) {
+                        queue.push_back(self.find(u));
+                    }
                 }
             }
         }
@@ -443,7 +467,37 @@ impl<'m> Partition<'m> {
         self.parent[gone] = keep;
         let moved = self.members.remove(&gone).unwrap_or_default();
         self.members.get_mut(&keep).expect("group").extend(moved);
+        // The merged group starts at `keep` and ends at the later of the two ends. The entry
+        // of `gone` stays: it is below this one, which starts no later and ends no earlier.
+        let last = self.last[keep].max(self.last[gone]);
+        self.last[keep] = last;
+        let mut k = keep + 1;
+        while k <= self.last_from.len() {
+            self.last_from[k - 1] = self.last_from[k - 1].max(last);
+            k += k & k.wrapping_neg();
+        }
         keep
+    }
+
+    /// The last op index a path into group `b` can pass through. A path walks whole groups
+    /// (see [`Partition::reenters`]), so an op after `b`'s last member may still lead to
+    /// `b` through a group that has members on both sides of it; the limit grows over every
+    /// group that starts at or before it, to a fixpoint. Past it, every op is in a group that
+    /// lies wholly past it, whose users come later still: none leads to `b`.
+    fn reach_limit(&self, b: usize) -> usize {
+        let mut limit = self.last[b];
+        loop {
+            let mut k = limit + 1;
+            let mut next = limit;
+            while k > 0 {
+                next = next.max(self.last_from[k - 1]);
+                k -= k & k.wrapping_neg();
+            }
+            if next == limit {
+                return limit;
+            }
+            limit = next;
+        }
     }
 
     fn roots(&self) -> Vec<usize> {
@@ -682,7 +736,7 @@ fn duplicate_layout(m: &mut Module) -> usize {
 }
 
 /// Partitions `m`'s body into kernels and wraps each kernel of several ops in `graph.fused`.
-pub fn fuse(m: &mut Module, cost: &CostModel) -> FusionReport {
+pub fn fuse(m: &mut Module, cost: &CostModel) -> Result<FusionReport, String> {
     let copies = duplicate_layout(m);
     let (groups, merges) = {
         let mut p = Partition::new(m, cost);
@@ -697,9 +751,9 @@ pub fn fuse(m: &mut Module, cost: &CostModel) -> FusionReport {
         let groups: Vec<Vec<OpId>> = p.roots().into_iter().map(|g| p.group_ops(g)).collect();
         (groups, merges)
     };
-    emit(m, &groups);
+    emit(m, &groups)?;
     let kernels = figures(m, cost, false).kernels;
-    FusionReport { merges, kernels }
+    Ok(FusionReport { merges, kernels })
 }
 
 /// The kind of a kernel: what it is built around.
@@ -725,7 +779,8 @@ fn kernel_kind(m: &Module, ops: &[OpId]) -> (&'static str, Option<String>) {
 }
 
 /// Rewrites `m` so each group of several ops is one `graph.fused` op, in a topological order.
-fn emit(m: &mut Module, groups: &[Vec<OpId>]) {
+/// A cycle among kernels (a bug in the partition's checks) is an error, never a dropped op.
+fn emit(m: &mut Module, groups: &[Vec<OpId>]) -> Result<(), String> {
     let old_order: HashMap<OpId, usize> = m.body.ops.iter().enumerate().map(|(i, &o)| (o, i)).collect();
     let users = users_of(m);
     // Each unit is one top-level op of the result: a fused op or an op left alone.
@@ -861,8 +916,11 @@ fn emit(m: &mut Module, groups: &[Vec<OpId>]) {
             }
         }
     }
-    debug_assert_eq!(order.len(), top.len(), "fusion made a cycle");
+    if order.len() != top.len() {
+        return Err(format!("fusion left a cycle among {} kernels", top.len() - order.len()));
+    }
     m.body.ops = order;
+    Ok(())
 }
 
 /// Replaces uses of values through `remap` in op `o` and its regions.

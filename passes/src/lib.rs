@@ -79,7 +79,7 @@ pub fn optimize_with(m: &mut Module, cost: &cost::CostModel, fuse: bool) -> Resu
     verify(&rewritten).map_err(|e| PassError::verify("egraph", e))?;
     *m = rewritten;
     report.saturation = sat;
-    report.fusion = fusion::fuse(m, cost);
+    report.fusion = fusion::fuse(m, cost).map_err(|msg| PassError { pass: "fusion", msg })?;
     verify(m).map_err(|e| PassError::verify("fusion", e))?;
     report.fusion_ms = t0.elapsed().as_secs_f64() * 1e3;
     report.after = fusion::figures(m, cost, false);

@@ -878,4 +878,4 @@ pub fn saturate_owned(
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

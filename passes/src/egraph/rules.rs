@@ -1052,6 +1052,17 @@ fn softmax_last(eg: &Graph, c: Id) -> Vec<Id> {
         .collect()
 }
 
+/// Attention pads a mask shorter than the key length with -inf, where `Where` and `Add`
+/// broadcast it: a mask stands for itself only if it has a last dim (rank 1 or more) that is
+/// not 1 broadcast over several keys (`kt` is `Kᵀ`, keys last).
+fn spans_keys(eg: &Graph, mask: Id, kt: Id) -> bool {
+    let (Some(m), Some(k)) = (ty(eg, mask), ty(eg, kt)) else { return false };
+    match (m.shape.as_ref().and_then(|s| s.last()), k.shape.as_ref().and_then(|s| s.last())) {
+        (Some(ml), Some(t)) => ml.known() != Some(1) || t.known() == Some(1),
+        _ => false,
+    }
+}
+
 /// `softmax(mask(scale(Q·Kᵀ)))·V` on 4-D `[B, H, S, D]` operands → `Attention(Q, K, V, mask)`.
 /// The mask is `Where(m, s, -inf)` (boolean) or `s + m` (additive) with a constant `m`; the
 /// scale is a constant divisor or factor. `Kᵀ` becomes a Transpose of the given operand,
@@ -1130,7 +1141,7 @@ pub const ATTENTION: Rule = Rule {
         let m = match kind {
             1 | 2 => {
                 let want = if kind == 1 { Some(DType::Bool) } else { dt };
-                if ty(eg, mask).map(|t| t.dtype) != want {
+                if ty(eg, mask).map(|t| t.dtype) != want || !spans_keys(eg, mask, kt) {
                     return vec![];
                 }
                 Some(mask)
