@@ -747,8 +747,9 @@ fn build_module(
     for (&r, &old) in roots.iter().zip(src.outputs()) {
         let mut v = done[&eg.find(r)][0];
         let want = src.value(old).name.clone();
-        if m.body.yields.contains(&v) || m.value(v).name != want || m.body.args.contains(&v) && want.is_some() {
-            if m.value(v).name.is_none() && !m.body.yields.contains(&v) && !m.body.args.contains(&v) {
+        let again = m.body.yields.contains(&v);
+        if again || m.value(v).name != want {
+            if !again && m.value(v).name.is_none() && !m.body.args.contains(&v) {
                 m.value_mut(v).name = want;
             } else {
                 let ty = m.value(v).ty.clone();
