@@ -33,6 +33,8 @@ pub struct Report {
     pub rewrites: BTreeMap<String, usize>,
     pub egraph_nodes: usize,
     pub egraph_iterations: usize,
+    /// Why saturation stopped (`Saturated`, or the iteration/node/time bound that ended it).
+    pub egraph_stop: String,
     pub fusion: bool,
     pub target: String,
     pub opset: i64,
@@ -96,6 +98,7 @@ pub fn inspect_with(path: &Path, target: &str, opts: &crate::Options) -> Result<
     r.rewrites = o.saturation.applied.clone();
     r.egraph_nodes = o.saturation.nodes;
     r.egraph_iterations = o.saturation.iterations;
+    r.egraph_stop = o.saturation.stop_reason.clone();
     r.fusion = opts.fusion;
     r.kernels_by_kind = kernels_by_kind(compiled.module());
     Ok(r)
