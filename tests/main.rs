@@ -11,5 +11,6 @@ mod conformance;
 mod fusion;
 mod fuzz;
 mod ir_text;
+mod jit;
 mod light;
 mod transformers;

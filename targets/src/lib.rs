@@ -6,6 +6,7 @@
 //! module implementing [`Target`] and one line in [`all`].
 
 pub mod descriptions;
+pub mod jit;
 pub mod llvm;
 pub mod reference;
 
@@ -21,6 +22,9 @@ pub enum TargetError {
     /// Running the model failed (node and op named inside).
     #[error(transparent)]
     Run(#[from] kiln_ir::interp::InterpError),
+    /// Generating or compiling code failed.
+    #[error("code generation: {0}")]
+    Codegen(String),
 }
 
 /// One compilation target.
