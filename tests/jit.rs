@@ -72,7 +72,7 @@ fn jit_elementwise_loop_matches_the_interpreter() {
             let sum = s.eval(&cx, &[Some(&x), Some(&y)]).unwrap().remove(0);
             r.eval(&cx, &[Some(&sum)]).unwrap().remove(0)
         };
-        let mut args = [MemRef::new(&mut a, [n]), MemRef::new(&mut b, [n]), MemRef::new(&mut out, [n])];
+        let mut args = [MemRef::of(&mut a, &[n]), MemRef::of(&mut b, &[n]), MemRef::of(&mut out, &[n])];
         // SAFETY: three rank-1 f32 memrefs, as the function is declared.
         unsafe { jit.call("add_relu", &mut args) }.unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(out, want.as_f32().unwrap(), "n = {n}");
@@ -86,7 +86,7 @@ fn jit_reduction_with_math_matches_a_reference() {
     let mut x = values(m * n, 3);
     let want: Vec<f32> = x.chunks(n).map(|r| r.iter().map(|v| v.exp()).sum()).collect();
     let mut out = vec![0.0f32; m];
-    let mut args = [MemRef::new(&mut x, [m, n]), MemRef::new(&mut out, [m, 1])];
+    let mut args = [MemRef::of(&mut x, &[m, n]), MemRef::of(&mut out, &[m, 1])];
     // SAFETY: two rank-2 f32 memrefs, as the function is declared.
     unsafe { jit.call("row_exp_sum", &mut args) }.unwrap_or_else(|e| panic!("{e}"));
     for (g, w) in out.iter().zip(&want) {

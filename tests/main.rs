@@ -13,4 +13,5 @@ mod fuzz;
 mod ir_text;
 mod jit;
 mod light;
+mod native;
 mod transformers;

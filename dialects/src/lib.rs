@@ -13,6 +13,7 @@ pub mod attr;
 pub mod graph;
 pub mod interp;
 pub mod ir;
+pub mod kernel;
 pub mod lowp;
 pub mod machine;
 pub mod parser;

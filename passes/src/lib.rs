@@ -15,6 +15,7 @@ pub mod cost;
 pub mod dce;
 pub mod egraph;
 pub mod fusion;
+pub mod lower;
 
 use kiln_ir::verify::{verify, VerifyError};
 use kiln_ir::Module;

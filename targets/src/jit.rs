@@ -41,7 +41,7 @@ pub fn llvm_ir(module: &Module) -> Option<String> {
 /// The lowering pipeline from upstream dialects to the LLVM dialect.
 pub const PIPELINE: &str = "builtin.module(convert-vector-to-scf,convert-linalg-to-loops,lower-affine,\
 convert-scf-to-cf,convert-vector-to-llvm,convert-math-to-llvm,expand-strided-metadata,\
-finalize-memref-to-llvm,convert-to-llvm,reconcile-unrealized-casts)";
+convert-math-to-libm,finalize-memref-to-llvm,convert-to-llvm,reconcile-unrealized-casts)";
 
 /// A JIT-compiled MLIR module.
 pub struct Jit {
@@ -50,35 +50,32 @@ pub struct Jit {
     _context: Box<Context>,
 }
 
-/// A strided memref descriptor of rank `N` over f32 data, as MLIR's C interface lays it out:
-/// allocated and aligned pointers, offset, sizes, strides (in elements).
-#[repr(C)]
-pub struct MemRef<const N: usize> {
-    allocated: *mut f32,
-    aligned: *mut f32,
-    offset: i64,
-    sizes: [i64; N],
-    strides: [i64; N],
+/// A strided memref descriptor over f32 data, as MLIR's C interface lays it out (any rank):
+/// allocated and aligned pointers, offset, sizes, strides (in elements), all 64-bit words.
+pub struct MemRef {
+    words: Vec<i64>,
 }
 
-impl<const N: usize> MemRef<N> {
+impl MemRef {
     /// A row-major view of `data` with `shape`. The caller keeps `data` alive and unmoved while
-    /// the descriptor is used.
-    pub fn new(data: &mut [f32], shape: [usize; N]) -> MemRef<N> {
-        assert_eq!(data.len(), shape.iter().product::<usize>(), "shape {shape:?} does not match the data");
-        let mut strides = [0i64; N];
+    /// the descriptor is used, and lets the kernel write it only if it may.
+    pub fn new(data: *const f32, len: usize, shape: &[usize]) -> MemRef {
+        assert_eq!(len, shape.iter().product::<usize>(), "shape {shape:?} does not match the data");
+        let mut strides = vec![0i64; shape.len()];
         let mut s = 1i64;
-        for i in (0..N).rev() {
+        for i in (0..shape.len()).rev() {
             strides[i] = s;
             s *= shape[i] as i64;
         }
-        MemRef {
-            allocated: data.as_mut_ptr(),
-            aligned: data.as_mut_ptr(),
-            offset: 0,
-            sizes: shape.map(|d| d as i64),
-            strides,
-        }
+        let mut words = vec![data as i64, data as i64, 0];
+        words.extend(shape.iter().map(|&d| d as i64));
+        words.extend(strides);
+        MemRef { words }
+    }
+
+    /// A view of a mutable slice.
+    pub fn of(data: &mut [f32], shape: &[usize]) -> MemRef {
+        MemRef::new(data.as_mut_ptr(), data.len(), shape)
     }
 }
 
@@ -118,15 +115,15 @@ impl Jit {
         Ok(Jit { engine, _context: ctx })
     }
 
-    /// Calls `name` (a function with `llvm.emit_c_interface` whose arguments are all rank-`N`
-    /// f32 memrefs) on `args`.
+    /// Calls `name` (a function with `llvm.emit_c_interface` whose arguments are all f32
+    /// memrefs) on `args`.
     ///
     /// # Safety
-    /// The function's signature must be exactly `args.len()` memrefs of rank `N` and element
-    /// type f32, and it must only access the elements the descriptors describe.
-    pub unsafe fn call<const N: usize>(&self, name: &str, args: &mut [MemRef<N>]) -> Result<(), TargetError> {
-        let mut ptrs: Vec<*mut MemRef<N>> = args.iter_mut().map(|a| a as *mut MemRef<N>).collect();
-        let mut packed: Vec<*mut ()> = ptrs.iter_mut().map(|p| p as *mut *mut MemRef<N> as *mut ()).collect();
+    /// The function's signature must be exactly `args.len()` memrefs of the descriptors' ranks
+    /// and element type f32, and it must only access the elements the descriptors describe.
+    pub unsafe fn call(&self, name: &str, args: &mut [MemRef]) -> Result<(), TargetError> {
+        let mut ptrs: Vec<*mut i64> = args.iter_mut().map(|a| a.words.as_mut_ptr()).collect();
+        let mut packed: Vec<*mut ()> = ptrs.iter_mut().map(|p| p as *mut *mut i64 as *mut ()).collect();
         if self.engine.lookup(&format!("_mlir__mlir_ciface_{name}")).is_null() {
             return Err(codegen(format!("no function {name} with a C interface in the compiled module")));
         }

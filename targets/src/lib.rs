@@ -8,6 +8,7 @@
 pub mod descriptions;
 pub mod jit;
 pub mod llvm;
+pub mod native;
 pub mod reference;
 
 use kiln_ir::machine::MachineDescription;

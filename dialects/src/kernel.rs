@@ -1,0 +1,214 @@
+//! The `kernel` dialect (first cut): a kernel is a loop nest over buffers placed at named
+//! memory levels, computing scalar expressions of loads and storing them.
+//!
+//! It is structured (a tree of loops and stores, like TVM's TIR) rather than SSA: lowering from
+//! a fused group builds an expression per output element, and each target turns the tree into
+//! its own form (upstream MLIR `scf`/`memref`/`arith`/`math` for `cpu`; the NPU ISA later).
+//! Sizes are run-time values ([`Idx::Dim`] reads a buffer's extent), so one kernel serves every
+//! binding of a model's symbolic dims. Schedule knobs ([`Knobs`]) are data: the autotuner changes
+//! them without touching lowering code.
+//!
+//! Today it covers elementwise (injective) kernels: element-wise math with broadcasting and
+//! index maps (transpose, reshape). Reductions, tiles, DMA and matrix ops are issue #5's next
+//! steps; see ARCHITECTURE.md.
+
+use crate::types::{DType, Dim};
+use std::fmt;
+
+/// Where a buffer lives (each target maps these to its levels: DRAM, cache or scratchpad, registers).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Level {
+    Global,
+    Local,
+    Register,
+}
+
+/// A kernel parameter: a strided buffer.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Buffer {
+    pub name: String,
+    pub dtype: DType,
+    pub shape: Vec<Dim>,
+    pub level: Level,
+}
+
+/// An index expression (type `index`).
+#[derive(Clone, Debug, PartialEq)]
+pub enum Idx {
+    /// Loop variable `i` (its nesting depth).
+    Var(usize),
+    Const(i64),
+    /// The run-time extent of buffer `buf` along `axis`.
+    Dim {
+        buf: usize,
+        axis: usize,
+    },
+    Add(Box<Idx>, Box<Idx>),
+    Mul(Box<Idx>, Box<Idx>),
+    /// Floor division and remainder (operands are non-negative here).
+    Div(Box<Idx>, Box<Idx>),
+    Rem(Box<Idx>, Box<Idx>),
+    /// `if a == 1 { 0 } else { b }`: broadcasting a dim whose size is only known at run time.
+    ZeroIfOne(Box<Idx>, Box<Idx>),
+}
+
+/// Scalar functions of one value.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UnOp {
+    Neg,
+    Abs,
+    Exp,
+    Log,
+    Sqrt,
+    Tanh,
+    Erf,
+    Floor,
+    Ceil,
+    Recip,
+    Relu,
+    Sigmoid,
+}
+
+/// Scalar functions of two values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BinOp {
+    Add,
+    Sub,
+    Mul,
+    Div,
+    Max,
+    Min,
+    Pow,
+}
+
+/// A scalar value expression (the buffers' element type).
+#[derive(Clone, Debug, PartialEq)]
+pub enum Val {
+    Const(f64),
+    Load { buf: usize, index: Vec<Idx> },
+    Un(UnOp, Box<Val>),
+    Bin(BinOp, Box<Val>, Box<Val>),
+}
+
+/// A statement.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Stmt {
+    /// `for var in 0..extent` (`var` is the loop's depth); `parallel` marks a parallel axis.
+    For {
+        var: usize,
+        extent: Idx,
+        parallel: bool,
+        body: Vec<Stmt>,
+    },
+    Store {
+        buf: usize,
+        index: Vec<Idx>,
+        value: Val,
+    },
+}
+
+/// Schedule knobs (read by code generation, written by the autotuner).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Knobs {
+    /// Lanes of the innermost loop's vectors (1: scalar).
+    pub vector_width: u32,
+    /// Unroll factor of the innermost loop.
+    pub unroll: u32,
+}
+
+impl Default for Knobs {
+    fn default() -> Knobs {
+        Knobs { vector_width: 1, unroll: 1 }
+    }
+}
+
+/// A kernel: buffers (inputs first, then outputs) and a loop nest.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Kernel {
+    pub name: String,
+    pub buffers: Vec<Buffer>,
+    pub inputs: usize,
+    pub body: Vec<Stmt>,
+    pub knobs: Knobs,
+}
+
+impl Kernel {
+    /// The output buffers.
+    pub fn outputs(&self) -> &[Buffer] {
+        &self.buffers[self.inputs..]
+    }
+}
+
+fn shape_text(b: &Buffer) -> String {
+    let dims: Vec<String> = b.shape.iter().map(|d| d.to_string()).collect();
+    format!("{}[{}]", b.dtype, dims.join(", "))
+}
+
+impl fmt::Display for Idx {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Idx::Var(i) => write!(f, "i{i}"),
+            Idx::Const(c) => write!(f, "{c}"),
+            Idx::Dim { buf, axis } => write!(f, "dim(%{buf}, {axis})"),
+            Idx::Add(a, b) => write!(f, "({a} + {b})"),
+            Idx::Mul(a, b) => write!(f, "({a} * {b})"),
+            Idx::Div(a, b) => write!(f, "({a} / {b})"),
+            Idx::Rem(a, b) => write!(f, "({a} % {b})"),
+            Idx::ZeroIfOne(a, b) => write!(f, "({a} == 1 ? 0 : {b})"),
+        }
+    }
+}
+
+fn index_text(index: &[Idx]) -> String {
+    index.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(", ")
+}
+
+impl fmt::Display for Val {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Val::Const(c) => write!(f, "{c:e}"),
+            Val::Load { buf, index } => write!(f, "%{buf}[{}]", index_text(index)),
+            Val::Un(op, x) => write!(f, "{}({x})", format!("{op:?}").to_lowercase()),
+            Val::Bin(op, a, b) => write!(f, "{}({a}, {b})", format!("{op:?}").to_lowercase()),
+        }
+    }
+}
+
+fn write_stmts(f: &mut fmt::Formatter<'_>, body: &[Stmt], depth: usize) -> fmt::Result {
+    let pad = "  ".repeat(depth + 1);
+    for s in body {
+        match s {
+            Stmt::For { var, extent, parallel, body } => {
+                writeln!(f, "{pad}kernel.for{} i{var} in 0..{extent} {{", if *parallel { ".parallel" } else { "" })?;
+                write_stmts(f, body, depth + 1)?;
+                writeln!(f, "{pad}}}")?;
+            }
+            Stmt::Store { buf, index, value } => writeln!(f, "{pad}%{buf}[{}] = {value}", index_text(index))?,
+        }
+    }
+    Ok(())
+}
+
+impl fmt::Display for Kernel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let params: Vec<String> = self
+            .buffers
+            .iter()
+            .enumerate()
+            .map(|(i, b)| {
+                let io = if i < self.inputs { "in" } else { "out" };
+                format!("%{i}: {io} {} {:?} \"{}\"", shape_text(b), b.level, b.name)
+            })
+            .collect();
+        writeln!(
+            f,
+            "kernel.kernel @{}({}) {{vector_width = {}, unroll = {}}} {{",
+            self.name,
+            params.join(", "),
+            self.knobs.vector_width,
+            self.knobs.unroll
+        )?;
+        write_stmts(f, &self.body, 0)?;
+        writeln!(f, "}}")
+    }
+}
