@@ -8,9 +8,11 @@
 //! binding of a model's symbolic dims. Schedule knobs ([`Knobs`]) are data: the autotuner changes
 //! them without touching lowering code.
 //!
-//! Today it covers elementwise (injective) kernels: element-wise math with broadcasting and
-//! index maps (transpose, reshape). Reductions, tiles, DMA and matrix ops are issue #5's next
-//! steps; see ARCHITECTURE.md.
+//! Today it covers elementwise (injective) kernels (element-wise math with broadcasting and
+//! index maps: transpose, reshape) and row reductions (reductions over the last axis, Softmax,
+//! LayerNorm, RMSNorm, with elementwise producers and consumers): per row, [`Stmt::Let`] binds
+//! each reduced scalar once ([`Val::Reduce`] is an inner loop with an accumulator), then an
+//! inner loop stores the row. Tiles, DMA and matrix ops are issue #5's next steps.
 
 use crate::types::{DType, Dim};
 use std::fmt;
@@ -81,13 +83,35 @@ pub enum BinOp {
     Pow,
 }
 
+/// How a reduction combines elements.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RedOp {
+    Sum,
+    Max,
+    Min,
+}
+
 /// A scalar value expression (the buffers' element type).
 #[derive(Clone, Debug, PartialEq)]
 pub enum Val {
     Const(f64),
-    Load { buf: usize, index: Vec<Idx> },
+    Load {
+        buf: usize,
+        index: Vec<Idx>,
+    },
     Un(UnOp, Box<Val>),
     Bin(BinOp, Box<Val>, Box<Val>),
+    /// The scalar a [`Stmt::Let`] bound.
+    Scalar(usize),
+    /// An index value as a float (a row length, to divide a sum by).
+    FromIdx(Idx),
+    /// `op` over `body` for loop variable `var` in `0..extent`.
+    Reduce {
+        op: RedOp,
+        var: usize,
+        extent: Idx,
+        body: Box<Val>,
+    },
 }
 
 /// A statement.
@@ -103,6 +127,11 @@ pub enum Stmt {
     Store {
         buf: usize,
         index: Vec<Idx>,
+        value: Val,
+    },
+    /// Binds scalar `slot` to `value` for the statements after it in the same body.
+    Let {
+        slot: usize,
         value: Val,
     },
 }
@@ -170,6 +199,11 @@ impl fmt::Display for Val {
             Val::Load { buf, index } => write!(f, "%{buf}[{}]", index_text(index)),
             Val::Un(op, x) => write!(f, "{}({x})", format!("{op:?}").to_lowercase()),
             Val::Bin(op, a, b) => write!(f, "{}({a}, {b})", format!("{op:?}").to_lowercase()),
+            Val::Scalar(s) => write!(f, "%s{s}"),
+            Val::FromIdx(i) => write!(f, "float({i})"),
+            Val::Reduce { op, var, extent, body } => {
+                write!(f, "reduce.{}(i{var} in 0..{extent}: {body})", format!("{op:?}").to_lowercase())
+            }
         }
     }
 }
@@ -184,6 +218,7 @@ fn write_stmts(f: &mut fmt::Formatter<'_>, body: &[Stmt], depth: usize) -> fmt::
                 writeln!(f, "{pad}}}")?;
             }
             Stmt::Store { buf, index, value } => writeln!(f, "{pad}%{buf}[{}] = {value}", index_text(index))?,
+            Stmt::Let { slot, value } => writeln!(f, "{pad}%s{slot} = {value}")?,
         }
     }
     Ok(())

@@ -1,20 +1,26 @@
-//! Lowering graph → kernel (first cut: elementwise kernels).
+//! Lowering graph → kernel (first cut: elementwise and row-reduction kernels).
 //!
-//! A `graph.fused` kernel of kind `elementwise` (or `layout`), or a single elementwise op,
+//! A `graph.fused` kernel of kind `elementwise`, `layout` or `reduction`, or a single such op,
 //! becomes one [`Kernel`]: a loop nest over the (first) output's dims, and per output a store of
 //! an expression built by walking the kernel's ops backwards from the output element. Index
 //! maps become index arithmetic, never copies: broadcasting (a dim of 1, known or only at run
 //! time), Transpose (permuted indices) and the views (linearize, then delinearize). Sizes stay
 //! symbolic: a symbolic dim reads the extent of a buffer that carries it.
 //!
-//! Anything else (reductions, contractions, non-f32 types) is refused with a reason; issue #5's
-//! next steps extend this.
+//! Reductions over the last axis (ReduceSum/Mean/Max/Min with kept dims, Softmax,
+//! LayerNormalization, RMSNormalization) become per-row scalars: the row loops bind each once
+//! ([`Stmt::Let`] of a [`Val::Reduce`]), then an inner loop stores the row, so a fused
+//! `residual add → LayerNorm → scale` kernel reads its inputs once per pass over the row.
+//!
+//! Anything else (contractions, other reductions, non-f32 types) is refused with a reason;
+//! issue #5's next steps extend this.
 
 use kiln_ir::attr::Attr;
 use kiln_ir::graph::AttrView;
 use kiln_ir::ir::{Module, OpId, ValueDef, ValueId};
-use kiln_ir::kernel::{BinOp, Buffer, Idx, Kernel, Knobs, Level, Stmt, UnOp, Val};
+use kiln_ir::kernel::{BinOp, Buffer, Idx, Kernel, Knobs, Level, RedOp, Stmt, UnOp, Val};
 use kiln_ir::{DType, Dim};
+use std::cell::RefCell;
 use std::collections::HashMap;
 
 /// Why an op was not lowered.
@@ -28,6 +34,14 @@ struct Lowering<'m> {
     inside: HashMap<ValueId, OpId>,
     /// A buffer and axis that carries each symbolic dim.
     syms: HashMap<String, (usize, usize)>,
+    /// Row dims of the kernel (all but the last output dim); reductions are per row.
+    rows: usize,
+    /// Per-row scalars (reductions), in the order they must be bound.
+    slots: RefCell<Vec<Val>>,
+    /// Slots already built, by op and part.
+    memo: RefCell<HashMap<(OpId, usize), usize>>,
+    /// Reduction loop variables handed out (numbered from 64, above any loop depth).
+    next_var: std::cell::Cell<usize>,
 }
 
 fn b(i: Idx) -> Box<Idx> {
@@ -92,6 +106,59 @@ impl Lowering<'_> {
         Ok(out)
     }
 
+    /// Slot `part` of op `o` for the current row, built by `make` the first time.
+    fn slot(&self, o: OpId, part: usize, make: impl FnOnce() -> LowerResult<Val>) -> LowerResult<Val> {
+        if let Some(&s) = self.memo.borrow().get(&(o, part)) {
+            return Ok(Val::Scalar(s));
+        }
+        let v = make()?;
+        let mut slots = self.slots.borrow_mut();
+        slots.push(v);
+        let s = slots.len() - 1;
+        self.memo.borrow_mut().insert((o, part), s);
+        Ok(Val::Scalar(s))
+    }
+
+    /// For a reduction over the last axis of `x` read at row `idx[..rank-1]`: checks the row is
+    /// the kernel's current row, and returns the reduction loop's variable, its extent and
+    /// the element index of `x` it reads.
+    fn row_access(&self, x: ValueId, idx: &[Idx]) -> LowerResult<(usize, Idx, Vec<Idx>)> {
+        let shape = self.shape(x)?;
+        let r = shape.len();
+        if r == 0 || r - 1 != self.rows || idx.len() != r {
+            return Err("a reduction whose rows are not the kernel's rows".into());
+        }
+        if (0..self.rows).any(|i| idx[i] != Idx::Var(i)) {
+            return Err("a reduction read at another row than the kernel's current one".into());
+        }
+        let var = 64 + self.next_var.get();
+        self.next_var.set(self.next_var.get() + 1);
+        let mut at: Vec<Idx> = idx[..self.rows].to_vec();
+        at.push(Idx::Var(var));
+        Ok((var, self.dim(&shape[r - 1])?, at))
+    }
+
+    /// `op` over the last axis of `x`'s row, of `f(x[row, k])`.
+    fn reduce(&self, op: RedOp, x: ValueId, idx: &[Idx], f: impl Fn(Val) -> Val) -> LowerResult<(Val, Idx)> {
+        let (var, extent, at) = self.row_access(x, idx)?;
+        let body = f(self.value(x, &at)?);
+        Ok((Val::Reduce { op, var, extent: extent.clone(), body: Box::new(body) }, extent))
+    }
+
+    /// The axes a Reduce* op reduces (attribute before opset 18, or the constant input).
+    fn reduce_axes(&self, o: OpId) -> LowerResult<Vec<i64>> {
+        let op = self.m.op(o);
+        if let Some(Some(a)) = op.operands.get(1) {
+            let def = self.m.value(*a).def;
+            let ValueDef::OpResult(c, _) = def else { return Err("reduction axes given at run time".into()) };
+            return match self.m.op(c).attrs.get("value") {
+                Some(Attr::Tensor(t)) if self.m.op(c).op_type() == "Constant" => Ok(t.to_i64()),
+                _ => Err("reduction axes given at run time".into()),
+            };
+        }
+        Ok(AttrView(&op.attrs).ints("axes").map_err(|e| e.0)?.unwrap_or_default())
+    }
+
     /// The scalar value of `v` at element `idx`.
     fn value(&self, v: ValueId, idx: &[Idx]) -> LowerResult<Val> {
         if let Some(&buf) = self.arg.get(&v) {
@@ -100,6 +167,9 @@ impl Lowering<'_> {
         let o = *self.inside.get(&v).ok_or_else(|| format!("value {} is not in the kernel", self.m.value_label(v)))?;
         let op = self.m.op(o);
         let t = op.op_type();
+        if op.results.len() != 1 {
+            return Err(format!("{t} with {} results is not lowered yet", op.results.len()));
+        }
         let out = self.shape(v)?.to_vec();
         let x = |i: usize| op.operands.get(i).copied().flatten().ok_or_else(|| format!("{t}: operand {i} is missing"));
         let operand = |i: usize| -> LowerResult<Val> {
@@ -159,6 +229,78 @@ impl Lowering<'_> {
                 }
                 self.value(a, &inner)
             }
+            "ReduceSum" | "ReduceMean" | "ReduceMax" | "ReduceMin" => {
+                let xv = x(0)?;
+                let r = self.shape(xv)?.len() as i64;
+                let axes = self.reduce_axes(o)?;
+                if attrs.int("keepdims", 1).map_err(|e| e.0)? != 1 || !(axes == [-1] || axes == [r - 1]) {
+                    return Err(format!("{t} over axes {axes:?} is not lowered yet (last axis, kept)"));
+                }
+                let mut row = idx.to_vec();
+                *row.last_mut().ok_or("a reduction of a scalar")? = Idx::Const(0);
+                let red = match t {
+                    "ReduceMax" => RedOp::Max,
+                    "ReduceMin" => RedOp::Min,
+                    _ => RedOp::Sum,
+                };
+                self.slot(o, 0, || {
+                    let (sum, n) = self.reduce(red, xv, &row, |e| e)?;
+                    Ok(if t == "ReduceMean" {
+                        Val::Bin(BinOp::Div, Box::new(sum), Box::new(Val::FromIdx(n)))
+                    } else {
+                        sum
+                    })
+                })
+            }
+            "Softmax" => {
+                let xv = x(0)?;
+                let r = self.shape(xv)?.len() as i64;
+                let axis = attrs.int("axis", -1).map_err(|e| e.0)?;
+                if axis != -1 && axis != r - 1 {
+                    return Err("Softmax over another axis than the last is not lowered yet".into());
+                }
+                let max = self.slot(o, 0, || Ok(self.reduce(RedOp::Max, xv, idx, |e| e)?.0))?;
+                let shifted =
+                    |e: Val| Val::Un(UnOp::Exp, Box::new(Val::Bin(BinOp::Sub, Box::new(e), Box::new(max.clone()))));
+                let sum = self.slot(o, 1, || Ok(self.reduce(RedOp::Sum, xv, idx, shifted)?.0))?;
+                Ok(Val::Bin(BinOp::Div, Box::new(shifted(self.value(xv, idx)?)), Box::new(sum)))
+            }
+            "LayerNormalization" | "RMSNormalization" => {
+                let xv = x(0)?;
+                let r = self.shape(xv)?.len() as i64;
+                let axis = attrs.int("axis", -1).map_err(|e| e.0)?;
+                if axis != -1 && axis != r - 1 {
+                    return Err(format!("{t} over several axes is not lowered yet"));
+                }
+                let eps = attrs.float("epsilon", 1e-5).map_err(|e| e.0)? as f64;
+                let rms = t == "RMSNormalization";
+                let mean = if rms {
+                    Val::Const(0.0)
+                } else {
+                    self.slot(o, 0, || {
+                        let (sum, n) = self.reduce(RedOp::Sum, xv, idx, |e| e)?;
+                        Ok(Val::Bin(BinOp::Div, Box::new(sum), Box::new(Val::FromIdx(n))))
+                    })?
+                };
+                let centred = |e: Val| if rms { e } else { Val::Bin(BinOp::Sub, Box::new(e), Box::new(mean.clone())) };
+                let rstd = self.slot(o, 1, || {
+                    let sq = |e: Val| {
+                        let c = centred(e);
+                        Val::Bin(BinOp::Mul, Box::new(c.clone()), Box::new(c))
+                    };
+                    let (sum, n) = self.reduce(RedOp::Sum, xv, idx, sq)?;
+                    let var = Val::Bin(BinOp::Div, Box::new(sum), Box::new(Val::FromIdx(n)));
+                    let std =
+                        Val::Un(UnOp::Sqrt, Box::new(Val::Bin(BinOp::Add, Box::new(var), Box::new(Val::Const(eps)))));
+                    Ok(Val::Un(UnOp::Recip, Box::new(std)))
+                })?;
+                let normed = Val::Bin(BinOp::Mul, Box::new(centred(self.value(xv, idx)?)), Box::new(rstd));
+                let scaled = Val::Bin(BinOp::Mul, Box::new(normed), Box::new(operand(1)?));
+                match op.operands.get(2).copied().flatten() {
+                    Some(_) if !rms => Ok(Val::Bin(BinOp::Add, Box::new(scaled), Box::new(operand(2)?))),
+                    _ => Ok(scaled),
+                }
+            }
             "Reshape" | "Flatten" | "Squeeze" | "Unsqueeze" => {
                 let a = x(0)?;
                 let lin = self.linearize(idx, &out)?;
@@ -179,7 +321,7 @@ pub fn lower(m: &Module, o: OpId, name: &str) -> LowerResult<Kernel> {
             Some(Attr::Str(k)) => k.as_str(),
             _ => "",
         };
-        if kind != "elementwise" && kind != "layout" {
+        if !matches!(kind, "elementwise" | "layout" | "reduction") {
             return Err(format!("a {kind} kernel is not lowered to the kernel dialect yet"));
         }
         let blk = op.regions.first().and_then(|r| r.blocks.first()).ok_or("a fused op without a body")?;
@@ -209,26 +351,74 @@ pub fn lower(m: &Module, o: OpId, name: &str) -> LowerResult<Kernel> {
     let inside: HashMap<ValueId, OpId> =
         ops.iter().flat_map(|&i| m.op(i).results.iter().map(move |&r| (r, i))).collect();
     let arg: HashMap<ValueId, usize> = args.iter().enumerate().map(|(i, &v)| (v, i)).collect();
-    let lw = Lowering { m, arg, inside, syms };
-    let out_shape = buffers.get(args.len()).ok_or("a kernel without outputs")?.shape.clone();
+    // The full-size output sets the loop nest; reduced outputs ([rows..., 1]) store once a row.
+    let full = (0..yields.len())
+        .max_by_key(|&k| buffers[args.len() + k].shape.last().map_or(0, |d| d.known().map_or(u64::MAX, |n| n)))
+        .ok_or("a kernel without outputs")?;
+    let out_shape = buffers[args.len() + full].shape.clone();
+    let rank = out_shape.len();
+    let rows = rank.saturating_sub(1);
+    let lw = Lowering {
+        m,
+        arg,
+        inside,
+        syms,
+        rows,
+        slots: RefCell::new(Vec::new()),
+        memo: RefCell::new(HashMap::new()),
+        next_var: Default::default(),
+    };
+    let vars: Vec<Idx> = (0..rank).map(Idx::Var).collect();
+    let mut row_vars: Vec<Idx> = (0..rows).map(Idx::Var).collect();
+    if rank > 0 {
+        row_vars.push(Idx::Const(0));
+    }
+    let mut full_stores = Vec::new();
+    let mut row_stores = Vec::new();
     for (k, &y) in yields.iter().enumerate() {
-        if lw.shape(y)? != out_shape.as_slice() {
-            return Err(format!("kernel output {k} has another shape than output 0"));
-        }
         if matches!(m.value(y).def, ValueDef::BlockArg) {
             return Err("a kernel output that is one of its inputs".into());
         }
+        let shape = lw.shape(y)?;
+        let reduced =
+            rank > 0 && shape.len() == rank && shape[..rows] == out_shape[..rows] && shape[rows] == Dim::Known(1);
+        if shape == out_shape.as_slice() && !(reduced && out_shape[rows] == Dim::Known(1) && k != full) {
+            full_stores.push(Stmt::Store { buf: args.len() + k, index: vars.clone(), value: lw.value(y, &vars)? });
+        } else if reduced {
+            row_stores.push(Stmt::Store {
+                buf: args.len() + k,
+                index: row_vars.clone(),
+                value: lw.value(y, &row_vars)?,
+            });
+        } else {
+            return Err(format!("kernel output {k} has another shape than the kernel's rows"));
+        }
     }
-    let rank = out_shape.len();
-    let vars: Vec<Idx> = (0..rank).map(Idx::Var).collect();
-    let mut body: Vec<Stmt> = yields
-        .iter()
-        .enumerate()
-        .map(|(k, &y)| Ok(Stmt::Store { buf: args.len() + k, index: vars.clone(), value: lw.value(y, &vars)? }))
-        .collect::<LowerResult<_>>()?;
-    for axis in (0..rank).rev() {
-        let extent = Idx::Dim { buf: args.len(), axis };
-        body = vec![Stmt::For { var: axis, extent, parallel: axis == 0, body }];
-    }
+    let slots = lw.slots.into_inner();
+    let out_buf = args.len() + full;
+    let body = if slots.is_empty() && row_stores.is_empty() {
+        let mut body = full_stores;
+        for axis in (0..rank).rev() {
+            body = vec![Stmt::For { var: axis, extent: Idx::Dim { buf: out_buf, axis }, parallel: axis == 0, body }];
+        }
+        body
+    } else {
+        // Per row: bind the reductions, store the reduced outputs, then the row.
+        let mut row: Vec<Stmt> = slots.into_iter().enumerate().map(|(slot, value)| Stmt::Let { slot, value }).collect();
+        row.extend(row_stores);
+        if !full_stores.is_empty() {
+            row.push(Stmt::For {
+                var: rows,
+                extent: Idx::Dim { buf: out_buf, axis: rows },
+                parallel: false,
+                body: full_stores,
+            });
+        }
+        let mut body = row;
+        for axis in (0..rows).rev() {
+            body = vec![Stmt::For { var: axis, extent: Idx::Dim { buf: out_buf, axis }, parallel: axis == 0, body }];
+        }
+        body
+    };
     Ok(Kernel { name: name.to_string(), buffers, inputs: args.len(), body, knobs: Knobs::default() })
 }

@@ -5,7 +5,7 @@
 
 use crate::jit::{Jit, MemRef};
 use crate::TargetError;
-use kiln_ir::kernel::{BinOp, Idx, Kernel, Stmt, UnOp, Val};
+use kiln_ir::kernel::{BinOp, Idx, Kernel, RedOp, Stmt, UnOp, Val};
 use kiln_ir::{Dim, Tensor};
 use std::collections::HashMap;
 use std::fmt::Write;
@@ -34,6 +34,8 @@ struct Emitter<'k> {
     k: &'k Kernel,
     out: String,
     next: usize,
+    /// The SSA value each `Let` slot names.
+    slots: HashMap<usize, String>,
 }
 
 impl Emitter<'_> {
@@ -133,6 +135,42 @@ impl Emitter<'_> {
                 self.line(depth, &text);
                 t
             }
+            Val::Scalar(s) => self.slots.get(s).cloned().unwrap_or_else(|| format!("%undefined_slot{s}")),
+            Val::FromIdx(i) => {
+                let i = self.idx(depth, i);
+                let (n, t) = (self.fresh(), self.fresh());
+                self.line(depth, &format!("{n} = arith.index_cast {i} : index to i64"));
+                self.line(depth, &format!("{t} = arith.sitofp {n} : i64 to f32"));
+                t
+            }
+            Val::Reduce { op, var, extent, body } => {
+                let init = self.constant(
+                    depth,
+                    match op {
+                        RedOp::Sum => 0.0,
+                        RedOp::Max => f64::NEG_INFINITY,
+                        RedOp::Min => f64::INFINITY,
+                    },
+                );
+                let e = self.idx(depth, extent);
+                let (lo, step) = (self.idx(depth, &Idx::Const(0)), self.idx(depth, &Idx::Const(1)));
+                let (r, acc) = (self.fresh(), self.fresh());
+                self.line(
+                    depth,
+                    &format!("{r} = scf.for %i{var} = {lo} to {e} step {step} iter_args({acc} = {init}) -> (f32) {{"),
+                );
+                let v = self.val(depth + 1, body);
+                let combine = match op {
+                    RedOp::Sum => "arith.addf",
+                    RedOp::Max => "arith.maximumf",
+                    RedOp::Min => "arith.minimumf",
+                };
+                let n = self.fresh();
+                self.line(depth + 1, &format!("{n} = {combine} {acc}, {v} : f32"));
+                self.line(depth + 1, &format!("scf.yield {n} : f32"));
+                self.line(depth, "}");
+                r
+            }
             Val::Bin(op, a, b) => {
                 let (a, b) = (self.val(depth, a), self.val(depth, b));
                 let name = match op {
@@ -161,6 +199,10 @@ impl Emitter<'_> {
                     self.stmts(depth + 1, body);
                     self.line(depth, "}");
                 }
+                Stmt::Let { slot, value } => {
+                    let v = self.val(depth, value);
+                    self.slots.insert(*slot, v);
+                }
                 Stmt::Store { buf, index, value } => {
                     let v = self.val(depth, value);
                     let ix: Vec<String> = index.iter().map(|i| self.idx(depth, i)).collect();
@@ -177,7 +219,7 @@ impl Emitter<'_> {
 pub fn to_mlir(k: &Kernel) -> String {
     let params: Vec<String> =
         k.buffers.iter().enumerate().map(|(i, b)| format!("%b{i}: {}", memref(b.shape.len()))).collect();
-    let mut e = Emitter { k, out: String::new(), next: 0 };
+    let mut e = Emitter { k, out: String::new(), next: 0, slots: HashMap::new() };
     e.stmts(0, &k.body);
     format!(
         "func.func @{}({}) attributes {{ llvm.emit_c_interface }} {{\n{}  return\n}}\n",
