@@ -46,6 +46,7 @@ pub enum Idx {
         axis: usize,
     },
     Add(Box<Idx>, Box<Idx>),
+    Sub(Box<Idx>, Box<Idx>),
     Mul(Box<Idx>, Box<Idx>),
     /// Floor division and remainder (operands are non-negative here).
     Div(Box<Idx>, Box<Idx>),
@@ -112,6 +113,14 @@ pub enum Val {
         extent: Idx,
         body: Box<Val>,
     },
+    /// `if lhs < rhs { then } else { other }`, evaluating only the branch taken (a branch may
+    /// load out of bounds when not taken, as Concat's inputs do).
+    IfLess {
+        lhs: Idx,
+        rhs: Idx,
+        then: Box<Val>,
+        other: Box<Val>,
+    },
 }
 
 /// A statement.
@@ -157,6 +166,9 @@ pub struct Kernel {
     pub name: String,
     pub buffers: Vec<Buffer>,
     pub inputs: usize,
+    /// For each input buffer, the position of the graph op's operand it binds (operands the
+    /// kernel never reads, such as a Reshape's target shape, are not buffers).
+    pub operands: Vec<usize>,
     pub body: Vec<Stmt>,
     pub knobs: Knobs,
 }
@@ -180,6 +192,7 @@ impl fmt::Display for Idx {
             Idx::Const(c) => write!(f, "{c}"),
             Idx::Dim { buf, axis } => write!(f, "dim(%{buf}, {axis})"),
             Idx::Add(a, b) => write!(f, "({a} + {b})"),
+            Idx::Sub(a, b) => write!(f, "({a} - {b})"),
             Idx::Mul(a, b) => write!(f, "({a} * {b})"),
             Idx::Div(a, b) => write!(f, "({a} / {b})"),
             Idx::Rem(a, b) => write!(f, "({a} % {b})"),
@@ -204,6 +217,7 @@ impl fmt::Display for Val {
             Val::Reduce { op, var, extent, body } => {
                 write!(f, "reduce.{}(i{var} in 0..{extent}: {body})", format!("{op:?}").to_lowercase())
             }
+            Val::IfLess { lhs, rhs, then, other } => write!(f, "({lhs} < {rhs} ? {then} : {other})"),
         }
     }
 }

@@ -131,11 +131,17 @@ impl Lowering<'_> {
         if (0..self.rows).any(|i| idx[i] != Idx::Var(i)) {
             return Err("a reduction read at another row than the kernel's current one".into());
         }
-        let var = 64 + self.next_var.get();
-        self.next_var.set(self.next_var.get() + 1);
+        let var = self.fresh_var();
         let mut at: Vec<Idx> = idx[..self.rows].to_vec();
         at.push(Idx::Var(var));
         Ok((var, self.dim(&shape[r - 1])?, at))
+    }
+
+    /// A loop variable for a reduction (numbered from 64, above any loop depth).
+    fn fresh_var(&self) -> usize {
+        let v = 64 + self.next_var.get();
+        self.next_var.set(self.next_var.get() + 1);
+        v
     }
 
     /// `op` over the last axis of `x`'s row, of `f(x[row, k])`.
@@ -159,10 +165,23 @@ impl Lowering<'_> {
         Ok(AttrView(&op.attrs).ints("axes").map_err(|e| e.0)?.unwrap_or_default())
     }
 
+    /// The integers of a constant operand.
+    fn const_ints(&self, v: Option<ValueId>) -> Option<Vec<i64>> {
+        let ValueDef::OpResult(c, _) = self.m.value(v?).def else { return None };
+        let op = self.m.op(c);
+        match op.attrs.get("value") {
+            Some(Attr::Tensor(t)) if op.op_type() == "Constant" && t.dtype().is_int() => Some(t.to_i64()),
+            _ => None,
+        }
+    }
+
     /// The scalar value of `v` at element `idx`.
     fn value(&self, v: ValueId, idx: &[Idx]) -> LowerResult<Val> {
         if let Some(&buf) = self.arg.get(&v) {
             return Ok(Val::Load { buf, index: idx.to_vec() });
+        }
+        if !self.inside.contains_key(&v) && self.m.value(v).ty.dtype != DType::F32 {
+            return Err(format!("{} operands are not lowered yet (f32 only)", self.m.value(v).ty.dtype));
         }
         let o = *self.inside.get(&v).ok_or_else(|| format!("value {} is not in the kernel", self.m.value_label(v)))?;
         let op = self.m.op(o);
@@ -301,6 +320,109 @@ impl Lowering<'_> {
                     _ => Ok(scaled),
                 }
             }
+            "MatMul" => {
+                // out[..., i, j] = Σ_k a[..., i, k] · b[..., k, j] (batch dims broadcast).
+                let (a, bm) = (x(0)?, x(1)?);
+                let (sa, sb) = (self.shape(a)?.to_vec(), self.shape(bm)?.to_vec());
+                let r = out.len();
+                if sa.len() < 2 || sb.len() < 2 || r < 2 {
+                    return Err("MatMul of vectors is not lowered yet".into());
+                }
+                let k = self.fresh_var();
+                let (batch, i, j) = (&idx[..r - 2], idx[r - 2].clone(), idx[r - 1].clone());
+                let mut ia = self.broadcast(batch, &out[..r - 2], &sa[..sa.len() - 2])?;
+                ia.extend([i, Idx::Var(k)]);
+                let mut ib = self.broadcast(batch, &out[..r - 2], &sb[..sb.len() - 2])?;
+                ib.extend([Idx::Var(k), j]);
+                let body = Val::Bin(BinOp::Mul, Box::new(self.value(a, &ia)?), Box::new(self.value(bm, &ib)?));
+                Ok(Val::Reduce { op: RedOp::Sum, var: k, extent: self.dim(&sa[sa.len() - 1])?, body: Box::new(body) })
+            }
+            "Gemm" => {
+                // alpha · op(A)·op(B) + beta · C, A and B 2-D.
+                let (a, bm) = (x(0)?, x(1)?);
+                let (ta, tb) =
+                    (attrs.int("transA", 0).map_err(|e| e.0)? != 0, attrs.int("transB", 0).map_err(|e| e.0)? != 0);
+                let (alpha, beta) = (
+                    attrs.float("alpha", 1.0).map_err(|e| e.0)? as f64,
+                    attrs.float("beta", 1.0).map_err(|e| e.0)? as f64,
+                );
+                let sa = self.shape(a)?.to_vec();
+                let k = self.fresh_var();
+                let (i, j) = (idx[0].clone(), idx[1].clone());
+                let ia = if ta { vec![Idx::Var(k), i] } else { vec![i, Idx::Var(k)] };
+                let ib = if tb { vec![j, Idx::Var(k)] } else { vec![Idx::Var(k), j] };
+                let body = Val::Bin(BinOp::Mul, Box::new(self.value(a, &ia)?), Box::new(self.value(bm, &ib)?));
+                let kdim = &sa[if ta { 0 } else { 1 }];
+                let sum = Val::Reduce { op: RedOp::Sum, var: k, extent: self.dim(kdim)?, body: Box::new(body) };
+                let mut y = Val::Bin(BinOp::Mul, Box::new(Val::Const(alpha)), Box::new(sum));
+                if op.operands.get(2).copied().flatten().is_some() {
+                    let c = Val::Bin(BinOp::Mul, Box::new(Val::Const(beta)), Box::new(operand(2)?));
+                    y = Val::Bin(BinOp::Add, Box::new(y), Box::new(c));
+                }
+                Ok(y)
+            }
+            "Expand" => {
+                let a = x(0)?;
+                let ix = self.broadcast(idx, &out, self.shape(a)?)?;
+                self.value(a, &ix)
+            }
+            "Slice" => {
+                // in[axis] = start + out[axis] · step, with constant starts/steps on known dims.
+                let a = x(0)?;
+                let sa = self.shape(a)?.to_vec();
+                let r = sa.len() as i64;
+                let operand = |i: usize| op.operands.get(i).copied().flatten();
+                let starts = self.const_ints(operand(1)).ok_or("Slice with run-time starts")?;
+                let axes = match operand(3) {
+                    Some(_) => self.const_ints(operand(3)).ok_or("Slice with run-time axes")?,
+                    None => (0..starts.len() as i64).collect(),
+                };
+                let steps = match operand(4) {
+                    Some(_) => self.const_ints(operand(4)).ok_or("Slice with run-time steps")?,
+                    None => vec![1; starts.len()],
+                };
+                let mut inner = idx.to_vec();
+                for ((&s0, &ax), &st) in starts.iter().zip(&axes).zip(&steps) {
+                    let ax = if ax < 0 { ax + r } else { ax } as usize;
+                    let n = sa.get(ax).and_then(|d| d.known()).ok_or("Slice of a symbolic dim")? as i64;
+                    if st == 0 {
+                        return Err("Slice with step 0".into());
+                    }
+                    let mut s = if s0 < 0 { s0 + n } else { s0 };
+                    s = if st > 0 { s.clamp(0, n) } else { s.clamp(-1, n - 1) };
+                    inner[ax] = Idx::Add(b(Idx::Const(s)), b(Idx::Mul(b(idx[ax].clone()), b(Idx::Const(st)))));
+                }
+                self.value(a, &inner)
+            }
+            "Concat" => {
+                // Input p holds positions [offset_p, offset_p + size_p) of the axis.
+                let r = out.len() as i64;
+                let axis = attrs.int("axis", 0).map_err(|e| e.0)?;
+                let axis = if axis < 0 { axis + r } else { axis } as usize;
+                let parts: Vec<ValueId> = op.operands.iter().flatten().copied().collect();
+                let mut offsets = Vec::new();
+                let mut off = Idx::Const(0);
+                for &p in &parts {
+                    offsets.push(off.clone());
+                    off = Idx::Add(b(off), b(self.dim(&self.shape(p)?[axis])?));
+                }
+                let at = |k: usize| -> LowerResult<Val> {
+                    let mut ix = idx.to_vec();
+                    ix[axis] = Idx::Sub(b(idx[axis].clone()), b(offsets[k].clone()));
+                    self.value(parts[k], &ix)
+                };
+                let last = parts.len().checked_sub(1).ok_or("Concat of nothing")?;
+                let mut v = at(last)?;
+                for k in (0..last).rev() {
+                    v = Val::IfLess {
+                        lhs: idx[axis].clone(),
+                        rhs: offsets[k + 1].clone(),
+                        then: Box::new(at(k)?),
+                        other: Box::new(v),
+                    };
+                }
+                Ok(v)
+            }
             "Reshape" | "Flatten" | "Squeeze" | "Unsqueeze" => {
                 let a = x(0)?;
                 let lin = self.linearize(idx, &out)?;
@@ -321,7 +443,12 @@ pub fn lower(m: &Module, o: OpId, name: &str) -> LowerResult<Kernel> {
             Some(Attr::Str(k)) => k.as_str(),
             _ => "",
         };
-        if !matches!(kind, "elementwise" | "layout" | "reduction") {
+        let anchor = match op.attrs.get("anchor") {
+            Some(Attr::Str(a)) => a.as_str(),
+            _ => "",
+        };
+        let contraction = kind == "contraction" && matches!(anchor, "MatMul" | "Gemm");
+        if !matches!(kind, "elementwise" | "layout" | "reduction") && !contraction {
             return Err(format!("a {kind} kernel is not lowered to the kernel dialect yet"));
         }
         let blk = op.regions.first().and_then(|r| r.blocks.first()).ok_or("a fused op without a body")?;
@@ -330,15 +457,40 @@ pub fn lower(m: &Module, o: OpId, name: &str) -> LowerResult<Kernel> {
         let args = op.operands.iter().map(|v| v.ok_or("an omitted operand")).collect::<Result<Vec<_>, _>>()?;
         (args, vec![o], op.results.clone())
     };
+    // Buffers: the f32 operands (others, e.g. shape operands, only steer index maps), then the
+    // results.
     let mut buffers = Vec::new();
-    for (i, &v) in args.iter().chain(&yields).enumerate() {
+    let mut operand_of = Vec::new();
+    let mut arg: HashMap<ValueId, usize> = HashMap::new();
+    for (i, &v) in args.iter().enumerate() {
         let vd = m.value(v);
         if vd.ty.dtype != DType::F32 {
-            return Err(format!("{} elements are not lowered yet (f32 only)", vd.ty.dtype));
+            continue;
         }
         let shape = vd.ty.shape.clone().ok_or("a value of unknown rank")?;
-        let io = if i < args.len() { "in" } else { "out" };
-        buffers.push(Buffer { name: format!("{io}{i}"), dtype: DType::F32, shape, level: Level::Global });
+        arg.insert(v, buffers.len());
+        operand_of.push(i);
+        buffers.push(Buffer { name: format!("in{i}"), dtype: DType::F32, shape, level: Level::Global });
+    }
+    let inputs = buffers.len();
+    for (k, &v) in yields.iter().enumerate() {
+        let vd = m.value(v);
+        if vd.ty.dtype != DType::F32 {
+            return Err(format!("{} results are not lowered yet (f32 only)", vd.ty.dtype));
+        }
+        let shape = vd.ty.shape.clone().ok_or("a value of unknown rank")?;
+        buffers.push(Buffer { name: format!("out{k}"), dtype: DType::F32, shape, level: Level::Global });
+    }
+    // Output sizes must follow from the inputs' (a run-time shape operand would need the
+    // host to compute them first).
+    for buf in &buffers[inputs..] {
+        for d in &buf.shape {
+            if let Dim::Sym(s) = d {
+                if !buffers[..inputs].iter().any(|b| b.shape.contains(d)) {
+                    return Err(format!("output dim '{s}' is known only at run time"));
+                }
+            }
+        }
     }
     let mut syms = HashMap::new();
     for (bi, buf) in buffers.iter().enumerate() {
@@ -350,12 +502,11 @@ pub fn lower(m: &Module, o: OpId, name: &str) -> LowerResult<Kernel> {
     }
     let inside: HashMap<ValueId, OpId> =
         ops.iter().flat_map(|&i| m.op(i).results.iter().map(move |&r| (r, i))).collect();
-    let arg: HashMap<ValueId, usize> = args.iter().enumerate().map(|(i, &v)| (v, i)).collect();
     // The full-size output sets the loop nest; reduced outputs ([rows..., 1]) store once a row.
     let full = (0..yields.len())
-        .max_by_key(|&k| buffers[args.len() + k].shape.last().map_or(0, |d| d.known().map_or(u64::MAX, |n| n)))
+        .max_by_key(|&k| buffers[inputs + k].shape.last().map_or(0, |d| d.known().map_or(u64::MAX, |n| n)))
         .ok_or("a kernel without outputs")?;
-    let out_shape = buffers[args.len() + full].shape.clone();
+    let out_shape = buffers[inputs + full].shape.clone();
     let rank = out_shape.len();
     let rows = rank.saturating_sub(1);
     let lw = Lowering {
@@ -383,19 +534,15 @@ pub fn lower(m: &Module, o: OpId, name: &str) -> LowerResult<Kernel> {
         let reduced =
             rank > 0 && shape.len() == rank && shape[..rows] == out_shape[..rows] && shape[rows] == Dim::Known(1);
         if shape == out_shape.as_slice() && !(reduced && out_shape[rows] == Dim::Known(1) && k != full) {
-            full_stores.push(Stmt::Store { buf: args.len() + k, index: vars.clone(), value: lw.value(y, &vars)? });
+            full_stores.push(Stmt::Store { buf: inputs + k, index: vars.clone(), value: lw.value(y, &vars)? });
         } else if reduced {
-            row_stores.push(Stmt::Store {
-                buf: args.len() + k,
-                index: row_vars.clone(),
-                value: lw.value(y, &row_vars)?,
-            });
+            row_stores.push(Stmt::Store { buf: inputs + k, index: row_vars.clone(), value: lw.value(y, &row_vars)? });
         } else {
             return Err(format!("kernel output {k} has another shape than the kernel's rows"));
         }
     }
     let slots = lw.slots.into_inner();
-    let out_buf = args.len() + full;
+    let out_buf = inputs + full;
     let body = if slots.is_empty() && row_stores.is_empty() {
         let mut body = full_stores;
         for axis in (0..rank).rev() {
@@ -420,5 +567,5 @@ pub fn lower(m: &Module, o: OpId, name: &str) -> LowerResult<Kernel> {
         }
         body
     };
-    Ok(Kernel { name: name.to_string(), buffers, inputs: args.len(), body, knobs: Knobs::default() })
+    Ok(Kernel { name: name.to_string(), buffers, inputs, operands: operand_of, body, knobs: Knobs::default() })
 }

@@ -73,6 +73,7 @@ impl Emitter<'_> {
                 return t;
             }
             Idx::Add(a, b) => ("arith.addi", a, b),
+            Idx::Sub(a, b) => ("arith.subi", a, b),
             Idx::Mul(a, b) => ("arith.muli", a, b),
             Idx::Div(a, b) => ("arith.divui", a, b),
             Idx::Rem(a, b) => ("arith.remui", a, b),
@@ -171,6 +172,19 @@ impl Emitter<'_> {
                 self.line(depth, "}");
                 r
             }
+            Val::IfLess { lhs, rhs, then, other } => {
+                let (l, r) = (self.idx(depth, lhs), self.idx(depth, rhs));
+                let (c, t) = (self.fresh(), self.fresh());
+                self.line(depth, &format!("{c} = arith.cmpi slt, {l}, {r} : index"));
+                self.line(depth, &format!("{t} = scf.if {c} -> (f32) {{"));
+                let a = self.val(depth + 1, then);
+                self.line(depth + 1, &format!("scf.yield {a} : f32"));
+                self.line(depth, "} else {");
+                let b = self.val(depth + 1, other);
+                self.line(depth + 1, &format!("scf.yield {b} : f32"));
+                self.line(depth, "}");
+                t
+            }
             Val::Bin(op, a, b) => {
                 let (a, b) = (self.val(depth, a), self.val(depth, b));
                 let name = match op {
@@ -245,18 +259,20 @@ impl NativeKernel {
         &self.kernel
     }
 
-    /// Runs the kernel on `inputs` (f32, shaped as its input buffers declare); the outputs'
-    /// sizes come from the inputs' bindings of the symbolic dims.
-    pub fn run(&self, inputs: &[&Tensor]) -> Result<Vec<Tensor>, TargetError> {
+    /// Runs the kernel on the graph op's `operands` (the kernel reads the f32 ones, shaped as
+    /// its input buffers declare); the outputs' sizes come from the inputs' bindings of the
+    /// symbolic dims.
+    pub fn run(&self, operands: &[&Tensor]) -> Result<Vec<Tensor>, TargetError> {
         let k = &self.kernel;
-        if inputs.len() != k.inputs {
-            return Err(TargetError::Codegen(format!(
-                "kernel {} takes {} inputs, got {}",
-                k.name,
-                k.inputs,
-                inputs.len()
-            )));
-        }
+        let inputs: Vec<&Tensor> = k
+            .operands
+            .iter()
+            .map(|&i| {
+                operands.get(i).copied().ok_or_else(|| {
+                    TargetError::Codegen(format!("kernel {} reads operand {i}, got {}", k.name, operands.len()))
+                })
+            })
+            .collect::<Result<_, _>>()?;
         let mut bind: HashMap<&str, usize> = HashMap::new();
         for (t, b) in inputs.iter().zip(&k.buffers) {
             if t.as_f32().is_none() || t.rank() != b.shape.len() {
