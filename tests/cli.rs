@@ -155,7 +155,7 @@ fn compile_emits_graph_and_fused_ir_and_refuses_stages_not_built_yet() {
     assert!(o.status.success(), "{}", stderr(&o));
     let text = String::from_utf8_lossy(&o.stdout);
     assert!(text.contains("\"func.func\"") && text.contains("\"graph.Add\""), "{text}");
-    fails(&["compile", s(&m), "--emit", "kernel"], 2, &["--emit kernel", "not available yet"]);
+    fails(&["compile", s(&m), "--emit", "llvm"], 2, &["--emit llvm", "not available yet"]);
     // The fused stage: an elementwise chain becomes one graph.fused kernel; --no-fusion keeps
     // every op.
     let chain = model(
@@ -176,6 +176,13 @@ fn compile_emits_graph_and_fused_ir_and_refuses_stages_not_built_yet() {
     let text = String::from_utf8_lossy(&o.stdout);
     assert_eq!(text.matches("\"graph.fused\"").count(), 1, "{text}");
     assert!(text.contains("kind = \"elementwise\""), "{text}");
+    // The kernel and MLIR stages of the fused kernel: a loop nest, then scf/memref/math.
+    let o = kiln(&["compile", s(&p), "--target", "cpu", "--emit", "kernel"]);
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(text.contains("kernel.kernel @k0_fused") && text.contains("kernel.for.parallel i0"), "{text}");
+    let o = kiln(&["compile", s(&p), "--target", "cpu", "--emit", "mlir"]);
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(text.contains("func.func @k0_fused") && text.contains("scf.for") && text.contains("math.exp"), "{text}");
     let o = kiln(&["compile", s(&p), "--target", "cpu", "--emit", "fused", "--no-fusion"]);
     let text = String::from_utf8_lossy(&o.stdout);
     assert!(!text.contains("graph.fused") && text.contains("graph.Exp"), "{text}");

@@ -97,7 +97,40 @@ pub fn cleanup(mut module: Module) -> Result<Module, Error> {
     Ok(module)
 }
 
+/// One top-level kernel of a compiled model in the kernel dialect, or why it is not lowered yet.
+pub struct KernelStage {
+    /// Kernel name (`k<index>_<op>`), the node it comes from, and its op (`fused` or an op type).
+    pub name: String,
+    pub node: String,
+    pub op: String,
+    pub kernel: Result<kiln_ir::kernel::Kernel, String>,
+}
+
 impl CompiledModel {
+    /// The kernels of the compiled graph (constants, views and host shape arithmetic launch
+    /// none), each lowered to the kernel dialect where lowering covers it (issue #5 in
+    /// progress: elementwise, row reductions, MatMul/Gemm with epilogues).
+    pub fn kernels(&self) -> Vec<KernelStage> {
+        use kiln_passes::fusion::{classify, OpClass};
+        let m = &self.module;
+        m.body
+            .ops
+            .iter()
+            .filter(|&&o| !matches!(classify(m, o), OpClass::Constant | OpClass::View | OpClass::Host))
+            .enumerate()
+            .map(|(i, &o)| {
+                let op = m.op(o);
+                let name = format!("k{i}_{}", op.op_type().to_lowercase());
+                KernelStage {
+                    kernel: kiln_passes::lower::lower(m, o, &name),
+                    name,
+                    node: op.node_name().to_string(),
+                    op: op.op_type().to_string(),
+                }
+            })
+            .collect()
+    }
+
     /// The compiled graph (with `graph.fused` kernels when fusion is on).
     pub fn module(&self) -> &Module {
         &self.module

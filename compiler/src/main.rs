@@ -258,9 +258,9 @@ fn compile(
         if !["graph", "fused", "kernel", "mlir", "llvm", "asm"].contains(stage) {
             return Err(Error::Usage(format!("--emit {stage}: unknown stage (graph, fused, kernel, mlir, llvm, asm)")));
         }
-        if !["graph", "fused"].contains(stage) {
+        if !["graph", "fused", "kernel", "mlir"].contains(stage) {
             return Err(Error::Usage(format!(
-                "--emit {stage}: not available yet (code generation lands with issues #5, #6, #9); available: graph, fused"
+                "--emit {stage}: not available yet (code generation lands with issues #5, #6, #9); available: graph, fused, kernel, mlir"
             )));
         }
     }
@@ -273,6 +273,21 @@ fn compile(
         let text = match stage {
             "graph" => kiln_ir::printer::print_module(graph.as_ref().expect("cleaned up above"), print_opts),
             "fused" => kiln_ir::printer::print_module(c.module(), print_opts),
+            "kernel" | "mlir" => {
+                // Kernels lowering covers today; the others are named with the reason.
+                let mut text = String::new();
+                for k in c.kernels() {
+                    match &k.kernel {
+                        Ok(kernel) if stage == "kernel" => text.push_str(&kernel.to_string()),
+                        Ok(kernel) => text.push_str(&kiln_targets::native::to_mlir(kernel)),
+                        Err(why) => text.push_str(&format!(
+                            "// {} (node '{}', {}): not lowered to the kernel dialect yet: {why}\n",
+                            k.name, k.node, k.op
+                        )),
+                    }
+                }
+                text
+            }
             other => {
                 return Err(Error::Usage(format!(
                     "--emit {other}: unknown stage (graph, fused, kernel, mlir, llvm, asm)"

@@ -55,6 +55,49 @@ pub enum Idx {
     ZeroIfOne(Box<Idx>, Box<Idx>),
 }
 
+impl Idx {
+    /// Folds constants and identities (`x + 0`, `x * 1`, `0 * x`, `x / 1`, `x % 1`, ...).
+    pub fn simplify(self) -> Idx {
+        use Idx::*;
+        let bx = Box::new;
+        match self {
+            Add(a, b) => match (a.simplify(), b.simplify()) {
+                (Const(x), Const(y)) => Const(x + y),
+                (Const(0), e) | (e, Const(0)) => e,
+                (x, y) => Add(bx(x), bx(y)),
+            },
+            Sub(a, b) => match (a.simplify(), b.simplify()) {
+                (Const(x), Const(y)) => Const(x - y),
+                (e, Const(0)) => e,
+                (x, y) => Sub(bx(x), bx(y)),
+            },
+            Mul(a, b) => match (a.simplify(), b.simplify()) {
+                (Const(x), Const(y)) => Const(x * y),
+                (Const(0), _) | (_, Const(0)) => Const(0),
+                (Const(1), e) | (e, Const(1)) => e,
+                (x, y) => Mul(bx(x), bx(y)),
+            },
+            Div(a, b) => match (a.simplify(), b.simplify()) {
+                (Const(x), Const(y)) if y > 0 && x >= 0 => Const(x / y),
+                (e, Const(1)) => e,
+                (Const(0), _) => Const(0),
+                (x, y) => Div(bx(x), bx(y)),
+            },
+            Rem(a, b) => match (a.simplify(), b.simplify()) {
+                (Const(x), Const(y)) if y > 0 && x >= 0 => Const(x % y),
+                (_, Const(1)) | (Const(0), _) => Const(0),
+                (x, y) => Rem(bx(x), bx(y)),
+            },
+            ZeroIfOne(a, b) => match (a.simplify(), b.simplify()) {
+                (Const(1), _) => Const(0),
+                (Const(_), e) => e,
+                (x, y) => ZeroIfOne(bx(x), bx(y)),
+            },
+            e => e,
+        }
+    }
+}
+
 /// Scalar functions of one value.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum UnOp {

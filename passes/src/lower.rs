@@ -42,6 +42,8 @@ struct Lowering<'m> {
     memo: RefCell<HashMap<(OpId, usize), usize>>,
     /// Reduction loop variables handed out (numbered from 64, above any loop depth).
     next_var: std::cell::Cell<usize>,
+    /// For a fused kernel, the outer operand each block argument stands for.
+    outer: HashMap<ValueId, ValueId>,
 }
 
 fn b(i: Idx) -> Box<Idx> {
@@ -155,19 +157,16 @@ impl Lowering<'_> {
     fn reduce_axes(&self, o: OpId) -> LowerResult<Vec<i64>> {
         let op = self.m.op(o);
         if let Some(Some(a)) = op.operands.get(1) {
-            let def = self.m.value(*a).def;
-            let ValueDef::OpResult(c, _) = def else { return Err("reduction axes given at run time".into()) };
-            return match self.m.op(c).attrs.get("value") {
-                Some(Attr::Tensor(t)) if self.m.op(c).op_type() == "Constant" => Ok(t.to_i64()),
-                _ => Err("reduction axes given at run time".into()),
-            };
+            return self.const_ints(Some(*a)).ok_or_else(|| "reduction axes given at run time".into());
         }
         Ok(AttrView(&op.attrs).ints("axes").map_err(|e| e.0)?.unwrap_or_default())
     }
 
-    /// The integers of a constant operand.
+    /// The integers of a constant operand (through the fused op's operand for a block argument).
     fn const_ints(&self, v: Option<ValueId>) -> Option<Vec<i64>> {
-        let ValueDef::OpResult(c, _) = self.m.value(v?).def else { return None };
+        let v = v?;
+        let v = self.outer.get(&v).copied().unwrap_or(v);
+        let ValueDef::OpResult(c, _) = self.m.value(v).def else { return None };
         let op = self.m.op(c);
         match op.attrs.get("value") {
             Some(Attr::Tensor(t)) if op.op_type() == "Constant" && t.dtype().is_int() => Some(t.to_i64()),
@@ -178,7 +177,7 @@ impl Lowering<'_> {
     /// The scalar value of `v` at element `idx`.
     fn value(&self, v: ValueId, idx: &[Idx]) -> LowerResult<Val> {
         if let Some(&buf) = self.arg.get(&v) {
-            return Ok(Val::Load { buf, index: idx.to_vec() });
+            return Ok(Val::Load { buf, index: idx.iter().map(|i| i.clone().simplify()).collect() });
         }
         if !self.inside.contains_key(&v) && self.m.value(v).ty.dtype != DType::F32 {
             return Err(format!("{} operands are not lowered yet (f32 only)", self.m.value(v).ty.dtype));
@@ -438,6 +437,7 @@ impl Lowering<'_> {
 /// to a kernel named `name`.
 pub fn lower(m: &Module, o: OpId, name: &str) -> LowerResult<Kernel> {
     let op = m.op(o);
+    let mut outer: HashMap<ValueId, ValueId> = HashMap::new();
     let (args, ops, yields): (Vec<ValueId>, Vec<OpId>, Vec<ValueId>) = if op.name == "graph.fused" {
         let kind = match op.attrs.get("kind") {
             Some(Attr::Str(k)) => k.as_str(),
@@ -449,9 +449,14 @@ pub fn lower(m: &Module, o: OpId, name: &str) -> LowerResult<Kernel> {
         };
         let contraction = kind == "contraction" && matches!(anchor, "MatMul" | "Gemm");
         if !matches!(kind, "elementwise" | "layout" | "reduction") && !contraction {
-            return Err(format!("a {kind} kernel is not lowered to the kernel dialect yet"));
+            return Err(format!("kernels of kind '{kind}' (anchor {anchor}) are not lowered yet"));
         }
         let blk = op.regions.first().and_then(|r| r.blocks.first()).ok_or("a fused op without a body")?;
+        for (&a, v) in blk.args.iter().zip(&op.operands) {
+            if let Some(v) = v {
+                outer.insert(a, *v);
+            }
+        }
         (blk.args.clone(), blk.ops.clone(), blk.yields.clone())
     } else {
         let args = op.operands.iter().map(|v| v.ok_or("an omitted operand")).collect::<Result<Vec<_>, _>>()?;
@@ -518,6 +523,7 @@ pub fn lower(m: &Module, o: OpId, name: &str) -> LowerResult<Kernel> {
         slots: RefCell::new(Vec::new()),
         memo: RefCell::new(HashMap::new()),
         next_var: Default::default(),
+        outer,
     };
     let vars: Vec<Idx> = (0..rank).map(Idx::Var).collect();
     let mut row_vars: Vec<Idx> = (0..rows).map(Idx::Var).collect();
