@@ -20,6 +20,8 @@ struct Tally {
     /// Checked kernels with a reduction (their text mentions `reduce.`).
     reductions: usize,
     refused: HashMap<String, usize>,
+    /// Compiled kernels, by their full description.
+    compiled: HashMap<String, Rc<NativeKernel>>,
 }
 
 /// Runs optimized `m` on the interpreter, and every top-level kernel that lowers natively on
@@ -49,8 +51,19 @@ fn check_model(name: &str, m: &kiln::Module, inputs: Vec<Tensor>, tally: &mut Ta
         let operands: Vec<Rc<Tensor>> =
             op.operands.iter().map(|v| env[&v.expect("lowered ops have all operands")].clone()).collect();
         let refs: Vec<&Tensor> = operands.iter().map(|t| &**t).collect();
-        let native =
-            NativeKernel::compile(kernel).unwrap_or_else(|e| panic!("{name}: node '{}': {e}\n{mlir}", op.node_name()));
+        // Many cases share a kernel: compile each distinct one once.
+        let key = format!("{kernel:?}");
+        let native = match tally.compiled.get(&key) {
+            Some(n) => n.clone(),
+            None => {
+                let n = Rc::new(
+                    NativeKernel::compile(kernel)
+                        .unwrap_or_else(|e| panic!("{name}: node '{}': {e}\n{mlir}", op.node_name())),
+                );
+                tally.compiled.insert(key, n.clone());
+                n
+            }
+        };
         let got = native.run(&refs).unwrap_or_else(|e| panic!("{name}: {e}"));
         for (g, w) in got.iter().zip(&outs) {
             compare(g, w, 1e-4, 1e-5).unwrap_or_else(|e| {
@@ -75,11 +88,12 @@ fn native_kernels_match_the_interpreter_on_node_tests() {
         let Some(set) = sets.into_iter().next() else { continue };
         check_model(&case.name, &m, set.inputs, &mut tally);
     }
-    let Tally { checked, reductions, refused } = tally;
+    let Tally { checked, reductions, refused, compiled } = tally;
     let mut refused: Vec<_> = refused.into_iter().collect();
     refused.sort_by_key(|r| std::cmp::Reverse(r.1));
     println!(
-        "native kernels: {checked} checked against the interpreter ({reductions} with reductions); not lowered yet (top 10): {:?}",
+        "native kernels: {checked} checked against the interpreter ({reductions} with reductions; {} distinct kernels compiled); not lowered yet (top 10): {:?}",
+        compiled.len(),
         &refused[..refused.len().min(10)]
     );
     assert!(checked >= 200 && reductions >= 10, "only {checked} kernels ({reductions} with reductions) were checked");
