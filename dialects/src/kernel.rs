@@ -304,3 +304,65 @@ impl fmt::Display for Kernel {
         writeln!(f, "}}")
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn b(i: Idx) -> Box<Idx> {
+        Box::new(i)
+    }
+
+    #[test]
+    fn index_arithmetic_folds_constants_and_identities() {
+        use Idx::*;
+        // ((0 * 1) + 0) * 128 + i1  →  i1 * ... folds to i1
+        let e = Add(b(Mul(b(Add(b(Mul(b(Const(0)), b(Const(1)))), b(Const(0)))), b(Const(128)))), b(Var(1)));
+        assert_eq!(e.simplify(), Var(1));
+        assert_eq!(Div(b(Var(2)), b(Const(1))).simplify(), Var(2));
+        assert_eq!(Rem(b(Var(2)), b(Const(1))).simplify(), Const(0));
+        assert_eq!(Sub(b(Const(7)), b(Const(3))).simplify(), Const(4));
+        assert_eq!(ZeroIfOne(b(Const(1)), b(Var(0))).simplify(), Const(0));
+        assert_eq!(ZeroIfOne(b(Const(5)), b(Var(0))).simplify(), Var(0));
+        let dynamic = ZeroIfOne(b(Dim { buf: 0, axis: 1 }), b(Var(0)));
+        assert_eq!(dynamic.clone().simplify(), dynamic);
+        // Division by a run-time size stays.
+        let d = Div(b(Var(0)), b(Dim { buf: 1, axis: 0 }));
+        assert_eq!(d.clone().simplify(), d);
+    }
+
+    #[test]
+    fn kernels_print_as_loop_nests() {
+        let buf = |name: &str| Buffer {
+            name: name.into(),
+            dtype: DType::F32,
+            shape: vec![Dim::sym("N")],
+            level: Level::Global,
+        };
+        let k = Kernel {
+            name: "relu".into(),
+            buffers: vec![buf("x"), buf("y")],
+            inputs: 1,
+            operands: vec![0],
+            body: vec![Stmt::For {
+                var: 0,
+                extent: Idx::Dim { buf: 1, axis: 0 },
+                parallel: true,
+                body: vec![Stmt::Store {
+                    buf: 1,
+                    index: vec![Idx::Var(0)],
+                    value: Val::Un(UnOp::Relu, Box::new(Val::Load { buf: 0, index: vec![Idx::Var(0)] })),
+                }],
+            }],
+            knobs: Knobs::default(),
+        };
+        let text = k.to_string();
+        assert!(
+            text.starts_with("kernel.kernel @relu(%0: in float[N] Global \"x\", %1: out float[N] Global \"y\")"),
+            "{text}"
+        );
+        assert!(text.contains("kernel.for.parallel i0 in 0..dim(%1, 0) {"), "{text}");
+        assert!(text.contains("%1[i0] = relu(%0[i0])"), "{text}");
+        assert_eq!(k.outputs().len(), 1);
+    }
+}
