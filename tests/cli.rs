@@ -88,12 +88,25 @@ fn inputs_bind_by_name_and_from_npy() {
 fn symbolic_batch_runs_at_any_size_and_checks_dim_flags() {
     let dir = temp_dir("cli-sym");
     let model = save(&dir, "mlp.onnx", &symbolic_mlp());
-    for n in [1usize, 5] {
+    // On the interpreter and as native code (one compiled kernel, any batch).
+    for (n, target) in [(1usize, "ref"), (5, "ref"), (1, "cpu"), (5, "cpu"), (64, "cpu")] {
         let x = Tensor::from_f32(&[n, 4], (0..n * 4).map(|i| i as f32 / 3.0 - 2.0).collect());
         let xp = dir.join(format!("x{n}.pb"));
         kiln_onnx::write_tensor_pb(&xp, &x, "x").unwrap();
-        let out = dir.join(format!("out{n}"));
-        let o = kiln(&["run", s(&model), "--input", s(&xp), "--dim", &format!("N={n}"), "--output-dir", s(&out)]);
+        let out = dir.join(format!("out{n}-{target}"));
+        let args = [
+            "run",
+            s(&model),
+            "--target",
+            target,
+            "--input",
+            s(&xp),
+            "--dim",
+            &format!("N={n}"),
+            "--output-dir",
+            s(&out),
+        ];
+        let o = kiln(&args);
         assert!(o.status.success(), "{}", stderr(&o));
         let y = kiln_onnx::read_tensor_file(&out.join("output_0.pb")).unwrap();
         assert_eq!(y.shape, vec![n, 3]);
@@ -110,6 +123,22 @@ fn symbolic_batch_runs_at_any_size_and_checks_dim_flags() {
     }
     let x = dir.join("x5.pb");
     fails(&["run", s(&model), "--input", s(&x), "--dim", "N=4"], 2, &["dim 'N' is 5", "--dim N=4"]);
+    // A model with a kernel native code does not cover yet is refused on cpu, naming it.
+    let conv = case_dir("test_basic_conv_with_padding");
+    fails(
+        &[
+            "run",
+            s(&conv.join("model.onnx")),
+            "--target",
+            "cpu",
+            "--input",
+            s(&conv.join("test_data_set_0/input_0.pb")),
+            "--input",
+            s(&conv.join("test_data_set_0/input_1.pb")),
+        ],
+        1,
+        &["not lowered to native code yet", "(Conv)"],
+    );
     fails(&["run", s(&model), "--input", s(&x), "--dim", "M=4"], 2, &["no symbolic dim 'M'"]);
 }
 
@@ -266,9 +295,9 @@ fn bad_inputs_get_one_clear_error() {
     fails(&["run", s(&good), "--bogus-flag"], 2, &[]);
     fails(&["run", s(&good), "--target", "tpu"], 2, &["unknown target 'tpu'"]);
     fails(
-        &["run", s(&good), "--target", "cpu", "--input", s(&x), "--input", s(&y)],
+        &["run", s(&good), "--target", "npu", "--input", s(&x), "--input", s(&y)],
         1,
-        &["target 'cpu' cannot run models yet"],
+        &["target 'npu' cannot run models yet"],
     );
 }
 

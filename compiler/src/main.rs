@@ -392,6 +392,7 @@ fn bench(
     let t0 = Instant::now();
     let m = kiln::load_model(model)?;
     let c = kiln::compile_with(m, target, opts)?;
+    c.prepare()?;
     let compile_ms = t0.elapsed().as_secs_f64() * 1e3;
     let inputs = if files.is_empty() {
         let d = parse_dims(dims)?;

@@ -5,6 +5,7 @@
 //! interpreter); `cpu`, `rvv`, `npu`, `cuda` and `rocm` are described. Adding an ISA: a new
 //! module implementing [`Target`] and one line in [`all`].
 
+pub mod cpu;
 pub mod descriptions;
 pub mod jit;
 pub mod llvm;
@@ -40,13 +41,23 @@ pub trait Target: Send + Sync {
     fn can_run(&self) -> bool;
     /// Runs a verified graph-dialect module on inputs ordered as [`Module::inputs`].
     fn run(&self, m: &Module, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, TargetError>;
+    /// Prepares `m` for repeated runs (code generation happens here); `None` when the target
+    /// runs the module as it is ([`Target::run`]).
+    fn prepare(&self, _m: &Module) -> Result<Option<Box<dyn Executable>>, TargetError> {
+        Ok(None)
+    }
+}
+
+/// A model prepared by [`Target::prepare`]: compiled code and constants in place.
+pub trait Executable {
+    fn run(&self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, TargetError>;
 }
 
 /// Every target, in the order `kiln targets` lists them.
 pub fn all() -> Vec<Box<dyn Target>> {
     vec![
         Box::new(reference::Reference),
-        Box::new(descriptions::Described::cpu()),
+        Box::new(cpu::Cpu),
         Box::new(descriptions::Described::rvv()),
         Box::new(descriptions::Described::npu()),
         Box::new(descriptions::Described::cuda()),
