@@ -244,6 +244,24 @@ fn compile_emits_graph_and_fused_ir_and_refuses_stages_not_built_yet() {
     assert!(dir.join("model.graph.mlir").exists());
 }
 
+/// `kiln targets | head -1`: the closed pipe ends kiln quietly, never with a panic.
+#[test]
+fn a_closed_stdout_pipe_is_not_a_panic() {
+    use std::io::Read;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        // Megabytes of IR: far more than a pipe holds, so kiln writes after the reader left.
+        .args(["compile", s(&data_dir().join("light/light_squeezenet.onnx")), "--emit", "graph", "--full-constants"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run kiln");
+    let mut first = [0u8; 1];
+    child.stdout.take().expect("stdout").read_exact(&mut first).expect("some output");
+    let out = child.wait_with_output().expect("wait");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+}
+
 #[test]
 fn targets_lists_every_target_and_the_toolchain() {
     let o = kiln(&["targets"]);

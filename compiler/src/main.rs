@@ -92,7 +92,19 @@ enum Cmd {
     Targets,
 }
 
+#[cfg(unix)]
+unsafe extern "C" {
+    fn signal(signum: i32, handler: usize) -> usize;
+}
+
 fn main() -> ExitCode {
+    // Output piped into `head` and closed early ends kiln quietly, as it does other Unix
+    // tools, instead of a panic in println! (Rust ignores SIGPIPE by default).
+    #[cfg(unix)]
+    // SAFETY: restoring the default disposition of SIGPIPE (13) before any thread starts.
+    unsafe {
+        signal(13, 0);
+    }
     let cli = Cli::parse();
     match dispatch(cli.cmd) {
         Ok(()) => ExitCode::SUCCESS,
