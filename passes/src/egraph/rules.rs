@@ -167,6 +167,11 @@ fn fits(eg: &Graph, new: Id, old: Id) -> bool {
     }
 }
 
+/// Class `c` is a floating-point tensor.
+fn is_float(eg: &Graph, c: Id) -> bool {
+    ty(eg, c).is_some_and(|t| t.dtype.is_float())
+}
+
 fn rank(eg: &Graph, c: Id) -> Option<usize> {
     ty(eg, c).and_then(|t| t.rank())
 }
@@ -226,8 +231,10 @@ fn const_index(eg: &Graph, c: Id) -> Option<u32> {
     })
 }
 
+/// Unions `new` with `root` when it can stand for it ([`fits`]: a rule whose result has another
+/// type, or none, changes nothing); returns the classes changed.
 fn union_with(eg: &mut Graph, root: Id, new: Id) -> Vec<Id> {
-    if eg.union(root, new) {
+    if fits(eg, new, root) && eg.union(root, new) {
         vec![new]
     } else {
         vec![]
@@ -323,9 +330,6 @@ pub const TRANSPOSE_SINK: Rule = Rule {
         let inner = add_op(eg, sym.as_str(), &operands, a);
         let Some(t) = info(eg, &[ta]).map(|i| i.attrs.clone()) else { return vec![] };
         let new = add_op(eg, "Transpose", &[Some(inner)], t);
-        if !fits(eg, new, root) {
-            return vec![];
-        }
         union_with(eg, root, new)
     },
 };
@@ -589,9 +593,6 @@ pub const SCALAR_CHAIN: Rule = Rule {
             return vec![];
         }
         let new = add_op(eg, sym, &[Some(b[1]), Some(folded)], Attrs::new());
-        if !fits(eg, new, root) {
-            return vec![];
-        }
         union_with(eg, root, new)
     },
 };
@@ -621,9 +622,6 @@ pub const MATMUL_ASSOC: Rule = Rule {
             let l = add_op(eg, "MatMul", &[Some(a), Some(bb)], Attrs::new());
             add_op(eg, "MatMul", &[Some(l), Some(c)], Attrs::new())
         };
-        if !fits(eg, new, root) {
-            return vec![];
-        }
         union_with(eg, root, new)
     },
 };
@@ -697,9 +695,7 @@ pub const MATMUL_MERGE: Rule = Rule {
             let ends = add_const(eg, Tensor::from_i64(&[1], vec![off + nw as i64]));
             off += nw as i64;
             let s = add_op(eg, "Slice", &[Some(merged), Some(starts), Some(ends), Some(axes)], Attrs::new());
-            if fits(eg, s, m) {
-                changed.extend(union_with(eg, m, s));
-            }
+            changed.extend(union_with(eg, m, s));
         }
         changed
     },
@@ -760,9 +756,6 @@ fn normalization(eg: &mut Graph, root: Id, op: &str, x: Id, eps: f64) -> Vec<Id>
     a.insert("axis".into(), Attr::Int(-1));
     a.insert("epsilon".into(), float_attr(eps));
     let new = add_op(eg, op, &operands, a);
-    if !fits(eg, new, root) {
-        return vec![];
-    }
     union_with(eg, root, new)
 }
 
@@ -805,9 +798,6 @@ pub const LAYERNORM_AFFINE: Rule = Rule {
         let (g, beta) = (add_const(eg, g), add_const(eg, beta));
         let a = info(eg, &b[0..1]).map(|i| i.attrs.clone()).unwrap_or_default();
         let new = add_op(eg, "LayerNormalization", &[Some(b[1]), Some(g), Some(beta)], a);
-        if !fits(eg, new, root) {
-            return vec![];
-        }
         union_with(eg, root, new)
     },
 };
@@ -893,9 +883,6 @@ pub const RMSNORM_SCALE: Rule = Rule {
         let w = add_const(eg, w);
         let a = info(eg, &b[0..1]).map(|i| i.attrs.clone()).unwrap_or_default();
         let new = add_op(eg, "RMSNormalization", &[Some(b[1]), Some(w)], a);
-        if !fits(eg, new, root) {
-            return vec![];
-        }
         union_with(eg, root, new)
     },
 };
@@ -966,7 +953,7 @@ pub const GELU_ERF: Rule = Rule {
         out
     },
     apply: |eg, root, b| {
-        if !ty(eg, b[0]).is_some_and(|t| t.dtype.is_float()) {
+        if !is_float(eg, b[0]) {
             return vec![];
         }
         let new = add_op(eg, "Gelu", &[Some(b[0])], Attrs::new());
@@ -991,13 +978,10 @@ pub const SILU: Rule = Rule {
         out
     },
     apply: |eg, root, b| {
-        if !ty(eg, b[0]).is_some_and(|t| t.dtype.is_float()) {
+        if !is_float(eg, b[0]) {
             return vec![];
         }
         let new = add_op(eg, "Swish", &[Some(b[0])], Attrs::new());
-        if !fits(eg, new, root) {
-            return vec![];
-        }
         union_with(eg, root, new)
     },
 };
@@ -1027,15 +1011,12 @@ pub const SOFTMAX: Rule = Rule {
         out
     },
     apply: |eg, root, b| {
-        if !ty(eg, b[0]).is_some_and(|t| t.dtype.is_float()) {
+        if !is_float(eg, b[0]) {
             return vec![];
         }
         let mut a = Attrs::new();
         a.insert("axis".into(), Attr::Int(-1));
         let new = add_op(eg, "Softmax", &[Some(b[0])], a);
-        if !fits(eg, new, root) {
-            return vec![];
-        }
         union_with(eg, root, new)
     },
 };
@@ -1153,9 +1134,6 @@ pub const ATTENTION: Rule = Rule {
             operands.push(m);
         }
         let new = add_op(eg, "Attention", &operands, a);
-        if !fits(eg, new, root) {
-            return vec![];
-        }
         union_with(eg, root, new)
     },
 };
