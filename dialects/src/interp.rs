@@ -105,8 +105,23 @@ pub fn run_with_stats(
     inputs: Vec<Tensor>,
     observe: &mut dyn FnMut(OpId, &[Rc<Tensor>]),
 ) -> Result<(Vec<Tensor>, RunStats), InterpError> {
+    run_custom(m, inputs, observe, &|_, _| None)
+}
+
+/// Computes an op in place of its reference semantics: `Some` with its results (native code,
+/// a constant shared across runs), `None` to evaluate the op as the interpreter does.
+pub type OpOverride<'a> = &'a dyn Fn(OpId, &[Option<&Tensor>]) -> Option<OpResult<Vec<Rc<Tensor>>>>;
+
+/// [`run_with_stats`] with some ops computed by `over` (a target's executor reuses the
+/// interpreter's input checks, lifetimes and error reporting this way).
+pub fn run_custom(
+    m: &Module,
+    inputs: Vec<Tensor>,
+    observe: &mut dyn FnMut(OpId, &[Rc<Tensor>]),
+    over: OpOverride,
+) -> Result<(Vec<Tensor>, RunStats), InterpError> {
     check_inputs(m, &inputs)?;
-    let interp = Interp { m, opset: module_opset(m), env: RefCell::new(vec![None; m.values.len()]) };
+    let interp = Interp { m, opset: module_opset(m), env: RefCell::new(vec![None; m.values.len()]), over };
     let mut live: u64 = inputs.iter().map(tensor_bytes).sum();
     let mut stats = RunStats { peak_bytes: live };
     for (&v, t) in m.inputs().iter().zip(inputs) {
@@ -185,6 +200,7 @@ struct Interp<'m> {
     m: &'m Module,
     opset: i64,
     env: RefCell<Vec<Option<Rc<Tensor>>>>,
+    over: OpOverride<'m>,
 }
 
 impl Interp<'_> {
@@ -212,14 +228,19 @@ impl Interp<'_> {
         let inputs: Vec<Option<Rc<Tensor>>> =
             op.operands.iter().map(|v| v.map(|v| self.get(v)).transpose()).collect::<OpResult<_>>()?;
         let refs: Vec<Option<&Tensor>> = inputs.iter().map(|t| t.as_deref()).collect();
-        let cx = EvalCx {
-            attrs: crate::graph::AttrView(&op.attrs),
-            num_outputs: op.results.len(),
-            opset: self.opset,
-            regions: &op.regions,
-            runner: self,
+        let outs: Vec<Rc<Tensor>> = match (self.over)(o, &refs) {
+            Some(outs) => outs?,
+            None => {
+                let cx = EvalCx {
+                    attrs: crate::graph::AttrView(&op.attrs),
+                    num_outputs: op.results.len(),
+                    opset: self.opset,
+                    regions: &op.regions,
+                    runner: self,
+                };
+                def.eval(&cx, &refs)?.into_iter().map(Rc::new).collect()
+            }
         };
-        let outs = def.eval(&cx, &refs)?;
         if outs.len() < op.results.len() {
             return Err(OpError(format!("produced {} outputs, the op has {}", outs.len(), op.results.len())));
         }
@@ -232,7 +253,7 @@ impl Interp<'_> {
                     want
                 )));
             }
-            self.set(r, Rc::new(t));
+            self.set(r, t);
         }
         Ok(())
     }

@@ -338,46 +338,45 @@ impl NativeKernel {
     }
 }
 
-/// One step of a [`NativeModel`].
+/// How a [`NativeModel`] computes a top-level op other than through the interpreter's
+/// semantics (views and host shape arithmetic are evaluated on the host by those).
 enum Step {
     /// A constant: its value, shared by every run.
     Constant(std::rc::Rc<Tensor>),
-    /// A view or host shape arithmetic: evaluated on the host by the op's semantics.
-    Host,
     /// A kernel compiled to native code.
     Kernel(NativeKernel),
 }
 
 /// A whole model as native code: every kernel of the (fused) graph compiled, constants in
 /// place, views and shape arithmetic evaluated on the host. Compiling fails, naming every
-/// kernel that is not lowered yet, rather than run anything some other way.
+/// kernel that is not lowered yet, rather than run anything some other way. Runs go through
+/// the interpreter's driver ([`kiln_ir::interp::run_custom`]): its input checks, value
+/// lifetimes and error messages, with the kernels and constants supplied here.
 pub struct NativeModel {
     module: kiln_ir::Module,
-    steps: Vec<Step>,
+    steps: HashMap<kiln_ir::ir::OpId, Step>,
 }
 
 impl NativeModel {
     pub fn compile(m: &kiln_ir::Module) -> Result<NativeModel, TargetError> {
         use kiln_passes::fusion::{classify, OpClass};
-        let mut steps = Vec::new();
+        let mut steps = HashMap::new();
         let mut missing = Vec::new();
         for (i, &o) in m.body.ops.iter().enumerate() {
             let op = m.op(o);
             match classify(m, o) {
-                OpClass::Constant => match op.attrs.get("value") {
-                    Some(kiln_ir::attr::Attr::Tensor(t)) => steps.push(Step::Constant(std::rc::Rc::new(t.clone()))),
-                    _ => steps.push(Step::Host),
-                },
-                OpClass::View | OpClass::Host => steps.push(Step::Host),
-                _ => {
-                    let name = format!("k{i}");
-                    match kiln_passes::lower::lower(m, o, &name) {
-                        Ok(k) => {
-                            steps.push(Step::Kernel(NativeKernel::compile(k)?));
-                        }
-                        Err(why) => missing.push(format!("node '{}' ({}): {why}", op.node_name(), op.op_type())),
+                OpClass::Constant => {
+                    if let Some(kiln_ir::attr::Attr::Tensor(t)) = op.attrs.get("value") {
+                        steps.insert(o, Step::Constant(std::rc::Rc::new(t.clone())));
                     }
                 }
+                OpClass::View | OpClass::Host => {}
+                _ => match kiln_passes::lower::lower(m, o, &format!("k{i}")) {
+                    Ok(k) => {
+                        steps.insert(o, Step::Kernel(NativeKernel::compile(k)?));
+                    }
+                    Err(why) => missing.push(format!("node '{}' ({}): {why}", op.node_name(), op.op_type())),
+                },
             }
         }
         if !missing.is_empty() {
@@ -392,69 +391,24 @@ impl NativeModel {
 
     /// Kernels that run as native code.
     pub fn kernels(&self) -> usize {
-        self.steps.iter().filter(|s| matches!(s, Step::Kernel(_))).count()
+        self.steps.values().filter(|s| matches!(s, Step::Kernel(_))).count()
     }
 
     /// Runs the model on inputs ordered as its graph inputs.
     pub fn run(&self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, TargetError> {
         use std::rc::Rc;
-        let m = &self.module;
-        kiln_ir::interp::check_inputs(m, &inputs)?;
-        let mut env: HashMap<kiln_ir::ir::ValueId, Rc<Tensor>> = HashMap::new();
-        for (&v, t) in m.inputs().iter().zip(inputs) {
-            env.insert(v, Rc::new(t));
-        }
-        let opset = kiln_ir::interp::module_opset(m);
-        for (step, &o) in self.steps.iter().zip(&m.body.ops) {
-            let op = m.op(o);
-            let fail = |msg: String| {
-                TargetError::Run(kiln_ir::interp::InterpError::Node {
-                    node: op.node_name().to_string(),
-                    op: op.op_type().to_string(),
-                    msg,
-                })
-            };
-            let operands: Vec<Option<Rc<Tensor>>> = op
-                .operands
-                .iter()
-                .map(|v| {
-                    v.map(|v| env.get(&v).cloned().ok_or_else(|| fail(format!("value {} is not computed", v.0))))
-                        .transpose()
-                })
-                .collect::<Result<_, _>>()?;
-            let outs: Vec<Rc<Tensor>> = match step {
-                Step::Constant(t) => vec![t.clone()],
-                Step::Host => {
-                    let def = kiln_ir::graph::lookup(op.op_type()).ok_or_else(|| fail("no semantics".into()))?;
-                    let cx = kiln_ir::graph::EvalCx {
-                        attrs: kiln_ir::graph::AttrView(&op.attrs),
-                        num_outputs: op.results.len(),
-                        opset,
-                        regions: &op.regions,
-                        runner: &kiln_ir::graph::NoRegions,
-                    };
-                    let refs: Vec<Option<&Tensor>> = operands.iter().map(|t| t.as_deref()).collect();
-                    def.eval(&cx, &refs).map_err(|e| fail(e.0))?.into_iter().map(Rc::new).collect()
-                }
-                Step::Kernel(k) => {
-                    let refs: Vec<&Tensor> = operands
-                        .iter()
-                        .map(|t| t.as_deref().ok_or_else(|| fail("an omitted operand".into())))
-                        .collect::<Result<_, _>>()?;
-                    k.run(&refs)?.into_iter().map(Rc::new).collect()
-                }
-            };
-            for (&r, t) in op.results.iter().zip(outs) {
-                env.insert(r, t);
-            }
-        }
-        m.outputs()
-            .iter()
-            .map(|v| {
-                env.get(v).map(|t| (**t).clone()).ok_or_else(|| {
-                    TargetError::Codegen(format!("model output {} was never computed", m.value_label(*v)))
-                })
+        let native = |o: kiln_ir::ir::OpId, operands: &[Option<&Tensor>]| {
+            Some(match self.steps.get(&o)? {
+                Step::Constant(t) => Ok(vec![t.clone()]),
+                Step::Kernel(k) => operands
+                    .iter()
+                    .map(|t| t.ok_or_else(|| kiln_ir::graph::OpError("an omitted operand".into())))
+                    .collect::<Result<Vec<&Tensor>, _>>()
+                    .and_then(|refs| k.run(&refs).map_err(|e| kiln_ir::graph::OpError(e.to_string())))
+                    .map(|outs| outs.into_iter().map(Rc::new).collect()),
             })
-            .collect()
+        };
+        let (outs, _) = kiln_ir::interp::run_custom(&self.module, inputs, &mut |_, _| {}, &native)?;
+        Ok(outs)
     }
 }
