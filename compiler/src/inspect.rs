@@ -110,8 +110,7 @@ pub fn kernels_by_kind(m: &Module) -> BTreeMap<String, usize> {
     for &o in &m.body.ops {
         let op = m.op(o);
         let t = op.op_type();
-        use kiln_passes::fusion::{classify, OpClass};
-        if matches!(classify(m, o), OpClass::Constant | OpClass::View | OpClass::Host) {
+        if !kiln_passes::fusion::launches_kernel(m, o) {
             continue;
         }
         let key = match op.attrs.get("kind") {
@@ -123,16 +122,17 @@ pub fn kernels_by_kind(m: &Module) -> BTreeMap<String, usize> {
     out
 }
 
+/// Bytes kiln stores for a constant of this type (symbolic dims count 1).
 fn type_bytes(t: &TensorType) -> u64 {
-    // Symbolic dims count as 1: the figure is per unit of each symbol.
     let n: u64 = t.shape.as_ref().map_or(1, |s| s.iter().map(|d| d.known().unwrap_or(1)).product());
     n * t.dtype.size_bytes() as u64
 }
 
-/// Builds the report of an imported module, before optimization (kernels: one per op).
-pub fn report(m: &Module, target: &str) -> Report {
+/// The part of the report read off the imported module (ops, ports, constants); the kernel
+/// and bytes figures come from compiling it.
+fn report(m: &Module, target: &str) -> Report {
     let mut ops_by_type = BTreeMap::new();
-    let (mut graph_ops, mut constants, mut constant_bytes, mut bytes) = (0, 0, 0u64, 0u64);
+    let (mut graph_ops, mut constants, mut constant_bytes) = (0, 0, 0u64);
     m.walk(&mut |_, op| {
         if op.op_type() == "Constant" {
             constants += 1;
@@ -141,17 +141,11 @@ pub fn report(m: &Module, target: &str) -> Report {
         }
         graph_ops += 1;
         *ops_by_type.entry(op.op_type().to_string()).or_insert(0) += 1;
-        bytes += op.operands.iter().flatten().map(|&v| type_bytes(&m.value(v).ty)).sum::<u64>();
-        bytes += op.results.iter().map(|&v| type_bytes(&m.value(v).ty)).sum::<u64>();
     });
     let port = |v| Port { name: m.value_label(v), ty: m.value(v).ty.to_string() };
     Report {
         graph_ops,
-        kernels: graph_ops,
         ops_by_type,
-        unsupported: vec![],
-        bytes_moved_before: bytes,
-        bytes_moved_after: bytes,
         target: target.into(),
         opset: kiln_ir::interp::module_opset(m),
         inputs: m.inputs().iter().map(|&v| port(v)).collect(),

@@ -113,12 +113,11 @@ impl CompiledModel {
     /// none), each lowered to the kernel dialect where lowering covers it (issue #5 in
     /// progress: elementwise, row reductions, MatMul/Gemm with epilogues).
     pub fn kernels(&self) -> Vec<KernelStage> {
-        use kiln_passes::fusion::{classify, OpClass};
         let m = &self.module;
         m.body
             .ops
             .iter()
-            .filter(|&&o| !matches!(classify(m, o), OpClass::Constant | OpClass::View | OpClass::Host))
+            .filter(|&&o| kiln_passes::fusion::launches_kernel(m, o))
             .enumerate()
             .map(|(i, &o)| {
                 let op = m.op(o);

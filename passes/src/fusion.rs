@@ -132,6 +132,12 @@ pub fn classify(m: &Module, o: OpId) -> OpClass {
     }
 }
 
+/// Whether top-level op `o` launches a kernel (constants, views and host shape arithmetic do
+/// not).
+pub fn launches_kernel(m: &Module, o: OpId) -> bool {
+    !matches!(classify(m, o), OpClass::Constant | OpClass::View | OpClass::Host)
+}
+
 /// The figures of a plan.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct PlanFigures {
@@ -150,8 +156,8 @@ pub fn figures(m: &Module, cost: &CostModel, unfused: bool) -> PlanFigures {
     let mut f = PlanFigures::default();
     let users = users_of(m);
     for &o in &m.body.ops {
-        let class = classify(m, o);
-        if class == OpClass::Constant || (matches!(class, OpClass::View | OpClass::Host) && !unfused) {
+        let counts = if unfused { classify(m, o) != OpClass::Constant } else { launches_kernel(m, o) };
+        if !counts {
             continue;
         }
         let w = kernel_work(m, &[o], cost, &users);
