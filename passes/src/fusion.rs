@@ -811,13 +811,7 @@ fn emit(m: &mut Module, groups: &[Vec<OpId>]) -> Result<(), String> {
                 }
             }
         }
-        let outputs: Vec<ValueId> = g
-            .iter()
-            .flat_map(|&o| m.op(o).results.clone())
-            .filter(|v| {
-                m.outputs().contains(v) || users.get(v).is_some_and(|us| us.iter().any(|u| !inside.contains(u)))
-            })
-            .collect();
+        let outputs = kernel_outputs(m, g, &inside, &users);
         let mut block = Block::default();
         let mut arg_of: HashMap<ValueId, ValueId> = HashMap::new();
         for &v in &inputs {
