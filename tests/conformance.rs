@@ -5,27 +5,45 @@
 //! file with `KILN_BLESS=1`. The pass rate counts all 1,884 cases (CLI.md), sequence, optional
 //! and string-typed ones included.
 //!
-//! The suite runs twice: as imported, and after the optimizing pipeline (e-graph rewriting and
-//! fusion priced for the `cpu` target, as `kiln run` compiles by default), on the interpreter.
-//! Both must pass every case the expectation file lists.
+//! The suite runs three times: as imported, and after the optimizing pipeline (e-graph
+//! rewriting and fusion priced for the `cpu` target, as `kiln run` compiles by default), on the
+//! interpreter (both must pass every case `node_ref.txt` lists); and on `--target cpu` through
+//! the public API (native kernels, unlowered ones on the host's reference implementation),
+//! against its own `tests/expectations/node_cpu.txt`, whose pass rate must stay within 2 points
+//! of `ref`'s (issue #5).
 
 use crate::common::data_dir;
-use kiln_onnx::testcase::{list_cases, run_case_with, TestCase};
+use kiln_onnx::testcase::{list_cases, run_case_on, run_case_with, CaseRun, TestCase};
 use std::collections::BTreeMap;
 use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
 
 const EXPECTED_CASES: usize = 1884;
 
-fn expectation_file() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/expectations/node_ref.txt")
+fn expectation_file(mode: Mode) -> PathBuf {
+    let name = if mode == Mode::Cpu { "node_cpu.txt" } else { "node_ref.txt" };
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/expectations").join(name)
 }
 
-/// Imported as is, or optimized (fusion) for the cpu target's description.
+/// Imported as is, or optimized (fusion) for the cpu target's description, both on the
+/// interpreter; or compiled for and run on the cpu target.
 #[derive(Clone, Copy, PartialEq)]
 enum Mode {
     Imported,
     Fused,
+    Cpu,
+}
+
+/// Cases whose every kernel ran as native code on cpu.
+static NATIVE_CASES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// The case compiled for the cpu target, as `kiln run --target cpu` does.
+fn compile_for_cpu(m: kiln::Module) -> Result<CaseRun, String> {
+    let c = kiln::compile(m, "cpu").map_err(|e| e.to_string())?;
+    if c.native_kernels().map_err(|e| e.to_string())? > 0 && c.host_kernels().map_err(|e| e.to_string())?.is_empty() {
+        NATIVE_CASES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+    Ok(Box::new(move |inputs| c.run(inputs).map_err(|e| e.to_string())))
 }
 
 /// Cases whose optimized module holds at least one `graph.fused` kernel.
@@ -44,7 +62,11 @@ fn prepare(mode: Mode, mut m: kiln::Module) -> Result<kiln::Module, String> {
 
 /// Runs one case, turning a panic (always a bug) into a failure.
 fn run_one(case: &TestCase, mode: Mode) -> Result<(), String> {
-    std::panic::catch_unwind(AssertUnwindSafe(|| run_case_with(case, &|m| prepare(mode, m)))).unwrap_or_else(|p| {
+    std::panic::catch_unwind(AssertUnwindSafe(|| match mode {
+        Mode::Cpu => run_case_on(case, &compile_for_cpu),
+        _ => run_case_with(case, &|m| prepare(mode, m)),
+    }))
+    .unwrap_or_else(|p| {
         let msg = p.downcast_ref::<String>().cloned().or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()));
         Err(format!("PANIC: {}", msg.unwrap_or_default()))
     })
@@ -83,8 +105,21 @@ fn onnx_node_tests_on_ref_fused() {
     node_tests(Mode::Fused);
 }
 
+#[test]
+fn onnx_node_tests_on_cpu() {
+    node_tests(Mode::Cpu);
+}
+
+fn pass_count(text: &str) -> usize {
+    text.lines().filter(|l| l.starts_with("pass ")).count()
+}
+
 fn node_tests(mode: Mode) {
-    let label = if mode == Mode::Fused { "ref, fused for cpu" } else { "ref" };
+    let label = match mode {
+        Mode::Imported => "ref",
+        Mode::Fused => "ref, fused for cpu",
+        Mode::Cpu => "cpu",
+    };
     let cases = list_cases(&data_dir().join("node"));
     assert_eq!(cases.len(), EXPECTED_CASES, "onnx 1.23.2 generates {EXPECTED_CASES} node tests");
     // Two workers (the CI machine has 2 cores); results keep case order.
@@ -116,15 +151,23 @@ fn node_tests(mode: Mode) {
     if mode == Mode::Fused {
         println!("{} case(s) ran with fused kernels", FUSED_CASES.load(std::sync::atomic::Ordering::Relaxed));
     }
+    if mode == Mode::Cpu {
+        let native = NATIVE_CASES.load(std::sync::atomic::Ordering::Relaxed);
+        println!("{native} case(s) ran every kernel as native code; the others ran some on the host's reference");
+        let on_ref = pass_count(&std::fs::read_to_string(expectation_file(Mode::Imported)).expect("node_ref.txt"));
+        let (rate, ref_rate) = (passed as f64 / EXPECTED_CASES as f64, on_ref as f64 / EXPECTED_CASES as f64);
+        println!("pass rate on cpu {:.1}% vs ref {:.1}%", 100.0 * rate, 100.0 * ref_rate);
+        assert!(rate >= ref_rate - 0.02, "cpu passes {passed}, more than 2 points below ref's {on_ref}");
+    }
 
     let actual: String =
         results.iter().map(|(n, r)| format!("{} {n}\n", if r.is_ok() { "pass" } else { "fail" })).collect();
-    if mode == Mode::Imported && std::env::var("KILN_BLESS").is_ok_and(|v| v == "1") {
-        std::fs::write(expectation_file(), &actual).expect("write expectations");
-        println!("blessed {}", expectation_file().display());
+    if mode != Mode::Fused && std::env::var("KILN_BLESS").is_ok_and(|v| v == "1") {
+        std::fs::write(expectation_file(mode), &actual).expect("write expectations");
+        println!("blessed {}", expectation_file(mode).display());
         return;
     }
-    let expected = std::fs::read_to_string(expectation_file()).expect("tests/expectations/node_ref.txt");
+    let expected = std::fs::read_to_string(expectation_file(mode)).expect("tests/expectations/node_*.txt");
     let want: BTreeMap<&str, bool> =
         expected.lines().filter_map(|l| l.split_once(' ')).map(|(s, n)| (n, s == "pass")).collect();
     let mut regressions = Vec::new();

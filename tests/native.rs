@@ -159,31 +159,3 @@ fn one_native_kernel_runs_at_any_size_of_a_symbolic_dim() {
         compare(&got[0], &want[0], 0.0, 0.0).unwrap_or_else(|e| panic!("N = {n}: {e}"));
     }
 }
-
-/// Whole models on `--target cpu`: every node test whose kernels all lower runs as native code
-/// (through the public API, as `kiln run` does) and must match the expected outputs with the
-/// node tests' tolerance (rtol 1e-3, atol 1e-7); models with a kernel not lowered yet are
-/// refused with the kernel named, never run some other way.
-#[test]
-fn node_tests_that_lower_fully_run_natively_on_cpu() {
-    let (mut native, mut refused) = (0, 0);
-    for case in list_cases(&data_dir().join("node")) {
-        let Ok(m) = case.load_model() else { continue };
-        let Ok(c) = kiln::compile(m, "cpu") else { continue };
-        if let Err(e) = c.prepare() {
-            let msg = e.to_string();
-            assert!(msg.contains("not lowered to native code yet") && msg.contains("node '"), "{}: {msg}", case.name);
-            refused += 1;
-            continue;
-        }
-        for (si, set) in case.data_sets().unwrap().into_iter().enumerate() {
-            let got = c.run(set.inputs).unwrap_or_else(|e| panic!("{} set {si}: {e}", case.name));
-            for (i, (g, w)) in got.iter().zip(&set.outputs).enumerate() {
-                compare(g, w, 1e-3, 1e-7).unwrap_or_else(|e| panic!("{} set {si} output {i} on cpu: {e}", case.name));
-            }
-        }
-        native += 1;
-    }
-    println!("node tests on cpu: {native} run fully native and pass; {refused} refused (a kernel not lowered yet)");
-    assert!(native >= 150, "only {native} node tests ran natively");
-}

@@ -12,11 +12,13 @@
 //! # Ok::<(), kiln::Error>(())
 //! ```
 
+pub mod check;
 pub mod inspect;
 
 pub use kiln_ir::{DType, Dim, Module, Tensor, TensorType};
 use kiln_onnx::FrontendError;
 use kiln_passes::{OptimizeReport, PassError, PassManager};
+pub use kiln_targets::HostKernel;
 use kiln_targets::{Target, TargetError};
 use std::path::Path;
 
@@ -37,6 +39,9 @@ pub enum Error {
     UnknownTarget(String),
     #[error("{0}")]
     Usage(String),
+    /// `--check` found a kernel whose outputs differ from the reference's.
+    #[error("{0}")]
+    Check(String),
     #[error("{path}: {msg}")]
     Io { path: String, msg: String },
 }
@@ -121,7 +126,7 @@ impl CompiledModel {
             .enumerate()
             .map(|(i, &o)| {
                 let op = m.op(o);
-                let name = format!("k{i}_{}", op.op_type().to_lowercase());
+                let name = kiln_targets::native::kernel_name(i, op.op_type());
                 KernelStage {
                     kernel: kiln_passes::lower::lower(m, o, &name),
                     name,
@@ -187,10 +192,46 @@ impl CompiledModel {
     /// Runs the model on inputs ordered as [`CompiledModel::inputs`].
     pub fn run(&self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, Error> {
         self.prepare()?;
-        let r = match self.prepared.get().and_then(|p| p.as_ref()) {
+        let r = match self.executable() {
             Some(exe) => exe.run(inputs),
             None => self.target.run(&self.module, inputs),
         };
         r.map_err(|e| self.target_error(e))
+    }
+
+    /// The target's prepared code, if it has any ([`CompiledModel::prepare`] first).
+    fn executable(&self) -> Option<&dyn kiln_targets::Executable> {
+        self.prepared.get().and_then(|p| p.as_deref())
+    }
+
+    /// [`CompiledModel::run`], showing `observe` each top-level op's outputs as they are made,
+    /// and reporting the run's peak memory (bytes of tensors alive at once).
+    pub fn run_observed(
+        &self,
+        inputs: Vec<Tensor>,
+        observe: &mut dyn FnMut(kiln_ir::ir::OpId, &[std::rc::Rc<Tensor>]),
+    ) -> Result<(Vec<Tensor>, u64), Error> {
+        self.prepare()?;
+        match self.executable() {
+            Some(exe) => {
+                exe.run_observed(inputs, observe).map(|(o, s)| (o, s.peak_bytes)).map_err(|e| self.target_error(e))
+            }
+            None => kiln_ir::interp::run_with_stats(&self.module, inputs, observe)
+                .map(|(o, s)| (o, s.peak_bytes))
+                .map_err(|source| Error::Run { model: self.name.clone(), source }),
+        }
+    }
+
+    /// Kernels that run as generated code on the target (0 for `ref`).
+    pub fn native_kernels(&self) -> Result<usize, Error> {
+        self.prepare()?;
+        Ok(self.executable().map_or(0, |e| e.native_kernels()))
+    }
+
+    /// Kernels the target hands back to the host's reference implementation because its code
+    /// generator does not cover them yet.
+    pub fn host_kernels(&self) -> Result<Vec<HostKernel>, Error> {
+        self.prepare()?;
+        Ok(self.executable().map_or_else(Vec::new, |e| e.host_kernels().to_vec()))
     }
 }

@@ -2,6 +2,7 @@
 
 use clap::{Parser, Subcommand};
 use kiln::{Error, Tensor};
+use kiln_targets::jit::Artifact;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -35,6 +36,19 @@ enum Cmd {
         /// Turn e-graph rewriting and fusion off: every graph op is its own kernel.
         #[arg(long)]
         no_fusion: bool,
+        /// Also run the reference interpreter and name the first kernel whose outputs differ
+        /// beyond the tolerance.
+        #[arg(long)]
+        check: bool,
+        /// Relative tolerance of `--check`.
+        #[arg(long, default_value_t = 1e-3)]
+        rtol: f64,
+        /// Absolute tolerance of `--check`.
+        #[arg(long, default_value_t = 1e-5)]
+        atol: f64,
+        /// Threads for native kernels (default: every core).
+        #[arg(long)]
+        threads: Option<usize>,
     },
     /// Compile a model for a target and print or write each requested stage.
     Compile {
@@ -87,6 +101,9 @@ enum Cmd {
         /// Turn e-graph rewriting and fusion off: every graph op is its own kernel.
         #[arg(long)]
         no_fusion: bool,
+        /// Also print each kernel's time in one more run (to stderr), slowest first.
+        #[arg(long)]
+        profile: bool,
     },
     /// List the targets and the toolchain kiln links.
     Targets,
@@ -120,8 +137,10 @@ fn main() -> ExitCode {
 
 fn dispatch(cmd: Cmd) -> Result<(), Error> {
     match cmd {
-        Cmd::Run { model, target, inputs, output_dir, npy, dims, no_fusion } => {
-            run(&model, &target, &inputs, &output_dir, npy, &dims, &options(no_fusion, &dims)?)
+        Cmd::Run { model, target, inputs, output_dir, npy, dims, no_fusion, check, rtol, atol, threads } => {
+            kiln_targets::native::set_threads(threads);
+            let check = check.then_some((rtol, atol));
+            run(&model, &target, &inputs, &output_dir, npy, &dims, check, &options(no_fusion, &dims)?)
         }
         Cmd::Compile { model, target, out, emit, full_constants, no_fusion } => {
             compile(&model, &target, out.as_deref(), &emit, full_constants, &options(no_fusion, &[])?)
@@ -129,8 +148,8 @@ fn dispatch(cmd: Cmd) -> Result<(), Error> {
         Cmd::Inspect { model, target, json, no_fusion, dims } => {
             inspect(&model, &target, json, &options(no_fusion, &dims)?)
         }
-        Cmd::Bench { model, target, inputs, dims, iters, threads, json, no_fusion } => {
-            bench(&model, &target, &inputs, &dims, iters, threads, json, &options(no_fusion, &dims)?)
+        Cmd::Bench { model, target, inputs, dims, iters, threads, json, no_fusion, profile } => {
+            bench(&model, &target, &inputs, &dims, iters, threads, json, profile, &options(no_fusion, &dims)?)
         }
         Cmd::Targets => {
             targets();
@@ -239,12 +258,19 @@ fn run(
     out: &Path,
     npy: bool,
     dims: &[String],
+    check: Option<(f64, f64)>,
     opts: &kiln::Options,
 ) -> Result<(), Error> {
     let m = kiln::load_model(model)?;
     let c = kiln::compile_with(m, target, opts)?;
     let inputs = bind_inputs(&c, files, dims)?;
-    let outputs = c.run(inputs)?;
+    let (outputs, report) = match check {
+        Some((rtol, atol)) => {
+            let (outs, report) = c.check(inputs, rtol, atol)?;
+            (outs, Some((report, rtol, atol)))
+        }
+        None => (c.run(inputs)?, None),
+    };
     std::fs::create_dir_all(out).map_err(|e| io_err(out, e))?;
     for (i, (t, (name, _))) in outputs.iter().zip(c.outputs()).enumerate() {
         let p = out.join(format!("output_{i}.pb"));
@@ -253,6 +279,17 @@ fn run(
             kiln_onnx::write_npy(&out.join(format!("output_{i}.npy")), t)?;
         }
         println!("{}: {name} {}{:?}", p.display(), t.dtype(), t.shape);
+    }
+    if let Some((report, rtol, atol)) = report {
+        match report.first {
+            Some(d) => {
+                return Err(Error::Check(format!(
+                    "--check: {} on {target} diverges from ref (rtol {rtol}, atol {atol}) first at {d}",
+                    model.display()
+                )))
+            }
+            None => eprintln!("check: {} kernels on {target} match ref (rtol {rtol}, atol {atol})", report.kernels),
+        }
     }
     Ok(())
 }
@@ -270,9 +307,9 @@ fn compile(
         if !["graph", "fused", "kernel", "mlir", "llvm", "asm"].contains(stage) {
             return Err(Error::Usage(format!("--emit {stage}: unknown stage (graph, fused, kernel, mlir, llvm, asm)")));
         }
-        if !["graph", "fused", "kernel", "mlir"].contains(stage) {
+        if ["llvm", "asm"].contains(stage) && target != "cpu" {
             return Err(Error::Usage(format!(
-                "--emit {stage}: not available yet (code generation lands with issues #5, #6, #9); available: graph, fused, kernel, mlir"
+                "--emit {stage}: only the cpu target generates {stage} yet (rvv, npu, cuda and rocm land with issues #6 and #9)"
             )));
         }
     }
@@ -285,6 +322,29 @@ fn compile(
         let text = match stage {
             "graph" => kiln_ir::printer::print_module(graph.as_ref().expect("cleaned up above"), print_opts),
             "fused" => kiln_ir::printer::print_module(c.module(), print_opts),
+            "llvm" | "asm" => {
+                let what = if stage == "llvm" { Artifact::LlvmIr } else { Artifact::Assembly };
+                let mlir: String = c
+                    .kernels()
+                    .iter()
+                    .filter_map(|k| k.kernel.as_ref().ok())
+                    .map(kiln_targets::native::to_mlir)
+                    .collect();
+                let mut text = String::new();
+                for k in c.kernels().iter().filter(|k| k.kernel.is_err()) {
+                    text.push_str(&format!(
+                        "{} {} (node '{}', {}): runs on the host's reference implementation (not lowered yet)\n",
+                        if stage == "llvm" { ";" } else { "#" },
+                        k.name,
+                        k.node,
+                        k.op
+                    ));
+                }
+                if !mlir.is_empty() {
+                    text.push_str(&String::from_utf8_lossy(&kiln_targets::jit::emit(&mlir, what)?));
+                }
+                text
+            }
             "kernel" | "mlir" => {
                 // Kernels lowering covers today; the others are named with the reason.
                 let mut text = String::new();
@@ -310,7 +370,12 @@ fn compile(
             Some(dir) => {
                 std::fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
                 let stem = model.file_stem().map_or("model".into(), |s| s.to_string_lossy().into_owned());
-                let p = dir.join(format!("{stem}.{stage}.mlir"));
+                let ext = match stage {
+                    "llvm" => "ll",
+                    "asm" => "s",
+                    _ => "mlir",
+                };
+                let p = dir.join(format!("{stem}.{stage}.{ext}"));
                 std::fs::write(&p, text).map_err(|e| io_err(&p, e))?;
                 eprintln!("wrote {}", p.display());
             }
@@ -399,8 +464,10 @@ fn bench(
     iters: usize,
     threads: Option<usize>,
     json: bool,
+    profile: bool,
     opts: &kiln::Options,
 ) -> Result<(), Error> {
+    kiln_targets::native::set_threads(threads);
     let t0 = Instant::now();
     let m = kiln::load_model(model)?;
     let c = kiln::compile_with(m, target, opts)?;
@@ -417,25 +484,26 @@ fn bench(
         bind_inputs(&c, files, dims)?
     };
     // The reference interpreter is single-threaded.
-    let threads_used = if target == "ref" {
-        1
-    } else {
-        threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
-    };
-    c.run(inputs.clone())?; // warm-up
-                            // Peak memory is measured on the reference interpreter (the only runner today).
-    let (_, peak) = c.run_ref_with_stats(inputs.clone())?;
+    let threads_used = if target == "ref" { 1 } else { kiln_targets::native::threads() };
+    // Warm-up, measuring the peak of live tensors.
+    let (_, peak) = c.run_observed(inputs.clone(), &mut |_, _| {})?;
     let mut times = Vec::with_capacity(iters.max(1));
     for _ in 0..iters.max(1) {
+        // Inputs are moved into a run: copy them before the clock starts.
+        let copy = inputs.clone();
         let t = Instant::now();
-        c.run(inputs.clone())?;
+        c.run(copy)?;
         times.push(t.elapsed().as_secs_f64() * 1e3);
     }
     times.sort_by(|a, b| a.total_cmp(b));
+    if profile {
+        print_profile(&c, inputs)?;
+    }
     let median = times[times.len() / 2];
     let obj = serde_json::json!({
         "target": target, "compile_ms": compile_ms, "median_ms": median, "min_ms": times[0],
         "iters": times.len(), "threads": threads_used, "peak_memory_bytes": peak,
+        "native_kernels": c.native_kernels()?, "host_kernels": c.host_kernels()?.len(),
     });
     if json {
         println!("{obj}");
@@ -446,6 +514,37 @@ fn bench(
             times[0],
             times.len()
         );
+    }
+    Ok(())
+}
+
+/// One more run, timing each top-level op (ops run one after another: the time between two
+/// ops' outputs is the second's), printed slowest first to stderr.
+fn print_profile(c: &kiln::CompiledModel, inputs: Vec<Tensor>) -> Result<(), Error> {
+    let m = c.module();
+    let host: Vec<String> = c.host_kernels()?.into_iter().map(|h| h.node).collect();
+    let mut spans: Vec<(f64, kiln_ir::ir::OpId)> = Vec::new();
+    let mut last = Instant::now();
+    c.run_observed(inputs, &mut |o, _| {
+        let now = Instant::now();
+        spans.push(((now - last).as_secs_f64() * 1e3, o));
+        last = now;
+    })?;
+    let total: f64 = spans.iter().map(|s| s.0).sum();
+    spans.sort_by(|a, b| b.0.total_cmp(&a.0));
+    eprintln!("profile: {total:.3} ms in {} ops", spans.len());
+    for (ms, o) in spans.iter().take(25) {
+        let op = m.op(*o);
+        let kind = match op.attrs.get("kind") {
+            Some(kiln_ir::attr::Attr::Str(k)) => format!("{k}:"),
+            _ => String::new(),
+        };
+        let anchor = match op.attrs.get("anchor") {
+            Some(kiln_ir::attr::Attr::Str(a)) => a.clone(),
+            _ => op.op_type().to_string(),
+        };
+        let place = if host.iter().any(|h| h == op.node_name()) { " (host)" } else { "" };
+        eprintln!("  {ms:9.3} ms {:5.1}%  {kind}{anchor}  '{}'{place}", 100.0 * ms / total.max(1e-9), op.node_name());
     }
     Ok(())
 }

@@ -1,7 +1,7 @@
 //! `cpu`: the host, as native code. Each kernel of the fused graph is lowered to the kernel
-//! dialect, emitted as upstream MLIR and JIT-compiled ([`crate::native`]). Issue #5 in
-//! progress: models run when every kernel lowers (elementwise, row reductions, MatMul/Gemm
-//! with epilogues); others are refused with the list of kernels not lowered yet.
+//! dialect, emitted as upstream MLIR and JIT-compiled ([`crate::native`]), its parallel loop
+//! split over a thread pool. Kernels the lowering does not cover yet run on the host's
+//! reference implementation and are listed (`kiln inspect`, `kiln bench --json`).
 
 use crate::native::NativeModel;
 use crate::{Executable, Target, TargetError};
@@ -37,7 +37,19 @@ impl Target for Cpu {
 }
 
 impl Executable for NativeModel {
-    fn run(&self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, TargetError> {
-        NativeModel::run(self, inputs)
+    fn run_observed(
+        &self,
+        inputs: Vec<Tensor>,
+        observe: &mut dyn FnMut(kiln_ir::ir::OpId, &[std::rc::Rc<Tensor>]),
+    ) -> Result<(Vec<Tensor>, kiln_ir::interp::RunStats), TargetError> {
+        NativeModel::run_observed(self, inputs, observe)
+    }
+
+    fn native_kernels(&self) -> usize {
+        self.kernels()
+    }
+
+    fn host_kernels(&self) -> &[crate::HostKernel] {
+        NativeModel::host_kernels(self)
     }
 }

@@ -1,10 +1,14 @@
 //! In-process native code from MLIR: a module of upstream dialects (func, scf, arith, math,
-//! memref, vector) is lowered to the LLVM dialect by an MLIR pass pipeline (melior) and
-//! compiled for the host by MLIR's execution engine (LLVM ORC JIT, optimization level 3).
+//! memref, vector) is lowered to the LLVM dialect by an MLIR pass pipeline (melior), translated
+//! to LLVM IR, optimized by LLVM's `default<O3>` pipeline for the host CPU (its name and
+//! features on every function, so the vectorizers use AVX2/AVX-512/FMA or NEON) and compiled
+//! in process by LLVM's MCJIT (inkwell).
 //!
 //! This is the bottom of the `cpu` target's path (issue #5: kernel dialect → upstream MLIR →
-//! here). Functions are called through their C interface (`llvm.emit_c_interface`): every
-//! argument is a memref, passed as a pointer to a strided descriptor ([`MemRef`]).
+//! here). Functions are called through their C interface (`llvm.emit_c_interface`) and a
+//! packed wrapper kiln adds for each (`_mlir_<name>`, one pointer per argument, as MLIR's own
+//! execution engine does): every memref argument is a pointer to a strided descriptor
+//! ([`MemRef`]).
 
 use crate::TargetError;
 use melior::dialect::DialectRegistry;
@@ -14,7 +18,7 @@ use melior::pass::PassManager;
 use melior::utility::{
     parse_pass_pipeline, register_all_dialects, register_all_llvm_translations, register_all_passes,
 };
-use melior::{Context, ExecutionEngine};
+use melior::Context;
 use std::sync::Once;
 
 unsafe extern "C" {
@@ -43,17 +47,47 @@ pub const PIPELINE: &str = "builtin.module(convert-vector-to-scf,convert-linalg-
 convert-scf-to-cf,convert-vector-to-llvm,convert-math-to-llvm,expand-strided-metadata,\
 convert-math-to-libm,finalize-memref-to-llvm,convert-to-llvm,reconcile-unrealized-casts)";
 
+/// A compiled function's packed entry point (see [`Jit::entry`]); plain code, callable from
+/// any thread.
+#[derive(Clone, Copy)]
+pub struct Entry(pub unsafe extern "C" fn(*mut *mut ()));
+
 /// A JIT-compiled MLIR module.
 pub struct Jit {
-    // The engine owns the compiled code; the context must outlive it.
-    engine: ExecutionEngine,
-    _context: Box<Context>,
+    // Owns the module and its code; dropped before the context it was made in (see Drop).
+    engine: std::mem::ManuallyDrop<inkwell::execution_engine::ExecutionEngine<'static>>,
+    context: *mut inkwell::context::Context,
+    /// The optimized LLVM IR that was compiled.
+    ir: String,
+}
+
+// SAFETY: the engine is only used to look functions up after construction; compiled code is
+// plain machine code callable from any thread.
+unsafe impl Send for Jit {}
+unsafe impl Sync for Jit {}
+
+impl Drop for Jit {
+    fn drop(&mut self) {
+        // SAFETY: the engine (and the module it owns) was made in `context`, which outlives it
+        // by being freed only here, after it.
+        unsafe {
+            std::mem::ManuallyDrop::drop(&mut self.engine);
+            drop(Box::from_raw(self.context));
+        }
+    }
 }
 
 /// A strided memref descriptor over f32 data, as MLIR's C interface lays it out (any rank):
 /// allocated and aligned pointers, offset, sizes, strides (in elements), all 64-bit words.
 pub struct MemRef {
     words: Vec<i64>,
+}
+
+impl MemRef {
+    /// The descriptor's words (what a C-interface function's memref argument points at).
+    pub fn as_mut_ptr(&mut self) -> *mut i64 {
+        self.words.as_mut_ptr()
+    }
 }
 
 impl MemRef {
@@ -95,24 +129,165 @@ fn codegen(msg: impl std::fmt::Display) -> TargetError {
     TargetError::Codegen(msg.to_string())
 }
 
+/// Lowers `mlir` (upstream dialects) to the LLVM dialect and translates it to LLVM IR (not
+/// optimized yet).
+pub fn to_llvm_ir(mlir: &str) -> Result<String, TargetError> {
+    let ctx = context();
+    let mut module =
+        Module::parse(&ctx, mlir).ok_or_else(|| codegen("the generated MLIR does not parse (a kiln bug)"))?;
+    let pm = PassManager::new(&ctx);
+    parse_pass_pipeline(pm.as_operation_pass_manager(), PIPELINE).map_err(codegen)?;
+    pm.run(&mut module).map_err(|e| codegen(format!("lowering to the LLVM dialect failed: {e}")))?;
+    if !module.as_operation().verify() {
+        return Err(codegen("the lowered module does not verify (a kiln bug)"));
+    }
+    llvm_ir(&module).ok_or_else(|| codegen("the lowered module does not translate to LLVM IR (a kiln bug)"))
+}
+
+/// The host's target machine: its triple, CPU name and features, optimizing at `-O3`.
+pub fn host_machine() -> Result<inkwell::targets::TargetMachine, TargetError> {
+    use inkwell::targets::{CodeModel, InitializationConfig, RelocMode, Target as LlvmTarget, TargetMachine};
+    LlvmTarget::initialize_native(&InitializationConfig::default()).map_err(codegen)?;
+    let triple = TargetMachine::get_default_triple();
+    let target = LlvmTarget::from_triple(&triple).map_err(|e| codegen(e.to_string()))?;
+    let cpu = TargetMachine::get_host_cpu_name().to_string();
+    let features = TargetMachine::get_host_cpu_features().to_string();
+    target
+        .create_target_machine(
+            &triple,
+            &cpu,
+            &features,
+            inkwell::OptimizationLevel::Aggressive,
+            RelocMode::PIC,
+            CodeModel::Default,
+        )
+        .ok_or_else(|| codegen(format!("LLVM has no target machine for {}", triple.as_str().to_string_lossy())))
+}
+
+/// Parses `ir` into `ctx`, adds a packed wrapper (`_mlir_<name>`) for every C-interface
+/// function (`_mlir_ciface_<name>`), stamps the host CPU on every function and runs LLVM's
+/// `default<O3>` pipeline for `tm`.
+pub fn optimize<'c>(
+    ctx: &'c inkwell::context::Context,
+    ir: &str,
+    tm: &inkwell::targets::TargetMachine,
+) -> Result<inkwell::module::Module<'c>, TargetError> {
+    use inkwell::attributes::AttributeLoc;
+    use inkwell::memory_buffer::MemoryBuffer;
+    use inkwell::passes::PassBuilderOptions;
+    let buf = MemoryBuffer::create_from_memory_range_copy(ir.as_bytes(), "kiln");
+    let module = ctx.create_module_from_ir(buf).map_err(|e| codegen(format!("LLVM IR does not parse: {e}")))?;
+    module.set_triple(&tm.get_triple());
+    module.set_data_layout(&tm.get_target_data().get_data_layout());
+    // Packed wrappers: `void _mlir_<name>(ptr args)`, `args[i]` pointing at argument i.
+    let ptr = ctx.ptr_type(inkwell::AddressSpace::default());
+    let builder = ctx.create_builder();
+    let cifaces: Vec<_> = module
+        .get_functions()
+        .filter(|f| f.get_name().to_bytes().starts_with(b"_mlir_ciface_") && f.count_basic_blocks() > 0)
+        .collect();
+    for f in cifaces {
+        let name = f.get_name().to_string_lossy()["_mlir_ciface_".len()..].to_string();
+        let wrapper =
+            module.add_function(&format!("_mlir_{name}"), ctx.void_type().fn_type(&[ptr.into()], false), None);
+        builder.position_at_end(ctx.append_basic_block(wrapper, "entry"));
+        let args = wrapper.get_first_param().expect("one parameter").into_pointer_value();
+        let built = (|| -> Result<(), inkwell::builder::BuilderError> {
+            let mut values: Vec<inkwell::values::BasicMetadataValueEnum> = Vec::new();
+            for (i, p) in f.get_param_iter().enumerate() {
+                // SAFETY (of the GEP): `args` has one entry per parameter, by the convention.
+                let slot =
+                    unsafe { builder.build_gep(ptr, args, &[ctx.i64_type().const_int(i as u64, false)], "slot")? };
+                let at = builder.build_load(ptr, slot, "at")?.into_pointer_value();
+                values.push(builder.build_load(p.get_type(), at, "arg")?.into());
+            }
+            builder.build_call(f, &values, "")?;
+            builder.build_return(None)?;
+            Ok(())
+        })();
+        built.map_err(|e| codegen(format!("building the packed wrapper of {name}: {e}")))?;
+    }
+    let cpu = tm.get_cpu().to_string();
+    let features = tm.get_feature_string().to_string_lossy().into_owned();
+    for f in module.get_functions().filter(|f| f.count_basic_blocks() > 0) {
+        f.add_attribute(AttributeLoc::Function, ctx.create_string_attribute("target-cpu", &cpu));
+        f.add_attribute(AttributeLoc::Function, ctx.create_string_attribute("target-features", &features));
+    }
+    module.verify().map_err(|e| codegen(format!("the LLVM module does not verify (a kiln bug): {e}")))?;
+    module
+        .run_passes("default<O3>", tm, PassBuilderOptions::create())
+        .map_err(|e| codegen(format!("LLVM optimization failed: {e}")))?;
+    Ok(module)
+}
+
+/// What [`emit`] produces.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Artifact {
+    /// Optimized LLVM IR (text).
+    LlvmIr,
+    /// Host assembly (text).
+    Assembly,
+    /// A relocatable host object file.
+    Object,
+}
+
+/// Lowers `mlir` (upstream dialects) through LLVM's `-O3` pipeline for the host, as [`Jit`]
+/// does, and returns the artifact instead of running it.
+pub fn emit(mlir: &str, what: Artifact) -> Result<Vec<u8>, TargetError> {
+    use inkwell::targets::FileType;
+    let ir = to_llvm_ir(mlir)?;
+    let tm = host_machine()?;
+    let ctx = inkwell::context::Context::create();
+    let module = optimize(&ctx, &ir, &tm)?;
+    let file = match what {
+        Artifact::LlvmIr => return Ok(module.print_to_string().to_bytes().to_vec()),
+        Artifact::Assembly => FileType::Assembly,
+        Artifact::Object => FileType::Object,
+    };
+    tm.write_to_memory_buffer(&module, file)
+        .map(|b| b.as_slice().to_vec())
+        .map_err(|e| codegen(format!("LLVM code generation failed: {e}")))
+}
+
 impl Jit {
-    /// Parses `mlir` (upstream dialects), lowers it to LLVM and compiles it for the host.
+    /// Parses `mlir` (upstream dialects), lowers it to LLVM, optimizes it and compiles it for
+    /// the host.
     pub fn compile(mlir: &str) -> Result<Jit, TargetError> {
-        let ctx = Box::new(context());
-        let mut module =
-            Module::parse(&ctx, mlir).ok_or_else(|| codegen("the generated MLIR does not parse (a kiln bug)"))?;
-        let pm = PassManager::new(&ctx);
-        parse_pass_pipeline(pm.as_operation_pass_manager(), PIPELINE).map_err(codegen)?;
-        pm.run(&mut module).map_err(|e| codegen(format!("lowering to the LLVM dialect failed: {e}")))?;
-        if !module.as_operation().verify() {
-            return Err(codegen("the lowered module does not verify (a kiln bug)"));
+        let ir = to_llvm_ir(mlir)?;
+        let tm = host_machine()?;
+        let context = Box::into_raw(Box::new(inkwell::context::Context::create()));
+        // SAFETY: `context` lives until `Jit::drop`, after the engine; the 'static borrow
+        // never escapes the Jit.
+        let ctx: &'static inkwell::context::Context = unsafe { &*context };
+        let made = optimize(ctx, &ir, &tm).and_then(|module| {
+            let ir = module.print_to_string().to_string();
+            module
+                .create_jit_execution_engine(inkwell::OptimizationLevel::Aggressive)
+                .map(|engine| (engine, ir))
+                .map_err(|e| codegen(format!("LLVM's JIT refused the module: {e}")))
+        });
+        match made {
+            Ok((engine, ir)) => Ok(Jit { engine: std::mem::ManuallyDrop::new(engine), context, ir }),
+            Err(e) => {
+                // SAFETY: nothing made in the context survives (the module was dropped).
+                drop(unsafe { Box::from_raw(context) });
+                Err(e)
+            }
         }
-        // The engine comes back null (and unusable) when translation fails: check first.
-        if llvm_ir(&module).is_none() {
-            return Err(codegen("the lowered module does not translate to LLVM IR (a kiln bug)"));
-        }
-        let engine = ExecutionEngine::new(&module, 3, &[], false, false);
-        Ok(Jit { engine, _context: ctx })
+    }
+
+    /// The optimized LLVM IR this JIT compiled.
+    pub fn llvm_ir(&self) -> &str {
+        &self.ir
+    }
+
+    /// The packed entry point of `name` (a function with `llvm.emit_c_interface`): it takes an
+    /// array with one pointer per argument, pointing at the argument (for a memref argument, at
+    /// a pointer to its descriptor). Valid while this `Jit` lives.
+    pub fn entry(&self, name: &str) -> Option<Entry> {
+        let addr = self.engine.get_function_address(&format!("_mlir_{name}")).ok()?;
+        // SAFETY: the packed wrappers kiln adds all have this signature.
+        (addr != 0).then(|| Entry(unsafe { std::mem::transmute::<usize, unsafe extern "C" fn(*mut *mut ())>(addr) }))
     }
 
     /// Calls `name` (a function with `llvm.emit_c_interface` whose arguments are all f32
@@ -122,13 +297,14 @@ impl Jit {
     /// The function's signature must be exactly `args.len()` memrefs of the descriptors' ranks
     /// and element type f32, and it must only access the elements the descriptors describe.
     pub unsafe fn call(&self, name: &str, args: &mut [MemRef]) -> Result<(), TargetError> {
+        let entry = self
+            .entry(name)
+            .ok_or_else(|| codegen(format!("no function {name} with a C interface in the compiled module")))?;
         let mut ptrs: Vec<*mut i64> = args.iter_mut().map(|a| a.words.as_mut_ptr()).collect();
         let mut packed: Vec<*mut ()> = ptrs.iter_mut().map(|p| p as *mut *mut i64 as *mut ()).collect();
-        if self.engine.lookup(&format!("_mlir__mlir_ciface_{name}")).is_null() {
-            return Err(codegen(format!("no function {name} with a C interface in the compiled module")));
-        }
         // SAFETY: the caller guarantees the signature; each packed entry points at a live
-        // pointer to a live descriptor. (The C API prefixes `_mlir_ciface_` to the name.)
-        unsafe { self.engine.invoke_packed(name, &mut packed) }.map_err(|e| codegen(format!("calling {name}: {e}")))
+        // pointer to a live descriptor.
+        unsafe { (entry.0)(packed.as_mut_ptr()) };
+        Ok(())
     }
 }

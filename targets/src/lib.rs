@@ -50,7 +50,34 @@ pub trait Target: Send + Sync {
 
 /// A model prepared by [`Target::prepare`]: compiled code and constants in place.
 pub trait Executable {
-    fn run(&self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, TargetError>;
+    /// Runs on inputs ordered as the module's inputs, showing `observe` each top-level op's
+    /// outputs as they are made; returns the outputs and the run's statistics (peak bytes of
+    /// live tensors).
+    fn run_observed(
+        &self,
+        inputs: Vec<Tensor>,
+        observe: &mut dyn FnMut(kiln_ir::ir::OpId, &[std::rc::Rc<Tensor>]),
+    ) -> Result<(Vec<Tensor>, kiln_ir::interp::RunStats), TargetError>;
+
+    fn run(&self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, TargetError> {
+        self.run_observed(inputs, &mut |_, _| {}).map(|(outs, _)| outs)
+    }
+
+    /// Kernels that run as generated code.
+    fn native_kernels(&self) -> usize;
+
+    /// Kernels that run on the host's reference implementation instead (not lowered yet).
+    fn host_kernels(&self) -> &[HostKernel];
+}
+
+/// A kernel that a target hands back to the host's reference implementation, because its code
+/// generator does not cover it yet (as an onnxruntime execution provider hands nodes back).
+#[derive(Clone, Debug, PartialEq)]
+pub struct HostKernel {
+    pub node: String,
+    pub op: String,
+    /// Why lowering refused it.
+    pub why: String,
 }
 
 /// Every target, in the order `kiln targets` lists them.

@@ -3,12 +3,14 @@
 //! code; every buffer a dynamically sized memref, so one compiled kernel runs at any size),
 //! compiled in process by [`crate::jit`].
 
-use crate::jit::{Jit, MemRef};
-use crate::TargetError;
+use crate::jit::{Entry, Jit, MemRef};
+use crate::{HostKernel, TargetError};
 use kiln_ir::kernel::{BinOp, Idx, Kernel, RedOp, Stmt, UnOp, Val};
 use kiln_ir::{Dim, Tensor};
 use std::collections::HashMap;
 use std::fmt::Write;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 /// The memref type of a rank-`r` f32 buffer with dynamic sizes.
 fn memref(r: usize) -> String {
@@ -36,6 +38,9 @@ struct Emitter<'k> {
     next: usize,
     /// The SSA value each `Let` slot names.
     slots: HashMap<usize, String>,
+    /// Whether the top-level parallel loops run over `%lo..%hi` (one thread's share) rather
+    /// than their whole extent.
+    split: bool,
 }
 
 impl Emitter<'_> {
@@ -90,6 +95,132 @@ impl Emitter<'_> {
         t
     }
 
+    /// `op` on two f32 values.
+    fn f2(&mut self, depth: usize, op: &str, a: &str, b: &str) -> String {
+        let t = self.fresh();
+        self.line(depth, &format!("{t} = {op} {a}, {b} : f32"));
+        t
+    }
+
+    /// `op` of `a` and the constant `c`.
+    fn fk(&mut self, depth: usize, op: &str, a: &str, c: f64) -> String {
+        let c = self.constant(depth, c);
+        self.f2(depth, op, a, &c)
+    }
+
+    /// `coeffs[0]·x^(n-1) + … + coeffs[n-1]`, by Horner's rule.
+    fn horner(&mut self, depth: usize, x: &str, coeffs: &[f64]) -> String {
+        let mut p = self.constant(depth, coeffs[0]);
+        for &c in &coeffs[1..] {
+            let m = self.f2(depth, "arith.mulf", &p, x);
+            p = self.fk(depth, "arith.addf", &m, c);
+        }
+        p
+    }
+
+    /// `if a <pred> bound { then } else { other }` for f32 values, branch-free.
+    fn select_cmp(&mut self, depth: usize, pred: &str, a: &str, bound: f64, then: &str, other: &str) -> String {
+        let b = self.constant(depth, bound);
+        let (c, t) = (self.fresh(), self.fresh());
+        self.line(depth, &format!("{c} = arith.cmpf {pred}, {a}, {b} : f32"));
+        self.line(depth, &format!("{t} = arith.select {c}, {then}, {other} : f32"));
+        t
+    }
+
+    /// `e^x` in straight-line code the loop vectorizer can widen (a libm call stops it):
+    /// Cephes' range reduction `x = n·ln2 + r` and degree-7 polynomial, `2^n` built in the
+    /// exponent bits; within 2 ulp of libm on the normal range, `+inf` above it.
+    fn exp(&mut self, depth: usize, x: &str) -> String {
+        let lo = self.fk(depth, "arith.maximumf", x, -87.0);
+        let xc = self.fk(depth, "arith.minimumf", &lo, 88.3);
+        let t = self.fk(depth, "arith.mulf", &xc, std::f64::consts::LOG2_E);
+        let t = self.fk(depth, "arith.addf", &t, 0.5);
+        let n = self.fresh();
+        self.line(depth, &format!("{n} = math.floor {t} : f32"));
+        let a = self.fk(depth, "arith.mulf", &n, 0.693359375);
+        let r = self.f2(depth, "arith.subf", &xc, &a);
+        let b = self.fk(depth, "arith.mulf", &n, -2.12194440e-4);
+        let r = self.f2(depth, "arith.subf", &r, &b);
+        let p = self.horner(
+            depth,
+            &r,
+            &[1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1],
+        );
+        let rr = self.f2(depth, "arith.mulf", &r, &r);
+        let p = self.f2(depth, "arith.mulf", &p, &rr);
+        let p = self.f2(depth, "arith.addf", &p, &r);
+        let p = self.fk(depth, "arith.addf", &p, 1.0);
+        let (ni, c127, c23, e, sh, scale) =
+            (self.fresh(), self.fresh(), self.fresh(), self.fresh(), self.fresh(), self.fresh());
+        self.line(depth, &format!("{ni} = arith.fptosi {n} : f32 to i32"));
+        self.line(depth, &format!("{c127} = arith.constant 127 : i32"));
+        self.line(depth, &format!("{c23} = arith.constant 23 : i32"));
+        self.line(depth, &format!("{e} = arith.addi {ni}, {c127} : i32"));
+        self.line(depth, &format!("{sh} = arith.shli {e}, {c23} : i32"));
+        self.line(depth, &format!("{scale} = arith.bitcast {sh} : i32 to f32"));
+        let y = self.f2(depth, "arith.mulf", &p, &scale);
+        let inf = self.constant(depth, f64::INFINITY);
+        self.select_cmp(depth, "ogt", x, 88.72283935546875, &inf, &y)
+    }
+
+    /// `x·P(x²)/Q(x²)` with `x` clamped to `±clamp` (the rational forms Eigen uses for tanh
+    /// and erf: a few ulp, vectorizable).
+    fn odd_rational(&mut self, depth: usize, x: &str, clamp: f64, p: &[f64], q: &[f64]) -> String {
+        let lo = self.fk(depth, "arith.maximumf", x, -clamp);
+        let xc = self.fk(depth, "arith.minimumf", &lo, clamp);
+        let x2 = self.f2(depth, "arith.mulf", &xc, &xc);
+        let pn = self.horner(depth, &x2, p);
+        let pn = self.f2(depth, "arith.mulf", &pn, &xc);
+        let qn = self.horner(depth, &x2, q);
+        self.f2(depth, "arith.divf", &pn, &qn)
+    }
+
+    fn tanh(&mut self, depth: usize, x: &str) -> String {
+        let r = self.odd_rational(
+            depth,
+            x,
+            7.905_311,
+            &[
+                -2.76076847742355e-16,
+                2.00018790482477e-13,
+                -8.60467152213735e-11,
+                5.12229709037114e-08,
+                1.48572235717979e-05,
+                6.37261928875436e-04,
+                4.89352455891786e-03,
+            ],
+            &[1.19825839466702e-06, 1.18534705686654e-04, 2.26843463243900e-03, 4.89352518554385e-03],
+        );
+        // Tiny inputs: tanh x = x (the rational form loses relative accuracy there).
+        let a = self.fresh();
+        self.line(depth, &format!("{a} = math.absf {x} : f32"));
+        self.select_cmp(depth, "olt", &a, 0.0004, x, &r)
+    }
+
+    fn erf(&mut self, depth: usize, x: &str) -> String {
+        self.odd_rational(
+            depth,
+            x,
+            4.0,
+            &[
+                -2.72614225801306e-10,
+                2.77068142495902e-08,
+                -2.10102402082508e-06,
+                -5.69250639462346e-05,
+                -7.34990630326855e-04,
+                -2.95459980854025e-03,
+                -1.60960333262415e-02,
+            ],
+            &[
+                -1.45660718464996e-05,
+                -2.13374055278905e-04,
+                -1.68282697438203e-03,
+                -7.37332916720468e-03,
+                -1.42647390514189e-02,
+            ],
+        )
+    }
+
     fn val(&mut self, depth: usize, v: &Val) -> String {
         match v {
             Val::Const(c) => self.constant(depth, *c),
@@ -106,11 +237,11 @@ impl Emitter<'_> {
                 let text = match op {
                     UnOp::Neg => format!("{t} = arith.negf {x} : f32"),
                     UnOp::Abs => format!("{t} = math.absf {x} : f32"),
-                    UnOp::Exp => format!("{t} = math.exp {x} : f32"),
+                    UnOp::Exp => return self.exp(depth, &x),
                     UnOp::Log => format!("{t} = math.log {x} : f32"),
                     UnOp::Sqrt => format!("{t} = math.sqrt {x} : f32"),
-                    UnOp::Tanh => format!("{t} = math.tanh {x} : f32"),
-                    UnOp::Erf => format!("{t} = math.erf {x} : f32"),
+                    UnOp::Tanh => return self.tanh(depth, &x),
+                    UnOp::Erf => return self.erf(depth, &x),
                     UnOp::Floor => format!("{t} = math.floor {x} : f32"),
                     UnOp::Ceil => format!("{t} = math.ceil {x} : f32"),
                     UnOp::Recip => {
@@ -125,11 +256,9 @@ impl Emitter<'_> {
                         // 1 / (1 + exp(-x))
                         let n = self.fresh();
                         self.line(depth, &format!("{n} = arith.negf {x} : f32"));
-                        let e = self.fresh();
-                        self.line(depth, &format!("{e} = math.exp {n} : f32"));
+                        let e = self.exp(depth, &n);
+                        let d = self.fk(depth, "arith.addf", &e, 1.0);
                         let one = self.constant(depth, 1.0);
-                        let d = self.fresh();
-                        self.line(depth, &format!("{d} = arith.addf {one}, {e} : f32"));
                         format!("{t} = arith.divf {one}, {d} : f32")
                     }
                 };
@@ -167,7 +296,8 @@ impl Emitter<'_> {
                     RedOp::Min => "arith.minimumf",
                 };
                 let n = self.fresh();
-                self.line(depth + 1, &format!("{n} = {combine} {acc}, {v} : f32"));
+                // Reassociation lets LLVM vectorize the reduction (partial sums per lane).
+                self.line(depth + 1, &format!("{n} = {combine} {acc}, {v} fastmath<reassoc,contract> : f32"));
                 self.line(depth + 1, &format!("scf.yield {n} : f32"));
                 self.line(depth, "}");
                 r
@@ -196,8 +326,15 @@ impl Emitter<'_> {
                     BinOp::Min => "arith.minimumf",
                     BinOp::Pow => "math.powf",
                 };
+                // A row-invariant divisor becomes one reciprocal and multiplies (`arcp`);
+                // `contract` allows fused multiply-adds.
+                let flags = match op {
+                    BinOp::Div => " fastmath<arcp,contract>",
+                    BinOp::Add | BinOp::Sub | BinOp::Mul => " fastmath<contract>",
+                    _ => "",
+                };
                 let t = self.fresh();
-                self.line(depth, &format!("{t} = {name} {a}, {b} : f32"));
+                self.line(depth, &format!("{t} = {name} {a}, {b}{flags} : f32"));
                 t
             }
         }
@@ -206,9 +343,13 @@ impl Emitter<'_> {
     fn stmts(&mut self, depth: usize, body: &[Stmt]) {
         for s in body {
             match s {
-                Stmt::For { var, extent, body, .. } => {
-                    let e = self.idx(depth, extent);
-                    let (lo, step) = (self.idx(depth, &Idx::Const(0)), self.idx(depth, &Idx::Const(1)));
+                Stmt::For { var, extent, body, parallel } => {
+                    let (lo, e) = if depth == 0 && *parallel && self.split {
+                        ("%lo".to_string(), "%hi".to_string())
+                    } else {
+                        (self.idx(depth, &Idx::Const(0)), self.idx(depth, extent))
+                    };
+                    let step = self.idx(depth, &Idx::Const(1));
                     self.line(depth, &format!("scf.for %i{var} = {lo} to {e} step {step} {{"));
                     self.stmts(depth + 1, body);
                     self.line(depth, "}");
@@ -228,12 +369,31 @@ impl Emitter<'_> {
     }
 }
 
-/// The kernel as an MLIR module of upstream dialects: one function named after the kernel,
-/// taking every buffer (inputs, then outputs) as a dynamically sized memref.
+/// The extent of the loop a kernel's threads share, if it has one: the kernel's top-level
+/// statements are all parallel loops over one extent (its rows, or output channels), so
+/// threads can each run the whole body over their own range of that loop.
+pub fn parallel_extent(k: &Kernel) -> Option<&Idx> {
+    let mut extent = None;
+    for s in &k.body {
+        match s {
+            Stmt::For { parallel: true, extent: e, .. } if extent.is_none_or(|x| x == e) => extent = Some(e),
+            _ => return None,
+        }
+    }
+    extent
+}
+
+/// The kernel as an MLIR function of upstream dialects, named after the kernel, taking every
+/// buffer (inputs, then outputs) as a dynamically sized memref, then `%lo, %hi: index`: the
+/// range of the shared parallel loop ([`parallel_extent`]) this call runs (ignored by a kernel
+/// without one).
 pub fn to_mlir(k: &Kernel) -> String {
-    let params: Vec<String> =
+    let mut params: Vec<String> =
         k.buffers.iter().enumerate().map(|(i, b)| format!("%b{i}: {}", memref(b.shape.len()))).collect();
-    let mut e = Emitter { k, out: String::new(), next: 0, slots: HashMap::new() };
+    params.push("%lo: index".into());
+    params.push("%hi: index".into());
+    let split = parallel_extent(k).is_some();
+    let mut e = Emitter { k, out: String::new(), next: 0, slots: HashMap::new(), split };
     e.stmts(0, &k.body);
     format!(
         "func.func @{}({}) attributes {{ llvm.emit_c_interface }} {{\n{}  return\n}}\n",
@@ -243,26 +403,118 @@ pub fn to_mlir(k: &Kernel) -> String {
     )
 }
 
-/// A kernel compiled to native code.
-pub struct NativeKernel {
-    kernel: Kernel,
-    jit: Jit,
+/// Threads native kernels use (0: every core); see [`set_threads`].
+static THREADS: AtomicUsize = AtomicUsize::new(0);
+
+/// Sets how many threads native kernels run on (`None`: every core); process-wide, like
+/// onnxruntime's intra-op thread count.
+pub fn set_threads(n: Option<usize>) {
+    THREADS.store(n.unwrap_or(0), Ordering::Relaxed);
 }
 
-impl NativeKernel {
-    pub fn compile(kernel: Kernel) -> Result<NativeKernel, TargetError> {
-        let jit = Jit::compile(&to_mlir(&kernel))?;
-        Ok(NativeKernel { kernel, jit })
+/// Threads native kernels run on now.
+pub fn threads() -> usize {
+    match THREADS.load(Ordering::Relaxed) {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
     }
+}
 
-    pub fn kernel(&self) -> &Kernel {
-        &self.kernel
+/// A pool of `n` threads, built once per count.
+fn pool(n: usize) -> Arc<rayon::ThreadPool> {
+    static POOLS: Mutex<Vec<(usize, Arc<rayon::ThreadPool>)>> = Mutex::new(Vec::new());
+    let mut pools = POOLS.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((_, p)) = pools.iter().find(|(k, _)| *k == n) {
+        return p.clone();
+    }
+    let p = Arc::new(
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .thread_name(|i| format!("kiln-cpu-{i}"))
+            .build()
+            .expect("a thread pool (the OS refused threads)"),
+    );
+    pools.push((n, p.clone()));
+    p
+}
+
+/// Below this many output elements a kernel without inner loops runs on one thread (waking the
+/// pool costs more than it saves).
+const PARALLEL_MIN_ELEMENTS: usize = 1 << 15;
+
+/// The value of an index expression given the buffers' run-time shapes (outer loop variables
+/// do not occur in the extents this is used for).
+fn eval_idx(i: &Idx, shapes: &[&[usize]]) -> Option<i64> {
+    Some(match i {
+        Idx::Var(_) => return None,
+        Idx::Const(c) => *c,
+        Idx::Dim { buf, axis } => *shapes.get(*buf)?.get(*axis)? as i64,
+        Idx::Add(a, b) => eval_idx(a, shapes)? + eval_idx(b, shapes)?,
+        Idx::Sub(a, b) => eval_idx(a, shapes)? - eval_idx(b, shapes)?,
+        Idx::Mul(a, b) => eval_idx(a, shapes)? * eval_idx(b, shapes)?,
+        Idx::Div(a, b) => eval_idx(a, shapes)?.checked_div(eval_idx(b, shapes)?)?,
+        Idx::Rem(a, b) => eval_idx(a, shapes)?.checked_rem(eval_idx(b, shapes)?)?,
+        Idx::ZeroIfOne(a, b) => {
+            if eval_idx(a, shapes)? == 1 {
+                0
+            } else {
+                eval_idx(b, shapes)?
+            }
+        }
+    })
+}
+
+/// Whether a statement list has a loop or reduction inside its top-level loop's body (work
+/// per iteration beyond one element).
+fn heavy(body: &[Stmt]) -> bool {
+    fn val(v: &Val) -> bool {
+        match v {
+            Val::Reduce { .. } => true,
+            Val::Un(_, a) => val(a),
+            Val::Bin(_, a, b) => val(a) || val(b),
+            Val::IfLess { then, other, .. } => val(then) || val(other),
+            _ => false,
+        }
+    }
+    body.iter().any(|s| match s {
+        Stmt::For { body, .. } => body.iter().any(|s| matches!(s, Stmt::For { .. })) || heavy(body),
+        Stmt::Store { value, .. } | Stmt::Let { value, .. } => val(value),
+    })
+}
+
+/// Pointers into descriptors that live for the duration of one call, shared by its threads.
+struct Packed(Vec<*mut i64>);
+// SAFETY: the descriptors are only read by the kernel (the data they point at is written at
+// disjoint indices by the threads of one call, each over its own range of the parallel loop).
+unsafe impl Sync for Packed {}
+
+impl Packed {
+    fn pointers(&self) -> Vec<*mut i64> {
+        self.0.clone()
+    }
+}
+
+/// A kernel's compiled code: its entry point in a [`Jit`] that outlives it.
+struct Compiled {
+    kernel: Kernel,
+    entry: Entry,
+    /// Whether the kernel has a shared parallel loop ([`parallel_extent`]).
+    split: bool,
+    heavy: bool,
+}
+
+impl Compiled {
+    fn new(kernel: Kernel, jit: &Jit) -> Result<Compiled, TargetError> {
+        let entry = jit.entry(&kernel.name).ok_or_else(|| {
+            TargetError::Codegen(format!("no function {} with a C interface in the compiled module", kernel.name))
+        })?;
+        Ok(Compiled { split: parallel_extent(&kernel).is_some(), heavy: heavy(&kernel.body), entry, kernel })
     }
 
     /// Runs the kernel on the graph op's `operands` (the kernel reads the f32 ones, shaped as
     /// its input buffers declare); the outputs' sizes come from the inputs' bindings of the
-    /// symbolic dims.
-    pub fn run(&self, operands: &[&Tensor]) -> Result<Vec<Tensor>, TargetError> {
+    /// symbolic dims. The shared parallel loop is split over [`threads`].
+    fn run(&self, operands: &[&Tensor]) -> Result<Vec<Tensor>, TargetError> {
         let k = &self.kernel;
         let inputs: Vec<&Tensor> = k
             .operands
@@ -315,7 +567,9 @@ impl NativeKernel {
                     }),
                 })
                 .collect::<Result<Vec<_>, _>>()?;
-            outs.push(vec![0.0; shape.iter().product()]);
+            // Not zeroed: a kernel stores every element of its outputs (the kernel dialect's
+            // contract), before anything reads them.
+            outs.push(Vec::with_capacity(shape.iter().product()));
             shapes.push(shape);
         }
         let mut args: Vec<MemRef> = inputs
@@ -326,67 +580,173 @@ impl NativeKernel {
             })
             .collect();
         for (o, s) in outs.iter_mut().zip(&shapes) {
-            args.push(MemRef::of(o, s));
+            args.push(MemRef::new(o.as_mut_ptr(), o.capacity(), s));
         }
-        // SAFETY: the function was generated from this kernel: one f32 memref per buffer, of
-        // the buffer's rank; inputs are only read. Indices stay within the descriptors' sizes
-        // when the inputs' shapes satisfy the model's shape rules (checked above for known
-        // dims and shared symbols; a dim broadcast against another symbol is 1 or equal, as
-        // the kernel's producers guarantee).
-        unsafe { self.jit.call(&k.name, &mut args)? };
-        Ok(outs.into_iter().zip(shapes).map(|(o, s)| Tensor::from_f32(&s, o)).collect())
+        let all: Vec<&[usize]> =
+            inputs.iter().map(|t| t.shape.as_slice()).chain(shapes.iter().map(Vec::as_slice)).collect();
+        let extent = match parallel_extent(k) {
+            Some(e) => eval_idx(e, &all).ok_or_else(|| {
+                TargetError::Codegen(format!("kernel {}: its parallel extent {e} is not computable", k.name))
+            })?,
+            None => 0,
+        };
+        let elements: usize = shapes.iter().map(|s| s.iter().product::<usize>()).sum();
+        let threads = threads();
+        let chunks = if self.split && extent > 1 && threads > 1 && (self.heavy || elements >= PARALLEL_MIN_ELEMENTS) {
+            threads.min(extent as usize)
+        } else {
+            1
+        };
+        let descriptors = Packed(args.iter_mut().map(MemRef::as_mut_ptr).collect());
+        let entry = self.entry;
+        let call = |c: usize| {
+            let (mut lo, mut hi) = ((extent as usize * c / chunks) as i64, (extent as usize * (c + 1) / chunks) as i64);
+            let mut ptrs = descriptors.pointers();
+            let mut packed: Vec<*mut ()> = ptrs.iter_mut().map(|p| p as *mut *mut i64 as *mut ()).collect();
+            packed.push(&mut lo as *mut i64 as *mut ());
+            packed.push(&mut hi as *mut i64 as *mut ());
+            // SAFETY: the function was generated from this kernel: one f32 memref per buffer,
+            // of the buffer's rank, then the loop range; inputs are only read, and the calls
+            // of one run write disjoint ranges of the outputs' parallel loop. Indices stay
+            // within the descriptors' sizes when the inputs' shapes satisfy the model's shape
+            // rules (checked above for known dims and shared symbols; a dim broadcast against
+            // another symbol is 1 or equal, as the kernel's producers guarantee).
+            unsafe { (entry.0)(packed.as_mut_ptr()) };
+        };
+        if chunks == 1 {
+            call(0);
+        } else {
+            pool(threads).scope(|s| {
+                for c in 0..chunks {
+                    let call = &call;
+                    s.spawn(move |_| call(c));
+                }
+            });
+        }
+        drop(args);
+        Ok(outs
+            .into_iter()
+            .zip(shapes)
+            .map(|(mut o, s)| {
+                // SAFETY: the kernel stored every element (the kernel dialect's contract); the
+                // capacity is exactly the element count.
+                unsafe { o.set_len(o.capacity()) };
+                Tensor::from_f32(&s, o)
+            })
+            .collect())
+    }
+}
+
+/// A kernel compiled to native code on its own.
+pub struct NativeKernel {
+    compiled: Compiled,
+    _jit: Jit,
+}
+
+impl NativeKernel {
+    pub fn compile(kernel: Kernel) -> Result<NativeKernel, TargetError> {
+        let jit = Jit::compile(&to_mlir(&kernel))?;
+        Ok(NativeKernel { compiled: Compiled::new(kernel, &jit)?, _jit: jit })
+    }
+
+    pub fn kernel(&self) -> &Kernel {
+        &self.compiled.kernel
+    }
+
+    /// Runs the kernel on the graph op's `operands` (the kernel reads the f32 ones, shaped as
+    /// its input buffers declare); the outputs' sizes come from the inputs' bindings of the
+    /// symbolic dims.
+    pub fn run(&self, operands: &[&Tensor]) -> Result<Vec<Tensor>, TargetError> {
+        self.compiled.run(operands)
     }
 }
 
 /// How a [`NativeModel`] computes a top-level op other than through the interpreter's
-/// semantics (views and host shape arithmetic are evaluated on the host by those).
+/// semantics.
 enum Step {
     /// A constant: its value, shared by every run.
     Constant(std::rc::Rc<Tensor>),
     /// A kernel compiled to native code.
-    Kernel(NativeKernel),
+    Kernel(Compiled),
 }
 
-/// A whole model as native code: every kernel of the (fused) graph compiled, constants in
-/// place, views and shape arithmetic evaluated on the host. Compiling fails, naming every
-/// kernel that is not lowered yet, rather than run anything some other way. Runs go through
-/// the interpreter's driver ([`kiln_ir::interp::run_custom`]): its input checks, value
-/// lifetimes and error messages, with the kernels and constants supplied here.
+/// The environment variable that plants a wrong kernel, for testing `kiln run --check`: its
+/// value names a node; the native kernel computing it adds 0.5 to what it stores.
+pub const PLANT_BUG_ENV: &str = "KILN_DEBUG_WRONG_KERNEL";
+
+/// The name kernel `i` (counting launched kernels in program order) of op type `op` gets.
+pub fn kernel_name(i: usize, op: &str) -> String {
+    format!("k{i}_{}", op.to_lowercase().replace(|c: char| !c.is_ascii_alphanumeric(), "_"))
+}
+
+/// A whole model as native code: every kernel of the (fused) graph that lowers to the kernel
+/// dialect is compiled (all in one MLIR module and one JIT), constants stay in place, views
+/// and shape arithmetic are evaluated on the host. A kernel that does not lower yet runs on
+/// the host's reference implementation and is listed ([`NativeModel::host_kernels`]), the
+/// way an execution provider hands unsupported nodes back. Runs go through the interpreter's
+/// driver ([`kiln_ir::interp::run_custom`]): its input checks, value lifetimes and error
+/// messages, with the kernels and constants supplied here.
 pub struct NativeModel {
     module: kiln_ir::Module,
     steps: HashMap<kiln_ir::ir::OpId, Step>,
+    host: Vec<HostKernel>,
+    // Declared last: the kernels' entry points point into it.
+    _jit: Option<Jit>,
+}
+
+/// Adds 0.5 to the first value `body` stores (a planted bug).
+fn plant_bug(body: &mut [Stmt]) -> bool {
+    body.iter_mut().any(|s| match s {
+        Stmt::For { body, .. } => plant_bug(body),
+        Stmt::Store { value, .. } => {
+            *value = Val::Bin(BinOp::Add, Box::new(value.clone()), Box::new(Val::Const(0.5)));
+            true
+        }
+        Stmt::Let { .. } => false,
+    })
 }
 
 impl NativeModel {
     pub fn compile(m: &kiln_ir::Module) -> Result<NativeModel, TargetError> {
-        use kiln_passes::fusion::{classify, OpClass};
+        use kiln_passes::fusion::{classify, launches_kernel, OpClass};
+        let planted = std::env::var(PLANT_BUG_ENV).ok();
         let mut steps = HashMap::new();
-        let mut missing = Vec::new();
-        for (i, &o) in m.body.ops.iter().enumerate() {
+        let mut kernels: Vec<(kiln_ir::ir::OpId, Kernel)> = Vec::new();
+        let mut host = Vec::new();
+        for &o in &m.body.ops {
             let op = m.op(o);
-            match classify(m, o) {
-                OpClass::Constant => {
-                    if let Some(kiln_ir::attr::Attr::Tensor(t)) = op.attrs.get("value") {
-                        steps.insert(o, Step::Constant(std::rc::Rc::new(t.clone())));
-                    }
+            if classify(m, o) == OpClass::Constant {
+                if let Some(kiln_ir::attr::Attr::Tensor(t)) = op.attrs.get("value") {
+                    steps.insert(o, Step::Constant(std::rc::Rc::new(t.clone())));
                 }
-                OpClass::View | OpClass::Host => {}
-                _ => match kiln_passes::lower::lower(m, o, &format!("k{i}")) {
-                    Ok(k) => {
-                        steps.insert(o, Step::Kernel(NativeKernel::compile(k)?));
-                    }
-                    Err(why) => missing.push(format!("node '{}' ({}): {why}", op.node_name(), op.op_type())),
-                },
             }
         }
-        if !missing.is_empty() {
-            return Err(TargetError::Codegen(format!(
-                "{} kernel(s) are not lowered to native code yet: {}",
-                missing.len(),
-                missing.join("; ")
-            )));
+        let launched = m.body.ops.iter().copied().filter(|&o| launches_kernel(m, o));
+        for (i, o) in launched.enumerate() {
+            let op = m.op(o);
+            match kiln_passes::lower::lower(m, o, &kernel_name(i, op.op_type())) {
+                Ok(mut k) => {
+                    if planted.as_deref() == Some(op.node_name()) {
+                        plant_bug(&mut k.body);
+                    }
+                    kernels.push((o, k));
+                }
+                Err(why) => {
+                    host.push(HostKernel { node: op.node_name().to_string(), op: op.op_type().to_string(), why })
+                }
+            }
         }
-        Ok(NativeModel { module: m.clone(), steps })
+        let jit = if kernels.is_empty() {
+            None
+        } else {
+            let text: String = kernels.iter().map(|(_, k)| to_mlir(k)).collect();
+            let jit = Jit::compile(&text)?;
+            for (o, k) in kernels {
+                steps.insert(o, Step::Kernel(Compiled::new(k, &jit)?));
+            }
+            Some(jit)
+        };
+        Ok(NativeModel { module: m.clone(), steps, host, _jit: jit })
     }
 
     /// Kernels that run as native code.
@@ -394,8 +754,23 @@ impl NativeModel {
         self.steps.values().filter(|s| matches!(s, Step::Kernel(_))).count()
     }
 
+    /// Kernels that run on the host's reference implementation (not lowered yet).
+    pub fn host_kernels(&self) -> &[HostKernel] {
+        &self.host
+    }
+
     /// Runs the model on inputs ordered as its graph inputs.
     pub fn run(&self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, TargetError> {
+        self.run_observed(inputs, &mut |_, _| {}).map(|(outs, _)| outs)
+    }
+
+    /// [`NativeModel::run`], showing `observe` each top-level op's outputs as they are made;
+    /// also returns the run's statistics.
+    pub fn run_observed(
+        &self,
+        inputs: Vec<Tensor>,
+        observe: &mut dyn FnMut(kiln_ir::ir::OpId, &[std::rc::Rc<Tensor>]),
+    ) -> Result<(Vec<Tensor>, kiln_ir::interp::RunStats), TargetError> {
         use std::rc::Rc;
         let native = |o: kiln_ir::ir::OpId, operands: &[Option<&Tensor>]| {
             Some(match self.steps.get(&o)? {
@@ -408,7 +783,6 @@ impl NativeModel {
                     .map(|outs| outs.into_iter().map(Rc::new).collect()),
             })
         };
-        let (outs, _) = kiln_ir::interp::run_custom(&self.module, inputs, &mut |_, _| {}, &native)?;
-        Ok(outs)
+        Ok(kiln_ir::interp::run_custom(&self.module, inputs, observe, &native)?)
     }
 }

@@ -118,10 +118,23 @@ pub fn run_case_ref(case: &TestCase) -> Result<(), String> {
 /// Runs a case on the reference interpreter after `prepare` rewrote the imported module (a
 /// pass pipeline, e.g. fusion); `Err` is the reason it fails.
 pub fn run_case_with(case: &TestCase, prepare: &dyn Fn(Module) -> Result<Module, String>) -> Result<(), String> {
-    let m = prepare(case.load_model().map_err(|e| e.to_string())?)?;
+    run_case_on(case, &|m| {
+        let m = prepare(m)?;
+        Ok(Box::new(move |inputs| kiln_ir::interp::run(&m, inputs).map_err(|e| e.to_string())))
+    })
+}
+
+/// Runs one data set's inputs (a compiled model's run).
+pub type CaseRun = Box<dyn FnMut(Vec<Tensor>) -> Result<Vec<Tensor>, String>>;
+
+/// Runs a case with what `make` builds from the imported module (a target's compiled model),
+/// comparing every data set's outputs with the node tests' tolerance; `Err` is the reason it
+/// fails.
+pub fn run_case_on(case: &TestCase, make: &dyn Fn(Module) -> Result<CaseRun, String>) -> Result<(), String> {
+    let mut run = make(case.load_model().map_err(|e| e.to_string())?)?;
     let sets = case.data_sets().map_err(|e| e.to_string())?;
     for (si, set) in sets.into_iter().enumerate() {
-        let got = kiln_ir::interp::run(&m, set.inputs).map_err(|e| e.to_string())?;
+        let got = run(set.inputs)?;
         if got.len() != set.outputs.len() {
             return Err(format!("data set {si}: {} outputs, expected {}", got.len(), set.outputs.len()));
         }
