@@ -1,0 +1,3 @@
+.PHONY: bench
+bench:
+	bash scripts/bench.sh $(ARGS)
