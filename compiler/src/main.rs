@@ -522,7 +522,16 @@ fn bench(
 /// ops' outputs is the second's), printed slowest first to stderr.
 fn print_profile(c: &kiln::CompiledModel, inputs: Vec<Tensor>) -> Result<(), Error> {
     let m = c.module();
-    let host: Vec<String> = c.host_kernels()?.into_iter().map(|h| h.node).collect();
+    let host: Vec<String> = c.host_kernels()?.into_iter().map(|h| h.name).collect();
+    let names: HashMap<kiln_ir::ir::OpId, String> = m
+        .body
+        .ops
+        .iter()
+        .copied()
+        .filter(|&o| kiln_passes::fusion::launches_kernel(m, o))
+        .enumerate()
+        .map(|(i, o)| (o, kiln_targets::native::kernel_name(i, m.op(o).op_type())))
+        .collect();
     let mut spans: Vec<(f64, kiln_ir::ir::OpId)> = Vec::new();
     let mut last = Instant::now();
     c.run_observed(inputs, &mut |o, _| {
@@ -543,7 +552,10 @@ fn print_profile(c: &kiln::CompiledModel, inputs: Vec<Tensor>) -> Result<(), Err
             Some(kiln_ir::attr::Attr::Str(a)) => a.clone(),
             _ => op.op_type().to_string(),
         };
-        let place = if host.iter().any(|h| h == op.node_name()) { " (host)" } else { "" };
+        let place = match names.get(o) {
+            Some(n) if host.contains(n) => " (host)",
+            _ => "",
+        };
         eprintln!("  {ms:9.3} ms {:5.1}%  {kind}{anchor}  '{}'{place}", 100.0 * ms / total.max(1e-9), op.node_name());
     }
     Ok(())

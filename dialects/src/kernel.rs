@@ -12,7 +12,8 @@
 //! index maps: transpose, reshape) and row reductions (reductions over the last axis, Softmax,
 //! LayerNorm, RMSNorm, with elementwise producers and consumers): per row, [`Stmt::Let`] binds
 //! each reduced scalar once ([`Val::Reduce`] is an inner loop with an accumulator), then an
-//! inner loop stores the row. Tiles, DMA and matrix ops are issue #5's next steps.
+//! inner loop stores the row. A kernel may own local scratch buffers ([`Local`]): attention
+//! keeps a row of scores in one. Tiles, DMA and matrix ops are issue #5's next steps.
 
 use crate::types::{DType, Dim};
 use std::fmt;
@@ -203,7 +204,18 @@ impl Default for Knobs {
     }
 }
 
-/// A kernel: buffers (inputs first, then outputs) and a loop nest.
+/// A scratch buffer of the kernel's own at the local level (a cache-resident row, a tile of a
+/// scratchpad): f32, sized by index expressions of the parameters' extents, one per thread
+/// that runs the kernel. Referenced as buffer `buffers.len() + i` for `locals[i]`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Local {
+    pub name: String,
+    pub size: Vec<Idx>,
+}
+
+/// A kernel: buffers (inputs first, then outputs), local scratch buffers and a loop nest.
+///
+/// Contract: the body stores every element of every output (targets need not zero them).
 #[derive(Clone, Debug, PartialEq)]
 pub struct Kernel {
     pub name: String,
@@ -212,6 +224,7 @@ pub struct Kernel {
     /// For each input buffer, the position of the graph op's operand it binds (operands the
     /// kernel never reads, such as a Reshape's target shape, are not buffers).
     pub operands: Vec<usize>,
+    pub locals: Vec<Local>,
     pub body: Vec<Stmt>,
     pub knobs: Knobs,
 }
@@ -300,6 +313,15 @@ impl fmt::Display for Kernel {
             self.knobs.vector_width,
             self.knobs.unroll
         )?;
+        for (i, l) in self.locals.iter().enumerate() {
+            writeln!(
+                f,
+                "  %{} = kernel.local float[{}] Local \"{}\"",
+                self.buffers.len() + i,
+                index_text(&l.size),
+                l.name
+            )?;
+        }
         write_stmts(f, &self.body, 0)?;
         writeln!(f, "}}")
     }
@@ -344,6 +366,7 @@ mod tests {
             buffers: vec![buf("x"), buf("y")],
             inputs: 1,
             operands: vec![0],
+            locals: vec![],
             body: vec![Stmt::For {
                 var: 0,
                 extent: Idx::Dim { buf: 1, axis: 0 },

@@ -23,6 +23,8 @@ use kiln_ir::{DType, Dim};
 use std::cell::RefCell;
 use std::collections::HashMap;
 
+mod attention;
+
 /// Why an op was not lowered.
 pub type LowerResult<T> = Result<T, String>;
 
@@ -447,7 +449,8 @@ pub fn lower(m: &Module, o: OpId, name: &str) -> LowerResult<Kernel> {
             Some(Attr::Str(a)) => a.as_str(),
             _ => "",
         };
-        let contraction = kind == "contraction" && matches!(anchor, "MatMul" | "Gemm");
+        let contraction = kind == "contraction" && matches!(anchor, "MatMul" | "Gemm")
+            || kind == "attention" && anchor == "Attention";
         if !matches!(kind, "elementwise" | "layout" | "reduction") && !contraction {
             return Err(format!("kernels of kind '{kind}' (anchor {anchor}) are not lowered yet"));
         }
@@ -478,12 +481,22 @@ pub fn lower(m: &Module, o: OpId, name: &str) -> LowerResult<Kernel> {
         buffers.push(Buffer { name: format!("in{i}"), dtype: DType::F32, shape, level: Level::Global });
     }
     let inputs = buffers.len();
+    // An attention kernel: one Attention op computes its one output.
+    let attention = match (yields.as_slice(), ops.last()) {
+        ([y], Some(&last)) if m.op(last).op_type() == "Attention" && m.op(last).results.first() == Some(y) => {
+            Some(last)
+        }
+        _ => None,
+    };
     for (k, &v) in yields.iter().enumerate() {
         let vd = m.value(v);
         if vd.ty.dtype != DType::F32 {
             return Err(format!("{} results are not lowered yet (f32 only)", vd.ty.dtype));
         }
-        let shape = vd.ty.shape.clone().ok_or("a value of unknown rank")?;
+        let mut shape = vd.ty.shape.clone().ok_or("a value of unknown rank")?;
+        if let Some(att) = attention {
+            shape = attention::output_shape(m, att)?;
+        }
         buffers.push(Buffer { name: format!("out{k}"), dtype: DType::F32, shape, level: Level::Global });
     }
     // Output sizes must follow from the inputs' (a run-time shape operand would need the
@@ -525,6 +538,18 @@ pub fn lower(m: &Module, o: OpId, name: &str) -> LowerResult<Kernel> {
         next_var: Default::default(),
         outer,
     };
+    if let Some(att) = attention {
+        let (locals, body) = attention::body(&lw, att, inputs, buffers.len())?;
+        return Ok(Kernel {
+            name: name.to_string(),
+            buffers,
+            inputs,
+            operands: operand_of,
+            locals,
+            body,
+            knobs: Knobs::default(),
+        });
+    }
     let vars: Vec<Idx> = (0..rank).map(Idx::Var).collect();
     let mut row_vars: Vec<Idx> = (0..rows).map(Idx::Var).collect();
     if rank > 0 {
@@ -573,5 +598,13 @@ pub fn lower(m: &Module, o: OpId, name: &str) -> LowerResult<Kernel> {
         }
         body
     };
-    Ok(Kernel { name: name.to_string(), buffers, inputs, operands: operand_of, body, knobs: Knobs::default() })
+    Ok(Kernel {
+        name: name.to_string(),
+        buffers,
+        inputs,
+        operands: operand_of,
+        locals: Vec::new(),
+        body,
+        knobs: Knobs::default(),
+    })
 }

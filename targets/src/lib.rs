@@ -74,6 +74,8 @@ pub trait Executable {
 /// generator does not cover it yet (as an onnxruntime execution provider hands nodes back).
 #[derive(Clone, Debug, PartialEq)]
 pub struct HostKernel {
+    /// The kernel's name (as `kiln compile --emit kernel` lists it), node and op.
+    pub name: String,
     pub node: String,
     pub op: String,
     /// Why lowering refused it.

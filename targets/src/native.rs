@@ -394,7 +394,16 @@ pub fn to_mlir(k: &Kernel) -> String {
     params.push("%hi: index".into());
     let split = parallel_extent(k).is_some();
     let mut e = Emitter { k, out: String::new(), next: 0, slots: HashMap::new(), split };
+    // Local buffers: allocated once per call (per thread), freed at the end.
+    for (i, l) in k.locals.iter().enumerate() {
+        let sizes: Vec<String> = l.size.iter().map(|d| e.idx(0, d)).collect();
+        let n = k.buffers.len() + i;
+        e.line(0, &format!("%b{n} = memref.alloc({}) : {}", sizes.join(", "), memref(l.size.len())));
+    }
     e.stmts(0, &k.body);
+    for (i, l) in k.locals.iter().enumerate() {
+        e.line(0, &format!("memref.dealloc %b{} : {}", k.buffers.len() + i, memref(l.size.len())));
+    }
     format!(
         "func.func @{}({}) attributes {{ llvm.emit_c_interface }} {{\n{}  return\n}}\n",
         k.name,
@@ -724,7 +733,8 @@ impl NativeModel {
         let launched = m.body.ops.iter().copied().filter(|&o| launches_kernel(m, o));
         for (i, o) in launched.enumerate() {
             let op = m.op(o);
-            match kiln_passes::lower::lower(m, o, &kernel_name(i, op.op_type())) {
+            let name = kernel_name(i, op.op_type());
+            match kiln_passes::lower::lower(m, o, &name) {
                 Ok(mut k) => {
                     if planted.as_deref() == Some(op.node_name()) {
                         plant_bug(&mut k.body);
@@ -732,7 +742,7 @@ impl NativeModel {
                     kernels.push((o, k));
                 }
                 Err(why) => {
-                    host.push(HostKernel { node: op.node_name().to_string(), op: op.op_type().to_string(), why })
+                    host.push(HostKernel { name, node: op.node_name().to_string(), op: op.op_type().to_string(), why })
                 }
             }
         }

@@ -1055,23 +1055,24 @@ pub const ATTENTION: Rule = Rule {
         for pv in ops(eg, c, "MatMul") {
             let v = pv[2];
             for masked in softmax_last(eg, pv[1]) {
-                // (scores, mask or absent marker, kind: 0 none / 1 bool / 2 additive)
-                let mut cands: Vec<(Id, Option<Id>, usize)> = vec![(masked, None, 0)];
+                // (scores, mask or absent marker, kind: 0 none / 1 bool / 2 additive, the
+                // bool mask's fill or the absent marker)
+                let mut cands: Vec<(Id, Option<Id>, usize, Id)> = vec![(masked, None, 0, c)];
                 let same_ty = |x: Id| fits(eg, x, masked);
                 for w in ops(eg, masked, "Where") {
                     let neg = scalar(eg, w[3]).is_some_and(|x| x <= -1e9);
                     if neg && ty(eg, w[1]).is_some_and(|t| t.dtype == DType::Bool) && same_ty(w[2]) {
-                        cands.push((w[2], Some(w[1]), 1));
+                        cands.push((w[2], Some(w[1]), 1, w[3]));
                     }
                 }
                 for add in ops(eg, masked, "Add") {
                     for (s, m) in pairs(add) {
                         if same_ty(s) && rank(eg, m).is_some_and(|r| r >= 2) {
-                            cands.push((s, Some(m), 2));
+                            cands.push((s, Some(m), 2, c));
                         }
                     }
                 }
-                for (scores, mask, kind) in cands {
+                for (scores, mask, kind, fill) in cands {
                     // (qk, scale class or qk itself, 0 none / 1 div / 2 mul)
                     let mut scaled: Vec<(Id, Id, usize)> = vec![(scores, scores, 0)];
                     for d in ops(eg, scores, "Div") {
@@ -1091,7 +1092,7 @@ pub const ATTENTION: Rule = Rule {
                             let (q, kt) = (mm[1], mm[2]);
                             if [q, kt, v].iter().all(|&t| rank(eg, t) == Some(4)) {
                                 let m = mask.unwrap_or(c);
-                                out.push(vec![q, kt, v, m, kind.into(), sc, how.into()]);
+                                out.push(vec![q, kt, v, m, kind.into(), sc, how.into(), fill]);
                             }
                         }
                     }
@@ -1101,7 +1102,8 @@ pub const ATTENTION: Rule = Rule {
         out
     },
     apply: |eg, root, b| {
-        let (q, kt, v, mask, kind, sc, how) = (b[0], b[1], b[2], b[3], usize::from(b[4]), b[5], usize::from(b[6]));
+        let (q, kt, v, mask, kind, sc, how, fill) =
+            (b[0], b[1], b[2], b[3], usize::from(b[4]), b[5], usize::from(b[6]), b[7]);
         let dt = ty(eg, q).map(|t| t.dtype);
         if !dt.is_some_and(|d| d.is_float()) || ty(eg, kt).map(|t| t.dtype) != dt || ty(eg, v).map(|t| t.dtype) != dt {
             return vec![];
@@ -1125,7 +1127,15 @@ pub const ATTENTION: Rule = Rule {
                 if ty(eg, mask).map(|t| t.dtype) != want || !spans_keys(eg, mask, kt) {
                     return vec![];
                 }
-                Some(mask)
+                // A constant boolean mask becomes the additive one it stands for (0 where
+                // kept, the fill elsewhere), folded at compile time: kernels then add it.
+                match (kind, dt, konst(eg, mask).is_some()) {
+                    (1, Some(dt), true) => {
+                        let zero = add_const(eg, Tensor::from_f64(dt, &[], vec![0.0]));
+                        Some(add_op(eg, "Where", &[Some(mask), Some(zero), Some(fill)], Attrs::new()))
+                    }
+                    _ => Some(mask),
+                }
             }
             _ => None,
         };
