@@ -110,6 +110,76 @@ impl Lowering<'_> {
         Ok(out)
     }
 
+    /// The index into a value of shape `inp` that a reshape to `out` reads at `idx`. Dims are
+    /// matched in groups of equal size (a dim of 1 on its own, a symbol with itself, runs of
+    /// known dims with equal products), so a head split `[S, 256] → [S, 4, 64]` reads
+    /// `[s, h·64 + d]`: division and remainder only where a group splits one dim into several.
+    fn reshape_index(&self, idx: &[Idx], out: &[Dim], inp: &[Dim]) -> LowerResult<Vec<Idx>> {
+        let general = || -> LowerResult<Vec<Idx>> {
+            let lin = self.linearize(idx, out)?;
+            self.delinearize(lin, inp)
+        };
+        let mut res = Vec::with_capacity(inp.len());
+        let (mut i, mut j) = (0, 0);
+        loop {
+            while i < out.len() && out[i] == Dim::Known(1) {
+                i += 1;
+            }
+            while j < inp.len() && inp[j] == Dim::Known(1) {
+                res.push(Idx::Const(0));
+                j += 1;
+            }
+            if i == out.len() || j == inp.len() {
+                break;
+            }
+            if let (Dim::Sym(a), Dim::Sym(c)) = (&out[i], &inp[j]) {
+                if a != c {
+                    return general();
+                }
+                res.push(idx[i].clone());
+                (i, j) = (i + 1, j + 1);
+                continue;
+            }
+            let (i0, j0) = (i, j);
+            let (mut po, mut pi) = (1u64, 1u64);
+            let mut known = true;
+            loop {
+                let from_out = po <= pi && i < out.len();
+                let d = if from_out {
+                    &out[i]
+                } else if j < inp.len() {
+                    &inp[j]
+                } else {
+                    break;
+                };
+                let Some(n) = d.known() else {
+                    known = false;
+                    break;
+                };
+                if from_out {
+                    (po, i) = (po * n, i + 1);
+                } else {
+                    (pi, j) = (pi * n, j + 1);
+                }
+                if po == pi {
+                    break;
+                }
+            }
+            if !known {
+                return general();
+            }
+            if po != pi {
+                return general();
+            }
+            let lin = self.linearize(&idx[i0..i], &out[i0..i])?;
+            res.extend(self.delinearize(lin, &inp[j0..j])?);
+        }
+        if i != out.len() || j != inp.len() {
+            return general();
+        }
+        Ok(res)
+    }
+
     /// Slot `part` of op `o` for the current row, built by `make` the first time.
     fn slot(&self, o: OpId, part: usize, make: impl FnOnce() -> LowerResult<Val>) -> LowerResult<Val> {
         if let Some(&s) = self.memo.borrow().get(&(o, part)) {
@@ -426,8 +496,7 @@ impl Lowering<'_> {
             }
             "Reshape" | "Flatten" | "Squeeze" | "Unsqueeze" => {
                 let a = x(0)?;
-                let lin = self.linearize(idx, &out)?;
-                let inner = self.delinearize(lin, self.shape(a)?)?;
+                let inner = self.reshape_index(idx, &out, self.shape(a)?)?;
                 self.value(a, &inner)
             }
             other => Err(format!("{other} is not lowered to the kernel dialect yet")),
