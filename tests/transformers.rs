@@ -2,7 +2,9 @@
 //! erf-GELU, SwiGLU, rotary embedding, causal masks; scripts/make_transformer_blocks.py), static
 //! `[1,128,256]` and with symbolic `["B","S",256]` inputs, on `--target ref`: every data set is
 //! compared with onnxruntime's output (rtol 1e-4, atol 1e-5), fused (the default) and with
-//! `--no-fusion`, and fused against unfused (rtol 1e-4, atol 1e-5, CLI.md). The fusion figures
+//! `--no-fusion`, and fused against unfused (rtol 1e-4, atol 1e-5, CLI.md); and on `--target
+//! cpu`, compiled once per block: the symbolic blocks run their three data sets, (B, S) =
+//! (1, 16), (2, 64), (1, 128), from that one compilation. The fusion figures
 //! (`kiln inspect`) must show fewer than one kernel per five graph ops and, for the static
 //! blocks, at least halved bytes moved.
 
@@ -34,7 +36,12 @@ fn run_block(name: &str) {
     let m = kiln::load_model(&case.dir.join("model.onnx")).unwrap_or_else(|e| panic!("{e}"));
     let unfused = kiln::compile_with(m.clone(), "ref", &kiln::Options { fusion: false, ..Default::default() })
         .unwrap_or_else(|e| panic!("{e}"));
-    let c = kiln::compile(m, "ref").unwrap_or_else(|e| panic!("{e}"));
+    let c = kiln::compile(m.clone(), "ref").unwrap_or_else(|e| panic!("{e}"));
+    // The cpu target, compiled once: symbolic blocks then run every (B, S) of their data sets.
+    let cpu = kiln::compile(m, "cpu").unwrap_or_else(|e| panic!("{e}"));
+    let host: Vec<String> =
+        cpu.host_kernels().unwrap().into_iter().map(|h| format!("{} ({})", h.name, h.why)).collect();
+    println!("{name} on cpu: {} native kernels, {} on the host: {host:?}", cpu.native_kernels().unwrap(), host.len());
     let load = t0.elapsed();
     let fused_ops = c.module().body.ops.iter().filter(|&&o| c.module().op(o).name == "graph.fused").count();
     assert!(fused_ops > 0, "{name}: nothing was fused");
@@ -45,6 +52,7 @@ fn run_block(name: &str) {
         let shape = set.inputs[0].shape.clone();
         let t1 = Instant::now();
         let plain = unfused.run(set.inputs.clone()).unwrap_or_else(|e| panic!("{name}, data set {si}, unfused: {e}"));
+        let native = cpu.run(set.inputs.clone()).unwrap_or_else(|e| panic!("{name}, data set {si}, cpu: {e}"));
         let got = c.run(set.inputs).unwrap_or_else(|e| panic!("{name}, data set {si}: {e}"));
         println!(
             "{name} set {si} {shape:?}: load {:.2} s, run {:.3} s",
@@ -52,6 +60,10 @@ fn run_block(name: &str) {
             t1.elapsed().as_secs_f64()
         );
         assert_eq!(got.len(), set.outputs.len(), "{name}, data set {si}: output count");
+        for (i, (n, w)) in native.iter().zip(&set.outputs).enumerate() {
+            compare(n, w, 1e-4, 1e-5)
+                .unwrap_or_else(|e| panic!("{name}, data set {si} {shape:?}, output {i} on cpu vs onnxruntime: {e}"));
+        }
         for (i, ((g, p), w)) in got.iter().zip(&plain).zip(&set.outputs).enumerate() {
             compare(g, w, 1e-4, 1e-5)
                 .unwrap_or_else(|e| panic!("{name}, data set {si}, output {i} vs onnxruntime: {e}"));

@@ -27,6 +27,7 @@ use crate::cost::{is_contraction, is_view, CostModel, KernelWork};
 use kiln_ir::attr::{Attr, Attrs};
 use kiln_ir::graph::registry;
 use kiln_ir::ir::{Block, Module, OpId, Region, ValueId, NODE_NAME_ATTR};
+use kiln_ir::Dim;
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 
 /// The fusion rules, by name (the order they run in).
@@ -96,7 +97,24 @@ pub fn classify(m: &Module, o: OpId) -> OpClass {
         return OpClass::View;
     }
     if is_index_map(t) {
-        return OpClass::Layout;
+        // A layout op whose result size is computed at run time (a Slice to a length the host
+        // computes: a symbol none of its operands has) stays a kernel of its own: fused into
+        // a consumer, no buffer of that kernel would carry the size.
+        let operand_syms: Vec<&Dim> = op
+            .operands
+            .iter()
+            .flatten()
+            .filter_map(|&v| m.value(v).ty.shape.as_ref())
+            .flatten()
+            .filter(|d| matches!(d, Dim::Sym(_)))
+            .collect();
+        let fresh = op
+            .results
+            .iter()
+            .filter_map(|&r| m.value(r).ty.shape.as_ref())
+            .flatten()
+            .any(|d| matches!(d, Dim::Sym(_)) && !operand_syms.contains(&d));
+        return if fresh { OpClass::Opaque } else { OpClass::Layout };
     }
     if is_contraction(t) {
         return OpClass::Contraction;
