@@ -5,6 +5,7 @@
 //! `target/onnx-data`, or `$KILN_ONNX_DATA`. Tests that need it fail with a pointer to setup
 //! when it is missing: a missing data set is never a pass.
 
+mod aot;
 mod cli;
 mod common;
 mod conformance;

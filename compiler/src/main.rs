@@ -314,6 +314,24 @@ fn compile(
         }
     }
     let m = kiln::load_model(model)?;
+    // `-o DIR` on cpu without --emit: ahead-of-time artifacts.
+    if let (Some(dir), true, "cpu") = (out, emit.is_empty(), target) {
+        let c = kiln::compile_with(m, target, opts)?;
+        let stem = model.file_stem().map_or("model".into(), |s| s.to_string_lossy().into_owned());
+        let a = kiln_targets::aot::compile(c.module(), &stem, dir)?;
+        println!(
+            "{}: {} kernels, arena {} bytes, weights {} bytes; entry point {}_run",
+            model.display(),
+            a.kernels,
+            a.arena_bytes,
+            a.weight_bytes,
+            a.entry
+        );
+        for p in [&a.object, &a.library, &a.header, &a.driver] {
+            println!("wrote {}", p.display());
+        }
+        return Ok(());
+    }
     let graph = if stages.contains(&"graph") { Some(kiln::cleanup(m.clone())?) } else { None };
     let c = kiln::compile_with(m, target, opts)?;
     let print_opts =

@@ -5,6 +5,7 @@
 //! interpreter); `cpu`, `rvv`, `npu`, `cuda` and `rocm` are described. Adding an ISA: a new
 //! module implementing [`Target`] and one line in [`all`].
 
+pub mod aot;
 pub mod cpu;
 pub mod descriptions;
 pub mod jit;

@@ -453,7 +453,7 @@ const PARALLEL_MIN_ELEMENTS: usize = 1 << 15;
 
 /// The value of an index expression given the buffers' run-time shapes (outer loop variables
 /// do not occur in the extents this is used for).
-fn eval_idx(i: &Idx, shapes: &[&[usize]]) -> Option<i64> {
+pub(crate) fn eval_idx(i: &Idx, shapes: &[&[usize]]) -> Option<i64> {
     Some(match i {
         Idx::Var(_) => return None,
         Idx::Const(c) => *c,
