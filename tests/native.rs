@@ -327,3 +327,56 @@ fn light_cnn_kernels_lower() {
     // Conv kernels (and fused kernels around a Conv) are lowered elsewhere.
     println!("refused for another reason than a Conv: {non_conv_refusals:#?}");
 }
+
+/// A fused reduction kernel anchored by a padded MaxPool, with an elementwise prologue
+/// (bias, Relu) and epilogue (scale), lowers with the batch dim symbolic and runs at several
+/// batch sizes, as does a padded, ceil-mode AveragePool counting its pads.
+#[test]
+fn fused_pooling_kernels_run_at_any_batch_size() {
+    let pool = |op: &str, extra: Vec<kiln_onnx::proto::AttributeProto>, out: [&str; 2]| {
+        let mut attrs =
+            vec![attr_ints("kernel_shape", &[3, 3]), attr_ints("strides", &[2, 2]), attr_ints("pads", &[1, 1, 1, 1])];
+        attrs.extend(extra);
+        model(
+            17,
+            vec![
+                node("Add", "bias", &["x", "b"], &["s"], vec![]),
+                node("Relu", "relu", &["s"], &["r"], vec![]),
+                node(op, "pool", &["r"], &["p"], attrs),
+                node("Mul", "scale", &["p", "two"], &["y"], vec![]),
+            ],
+            vec![value_info("x", 1, &["N", "2", "7", "8"])],
+            vec![value_info("y", 1, &["N", "2", out[0], out[1]])],
+            vec![f32_tensor("b", &[2, 1, 1], &[0.5, -0.25]), f32_tensor("two", &[], &[2.0])],
+        )
+    };
+    let cases = [
+        ("MaxPool", pool("MaxPool", vec![], ["4", "4"])),
+        (
+            "AveragePool",
+            pool("AveragePool", vec![attr_int("count_include_pad", 1), attr_int("ceil_mode", 1)], ["4", "5"]),
+        ),
+    ];
+    for (name, proto) in cases {
+        let dir = temp_dir(&format!("native-{name}"));
+        let path = save(&dir, "m.onnx", &proto);
+        let c = kiln::compile(kiln::load_model(&path).unwrap(), "cpu").unwrap();
+        let m = c.module();
+        let kernels: Vec<_> =
+            m.body.ops.iter().copied().filter(|&o| kiln_passes::fusion::launches_kernel(m, o)).collect();
+        assert_eq!(kernels.len(), 1, "{name}: one fused kernel");
+        let op = m.op(kernels[0]);
+        assert_eq!(op.attrs.get("kind"), Some(&kiln_ir::attr::Attr::Str("reduction".into())), "{name}");
+        let kernel = kiln_passes::lower::lower(m, kernels[0], "pool").unwrap();
+        let text = kernel.to_string();
+        assert!(text.contains("reduce.") && text.contains(" < "), "{name}: a window with padding checks\n{text}");
+        c.prepare().unwrap_or_else(|e| panic!("{name}: {e}"));
+        for n in [1usize, 3] {
+            let x =
+                Tensor::from_f32(&[n, 2, 7, 8], (0..n * 112).map(|i| ((i * 37) % 23) as f32 * 0.25 - 2.5).collect());
+            let got = c.run(vec![x.clone()]).unwrap();
+            let want = kiln_ir::interp::run(m, vec![x]).unwrap();
+            compare(&got[0], &want[0], 1e-6, 1e-6).unwrap_or_else(|e| panic!("{name}, N = {n}: {e}\n{text}"));
+        }
+    }
+}

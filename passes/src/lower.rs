@@ -1,16 +1,27 @@
-//! Lowering graph → kernel (first cut: elementwise and row-reduction kernels).
+//! Lowering graph → kernel (first cut: elementwise, row-reduction and window kernels).
 //!
 //! A `graph.fused` kernel of kind `elementwise`, `layout` or `reduction`, or a single such op,
 //! becomes one [`Kernel`]: a loop nest over the (first) output's dims, and per output a store of
 //! an expression built by walking the kernel's ops backwards from the output element. Index
 //! maps become index arithmetic, never copies: broadcasting (a dim of 1, known or only at run
 //! time), Transpose (permuted indices) and the views (linearize, then delinearize). Sizes stay
-//! symbolic: a symbolic dim reads the extent of a buffer that carries it.
+//! symbolic: a symbolic dim reads the extent of a buffer that carries it. Elementwise ops
+//! include the activations (LeakyRelu, PRelu, Elu, Selu, HardSigmoid, Clip, ...: piecewise
+//! forms as max/min of their pieces), variadic Sum/Mean/Max/Min, and BatchNormalization in
+//! inference (per-channel parameters).
 //!
-//! Reductions over the last axis (ReduceSum/Mean/Max/Min with kept dims, Softmax,
-//! LayerNormalization, RMSNormalization) become per-row scalars: the row loops bind each once
-//! ([`Stmt::Let`] of a [`Val::Reduce`]), then an inner loop stores the row, so a fused
-//! `residual add → LayerNorm → scale` kernel reads its inputs once per pass over the row.
+//! Row reductions (ReduceSum/Mean/Max/Min with kept dims, Softmax, LogSoftmax,
+//! LayerNormalization, RMSNormalization, InstanceNormalization) reduce the trailing axes
+//! `rows..` of the kernel's loop nest: the row loops (the leading axes) bind each reduced
+//! scalar once ([`Stmt::Let`] of a [`Val::Reduce`] nest), then inner loops store the row, so a
+//! fused `residual add → LayerNorm → scale` kernel reads its inputs once per pass over the row.
+//! All row reductions of a kernel must reduce the same axes.
+//!
+//! Window ops (pooling: MaxPool, AveragePool, LpPool and their Global forms; LRN) reduce inside
+//! each output element's expression instead ([`window`]), so kernels anchored by them keep the
+//! elementwise loop nest, with their producers and consumers fused in; a window reduction that
+//! an element's stores use twice (a pooled value stored and fed to an epilogue) is bound once
+//! per element.
 //!
 //! Anything else (contractions, other reductions, non-f32 types) is refused with a reason;
 //! issue #5's next steps extend this.

@@ -306,3 +306,24 @@ impl Lowering<'_> {
         Ok(Val::Bin(BinOp::Div, Box::new(self.value(xv, idx)?), Box::new(den)))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::axis_geometry;
+
+    #[test]
+    fn window_geometry_follows_the_interpreter() {
+        // (pad_begin, pad_end, out) for a window of 3 (stride 2) over 7: explicit pads.
+        assert_eq!(axis_geometry("NOTSET", (3, 2, 1), (1, 1), false, 7), Ok((1, 1, 4)));
+        // Ceil mode adds a last window that starts inside the input...
+        assert_eq!(axis_geometry("NOTSET", (2, 2, 1), (0, 0), true, 3), Ok((0, 0, 2)));
+        // ...but not one that would start in the end padding.
+        assert_eq!(axis_geometry("NOTSET", (3, 2, 1), (1, 1), true, 4), Ok((1, 1, 3)));
+        assert_eq!(axis_geometry("NOTSET", (1, 2, 1), (0, 1), true, 3), Ok((0, 1, 2)));
+        // SAME pads split the total, the odd one after (UPPER) or before (LOWER) the input.
+        assert_eq!(axis_geometry("SAME_UPPER", (2, 1, 1), (0, 0), false, 5), Ok((0, 1, 5)));
+        assert_eq!(axis_geometry("SAME_LOWER", (2, 1, 1), (0, 0), false, 5), Ok((1, 0, 5)));
+        assert_eq!(axis_geometry("VALID", (3, 1, 2), (9, 9), false, 7), Ok((0, 0, 3)));
+        assert!(axis_geometry("VALID", (3, 1, 3), (0, 0), false, 6).is_err());
+    }
+}
