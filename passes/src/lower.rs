@@ -171,7 +171,7 @@ impl Lowering<'_> {
 
     /// For a reduction over the trailing axes `rows..` of `x` read at row `idx[..rows]`: checks
     /// the row is the kernel's current row, and returns a reduction loop variable and extent
-    /// per reduced axis and the element index of `x` they read.
+    /// per reduced axis (but those of size 1) and the element index of `x` they read.
     fn row_access(&self, x: ValueId, idx: &[Idx]) -> LowerResult<(Vec<(usize, Idx)>, Vec<Idx>)> {
         let shape = self.shape(x)?;
         let r = shape.len();
@@ -184,6 +184,10 @@ impl Lowering<'_> {
         let mut at: Vec<Idx> = idx[..self.rows].to_vec();
         let mut loops = Vec::new();
         for d in &shape[self.rows..] {
+            if *d == Dim::Known(1) {
+                at.push(Idx::Const(0));
+                continue;
+            }
             let var = self.fresh_var();
             loops.push((var, self.dim(d)?));
             at.push(Idx::Var(var));
