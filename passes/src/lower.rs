@@ -1,16 +1,27 @@
-//! Lowering graph → kernel (first cut: elementwise and row-reduction kernels).
+//! Lowering graph → kernel (first cut: elementwise, row-reduction and window kernels).
 //!
 //! A `graph.fused` kernel of kind `elementwise`, `layout` or `reduction`, or a single such op,
 //! becomes one [`Kernel`]: a loop nest over the (first) output's dims, and per output a store of
 //! an expression built by walking the kernel's ops backwards from the output element. Index
 //! maps become index arithmetic, never copies: broadcasting (a dim of 1, known or only at run
 //! time), Transpose (permuted indices) and the views (linearize, then delinearize). Sizes stay
-//! symbolic: a symbolic dim reads the extent of a buffer that carries it.
+//! symbolic: a symbolic dim reads the extent of a buffer that carries it. Elementwise ops
+//! include the activations (LeakyRelu, PRelu, Elu, Selu, HardSigmoid, Clip, ...: piecewise
+//! forms as max/min of their pieces), variadic Sum/Mean/Max/Min, and BatchNormalization in
+//! inference (per-channel parameters).
 //!
-//! Reductions over the last axis (ReduceSum/Mean/Max/Min with kept dims, Softmax,
-//! LayerNormalization, RMSNormalization) become per-row scalars: the row loops bind each once
-//! ([`Stmt::Let`] of a [`Val::Reduce`]), then an inner loop stores the row, so a fused
-//! `residual add → LayerNorm → scale` kernel reads its inputs once per pass over the row.
+//! Row reductions (ReduceSum/Mean/Max/Min with kept dims, Softmax, LogSoftmax,
+//! LayerNormalization, RMSNormalization, InstanceNormalization) reduce the trailing axes
+//! `rows..` of the kernel's loop nest: the row loops (the leading axes) bind each reduced
+//! scalar once ([`Stmt::Let`] of a [`Val::Reduce`] nest), then inner loops store the row, so a
+//! fused `residual add → LayerNorm → scale` kernel reads its inputs once per pass over the row.
+//! All row reductions of a kernel must reduce the same axes.
+//!
+//! Window ops (pooling: MaxPool, AveragePool, LpPool and their Global forms; LRN) reduce inside
+//! each output element's expression instead ([`window`]), so kernels anchored by them keep the
+//! elementwise loop nest, with their producers and consumers fused in; a window reduction that
+//! an element's stores use twice (a pooled value stored and fed to an epilogue) is bound once
+//! per element.
 //!
 //! Anything else (contractions, other reductions, non-f32 types) is refused with a reason;
 //! issue #5's next steps extend this.
@@ -19,11 +30,12 @@ use kiln_ir::attr::Attr;
 use kiln_ir::graph::AttrView;
 use kiln_ir::ir::{Module, OpId, ValueDef, ValueId};
 use kiln_ir::kernel::{BinOp, Buffer, Idx, Kernel, Knobs, Level, RedOp, Stmt, UnOp, Val};
-use kiln_ir::{DType, Dim};
+use kiln_ir::{DType, Dim, Tensor};
 use std::cell::RefCell;
 use std::collections::HashMap;
 
 mod attention;
+mod window;
 
 /// Why an op was not lowered.
 pub type LowerResult<T> = Result<T, String>;
@@ -36,7 +48,10 @@ struct Lowering<'m> {
     inside: HashMap<ValueId, OpId>,
     /// A buffer and axis that carries each symbolic dim.
     syms: HashMap<String, (usize, usize)>,
-    /// Row dims of the kernel (all but the last output dim); reductions are per row.
+    /// Rank of the kernel's loop nest (its full output's rank).
+    rank: usize,
+    /// Row dims of the kernel (the leading output dims its reductions keep; all but the last
+    /// by default): reductions run per row over the trailing dims `rows..rank`.
     rows: usize,
     /// Per-row scalars (reductions), in the order they must be bound.
     slots: RefCell<Vec<Val>>,
@@ -46,10 +61,42 @@ struct Lowering<'m> {
     next_var: std::cell::Cell<usize>,
     /// For a fused kernel, the outer operand each block argument stands for.
     outer: HashMap<ValueId, ValueId>,
+    /// Window ops' element expressions already built, by op and element index (built once, so
+    /// that an element's stores can share one evaluation: see [`share_reductions`]).
+    windows: RefCell<Vec<(OpId, Vec<Idx>, Val)>>,
 }
 
 fn b(i: Idx) -> Box<Idx> {
     Box::new(i)
+}
+
+fn add(x: Val, y: Val) -> Val {
+    Val::Bin(BinOp::Add, Box::new(x), Box::new(y))
+}
+
+fn mul(x: Val, y: Val) -> Val {
+    Val::Bin(BinOp::Mul, Box::new(x), Box::new(y))
+}
+
+/// `max(x, 0)` (NaN stays NaN).
+fn max0(x: Val) -> Val {
+    Val::Bin(BinOp::Max, Box::new(x), Box::new(Val::Const(0.0)))
+}
+
+/// `min(x, 0)` (NaN stays NaN).
+fn min0(x: Val) -> Val {
+    Val::Bin(BinOp::Min, Box::new(x), Box::new(Val::Const(0.0)))
+}
+
+/// `x` clamped to `[0, 1]` (NaN stays NaN).
+fn clamp01(x: Val) -> Val {
+    Val::Bin(BinOp::Min, Box::new(max0(x)), Box::new(Val::Const(1.0)))
+}
+
+/// `log(1 + exp(x))` without overflow: `max(x, 0) + log(1 + exp(-|x|))`.
+fn softplus(x: Val) -> Val {
+    let e = Val::Un(UnOp::Exp, Box::new(Val::Un(UnOp::Neg, Box::new(Val::Un(UnOp::Abs, Box::new(x.clone()))))));
+    add(max0(x), Val::Un(UnOp::Log, Box::new(add(Val::Const(1.0), e))))
 }
 
 impl Lowering<'_> {
@@ -193,22 +240,30 @@ impl Lowering<'_> {
         Ok(Val::Scalar(s))
     }
 
-    /// For a reduction over the last axis of `x` read at row `idx[..rank-1]`: checks the row is
-    /// the kernel's current row, and returns the reduction loop's variable, its extent and
-    /// the element index of `x` it reads.
-    fn row_access(&self, x: ValueId, idx: &[Idx]) -> LowerResult<(usize, Idx, Vec<Idx>)> {
+    /// For a reduction over the trailing axes `rows..` of `x` read at row `idx[..rows]`: checks
+    /// the row is the kernel's current row, and returns a reduction loop variable and extent
+    /// per reduced axis (but those of size 1) and the element index of `x` they read.
+    fn row_access(&self, x: ValueId, idx: &[Idx]) -> LowerResult<(Vec<(usize, Idx)>, Vec<Idx>)> {
         let shape = self.shape(x)?;
         let r = shape.len();
-        if r == 0 || r - 1 != self.rows || idx.len() != r {
+        if r != self.rank || self.rows >= r || idx.len() != r {
             return Err("a reduction whose rows are not the kernel's rows".into());
         }
         if (0..self.rows).any(|i| idx[i] != Idx::Var(i)) {
             return Err("a reduction read at another row than the kernel's current one".into());
         }
-        let var = self.fresh_var();
         let mut at: Vec<Idx> = idx[..self.rows].to_vec();
-        at.push(Idx::Var(var));
-        Ok((var, self.dim(&shape[r - 1])?, at))
+        let mut loops = Vec::new();
+        for d in &shape[self.rows..] {
+            if *d == Dim::Known(1) {
+                at.push(Idx::Const(0));
+                continue;
+            }
+            let var = self.fresh_var();
+            loops.push((var, self.dim(d)?));
+            at.push(Idx::Var(var));
+        }
+        Ok((loops, at))
     }
 
     /// A loop variable for a reduction (numbered from 64, above any loop depth).
@@ -218,11 +273,76 @@ impl Lowering<'_> {
         v
     }
 
-    /// `op` over the last axis of `x`'s row, of `f(x[row, k])`.
+    /// `op` over the trailing axes `rows..` of `x`'s row, of `f(x[row, k...])`; also returns
+    /// the number of elements reduced.
     fn reduce(&self, op: RedOp, x: ValueId, idx: &[Idx], f: impl Fn(Val) -> Val) -> LowerResult<(Val, Idx)> {
-        let (var, extent, at) = self.row_access(x, idx)?;
-        let body = f(self.value(x, &at)?);
-        Ok((Val::Reduce { op, var, extent: extent.clone(), body: Box::new(body) }, extent))
+        let (loops, at) = self.row_access(x, idx)?;
+        let mut body = f(self.value(x, &at)?);
+        let mut n = Idx::Const(1);
+        for (var, extent) in loops.into_iter().rev() {
+            n = Idx::Mul(b(extent.clone()), b(n));
+            body = Val::Reduce { op, var, extent, body: Box::new(body) };
+        }
+        Ok((body, n.simplify()))
+    }
+
+    /// For an op that reduces per row (Reduce* with kept dims, Softmax, LogSoftmax, the norms):
+    /// the first axis it reduces, when the axes it reduces are the trailing ones (up to axes of
+    /// size 1); an error for other reductions; `None` for other ops.
+    fn reduced_from(&self, o: OpId) -> LowerResult<Option<usize>> {
+        let op = self.m.op(o);
+        let t = op.op_type();
+        let attrs = AttrView(&op.attrs);
+        let reduces = t.starts_with("Reduce")
+            || matches!(
+                t,
+                "Softmax" | "LogSoftmax" | "LayerNormalization" | "RMSNormalization" | "InstanceNormalization"
+            );
+        let Some(Some(xv)) = op.operands.first().copied().filter(|_| reduces) else { return Ok(None) };
+        let r = self.shape(xv)?.len() as i64;
+        let norm = |a: i64| -> LowerResult<usize> {
+            let n = if a < 0 { a + r } else { a };
+            if (0..r).contains(&n) {
+                Ok(n as usize)
+            } else {
+                Err(format!("{t}: axis {a} is out of range for rank {r}"))
+            }
+        };
+        let (axes, all_after): (Vec<usize>, bool) = match t {
+            "ReduceSum" | "ReduceMean" | "ReduceMax" | "ReduceMin" => {
+                if attrs.int("keepdims", 1).map_err(|e| e.0)? != 1 {
+                    return Err(format!("{t} without kept dims is not lowered yet"));
+                }
+                let axes = self.reduce_axes(o)?;
+                if axes.is_empty() {
+                    if attrs.int("noop_with_empty_axes", 0).map_err(|e| e.0)? != 0 {
+                        return Err(format!("{t} with noop_with_empty_axes is not lowered yet"));
+                    }
+                    ((0..r as usize).collect(), false)
+                } else {
+                    (axes.into_iter().map(norm).collect::<LowerResult<_>>()?, false)
+                }
+            }
+            "Softmax" | "LogSoftmax" => {
+                let opset = kiln_ir::interp::module_opset(self.m);
+                let axis = norm(attrs.int("axis", if opset < 13 { 1 } else { -1 }).map_err(|e| e.0)?)?;
+                (vec![axis], opset < 13)
+            }
+            "LayerNormalization" | "RMSNormalization" => (vec![norm(attrs.int("axis", -1).map_err(|e| e.0)?)?], true),
+            "InstanceNormalization" if r >= 3 => (vec![2], true),
+            "InstanceNormalization" => return Err("InstanceNormalization without spatial dims".into()),
+            _ => return Ok(None),
+        };
+        let Some(&first) = axes.iter().min() else { return Ok(None) };
+        let shape = self.shape(xv)?;
+        for (a, d) in shape.iter().enumerate().skip(first) {
+            if !(all_after || axes.contains(&a) || *d == Dim::Known(1)) {
+                return Err(format!(
+                    "{t} over axes {axes:?} of a rank-{r} value is not lowered yet (trailing axes only)"
+                ));
+            }
+        }
+        Ok(Some(first))
     }
 
     /// The axes a Reduce* op reduces (attribute before opset 18, or the constant input).
@@ -234,16 +354,42 @@ impl Lowering<'_> {
         Ok(AttrView(&op.attrs).ints("axes").map_err(|e| e.0)?.unwrap_or_default())
     }
 
-    /// The integers of a constant operand (through the fused op's operand for a block argument).
-    fn const_ints(&self, v: Option<ValueId>) -> Option<Vec<i64>> {
+    /// The tensor of a constant operand (through the fused op's operand for a block argument).
+    fn const_tensor(&self, v: Option<ValueId>) -> Option<&Tensor> {
         let v = v?;
         let v = self.outer.get(&v).copied().unwrap_or(v);
         let ValueDef::OpResult(c, _) = self.m.value(v).def else { return None };
         let op = self.m.op(c);
         match op.attrs.get("value") {
-            Some(Attr::Tensor(t)) if op.op_type() == "Constant" && t.dtype().is_int() => Some(t.to_i64()),
+            Some(Attr::Tensor(t)) if op.op_type() == "Constant" => Some(t),
             _ => None,
         }
+    }
+
+    /// A per-channel parameter `p` (shape `[C]`) of an `[N, C, ...]` op at element `idx`.
+    fn channel_param(&self, p: ValueId, idx: &[Idx]) -> LowerResult<Val> {
+        if self.shape(p)?.len() != 1 || idx.len() < 2 {
+            return Err("per-activation (not per-channel) parameters are not lowered yet".into());
+        }
+        self.value(p, &[idx[1].clone()])
+    }
+
+    /// A one-element operand (a Clip bound): its value when constant, else a load of it.
+    fn scalar_operand(&self, v: Option<ValueId>) -> LowerResult<Option<Val>> {
+        let Some(v) = v else { return Ok(None) };
+        if let Some(t) = self.const_tensor(Some(v)).filter(|t| t.dtype() == DType::F32 && t.len() == 1) {
+            return Ok(Some(Val::Const(t.to_f64()[0])));
+        }
+        let shape = self.shape(v)?;
+        if shape.iter().any(|d| *d != Dim::Known(1)) {
+            return Err(format!("{} is not a one-element value", self.m.value_label(v)));
+        }
+        Ok(Some(self.value(v, &vec![Idx::Const(0); shape.len()])?))
+    }
+
+    /// The integers of a constant operand.
+    fn const_ints(&self, v: Option<ValueId>) -> Option<Vec<i64>> {
+        self.const_tensor(v).filter(|t| t.dtype().is_int()).map(|t| t.to_i64())
     }
 
     /// The scalar value of `v` at element `idx`.
@@ -251,14 +397,19 @@ impl Lowering<'_> {
         if let Some(&buf) = self.arg.get(&v) {
             return Ok(Val::Load { buf, index: idx.iter().map(|i| i.clone().simplify()).collect() });
         }
-        if !self.inside.contains_key(&v) && self.m.value(v).ty.dtype != DType::F32 {
-            return Err(format!("{} operands are not lowered yet (f32 only)", self.m.value(v).ty.dtype));
+        if self.m.value(v).ty.dtype != DType::F32 {
+            return Err(format!("{} values are not lowered yet (f32 only)", self.m.value(v).ty.dtype));
         }
         let o = *self.inside.get(&v).ok_or_else(|| format!("value {} is not in the kernel", self.m.value_label(v)))?;
         let op = self.m.op(o);
         let t = op.op_type();
         if op.results.len() != 1 {
             return Err(format!("{t} with {} results is not lowered yet", op.results.len()));
+        }
+        if let Some(first) = self.reduced_from(o)? {
+            if first != self.rows {
+                return Err(format!("{t} reduces from axis {first}, the kernel's rows end at axis {}", self.rows));
+            }
         }
         let out = self.shape(v)?.to_vec();
         let x = |i: usize| op.operands.get(i).copied().flatten().ok_or_else(|| format!("{t}: operand {i} is missing"));
@@ -288,7 +439,143 @@ impl Lowering<'_> {
             "Mul" => bin(BinOp::Mul),
             "Div" => bin(BinOp::Div),
             "Pow" => bin(BinOp::Pow),
-            "Max" | "Min" if op.operands.len() == 2 => bin(if t == "Max" { BinOp::Max } else { BinOp::Min }),
+            "Sum" | "Mean" | "Max" | "Min" => {
+                // A left fold over the inputs (broadcast), as the interpreter computes it.
+                let f = match t {
+                    "Max" => BinOp::Max,
+                    "Min" => BinOp::Min,
+                    _ => BinOp::Add,
+                };
+                let mut acc = operand(0)?;
+                for i in 1..op.operands.len() {
+                    acc = Val::Bin(f, Box::new(acc), Box::new(operand(i)?));
+                }
+                if t == "Mean" && op.operands.len() > 1 {
+                    acc = Val::Bin(BinOp::Div, Box::new(acc), Box::new(Val::Const(op.operands.len() as f64)));
+                }
+                Ok(acc)
+            }
+            "LeakyRelu" | "PRelu" => {
+                // x < 0 ? slope·x : x, as max(x, 0) + slope·min(x, 0).
+                let xv = operand(0)?;
+                let slope = if t == "PRelu" {
+                    operand(1)?
+                } else {
+                    Val::Const(attrs.float("alpha", 0.01).map_err(|e| e.0)? as f64)
+                };
+                Ok(add(max0(xv.clone()), mul(slope, min0(xv))))
+            }
+            "Elu" | "Celu" | "Selu" => {
+                // x > 0 ? γ·x : γ·α·(exp(x/α) - 1) (γ = 1; the α divisor is Celu's), as
+                // γ·max(x, 0) + γ·α·(exp(min(x, 0)/α) - 1).
+                let default_alpha = if t == "Selu" { 1.673_263_2 } else { 1.0 };
+                let alpha = attrs.float("alpha", default_alpha).map_err(|e| e.0)? as f64;
+                let xv = operand(0)?;
+                let mut neg = min0(xv.clone());
+                if t == "Celu" {
+                    neg = Val::Bin(BinOp::Div, Box::new(neg), Box::new(Val::Const(alpha)));
+                }
+                let em1 = Val::Bin(BinOp::Sub, Box::new(Val::Un(UnOp::Exp, Box::new(neg))), Box::new(Val::Const(1.0)));
+                if t == "Selu" {
+                    let gamma = Val::Const(attrs.float("gamma", 1.050_701).map_err(|e| e.0)? as f64);
+                    let ga = mul(gamma.clone(), Val::Const(alpha));
+                    Ok(add(mul(gamma, max0(xv)), mul(ga, em1)))
+                } else {
+                    Ok(add(max0(xv), mul(Val::Const(alpha), em1)))
+                }
+            }
+            "HardSigmoid" => {
+                let alpha = attrs.float("alpha", 0.2).map_err(|e| e.0)? as f64;
+                let beta = attrs.float("beta", 0.5).map_err(|e| e.0)? as f64;
+                Ok(clamp01(add(mul(Val::Const(alpha), operand(0)?), Val::Const(beta))))
+            }
+            "HardSwish" => {
+                // x · clamp01(x / 6 + 1/2)
+                let xv = operand(0)?;
+                let r = add(Val::Bin(BinOp::Div, Box::new(xv.clone()), Box::new(Val::Const(6.0))), Val::Const(0.5));
+                Ok(mul(xv, clamp01(r)))
+            }
+            "Softplus" => Ok(softplus(operand(0)?)),
+            "Mish" => {
+                let xv = operand(0)?;
+                Ok(mul(xv.clone(), Val::Un(UnOp::Tanh, Box::new(softplus(xv)))))
+            }
+            "Softsign" => {
+                let xv = operand(0)?;
+                let d = add(Val::Const(1.0), Val::Un(UnOp::Abs, Box::new(xv.clone())));
+                Ok(Val::Bin(BinOp::Div, Box::new(xv), Box::new(d)))
+            }
+            "Clip" => {
+                // min(max(x, lo), hi): NaN stays NaN and lo > hi gives hi, as the interpreter's.
+                let (lo, hi) = if attrs.has("min") || attrs.has("max") {
+                    let bound = |n: &str| -> LowerResult<Option<Val>> {
+                        Ok(if attrs.has(n) {
+                            Some(Val::Const(attrs.float(n, 0.0).map_err(|e| e.0)? as f64))
+                        } else {
+                            None
+                        })
+                    };
+                    (bound("min")?, bound("max")?)
+                } else {
+                    (
+                        self.scalar_operand(op.operands.get(1).copied().flatten())?,
+                        self.scalar_operand(op.operands.get(2).copied().flatten())?,
+                    )
+                };
+                let mut y = operand(0)?;
+                if let Some(lo) = lo {
+                    y = Val::Bin(BinOp::Max, Box::new(y), Box::new(lo));
+                }
+                if let Some(hi) = hi {
+                    y = Val::Bin(BinOp::Min, Box::new(y), Box::new(hi));
+                }
+                Ok(y)
+            }
+            "Dropout" => {
+                // Inference: the identity (a training_mode input must be a constant false).
+                if let Some(tm) = op.operands.get(2).copied().flatten() {
+                    match self.const_tensor(Some(tm)) {
+                        Some(c) if c.to_bool().iter().all(|&b| !b) => {}
+                        _ => return Err("Dropout in training mode is not lowered".into()),
+                    }
+                }
+                self.value(x(0)?, idx)
+            }
+            "BatchNormalization" => {
+                // Inference: x · a + (B - mean · a) with a = scale / sqrt(var + ε), per channel.
+                if attrs.int("training_mode", 0).map_err(|e| e.0)? != 0 {
+                    return Err("BatchNormalization in training mode is not lowered".into());
+                }
+                let eps = attrs.float("epsilon", 1e-5).map_err(|e| e.0)? as f64;
+                let p = |i: usize| self.channel_param(x(i)?, idx);
+                let (scale, bias, mean, var) = (p(1)?, p(2)?, p(3)?, p(4)?);
+                let std = Val::Un(UnOp::Sqrt, Box::new(add(var, Val::Const(eps))));
+                let a = Val::Bin(BinOp::Div, Box::new(scale), Box::new(std));
+                let shift = Val::Bin(BinOp::Sub, Box::new(bias), Box::new(mul(mean, a.clone())));
+                Ok(add(mul(self.value(x(0)?, idx)?, a), shift))
+            }
+            "ConstantOfShape" => {
+                let c = match attrs.tensor("value").map_err(|e| e.0)? {
+                    Some(t) if t.len() == 1 => t.to_f64()[0],
+                    Some(_) => return Err("ConstantOfShape with a value of several elements".into()),
+                    None => 0.0,
+                };
+                Ok(Val::Const(c))
+            }
+            "MaxPool" | "AveragePool" | "LpPool" | "GlobalMaxPool" | "GlobalAveragePool" | "GlobalLpPool" | "LRN" => {
+                // Index 0 along dims of size 1, however the consumer wrote it.
+                let idx: Vec<Idx> = idx
+                    .iter()
+                    .zip(&out)
+                    .map(|(i, d)| if *d == Dim::Known(1) { Idx::Const(0) } else { i.clone().simplify() })
+                    .collect();
+                if let Some((.., v)) = self.windows.borrow().iter().find(|(p, at, _)| *p == o && *at == idx) {
+                    return Ok(v.clone());
+                }
+                let v = if t == "LRN" { self.lrn(o, &idx)? } else { self.pool(o, &idx)? };
+                self.windows.borrow_mut().push((o, idx, v.clone()));
+                Ok(v)
+            }
             "Gelu" if attrs.string("approximate", "none").map_err(|e| e.0)? == "none" => {
                 // 0.5·x·(1 + erf(x/√2))
                 let xv = operand(0)?;
@@ -321,20 +608,13 @@ impl Lowering<'_> {
             }
             "ReduceSum" | "ReduceMean" | "ReduceMax" | "ReduceMin" => {
                 let xv = x(0)?;
-                let r = self.shape(xv)?.len() as i64;
-                let axes = self.reduce_axes(o)?;
-                if attrs.int("keepdims", 1).map_err(|e| e.0)? != 1 || !(axes == [-1] || axes == [r - 1]) {
-                    return Err(format!("{t} over axes {axes:?} is not lowered yet (last axis, kept)"));
-                }
-                let mut row = idx.to_vec();
-                *row.last_mut().ok_or("a reduction of a scalar")? = Idx::Const(0);
                 let red = match t {
                     "ReduceMax" => RedOp::Max,
                     "ReduceMin" => RedOp::Min,
                     _ => RedOp::Sum,
                 };
                 self.slot(o, 0, || {
-                    let (sum, n) = self.reduce(red, xv, &row, |e| e)?;
+                    let (sum, n) = self.reduce(red, xv, idx, |e| e)?;
                     Ok(if t == "ReduceMean" {
                         Val::Bin(BinOp::Div, Box::new(sum), Box::new(Val::FromIdx(n)))
                     } else {
@@ -342,26 +622,21 @@ impl Lowering<'_> {
                     })
                 })
             }
-            "Softmax" => {
+            "Softmax" | "LogSoftmax" => {
                 let xv = x(0)?;
-                let r = self.shape(xv)?.len() as i64;
-                let axis = attrs.int("axis", -1).map_err(|e| e.0)?;
-                if axis != -1 && axis != r - 1 {
-                    return Err("Softmax over another axis than the last is not lowered yet".into());
-                }
                 let max = self.slot(o, 0, || Ok(self.reduce(RedOp::Max, xv, idx, |e| e)?.0))?;
-                let shifted =
-                    |e: Val| Val::Un(UnOp::Exp, Box::new(Val::Bin(BinOp::Sub, Box::new(e), Box::new(max.clone()))));
+                let centred = |e: Val| Val::Bin(BinOp::Sub, Box::new(e), Box::new(max.clone()));
+                let shifted = |e: Val| Val::Un(UnOp::Exp, Box::new(centred(e)));
                 let sum = self.slot(o, 1, || Ok(self.reduce(RedOp::Sum, xv, idx, shifted)?.0))?;
+                if t == "LogSoftmax" {
+                    // x - max - log(sum)
+                    let ls = self.slot(o, 2, || Ok(Val::Un(UnOp::Log, Box::new(sum.clone()))))?;
+                    return Ok(Val::Bin(BinOp::Sub, Box::new(centred(self.value(xv, idx)?)), Box::new(ls)));
+                }
                 Ok(Val::Bin(BinOp::Div, Box::new(shifted(self.value(xv, idx)?)), Box::new(sum)))
             }
-            "LayerNormalization" | "RMSNormalization" => {
+            "LayerNormalization" | "RMSNormalization" | "InstanceNormalization" => {
                 let xv = x(0)?;
-                let r = self.shape(xv)?.len() as i64;
-                let axis = attrs.int("axis", -1).map_err(|e| e.0)?;
-                if axis != -1 && axis != r - 1 {
-                    return Err(format!("{t} over several axes is not lowered yet"));
-                }
                 let eps = attrs.float("epsilon", 1e-5).map_err(|e| e.0)? as f64;
                 let rms = t == "RMSNormalization";
                 let mean = if rms {
@@ -385,9 +660,18 @@ impl Lowering<'_> {
                     Ok(Val::Un(UnOp::Recip, Box::new(std)))
                 })?;
                 let normed = Val::Bin(BinOp::Mul, Box::new(centred(self.value(xv, idx)?)), Box::new(rstd));
-                let scaled = Val::Bin(BinOp::Mul, Box::new(normed), Box::new(operand(1)?));
+                // Scale and bias: [C] per channel (InstanceNormalization), else broadcast
+                // against the normalized axes.
+                let param = |i: usize| -> LowerResult<Val> {
+                    if t == "InstanceNormalization" {
+                        self.channel_param(x(i)?, idx)
+                    } else {
+                        operand(i)
+                    }
+                };
+                let scaled = Val::Bin(BinOp::Mul, Box::new(normed), Box::new(param(1)?));
                 match op.operands.get(2).copied().flatten() {
-                    Some(_) if !rms => Ok(Val::Bin(BinOp::Add, Box::new(scaled), Box::new(operand(2)?))),
+                    Some(_) if !rms => Ok(Val::Bin(BinOp::Add, Box::new(scaled), Box::new(param(2)?))),
                     _ => Ok(scaled),
                 }
             }
@@ -504,12 +788,70 @@ impl Lowering<'_> {
     }
 }
 
+/// Reductions an element's stores all evaluate (outside conditional branches and other
+/// reductions' bodies), each once per occurrence.
+fn unconditional_reductions<'v>(v: &'v Val, found: &mut Vec<&'v Val>) {
+    match v {
+        Val::Reduce { .. } => found.push(v),
+        Val::Un(_, x) => unconditional_reductions(x, found),
+        Val::Bin(_, x, y) => {
+            unconditional_reductions(x, found);
+            unconditional_reductions(y, found);
+        }
+        _ => {}
+    }
+}
+
+/// `v` with every unconditional occurrence of `r` replaced by scalar `slot`.
+fn replace_reduction(v: Val, r: &Val, slot: usize) -> Val {
+    match v {
+        v if v == *r => Val::Scalar(slot),
+        Val::Un(op, x) => Val::Un(op, Box::new(replace_reduction(*x, r, slot))),
+        Val::Bin(op, x, y) => {
+            Val::Bin(op, Box::new(replace_reduction(*x, r, slot)), Box::new(replace_reduction(*y, r, slot)))
+        }
+        v => v,
+    }
+}
+
+/// Binds each reduction that an element's stores evaluate more than once (a pooled value
+/// stored and also fed to an epilogue) to a scalar once per element (slots from `first_slot`).
+fn share_reductions(mut stores: Vec<Stmt>, first_slot: usize) -> Vec<Stmt> {
+    let mut shared: Vec<Val> = Vec::new();
+    {
+        let mut found = Vec::new();
+        for s in &stores {
+            if let Stmt::Store { value, .. } = s {
+                unconditional_reductions(value, &mut found);
+            }
+        }
+        for (i, r) in found.iter().enumerate() {
+            if found[i + 1..].contains(r) && !shared.contains(r) {
+                shared.push((*r).clone());
+            }
+        }
+    }
+    let mut lets = Vec::new();
+    for (k, r) in shared.into_iter().enumerate() {
+        let slot = first_slot + k;
+        for s in &mut stores {
+            if let Stmt::Store { value, .. } = s {
+                *value = replace_reduction(std::mem::replace(value, Val::Const(0.0)), &r, slot);
+            }
+        }
+        lets.push(Stmt::Let { slot, value: r });
+    }
+    lets.extend(stores);
+    lets
+}
+
 /// Lowers top-level op `o` of `m` (an elementwise `graph.fused` kernel or one elementwise op)
 /// to a kernel named `name`.
 pub fn lower(m: &Module, o: OpId, name: &str) -> LowerResult<Kernel> {
     let op = m.op(o);
     let mut outer: HashMap<ValueId, ValueId> = HashMap::new();
-    let (args, ops, yields): (Vec<ValueId>, Vec<OpId>, Vec<ValueId>) = if op.name == "graph.fused" {
+    // The kernel's operands (`None` where omitted: such an operand is no buffer).
+    let (args, ops, yields): (Vec<Option<ValueId>>, Vec<OpId>, Vec<ValueId>) = if op.name == "graph.fused" {
         let kind = match op.attrs.get("kind") {
             Some(Attr::Str(k)) => k.as_str(),
             _ => "",
@@ -529,10 +871,10 @@ pub fn lower(m: &Module, o: OpId, name: &str) -> LowerResult<Kernel> {
                 outer.insert(a, *v);
             }
         }
-        (blk.args.clone(), blk.ops.clone(), blk.yields.clone())
+        let args = blk.args.iter().zip(&op.operands).map(|(&a, v)| v.map(|_| a)).collect();
+        (args, blk.ops.clone(), blk.yields.clone())
     } else {
-        let args = op.operands.iter().map(|v| v.ok_or("an omitted operand")).collect::<Result<Vec<_>, _>>()?;
-        (args, vec![o], op.results.clone())
+        (op.operands.clone(), vec![o], op.results.clone())
     };
     // Buffers: the f32 operands (others, e.g. shape operands, only steer index maps), then the
     // results.
@@ -540,6 +882,7 @@ pub fn lower(m: &Module, o: OpId, name: &str) -> LowerResult<Kernel> {
     let mut operand_of = Vec::new();
     let mut arg: HashMap<ValueId, usize> = HashMap::new();
     for (i, &v) in args.iter().enumerate() {
+        let Some(v) = v else { continue };
         let vd = m.value(v);
         if vd.ty.dtype != DType::F32 {
             continue;
@@ -595,17 +938,18 @@ pub fn lower(m: &Module, o: OpId, name: &str) -> LowerResult<Kernel> {
         .ok_or("a kernel without outputs")?;
     let out_shape = buffers[inputs + full].shape.clone();
     let rank = out_shape.len();
-    let rows = rank.saturating_sub(1);
-    let lw = Lowering {
+    let mut lw = Lowering {
         m,
         arg,
         inside,
         syms,
-        rows,
+        rank,
+        rows: rank.saturating_sub(1),
         slots: RefCell::new(Vec::new()),
         memo: RefCell::new(HashMap::new()),
         next_var: Default::default(),
         outer,
+        windows: RefCell::new(Vec::new()),
     };
     if let Some(att) = attention {
         let (locals, body) = attention::body(&lw, att, inputs, buffers.len())?;
@@ -619,11 +963,30 @@ pub fn lower(m: &Module, o: OpId, name: &str) -> LowerResult<Kernel> {
             knobs: Knobs::default(),
         });
     }
-    let vars: Vec<Idx> = (0..rank).map(Idx::Var).collect();
-    let mut row_vars: Vec<Idx> = (0..rows).map(Idx::Var).collect();
-    if rank > 0 {
-        row_vars.push(Idx::Const(0));
+    // The row dims: those before the axes the kernel's row reductions reduce (all of them
+    // must reduce the same trailing axes); pooling and other window ops reduce inside each
+    // element's expression instead, and leave the elementwise loop nest.
+    let mut from = None;
+    for &o in &ops {
+        if let Some(first) = lw.reduced_from(o)? {
+            if from.is_some_and(|f| f != first) {
+                return Err("reductions over different axes in one kernel are not lowered yet".into());
+            }
+            from = Some(first);
+        }
     }
+    if let Some(first) = from {
+        lw.rows = first;
+    }
+    let rows = lw.rows;
+    let vars: Vec<Idx> = (0..rank).map(Idx::Var).collect();
+    let row_vars: Vec<Idx> = (0..rank).map(|i| if i < rows { Idx::Var(i) } else { Idx::Const(0) }).collect();
+    let reduced_like = |shape: &[Dim]| {
+        rank > 0
+            && shape.len() == rank
+            && shape[..rows] == out_shape[..rows]
+            && shape[rows..].iter().all(|d| *d == Dim::Known(1))
+    };
     let mut full_stores = Vec::new();
     let mut row_stores = Vec::new();
     for (k, &y) in yields.iter().enumerate() {
@@ -631,9 +994,8 @@ pub fn lower(m: &Module, o: OpId, name: &str) -> LowerResult<Kernel> {
             return Err("a kernel output that is one of its inputs".into());
         }
         let shape = lw.shape(y)?;
-        let reduced =
-            rank > 0 && shape.len() == rank && shape[..rows] == out_shape[..rows] && shape[rows] == Dim::Known(1);
-        if shape == out_shape.as_slice() && !(reduced && out_shape[rows] == Dim::Known(1) && k != full) {
+        let reduced = reduced_like(shape);
+        if shape == out_shape.as_slice() && !(reduced && reduced_like(&out_shape) && k != full) {
             full_stores.push(Stmt::Store { buf: inputs + k, index: vars.clone(), value: lw.value(y, &vars)? });
         } else if reduced {
             row_stores.push(Stmt::Store { buf: inputs + k, index: row_vars.clone(), value: lw.value(y, &row_vars)? });
@@ -642,30 +1004,24 @@ pub fn lower(m: &Module, o: OpId, name: &str) -> LowerResult<Kernel> {
         }
     }
     let slots = lw.slots.into_inner();
+    let full_stores = share_reductions(full_stores, slots.len());
     let out_buf = inputs + full;
-    let body = if slots.is_empty() && row_stores.is_empty() {
-        let mut body = full_stores;
-        for axis in (0..rank).rev() {
+    let nest = |from: usize, to: usize, mut body: Vec<Stmt>| {
+        for axis in (from..to).rev() {
             body = vec![Stmt::For { var: axis, extent: Idx::Dim { buf: out_buf, axis }, parallel: axis == 0, body }];
         }
         body
+    };
+    let body = if slots.is_empty() && row_stores.is_empty() {
+        nest(0, rank, full_stores)
     } else {
         // Per row: bind the reductions, store the reduced outputs, then the row.
         let mut row: Vec<Stmt> = slots.into_iter().enumerate().map(|(slot, value)| Stmt::Let { slot, value }).collect();
         row.extend(row_stores);
         if !full_stores.is_empty() {
-            row.push(Stmt::For {
-                var: rows,
-                extent: Idx::Dim { buf: out_buf, axis: rows },
-                parallel: false,
-                body: full_stores,
-            });
+            row.extend(nest(rows, rank, full_stores));
         }
-        let mut body = row;
-        for axis in (0..rows).rev() {
-            body = vec![Stmt::For { var: axis, extent: Idx::Dim { buf: out_buf, axis }, parallel: axis == 0, body }];
-        }
-        body
+        nest(0, rows, row)
     };
     Ok(Kernel {
         name: name.to_string(),

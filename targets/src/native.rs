@@ -782,15 +782,17 @@ impl NativeModel {
         observe: &mut dyn FnMut(kiln_ir::ir::OpId, &[std::rc::Rc<Tensor>]),
     ) -> Result<(Vec<Tensor>, kiln_ir::interp::RunStats), TargetError> {
         use std::rc::Rc;
+        // Omitted operands are no buffer of a kernel: an empty stand-in keeps the positions.
+        let omitted = Tensor::from_f32(&[0], vec![]);
         let native = |o: kiln_ir::ir::OpId, operands: &[Option<&Tensor>]| {
             Some(match self.steps.get(&o)? {
                 Step::Constant(t) => Ok(vec![t.clone()]),
-                Step::Kernel(k) => operands
-                    .iter()
-                    .map(|t| t.ok_or_else(|| kiln_ir::graph::OpError("an omitted operand".into())))
-                    .collect::<Result<Vec<&Tensor>, _>>()
-                    .and_then(|refs| k.run(&refs).map_err(|e| kiln_ir::graph::OpError(e.to_string())))
-                    .map(|outs| outs.into_iter().map(Rc::new).collect()),
+                Step::Kernel(k) => {
+                    let refs: Vec<&Tensor> = operands.iter().map(|t| t.unwrap_or(&omitted)).collect();
+                    k.run(&refs)
+                        .map_err(|e| kiln_ir::graph::OpError(e.to_string()))
+                        .map(|outs| outs.into_iter().map(Rc::new).collect())
+                }
             })
         };
         Ok(kiln_ir::interp::run_custom(&self.module, inputs, observe, &native)?)
