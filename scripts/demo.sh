@@ -24,3 +24,18 @@ err = np.abs(got - want).max()
 assert got.shape == want.shape and np.allclose(got, want, rtol=1e-3, atol=1e-5), f"max abs err {err}"
 print(f"kiln-out/output_0.pb matches onnxruntime: shape {got.shape}, max abs err {err:.2e}")
 PY
+echo "== kiln compile $M/model.onnx --target cpu --emit kernel (first lines)"
+$KILN compile $M/model.onnx --target cpu --emit kernel | head -n 12
+echo "== kiln run $M/model.onnx --target cpu --check (native code, checked kernel by kernel against ref)"
+$KILN run $M/model.onnx --target cpu --input $M/input_0.pb --output-dir kiln-out-cpu --check
+.venv/bin/python - <<'PY'
+import numpy as np, onnx
+from onnx import numpy_helper
+got = numpy_helper.to_array(onnx.load_tensor("kiln-out-cpu/output_0.pb"))
+want = numpy_helper.to_array(onnx.load_tensor("examples/tiny_cnn/expected_output_0.pb"))
+err = np.abs(got - want).max()
+assert got.shape == want.shape and np.allclose(got, want, rtol=1e-3, atol=1e-5), f"max abs err {err}"
+print(f"kiln-out-cpu/output_0.pb (cpu) matches onnxruntime: max abs err {err:.2e}")
+PY
+echo "== kiln bench $M/model.onnx --target cpu --json"
+$KILN bench $M/model.onnx --target cpu --json --iters 20
