@@ -1006,9 +1006,17 @@ pub fn lower(m: &Module, o: OpId, name: &str) -> LowerResult<Kernel> {
     let slots = lw.slots.into_inner();
     let full_stores = share_reductions(full_stores, slots.len());
     let out_buf = inputs + full;
+    // The parallel loop: the outermost row axis not known to be 1 (a batch of 1 leaves the
+    // channels or rows to the threads).
+    let par_axis = (0..rows.max(1).min(rank)).find(|&a| out_shape[a] != Dim::Known(1)).unwrap_or(0);
     let nest = |from: usize, to: usize, mut body: Vec<Stmt>| {
         for axis in (from..to).rev() {
-            body = vec![Stmt::For { var: axis, extent: Idx::Dim { buf: out_buf, axis }, parallel: axis == 0, body }];
+            body = vec![Stmt::For {
+                var: axis,
+                extent: Idx::Dim { buf: out_buf, axis },
+                parallel: axis == par_axis,
+                body,
+            }];
         }
         body
     };

@@ -38,9 +38,9 @@ struct Emitter<'k> {
     next: usize,
     /// The SSA value each `Let` slot names.
     slots: HashMap<usize, String>,
-    /// Whether the top-level parallel loops run over `%lo..%hi` (one thread's share) rather
-    /// than their whole extent.
-    split: bool,
+    /// The depth of the parallel loops that run over `%lo..%hi` (one thread's share) rather
+    /// than their whole extent ([`split_loop`]).
+    split: Option<usize>,
 }
 
 impl Emitter<'_> {
@@ -344,7 +344,7 @@ impl Emitter<'_> {
         for s in body {
             match s {
                 Stmt::For { var, extent, body, parallel } => {
-                    let (lo, e) = if depth == 0 && *parallel && self.split {
+                    let (lo, e) = if *parallel && self.split == Some(depth) {
                         ("%lo".to_string(), "%hi".to_string())
                     } else {
                         (self.idx(depth, &Idx::Const(0)), self.idx(depth, extent))
@@ -369,30 +369,51 @@ impl Emitter<'_> {
     }
 }
 
-/// The extent of the loop a kernel's threads share, if it has one: the kernel's top-level
-/// statements are all parallel loops over one extent (its rows, or output channels), so
-/// threads can each run the whole body over their own range of that loop.
-pub fn parallel_extent(k: &Kernel) -> Option<&Idx> {
-    let mut extent = None;
-    for s in &k.body {
+/// The loop a kernel's threads share, if it has one: its depth, the extents of the loops
+/// around it and its own extent. Either the kernel's top-level statements are all parallel
+/// loops over one extent (each thread runs them all over its own range), or the top is a
+/// chain of single loops down to a parallel one (threads split it when the loops around it
+/// run once, e.g. a batch of 1).
+pub fn split_loop(k: &Kernel) -> Option<(usize, Vec<&Idx>, &Idx)> {
+    if k.body.len() > 1 {
+        let mut extent = None;
+        for s in &k.body {
+            match s {
+                Stmt::For { parallel: true, extent: e, .. } if extent.is_none_or(|x| x == e) => extent = Some(e),
+                _ => return None,
+            }
+        }
+        return extent.map(|e| (0, Vec::new(), e));
+    }
+    let mut outer = Vec::new();
+    let mut s = k.body.first()?;
+    loop {
         match s {
-            Stmt::For { parallel: true, extent: e, .. } if extent.is_none_or(|x| x == e) => extent = Some(e),
+            Stmt::For { parallel: true, extent, .. } => return Some((outer.len(), outer, extent)),
+            Stmt::For { extent, body, .. } if body.len() == 1 => {
+                outer.push(extent);
+                s = &body[0];
+            }
             _ => return None,
         }
     }
-    extent
+}
+
+/// The extent of the loop a kernel's threads share, when it is at the top of the kernel.
+pub fn parallel_extent(k: &Kernel) -> Option<&Idx> {
+    split_loop(k).and_then(|(depth, _, e)| (depth == 0).then_some(e))
 }
 
 /// The kernel as an MLIR function of upstream dialects, named after the kernel, taking every
 /// buffer (inputs, then outputs) as a dynamically sized memref, then `%lo, %hi: index`: the
-/// range of the shared parallel loop ([`parallel_extent`]) this call runs (ignored by a kernel
+/// range of the shared parallel loop ([`split_loop`]) this call runs (ignored by a kernel
 /// without one).
 pub fn to_mlir(k: &Kernel) -> String {
     let mut params: Vec<String> =
         k.buffers.iter().enumerate().map(|(i, b)| format!("%b{i}: {}", memref(b.shape.len()))).collect();
     params.push("%lo: index".into());
     params.push("%hi: index".into());
-    let split = parallel_extent(k).is_some();
+    let split = split_loop(k).map(|(depth, _, _)| depth);
     let mut e = Emitter { k, out: String::new(), next: 0, slots: HashMap::new(), split };
     // Local buffers: allocated once per call (per thread), freed at the end.
     for (i, l) in k.locals.iter().enumerate() {
@@ -507,7 +528,7 @@ impl Packed {
 struct Compiled {
     kernel: Kernel,
     entry: Entry,
-    /// Whether the kernel has a shared parallel loop ([`parallel_extent`]).
+    /// Whether the kernel has a shared parallel loop ([`split_loop`]).
     split: bool,
     heavy: bool,
 }
@@ -517,7 +538,7 @@ impl Compiled {
         let entry = jit.entry(&kernel.name).ok_or_else(|| {
             TargetError::Codegen(format!("no function {} with a C interface in the compiled module", kernel.name))
         })?;
-        Ok(Compiled { split: parallel_extent(&kernel).is_some(), heavy: heavy(&kernel.body), entry, kernel })
+        Ok(Compiled { split: split_loop(&kernel).is_some(), heavy: heavy(&kernel.body), entry, kernel })
     }
 
     /// Runs the kernel on the graph op's `operands` (the kernel reads the f32 ones, shaped as
@@ -589,23 +610,31 @@ impl Compiled {
             })
             .collect();
         for (o, s) in outs.iter_mut().zip(&shapes) {
-            args.push(MemRef::new(o.as_mut_ptr(), o.capacity(), s));
+            args.push(MemRef::new(o.as_mut_ptr(), s.iter().product(), s));
         }
         let all: Vec<&[usize]> =
             inputs.iter().map(|t| t.shape.as_slice()).chain(shapes.iter().map(Vec::as_slice)).collect();
-        let extent = match parallel_extent(k) {
-            Some(e) => eval_idx(e, &all).ok_or_else(|| {
-                TargetError::Codegen(format!("kernel {}: its parallel extent {e} is not computable", k.name))
-            })?,
-            None => 0,
+        let computable = |e: &Idx| {
+            eval_idx(e, &all)
+                .ok_or_else(|| TargetError::Codegen(format!("kernel {}: the extent {e} is not computable", k.name)))
+        };
+        // The shared loop's extent, and whether the loops around it run once (else one call
+        // runs the whole kernel, its split loop over all of its range each time).
+        let (extent, alone) = match split_loop(k) {
+            Some((_, outer, e)) => {
+                let mut alone = true;
+                for o in outer {
+                    alone &= computable(o)? == 1;
+                }
+                (computable(e)?, alone)
+            }
+            None => (0, false),
         };
         let elements: usize = shapes.iter().map(|s| s.iter().product::<usize>()).sum();
         let threads = threads();
-        let chunks = if self.split && extent > 1 && threads > 1 && (self.heavy || elements >= PARALLEL_MIN_ELEMENTS) {
-            threads.min(extent as usize)
-        } else {
-            1
-        };
+        let worth = self.heavy || elements >= PARALLEL_MIN_ELEMENTS;
+        let chunks =
+            if self.split && alone && extent > 1 && threads > 1 && worth { threads.min(extent as usize) } else { 1 };
         let descriptors = Packed(args.iter_mut().map(MemRef::as_mut_ptr).collect());
         let entry = self.entry;
         let call = |c: usize| {
@@ -639,7 +668,7 @@ impl Compiled {
             .map(|(mut o, s)| {
                 // SAFETY: the kernel stored every element (the kernel dialect's contract); the
                 // capacity is exactly the element count.
-                unsafe { o.set_len(o.capacity()) };
+                unsafe { o.set_len(s.iter().product()) };
                 Tensor::from_f32(&s, o)
             })
             .collect())
