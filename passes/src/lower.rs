@@ -1,4 +1,4 @@
-//! Lowering graph → kernel (first cut: elementwise and row-reduction kernels).
+//! Lowering graph → kernel (first cut: elementwise, row-reduction and contraction kernels).
 //!
 //! A `graph.fused` kernel of kind `elementwise`, `layout` or `reduction`, or a single such op,
 //! becomes one [`Kernel`]: a loop nest over the (first) output's dims, and per output a store of
@@ -12,8 +12,13 @@
 //! ([`Stmt::Let`] of a [`Val::Reduce`]), then an inner loop stores the row, so a fused
 //! `residual add → LayerNorm → scale` kernel reads its inputs once per pass over the row.
 //!
-//! Anything else (contractions, other reductions, non-f32 types) is refused with a reason;
-//! issue #5's next steps extend this.
+//! Contractions (Conv, MatMul, Gemm), alone or as the anchor of a `contraction` kernel with an
+//! elementwise epilogue, accumulate into their output in a cache- and vector-friendly loop
+//! order, then run the epilogue in place (see [`contraction`]); a MatMul whose accumulate form
+//! does not apply falls back to an inline reduction per output element.
+//!
+//! Anything else (other reductions, non-f32 types) is refused with a reason; issue #5's next
+//! steps extend this.
 
 use kiln_ir::attr::Attr;
 use kiln_ir::graph::AttrView;
@@ -22,6 +27,8 @@ use kiln_ir::kernel::{BinOp, Buffer, Idx, Kernel, Knobs, Level, RedOp, Stmt, UnO
 use kiln_ir::{DType, Dim};
 use std::cell::RefCell;
 use std::collections::HashMap;
+
+pub mod contraction;
 
 /// Why an op was not lowered.
 pub type LowerResult<T> = Result<T, String>;
@@ -447,7 +454,7 @@ pub fn lower(m: &Module, o: OpId, name: &str) -> LowerResult<Kernel> {
             Some(Attr::Str(a)) => a.as_str(),
             _ => "",
         };
-        let contraction = kind == "contraction" && matches!(anchor, "MatMul" | "Gemm");
+        let contraction = kind == "contraction" && matches!(anchor, "MatMul" | "Gemm" | "Conv");
         if !matches!(kind, "elementwise" | "layout" | "reduction") && !contraction {
             return Err(format!("kernels of kind '{kind}' (anchor {anchor}) are not lowered yet"));
         }
@@ -507,6 +514,23 @@ pub fn lower(m: &Module, o: OpId, name: &str) -> LowerResult<Kernel> {
     }
     let inside: HashMap<ValueId, OpId> =
         ops.iter().flat_map(|&i| m.op(i).results.iter().map(move |&r| (r, i))).collect();
+    // Contractions accumulate into their output (see `contraction`).
+    let parts = contraction::Parts {
+        m,
+        name,
+        ops: &ops,
+        yields: &yields,
+        buffers: &buffers,
+        inputs,
+        operands: &operand_of,
+        arg: &arg,
+        syms: &syms,
+        inside: &inside,
+        outer: &outer,
+    };
+    if let Some(k) = contraction::lower(&parts)? {
+        return Ok(k);
+    }
     // The full-size output sets the loop nest; reduced outputs ([rows..., 1]) store once a row.
     let full = (0..yields.len())
         .max_by_key(|&k| buffers[inputs + k].shape.last().map_or(0, |d| d.known().map_or(u64::MAX, |n| n)))

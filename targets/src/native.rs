@@ -77,6 +77,8 @@ impl Emitter<'_> {
             Idx::Mul(a, b) => ("arith.muli", a, b),
             Idx::Div(a, b) => ("arith.divui", a, b),
             Idx::Rem(a, b) => ("arith.remui", a, b),
+            Idx::Min(a, b) => ("arith.minsi", a, b),
+            Idx::Max(a, b) => ("arith.maxsi", a, b),
         };
         let (a, b) = (self.idx(depth, a), self.idx(depth, b));
         let t = self.fresh();
