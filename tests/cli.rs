@@ -124,7 +124,7 @@ fn symbolic_batch_runs_at_any_size_and_checks_dim_flags() {
     let x = dir.join("x5.pb");
     fails(&["run", s(&model), "--input", s(&x), "--dim", "N=4"], 2, &["dim 'N' is 5", "--dim N=4"]);
     // A model with a kernel native code does not cover yet is refused on cpu, naming it.
-    let conv = case_dir("test_basic_conv_with_padding");
+    let conv = case_dir("test_convtranspose");
     fails(
         &[
             "run",
@@ -137,7 +137,7 @@ fn symbolic_batch_runs_at_any_size_and_checks_dim_flags() {
             s(&conv.join("test_data_set_0/input_1.pb")),
         ],
         1,
-        &["not lowered to native code yet", "(Conv)"],
+        &["not lowered to native code yet", "(ConvTranspose)"],
     );
     fails(&["run", s(&model), "--input", s(&x), "--dim", "M=4"], 2, &["no symbolic dim 'M'"]);
 }

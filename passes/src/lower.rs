@@ -440,8 +440,8 @@ impl Lowering<'_> {
     }
 }
 
-/// Lowers top-level op `o` of `m` (an elementwise `graph.fused` kernel or one elementwise op)
-/// to a kernel named `name`.
+/// Lowers top-level op `o` of `m` (a `graph.fused` kernel or one op: elementwise, layout,
+/// row reduction or contraction) to a kernel named `name`.
 pub fn lower(m: &Module, o: OpId, name: &str) -> LowerResult<Kernel> {
     let op = m.op(o);
     let mut outer: HashMap<ValueId, ValueId> = HashMap::new();

@@ -8,19 +8,24 @@
 //! ops in place, reading the contraction's element back from the output buffer.
 //!
 //! - Conv (NCHW, 1 to 3 spatial dims, groups, strides, pads or `auto_pad`, dilations, bias):
-//!   `for (n, oc) parallel: init; for ic, taps: for output rows: for output columns`, the
-//!   spatial loops running over the taps' in-bounds range (index arithmetic with
-//!   [`Idx::Min`]/[`Idx::Max`], so no bounds check in the loop and no padding copy).
+//!   `for (n, block of CONV_OC_BLOCK output channels) parallel: init; for ic, taps of the
+//!   leading axes: for output rows: for output columns: Σ over the last axis' taps`, the rows
+//!   running over the taps' in-bounds range and the columns split into an interior where every
+//!   tap is in bounds and edge columns (index arithmetic with [`Idx::Min`]/[`Idx::Max`]: no
+//!   bounds check in the interior and no padding copy).
 //! - MatMul (2-D and batched with broadcast batch dims) and Gemm (`transA`, `transB`, `alpha`,
-//!   `beta`, `C` broadcast): rows in parallel blocks of [`MATMUL_ROW_BLOCK`]; per block, tiles
-//!   of [`MATMUL_TILE_N`] columns; per tile, [`MATMUL_ROWS`] rows at a time accumulate
-//!   `C[i, j] += Σ_v A[i, k + v] · B[k + v, j]` over [`MATMUL_K_UNROLL`] values of `k` with `j`
-//!   innermost (the `A` values hoisted as scalars, the `B` values loaded once for all rows).
+//!   `beta`, `C` broadcast, 1-D operands): rows in parallel blocks of [`MATMUL_ROW_BLOCK`]; per
+//!   block, tiles of [`MATMUL_TILE_N`] columns and [`MATMUL_TILE_K`] values of `k`; per tile,
+//!   [`MATMUL_ROWS`] rows at a time accumulate `C[i, j] += Σ_v A[i, k + v] · B[k + v, j]` over
+//!   [`MATMUL_K_UNROLL`] values of `k` with `j` innermost (the `A` values hoisted as scalars,
+//!   the `B` values loaded once for all rows). With `transB` the `j` loop reads `B` with a
+//!   stride (a gather): a constant `B` is better transposed ahead of time.
 //!
 //! Every loop nest parallelizes over its outermost loop, whose iterations write disjoint parts
-//! of the output (an output channel of an image; a block of rows). A MatMul whose fast form
-//! does not apply (a 1-D operand, an epilogue that reads the product at another element than
-//! the one it writes) is left to the inline-reduction form of [`super::lower`].
+//! of the output (output channels of an image; a block of rows). A MatMul whose accumulate form
+//! does not apply (an epilogue that reads the product at another element than the one it
+//! writes, an output of another shape) is left to the inline-reduction form of
+//! [`super::lower`]; such a Conv is refused.
 
 use super::{b, LowerResult, Lowering};
 use kiln_ir::graph::AttrView;
@@ -30,20 +35,27 @@ use kiln_ir::Dim;
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 
+// Schedule constants (to become `Knobs` the autotuner sets), chosen on a 512×768·768×768
+// MatMul, a 256×4096·4096×4096 one and a 64-channel 56×56 3×3 Conv on one Zen 4 core.
+
+/// Rows of a MatMul's output per parallel iteration (the rows sharing a `B` panel).
+pub const MATMUL_ROW_BLOCK: i64 = 64;
+/// Columns of a MatMul's output per tile.
+pub const MATMUL_TILE_N: i64 = 1024;
+/// Values of the reduction dim per tile (the `B` panel `MATMUL_TILE_K × MATMUL_TILE_N` stays
+/// in cache while the rows of a block reuse it).
+pub const MATMUL_TILE_K: i64 = 128;
 /// Rows of a MatMul's output accumulated together (each `B` value loaded serves them all).
 pub const MATMUL_ROWS: usize = 4;
 /// Values of the reduction dim added per pass over a row tile (loads and stores of the
 /// output per product divided by this).
 pub const MATMUL_K_UNROLL: usize = 4;
-/// Columns of a MatMul's output per tile (the `B` panel `K × tile` stays in cache while the
-/// rows of a block reuse it).
-pub const MATMUL_TILE_N: i64 = 256;
-/// Output channels of a Conv accumulated together (each input value loaded serves them all).
+/// Output channels of a Conv accumulated together (each input value loaded serves them all),
+/// at most: the largest divisor of the channels per group up to this.
 pub const CONV_OC_BLOCK: i64 = 4;
-/// Taps along a Conv's last spatial axis summed per pass over an output row, at most.
+/// Taps along a Conv's last spatial axis summed per pass over an output row, at most (beyond
+/// it, one tap per pass).
 pub const CONV_MAX_TAP_UNROLL: i64 = 8;
-/// Rows of a MatMul's output per parallel iteration.
-pub const MATMUL_ROW_BLOCK: i64 = 64;
 
 fn add(x: Idx, y: Idx) -> Idx {
     Idx::Add(b(x), b(y))
@@ -164,7 +176,8 @@ impl<'p, 'm> Builder<'p, 'm> {
         }
         let acc = match acc {
             Some(a) => a,
-            None => p.inputs + p.yields.iter().position(|_| true).ok_or("a kernel without outputs")?,
+            None if !p.yields.is_empty() => p.inputs,
+            None => return Err("a kernel without outputs".into()),
         };
         let stores: Vec<(usize, ValueId)> =
             p.yields.iter().enumerate().map(|(k, &y)| (p.inputs + k, y)).filter(|&(buf, _)| buf != acc).collect();
@@ -323,8 +336,8 @@ impl<'p, 'm> Builder<'p, 'm> {
         let in_dims: Vec<Idx> = xs[2..].iter().map(dim).collect::<Result<_, _>>()?;
         // Output channels per parallel iteration (all in one group).
         let ocb = match ys[1].known() {
-            Some(mk) if (mk as i64 / group) % CONV_OC_BLOCK == 0 => CONV_OC_BLOCK,
-            _ => 1,
+            Some(mk) => (1..=CONV_OC_BLOCK).rev().find(|b| (mk as i64 / group) % b == 0).unwrap_or(1),
+            None => 1,
         };
         let blocks = div(m.clone(), c(ocb));
         // Loop variables: 0 (image, channel block), 1 input channel of the group, 2.. taps of
@@ -377,10 +390,15 @@ impl<'p, 'm> Builder<'p, 'm> {
             }
         }
         // One output column `ow` of every channel of the block: Σ over the taps of the row.
-        let column = |ow: Idx, guarded: bool| -> LowerResult<Vec<Stmt>> {
+        // `only`: the taps to add (unguarded), all by default.
+        let column = |ow: Idx, guarded: bool, only: Option<Vec<i64>>| -> LowerResult<Vec<Stmt>> {
+            let qs: Vec<i64> = only.unwrap_or_else(|| (0..kwu).collect());
+            if qs.is_empty() {
+                return Ok(Vec::new());
+            }
             let mut st = Vec::new();
             let mut xslot = Vec::new();
-            for q in 0..kwu {
+            for &q in &qs {
                 let mut xidx = vec![ni.clone(), ch.clone()];
                 xidx.extend((0..last).map(|d| in_at(d, rows[d].clone(), tap(d, 0))));
                 let iw = in_at(last, ow.clone(), tap(last, q)).simplify();
@@ -397,7 +415,7 @@ impl<'p, 'm> Builder<'p, 'm> {
                     v = Val::IfLess { lhs: iw, rhs: c(0), then: Box::new(Val::Const(0.0)), other: Box::new(inside) };
                 }
                 let sl = self.slot();
-                xslot.push(sl);
+                xslot.push((q as usize, sl));
                 st.push(Stmt::Let { slot: sl, value: v });
             }
             for (u, oc) in ocs.iter().enumerate() {
@@ -406,8 +424,8 @@ impl<'p, 'm> Builder<'p, 'm> {
                 oidx.push(ow.clone());
                 let oidx = simplified(&oidx);
                 let mut sum = Val::Load { buf: acc, index: oidx.clone() };
-                for q in 0..kwu as usize {
-                    sum = fadd(sum, fmul(Val::Scalar(wslot[u][q]), Val::Scalar(xslot[q])));
+                for &(q, sl) in &xslot {
+                    sum = fadd(sum, fmul(Val::Scalar(wslot[u][q]), Val::Scalar(sl)));
                 }
                 st.push(Stmt::Store { buf: acc, index: oidx, value: sum });
             }
@@ -419,11 +437,26 @@ impl<'p, 'm> Builder<'p, 'm> {
         let ol = out_dims[last].clone();
         let l = min(lo(last, tap(last, 0)), ol.clone()).simplify();
         let h = max(l.clone(), hi(last, tap(last, kwu - 1))).simplify();
-        let mut cols =
-            vec![for_(2 + sp + last, sub(h.clone(), l.clone()), false, column(add(l.clone(), cv.clone()), false)?)];
-        if kwu > 1 {
-            cols.push(for_(2 + sp + last, l, false, column(cv.clone(), true)?));
-            cols.push(for_(2 + sp + last, sub(ol, h.clone()), false, column(add(h, cv), true)?));
+        let mut cols = vec![for_(
+            2 + sp + last,
+            sub(h.clone(), l.clone()),
+            false,
+            column(add(l.clone(), cv.clone()), false, None)?,
+        )];
+        match (&l, &h, &ol, &in_dims[last]) {
+            // Known sizes and few edge columns: each edge column adds just its in-bounds taps.
+            (Idx::Const(l), Idx::Const(h), Idx::Const(ol), Idx::Const(len)) if *l <= 8 && ol - h <= 8 => {
+                let (s, p, dl) = (strides[last], pad[last], dilations[last]);
+                for ow in (0..*l).chain(*h..*ol) {
+                    let taps: Vec<i64> = (0..kwu).filter(|q| (0..*len).contains(&(ow * s - p + q * dl))).collect();
+                    cols.extend(column(c(ow), false, Some(taps))?);
+                }
+            }
+            _ if kwu > 1 => {
+                cols.push(for_(2 + sp + last, l, false, column(cv.clone(), true, None)?));
+                cols.push(for_(2 + sp + last, sub(ol, h.clone()), false, column(add(h, cv), true, None)?));
+            }
+            _ => {}
         }
         let mut inner = cols;
         for d in (0..last).rev() {
@@ -573,78 +606,99 @@ impl<'p, 'm> Builder<'p, 'm> {
             Ok(v)
         };
         let epi = self.has_epilogue();
-        // The body for `u` rows starting at row `row0`: variables from 3.
-        let block = |row0: Idx, u: usize| -> LowerResult<Vec<Stmt>> {
-            let pres: Vec<Vec<Idx>> =
-                (0..u).map(|q| prefix(add(row0.clone(), c(q as i64)))).collect::<Result<_, _>>()?;
-            let col = |v: usize| add(j0.clone(), Idx::Var(v));
+        let pres_of = |row0: &Idx, u: usize| -> LowerResult<Vec<Vec<Idx>>> {
+            (0..u).map(|q| prefix(add(row0.clone(), c(q as i64)))).collect()
+        };
+        let col = |v: usize| add(j0.clone(), Idx::Var(v));
+        // Init of `u` rows from `row0` over the column tile (loop variable `v`).
+        let init = |row0: Idx, u: usize, v: usize| -> LowerResult<Vec<Stmt>> {
             let mut s = Vec::new();
-            for pre in &pres {
-                s.push(for_(
-                    3,
-                    nj.clone(),
-                    false,
-                    vec![Stmt::Store { buf: acc, index: with_col(pre, col(3)), value: init_val(pre, col(3))? }],
-                ));
+            for pre in &pres_of(&row0, u)? {
+                let store = Stmt::Store { buf: acc, index: with_col(pre, col(v)), value: init_val(pre, col(v))? };
+                s.push(for_(v, nj.clone(), false, vec![store]));
             }
-            // Reduction in steps of `ku` (then the remainder one at a time).
-            let kstep = |ku: usize, k0: Idx| -> LowerResult<Vec<Stmt>> {
-                let mut lets = Vec::new();
-                let mut aslots = vec![vec![0; ku]; u];
-                for (q, pre) in pres.iter().enumerate() {
-                    for v in 0..ku {
-                        let sl = self.slot();
-                        aslots[q][v] = sl;
-                        lets.push(Stmt::Let {
-                            slot: sl,
-                            value: lw.value(a, &a_idx(pre, add(k0.clone(), c(v as i64)))?)?,
-                        });
-                    }
-                }
-                let mut inner = Vec::new();
-                let mut bslots = vec![0; ku];
-                for v in 0..ku {
-                    let sl = self.slot();
-                    bslots[v] = sl;
-                    inner.push(Stmt::Let {
-                        slot: sl,
-                        value: lw.value(bm, &b_idx(&pres[0], add(k0.clone(), c(v as i64)), col(4))?)?,
-                    });
-                }
-                for (q, pre) in pres.iter().enumerate() {
-                    let ix = with_col(pre, col(4));
-                    let mut sum = Val::Load { buf: acc, index: ix.clone() };
-                    for v in 0..ku {
-                        sum = fadd(sum, fmul(Val::Scalar(aslots[q][v]), Val::Scalar(bslots[v])));
-                    }
-                    inner.push(Stmt::Store { buf: acc, index: ix, value: sum });
-                }
-                lets.push(for_(4, nj.clone(), false, inner));
-                Ok(lets)
-            };
-            let ku = MATMUL_K_UNROLL as i64;
-            let full = div(kk.clone(), c(ku));
-            s.push(for_(3, full.clone(), false, kstep(MATMUL_K_UNROLL, mul(Idx::Var(3), c(ku)))?));
-            s.push(for_(3, rem(kk.clone(), c(ku)), false, kstep(1, add(mul(full, c(ku)), Idx::Var(3)))?));
-            for pre in &pres {
+            Ok(s)
+        };
+        // Alpha, C and the epilogue, in place.
+        let finish_rows = |row0: Idx, u: usize, v: usize| -> LowerResult<Vec<Stmt>> {
+            let mut s = Vec::new();
+            for pre in &pres_of(&row0, u)? {
                 let mut st = Vec::new();
                 if finish {
-                    st.push(Stmt::Store { buf: acc, index: with_col(pre, col(3)), value: finish_val(pre, col(3))? });
+                    st.push(Stmt::Store { buf: acc, index: with_col(pre, col(v)), value: finish_val(pre, col(v))? });
                 }
                 if epi {
-                    st.extend(self.epilogue(&with_col(pre, col(3)))?);
+                    st.extend(self.epilogue(&with_col(pre, col(v)))?);
                 }
                 if !st.is_empty() {
-                    s.push(for_(3, nj.clone(), false, st));
+                    s.push(for_(v, nj.clone(), false, st));
                 }
             }
             Ok(s)
         };
+        // The products of `u` rows from `row0` with k in [k0, k0 + kl), `ku` values of k per
+        // pass over the columns (then the remainder one at a time); loop variables v, v + 1.
+        let products = |row0: Idx, u: usize, k0: Idx, kl: Idx, v: usize| -> LowerResult<Vec<Stmt>> {
+            let pres = pres_of(&row0, u)?;
+            let kstep = |ku: usize, k0: Idx| -> LowerResult<Vec<Stmt>> {
+                let mut lets = Vec::new();
+                let mut aslots = vec![vec![0; ku]; u];
+                for (q, pre) in pres.iter().enumerate() {
+                    for t in 0..ku {
+                        let sl = self.slot();
+                        aslots[q][t] = sl;
+                        let value = lw.value(a, &a_idx(pre, add(k0.clone(), c(t as i64)))?)?;
+                        lets.push(Stmt::Let { slot: sl, value });
+                    }
+                }
+                let mut inner = Vec::new();
+                let mut bslots = vec![0; ku];
+                for t in 0..ku {
+                    let sl = self.slot();
+                    bslots[t] = sl;
+                    let value = lw.value(bm, &b_idx(&pres[0], add(k0.clone(), c(t as i64)), col(v + 1))?)?;
+                    inner.push(Stmt::Let { slot: sl, value });
+                }
+                for (q, pre) in pres.iter().enumerate() {
+                    let ix = with_col(pre, col(v + 1));
+                    let mut sum = Val::Load { buf: acc, index: ix.clone() };
+                    for t in 0..ku {
+                        sum = fadd(sum, fmul(Val::Scalar(aslots[q][t]), Val::Scalar(bslots[t])));
+                    }
+                    inner.push(Stmt::Store { buf: acc, index: ix, value: sum });
+                }
+                lets.push(for_(v + 1, nj.clone(), false, inner));
+                Ok(lets)
+            };
+            let ku = MATMUL_K_UNROLL as i64;
+            let full = div(kl.clone(), c(ku));
+            let mut s =
+                vec![for_(v, full.clone(), false, kstep(MATMUL_K_UNROLL, add(k0.clone(), mul(Idx::Var(v), c(ku))))?)];
+            s.push(for_(v, rem(kl, c(ku)), false, kstep(1, add(add(k0, mul(full, c(ku))), Idx::Var(v)))?));
+            Ok(s)
+        };
+        // Rows of the group: blocks of MATMUL_ROWS, then one at a time (loop variable `v`).
         let mr = MATMUL_ROWS as i64;
         let full_blocks = div(grows.clone(), c(mr));
-        let mut tile =
-            vec![for_(2, full_blocks.clone(), false, block(add(g0.clone(), mul(Idx::Var(2), c(mr))), MATMUL_ROWS)?)];
-        tile.push(for_(2, rem(grows, c(mr)), false, block(add(add(g0, mul(full_blocks, c(mr))), Idx::Var(2)), 1)?));
+        let rows_loop = |v: usize, f: &dyn Fn(Idx, usize) -> LowerResult<Vec<Stmt>>| -> LowerResult<Vec<Stmt>> {
+            Ok(vec![
+                for_(v, full_blocks.clone(), false, f(add(g0.clone(), mul(Idx::Var(v), c(mr))), MATMUL_ROWS)?),
+                for_(
+                    v,
+                    rem(grows.clone(), c(mr)),
+                    false,
+                    f(add(add(g0.clone(), mul(full_blocks.clone(), c(mr))), Idx::Var(v)), 1)?,
+                ),
+            ])
+        };
+        // Loop variables: 0 (batch, row group), 1 column tile, 2 reduction tile or rows, 3 rows.
+        let kt = MATMUL_TILE_K;
+        let k0 = mul(Idx::Var(2), c(kt));
+        let kl = min(c(kt), sub(kk.clone(), k0.clone()));
+        let mut tile = rows_loop(2, &|row0, u| init(row0, u, 3))?;
+        let ktile = rows_loop(3, &|row0, u| products(row0, u, k0.clone(), kl.clone(), 4))?;
+        tile.push(for_(2, ceil_div(kk.clone(), kt), false, ktile));
+        tile.extend(rows_loop(2, &|row0, u| finish_rows(row0, u, 3))?);
         let tiles = for_(1, ceil_div(nn, MATMUL_TILE_N), false, tile);
         Ok(Some(vec![for_(0, mul(batches, groups), true, vec![tiles])]))
     }
