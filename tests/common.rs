@@ -176,3 +176,12 @@ pub fn attr_ints(name: &str, v: &[i64]) -> AttributeProto {
         ..Default::default()
     }
 }
+
+pub fn attr_float(name: &str, v: f32) -> AttributeProto {
+    AttributeProto {
+        name: Some(name.into()),
+        f: Some(v),
+        r#type: Some(AttributeType::Float as i32),
+        ..Default::default()
+    }
+}

@@ -19,6 +19,8 @@ struct Tally {
     checked: usize,
     /// Checked kernels with a reduction (their text mentions `reduce.`).
     reductions: usize,
+    /// Checked contraction kernels (a Conv, MatMul or Gemm, alone or anchoring a fused kernel).
+    contractions: usize,
     refused: HashMap<String, usize>,
     /// Compiled kernels, by their full description.
     compiled: HashMap<String, Rc<NativeKernel>>,
@@ -88,6 +90,7 @@ fn check_model(name: &str, m: &kiln::Module, inputs: Vec<Tensor>, tally: &mut Ta
         }
         tally.checked += 1;
         tally.reductions += text.contains("reduce.") as usize;
+        tally.contractions += is_contraction(m, o) as usize;
     }
 }
 
@@ -104,11 +107,11 @@ fn native_kernels_match_the_interpreter_on_node_tests() {
         let Some(set) = sets.into_iter().next() else { continue };
         check_model(&case.name, &m, set.inputs, &mut tally);
     }
-    let Tally { checked, reductions, refused, compiled, .. } = tally;
+    let Tally { checked, reductions, contractions, refused, compiled, .. } = tally;
     let mut refused: Vec<_> = refused.into_iter().collect();
     refused.sort_by_key(|r| std::cmp::Reverse(r.1));
     println!(
-        "native kernels: {checked} checked against the interpreter ({reductions} with reductions; {} distinct kernels compiled); not lowered yet (top 10): {:?}",
+        "native kernels: {checked} checked against the interpreter ({reductions} with reductions, {contractions} contractions; {} distinct kernels compiled); not lowered yet (top 10): {:?}",
         compiled.len(),
         &refused[..refused.len().min(10)]
     );
@@ -363,4 +366,364 @@ fn fused_pooling_kernels_run_at_any_batch_size() {
             compare(&got[0], &want[0], 1e-6, 1e-6).unwrap_or_else(|e| panic!("{name}, N = {n}: {e}\n{text}"));
         }
     }
+}
+
+/// Deterministic values in [-1, 1).
+fn values(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+        })
+        .collect()
+}
+
+fn attr_string(name: &str, v: &str) -> kiln_onnx::proto::AttributeProto {
+    kiln_onnx::proto::AttributeProto {
+        name: Some(name.into()),
+        s: Some(v.as_bytes().to_vec()),
+        r#type: Some(kiln_onnx::proto::attribute_proto::AttributeType::String as i32),
+        ..Default::default()
+    }
+}
+
+/// Compiles `proto` for `cpu` and checks every kernel natively against the interpreter on
+/// inputs of `shapes` (one per graph input); every kernel must lower. Returns the tally.
+fn check_proto(name: &str, proto: &kiln_onnx::proto::ModelProto, shapes: &[Vec<usize>], tally: &mut Tally) {
+    let dir = temp_dir(name);
+    let path = save(&dir, "m.onnx", proto);
+    let c = kiln::compile(kiln::load_model(&path).unwrap(), "cpu").unwrap();
+    let inputs: Vec<Tensor> =
+        shapes.iter().enumerate().map(|(i, s)| Tensor::from_f32(s, values(s.iter().product(), 7 + i as u64))).collect();
+    let before = tally.checked;
+    check_model(name, c.module(), inputs.clone(), tally);
+    assert!(tally.refused.is_empty(), "{name}: kernels not lowered: {:?}", tally.refused);
+    assert!(tally.checked > before, "{name}: no kernel was checked");
+    // The whole model through the public API, as `kiln run` does.
+    let got = c.run(inputs.clone()).unwrap_or_else(|e| panic!("{name}: {e}"));
+    let want = kiln_ir::interp::run(c.module(), inputs).unwrap();
+    for (g, w) in got.iter().zip(&want) {
+        compare(g, w, 1e-4, 1e-5).unwrap_or_else(|e| panic!("{name}: native model vs interpreter: {e}"));
+    }
+}
+
+/// A `Conv (+ bias) → Relu` model (plus a residual `Add` of the input when `residual`).
+fn conv_model(
+    x: &[&str],
+    w: &[i64],
+    attrs: Vec<kiln_onnx::proto::AttributeProto>,
+    bias: bool,
+    residual: bool,
+    out: &[&str],
+) -> kiln_onnx::proto::ModelProto {
+    let wn: i64 = w.iter().product();
+    let mut inits = vec![f32_tensor("W", w, &values(wn as usize, 1))];
+    let mut conv_in = vec!["x", "W"];
+    if bias {
+        inits.push(f32_tensor("B", &[w[0]], &values(w[0] as usize, 2)));
+        conv_in.push("B");
+    }
+    let mut nodes = vec![node("Conv", "conv", &conv_in, &["c"], attrs)];
+    let mut last = "c";
+    if residual {
+        nodes.push(node("Add", "residual", &["c", "x"], &["s"], vec![]));
+        last = "s";
+    }
+    nodes.push(node("Relu", "relu", &[last], &["y"], vec![]));
+    model(17, nodes, vec![value_info("x", 1, x)], vec![value_info("y", 1, out)], inits)
+}
+
+/// Conv kernels (single and fused with bias, residual and Relu) over the attribute space:
+/// groups (and depthwise), strides, pads (asymmetric), dilations, every auto_pad, 1-D to 3-D,
+/// long kernels, taps that never touch the input, a symbolic batch.
+#[test]
+fn native_conv_kernels_match_the_interpreter() {
+    let ints = |n: &str, v: &[i64]| attr_ints(n, v);
+    let cases: Vec<(&str, Vec<&str>, Vec<i64>, Vec<kiln_onnx::proto::AttributeProto>, bool, bool, Vec<&str>)> = vec![
+        (
+            "conv2d_pad_residual",
+            vec!["2", "8", "9", "11"],
+            vec![8, 8, 3, 3],
+            vec![ints("pads", &[1, 1, 1, 1])],
+            true,
+            true,
+            vec!["2", "8", "9", "11"],
+        ),
+        ("conv2d_no_bias", vec!["1", "3", "6", "5"], vec![5, 3, 3, 2], vec![], false, false, vec!["1", "5", "4", "4"]),
+        (
+            "conv2d_groups_strides",
+            vec!["1", "8", "7", "7"],
+            vec![6, 4, 3, 3],
+            vec![attr_int("group", 2), ints("strides", &[2, 2]), ints("pads", &[1, 0, 2, 1])],
+            true,
+            false,
+            vec!["1", "6", "4", "3"],
+        ),
+        (
+            "conv2d_depthwise_dilated",
+            vec!["1", "6", "8", "8"],
+            vec![6, 1, 3, 3],
+            vec![attr_int("group", 6), ints("dilations", &[2, 2]), ints("pads", &[2, 2, 2, 2])],
+            true,
+            true,
+            vec!["1", "6", "8", "8"],
+        ),
+        (
+            "conv2d_same_upper_stride2",
+            vec!["1", "3", "7", "8"],
+            vec![4, 3, 3, 3],
+            vec![attr_string("auto_pad", "SAME_UPPER"), ints("strides", &[2, 2])],
+            true,
+            false,
+            vec!["1", "4", "4", "4"],
+        ),
+        (
+            "conv2d_same_lower_even_kernel",
+            vec!["1", "2", "6", "6"],
+            vec![4, 2, 4, 4],
+            vec![attr_string("auto_pad", "SAME_LOWER")],
+            false,
+            false,
+            vec!["1", "4", "6", "6"],
+        ),
+        (
+            "conv2d_valid",
+            vec!["1", "3", "9", "7"],
+            vec![5, 3, 2, 3],
+            vec![attr_string("auto_pad", "VALID"), ints("strides", &[2, 1])],
+            true,
+            false,
+            vec!["1", "5", "4", "5"],
+        ),
+        (
+            "conv1d_dilated",
+            vec!["2", "4", "20"],
+            vec![8, 4, 5],
+            vec![ints("pads", &[2, 2]), ints("dilations", &[2])],
+            true,
+            false,
+            vec!["2", "8", "16"],
+        ),
+        (
+            "conv1d_long_kernel",
+            vec!["1", "3", "30"],
+            vec![4, 3, 11],
+            vec![ints("pads", &[5, 4])],
+            true,
+            false,
+            vec!["1", "4", "29"],
+        ),
+        // More edge columns than are unrolled: bounds-checked edge loops.
+        (
+            "conv1d_wide_pads",
+            vec!["1", "2", "6"],
+            vec![3, 2, 3],
+            vec![ints("pads", &[10, 9])],
+            true,
+            false,
+            vec!["1", "3", "23"],
+        ),
+        (
+            "conv3d",
+            vec!["1", "2", "5", "6", "7"],
+            vec![4, 2, 3, 3, 3],
+            vec![ints("pads", &[1, 1, 1, 1, 1, 1]), ints("strides", &[1, 2, 1])],
+            true,
+            false,
+            vec!["1", "4", "5", "3", "7"],
+        ),
+        (
+            "conv2d_taps_outside",
+            vec!["1", "1", "2", "2"],
+            vec![1, 1, 3, 3],
+            vec![ints("pads", &[2, 2, 2, 2]), ints("dilations", &[2, 2])],
+            false,
+            true,
+            vec!["1", "1", "2", "2"],
+        ),
+        ("conv2d_1x1", vec!["1", "16", "5", "5"], vec![8, 16, 1, 1], vec![], true, false, vec!["1", "8", "5", "5"]),
+    ];
+    let mut tally = Tally::default();
+    for (name, x, w, attrs, bias, residual, out) in cases {
+        let proto = conv_model(&x, &w, attrs, bias, residual, &out);
+        let shape: Vec<usize> = x.iter().map(|d| d.parse().unwrap()).collect();
+        check_proto(name, &proto, &[shape], &mut tally);
+    }
+    // A symbolic batch: one kernel at several sizes.
+    let proto = conv_model(
+        &["N", "3", "8", "8"],
+        &[8, 3, 3, 3],
+        vec![ints("pads", &[1, 1, 1, 1])],
+        true,
+        false,
+        &["N", "8", "8", "8"],
+    );
+    for n in [1, 3] {
+        check_proto(&format!("conv2d_batch_{n}"), &proto, &[vec![n, 3, 8, 8]], &mut tally);
+    }
+    println!("conv: {} kernels checked ({} contractions)", tally.checked, tally.contractions);
+    assert!(tally.contractions >= 15, "{} conv kernels checked", tally.contractions);
+}
+
+/// MatMul and Gemm kernels, single and fused (bias, Relu, residual), with a symbolic batch,
+/// batched and broadcast operands, row counts across blocks and columns across tiles,
+/// transposes, alpha/beta and broadcast C, 1-D operands.
+#[test]
+fn native_matmul_kernels_match_the_interpreter() {
+    let mut tally = Tally::default();
+    // MatMul + bias + Relu over [N, 37, 24] · [24, 300]: rows N·37 (blocks of 64 and a tail),
+    // 300 columns (a full tile and a partial one).
+    let mlp = model(
+        17,
+        vec![
+            node("MatMul", "mm", &["x", "W"], &["h"], vec![]),
+            node("Add", "bias", &["h", "b"], &["z"], vec![]),
+            node("Relu", "act", &["z"], &["y"], vec![]),
+        ],
+        vec![value_info("x", 1, &["N", "37", "24"])],
+        vec![value_info("y", 1, &["N", "37", "300"])],
+        vec![f32_tensor("W", &[24, 300], &values(24 * 300, 3)), f32_tensor("b", &[300], &values(300, 4))],
+    );
+    for n in [1, 2, 5] {
+        check_proto(&format!("matmul_bias_relu_n{n}"), &mlp, &[vec![n, 37, 24]], &mut tally);
+    }
+    // Reduction and column tiles with tails: K = 300, N = 1030.
+    let tiles = model(
+        17,
+        vec![node("MatMul", "mm", &["x", "W"], &["h"], vec![]), node("Relu", "act", &["h"], &["y"], vec![])],
+        vec![value_info("x", 1, &["70", "300"])],
+        vec![value_info("y", 1, &["70", "1030"])],
+        vec![f32_tensor("W", &[300, 1030], &values(300 * 1030, 8))],
+    );
+    check_proto("matmul_k_and_column_tiles", &tiles, &[vec![70, 300]], &mut tally);
+    // Batched operands (both inputs) with a residual epilogue; broadcast batch dims.
+    let batched = model(
+        17,
+        vec![node("MatMul", "mm", &["a", "b"], &["h"], vec![]), node("Add", "res", &["h", "r"], &["y"], vec![])],
+        vec![
+            value_info("a", 1, &["2", "3", "13", "10"]),
+            value_info("b", 1, &["2", "3", "10", "9"]),
+            value_info("r", 1, &["2", "3", "13", "9"]),
+        ],
+        vec![value_info("y", 1, &["2", "3", "13", "9"])],
+        vec![],
+    );
+    check_proto(
+        "matmul_batched_residual",
+        &batched,
+        &[vec![2, 3, 13, 10], vec![2, 3, 10, 9], vec![2, 3, 13, 9]],
+        &mut tally,
+    );
+    let bcast = model(
+        17,
+        vec![node("MatMul", "mm", &["a", "b"], &["y"], vec![])],
+        vec![value_info("a", 1, &["3", "1", "5", "6"]), value_info("b", 1, &["4", "6", "7"])],
+        vec![value_info("y", 1, &["3", "4", "5", "7"])],
+        vec![],
+    );
+    check_proto("matmul_broadcast_batch", &bcast, &[vec![3, 1, 5, 6], vec![4, 6, 7]], &mut tally);
+    let vec_mat = model(
+        17,
+        vec![node("MatMul", "mm", &["a", "b"], &["y"], vec![])],
+        vec![value_info("a", 1, &["6"]), value_info("b", 1, &["2", "6", "5"])],
+        vec![value_info("y", 1, &["2", "5"])],
+        vec![],
+    );
+    check_proto("matmul_1d_3d", &vec_mat, &[vec![6], vec![2, 6, 5]], &mut tally);
+    let mat_vec = model(
+        17,
+        vec![node("MatMul", "mm", &["a", "b"], &["y"], vec![])],
+        vec![value_info("a", 1, &["2", "3", "5", "6"]), value_info("b", 1, &["6"])],
+        vec![value_info("y", 1, &["2", "3", "5"])],
+        vec![],
+    );
+    check_proto("matmul_4d_1d", &mat_vec, &[vec![2, 3, 5, 6], vec![6]], &mut tally);
+    // Gemm: transposes, alpha and beta, C broadcast ([N], [M, 1]), fused Relu.
+    for (name, ta, tb, alpha, beta, c) in [
+        ("gemm_ta_tb_alpha_beta", 1, 1, 0.5, 2.0, vec![8i64]),
+        ("gemm_column_c", 0, 0, 1.0, 1.0, vec![10, 1]),
+        ("gemm_tb_no_c", 0, 1, 1.0, 1.0, vec![]),
+    ] {
+        let a_shape: Vec<i64> = if ta == 1 { vec![6, 10] } else { vec![10, 6] };
+        let b_shape: Vec<i64> = if tb == 1 { vec![8, 6] } else { vec![6, 8] };
+        let mut inputs = vec!["a", "B"];
+        let mut inits = vec![f32_tensor("B", &b_shape, &values(48, 5))];
+        if !c.is_empty() {
+            inputs.push("C");
+            inits.push(f32_tensor("C", &c, &values(c.iter().product::<i64>() as usize, 6)));
+        }
+        let attrs =
+            vec![attr_int("transA", ta), attr_int("transB", tb), attr_float("alpha", alpha), attr_float("beta", beta)];
+        let dims: Vec<String> = a_shape.iter().map(|d| d.to_string()).collect();
+        let dims: Vec<&str> = dims.iter().map(|s| s.as_str()).collect();
+        let g = model(
+            17,
+            vec![node("Gemm", "gemm", &inputs, &["h"], attrs), node("Relu", "act", &["h"], &["y"], vec![])],
+            vec![value_info("a", 1, &dims)],
+            vec![value_info("y", 1, &["10", "8"])],
+            inits,
+        );
+        check_proto(name, &g, &[a_shape.iter().map(|&d| d as usize).collect()], &mut tally);
+    }
+    println!("matmul/gemm: {} kernels checked ({} contractions)", tally.checked, tally.contractions);
+    assert!(tally.contractions >= 11, "{} matmul kernels checked", tally.contractions);
+}
+
+/// Single-thread timings of the two benchmark contractions (run with `--ignored`).
+#[test]
+#[ignore]
+fn native_contraction_timings() {
+    let time = |name: &str, proto: &kiln_onnx::proto::ModelProto, shapes: &[Vec<usize>]| {
+        let dir = temp_dir(name);
+        let c = kiln::compile(kiln::load_model(&save(&dir, "m.onnx", proto)).unwrap(), "cpu").unwrap();
+        let m = c.module();
+        let o = *m.body.ops.iter().find(|&&o| is_contraction(m, o)).expect("a contraction kernel");
+        let kernel = kiln_passes::lower::lower(m, o, "k").unwrap();
+        let native = NativeKernel::compile(kernel).unwrap();
+        let mut operands: Vec<Tensor> = Vec::new();
+        let mut inputs =
+            shapes.iter().enumerate().map(|(i, s)| Tensor::from_f32(s, values(s.iter().product(), i as u64)));
+        for v in &m.op(o).operands {
+            let v = v.unwrap();
+            operands.push(match m.value(v).def {
+                kiln_ir::ir::ValueDef::OpResult(p, _) => match m.op(p).attrs.get("value") {
+                    Some(kiln_ir::attr::Attr::Tensor(t)) => t.clone(),
+                    _ => panic!("constant operand"),
+                },
+                _ => inputs.next().unwrap(),
+            });
+        }
+        let refs: Vec<&Tensor> = operands.iter().collect();
+        let mut best = f64::MAX;
+        for _ in 0..20 {
+            let t = std::time::Instant::now();
+            native.run(&refs).unwrap();
+            best = best.min(t.elapsed().as_secs_f64());
+        }
+        println!("{name}: best of 20: {:.3} ms", best * 1e3);
+    };
+    let conv = conv_model(
+        &["1", "64", "56", "56"],
+        &[64, 64, 3, 3],
+        vec![attr_ints("pads", &[1, 1, 1, 1])],
+        true,
+        false,
+        &["1", "64", "56", "56"],
+    );
+    time("conv 1x64x56x56, 64 3x3 filters, pad 1, + bias + Relu", &conv, &[vec![1, 64, 56, 56]]);
+    let mlp = model(
+        17,
+        vec![
+            node("MatMul", "mm", &["x", "W"], &["h"], vec![]),
+            node("Add", "bias", &["h", "b"], &["z"], vec![]),
+            node("Relu", "act", &["z"], &["y"], vec![]),
+        ],
+        vec![value_info("x", 1, &["N", "768"])],
+        vec![value_info("y", 1, &["N", "768"])],
+        vec![f32_tensor("W", &[768, 768], &values(768 * 768, 3)), f32_tensor("b", &[768], &values(768, 4))],
+    );
+    time("MatMul 512x768 · 768x768 + bias + Relu", &mlp, &[vec![512, 768]]);
 }

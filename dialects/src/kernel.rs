@@ -13,7 +13,10 @@
 //! LayerNorm, RMSNorm, with elementwise producers and consumers): per row, [`Stmt::Let`] binds
 //! each reduced scalar once ([`Val::Reduce`] is an inner loop with an accumulator), then an
 //! inner loop stores the row. A kernel may own local scratch buffers ([`Local`]): attention
-//! keeps a row of scores in one. Tiles, DMA and matrix ops are issue #5's next steps.
+//! keeps a row of scores in one. Contractions (Conv, MatMul, Gemm) accumulate into their output
+//! buffer (stores that read the element they write), in loops whose bounds use [`Idx::Min`] and
+//! [`Idx::Max`] (tiles, padded windows). Explicit tiles, DMA and matrix ops are issue #5's next
+//! steps.
 
 use crate::types::{DType, Dim};
 use std::fmt;
@@ -54,6 +57,10 @@ pub enum Idx {
     Rem(Box<Idx>, Box<Idx>),
     /// `if a == 1 { 0 } else { b }`: broadcasting a dim whose size is only known at run time.
     ZeroIfOne(Box<Idx>, Box<Idx>),
+    /// The smaller and the larger of two indices, compared signed (a loop's clamped bounds:
+    /// the last partial tile, the in-bounds range of a padded window).
+    Min(Box<Idx>, Box<Idx>),
+    Max(Box<Idx>, Box<Idx>),
 }
 
 impl Idx {
@@ -93,6 +100,16 @@ impl Idx {
                 (Const(1), _) => Const(0),
                 (Const(_), e) => e,
                 (x, y) => ZeroIfOne(bx(x), bx(y)),
+            },
+            Min(a, b) => match (a.simplify(), b.simplify()) {
+                (Const(x), Const(y)) => Const(x.min(y)),
+                (x, y) if x == y => x,
+                (x, y) => Min(bx(x), bx(y)),
+            },
+            Max(a, b) => match (a.simplify(), b.simplify()) {
+                (Const(x), Const(y)) => Const(x.max(y)),
+                (x, y) if x == y => x,
+                (x, y) => Max(bx(x), bx(y)),
             },
             e => e,
         }
@@ -253,6 +270,8 @@ impl fmt::Display for Idx {
             Idx::Div(a, b) => write!(f, "({a} / {b})"),
             Idx::Rem(a, b) => write!(f, "({a} % {b})"),
             Idx::ZeroIfOne(a, b) => write!(f, "({a} == 1 ? 0 : {b})"),
+            Idx::Min(a, b) => write!(f, "min({a}, {b})"),
+            Idx::Max(a, b) => write!(f, "max({a}, {b})"),
         }
     }
 }
@@ -346,6 +365,8 @@ mod tests {
         assert_eq!(Sub(b(Const(7)), b(Const(3))).simplify(), Const(4));
         assert_eq!(ZeroIfOne(b(Const(1)), b(Var(0))).simplify(), Const(0));
         assert_eq!(ZeroIfOne(b(Const(5)), b(Var(0))).simplify(), Var(0));
+        assert_eq!(Min(b(Const(3)), b(Const(-2))).simplify(), Const(-2));
+        assert_eq!(Max(b(Sub(b(Const(1)), b(Const(4)))), b(Const(0))).simplify(), Const(0));
         let dynamic = ZeroIfOne(b(Dim { buf: 0, axis: 1 }), b(Var(0)));
         assert_eq!(dynamic.clone().simplify(), dynamic);
         // Division by a run-time size stays.

@@ -1,4 +1,4 @@
-//! Lowering graph → kernel (first cut: elementwise, row-reduction and window kernels).
+//! Lowering graph → kernel: elementwise, row-reduction, window, attention and contraction kernels.
 //!
 //! A `graph.fused` kernel of kind `elementwise`, `layout` or `reduction`, or a single such op,
 //! becomes one [`Kernel`]: a loop nest over the (first) output's dims, and per output a store of
@@ -23,8 +23,13 @@
 //! an element's stores use twice (a pooled value stored and fed to an epilogue) is bound once
 //! per element.
 //!
-//! Anything else (contractions, other reductions, non-f32 types) is refused with a reason;
-//! issue #5's next steps extend this.
+//! Contractions (Conv, MatMul, Gemm), alone or as the anchor of a `contraction` kernel with an
+//! elementwise epilogue, accumulate into their output in a cache- and vector-friendly loop
+//! order, then run the epilogue in place (see [`contraction`]); a MatMul whose accumulate form
+//! does not apply falls back to an inline reduction per output element.
+//!
+//! Anything else (other reductions, non-f32 types) is refused with a reason; issue #5's next
+//! steps extend this.
 
 use kiln_ir::attr::Attr;
 use kiln_ir::graph::AttrView;
@@ -35,6 +40,7 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 
 mod attention;
+pub mod contraction;
 mod window;
 
 /// Why an op was not lowered.
@@ -845,8 +851,8 @@ fn share_reductions(mut stores: Vec<Stmt>, first_slot: usize) -> Vec<Stmt> {
     lets
 }
 
-/// Lowers top-level op `o` of `m` (an elementwise `graph.fused` kernel or one elementwise op)
-/// to a kernel named `name`.
+/// Lowers top-level op `o` of `m` (a `graph.fused` kernel or one op: elementwise, layout,
+/// row reduction or contraction) to a kernel named `name`.
 pub fn lower(m: &Module, o: OpId, name: &str) -> LowerResult<Kernel> {
     let op = m.op(o);
     let mut outer: HashMap<ValueId, ValueId> = HashMap::new();
@@ -860,7 +866,7 @@ pub fn lower(m: &Module, o: OpId, name: &str) -> LowerResult<Kernel> {
             Some(Attr::Str(a)) => a.as_str(),
             _ => "",
         };
-        let contraction = kind == "contraction" && matches!(anchor, "MatMul" | "Gemm")
+        let contraction = kind == "contraction" && matches!(anchor, "MatMul" | "Gemm" | "Conv")
             || kind == "attention" && anchor == "Attention";
         if !matches!(kind, "elementwise" | "layout" | "reduction") && !contraction {
             return Err(format!("kernels of kind '{kind}' (anchor {anchor}) are not lowered yet"));
@@ -932,6 +938,23 @@ pub fn lower(m: &Module, o: OpId, name: &str) -> LowerResult<Kernel> {
     }
     let inside: HashMap<ValueId, OpId> =
         ops.iter().flat_map(|&i| m.op(i).results.iter().map(move |&r| (r, i))).collect();
+    // Contractions accumulate into their output (see `contraction`).
+    let parts = contraction::Parts {
+        m,
+        name,
+        ops: &ops,
+        yields: &yields,
+        buffers: &buffers,
+        inputs,
+        operands: &operand_of,
+        arg: &arg,
+        syms: &syms,
+        inside: &inside,
+        outer: &outer,
+    };
+    if let Some(k) = contraction::lower(&parts)? {
+        return Ok(k);
+    }
     // The full-size output sets the loop nest; reduced outputs ([rows..., 1]) store once a row.
     let full = (0..yields.len())
         .max_by_key(|&k| buffers[inputs + k].shape.last().map_or(0, |d| d.known().map_or(u64::MAX, |n| n)))

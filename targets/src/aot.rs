@@ -270,8 +270,9 @@ pub fn compile(m: &Module, name: &str, dir: &Path) -> Result<Artifact, TargetErr
             );
             args.push((r, format!("&b{bi}_{}", k.name)));
         }
-        let extent = match crate::native::parallel_extent(k) {
-            Some(e) => {
+        // One thread: the split loop (see `split_loop`) runs its whole range.
+        let extent = match crate::native::split_loop(k) {
+            Some((_, _, e)) => {
                 let all: Vec<Vec<usize>> = k
                     .buffers
                     .iter()

@@ -82,6 +82,8 @@ impl Emitter<'_> {
             Idx::Mul(a, b) => ("arith.muli", a, b),
             Idx::Div(a, b) => ("arith.divui", a, b),
             Idx::Rem(a, b) => ("arith.remui", a, b),
+            Idx::Min(a, b) => ("arith.minsi", a, b),
+            Idx::Max(a, b) => ("arith.maxsi", a, b),
         };
         let (a, b) = (self.idx(depth, a), self.idx(depth, b));
         let t = self.fresh();
@@ -484,6 +486,8 @@ pub(crate) fn eval_idx(i: &Idx, shapes: &[&[usize]]) -> Option<i64> {
         Idx::Mul(a, b) => eval_idx(a, shapes)? * eval_idx(b, shapes)?,
         Idx::Div(a, b) => eval_idx(a, shapes)?.checked_div(eval_idx(b, shapes)?)?,
         Idx::Rem(a, b) => eval_idx(a, shapes)?.checked_rem(eval_idx(b, shapes)?)?,
+        Idx::Min(a, b) => eval_idx(a, shapes)?.min(eval_idx(b, shapes)?),
+        Idx::Max(a, b) => eval_idx(a, shapes)?.max(eval_idx(b, shapes)?),
         Idx::ZeroIfOne(a, b) => {
             if eval_idx(a, shapes)? == 1 {
                 0

@@ -1,0 +1,720 @@
+//! Contraction kernels (Conv, MatMul, Gemm), alone or as the anchor of a `graph.fused` kernel
+//! of kind `contraction` with an elementwise epilogue.
+//!
+//! Instead of a reduction per output element, a contraction accumulates into its output
+//! buffer: the output is initialized (zero, a Conv's bias, a Gemm's `beta · C`), then every
+//! product is added in a loop order whose innermost loop walks the output and one operand
+//! contiguously (LLVM vectorizes it), and last an epilogue pass applies the fused elementwise
+//! ops in place, reading the contraction's element back from the output buffer.
+//!
+//! - Conv (NCHW, 1 to 3 spatial dims, groups, strides, pads or `auto_pad`, dilations, bias):
+//!   `for (n, block of CONV_OC_BLOCK output channels) parallel: init; for ic, taps of the
+//!   leading axes: for output rows: for output columns: Σ over the last axis' taps`, the rows
+//!   running over the taps' in-bounds range and the columns split into an interior where every
+//!   tap is in bounds and edge columns (index arithmetic with [`Idx::Min`]/[`Idx::Max`]: no
+//!   bounds check in the interior and no padding copy).
+//! - MatMul (2-D and batched with broadcast batch dims) and Gemm (`transA`, `transB`, `alpha`,
+//!   `beta`, `C` broadcast, 1-D operands): rows in parallel blocks of [`MATMUL_ROW_BLOCK`]; per
+//!   block, tiles of [`MATMUL_TILE_N`] columns and [`MATMUL_TILE_K`] values of `k`; per tile,
+//!   [`MATMUL_ROWS`] rows at a time accumulate `C[i, j] += Σ_v A[i, k + v] · B[k + v, j]` over
+//!   [`MATMUL_K_UNROLL`] values of `k` with `j` innermost (the `A` values hoisted as scalars,
+//!   the `B` values loaded once for all rows). With `transB` the `j` loop reads `B` with a
+//!   stride (a gather): a constant `B` is better transposed ahead of time.
+//!
+//! Every loop nest parallelizes over its outermost loop, whose iterations write disjoint parts
+//! of the output (output channels of an image; a block of rows). A MatMul whose accumulate form
+//! does not apply (an epilogue that reads the product at another element than the one it
+//! writes, an output of another shape) is left to the inline-reduction form of
+//! [`super::lower`]; such a Conv is refused.
+
+use super::{b, LowerResult, Lowering};
+use kiln_ir::graph::AttrView;
+use kiln_ir::ir::{Module, OpId, ValueId};
+use kiln_ir::kernel::{BinOp, Buffer, Idx, Kernel, Knobs, Stmt, Val};
+use kiln_ir::Dim;
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+
+// Schedule constants (to become `Knobs` the autotuner sets), chosen on a 512×768·768×768
+// MatMul, a 256×4096·4096×4096 one and a 64-channel 56×56 3×3 Conv on one Zen 4 core.
+
+/// Rows of a MatMul's output per parallel iteration (the rows sharing a `B` panel).
+pub const MATMUL_ROW_BLOCK: i64 = 64;
+/// Columns of a MatMul's output per tile.
+pub const MATMUL_TILE_N: i64 = 1024;
+/// Values of the reduction dim per tile (the `B` panel `MATMUL_TILE_K × MATMUL_TILE_N` stays
+/// in cache while the rows of a block reuse it).
+pub const MATMUL_TILE_K: i64 = 128;
+/// Rows of a MatMul's output accumulated together (each `B` value loaded serves them all).
+pub const MATMUL_ROWS: usize = 4;
+/// Values of the reduction dim added per pass over a row tile (loads and stores of the
+/// output per product divided by this).
+pub const MATMUL_K_UNROLL: usize = 4;
+/// Output channels of a Conv accumulated together (each input value loaded serves them all),
+/// at most: the largest divisor of the channels per group up to this.
+pub const CONV_OC_BLOCK: i64 = 4;
+/// Taps along a Conv's last spatial axis summed per pass over an output row, at most (beyond
+/// it, one tap per pass).
+pub const CONV_MAX_TAP_UNROLL: i64 = 8;
+
+fn add(x: Idx, y: Idx) -> Idx {
+    Idx::Add(b(x), b(y))
+}
+fn sub(x: Idx, y: Idx) -> Idx {
+    Idx::Sub(b(x), b(y))
+}
+fn mul(x: Idx, y: Idx) -> Idx {
+    Idx::Mul(b(x), b(y))
+}
+fn div(x: Idx, y: Idx) -> Idx {
+    Idx::Div(b(x), b(y))
+}
+fn rem(x: Idx, y: Idx) -> Idx {
+    Idx::Rem(b(x), b(y))
+}
+fn min(x: Idx, y: Idx) -> Idx {
+    Idx::Min(b(x), b(y))
+}
+fn max(x: Idx, y: Idx) -> Idx {
+    Idx::Max(b(x), b(y))
+}
+fn c(v: i64) -> Idx {
+    Idx::Const(v)
+}
+/// `⌈x / t⌉` for `x ≥ 0`.
+fn ceil_div(x: Idx, t: i64) -> Idx {
+    div(add(x, c(t - 1)), c(t))
+}
+fn fadd(x: Val, y: Val) -> Val {
+    Val::Bin(BinOp::Add, Box::new(x), Box::new(y))
+}
+fn fmul(x: Val, y: Val) -> Val {
+    Val::Bin(BinOp::Mul, Box::new(x), Box::new(y))
+}
+fn for_(var: usize, extent: Idx, parallel: bool, body: Vec<Stmt>) -> Stmt {
+    Stmt::For { var, extent: extent.simplify(), parallel, body }
+}
+fn simplified(idx: &[Idx]) -> Vec<Idx> {
+    idx.iter().map(|i| i.clone().simplify()).collect()
+}
+
+/// A kernel's parts as [`super::lower`] set them up.
+pub(super) struct Parts<'a> {
+    pub m: &'a Module,
+    pub name: &'a str,
+    pub ops: &'a [OpId],
+    pub yields: &'a [ValueId],
+    pub buffers: &'a [Buffer],
+    pub inputs: usize,
+    pub operands: &'a [usize],
+    pub arg: &'a HashMap<ValueId, usize>,
+    pub syms: &'a HashMap<String, (usize, usize)>,
+    pub inside: &'a HashMap<ValueId, OpId>,
+    pub outer: &'a HashMap<ValueId, ValueId>,
+}
+
+/// The kernel of a contraction (a Conv, MatMul or Gemm, alone or anchoring the kernel's ops)
+/// in accumulate form: `Ok(None)` when the kernel has no such anchor, or when a MatMul's fast
+/// form does not apply (the caller then builds the inline-reduction form).
+pub(super) fn lower(p: &Parts) -> LowerResult<Option<Kernel>> {
+    let anchors: Vec<OpId> =
+        p.ops.iter().copied().filter(|&o| matches!(p.m.op(o).op_type(), "Conv" | "MatMul" | "Gemm")).collect();
+    let [anchor] = anchors[..] else { return Ok(None) };
+    let t = p.m.op(anchor).op_type();
+    let built = Builder::new(p, anchor).and_then(|bd| match t {
+        "Conv" => bd.conv().map(Some),
+        _ => bd.matmul(),
+    });
+    match built {
+        Ok(Some(body)) => Ok(Some(Kernel {
+            name: p.name.to_string(),
+            buffers: p.buffers.to_vec(),
+            inputs: p.inputs,
+            operands: p.operands.to_vec(),
+            locals: Vec::new(),
+            body,
+            knobs: Knobs::default(),
+        })),
+        Ok(None) => Ok(None),
+        Err(e) if t == "Conv" => Err(e),
+        // The inline form may still apply.
+        Err(_) => Ok(None),
+    }
+}
+
+/// Builds a contraction's loop nest: the anchor's result reads back from the accumulator
+/// buffer, where the epilogue also stores.
+struct Builder<'p, 'm> {
+    p: &'p Parts<'m>,
+    lw: Lowering<'m>,
+    anchor: OpId,
+    /// The anchor's result.
+    result: ValueId,
+    /// The output buffer the anchor accumulates into.
+    acc: usize,
+    /// The kernel's outputs other than the accumulator when it holds the anchor's result:
+    /// (buffer, value).
+    stores: Vec<(usize, ValueId)>,
+    next_slot: Cell<usize>,
+}
+
+impl<'p, 'm> Builder<'p, 'm> {
+    fn new(p: &'p Parts<'m>, anchor: OpId) -> LowerResult<Builder<'p, 'm>> {
+        let op = p.m.op(anchor);
+        let t = op.op_type();
+        let result = *op.results.first().ok_or("a contraction without a result")?;
+        let shape = p.m.value(result).ty.shape.clone().ok_or("a contraction of unknown rank")?;
+        // Every output is the shape of the anchor's result (stored at the element the
+        // accumulator holds); the accumulator is the anchor's own output, else the first.
+        let mut acc = None;
+        for (k, &y) in p.yields.iter().enumerate() {
+            if p.m.value(y).ty.shape.as_deref() != Some(&shape[..]) {
+                return Err(format!("a {t} kernel with an output of another shape than the {t}"));
+            }
+            if y == result && acc.is_none() {
+                acc = Some(p.inputs + k);
+            }
+        }
+        let acc = match acc {
+            Some(a) => a,
+            None if !p.yields.is_empty() => p.inputs,
+            None => return Err("a kernel without outputs".into()),
+        };
+        let stores: Vec<(usize, ValueId)> =
+            p.yields.iter().enumerate().map(|(k, &y)| (p.inputs + k, y)).filter(|&(buf, _)| buf != acc).collect();
+        let mut arg = p.arg.clone();
+        arg.insert(result, acc);
+        let lw = Lowering {
+            m: p.m,
+            arg,
+            inside: p.inside.clone(),
+            syms: p.syms.clone(),
+            // No reductions in a contraction's epilogue: no row is the kernel's.
+            rank: p.buffers.get(acc).map_or(0, |b| b.shape.len()),
+            rows: usize::MAX,
+            slots: RefCell::new(Vec::new()),
+            memo: RefCell::new(HashMap::new()),
+            next_var: Default::default(),
+            outer: p.outer.clone(),
+            windows: RefCell::new(Vec::new()),
+        };
+        Ok(Builder { p, lw, anchor, result, acc, stores, next_slot: Cell::new(0) })
+    }
+
+    fn slot(&self) -> usize {
+        let s = self.next_slot.get();
+        self.next_slot.set(s + 1);
+        s
+    }
+
+    fn shape(&self, v: ValueId) -> LowerResult<Vec<Dim>> {
+        Ok(self.lw.shape(v)?.to_vec())
+    }
+
+    fn operand(&self, i: usize) -> Option<ValueId> {
+        self.p.m.op(self.anchor).operands.get(i).copied().flatten()
+    }
+
+    fn attrs(&self) -> AttrView<'_> {
+        AttrView(&self.p.m.op(self.anchor).attrs)
+    }
+
+    /// Whether the epilogue changes the accumulator or writes other outputs.
+    fn has_epilogue(&self) -> bool {
+        !self.stores.is_empty() || self.p.yields[self.acc - self.p.inputs] != self.result
+    }
+
+    /// The epilogue's stores at output element `idx` (the accumulator's last: the others
+    /// read it). Each reads the accumulator at `idx` only, so the pass can run in place.
+    fn epilogue(&self, idx: &[Idx]) -> LowerResult<Vec<Stmt>> {
+        let mut out = Vec::new();
+        let acc_yield = self.p.yields[self.acc - self.p.inputs];
+        let mut all: Vec<(usize, ValueId)> = self.stores.clone();
+        if acc_yield != self.result {
+            all.push((self.acc, acc_yield));
+        }
+        // Axes of extent 1 index 0 (as broadcasting reads them).
+        let shape = self.shape(self.result)?;
+        let idx: Vec<Idx> =
+            idx.iter().zip(&shape).map(|(i, d)| if *d == Dim::Known(1) { c(0) } else { i.clone() }).collect();
+        let want = simplified(&idx);
+        for (buf, y) in all {
+            let value = self.lw.value(y, &idx)?;
+            if !reads_only_at(&value, self.acc, &want) {
+                return Err(format!(
+                    "an epilogue that reads the contraction at another element than it writes ({value} at [{}])",
+                    want.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(", ")
+                ));
+            }
+            out.push(Stmt::Store { buf, index: want.clone(), value });
+        }
+        if !self.lw.slots.borrow().is_empty() {
+            return Err("a reduction in a contraction's epilogue".into());
+        }
+        Ok(out)
+    }
+
+    /// A loop nest over `dims` (loop variables from `first`) with `body(index)` inside, the
+    /// element index being `prefix` then the loop variables.
+    fn nest(
+        &self,
+        first: usize,
+        prefix: &[Idx],
+        dims: &[Idx],
+        body: impl FnOnce(&[Idx]) -> LowerResult<Vec<Stmt>>,
+    ) -> LowerResult<Vec<Stmt>> {
+        let mut idx = prefix.to_vec();
+        idx.extend((0..dims.len()).map(|d| Idx::Var(first + d)));
+        let mut s = body(&idx)?;
+        for (d, e) in dims.iter().enumerate().rev() {
+            s = vec![for_(first + d, e.clone(), false, s)];
+        }
+        Ok(s)
+    }
+
+    // ---------------------------------------------------------------- Conv
+
+    fn conv(&self) -> LowerResult<Vec<Stmt>> {
+        let lw = &self.lw;
+        let (x, w) = (self.operand(0).ok_or("Conv without X")?, self.operand(1).ok_or("Conv without W")?);
+        let bias = self.operand(2);
+        let (xs, ws, ys) = (self.shape(x)?, self.shape(w)?, self.shape(self.result)?);
+        let r = xs.len();
+        if !(3..=5).contains(&r) || ws.len() != r || ys.len() != r {
+            return Err(format!("Conv of rank {r} is not lowered (1 to 3 spatial dims)"));
+        }
+        let sp = r - 2;
+        let a = self.attrs();
+        let e = |x: kiln_ir::graph::OpError| x.0;
+        let group = a.int("group", 1).map_err(e)?;
+        if group < 1 {
+            return Err("Conv with a group below 1".into());
+        }
+        let kernel: Vec<i64> = ws[2..]
+            .iter()
+            .map(|d| d.known().map(|k| k as i64).ok_or("Conv with a symbolic kernel size"))
+            .collect::<Result<_, _>>()?;
+        if let Some(ks) = a.ints("kernel_shape").map_err(e)? {
+            if ks != kernel {
+                return Err("Conv kernel_shape differs from W's spatial dims".into());
+            }
+        }
+        let spatial = |name: &str, n: usize, fill: i64| -> LowerResult<Vec<i64>> {
+            let v = a.ints(name).map_err(e)?.unwrap_or_else(|| vec![fill; n]);
+            if v.len() != n || v.iter().any(|&x| x < 0) {
+                return Err(format!("Conv attribute {name} {v:?} is not {n} non-negative values"));
+            }
+            Ok(v)
+        };
+        let strides = spatial("strides", sp, 1)?;
+        let dilations = spatial("dilations", sp, 1)?;
+        let pads = spatial("pads", 2 * sp, 0)?;
+        if strides.contains(&0) || dilations.contains(&0) {
+            return Err("Conv with a zero stride or dilation".into());
+        }
+        let auto_pad = a.string("auto_pad", "NOTSET").map_err(e)?;
+        // Begin padding per spatial axis (the output's extent comes from its buffer).
+        let mut pad = Vec::new();
+        for d in 0..sp {
+            pad.push(match auto_pad.as_str() {
+                "NOTSET" => pads[d],
+                "VALID" => 0,
+                "SAME_UPPER" | "SAME_LOWER" => {
+                    let len = xs[2 + d].known().ok_or("Conv with auto_pad SAME over a symbolic spatial dim")? as i64;
+                    let ek = (kernel[d] - 1) * dilations[d] + 1;
+                    let out = (len + strides[d] - 1) / strides[d];
+                    let total = ((out.max(1) - 1) * strides[d] + ek - len).max(0);
+                    if auto_pad == "SAME_UPPER" {
+                        total / 2
+                    } else {
+                        total - total / 2
+                    }
+                }
+                other => return Err(format!("Conv auto_pad {other} is not known")),
+            });
+        }
+        let dim = |d: &Dim| lw.dim(d);
+        let (n, m, cg) = (dim(&ys[0])?, dim(&ys[1])?, dim(&ws[1])?);
+        let out_dims: Vec<Idx> = ys[2..].iter().map(dim).collect::<Result<_, _>>()?;
+        let in_dims: Vec<Idx> = xs[2..].iter().map(dim).collect::<Result<_, _>>()?;
+        // Output channels per parallel iteration (all in one group).
+        let ocb = match ys[1].known() {
+            Some(mk) => (1..=CONV_OC_BLOCK).rev().find(|b| (mk as i64 / group) % b == 0).unwrap_or(1),
+            None => 1,
+        };
+        let blocks = div(m.clone(), c(ocb));
+        // Loop variables: 0 (image, channel block), 1 input channel of the group, 2.. taps of
+        // the spatial axes, 2 + sp.. output positions.
+        let ni = div(Idx::Var(0), blocks.clone());
+        let oc0 = mul(rem(Idx::Var(0), blocks.clone()), c(ocb));
+        let ocs: Vec<Idx> = (0..ocb).map(|u| add(oc0.clone(), c(u))).collect();
+        let ch = add(mul(div(oc0.clone(), div(m.clone(), c(group))), cg.clone()), Idx::Var(1));
+        let last = sp - 1;
+        // Taps along the last axis are unrolled (each input value loaded serves them all) up to
+        // a bound; beyond it, one tap per pass over the row.
+        let unroll = kernel[last] <= CONV_MAX_TAP_UNROLL;
+        let kwu = if unroll { kernel[last] } else { 1 };
+        let kw0 = if unroll { c(0) } else { Idx::Var(2 + last) };
+        let tap = |d: usize, q: i64| if d == last { add(kw0.clone(), c(q)) } else { Idx::Var(2 + d) };
+        let outv = |d: usize| Idx::Var(2 + sp + d);
+        let acc = self.acc;
+        // Init: the bias or zero.
+        let mut body = Vec::new();
+        for oc in &ocs {
+            let init_val = match bias {
+                Some(bv) => lw.value(bv, std::slice::from_ref(oc))?,
+                None => Val::Const(0.0),
+            };
+            body.extend(self.nest(1, &[ni.clone(), oc.clone()], &out_dims, |idx| {
+                Ok(vec![Stmt::Store { buf: acc, index: simplified(idx), value: init_val }])
+            })?);
+        }
+        // Output positions o whose input index o·s − p + k·d is in bounds for tap k:
+        // [lo(k), hi(k)) with lo = ⌈max(0, p − k·d) / s⌉, hi = min(O, ⌈max(0, L + p − k·d) / s⌉);
+        // both shrink as k grows.
+        let lo = |d: usize, k: Idx| ceil_div(max(c(0), sub(c(pad[d]), mul(k, c(dilations[d])))), strides[d]);
+        let hi = |d: usize, k: Idx| {
+            let reach = max(c(0), sub(add(in_dims[d].clone(), c(pad[d])), mul(k, c(dilations[d]))));
+            min(out_dims[d].clone(), ceil_div(reach, strides[d]))
+        };
+        let in_at = |d: usize, o: Idx, k: Idx| add(sub(mul(o, c(strides[d])), c(pad[d])), mul(k, c(dilations[d])));
+        // Positions along the leading axes: o = lo(tap) + loop variable.
+        let rows: Vec<Idx> = (0..last).map(|d| add(lo(d, tap(d, 0)), outv(d)).simplify()).collect();
+        // The weights of the taps along the last axis, per output channel.
+        let mut wlets = Vec::new();
+        let mut wslot = vec![vec![0; kwu as usize]; ocb as usize];
+        for (u, oc) in ocs.iter().enumerate() {
+            for q in 0..kwu {
+                let mut widx = vec![oc.clone(), Idx::Var(1)];
+                widx.extend((0..sp).map(|d| tap(d, q)));
+                let sl = self.slot();
+                wslot[u][q as usize] = sl;
+                wlets.push(Stmt::Let { slot: sl, value: lw.value(w, &widx)? });
+            }
+        }
+        // One output column `ow` of every channel of the block: Σ over the taps of the row.
+        // `only`: the taps to add (unguarded), all by default.
+        let column = |ow: Idx, guarded: bool, only: Option<Vec<i64>>| -> LowerResult<Vec<Stmt>> {
+            let qs: Vec<i64> = only.unwrap_or_else(|| (0..kwu).collect());
+            if qs.is_empty() {
+                return Ok(Vec::new());
+            }
+            let mut st = Vec::new();
+            let mut xslot = Vec::new();
+            for &q in &qs {
+                let mut xidx = vec![ni.clone(), ch.clone()];
+                xidx.extend((0..last).map(|d| in_at(d, rows[d].clone(), tap(d, 0))));
+                let iw = in_at(last, ow.clone(), tap(last, q)).simplify();
+                xidx.push(iw.clone());
+                let mut v = lw.value(x, &xidx)?;
+                if guarded {
+                    // Signed compares: iw may be negative (padding); the load runs only in bounds.
+                    let inside = Val::IfLess {
+                        lhs: iw.clone(),
+                        rhs: in_dims[last].clone(),
+                        then: Box::new(v),
+                        other: Box::new(Val::Const(0.0)),
+                    };
+                    v = Val::IfLess { lhs: iw, rhs: c(0), then: Box::new(Val::Const(0.0)), other: Box::new(inside) };
+                }
+                let sl = self.slot();
+                xslot.push((q as usize, sl));
+                st.push(Stmt::Let { slot: sl, value: v });
+            }
+            for (u, oc) in ocs.iter().enumerate() {
+                let mut oidx = vec![ni.clone(), oc.clone()];
+                oidx.extend(rows.iter().cloned());
+                oidx.push(ow.clone());
+                let oidx = simplified(&oidx);
+                let mut sum = Val::Load { buf: acc, index: oidx.clone() };
+                for &(q, sl) in &xslot {
+                    sum = fadd(sum, fmul(Val::Scalar(wslot[u][q]), Val::Scalar(sl)));
+                }
+                st.push(Stmt::Store { buf: acc, index: oidx, value: sum });
+            }
+            Ok(st)
+        };
+        // The last axis: the interior [l, h) where every tap is in bounds, then the edges
+        // (some taps in the padding) with bounds checks.
+        let cv = outv(last);
+        let ol = out_dims[last].clone();
+        let l = min(lo(last, tap(last, 0)), ol.clone()).simplify();
+        let h = max(l.clone(), hi(last, tap(last, kwu - 1))).simplify();
+        let mut cols = vec![for_(
+            2 + sp + last,
+            sub(h.clone(), l.clone()),
+            false,
+            column(add(l.clone(), cv.clone()), false, None)?,
+        )];
+        match (&l, &h, &ol, &in_dims[last]) {
+            // Known sizes and few edge columns: each edge column adds just its in-bounds taps.
+            (Idx::Const(l), Idx::Const(h), Idx::Const(ol), Idx::Const(len)) if *l <= 8 && ol - h <= 8 => {
+                let (s, p, dl) = (strides[last], pad[last], dilations[last]);
+                for ow in (0..*l).chain(*h..*ol) {
+                    let taps: Vec<i64> = (0..kwu).filter(|q| (0..*len).contains(&(ow * s - p + q * dl))).collect();
+                    cols.extend(column(c(ow), false, Some(taps))?);
+                }
+            }
+            _ if kwu > 1 => {
+                cols.push(for_(2 + sp + last, l, false, column(cv.clone(), true, None)?));
+                cols.push(for_(2 + sp + last, sub(ol, h.clone()), false, column(add(h, cv), true, None)?));
+            }
+            _ => {}
+        }
+        let mut inner = cols;
+        for d in (0..last).rev() {
+            let ext = max(c(0), sub(hi(d, tap(d, 0)), lo(d, tap(d, 0))));
+            inner = vec![for_(2 + sp + d, ext, false, inner)];
+        }
+        let mut taps = wlets;
+        taps.extend(inner);
+        if !unroll {
+            taps = vec![for_(2 + last, c(kernel[last]), false, taps)];
+        }
+        for d in (0..last).rev() {
+            taps = vec![for_(2 + d, c(kernel[d]), false, taps)];
+        }
+        body.push(for_(1, cg, false, taps));
+        if self.has_epilogue() {
+            for oc in &ocs {
+                body.extend(self.nest(1, &[ni.clone(), oc.clone()], &out_dims, |idx| self.epilogue(idx))?);
+            }
+        }
+        Ok(vec![for_(0, mul(n, blocks), true, body)])
+    }
+
+    // ---------------------------------------------------------------- MatMul, Gemm
+
+    /// `Ok(None)` when the fast form does not apply.
+    fn matmul(&self) -> LowerResult<Option<Vec<Stmt>>> {
+        let lw = &self.lw;
+        let op = self.p.m.op(self.anchor);
+        let gemm = op.op_type() == "Gemm";
+        let (a, bm) = (self.operand(0).ok_or("no A")?, self.operand(1).ok_or("no B")?);
+        let (sa, sb, so) = (self.shape(a)?, self.shape(bm)?, self.shape(self.result)?);
+        let e = |x: kiln_ir::graph::OpError| x.0;
+        let attrs = self.attrs();
+        let (ta, tb) = if gemm {
+            (attrs.int("transA", 0).map_err(e)? != 0, attrs.int("transB", 0).map_err(e)? != 0)
+        } else {
+            (false, false)
+        };
+        let (alpha, beta) = if gemm {
+            (attrs.float("alpha", 1.0).map_err(e)? as f64, attrs.float("beta", 1.0).map_err(e)? as f64)
+        } else {
+            (1.0, 1.0)
+        };
+        let cmat = if gemm { self.operand(2) } else { None };
+        let (ra, rb) = (sa.len(), sb.len());
+        if ra == 0 || rb == 0 || (gemm && (ra != 2 || rb != 2)) {
+            return Err("a MatMul of scalars or a Gemm of other than matrices".into());
+        }
+        // A 1-D operand is a matrix of one row (A) or one column (B) whose dim the output
+        // drops: the loops run over the output with those dims put back (`virt`).
+        let (a_vec, b_vec) = (ra == 1, rb == 1);
+        let nb = so.len().checked_sub((!a_vec) as usize + (!b_vec) as usize).ok_or("a MatMul of a bad rank")?;
+        let out_batch = &so[..nb];
+        let mut virt = out_batch.to_vec();
+        virt.push(if a_vec { Dim::Known(1) } else { so[nb].clone() });
+        virt.push(if b_vec { Dim::Known(1) } else { so[so.len() - 1].clone() });
+        let r = virt.len();
+        let kdim = if a_vec {
+            &sa[0]
+        } else if ta {
+            &sa[ra - 2]
+        } else {
+            &sa[ra - 1]
+        };
+        let (nn, kk) = (lw.dim(&virt[r - 1])?, lw.dim(kdim)?);
+        let a_batch = if a_vec { &[][..] } else { &sa[..ra - 2] };
+        let b_batch = if b_vec { &[][..] } else { &sb[..rb - 2] };
+        // B shared by every row (no batch dims of its own): rows flatten over the batch.
+        let shared = b_batch.iter().all(|d| *d == Dim::Known(1));
+        let rows_shape: Vec<Dim> = if shared { virt[..r - 1].to_vec() } else { vec![virt[r - 2].clone()] };
+        let mut rows = c(1);
+        for d in &rows_shape {
+            rows = mul(rows, lw.dim(d)?);
+        }
+        let mut batches = c(1);
+        if !shared {
+            for d in out_batch {
+                batches = mul(batches, lw.dim(d)?);
+            }
+        }
+        // Loop variables: 0 (batch, row block), 1 column tile, 2 row group, 3.. inside.
+        let groups = ceil_div(rows.clone(), MATMUL_ROW_BLOCK);
+        let v0 = Idx::Var(0);
+        let (bt, grp) =
+            if shared { (c(0), v0.clone()) } else { (div(v0.clone(), groups.clone()), rem(v0, groups.clone())) };
+        let g0 = mul(grp, c(MATMUL_ROW_BLOCK));
+        let grows = min(c(MATMUL_ROW_BLOCK), sub(rows.clone(), g0.clone()));
+        let j0 = mul(Idx::Var(1), c(MATMUL_TILE_N));
+        let nj = min(c(MATMUL_TILE_N), sub(nn.clone(), j0.clone()));
+        // The index into `virt` (all but the column) of row `row` (an index into rows).
+        let prefix = |row: Idx| -> LowerResult<Vec<Idx>> {
+            if shared {
+                lw.delinearize(row, &rows_shape)
+            } else {
+                let mut p = lw.delinearize(bt.clone(), out_batch)?;
+                p.push(row);
+                Ok(p)
+            }
+        };
+        // A's index for prefix `pre` and reduction index `k`; B's for `k`, column `j`.
+        let a_idx = |pre: &[Idx], k: Idx| -> LowerResult<Vec<Idx>> {
+            if a_vec {
+                return Ok(vec![k]);
+            }
+            let mut ix = lw.broadcast(&pre[..r - 2], out_batch, a_batch)?;
+            let i = pre[r - 2].clone();
+            ix.extend(if ta { [k, i] } else { [i, k] });
+            Ok(ix)
+        };
+        let b_idx = |pre: &[Idx], k: Idx, j: Idx| -> LowerResult<Vec<Idx>> {
+            if b_vec {
+                return Ok(vec![k]);
+            }
+            let mut ix = lw.broadcast(&pre[..r - 2], out_batch, b_batch)?;
+            ix.extend(if tb { [j, k] } else { [k, j] });
+            Ok(ix)
+        };
+        // The output's index of `virt`'s (`pre`, `j`).
+        let with_col = |pre: &[Idx], j: Idx| {
+            let mut v = pre[..r - 2].to_vec();
+            if !a_vec {
+                v.push(pre[r - 2].clone());
+            }
+            if !b_vec {
+                v.push(j);
+            }
+            simplified(&v)
+        };
+        let acc = self.acc;
+        let finish = alpha != 1.0;
+        let init_val = |pre: &[Idx], j: Idx| -> LowerResult<Val> {
+            match cmat {
+                Some(cv) if !finish => {
+                    let cix = lw.broadcast(&with_col(pre, j), &so, &self.shape(cv)?)?;
+                    Ok(fmul(Val::Const(beta), lw.value(cv, &cix)?))
+                }
+                _ => Ok(Val::Const(0.0)),
+            }
+        };
+        let finish_val = |pre: &[Idx], j: Idx| -> LowerResult<Val> {
+            let mut v = fmul(Val::Const(alpha), Val::Load { buf: acc, index: with_col(pre, j.clone()) });
+            if let Some(cv) = cmat {
+                let cix = lw.broadcast(&with_col(pre, j), &so, &self.shape(cv)?)?;
+                v = fadd(v, fmul(Val::Const(beta), lw.value(cv, &cix)?));
+            }
+            Ok(v)
+        };
+        let epi = self.has_epilogue();
+        let pres_of = |row0: &Idx, u: usize| -> LowerResult<Vec<Vec<Idx>>> {
+            (0..u).map(|q| prefix(add(row0.clone(), c(q as i64)))).collect()
+        };
+        let col = |v: usize| add(j0.clone(), Idx::Var(v));
+        // Init of `u` rows from `row0` over the column tile (loop variable `v`).
+        let init = |row0: Idx, u: usize, v: usize| -> LowerResult<Vec<Stmt>> {
+            let mut s = Vec::new();
+            for pre in &pres_of(&row0, u)? {
+                let store = Stmt::Store { buf: acc, index: with_col(pre, col(v)), value: init_val(pre, col(v))? };
+                s.push(for_(v, nj.clone(), false, vec![store]));
+            }
+            Ok(s)
+        };
+        // Alpha, C and the epilogue, in place.
+        let finish_rows = |row0: Idx, u: usize, v: usize| -> LowerResult<Vec<Stmt>> {
+            let mut s = Vec::new();
+            for pre in &pres_of(&row0, u)? {
+                let mut st = Vec::new();
+                if finish {
+                    st.push(Stmt::Store { buf: acc, index: with_col(pre, col(v)), value: finish_val(pre, col(v))? });
+                }
+                if epi {
+                    st.extend(self.epilogue(&with_col(pre, col(v)))?);
+                }
+                if !st.is_empty() {
+                    s.push(for_(v, nj.clone(), false, st));
+                }
+            }
+            Ok(s)
+        };
+        // The products of `u` rows from `row0` with k in [k0, k0 + kl), `ku` values of k per
+        // pass over the columns (then the remainder one at a time); loop variables v, v + 1.
+        let products = |row0: Idx, u: usize, k0: Idx, kl: Idx, v: usize| -> LowerResult<Vec<Stmt>> {
+            let pres = pres_of(&row0, u)?;
+            let kstep = |ku: usize, k0: Idx| -> LowerResult<Vec<Stmt>> {
+                let mut lets = Vec::new();
+                let mut aslots = vec![vec![0; ku]; u];
+                for (q, pre) in pres.iter().enumerate() {
+                    for t in 0..ku {
+                        let sl = self.slot();
+                        aslots[q][t] = sl;
+                        let value = lw.value(a, &a_idx(pre, add(k0.clone(), c(t as i64)))?)?;
+                        lets.push(Stmt::Let { slot: sl, value });
+                    }
+                }
+                let mut inner = Vec::new();
+                let mut bslots = vec![0; ku];
+                for t in 0..ku {
+                    let sl = self.slot();
+                    bslots[t] = sl;
+                    let value = lw.value(bm, &b_idx(&pres[0], add(k0.clone(), c(t as i64)), col(v + 1))?)?;
+                    inner.push(Stmt::Let { slot: sl, value });
+                }
+                for (q, pre) in pres.iter().enumerate() {
+                    let ix = with_col(pre, col(v + 1));
+                    let mut sum = Val::Load { buf: acc, index: ix.clone() };
+                    for t in 0..ku {
+                        sum = fadd(sum, fmul(Val::Scalar(aslots[q][t]), Val::Scalar(bslots[t])));
+                    }
+                    inner.push(Stmt::Store { buf: acc, index: ix, value: sum });
+                }
+                lets.push(for_(v + 1, nj.clone(), false, inner));
+                Ok(lets)
+            };
+            let ku = MATMUL_K_UNROLL as i64;
+            let full = div(kl.clone(), c(ku));
+            let mut s =
+                vec![for_(v, full.clone(), false, kstep(MATMUL_K_UNROLL, add(k0.clone(), mul(Idx::Var(v), c(ku))))?)];
+            s.push(for_(v, rem(kl, c(ku)), false, kstep(1, add(add(k0, mul(full, c(ku))), Idx::Var(v)))?));
+            Ok(s)
+        };
+        // Rows of the group: blocks of MATMUL_ROWS, then one at a time (loop variable `v`).
+        let mr = MATMUL_ROWS as i64;
+        let full_blocks = div(grows.clone(), c(mr));
+        let rows_loop = |v: usize, f: &dyn Fn(Idx, usize) -> LowerResult<Vec<Stmt>>| -> LowerResult<Vec<Stmt>> {
+            Ok(vec![
+                for_(v, full_blocks.clone(), false, f(add(g0.clone(), mul(Idx::Var(v), c(mr))), MATMUL_ROWS)?),
+                for_(
+                    v,
+                    rem(grows.clone(), c(mr)),
+                    false,
+                    f(add(add(g0.clone(), mul(full_blocks.clone(), c(mr))), Idx::Var(v)), 1)?,
+                ),
+            ])
+        };
+        // Loop variables: 0 (batch, row group), 1 column tile, 2 reduction tile or rows, 3 rows.
+        let kt = MATMUL_TILE_K;
+        let k0 = mul(Idx::Var(2), c(kt));
+        let kl = min(c(kt), sub(kk.clone(), k0.clone()));
+        let mut tile = rows_loop(2, &|row0, u| init(row0, u, 3))?;
+        let ktile = rows_loop(3, &|row0, u| products(row0, u, k0.clone(), kl.clone(), 4))?;
+        tile.push(for_(2, ceil_div(kk.clone(), kt), false, ktile));
+        tile.extend(rows_loop(2, &|row0, u| finish_rows(row0, u, 3))?);
+        let tiles = for_(1, ceil_div(nn, MATMUL_TILE_N), false, tile);
+        Ok(Some(vec![for_(0, mul(batches, groups), true, vec![tiles])]))
+    }
+}
+
+/// Whether every load of buffer `buf` in `v` reads element `at`.
+fn reads_only_at(v: &Val, buf: usize, at: &[Idx]) -> bool {
+    match v {
+        Val::Load { buf: lb, index } => *lb != buf || index == at,
+        Val::Const(_) | Val::Scalar(_) | Val::FromIdx(_) => true,
+        Val::Un(_, x) => reads_only_at(x, buf, at),
+        Val::Bin(_, x, y) => reads_only_at(x, buf, at) && reads_only_at(y, buf, at),
+        Val::Reduce { body, .. } => reads_only_at(body, buf, at),
+        Val::IfLess { then, other, .. } => reads_only_at(then, buf, at) && reads_only_at(other, buf, at),
+    }
+}
