@@ -530,6 +530,20 @@ impl<'m> Partition<'m> {
         r
     }
 
+    /// Whether group `g` may join producer group `p` as an epilogue of `p`'s convolutions: a
+    /// convolution kernel accumulates into its own output, so its epilogue keeps that shape
+    /// (a Concat of its output or a pool after it stays another kernel).
+    fn keeps_conv_shape(&self, p: usize, g: usize) -> bool {
+        let shape = |i: usize| self.m.op(self.order[i]).results.first().and_then(|&r| self.m.value(r).ty.shape.clone());
+        let Some(ms) = self.members.get(&p) else { return true };
+        let convs: Vec<_> =
+            ms.iter().filter(|&&i| self.m.op(self.order[i]).op_type() == "Conv").map(|&i| shape(i)).collect();
+        if convs.is_empty() {
+            return true;
+        }
+        self.members.get(&g).is_none_or(|gs| gs.iter().all(|&i| convs.iter().all(|c| *c == shape(i))))
+    }
+
     fn only_layout(&self, g: usize) -> bool {
         self.members[&g].iter().all(|&i| self.class[i].is_layout())
     }
@@ -574,7 +588,7 @@ impl<'m> Partition<'m> {
                         // A lone layout op is absorbed by its user (rule 2), not the reverse.
                         continue;
                     }
-                    if !self.can_merge(p, g) {
+                    if !self.can_merge(p, g) || !self.keeps_conv_shape(p, g) {
                         continue;
                     }
                     let s = self.saving(p, g);
@@ -688,10 +702,13 @@ impl<'m> Partition<'m> {
             if self.members[&g].iter().all(|&i| self.class[i] == OpClass::View) {
                 continue;
             }
-            let best =
-                self.producer_groups(g).into_iter().filter(|&p| !self.only_layout(p) && self.can_merge(p, g)).max_by(
-                    |&a, &b| self.saving(a, g).partial_cmp(&self.saving(b, g)).unwrap_or(std::cmp::Ordering::Equal),
-                );
+            let best = self
+                .producer_groups(g)
+                .into_iter()
+                .filter(|&p| !self.only_layout(p) && self.keeps_conv_shape(p, g) && self.can_merge(p, g))
+                .max_by(|&a, &b| {
+                    self.saving(a, g).partial_cmp(&self.saving(b, g)).unwrap_or(std::cmp::Ordering::Equal)
+                });
             if let Some(p) = best {
                 if self.saving(p, g) > 0.0 {
                     self.merge(p, g);
