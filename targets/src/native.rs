@@ -538,9 +538,11 @@ struct Compiled {
 }
 
 impl Compiled {
-    fn new(kernel: Kernel, jit: &Jit) -> Result<Compiled, TargetError> {
-        let entry = jit.entry(&kernel.name).ok_or_else(|| {
-            TargetError::Codegen(format!("no function {} with a C interface in the compiled module", kernel.name))
+    /// `kernel`, whose code is the function `function` of `jit` (its own, or an identical
+    /// kernel's).
+    fn new(kernel: Kernel, jit: &Jit, function: &str) -> Result<Compiled, TargetError> {
+        let entry = jit.entry(function).ok_or_else(|| {
+            TargetError::Codegen(format!("no function {function} with a C interface in the compiled module"))
         })?;
         Ok(Compiled { split: split_loop(&kernel).is_some(), heavy: heavy(&kernel.body), entry, kernel })
     }
@@ -688,7 +690,8 @@ pub struct NativeKernel {
 impl NativeKernel {
     pub fn compile(kernel: Kernel) -> Result<NativeKernel, TargetError> {
         let jit = Jit::compile(&to_mlir(&kernel))?;
-        Ok(NativeKernel { compiled: Compiled::new(kernel, &jit)?, _jit: jit })
+        let name = kernel.name.clone();
+        Ok(NativeKernel { compiled: Compiled::new(kernel, &jit, &name)?, _jit: jit })
     }
 
     pub fn kernel(&self) -> &Kernel {
@@ -782,10 +785,21 @@ impl NativeModel {
         let jit = if kernels.is_empty() {
             None
         } else {
-            let text: String = kernels.iter().map(|(_, k)| to_mlir(k)).collect();
+            // Identical kernels (repeated blocks of a network) are compiled once.
+            let mut functions: HashMap<String, String> = HashMap::new();
+            let mut text = String::new();
+            let mut function_of = Vec::new();
+            for (_, k) in &kernels {
+                let key = format!("{:?}", Kernel { name: String::new(), ..k.clone() });
+                let f = functions.entry(key).or_insert_with(|| {
+                    text.push_str(&to_mlir(k));
+                    k.name.clone()
+                });
+                function_of.push(f.clone());
+            }
             let jit = Jit::compile(&text)?;
-            for (o, k) in kernels {
-                steps.insert(o, Step::Kernel(Compiled::new(k, &jit)?));
+            for ((o, k), f) in kernels.into_iter().zip(function_of) {
+                steps.insert(o, Step::Kernel(Compiled::new(k, &jit, &f)?));
             }
             Some(jit)
         };
