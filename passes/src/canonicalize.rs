@@ -1,4 +1,7 @@
-//! Canonicalization: inference-time no-ops are removed by forwarding their input.
+//! Canonicalization: inference-time no-ops are removed by forwarding their input, and a Gemm
+//! whose `B` is a constant stored transposed (`transB = 1`, as linear layers export) gets the
+//! constant transposed once at compile time instead (`transB = 0`): kernels then read `B` along
+//! its rows.
 //!
 //! `Identity`, and `Dropout` in inference (no `training_mode` input, or a constant false one,
 //! and no mask output in use) return their input unchanged; uses of their output are
@@ -35,8 +38,9 @@ impl Pass for Canonicalize {
                 }
             }
         }
+        let transposed = pretranspose_gemm_weights(m);
         if forward.is_empty() {
-            return false;
+            return transposed;
         }
         let ops: Vec<OpId> = m.body.ops.clone();
         for o in ops {
@@ -78,4 +82,54 @@ fn rewrite_block(m: &mut Module, b: &mut Block, fwd: &HashMap<ValueId, ValueId>)
             *y = s;
         }
     }
+}
+
+/// `Gemm(A, B, C, transB = 1)` with a constant f32 `B` becomes `Gemm(A, Bᵀ, C)` with `Bᵀ` a new
+/// constant. Returns whether anything changed.
+fn pretranspose_gemm_weights(m: &mut Module) -> bool {
+    use kiln_ir::attr::Attr;
+    use kiln_ir::ir::ValueDef;
+    let mut changed = false;
+    let ops: Vec<OpId> = m.body.ops.clone();
+    for o in ops {
+        let op = m.op(o);
+        if op.op_type() != "Gemm" || !matches!(op.attrs.get("transB"), Some(Attr::Int(1))) {
+            continue;
+        }
+        let Some(Some(b)) = op.operands.get(1).copied() else { continue };
+        let ValueDef::OpResult(c, _) = m.value(b).def else { continue };
+        let cop = m.op(c);
+        let t = match (cop.op_type(), cop.attrs.get("value")) {
+            ("Constant", Some(Attr::Tensor(t))) if t.shape.len() == 2 && t.as_f32().is_some() => t,
+            _ => continue,
+        };
+        let (n, k) = (t.shape[0], t.shape[1]);
+        let src = t.as_f32().expect("checked");
+        let mut data = vec![0.0f32; n * k];
+        for i in 0..n {
+            for j in 0..k {
+                data[j * n + i] = src[i * k + j];
+            }
+        }
+        let tt = kiln_ir::Tensor::from_f32(&[k, n], data);
+        let ty = kiln_ir::TensorType::new(
+            kiln_ir::DType::F32,
+            vec![kiln_ir::Dim::Known(k as u64), kiln_ir::Dim::Known(n as u64)],
+        );
+        let mut attrs = kiln_ir::attr::Attrs::new();
+        attrs.insert("value".into(), Attr::Tensor(tt));
+        if !cop.node_name().is_empty() {
+            attrs.insert(kiln_ir::ir::NODE_NAME_ATTR.into(), Attr::Str(format!("{}_transposed", cop.node_name())));
+        }
+        let name = cop.name.clone();
+        let nc = m.create_op(&name, vec![], vec![ty], attrs, vec![]);
+        let nb = m.op(nc).results[0];
+        let pos = m.body.ops.iter().position(|&x| x == o).expect("op in body");
+        m.body.ops.insert(pos, nc);
+        let gemm = m.op_mut(o);
+        gemm.operands[1] = Some(nb);
+        gemm.attrs.insert("transB".into(), Attr::Int(0));
+        changed = true;
+    }
+    changed
 }
