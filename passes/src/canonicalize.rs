@@ -133,3 +133,33 @@ fn pretranspose_gemm_weights(m: &mut Module) -> bool {
     }
     changed
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::egraph::tests::Builder;
+    use crate::Pass;
+    use kiln_ir::attr::{Attr, Attrs};
+    use kiln_ir::Tensor;
+
+    #[test]
+    fn gemm_with_a_constant_transposed_weight_gets_it_transposed_once() {
+        let mut b = Builder::new("linear");
+        let x = b.input("x", &[3, 4]);
+        let w = b.random_const(&[5, 4], 7, -1.0, 1.0);
+        let bias = b.random_const(&[5], 8, -1.0, 1.0);
+        let mut attrs = Attrs::new();
+        attrs.insert("transB".into(), Attr::Int(1));
+        let y = b.op("Gemm", &[x, w, bias], attrs);
+        b.output(y, "y");
+        let input = Tensor::from_f32(&[3, 4], (0..12).map(|i| i as f32 * 0.25 - 1.0).collect());
+        let before = kiln_ir::interp::run(&b.m, vec![input.clone()]).unwrap();
+        assert!(super::Canonicalize.run(&mut b.m));
+        let m = &b.m;
+        let gemm = m.body.ops.iter().map(|&o| m.op(o)).find(|op| op.op_type() == "Gemm").unwrap();
+        assert_eq!(gemm.attrs.get("transB"), Some(&Attr::Int(0)));
+        let wt = m.value(gemm.operands[1].unwrap()).ty.static_shape();
+        assert_eq!(wt, Some(vec![4, 5]));
+        let after = kiln_ir::interp::run(m, vec![input]).unwrap();
+        assert_eq!(before[0].as_f32(), after[0].as_f32());
+    }
+}
