@@ -73,13 +73,7 @@ fn diverges(got: &Tensor, want: &Tensor, rtol: f64, atol: f64) -> Option<(f64, f
     let (a, b) = (got.to_f64(), want.to_f64());
     let (mut max_abs, mut max_rel, mut worst, mut worst_excess, mut bad) = (0.0f64, 0.0f64, 0, 0.0f64, false);
     for (i, (&x, &y)) in a.iter().zip(&b).enumerate() {
-        let ok = if y.is_nan() {
-            x.is_nan()
-        } else if y.is_infinite() {
-            x == y
-        } else {
-            (x - y).abs() <= atol + rtol * y.abs()
-        };
+        let ok = kiln_onnx::testcase::within(x, y, rtol, atol);
         let err = if x.is_finite() && y.is_finite() {
             (x - y).abs()
         } else if ok {

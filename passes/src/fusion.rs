@@ -530,14 +530,18 @@ impl<'m> Partition<'m> {
         r
     }
 
-    /// Whether group `g` may join producer group `p` as an epilogue of `p`'s convolutions: a
-    /// convolution kernel accumulates into its own output, so its epilogue keeps that shape
-    /// (a Concat of its output or a pool after it stays another kernel).
+    /// Whether group `g` may join producer group `p` as an epilogue of `p`'s contractions
+    /// (Conv, MatMul, Gemm): their kernels accumulate into their own output, so an epilogue
+    /// keeps that shape (a Concat of a convolution's output, a pool after it, or the Slices
+    /// that split a merged Q/K/V projection stay other kernels, or prologues of their users).
     fn keeps_conv_shape(&self, p: usize, g: usize) -> bool {
         let shape = |i: usize| self.m.op(self.order[i]).results.first().and_then(|&r| self.m.value(r).ty.shape.clone());
         let Some(ms) = self.members.get(&p) else { return true };
-        let convs: Vec<_> =
-            ms.iter().filter(|&&i| self.m.op(self.order[i]).op_type() == "Conv").map(|&i| shape(i)).collect();
+        let convs: Vec<_> = ms
+            .iter()
+            .filter(|&&i| matches!(self.m.op(self.order[i]).op_type(), "Conv" | "MatMul" | "Gemm"))
+            .map(|&i| shape(i))
+            .collect();
         if convs.is_empty() {
             return true;
         }

@@ -63,6 +63,18 @@ pub fn list_cases(root: &Path) -> Vec<TestCase> {
     v
 }
 
+/// Whether `got` matches `want` within `atol + rtol·|want|` (NaN matches NaN; infinities must be
+/// equal).
+pub fn within(got: f64, want: f64, rtol: f64, atol: f64) -> bool {
+    if want.is_nan() {
+        got.is_nan()
+    } else if want.is_infinite() {
+        got == want
+    } else {
+        (got - want).abs() <= atol + rtol * want.abs()
+    }
+}
+
 /// Compares one output against its expected value; `Err` says how it differs.
 pub fn compare(got: &Tensor, want: &Tensor, rtol: f64, atol: f64) -> Result<(), String> {
     if got.dtype() != want.dtype() {
@@ -82,13 +94,7 @@ pub fn compare(got: &Tensor, want: &Tensor, rtol: f64, atol: f64) -> Result<(), 
             let mut worst: Option<(usize, f64)> = None;
             for i in 0..a.len() {
                 let (x, y) = (a[i], b[i]);
-                let ok = if y.is_nan() {
-                    x.is_nan()
-                } else if y.is_infinite() {
-                    x == y
-                } else {
-                    (x - y).abs() <= atol + rtol * y.abs()
-                };
+                let ok = within(x, y, rtol, atol);
                 if !ok {
                     let err = if x.is_finite() && y.is_finite() { (x - y).abs() } else { f64::INFINITY };
                     if worst.is_none_or(|(_, e)| err > e) {
