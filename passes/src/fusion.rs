@@ -545,7 +545,14 @@ impl<'m> Partition<'m> {
         if convs.is_empty() {
             return true;
         }
-        self.members.get(&g).is_none_or(|gs| gs.iter().all(|&i| convs.iter().all(|c| *c == shape(i))))
+        // The same shape, or the same elements in the same order (a view such as Reshape, and
+        // elementwise ops after it).
+        let numel = |s: &Option<Vec<kiln_ir::Dim>>| -> Option<u64> { s.as_ref()?.iter().map(|d| d.known()).product() };
+        let fits = |i: usize, c: &Option<Vec<kiln_ir::Dim>>| {
+            let si = shape(i);
+            si == *c || (self.class[i] != OpClass::Layout && numel(&si).is_some() && numel(&si) == numel(c))
+        };
+        self.members.get(&g).is_none_or(|gs| gs.iter().all(|&i| convs.iter().all(|c| fits(i, c))))
     }
 
     fn only_layout(&self, g: usize) -> bool {
