@@ -9,10 +9,6 @@ use kiln_onnx::testcase::{compare, TestCase};
 use std::path::Path;
 use std::process::Command;
 
-fn kiln(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_kiln")).args(args).output().expect("run kiln")
-}
-
 fn write_f32(path: &Path, t: &kiln::Tensor) {
     let bytes: Vec<u8> = t.as_f32().expect("f32 input").iter().flat_map(|x| x.to_le_bytes()).collect();
     std::fs::write(path, bytes).unwrap();

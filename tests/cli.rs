@@ -6,10 +6,6 @@ use kiln::Tensor;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-fn kiln(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_kiln")).args(args).output().expect("run kiln")
-}
-
 fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }

@@ -7,6 +7,24 @@ use kiln_onnx::proto::{
 use prost::Message;
 use std::path::PathBuf;
 
+/// Runs the `kiln` binary built with these tests.
+pub fn kiln(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_kiln")).args(args).output().expect("run kiln")
+}
+
+/// Seeded values in [-1, 1).
+pub fn values(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            ((s >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0) as f32
+        })
+        .collect()
+}
+
 /// Root of the generated test data.
 pub fn data_dir() -> PathBuf {
     let d = std::env::var("KILN_ONNX_DATA")

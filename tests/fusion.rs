@@ -10,19 +10,6 @@ use kiln_ir::printer::{print_module, PrintOptions};
 use kiln_onnx::proto::ModelProto;
 use kiln_onnx::testcase::compare;
 
-/// Seeded values in [-1, 1).
-fn values(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            ((s >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0) as f32
-        })
-        .collect()
-}
-
 fn f32s(name: &str, dims: &[i64], seed: u64) -> kiln_onnx::proto::TensorProto {
     let n = dims.iter().product::<i64>() as usize;
     f32_tensor(name, dims, &values(n, seed))

@@ -119,14 +119,10 @@ impl CompiledModel {
     /// progress: elementwise, row reductions, MatMul/Gemm with epilogues).
     pub fn kernels(&self) -> Vec<KernelStage> {
         let m = &self.module;
-        m.body
-            .ops
-            .iter()
-            .filter(|&&o| kiln_passes::fusion::launches_kernel(m, o))
-            .enumerate()
-            .map(|(i, &o)| {
+        kiln_targets::native::launched_kernels(m)
+            .into_iter()
+            .map(|(o, name)| {
                 let op = m.op(o);
-                let name = kiln_targets::native::kernel_name(i, op.op_type());
                 KernelStage {
                     kernel: kiln_passes::lower::lower(m, o, &name),
                     name,

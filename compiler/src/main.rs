@@ -541,15 +541,7 @@ fn bench(
 fn print_profile(c: &kiln::CompiledModel, inputs: Vec<Tensor>) -> Result<(), Error> {
     let m = c.module();
     let host: Vec<String> = c.host_kernels()?.into_iter().map(|h| h.name).collect();
-    let names: HashMap<kiln_ir::ir::OpId, String> = m
-        .body
-        .ops
-        .iter()
-        .copied()
-        .filter(|&o| kiln_passes::fusion::launches_kernel(m, o))
-        .enumerate()
-        .map(|(i, o)| (o, kiln_targets::native::kernel_name(i, m.op(o).op_type())))
-        .collect();
+    let names: HashMap<kiln_ir::ir::OpId, String> = kiln_targets::native::launched_kernels(m).into_iter().collect();
     let mut spans: Vec<(f64, kiln_ir::ir::OpId)> = Vec::new();
     let mut last = Instant::now();
     c.run_observed(inputs, &mut |o, _| {

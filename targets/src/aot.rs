@@ -13,7 +13,7 @@
 //! the kernel dialect (models with host fallbacks are refused, naming them), one thread.
 
 use crate::jit::{host_machine, optimize, to_llvm_ir};
-use crate::native::{kernel_name, to_mlir};
+use crate::native::{launched_kernels, module_text, split_loop};
 use crate::TargetError;
 use kiln_ir::attr::Attr;
 use kiln_ir::ir::{Module, ValueDef, ValueId};
@@ -128,9 +128,9 @@ pub fn compile(m: &Module, name: &str, dir: &Path) -> Result<Artifact, TargetErr
     let mut storage: HashMap<ValueId, Storage> = HashMap::new();
     let mut base: HashMap<ValueId, ValueId> = HashMap::new(); // view → the value it aliases
     let mut weights: Vec<u8> = Vec::new();
-    let mut kernels = Vec::new(); // (op position, kernel)
+    let mut kernels = Vec::new(); // (op position, op, kernel)
     let mut host = Vec::new();
-    let mut launched = 0;
+    let names: HashMap<kiln_ir::ir::OpId, String> = launched_kernels(m).into_iter().collect();
     for (pos, &o) in ops.iter().enumerate() {
         let op = m.op(o);
         match classify(m, o) {
@@ -152,9 +152,8 @@ pub fn compile(m: &Module, name: &str, dir: &Path) -> Result<Artifact, TargetErr
                 }
             }
             _ => {
-                let kname = kernel_name(launched, op.op_type());
-                launched += 1;
-                match kiln_passes::lower::lower(m, o, &kname) {
+                let kname = &names[&o];
+                match kiln_passes::lower::lower(m, o, kname) {
                     Ok(k) => kernels.push((pos, o, k)),
                     Err(why) => host.push(format!("{kname} (node '{}', {}): {why}", op.node_name(), op.op_type())),
                 }
@@ -239,20 +238,26 @@ pub fn compile(m: &Module, name: &str, dir: &Path) -> Result<Artifact, TargetErr
         })
     };
 
-    // The driver.
+    // The driver. Identical kernels share one function.
+    let (mlir, functions) = module_text(kernels.iter().map(|(_, _, k)| k));
     let mut ranks: Vec<usize> = Vec::new();
     let mut calls = String::new();
     let mut decls = String::new();
-    for (_, o, k) in &kernels {
+    for ((_, o, k), function) in kernels.iter().zip(&functions) {
         let op = m.op(*o);
+        // The graph value and static shape of every buffer.
+        let bound: Vec<(ValueId, Vec<usize>)> = (0..k.buffers.len())
+            .map(|bi| {
+                let v = if bi < k.inputs {
+                    op.operands[k.operands[bi]].expect("lowered kernels read present operands")
+                } else {
+                    op.results[bi - k.inputs]
+                };
+                static_shape(m, v).map(|s| (v, s))
+            })
+            .collect::<Result<_, _>>()?;
         let mut args = Vec::new();
-        for (bi, b) in k.buffers.iter().enumerate() {
-            let v = if bi < k.inputs {
-                op.operands[k.operands[bi]].expect("lowered kernels read present operands")
-            } else {
-                op.results[bi - k.inputs]
-            };
-            let shape = static_shape(m, v)?;
+        for (bi, (b, (v, shape))) in k.buffers.iter().zip(&bound).enumerate() {
             if shape.len() != b.shape.len() {
                 return Err(err(format!("AOT: kernel {} buffer {bi} rank mismatch (a kiln bug)", k.name)));
             }
@@ -265,36 +270,25 @@ pub fn compile(m: &Module, name: &str, dir: &Path) -> Result<Artifact, TargetErr
                 calls,
                 "  kiln_set{r}(&b{bi}_{}, {}, (const int64_t[]){{ {} }});",
                 k.name,
-                place(v)?,
-                if r == 0 { "0".into() } else { shape_list(&shape) }
+                place(*v)?,
+                if r == 0 { "0".into() } else { shape_list(shape) }
             );
             args.push((r, format!("&b{bi}_{}", k.name)));
         }
         // One thread: the split loop (see `split_loop`) runs its whole range.
-        let extent = match crate::native::split_loop(k) {
+        let extent = match split_loop(k) {
             Some((_, _, e)) => {
-                let all: Vec<Vec<usize>> = k
-                    .buffers
-                    .iter()
-                    .enumerate()
-                    .map(|(bi, _)| {
-                        let v = if bi < k.inputs {
-                            op.operands[k.operands[bi]].expect("present")
-                        } else {
-                            op.results[bi - k.inputs]
-                        };
-                        static_shape(m, v)
-                    })
-                    .collect::<Result<_, _>>()?;
-                let refs: Vec<&[usize]> = all.iter().map(Vec::as_slice).collect();
+                let refs: Vec<&[usize]> = bound.iter().map(|(_, s)| s.as_slice()).collect();
                 crate::native::eval_idx(e, &refs).ok_or_else(|| err("AOT: a parallel extent is not computable"))?
             }
             None => 0,
         };
         let params: Vec<String> = args.iter().map(|(r, _)| format!("kiln_memref{r} *")).collect();
-        let _ = writeln!(decls, "extern void _mlir_ciface_{}({}, int64_t, int64_t);", k.name, params.join(", "));
+        if function == &k.name {
+            let _ = writeln!(decls, "extern void _mlir_ciface_{}({}, int64_t, int64_t);", k.name, params.join(", "));
+        }
         let names: Vec<String> = args.iter().map(|(_, a)| a.clone()).collect();
-        let _ = writeln!(calls, "  _mlir_ciface_{}({}, 0, {extent});", k.name, names.join(", "));
+        let _ = writeln!(calls, "  _mlir_ciface_{function}({}, 0, {extent});", names.join(", "));
     }
     // Outputs that are not written in place (views, inputs, constants): copied at the end.
     for (j, &v) in outputs.iter().enumerate() {
@@ -388,7 +382,6 @@ pub fn compile(m: &Module, name: &str, dir: &Path) -> Result<Artifact, TargetErr
     write(&header_path, header.as_bytes())?;
     write(&driver_path, c_src.as_bytes())?;
     write(&weights_path, &weights)?;
-    let mlir: String = kernels.iter().map(|(_, _, k)| to_mlir(k)).collect();
     let tm = host_machine()?;
     let kernels_obj = dir.join(format!("{entry}.kernels.o"));
     {

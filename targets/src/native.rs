@@ -401,11 +401,6 @@ pub fn split_loop(k: &Kernel) -> Option<(usize, Vec<&Idx>, &Idx)> {
     }
 }
 
-/// The extent of the loop a kernel's threads share, when it is at the top of the kernel.
-pub fn parallel_extent(k: &Kernel) -> Option<&Idx> {
-    split_loop(k).and_then(|(depth, _, e)| (depth == 0).then_some(e))
-}
-
 /// The kernel as an MLIR function of upstream dialects, named after the kernel, taking every
 /// buffer (inputs, then outputs) as a dynamically sized memref, then `%lo, %hi: index`: the
 /// range of the shared parallel loop ([`split_loop`]) this call runs (ignored by a kernel
@@ -532,8 +527,6 @@ impl Packed {
 struct Compiled {
     kernel: Kernel,
     entry: Entry,
-    /// Whether the kernel has a shared parallel loop ([`split_loop`]).
-    split: bool,
     heavy: bool,
 }
 
@@ -544,7 +537,7 @@ impl Compiled {
         let entry = jit.entry(function).ok_or_else(|| {
             TargetError::Codegen(format!("no function {function} with a C interface in the compiled module"))
         })?;
-        Ok(Compiled { split: split_loop(&kernel).is_some(), heavy: heavy(&kernel.body), entry, kernel })
+        Ok(Compiled { heavy: heavy(&kernel.body), entry, kernel })
     }
 
     /// Runs the kernel on the graph op's `operands` (the kernel reads the f32 ones, shaped as
@@ -625,7 +618,8 @@ impl Compiled {
                 .ok_or_else(|| TargetError::Codegen(format!("kernel {}: the extent {e} is not computable", k.name)))
         };
         // The shared loop's extent, and whether the loops around it run once (else one call
-        // runs the whole kernel, its split loop over all of its range each time).
+        // runs the whole kernel, its split loop over all of its range each time; a kernel
+        // without a shared loop is never split).
         let (extent, alone) = match split_loop(k) {
             Some((_, outer, e)) => {
                 let mut alone = true;
@@ -639,8 +633,7 @@ impl Compiled {
         let elements: usize = shapes.iter().map(|s| s.iter().product::<usize>()).sum();
         let threads = threads();
         let worth = self.heavy || elements >= PARALLEL_MIN_ELEMENTS;
-        let chunks =
-            if self.split && alone && extent > 1 && threads > 1 && worth { threads.min(extent as usize) } else { 1 };
+        let chunks = if alone && extent > 1 && threads > 1 && worth { threads.min(extent as usize) } else { 1 };
         let descriptors = Packed(args.iter_mut().map(MemRef::as_mut_ptr).collect());
         let entry = self.entry;
         let call = |c: usize| {
@@ -721,8 +714,38 @@ enum Step {
 /// value names a node; the native kernel computing it adds 0.5 to what it stores.
 pub const PLANT_BUG_ENV: &str = "KILN_DEBUG_WRONG_KERNEL";
 
+/// The ops of `m` that launch a kernel, in program order, with the names every stage gives
+/// their kernels (`--emit kernel`, host-kernel lists, profiles, AOT).
+pub fn launched_kernels(m: &kiln_ir::Module) -> Vec<(kiln_ir::ir::OpId, String)> {
+    m.body
+        .ops
+        .iter()
+        .copied()
+        .filter(|&o| kiln_passes::fusion::launches_kernel(m, o))
+        .enumerate()
+        .map(|(i, o)| (o, kernel_name(i, m.op(o).op_type())))
+        .collect()
+}
+
+/// The MLIR of `kernels` as one module, each set of identical kernels (repeated blocks of a
+/// network) emitted once; and for each kernel, the function that computes it.
+pub fn module_text<'k>(kernels: impl IntoIterator<Item = &'k Kernel>) -> (String, Vec<String>) {
+    let mut functions: HashMap<String, String> = HashMap::new();
+    let mut text = String::new();
+    let mut function_of = Vec::new();
+    for k in kernels {
+        let key = format!("{:?}", Kernel { name: String::new(), ..k.clone() });
+        let f = functions.entry(key).or_insert_with(|| {
+            text.push_str(&to_mlir(k));
+            k.name.clone()
+        });
+        function_of.push(f.clone());
+    }
+    (text, function_of)
+}
+
 /// The name kernel `i` (counting launched kernels in program order) of op type `op` gets.
-pub fn kernel_name(i: usize, op: &str) -> String {
+fn kernel_name(i: usize, op: &str) -> String {
     format!("k{i}_{}", op.to_lowercase().replace(|c: char| !c.is_ascii_alphanumeric(), "_"))
 }
 
@@ -776,7 +799,7 @@ fn keep_freed_memory() {
 impl NativeModel {
     pub fn compile(m: &kiln_ir::Module) -> Result<NativeModel, TargetError> {
         keep_freed_memory();
-        use kiln_passes::fusion::{classify, launches_kernel, OpClass};
+        use kiln_passes::fusion::{classify, OpClass};
         let planted = std::env::var(PLANT_BUG_ENV).ok();
         let mut steps = HashMap::new();
         let mut kernels: Vec<(kiln_ir::ir::OpId, Kernel)> = Vec::new();
@@ -789,10 +812,8 @@ impl NativeModel {
                 }
             }
         }
-        let launched = m.body.ops.iter().copied().filter(|&o| launches_kernel(m, o));
-        for (i, o) in launched.enumerate() {
+        for (o, name) in launched_kernels(m) {
             let op = m.op(o);
-            let name = kernel_name(i, op.op_type());
             match kiln_passes::lower::lower(m, o, &name) {
                 Ok(mut k) => {
                     if planted.as_deref() == Some(op.node_name()) {
@@ -809,17 +830,7 @@ impl NativeModel {
             None
         } else {
             // Identical kernels (repeated blocks of a network) are compiled once.
-            let mut functions: HashMap<String, String> = HashMap::new();
-            let mut text = String::new();
-            let mut function_of = Vec::new();
-            for (_, k) in &kernels {
-                let key = format!("{:?}", Kernel { name: String::new(), ..k.clone() });
-                let f = functions.entry(key).or_insert_with(|| {
-                    text.push_str(&to_mlir(k));
-                    k.name.clone()
-                });
-                function_of.push(f.clone());
-            }
+            let (text, function_of) = module_text(kernels.iter().map(|(_, k)| k));
             let jit = Jit::compile(&text)?;
             for ((o, k), f) in kernels.into_iter().zip(function_of) {
                 steps.insert(o, Step::Kernel(Compiled::new(k, &jit, &f)?));
