@@ -534,15 +534,15 @@ impl<'m> Partition<'m> {
     /// (Conv, MatMul, Gemm): their kernels accumulate into their own output, so an epilogue
     /// keeps that shape (a Concat of a convolution's output, a pool after it, or the Slices
     /// that split a merged Q/K/V projection stay other kernels, or prologues of their users).
-    fn keeps_conv_shape(&self, p: usize, g: usize) -> bool {
+    fn keeps_contraction_shape(&self, p: usize, g: usize) -> bool {
         let shape = |i: usize| self.m.op(self.order[i]).results.first().and_then(|&r| self.m.value(r).ty.shape.clone());
         let Some(ms) = self.members.get(&p) else { return true };
-        let convs: Vec<_> = ms
+        let anchors: Vec<_> = ms
             .iter()
             .filter(|&&i| matches!(self.m.op(self.order[i]).op_type(), "Conv" | "MatMul" | "Gemm"))
             .map(|&i| shape(i))
             .collect();
-        if convs.is_empty() {
+        if anchors.is_empty() {
             return true;
         }
         // The same shape, or the same elements in the same order (a view such as Reshape, and
@@ -552,7 +552,7 @@ impl<'m> Partition<'m> {
             let si = shape(i);
             si == *c || (self.class[i] != OpClass::Layout && numel(&si).is_some() && numel(&si) == numel(c))
         };
-        self.members.get(&g).is_none_or(|gs| gs.iter().all(|&i| convs.iter().all(|c| fits(i, c))))
+        self.members.get(&g).is_none_or(|gs| gs.iter().all(|&i| anchors.iter().all(|c| fits(i, c))))
     }
 
     fn only_layout(&self, g: usize) -> bool {
@@ -599,7 +599,7 @@ impl<'m> Partition<'m> {
                         // A lone layout op is absorbed by its user (rule 2), not the reverse.
                         continue;
                     }
-                    if !self.can_merge(p, g) || !self.keeps_conv_shape(p, g) {
+                    if !self.can_merge(p, g) || !self.keeps_contraction_shape(p, g) {
                         continue;
                     }
                     let s = self.saving(p, g);
@@ -716,7 +716,7 @@ impl<'m> Partition<'m> {
             let best = self
                 .producer_groups(g)
                 .into_iter()
-                .filter(|&p| !self.only_layout(p) && self.keeps_conv_shape(p, g) && self.can_merge(p, g))
+                .filter(|&p| !self.only_layout(p) && self.keeps_contraction_shape(p, g) && self.can_merge(p, g))
                 .max_by(|&a, &b| {
                     self.saving(a, g).partial_cmp(&self.saving(b, g)).unwrap_or(std::cmp::Ordering::Equal)
                 });
