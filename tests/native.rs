@@ -21,6 +21,8 @@ struct Tally {
     reductions: usize,
     /// Checked contraction kernels (a Conv, MatMul or Gemm, alone or anchoring a fused kernel).
     contractions: usize,
+    /// Checked kernels with register tiles (their text mentions `kernel.mma`).
+    tiled: usize,
     refused: HashMap<String, usize>,
     /// Compiled kernels, by their full description.
     compiled: HashMap<String, Rc<NativeKernel>>,
@@ -91,6 +93,7 @@ fn check_model(name: &str, m: &kiln::Module, inputs: Vec<Tensor>, tally: &mut Ta
         tally.checked += 1;
         tally.reductions += text.contains("reduce.") as usize;
         tally.contractions += is_contraction(m, o) as usize;
+        tally.tiled += text.contains("kernel.mma") as usize;
     }
 }
 
@@ -532,6 +535,85 @@ fn native_conv_kernels_match_the_interpreter() {
             vec!["1", "1", "2", "2"],
         ),
         ("conv2d_1x1", vec!["1", "16", "5", "5"], vec![8, 16, 1, 1], vec![], true, false, vec!["1", "8", "5", "5"]),
+        // Register tiles (kernel.mma): output channels in vectors (groups of 16 or 32 channels) ...
+        (
+            "conv2d_tiled_pad_residual",
+            vec!["2", "32", "9", "11"],
+            vec![32, 32, 3, 3],
+            vec![ints("pads", &[1, 1, 1, 1])],
+            true,
+            true,
+            vec!["2", "32", "9", "11"],
+        ),
+        (
+            "conv2d_tiled_groups_strides_dilations",
+            vec!["1", "8", "13", "12"],
+            vec![32, 4, 3, 3],
+            vec![
+                attr_int("group", 2),
+                ints("strides", &[2, 2]),
+                ints("pads", &[1, 0, 2, 1]),
+                ints("dilations", &[1, 2]),
+            ],
+            true,
+            false,
+            vec!["1", "32", "7", "5"],
+        ),
+        (
+            "conv2d_tiled_7x7_stride2",
+            vec!["1", "3", "20", "20"],
+            vec![32, 3, 7, 7],
+            vec![ints("strides", &[2, 2]), ints("pads", &[3, 3, 3, 3])],
+            false,
+            false,
+            vec!["1", "32", "10", "10"],
+        ),
+        (
+            "conv2d_tiled_taps_outside",
+            vec!["1", "16", "2", "2"],
+            vec![16, 16, 3, 3],
+            vec![ints("pads", &[2, 2, 2, 2]), ints("dilations", &[2, 2])],
+            true,
+            true,
+            vec!["1", "16", "2", "2"],
+        ),
+        (
+            "conv2d_tiled_1x1_stride2",
+            vec!["1", "16", "9", "9"],
+            vec![32, 16, 1, 1],
+            vec![ints("strides", &[2, 2])],
+            true,
+            false,
+            vec!["1", "32", "5", "5"],
+        ),
+        (
+            "conv2d_tiled_1x1_end_pads",
+            vec!["1", "4", "5", "5"],
+            vec![16, 4, 1, 1],
+            vec![ints("pads", &[0, 0, 1, 1])],
+            true,
+            false,
+            vec!["1", "16", "6", "6"],
+        ),
+        // ... and 1×1 Convs as GEMMs: output pixels in vectors (a masked last tile).
+        (
+            "conv2d_gemm_1x1",
+            vec!["2", "48", "9", "9"],
+            vec![48, 48, 1, 1],
+            vec![],
+            true,
+            true,
+            vec!["2", "48", "9", "9"],
+        ),
+        (
+            "conv2d_gemm_1x1_groups",
+            vec!["1", "16", "8", "8"],
+            vec![12, 8, 1, 1],
+            vec![attr_int("group", 2)],
+            false,
+            false,
+            vec!["1", "12", "8", "8"],
+        ),
     ];
     let mut tally = Tally::default();
     for (name, x, w, attrs, bias, residual, out) in cases {
@@ -551,8 +633,22 @@ fn native_conv_kernels_match_the_interpreter() {
     for n in [1, 3] {
         check_proto(&format!("conv2d_batch_{n}"), &proto, &[vec![n, 3, 8, 8]], &mut tally);
     }
+    for (kernel, pads) in [(3, 1), (1, 0)] {
+        let proto = conv_model(
+            &["N", "32", "6", "7"],
+            &[32, 32, kernel, kernel],
+            vec![ints("pads", &[pads; 4])],
+            true,
+            true,
+            &["N", "32", "6", "7"],
+        );
+        for n in [1, 2] {
+            check_proto(&format!("conv2d_tiled_{kernel}x{kernel}_batch_{n}"), &proto, &[vec![n, 32, 6, 7]], &mut tally);
+        }
+    }
     println!("conv: {} kernels checked ({} contractions)", tally.checked, tally.contractions);
-    assert!(tally.contractions >= 15, "{} conv kernels checked", tally.contractions);
+    assert!(tally.contractions >= 27, "{} conv kernels checked", tally.contractions);
+    assert!(tally.tiled >= 12, "{} conv kernels on register tiles", tally.tiled);
 }
 
 /// MatMul and Gemm kernels, single and fused (bias, Relu, residual), with a symbolic batch,

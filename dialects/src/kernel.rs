@@ -15,8 +15,9 @@
 //! inner loop stores the row. A kernel may own local scratch buffers ([`Local`]): attention
 //! keeps a row of scores in one. Contractions (Conv, MatMul, Gemm) accumulate into their output
 //! buffer (stores that read the element they write), in loops whose bounds use [`Idx::Min`] and
-//! [`Idx::Max`] (tiles, padded windows). Explicit tiles, DMA and matrix ops are issue #5's next
-//! steps.
+//! [`Idx::Max`] (tiles, padded windows); their inner loops are register tiles of
+//! multiply-accumulates ([`Stmt::Mma`]) where the operands allow. Explicit DMA between levels is
+//! for the scratchpad targets.
 
 use crate::types::{DType, Dim};
 use std::fmt;
@@ -204,6 +205,87 @@ pub enum Stmt {
         slot: usize,
         value: Val,
     },
+    /// A register tile of a matrix multiply-accumulate (a contraction's micro-kernel).
+    Mma(Box<Mma>),
+}
+
+/// A matrix multiply-accumulate on a register tile of `rows × cols` accumulators:
+///
+/// ```text
+/// for r in 0..rows, j in 0..valid:
+///     C[c(r) + j·c_col] += Σ over the reduction loops  a(r) · B[b + j]
+/// ```
+///
+/// where `C[...]` and `B[...]` are offsets into the buffers' elements in row-major order:
+/// `c(r)` is the flat offset of index `c.1` with loop variable `row` = `r`, and `b` that of
+/// `b.1` at the current point of the reduction loops. `a(r)` is a scalar (broadcast over the
+/// tile's columns) and `B` a contiguous run of `cols` elements (vector loads); `C` is
+/// contiguous when `c_col` is 1, else each column is its own element (a channel of an NCHW
+/// output). The accumulators stay in registers for the whole reduction: each `B` vector
+/// loaded serves `rows` rows, each `a` broadcast `cols / lanes` vectors.
+///
+/// `rows`, `cols` and `lanes` are the register tile's schedule knobs (the lowering picks them;
+/// the autotuner may change them). `valid` columns are in bounds (fewer in a last, partial
+/// tile: masked loads and stores, which need `c_col` = 1).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Mma {
+    pub rows: usize,
+    pub cols: usize,
+    /// Lanes per vector (`cols` is a multiple).
+    pub lanes: usize,
+    pub valid: Idx,
+    /// The loop variable standing for the tile's row in `a` and `c`.
+    pub row: usize,
+    /// The reduction loops (variable, extent), outermost first.
+    pub red: Vec<(usize, Idx)>,
+    pub a: Val,
+    /// `B`'s buffer and the index of its element for column 0.
+    pub b: (usize, Vec<Idx>),
+    /// `C`'s buffer and the index of its element (row, column 0).
+    pub c: (usize, Vec<Idx>),
+    /// Elements between consecutive columns of `C`.
+    pub c_col: Idx,
+}
+
+impl Idx {
+    /// `self` with loop variable `var` replaced by `by`.
+    pub fn subst(&self, var: usize, by: &Idx) -> Idx {
+        use Idx::*;
+        let s = |x: &Idx| Box::new(x.subst(var, by));
+        match self {
+            Var(v) if *v == var => by.clone(),
+            Var(_) | Const(_) | Dim { .. } => self.clone(),
+            Add(a, b) => Add(s(a), s(b)),
+            Sub(a, b) => Sub(s(a), s(b)),
+            Mul(a, b) => Mul(s(a), s(b)),
+            Div(a, b) => Div(s(a), s(b)),
+            Rem(a, b) => Rem(s(a), s(b)),
+            ZeroIfOne(a, b) => ZeroIfOne(s(a), s(b)),
+            Min(a, b) => Min(s(a), s(b)),
+            Max(a, b) => Max(s(a), s(b)),
+        }
+    }
+}
+
+impl Val {
+    /// `self` with loop variable `var` replaced by `by` in every index.
+    pub fn subst(&self, var: usize, by: &Idx) -> Val {
+        let s = |x: &Val| Box::new(x.subst(var, by));
+        let ix = |i: &[Idx]| i.iter().map(|i| i.subst(var, by)).collect();
+        match self {
+            Val::Const(_) | Val::Scalar(_) => self.clone(),
+            Val::Load { buf, index } => Val::Load { buf: *buf, index: ix(index) },
+            Val::Un(op, x) => Val::Un(*op, s(x)),
+            Val::Bin(op, x, y) => Val::Bin(*op, s(x), s(y)),
+            Val::FromIdx(i) => Val::FromIdx(i.subst(var, by)),
+            Val::Reduce { op, var: v, extent, body } => {
+                Val::Reduce { op: *op, var: *v, extent: extent.subst(var, by), body: s(body) }
+            }
+            Val::IfLess { lhs, rhs, then, other } => {
+                Val::IfLess { lhs: lhs.subst(var, by), rhs: rhs.subst(var, by), then: s(then), other: s(other) }
+            }
+        }
+    }
 }
 
 /// Schedule knobs (read by code generation, written by the autotuner).
@@ -308,6 +390,26 @@ fn write_stmts(f: &mut fmt::Formatter<'_>, body: &[Stmt], depth: usize) -> fmt::
             }
             Stmt::Store { buf, index, value } => writeln!(f, "{pad}%{buf}[{}] = {value}", index_text(index))?,
             Stmt::Let { slot, value } => writeln!(f, "{pad}%s{slot} = {value}")?,
+            Stmt::Mma(m) => {
+                let red: Vec<String> = m.red.iter().map(|(v, e)| format!("i{v} in 0..{e}")).collect();
+                writeln!(
+                    f,
+                    "{pad}kernel.mma {{rows = {}, cols = {}, lanes = {}, valid = {}}} i{} over ({}): \
+                     %{}[{}] (+j·{}) += {} * %{}[{}] (+j)",
+                    m.rows,
+                    m.cols,
+                    m.lanes,
+                    m.valid,
+                    m.row,
+                    red.join(", "),
+                    m.c.0,
+                    index_text(&m.c.1),
+                    m.c_col,
+                    m.a,
+                    m.b.0,
+                    index_text(&m.b.1)
+                )?
+            }
         }
     }
     Ok(())

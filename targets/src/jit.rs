@@ -44,7 +44,7 @@ pub fn llvm_ir(module: &Module) -> Option<String> {
 
 /// The lowering pipeline from upstream dialects to the LLVM dialect.
 pub const PIPELINE: &str = "builtin.module(convert-vector-to-scf,convert-linalg-to-loops,lower-affine,\
-convert-scf-to-cf,convert-vector-to-llvm,convert-math-to-llvm,expand-strided-metadata,\
+convert-scf-to-cf,convert-vector-to-llvm,convert-math-to-llvm,expand-strided-metadata,lower-affine,\
 convert-math-to-libm,finalize-memref-to-llvm,convert-to-llvm,reconcile-unrealized-casts)";
 
 /// A compiled function's packed entry point (see [`Jit::entry`]); plain code, callable from

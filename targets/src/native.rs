@@ -5,9 +5,9 @@
 
 use crate::jit::{Entry, Jit, MemRef};
 use crate::{HostKernel, TargetError};
-use kiln_ir::kernel::{BinOp, Idx, Kernel, RedOp, Stmt, UnOp, Val};
+use kiln_ir::kernel::{BinOp, Idx, Kernel, Mma, RedOp, Stmt, UnOp, Val};
 use kiln_ir::{Dim, Tensor};
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::fmt::Write;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -64,7 +64,7 @@ impl Emitter<'_> {
             Idx::Dim { buf, axis } => {
                 let c = self.idx(depth, &Idx::Const(*axis as i64));
                 let t = self.fresh();
-                let ty = memref(self.k.buffers[*buf].shape.len());
+                let ty = memref(self.rank(*buf));
                 self.line(depth, &format!("{t} = memref.dim %b{buf}, {c} : {ty}"));
                 return t;
             }
@@ -89,6 +89,178 @@ impl Emitter<'_> {
         let t = self.fresh();
         self.line(depth, &format!("{t} = {op} {a}, {b} : index"));
         t
+    }
+
+    /// The rank of buffer `buf` (a parameter or a local).
+    fn rank(&self, buf: usize) -> usize {
+        match self.k.buffers.get(buf) {
+            Some(b) => b.shape.len(),
+            None => self.k.locals.get(buf - self.k.buffers.len()).map_or(0, |l| l.size.len()),
+        }
+    }
+
+    /// The one-dimensional view of buffer `buf` (see [`flat_buffers`]).
+    fn flat(&self, buf: usize) -> String {
+        if self.rank(buf) == 1 {
+            format!("%b{buf}")
+        } else {
+            format!("%f{buf}")
+        }
+    }
+
+    /// The row-major offset of element `index` of buffer `buf`.
+    fn flat_offset(&mut self, depth: usize, buf: usize, index: &[Idx]) -> String {
+        let mut e = index.first().cloned().unwrap_or(Idx::Const(0));
+        for (axis, i) in index.iter().enumerate().skip(1) {
+            let scaled = Idx::Mul(Box::new(e), Box::new(Idx::Dim { buf, axis }));
+            e = Idx::Add(Box::new(scaled), Box::new(i.clone()));
+        }
+        self.idx(depth, &e.simplify())
+    }
+
+    /// `base + k` (index).
+    fn offset_by(&mut self, depth: usize, base: &str, k: i64) -> String {
+        if k == 0 {
+            return base.to_string();
+        }
+        let c = self.idx(depth, &Idx::Const(k));
+        let t = self.fresh();
+        self.line(depth, &format!("{t} = arith.addi {base}, {c} : index"));
+        t
+    }
+
+    /// A register tile of multiply-accumulates ([`Mma`]): `rows × cols/lanes` vector
+    /// accumulators carried through the reduction loops (`scf.for` iter_args), each step one
+    /// vector load of `B` per `lanes` columns, one broadcast of `a` per row and a `vector.fma` per
+    /// accumulator; then `C` += the accumulators.
+    fn mma(&mut self, depth: usize, m: &Mma) {
+        let vt = format!("vector<{}xf32>", m.lanes);
+        let mt = format!("vector<{}xi1>", m.lanes);
+        let nv = m.cols / m.lanes;
+        let n = m.rows * nv;
+        let lanes = m.lanes as i64;
+        // Masks for a partial tile: vector v holds clamp(valid − v·lanes, 0, lanes) columns.
+        let masks: Option<Vec<String>> = (m.valid != Idx::Const(m.cols as i64)).then(|| {
+            (0..nv)
+                .map(|v| {
+                    let left = Idx::Sub(Box::new(m.valid.clone()), Box::new(Idx::Const(v as i64 * lanes)));
+                    let count = Idx::Max(
+                        Box::new(Idx::Const(0)),
+                        Box::new(Idx::Min(Box::new(Idx::Const(lanes)), Box::new(left))),
+                    );
+                    let c = self.idx(depth, &count.simplify());
+                    let t = self.fresh();
+                    self.line(depth, &format!("{t} = vector.create_mask {c} : {mt}"));
+                    t
+                })
+                .collect()
+        });
+        let zero = self.fresh();
+        self.line(depth, &format!("{zero} = arith.constant dense<0.0> : {vt}"));
+        let tys = vec![vt.as_str(); n].join(", ");
+        let mut accs = vec![zero.clone(); n];
+        let mut results = Vec::new();
+        for (lvl, (var, extent)) in m.red.iter().enumerate() {
+            let d = depth + lvl;
+            let (lo, e, step) = (self.idx(d, &Idx::Const(0)), self.idx(d, extent), self.idx(d, &Idx::Const(1)));
+            let res = self.fresh();
+            let args: Vec<String> = (0..n).map(|_| self.fresh()).collect();
+            let iter: Vec<String> = args.iter().zip(&accs).map(|(a, x)| format!("{a} = {x}")).collect();
+            self.line(
+                d,
+                &format!(
+                    "{res}:{n} = scf.for %i{var} = {lo} to {e} step {step} iter_args({}) -> ({tys}) {{",
+                    iter.join(", ")
+                ),
+            );
+            results.push(res);
+            accs = args;
+        }
+        let d = depth + m.red.len();
+        let (bbuf, bflat) = (m.b.0, self.flat(m.b.0));
+        let boff = self.flat_offset(d, bbuf, &m.b.1);
+        let mut bvecs = Vec::new();
+        for v in 0..nv {
+            let off = self.offset_by(d, &boff, v as i64 * lanes);
+            let t = self.fresh();
+            match &masks {
+                Some(mk) => self.line(
+                    d,
+                    &format!(
+                        "{t} = vector.maskedload {bflat}[{off}], {}, {zero} : memref<?xf32>, {mt}, {vt} into {vt}",
+                        mk[v]
+                    ),
+                ),
+                None => self.line(d, &format!("{t} = vector.load {bflat}[{off}] : memref<?xf32>, {vt}")),
+            }
+            bvecs.push(t);
+        }
+        let mut new = Vec::new();
+        for r in 0..m.rows {
+            let a = self.val(d, &m.a.subst(m.row, &Idx::Const(r as i64)));
+            let bc = self.fresh();
+            self.line(d, &format!("{bc} = vector.broadcast {a} : f32 to {vt}"));
+            for (v, bv) in bvecs.iter().enumerate() {
+                let t = self.fresh();
+                self.line(d, &format!("{t} = vector.fma {bc}, {bv}, {} : {vt}", accs[r * nv + v]));
+                new.push(t);
+            }
+        }
+        for (lvl, res) in results.iter().enumerate().rev() {
+            self.line(depth + lvl + 1, &format!("scf.yield {} : {tys}", new.join(", ")));
+            self.line(depth + lvl, "}");
+            new = (0..n).map(|i| format!("{res}#{i}")).collect();
+        }
+        // C += the accumulators.
+        let (cbuf, cflat) = (m.c.0, self.flat(m.c.0));
+        for r in 0..m.rows {
+            let index: Vec<Idx> = m.c.1.iter().map(|i| i.subst(m.row, &Idx::Const(r as i64)).simplify()).collect();
+            let coff = self.flat_offset(depth, cbuf, &index);
+            for v in 0..nv {
+                let acc = &new[r * nv + v];
+                if m.c_col == Idx::Const(1) {
+                    let off = self.offset_by(depth, &coff, v as i64 * lanes);
+                    let (old, sum) = (self.fresh(), self.fresh());
+                    match &masks {
+                        Some(mk) => {
+                            let mask = &mk[v];
+                            self.line(
+                                depth,
+                                &format!(
+                                    "{old} = vector.maskedload {cflat}[{off}], {mask}, {zero} : memref<?xf32>, {mt}, {vt} into {vt}"
+                                ),
+                            );
+                            self.line(depth, &format!("{sum} = arith.addf {old}, {acc} : {vt}"));
+                            self.line(
+                                depth,
+                                &format!(
+                                    "vector.maskedstore {cflat}[{off}], {mask}, {sum} : memref<?xf32>, {mt}, {vt}"
+                                ),
+                            );
+                        }
+                        None => {
+                            self.line(depth, &format!("{old} = vector.load {cflat}[{off}] : memref<?xf32>, {vt}"));
+                            self.line(depth, &format!("{sum} = arith.addf {old}, {acc} : {vt}"));
+                            self.line(depth, &format!("vector.store {sum}, {cflat}[{off}] : memref<?xf32>, {vt}"));
+                        }
+                    }
+                } else {
+                    // Strided columns (no masks: the lowering gives such tiles full columns).
+                    let stride = self.idx(depth, &m.c_col);
+                    for l in 0..lanes {
+                        let j = self.idx(depth, &Idx::Const(v as i64 * lanes + l));
+                        let (step, off, x, old, sum) =
+                            (self.fresh(), self.fresh(), self.fresh(), self.fresh(), self.fresh());
+                        self.line(depth, &format!("{step} = arith.muli {j}, {stride} : index"));
+                        self.line(depth, &format!("{off} = arith.addi {coff}, {step} : index"));
+                        self.line(depth, &format!("{x} = vector.extract {acc}[{l}] : f32 from {vt}"));
+                        self.line(depth, &format!("{old} = memref.load {cflat}[{off}] : memref<?xf32>"));
+                        self.line(depth, &format!("{sum} = arith.addf {old}, {x} : f32"));
+                        self.line(depth, &format!("memref.store {sum}, {cflat}[{off}] : memref<?xf32>"));
+                    }
+                }
+            }
+        }
     }
 
     fn constant(&mut self, depth: usize, v: f64) -> String {
@@ -366,7 +538,22 @@ impl Emitter<'_> {
                     let ty = memref(index.len());
                     self.line(depth, &format!("memref.store {v}, %b{buf}[{}] : {ty}", ix.join(", ")));
                 }
+                Stmt::Mma(m) => self.mma(depth, m),
             }
+        }
+    }
+}
+
+/// The buffers [`Mma`] tiles address by flat offset (each gets a one-dimensional view).
+fn flat_buffers(body: &[Stmt], out: &mut BTreeSet<usize>) {
+    for s in body {
+        match s {
+            Stmt::For { body, .. } => flat_buffers(body, out),
+            Stmt::Mma(m) => {
+                out.insert(m.b.0);
+                out.insert(m.c.0);
+            }
+            Stmt::Store { .. } | Stmt::Let { .. } => {}
         }
     }
 }
@@ -417,6 +604,22 @@ pub fn to_mlir(k: &Kernel) -> String {
         let sizes: Vec<String> = l.size.iter().map(|d| e.idx(0, d)).collect();
         let n = k.buffers.len() + i;
         e.line(0, &format!("%b{n} = memref.alloc({}) : {}", sizes.join(", "), memref(l.size.len())));
+    }
+    let mut flat = BTreeSet::new();
+    flat_buffers(&k.body, &mut flat);
+    for buf in flat {
+        let r = e.rank(buf);
+        if r > 1 {
+            let all: Vec<String> = (0..r).map(|d| d.to_string()).collect();
+            e.line(
+                0,
+                &format!(
+                    "%f{buf} = memref.collapse_shape %b{buf} [[{}]] : {} into memref<?xf32>",
+                    all.join(", "),
+                    memref(r)
+                ),
+            );
+        }
     }
     e.stmts(0, &k.body);
     for (i, l) in k.locals.iter().enumerate() {
@@ -506,8 +709,9 @@ fn heavy(body: &[Stmt]) -> bool {
         }
     }
     body.iter().any(|s| match s {
-        Stmt::For { body, .. } => body.iter().any(|s| matches!(s, Stmt::For { .. })) || heavy(body),
+        Stmt::For { body, .. } => body.iter().any(|s| matches!(s, Stmt::For { .. } | Stmt::Mma(_))) || heavy(body),
         Stmt::Store { value, .. } | Stmt::Let { value, .. } => val(value),
+        Stmt::Mma(_) => true,
     })
 }
 
@@ -772,7 +976,7 @@ fn plant_bug(body: &mut [Stmt]) -> bool {
             *value = Val::Bin(BinOp::Add, Box::new(value.clone()), Box::new(Val::Const(0.5)));
             true
         }
-        Stmt::Let { .. } => false,
+        Stmt::Let { .. } | Stmt::Mma(_) => false,
     })
 }
 

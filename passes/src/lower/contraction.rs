@@ -30,7 +30,7 @@
 use super::{b, LowerResult, Lowering};
 use kiln_ir::graph::AttrView;
 use kiln_ir::ir::{Module, OpId, ValueId};
-use kiln_ir::kernel::{BinOp, Buffer, Idx, Kernel, Knobs, Stmt, Val};
+use kiln_ir::kernel::{BinOp, Buffer, Idx, Kernel, Knobs, Local, Mma, Stmt, Val};
 use kiln_ir::Dim;
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -56,6 +56,20 @@ pub const CONV_OC_BLOCK: i64 = 4;
 /// Taps along a Conv's last spatial axis summed per pass over an output row, at most (beyond
 /// it, one tap per pass).
 pub const CONV_MAX_TAP_UNROLL: i64 = 8;
+
+// Register tiles ([`Mma`]), sized for 32 vector registers of 16 lanes (AVX-512): `rows ×
+// cols / lanes` accumulators plus the `B` vectors and a broadcast.
+
+/// Lanes of an [`Mma`] tile's vectors.
+pub const MMA_LANES: usize = 16;
+/// Columns of an [`Mma`] tile (two vectors).
+pub const MMA_COLS: usize = 32;
+/// Rows of an [`Mma`] tile whose columns are output pixels (a 1×1 Conv as a GEMM: rows are
+/// output channels), at most: the largest divisor of the channels per group up to this.
+pub const MMA_CHANNEL_ROWS: usize = 8;
+/// Rows of an [`Mma`] tile whose columns are output channels (a direct Conv: rows are output
+/// pixels of one output row), at most.
+pub const MMA_PIXEL_ROWS: usize = 6;
 
 fn add(x: Idx, y: Idx) -> Idx {
     Idx::Add(b(x), b(y))
@@ -123,15 +137,15 @@ pub(super) fn lower(p: &Parts) -> LowerResult<Option<Kernel>> {
     let t = p.m.op(anchor).op_type();
     let built = Builder::new(p, anchor).and_then(|bd| match t {
         "Conv" => bd.conv().map(Some),
-        _ => bd.matmul(),
+        _ => bd.matmul().map(|b| b.map(|b| (b, Vec::new()))),
     });
     match built {
-        Ok(Some(body)) => Ok(Some(Kernel {
+        Ok(Some((body, locals))) => Ok(Some(Kernel {
             name: p.name.to_string(),
             buffers: p.buffers.to_vec(),
             inputs: p.inputs,
             operands: p.operands.to_vec(),
-            locals: Vec::new(),
+            locals,
             body,
             knobs: Knobs::default(),
         })),
@@ -274,7 +288,7 @@ impl<'p, 'm> Builder<'p, 'm> {
 
     // ---------------------------------------------------------------- Conv
 
-    fn conv(&self) -> LowerResult<Vec<Stmt>> {
+    fn conv(&self) -> LowerResult<(Vec<Stmt>, Vec<Local>)> {
         let lw = &self.lw;
         let (x, w) = (self.operand(0).ok_or("Conv without X")?, self.operand(1).ok_or("Conv without W")?);
         let bias = self.operand(2);
@@ -337,6 +351,23 @@ impl<'p, 'm> Builder<'p, 'm> {
         let (n, m, cg) = (dim(&ys[0])?, dim(&ys[1])?, dim(&ws[1])?);
         let out_dims: Vec<Idx> = ys[2..].iter().map(dim).collect::<Result<_, _>>()?;
         let in_dims: Vec<Idx> = xs[2..].iter().map(dim).collect::<Result<_, _>>()?;
+        let g = ConvGeom {
+            x,
+            w,
+            bias,
+            group,
+            kernel: kernel.clone(),
+            strides: strides.clone(),
+            dilations: dilations.clone(),
+            pad: pad.clone(),
+            n: n.clone(),
+            cg: cg.clone(),
+            out_dims: out_dims.clone(),
+            in_dims: in_dims.clone(),
+        };
+        if let Some(tiled) = self.conv_tiled(&g, ys[1].known())? {
+            return Ok(tiled);
+        }
         // Output channels per parallel iteration (all in one group).
         let ocb = match ys[1].known() {
             Some(mk) => (1..=CONV_OC_BLOCK).rev().find(|b| (mk as i64 / group) % b == 0).unwrap_or(1),
@@ -480,7 +511,221 @@ impl<'p, 'm> Builder<'p, 'm> {
                 body.extend(self.nest(1, &[ni.clone(), oc.clone()], &out_dims, |idx| self.epilogue(idx))?);
             }
         }
-        Ok(vec![for_(0, mul(n, blocks), true, body)])
+        Ok((vec![for_(0, mul(n, blocks), true, body)], Vec::new()))
+    }
+
+    /// A 2-D Conv on register tiles ([`Mma`]), when one applies (`None`: the caller builds the
+    /// row-vectorized form). `channels`: the output's channel count, if known.
+    ///
+    /// - A 1×1 Conv with unit strides and no padding is a GEMM per image and group:
+    ///   `Y[co, p] += W[co, ci] · X[ci, p]` over the flattened pixels `p`; tiles of
+    ///   [`MMA_CHANNEL_ROWS`] output channels × [`MMA_COLS`] pixels (the last tile masked).
+    /// - Any other Conv whose groups have a multiple of [`MMA_LANES`] output channels is direct:
+    ///   per output row, tiles of [`MMA_PIXEL_ROWS`] output pixels × 32 (or 16) output channels,
+    ///   reducing over input channels and taps, the weights of the channel block packed into a
+    ///   local `[taps, channels]` panel first so that each tap's channels are one vector load.
+    ///   The taps in the padding are cut off the reduction's ranges: the leading axis' range per
+    ///   output row, and along the row the edge pixels get their own ranges, one pixel per tile.
+    fn conv_tiled(&self, g: &ConvGeom, channels: Option<u64>) -> LowerResult<Option<(Vec<Stmt>, Vec<Local>)>> {
+        let Some(mk) = channels.map(|c| c as i64) else { return Ok(None) };
+        if g.kernel.len() != 2 || g.group <= 0 || mk % g.group != 0 {
+            return Ok(None);
+        }
+        let cog = mk / g.group;
+        let lw = &self.lw;
+        let acc = self.acc;
+        let (oh, ow) = (g.out_dims[0].clone(), g.out_dims[1].clone());
+        // The init (bias or zero) and the epilogue of output channel `co` of image `ni`
+        // (loop variables from `first`).
+        let init = |first: usize, ni: &Idx, co: Idx| -> LowerResult<Vec<Stmt>> {
+            let value = match g.bias {
+                Some(bv) => lw.value(bv, std::slice::from_ref(&co))?,
+                None => Val::Const(0.0),
+            };
+            self.nest(first, &[ni.clone(), co], &g.out_dims, |idx| {
+                Ok(vec![Stmt::Store { buf: acc, index: simplified(idx), value }])
+            })
+        };
+        let epilogue = |first: usize, ni: &Idx, co: Idx| -> LowerResult<Vec<Stmt>> {
+            if !self.has_epilogue() {
+                return Ok(Vec::new());
+            }
+            self.nest(first, &[ni.clone(), co], &g.out_dims, |idx| self.epilogue(idx))
+        };
+        // The loop variable standing for an Mma tile's row (never a loop of its own).
+        const ROW: usize = 63;
+        // Same extents in and out (no end padding either): pixel p is the same element of both.
+        let pointwise = g.kernel == [1, 1]
+            && g.strides == [1, 1]
+            && g.pad == [0, 0]
+            && g.out_dims == g.in_dims
+            && self.param(g.x).is_some();
+        if pointwise {
+            let mr = (1..=MMA_CHANNEL_ROWS as i64).rev().find(|r| cog % r == 0).unwrap_or(1);
+            let tiles = c(mk / mr);
+            // Loop variables: 0 (image, tile of channels), 1 pixel tile, 2 input channel.
+            let ni = div(Idx::Var(0), tiles.clone());
+            let co0 = mul(rem(Idx::Var(0), tiles.clone()), c(mr));
+            let ch0 = mul(div(co0.clone(), c(cog)), g.cg.clone());
+            let pixels = mul(oh.clone(), ow.clone());
+            let cols = MMA_COLS as i64;
+            let full = div(pixels.clone(), c(cols));
+            let tile = |p0: Idx, valid: Idx| -> LowerResult<Stmt> {
+                let mut widx = vec![add(co0.clone(), Idx::Var(ROW)), Idx::Var(2), c(0), c(0)];
+                widx = simplified(&widx);
+                let a = lw.value(g.w, &widx)?;
+                let xb = self.param(g.x).ok_or("X is not a buffer")?;
+                Ok(Stmt::Mma(Box::new(Mma {
+                    rows: mr as usize,
+                    cols: MMA_COLS,
+                    lanes: MMA_LANES,
+                    valid: valid.simplify(),
+                    row: ROW,
+                    red: vec![(2, g.cg.clone())],
+                    a,
+                    // Pixel p of a channel is element [n, c, 0, p] in row-major order.
+                    b: (xb, simplified(&[ni.clone(), add(ch0.clone(), Idx::Var(2)), c(0), p0.clone()])),
+                    c: (acc, simplified(&[ni.clone(), add(co0.clone(), Idx::Var(ROW)), c(0), p0])),
+                    c_col: c(1),
+                })))
+            };
+            let mut body = Vec::new();
+            for r in 0..mr {
+                body.extend(init(1, &ni, add(co0.clone(), c(r)))?);
+            }
+            body.push(for_(1, full.clone(), false, vec![tile(mul(Idx::Var(1), c(cols)), c(cols))?]));
+            let tail = mul(full.clone(), c(cols));
+            body.push(for_(
+                1,
+                min(c(1), rem(pixels.clone(), c(cols))),
+                false,
+                vec![tile(tail.clone(), sub(pixels, tail))?],
+            ));
+            for r in 0..mr {
+                body.extend(epilogue(1, &ni, add(co0.clone(), c(r)))?);
+            }
+            return Ok(Some((vec![for_(0, mul(g.n.clone(), tiles), true, body)], Vec::new())));
+        }
+        // Direct: output channels in the vectors.
+        let nr = if cog % 32 == 0 {
+            32
+        } else if cog % MMA_LANES as i64 == 0 {
+            MMA_LANES as i64
+        } else {
+            return Ok(None);
+        };
+        let [kh, kw] = [g.kernel[0], g.kernel[1]];
+        let (s, d, pd) = (&g.strides, &g.dilations, &g.pad);
+        let blocks = c(mk / nr);
+        let ni = div(Idx::Var(0), blocks.clone());
+        let co0 = mul(rem(Idx::Var(0), blocks.clone()), c(nr));
+        let ch0 = mul(div(co0.clone(), c(cog)), g.cg.clone());
+        let panel = self.p.buffers.len();
+        let taps = mul(g.cg.clone(), c(kh * kw));
+        let locals = vec![Local { name: "weights".into(), size: vec![taps.simplify(), c(nr)] }];
+        // Pack: panel[(ci·KH + y)·KW + x, j] = W[co0 + j, ci, y, x] (loop variables 1..=4).
+        let (v1, v2, v3, v4) = (Idx::Var(1), Idx::Var(2), Idx::Var(3), Idx::Var(4));
+        let pk = add(mul(add(mul(v1.clone(), c(kh)), v2.clone()), c(kw)), v3.clone());
+        let wv = lw.value(g.w, &simplified(&[add(co0.clone(), v4.clone()), v1, v2, v3]))?;
+        let pack = for_(
+            1,
+            g.cg.clone(),
+            false,
+            vec![for_(
+                2,
+                c(kh),
+                false,
+                vec![for_(
+                    3,
+                    c(kw),
+                    false,
+                    vec![for_(
+                        4,
+                        c(nr),
+                        false,
+                        vec![Stmt::Store { buf: panel, index: simplified(&[pk, v4]), value: wv }],
+                    )],
+                )],
+            )],
+        );
+        // Per output row (loop variable 1): the taps of the leading axis in bounds,
+        // [y0, y0 + ny). Input index o·s − p + k·d.
+        let row = Idx::Var(1);
+        let y0 = ceil_div(max(c(0), sub(c(pd[0]), mul(row.clone(), c(s[0])))), d[0]);
+        let y1 =
+            min(c(kh), ceil_div(max(c(0), sub(add(g.in_dims[0].clone(), c(pd[0])), mul(row.clone(), c(s[0])))), d[0]));
+        let ny = max(c(0), sub(y1, y0.clone()));
+        // Along the row: the taps in bounds for pixel `o`, [x0(o), x1(o)).
+        let x0 = |o: Idx| ceil_div(max(c(0), sub(c(pd[1]), mul(o, c(s[1])))), d[1]);
+        let x1 =
+            |o: Idx| min(c(kw), ceil_div(max(c(0), sub(add(g.in_dims[1].clone(), c(pd[1])), mul(o, c(s[1])))), d[1]));
+        // A tile of `rows` pixels from `o0`, taps [kx0, kx0 + nx) along the row. Loop variables
+        // 3 (input channel), 4 (tap row), 5 (tap column).
+        let plane = mul(oh.clone(), ow.clone());
+        let tile = |rows: usize, o0: Idx, kx0: Idx, nx: Idx| -> LowerResult<Stmt> {
+            let o = add(o0.clone(), Idx::Var(ROW));
+            let ky = add(y0.clone(), Idx::Var(4));
+            let kx = add(kx0.clone(), Idx::Var(5));
+            let ih = add(sub(mul(row.clone(), c(s[0])), c(pd[0])), mul(ky.clone(), c(d[0])));
+            let iw = add(sub(mul(o.clone(), c(s[1])), c(pd[1])), mul(kx.clone(), c(d[1])));
+            let a = lw.value(g.x, &simplified(&[ni.clone(), add(ch0.clone(), Idx::Var(3)), ih, iw]))?;
+            let k = add(mul(add(mul(Idx::Var(3), c(kh)), ky), c(kw)), kx);
+            Ok(Stmt::Mma(Box::new(Mma {
+                rows,
+                cols: nr as usize,
+                lanes: MMA_LANES,
+                valid: c(nr),
+                row: ROW,
+                red: vec![(3, g.cg.clone()), (4, ny.clone()), (5, nx.simplify())],
+                a,
+                b: (panel, simplified(&[k, c(0)])),
+                c: (acc, simplified(&[ni.clone(), co0.clone(), row.clone(), o])),
+                c_col: plane.clone().simplify(),
+            })))
+        };
+        // The interior pixels [l, h): every tap along the row in bounds.
+        let l = min(x0(c(0)).simplify(), ow.clone()).simplify();
+        let hi =
+            min(ow.clone(), ceil_div(max(c(0), sub(add(g.in_dims[1].clone(), c(pd[1])), c((kw - 1) * d[1]))), s[1]));
+        let h = max(l.clone(), hi).simplify();
+        let width = sub(h.clone(), l.clone()).simplify();
+        let mr = match width {
+            Idx::Const(w) => (w.clamp(1, MMA_PIXEL_ROWS as i64)) as usize,
+            _ => MMA_PIXEL_ROWS,
+        };
+        let mut per_row = Vec::new();
+        let full = div(width.clone(), c(mr as i64));
+        per_row.push(for_(
+            2,
+            full.clone(),
+            false,
+            vec![tile(mr, add(l.clone(), mul(Idx::Var(2), c(mr as i64))), c(0), c(kw))?],
+        ));
+        let done = add(l.clone(), mul(full, c(mr as i64)));
+        match rem(width.clone(), c(mr as i64)).simplify() {
+            Idx::Const(0) => {}
+            Idx::Const(left) => per_row.push(tile(left as usize, done.simplify(), c(0), c(kw))?),
+            left => per_row.push(for_(2, left, false, vec![tile(1, add(done, Idx::Var(2)), c(0), c(kw))?])),
+        }
+        // The edge pixels, one at a time with their own taps.
+        let edge = |o: Idx| -> LowerResult<Stmt> {
+            let (a, z) = (x0(o.clone()), x1(o.clone()));
+            tile(1, o, a.clone(), max(c(0), sub(z, a)))
+        };
+        per_row.push(for_(2, l.clone(), false, vec![edge(Idx::Var(2))?]));
+        per_row.push(for_(2, sub(ow.clone(), h.clone()), false, vec![edge(add(h, Idx::Var(2)))?]));
+        let mut body = vec![pack, for_(1, c(nr), false, init(2, &ni, add(co0.clone(), Idx::Var(1)))?)];
+        body.push(for_(1, oh, false, per_row));
+        if self.has_epilogue() {
+            body.push(for_(1, c(nr), false, epilogue(2, &ni, add(co0.clone(), Idx::Var(1)))?));
+        }
+        Ok(Some((vec![for_(0, mul(g.n.clone(), blocks), true, body)], locals)))
+    }
+
+    /// The parameter buffer holding value `v`, when the kernel reads it as is (not computed
+    /// inside the kernel).
+    fn param(&self, v: ValueId) -> Option<usize> {
+        self.lw.arg.get(&v).copied()
     }
 
     // ---------------------------------------------------------------- MatMul, Gemm
@@ -705,6 +950,22 @@ impl<'p, 'm> Builder<'p, 'm> {
         let tiles = for_(1, ceil_div(nn, MATMUL_TILE_N), false, tile);
         Ok(Some(vec![for_(0, mul(batches, groups), true, vec![tiles])]))
     }
+}
+
+/// A 2-D Conv's operands and geometry, as [`Builder::conv`] resolved them.
+struct ConvGeom {
+    x: ValueId,
+    w: ValueId,
+    bias: Option<ValueId>,
+    group: i64,
+    kernel: Vec<i64>,
+    strides: Vec<i64>,
+    dilations: Vec<i64>,
+    pad: Vec<i64>,
+    n: Idx,
+    cg: Idx,
+    out_dims: Vec<Idx>,
+    in_dims: Vec<Idx>,
 }
 
 /// Whether every load of buffer `buf` in `v` reads element `at`.
