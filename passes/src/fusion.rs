@@ -563,7 +563,10 @@ impl<'m> Partition<'m> {
         self.anchors(g) == 0 && self.members[&g].iter().all(|&i| self.fusible(i))
     }
 
-    /// Rule 2: layout ops and views join their only user.
+    /// Rule 2: layout ops and views join their only user, except that a layout op that moves
+    /// elements (a Concat, a Transpose) stays out of a contraction: the contraction's register
+    /// tiles read their operands as buffers (a copy costs far less than gathering each operand
+    /// element inside the multiply-accumulate loop).
     fn layout_prologue(&mut self) -> usize {
         let mut n = 0;
         for i in (0..self.order.len()).rev() {
@@ -572,6 +575,9 @@ impl<'m> Partition<'m> {
             }
             let r = self.m.op(self.order[i]).results[0];
             let u = self.users[i][0];
+            if self.class[i] == OpClass::Layout && self.class[u] == OpClass::Contraction {
+                continue;
+            }
             if self.outputs.contains(&r) || !self.fusible(u) {
                 continue;
             }
@@ -732,7 +738,8 @@ impl<'m> Partition<'m> {
 }
 
 /// Rule 1: copies layout ops and views with several users, one copy per extra user, so each
-/// user can absorb its own. Returns how many copies were made.
+/// user can absorb its own (contractions share the original of a layout op: see rule 2).
+/// Returns how many copies were made.
 fn duplicate_layout(m: &mut Module) -> usize {
     let mut copies = 0;
     let mut i = m.body.ops.len();
@@ -764,11 +771,18 @@ fn duplicate_layout(m: &mut Module) -> usize {
                 captured |= hit;
             }
         }
-        let is_output = m.outputs().contains(&r);
-        if captured || direct.len() + is_output as usize <= 1 {
+        // A layout op that moves elements stays out of contractions (rule 2): they all read
+        // the original, each other user gets a copy.
+        let mut shared = m.outputs().contains(&r);
+        if classify(m, o) == OpClass::Layout {
+            let before = direct.len();
+            direct.retain(|&(_, u)| classify(m, u) != OpClass::Contraction);
+            shared |= direct.len() < before;
+        }
+        if captured || direct.len() + shared as usize <= 1 {
             continue;
         }
-        let keep = if is_output { 0 } else { 1 };
+        let keep = if shared { 0 } else { 1 };
         for &(_, u) in direct.iter().skip(keep) {
             let op = m.op(o).clone();
             let ty = m.value(r).ty.clone();
