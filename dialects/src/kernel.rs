@@ -183,6 +183,14 @@ pub enum Val {
         then: Box<Val>,
         other: Box<Val>,
     },
+    /// `if lhs < rhs { then } else { other }` without a branch: both values are evaluated, so
+    /// both must be safe to (every load in bounds). Guards in a register tile's inner loop.
+    Select {
+        lhs: Idx,
+        rhs: Idx,
+        then: Box<Val>,
+        other: Box<Val>,
+    },
 }
 
 /// A statement.
@@ -284,6 +292,9 @@ impl Val {
             Val::IfLess { lhs, rhs, then, other } => {
                 Val::IfLess { lhs: lhs.subst(var, by), rhs: rhs.subst(var, by), then: s(then), other: s(other) }
             }
+            Val::Select { lhs, rhs, then, other } => {
+                Val::Select { lhs: lhs.subst(var, by), rhs: rhs.subst(var, by), then: s(then), other: s(other) }
+            }
         }
     }
 }
@@ -375,6 +386,7 @@ impl fmt::Display for Val {
                 write!(f, "reduce.{}(i{var} in 0..{extent}: {body})", format!("{op:?}").to_lowercase())
             }
             Val::IfLess { lhs, rhs, then, other } => write!(f, "({lhs} < {rhs} ? {then} : {other})"),
+            Val::Select { lhs, rhs, then, other } => write!(f, "select({lhs} < {rhs}, {then}, {other})"),
         }
     }
 }

@@ -555,6 +555,13 @@ impl<'m> Partition<'m> {
         self.members.get(&g).is_none_or(|gs| gs.iter().all(|&i| anchors.iter().all(|c| fits(i, c))))
     }
 
+    /// Whether group `g` holds a layout op that rule 2 kept out of a Conv: it stays a kernel
+    /// of its own (a copy), not an epilogue of its producer.
+    fn kept_for_conv(&self, g: usize) -> bool {
+        let feeds_conv = |i: usize| self.users[i].iter().any(|&u| self.m.op(self.order[u]).op_type() == "Conv");
+        self.members[&g].iter().any(|&i| self.class[i] == OpClass::Layout && feeds_conv(i))
+    }
+
     fn only_layout(&self, g: usize) -> bool {
         self.members[&g].iter().all(|&i| self.class[i].is_layout())
     }
@@ -564,9 +571,10 @@ impl<'m> Partition<'m> {
     }
 
     /// Rule 2: layout ops and views join their only user, except that a layout op that moves
-    /// elements (a Concat, a Transpose) stays out of a contraction: the contraction's register
-    /// tiles read their operands as buffers (a copy costs far less than gathering each operand
-    /// element inside the multiply-accumulate loop).
+    /// elements (a Concat, a Transpose) stays out of a Conv: its register tiles read the input
+    /// as a buffer (a copy costs far less than gathering each input element inside the
+    /// multiply-accumulate loop). MatMuls still take them (a transposed operand; attention
+    /// chains).
     fn layout_prologue(&mut self) -> usize {
         let mut n = 0;
         for i in (0..self.order.len()).rev() {
@@ -575,7 +583,7 @@ impl<'m> Partition<'m> {
             }
             let r = self.m.op(self.order[i]).results[0];
             let u = self.users[i][0];
-            if self.class[i] == OpClass::Layout && self.class[u] == OpClass::Contraction {
+            if self.class[i] == OpClass::Layout && self.m.op(self.order[u]).op_type() == "Conv" {
                 continue;
             }
             if self.outputs.contains(&r) || !self.fusible(u) {
@@ -595,7 +603,7 @@ impl<'m> Partition<'m> {
         let mut n = 0;
         for g0 in self.roots() {
             let mut g = self.find(g0);
-            if !self.members.contains_key(&g) || !self.anchorless(g) {
+            if !self.members.contains_key(&g) || !self.anchorless(g) || self.kept_for_conv(g) {
                 continue;
             }
             loop {
@@ -719,6 +727,9 @@ impl<'m> Partition<'m> {
             if self.members[&g].iter().all(|&i| self.class[i] == OpClass::View) {
                 continue;
             }
+            if self.kept_for_conv(g) {
+                continue;
+            }
             let best = self
                 .producer_groups(g)
                 .into_iter()
@@ -738,7 +749,7 @@ impl<'m> Partition<'m> {
 }
 
 /// Rule 1: copies layout ops and views with several users, one copy per extra user, so each
-/// user can absorb its own (contractions share the original of a layout op: see rule 2).
+/// user can absorb its own (Convs share the original of a layout op: see rule 2).
 /// Returns how many copies were made.
 fn duplicate_layout(m: &mut Module) -> usize {
     let mut copies = 0;
@@ -771,12 +782,12 @@ fn duplicate_layout(m: &mut Module) -> usize {
                 captured |= hit;
             }
         }
-        // A layout op that moves elements stays out of contractions (rule 2): they all read
-        // the original, each other user gets a copy.
+        // A layout op that moves elements stays out of Convs (rule 2): they all read the
+        // original, each other user gets a copy.
         let mut shared = m.outputs().contains(&r);
         if classify(m, o) == OpClass::Layout {
             let before = direct.len();
-            direct.retain(|&(_, u)| classify(m, u) != OpClass::Contraction);
+            direct.retain(|&(_, u)| m.op(u).op_type() != "Conv");
             shared |= direct.len() < before;
         }
         if captured || direct.len() + shared as usize <= 1 {

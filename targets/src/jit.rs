@@ -186,8 +186,22 @@ pub fn optimize<'c>(
         .get_functions()
         .filter(|f| f.get_name().to_bytes().starts_with(b"_mlir_ciface_") && f.count_basic_blocks() > 0)
         .collect();
+    let noalias = ctx.create_enum_attribute(inkwell::attributes::Attribute::get_named_enum_kind_id("noalias"), 0);
     for f in cifaces {
         let name = f.get_name().to_string_lossy()["_mlir_ciface_".len()..].to_string();
+        // Memref arguments marked `llvm.noalias` in MLIR get it on the C interface's descriptor
+        // pointers only; the function itself takes the data pointers, which need it for LLVM
+        // to hoist and vectorize across buffers.
+        let marked = (0..f.count_params())
+            .any(|i| f.get_enum_attribute(AttributeLoc::Param(i), noalias.get_enum_kind_id()).is_some());
+        if let Some(inner) = module.get_function(&name).filter(|_| marked) {
+            // Each memref is (allocated pointer, aligned pointer, offset, sizes, strides): the
+            // aligned pointer, every second pointer, is the one accessed.
+            let pointers = inner.get_param_iter().enumerate().filter(|(_, p)| p.is_pointer_value());
+            for (i, _) in pointers.skip(1).step_by(2) {
+                inner.add_attribute(AttributeLoc::Param(i as u32), noalias);
+            }
+        }
         let wrapper =
             module.add_function(&format!("_mlir_{name}"), ctx.void_type().fn_type(&[ptr.into()], false), None);
         builder.position_at_end(ctx.append_basic_block(wrapper, "entry"));

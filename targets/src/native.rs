@@ -129,6 +129,20 @@ impl Emitter<'_> {
         t
     }
 
+    /// The stride `stride` as an index and the lanes' offsets `[0, stride, 2·stride, ...]` as a
+    /// vector of i32 (a gather's or scatter's indices).
+    fn lane_offsets(&mut self, depth: usize, stride: &Idx, lanes: usize) -> (String, String) {
+        let step = self.idx(depth, stride);
+        let (s32, splat, iota, index) = (self.fresh(), self.fresh(), self.fresh(), self.fresh());
+        let it = format!("vector<{lanes}xi32>");
+        let lanes_text: Vec<String> = (0..lanes).map(|l| l.to_string()).collect();
+        self.line(depth, &format!("{s32} = arith.index_cast {step} : index to i32"));
+        self.line(depth, &format!("{splat} = vector.broadcast {s32} : i32 to {it}"));
+        self.line(depth, &format!("{iota} = arith.constant dense<[{}]> : {it}", lanes_text.join(", ")));
+        self.line(depth, &format!("{index} = arith.muli {iota}, {splat} : {it}"));
+        (step, index)
+    }
+
     /// A register tile of multiply-accumulates ([`Mma`]): `rows × cols/lanes` vector
     /// accumulators carried through the reduction loops (`scf.for` iter_args), each step one
     /// vector load of `B` per `lanes` columns, one broadcast of `a` per row and a `vector.fma` per
@@ -213,6 +227,7 @@ impl Emitter<'_> {
         }
         // C += the accumulators.
         let (cbuf, cflat) = (m.c.0, self.flat(m.c.0));
+        let mut strided: Option<(String, String)> = None;
         for r in 0..m.rows {
             let index: Vec<Idx> = m.c.1.iter().map(|i| i.subst(m.row, &Idx::Const(r as i64)).simplify()).collect();
             let coff = self.flat_offset(depth, cbuf, &index);
@@ -245,19 +260,29 @@ impl Emitter<'_> {
                         }
                     }
                 } else {
-                    // Strided columns (no masks: the lowering gives such tiles full columns).
-                    let stride = self.idx(depth, &m.c_col);
-                    for l in 0..lanes {
-                        let j = self.idx(depth, &Idx::Const(v as i64 * lanes + l));
-                        let (step, off, x, old, sum) =
-                            (self.fresh(), self.fresh(), self.fresh(), self.fresh(), self.fresh());
-                        self.line(depth, &format!("{step} = arith.muli {j}, {stride} : index"));
-                        self.line(depth, &format!("{off} = arith.addi {coff}, {step} : index"));
-                        self.line(depth, &format!("{x} = vector.extract {acc}[{l}] : f32 from {vt}"));
-                        self.line(depth, &format!("{old} = memref.load {cflat}[{off}] : memref<?xf32>"));
-                        self.line(depth, &format!("{sum} = arith.addf {old}, {x} : f32"));
-                        self.line(depth, &format!("memref.store {sum}, {cflat}[{off}] : memref<?xf32>"));
-                    }
+                    // Strided columns (no masks: the lowering gives such tiles full columns):
+                    // a gather and a scatter per vector.
+                    let (off, old, sum) = (self.fresh(), self.fresh(), self.fresh());
+                    let first = self.idx(depth, &Idx::Const(v as i64 * lanes));
+                    let (step, index) =
+                        strided.get_or_insert_with(|| self.lane_offsets(depth, &m.c_col, m.lanes)).clone();
+                    let skip = self.fresh();
+                    self.line(depth, &format!("{skip} = arith.muli {first}, {step} : index"));
+                    self.line(depth, &format!("{off} = arith.addi {coff}, {skip} : index"));
+                    let all = self.fresh();
+                    self.line(depth, &format!("{all} = vector.constant_mask [{lanes}] : {mt}"));
+                    let it = format!("vector<{lanes}xi32>");
+                    self.line(
+                        depth,
+                        &format!("{old} = vector.gather {cflat}[{off}][{index}], {all}, {zero} : memref<?xf32>, {it}, {mt}, {vt} into {vt}"),
+                    );
+                    self.line(depth, &format!("{sum} = arith.addf {old}, {acc} : {vt}"));
+                    self.line(
+                        depth,
+                        &format!(
+                            "vector.scatter {cflat}[{off}][{index}], {all}, {sum} : memref<?xf32>, {it}, {mt}, {vt}"
+                        ),
+                    );
                 }
             }
         }
@@ -489,6 +514,14 @@ impl Emitter<'_> {
                 self.line(depth, "}");
                 t
             }
+            Val::Select { lhs, rhs, then, other } => {
+                let (l, r) = (self.idx(depth, lhs), self.idx(depth, rhs));
+                let (a, b) = (self.val(depth, then), self.val(depth, other));
+                let (c, t) = (self.fresh(), self.fresh());
+                self.line(depth, &format!("{c} = arith.cmpi slt, {l}, {r} : index"));
+                self.line(depth, &format!("{t} = arith.select {c}, {a}, {b} : f32"));
+                t
+            }
             Val::Bin(op, a, b) => {
                 let (a, b) = (self.val(depth, a), self.val(depth, b));
                 let name = match op {
@@ -592,9 +625,17 @@ pub fn split_loop(k: &Kernel) -> Option<(usize, Vec<&Idx>, &Idx)> {
 /// buffer (inputs, then outputs) as a dynamically sized memref, then `%lo, %hi: index`: the
 /// range of the shared parallel loop ([`split_loop`]) this call runs (ignored by a kernel
 /// without one).
+///
+/// The buffers are `llvm.noalias`: a kernel's outputs never overlap its inputs or each other
+/// (the JIT allocates each output; the AOT arena gives tensors live at the same kernel disjoint
+/// ranges). Inputs may be the same tensor twice: they are only read.
 pub fn to_mlir(k: &Kernel) -> String {
-    let mut params: Vec<String> =
-        k.buffers.iter().enumerate().map(|(i, b)| format!("%b{i}: {}", memref(b.shape.len()))).collect();
+    let mut params: Vec<String> = k
+        .buffers
+        .iter()
+        .enumerate()
+        .map(|(i, b)| format!("%b{i}: {} {{llvm.noalias}}", memref(b.shape.len())))
+        .collect();
     params.push("%lo: index".into());
     params.push("%hi: index".into());
     let split = split_loop(k).map(|(depth, _, _)| depth);
@@ -704,7 +745,7 @@ fn heavy(body: &[Stmt]) -> bool {
             Val::Reduce { .. } => true,
             Val::Un(_, a) => val(a),
             Val::Bin(_, a, b) => val(a) || val(b),
-            Val::IfLess { then, other, .. } => val(then) || val(other),
+            Val::IfLess { then, other, .. } | Val::Select { then, other, .. } => val(then) || val(other),
             _ => false,
         }
     }

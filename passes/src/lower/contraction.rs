@@ -68,8 +68,8 @@ pub const MMA_COLS: usize = 32;
 /// output channels), at most: the largest divisor of the channels per group up to this.
 pub const MMA_CHANNEL_ROWS: usize = 8;
 /// Rows of an [`Mma`] tile whose columns are output channels (a direct Conv: rows are output
-/// pixels of one output row), at most.
-pub const MMA_PIXEL_ROWS: usize = 6;
+/// pixels of one output row), at most (a row of known width is split into even tiles).
+pub const MMA_PIXEL_ROWS: usize = 8;
 
 fn add(x: Idx, y: Idx) -> Idx {
     Idx::Add(b(x), b(y))
@@ -589,10 +589,8 @@ impl<'p, 'm> Builder<'p, 'm> {
                     c_col: c(1),
                 })))
             };
-            let mut body = Vec::new();
-            for r in 0..mr {
-                body.extend(init(1, &ni, add(co0.clone(), c(r)))?);
-            }
+            // Init and epilogue: loops over the tile's channels (loop variable 1).
+            let mut body = vec![for_(1, c(mr), false, init(2, &ni, add(co0.clone(), Idx::Var(1)))?)];
             body.push(for_(1, full.clone(), false, vec![tile(mul(Idx::Var(1), c(cols)), c(cols))?]));
             let tail = mul(full.clone(), c(cols));
             body.push(for_(
@@ -601,8 +599,8 @@ impl<'p, 'm> Builder<'p, 'm> {
                 false,
                 vec![tile(tail.clone(), sub(pixels, tail))?],
             ));
-            for r in 0..mr {
-                body.extend(epilogue(1, &ni, add(co0.clone(), c(r)))?);
+            if self.has_epilogue() {
+                body.push(for_(1, c(mr), false, epilogue(2, &ni, add(co0.clone(), Idx::Var(1)))?));
             }
             return Ok(Some((vec![for_(0, mul(g.n.clone(), tiles), true, body)], Vec::new())));
         }
@@ -662,13 +660,34 @@ impl<'p, 'm> Builder<'p, 'm> {
         // A tile of `rows` pixels from `o0`, taps [kx0, kx0 + nx) along the row. Loop variables
         // 3 (input channel), 4 (tap row), 5 (tap column).
         let plane = mul(oh.clone(), ow.clone());
-        let tile = |rows: usize, o0: Idx, kx0: Idx, nx: Idx| -> LowerResult<Stmt> {
+        // `guarded`: taps along the row may fall in the padding (they read zero; the load's
+        // index is clamped in bounds, branch-free).
+        let tile = |rows: usize, o0: Idx, kx0: Idx, nx: Idx, guarded: bool| -> LowerResult<Stmt> {
             let o = add(o0.clone(), Idx::Var(ROW));
             let ky = add(y0.clone(), Idx::Var(4));
             let kx = add(kx0.clone(), Idx::Var(5));
             let ih = add(sub(mul(row.clone(), c(s[0])), c(pd[0])), mul(ky.clone(), c(d[0])));
             let iw = add(sub(mul(o.clone(), c(s[1])), c(pd[1])), mul(kx.clone(), c(d[1])));
-            let a = lw.value(g.x, &simplified(&[ni.clone(), add(ch0.clone(), Idx::Var(3)), ih, iw]))?;
+            let ch = add(ch0.clone(), Idx::Var(3));
+            let a = if guarded {
+                let width = g.in_dims[1].clone();
+                let inside = max(c(0), min(iw.clone(), sub(width.clone(), c(1))));
+                let v = lw.value(g.x, &simplified(&[ni.clone(), ch, ih, inside]))?;
+                let iw = iw.simplify();
+                Val::Select {
+                    lhs: iw.clone(),
+                    rhs: c(0),
+                    then: Box::new(Val::Const(0.0)),
+                    other: Box::new(Val::Select {
+                        lhs: iw,
+                        rhs: width,
+                        then: Box::new(v),
+                        other: Box::new(Val::Const(0.0)),
+                    }),
+                }
+            } else {
+                lw.value(g.x, &simplified(&[ni.clone(), ch, ih, iw]))?
+            };
             let k = add(mul(add(mul(Idx::Var(3), c(kh)), ky), c(kw)), kx);
             Ok(Stmt::Mma(Box::new(Mma {
                 rows,
@@ -688,32 +707,57 @@ impl<'p, 'm> Builder<'p, 'm> {
         let hi =
             min(ow.clone(), ceil_div(max(c(0), sub(add(g.in_dims[1].clone(), c(pd[1])), c((kw - 1) * d[1]))), s[1]));
         let h = max(l.clone(), hi).simplify();
-        let width = sub(h.clone(), l.clone()).simplify();
-        let mr = match width {
-            Idx::Const(w) => (w.clamp(1, MMA_PIXEL_ROWS as i64)) as usize,
-            _ => MMA_PIXEL_ROWS,
-        };
         let mut per_row = Vec::new();
-        let full = div(width.clone(), c(mr as i64));
-        per_row.push(for_(
-            2,
-            full.clone(),
-            false,
-            vec![tile(mr, add(l.clone(), mul(Idx::Var(2), c(mr as i64))), c(0), c(kw))?],
-        ));
-        let done = add(l.clone(), mul(full, c(mr as i64)));
-        match rem(width.clone(), c(mr as i64)).simplify() {
-            Idx::Const(0) => {}
-            Idx::Const(left) => per_row.push(tile(left as usize, done.simplify(), c(0), c(kw))?),
-            left => per_row.push(for_(2, left, false, vec![tile(1, add(done, Idx::Var(2)), c(0), c(kw))?])),
+        if let (Idx::Const(owk), Idx::Const(lk), Idx::Const(hk)) = (&ow, &l, &h) {
+            // Known sizes: the row in even tiles of at most MMA_PIXEL_ROWS pixels; a tile with
+            // pixels outside [l, h) guards its loads; a run of interior tiles is one loop.
+            let (owk, lk, hk) = (*owk, *lk, *hk);
+            let mr = ceil_div_const(owk, ceil_div_const(owk, MMA_PIXEL_ROWS as i64));
+            let mut run: Option<(i64, i64)> = None;
+            let flush = |run: &mut Option<(i64, i64)>, per_row: &mut Vec<Stmt>| -> LowerResult<()> {
+                if let Some((from, count)) = run.take() {
+                    let o0 = add(c(from), mul(Idx::Var(2), c(mr)));
+                    per_row.push(for_(2, c(count), false, vec![tile(mr as usize, o0, c(0), c(kw), false)?]));
+                }
+                Ok(())
+            };
+            let mut start = 0;
+            while start < owk {
+                let rows = mr.min(owk - start);
+                let interior = start >= lk && start + rows <= hk;
+                if interior && rows == mr {
+                    match &mut run {
+                        Some((_, count)) => *count += 1,
+                        None => run = Some((start, 1)),
+                    }
+                } else {
+                    flush(&mut run, &mut per_row)?;
+                    per_row.push(tile(rows as usize, c(start), c(0), c(kw), !interior)?);
+                }
+                start += rows;
+            }
+            flush(&mut run, &mut per_row)?;
+        } else {
+            // Sizes known at run time: interior tiles, then edge pixels one at a time with
+            // their own taps.
+            let width = sub(h.clone(), l.clone()).simplify();
+            let mr = MMA_PIXEL_ROWS as i64;
+            let full = div(width.clone(), c(mr));
+            per_row.push(for_(
+                2,
+                full.clone(),
+                false,
+                vec![tile(mr as usize, add(l.clone(), mul(Idx::Var(2), c(mr))), c(0), c(kw), false)?],
+            ));
+            let done = add(l.clone(), mul(full, c(mr)));
+            per_row.push(for_(2, rem(width, c(mr)), false, vec![tile(1, add(done, Idx::Var(2)), c(0), c(kw), false)?]));
+            let edge = |o: Idx| -> LowerResult<Stmt> {
+                let (a, z) = (x0(o.clone()), x1(o.clone()));
+                tile(1, o, a.clone(), max(c(0), sub(z, a)), false)
+            };
+            per_row.push(for_(2, l.clone(), false, vec![edge(Idx::Var(2))?]));
+            per_row.push(for_(2, sub(ow.clone(), h.clone()), false, vec![edge(add(h, Idx::Var(2)))?]));
         }
-        // The edge pixels, one at a time with their own taps.
-        let edge = |o: Idx| -> LowerResult<Stmt> {
-            let (a, z) = (x0(o.clone()), x1(o.clone()));
-            tile(1, o, a.clone(), max(c(0), sub(z, a)))
-        };
-        per_row.push(for_(2, l.clone(), false, vec![edge(Idx::Var(2))?]));
-        per_row.push(for_(2, sub(ow.clone(), h.clone()), false, vec![edge(add(h, Idx::Var(2)))?]));
         let mut body = vec![pack, for_(1, c(nr), false, init(2, &ni, add(co0.clone(), Idx::Var(1)))?)];
         body.push(for_(1, oh, false, per_row));
         if self.has_epilogue() {
@@ -952,6 +996,11 @@ impl<'p, 'm> Builder<'p, 'm> {
     }
 }
 
+/// `⌈x / t⌉` of known positive sizes.
+fn ceil_div_const(x: i64, t: i64) -> i64 {
+    (x + t - 1) / t
+}
+
 /// A 2-D Conv's operands and geometry, as [`Builder::conv`] resolved them.
 struct ConvGeom {
     x: ValueId,
@@ -976,6 +1025,8 @@ fn reads_only_at(v: &Val, buf: usize, at: &[Idx]) -> bool {
         Val::Un(_, x) => reads_only_at(x, buf, at),
         Val::Bin(_, x, y) => reads_only_at(x, buf, at) && reads_only_at(y, buf, at),
         Val::Reduce { body, .. } => reads_only_at(body, buf, at),
-        Val::IfLess { then, other, .. } => reads_only_at(then, buf, at) && reads_only_at(other, buf, at),
+        Val::IfLess { then, other, .. } | Val::Select { then, other, .. } => {
+            reads_only_at(then, buf, at) && reads_only_at(other, buf, at)
+        }
     }
 }
