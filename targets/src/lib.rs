@@ -11,6 +11,7 @@ pub mod descriptions;
 pub mod jit;
 pub mod llvm;
 pub mod native;
+mod pool;
 pub mod reference;
 
 use kiln_ir::machine::MachineDescription;
