@@ -162,19 +162,26 @@ pub fn run_custom(
             }
         }
     }
-    let env = interp.env.borrow();
-    let outs = m
-        .outputs()
+    let mut env = interp.env.borrow_mut();
+    let outputs = m.outputs();
+    let outs = outputs
         .iter()
-        .map(|&v| match &env[v.0 as usize] {
-            Some(t) => Ok((**t).clone()),
-            None => Err(InterpError::Node {
-                node: m.value_label(v),
-                op: "output".into(),
-                msg: "the model output was never computed".into(),
-            }),
+        .enumerate()
+        .map(|(i, &v)| {
+            // The last use of a value moves it out (no copy unless an observer kept it).
+            let slot = &mut env[v.0 as usize];
+            let last = !outputs[i + 1..].contains(&v);
+            match if last { slot.take() } else { slot.clone() } {
+                Some(t) => Ok(Rc::try_unwrap(t).unwrap_or_else(|t| (*t).clone())),
+                None => Err(InterpError::Node {
+                    node: m.value_label(v),
+                    op: "output".into(),
+                    msg: "the model output was never computed".into(),
+                }),
+            }
         })
         .collect::<Result<Vec<_>, _>>()?;
+    drop(env);
     Ok((outs, stats))
 }
 
