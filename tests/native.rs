@@ -577,6 +577,17 @@ fn native_conv_kernels_match_the_interpreter() {
             true,
             vec!["1", "16", "2", "2"],
         ),
+        // Dilation far above the stride: the first pixel whose taps are all in bounds is
+        // ⌈p / s⌉ = 12; a tile of 8 pixels starts at 8, inside the padding.
+        (
+            "conv2d_tiled_wide_dilation",
+            vec!["1", "16", "4", "60"],
+            vec![16, 16, 3, 3],
+            vec![ints("pads", &[12, 12, 12, 12]), ints("dilations", &[12, 12])],
+            true,
+            false,
+            vec!["1", "16", "4", "60"],
+        ),
         (
             "conv2d_tiled_1x1_stride2",
             vec!["1", "16", "9", "9"],
@@ -647,8 +658,8 @@ fn native_conv_kernels_match_the_interpreter() {
         }
     }
     println!("conv: {} kernels checked ({} contractions)", tally.checked, tally.contractions);
-    assert!(tally.contractions >= 27, "{} conv kernels checked", tally.contractions);
-    assert!(tally.tiled >= 12, "{} conv kernels on register tiles", tally.tiled);
+    assert!(tally.contractions >= 28, "{} conv kernels checked", tally.contractions);
+    assert!(tally.tiled >= 13, "{} conv kernels on register tiles", tally.tiled);
 }
 
 /// MatMul and Gemm kernels, single and fused (bias, Relu, residual), with a symbolic batch,

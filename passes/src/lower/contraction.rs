@@ -392,23 +392,10 @@ impl<'p, 'm> Builder<'p, 'm> {
         // Init: the bias or zero.
         let mut body = Vec::new();
         for oc in &ocs {
-            let init_val = match bias {
-                Some(bv) => lw.value(bv, std::slice::from_ref(oc))?,
-                None => Val::Const(0.0),
-            };
-            body.extend(self.nest(1, &[ni.clone(), oc.clone()], &out_dims, |idx| {
-                Ok(vec![Stmt::Store { buf: acc, index: simplified(idx), value: init_val }])
-            })?);
+            body.extend(self.conv_init(&g, 1, &ni, oc.clone())?);
         }
-        // Output positions o whose input index o·s − p + k·d is in bounds for tap k:
-        // [lo(k), hi(k)) with lo = ⌈max(0, p − k·d) / s⌉, hi = min(O, ⌈max(0, L + p − k·d) / s⌉);
-        // both shrink as k grows.
-        let lo = |d: usize, k: Idx| ceil_div(max(c(0), sub(c(pad[d]), mul(k, c(dilations[d])))), strides[d]);
-        let hi = |d: usize, k: Idx| {
-            let reach = max(c(0), sub(add(in_dims[d].clone(), c(pad[d])), mul(k, c(dilations[d]))));
-            min(out_dims[d].clone(), ceil_div(reach, strides[d]))
-        };
-        let in_at = |d: usize, o: Idx, k: Idx| add(sub(mul(o, c(strides[d])), c(pad[d])), mul(k, c(dilations[d])));
+        let (lo, hi) = (|d, k| g.first_out(d, k), |d, k| g.end_out(d, k));
+        let in_at = |d, o, k| g.in_at(d, o, k);
         // Positions along the leading axes: o = lo(tap) + loop variable.
         let rows: Vec<Idx> = (0..last).map(|d| add(lo(d, tap(d, 0)), outv(d)).simplify()).collect();
         // The weights of the taps along the last axis, per output channel.
@@ -506,10 +493,8 @@ impl<'p, 'm> Builder<'p, 'm> {
             taps = vec![for_(2 + d, c(kernel[d]), false, taps)];
         }
         body.push(for_(1, cg, false, taps));
-        if self.has_epilogue() {
-            for oc in &ocs {
-                body.extend(self.nest(1, &[ni.clone(), oc.clone()], &out_dims, |idx| self.epilogue(idx))?);
-            }
+        for oc in &ocs {
+            body.extend(self.conv_epilogue(&g, 1, &ni, oc.clone())?);
         }
         Ok((vec![for_(0, mul(n, blocks), true, body)], Vec::new()))
     }
@@ -524,8 +509,10 @@ impl<'p, 'm> Builder<'p, 'm> {
     ///   per output row, tiles of [`MMA_PIXEL_ROWS`] output pixels × 32 (or 16) output channels,
     ///   reducing over input channels and taps, the weights of the channel block packed into a
     ///   local `[taps, channels]` panel first so that each tap's channels are one vector load.
-    ///   The taps in the padding are cut off the reduction's ranges: the leading axis' range per
-    ///   output row, and along the row the edge pixels get their own ranges, one pixel per tile.
+    ///   The taps in the padding along the leading axis are cut off the reduction's range per
+    ///   output row. Along a row of known width, the tiles holding edge pixels guard their loads
+    ///   branch-free ([`Val::Select`]); with a width known at run time, edge pixels are tiles of
+    ///   one pixel with their own tap ranges.
     fn conv_tiled(&self, g: &ConvGeom, channels: Option<u64>) -> LowerResult<Option<(Vec<Stmt>, Vec<Local>)>> {
         let Some(mk) = channels.map(|c| c as i64) else { return Ok(None) };
         if g.kernel.len() != 2 || g.group <= 0 || mk % g.group != 0 {
@@ -535,32 +522,22 @@ impl<'p, 'm> Builder<'p, 'm> {
         let lw = &self.lw;
         let acc = self.acc;
         let (oh, ow) = (g.out_dims[0].clone(), g.out_dims[1].clone());
-        // The init (bias or zero) and the epilogue of output channel `co` of image `ni`
-        // (loop variables from `first`).
-        let init = |first: usize, ni: &Idx, co: Idx| -> LowerResult<Vec<Stmt>> {
-            let value = match g.bias {
-                Some(bv) => lw.value(bv, std::slice::from_ref(&co))?,
-                None => Val::Const(0.0),
-            };
-            self.nest(first, &[ni.clone(), co], &g.out_dims, |idx| {
-                Ok(vec![Stmt::Store { buf: acc, index: simplified(idx), value }])
-            })
+        // Init and epilogue: loops over the tile's channels (loop variable 1).
+        let init = |ni: &Idx, co0: &Idx, count: i64| -> LowerResult<Stmt> {
+            Ok(for_(1, c(count), false, self.conv_init(g, 2, ni, add(co0.clone(), Idx::Var(1)))?))
         };
-        let epilogue = |first: usize, ni: &Idx, co: Idx| -> LowerResult<Vec<Stmt>> {
-            if !self.has_epilogue() {
-                return Ok(Vec::new());
+        let epilogue = |body: &mut Vec<Stmt>, ni: &Idx, co0: &Idx, count: i64| -> LowerResult<()> {
+            let e = self.conv_epilogue(g, 2, ni, add(co0.clone(), Idx::Var(1)))?;
+            if !e.is_empty() {
+                body.push(for_(1, c(count), false, e));
             }
-            self.nest(first, &[ni.clone(), co], &g.out_dims, |idx| self.epilogue(idx))
+            Ok(())
         };
         // The loop variable standing for an Mma tile's row (never a loop of its own).
         const ROW: usize = 63;
         // Same extents in and out (no end padding either): pixel p is the same element of both.
-        let pointwise = g.kernel == [1, 1]
-            && g.strides == [1, 1]
-            && g.pad == [0, 0]
-            && g.out_dims == g.in_dims
-            && self.param(g.x).is_some();
-        if pointwise {
+        let pointwise = g.kernel == [1, 1] && g.strides == [1, 1] && g.pad == [0, 0] && g.out_dims == g.in_dims;
+        if let (true, Some(xb)) = (pointwise, self.param(g.x)) {
             let mr = (1..=MMA_CHANNEL_ROWS as i64).rev().find(|r| cog % r == 0).unwrap_or(1);
             let tiles = c(mk / mr);
             // Loop variables: 0 (image, tile of channels), 1 pixel tile, 2 input channel.
@@ -571,10 +548,7 @@ impl<'p, 'm> Builder<'p, 'm> {
             let cols = MMA_COLS as i64;
             let full = div(pixels.clone(), c(cols));
             let tile = |p0: Idx, valid: Idx| -> LowerResult<Stmt> {
-                let mut widx = vec![add(co0.clone(), Idx::Var(ROW)), Idx::Var(2), c(0), c(0)];
-                widx = simplified(&widx);
-                let a = lw.value(g.w, &widx)?;
-                let xb = self.param(g.x).ok_or("X is not a buffer")?;
+                let a = lw.value(g.w, &simplified(&[add(co0.clone(), Idx::Var(ROW)), Idx::Var(2), c(0), c(0)]))?;
                 Ok(Stmt::Mma(Box::new(Mma {
                     rows: mr as usize,
                     cols: MMA_COLS,
@@ -589,8 +563,7 @@ impl<'p, 'm> Builder<'p, 'm> {
                     c_col: c(1),
                 })))
             };
-            // Init and epilogue: loops over the tile's channels (loop variable 1).
-            let mut body = vec![for_(1, c(mr), false, init(2, &ni, add(co0.clone(), Idx::Var(1)))?)];
+            let mut body = vec![init(&ni, &co0, mr)?];
             body.push(for_(1, full.clone(), false, vec![tile(mul(Idx::Var(1), c(cols)), c(cols))?]));
             let tail = mul(full.clone(), c(cols));
             body.push(for_(
@@ -599,9 +572,7 @@ impl<'p, 'm> Builder<'p, 'm> {
                 false,
                 vec![tile(tail.clone(), sub(pixels, tail))?],
             ));
-            if self.has_epilogue() {
-                body.push(for_(1, c(mr), false, epilogue(2, &ni, add(co0.clone(), Idx::Var(1)))?));
-            }
+            epilogue(&mut body, &ni, &co0, mr)?;
             return Ok(Some((vec![for_(0, mul(g.n.clone(), tiles), true, body)], Vec::new())));
         }
         // Direct: output channels in the vectors.
@@ -613,7 +584,6 @@ impl<'p, 'm> Builder<'p, 'm> {
             return Ok(None);
         };
         let [kh, kw] = [g.kernel[0], g.kernel[1]];
-        let (s, d, pd) = (&g.strides, &g.dilations, &g.pad);
         let blocks = c(mk / nr);
         let ni = div(Idx::Var(0), blocks.clone());
         let co0 = mul(rem(Idx::Var(0), blocks.clone()), c(nr));
@@ -622,41 +592,17 @@ impl<'p, 'm> Builder<'p, 'm> {
         let taps = mul(g.cg.clone(), c(kh * kw));
         let locals = vec![Local { name: "weights".into(), size: vec![taps.simplify(), c(nr)] }];
         // Pack: panel[(ci·KH + y)·KW + x, j] = W[co0 + j, ci, y, x] (loop variables 1..=4).
-        let (v1, v2, v3, v4) = (Idx::Var(1), Idx::Var(2), Idx::Var(3), Idx::Var(4));
-        let pk = add(mul(add(mul(v1.clone(), c(kh)), v2.clone()), c(kw)), v3.clone());
-        let wv = lw.value(g.w, &simplified(&[add(co0.clone(), v4.clone()), v1, v2, v3]))?;
-        let pack = for_(
-            1,
-            g.cg.clone(),
-            false,
-            vec![for_(
-                2,
-                c(kh),
-                false,
-                vec![for_(
-                    3,
-                    c(kw),
-                    false,
-                    vec![for_(
-                        4,
-                        c(nr),
-                        false,
-                        vec![Stmt::Store { buf: panel, index: simplified(&[pk, v4]), value: wv }],
-                    )],
-                )],
-            )],
-        );
+        let pack = self.nest(1, &[], &[g.cg.clone(), c(kh), c(kw), c(nr)], |v| {
+            let pk = add(mul(add(mul(v[0].clone(), c(kh)), v[1].clone()), c(kw)), v[2].clone());
+            let wv = lw
+                .value(g.w, &simplified(&[add(co0.clone(), v[3].clone()), v[0].clone(), v[1].clone(), v[2].clone()]))?;
+            Ok(vec![Stmt::Store { buf: panel, index: simplified(&[pk, v[3].clone()]), value: wv }])
+        })?;
         // Per output row (loop variable 1): the taps of the leading axis in bounds,
-        // [y0, y0 + ny). Input index o·s − p + k·d.
+        // [y0, y0 + ny).
         let row = Idx::Var(1);
-        let y0 = ceil_div(max(c(0), sub(c(pd[0]), mul(row.clone(), c(s[0])))), d[0]);
-        let y1 =
-            min(c(kh), ceil_div(max(c(0), sub(add(g.in_dims[0].clone(), c(pd[0])), mul(row.clone(), c(s[0])))), d[0]));
+        let (y0, y1) = g.taps(0, row.clone());
         let ny = max(c(0), sub(y1, y0.clone()));
-        // Along the row: the taps in bounds for pixel `o`, [x0(o), x1(o)).
-        let x0 = |o: Idx| ceil_div(max(c(0), sub(c(pd[1]), mul(o, c(s[1])))), d[1]);
-        let x1 =
-            |o: Idx| min(c(kw), ceil_div(max(c(0), sub(add(g.in_dims[1].clone(), c(pd[1])), mul(o, c(s[1])))), d[1]));
         // A tile of `rows` pixels from `o0`, taps [kx0, kx0 + nx) along the row. Loop variables
         // 3 (input channel), 4 (tap row), 5 (tap column).
         let plane = mul(oh.clone(), ow.clone());
@@ -666,8 +612,8 @@ impl<'p, 'm> Builder<'p, 'm> {
             let o = add(o0.clone(), Idx::Var(ROW));
             let ky = add(y0.clone(), Idx::Var(4));
             let kx = add(kx0.clone(), Idx::Var(5));
-            let ih = add(sub(mul(row.clone(), c(s[0])), c(pd[0])), mul(ky.clone(), c(d[0])));
-            let iw = add(sub(mul(o.clone(), c(s[1])), c(pd[1])), mul(kx.clone(), c(d[1])));
+            let ih = g.in_at(0, row.clone(), ky.clone());
+            let iw = g.in_at(1, o.clone(), kx.clone());
             let ch = add(ch0.clone(), Idx::Var(3));
             let a = if guarded {
                 let width = g.in_dims[1].clone();
@@ -703,10 +649,8 @@ impl<'p, 'm> Builder<'p, 'm> {
             })))
         };
         // The interior pixels [l, h): every tap along the row in bounds.
-        let l = min(x0(c(0)).simplify(), ow.clone()).simplify();
-        let hi =
-            min(ow.clone(), ceil_div(max(c(0), sub(add(g.in_dims[1].clone(), c(pd[1])), c((kw - 1) * d[1]))), s[1]));
-        let h = max(l.clone(), hi).simplify();
+        let l = min(g.first_out(1, c(0)), ow.clone()).simplify();
+        let h = max(l.clone(), g.end_out(1, c(kw - 1))).simplify();
         let mut per_row = Vec::new();
         if let (Idx::Const(owk), Idx::Const(lk), Idx::Const(hk)) = (&ow, &l, &h) {
             // Known sizes: the row in even tiles of at most MMA_PIXEL_ROWS pixels; a tile with
@@ -752,18 +696,38 @@ impl<'p, 'm> Builder<'p, 'm> {
             let done = add(l.clone(), mul(full, c(mr)));
             per_row.push(for_(2, rem(width, c(mr)), false, vec![tile(1, add(done, Idx::Var(2)), c(0), c(kw), false)?]));
             let edge = |o: Idx| -> LowerResult<Stmt> {
-                let (a, z) = (x0(o.clone()), x1(o.clone()));
+                let (a, z) = g.taps(1, o.clone());
                 tile(1, o, a.clone(), max(c(0), sub(z, a)), false)
             };
             per_row.push(for_(2, l.clone(), false, vec![edge(Idx::Var(2))?]));
             per_row.push(for_(2, sub(ow.clone(), h.clone()), false, vec![edge(add(h, Idx::Var(2)))?]));
         }
-        let mut body = vec![pack, for_(1, c(nr), false, init(2, &ni, add(co0.clone(), Idx::Var(1)))?)];
+        let mut body = pack;
+        body.push(init(&ni, &co0, nr)?);
         body.push(for_(1, oh, false, per_row));
-        if self.has_epilogue() {
-            body.push(for_(1, c(nr), false, epilogue(2, &ni, add(co0.clone(), Idx::Var(1)))?));
-        }
+        epilogue(&mut body, &ni, &co0, nr)?;
         Ok(Some((vec![for_(0, mul(g.n.clone(), blocks), true, body)], locals)))
+    }
+
+    /// The init of output channel `co` of image `ni` (the bias or zero) over the output
+    /// positions (loop variables from `first`).
+    fn conv_init(&self, g: &ConvGeom, first: usize, ni: &Idx, co: Idx) -> LowerResult<Vec<Stmt>> {
+        let value = match g.bias {
+            Some(bv) => self.lw.value(bv, std::slice::from_ref(&co))?,
+            None => Val::Const(0.0),
+        };
+        let acc = self.acc;
+        self.nest(first, &[ni.clone(), co], &g.out_dims, |idx| {
+            Ok(vec![Stmt::Store { buf: acc, index: simplified(idx), value }])
+        })
+    }
+
+    /// The epilogue pass of output channel `co` of image `ni` (nothing without an epilogue).
+    fn conv_epilogue(&self, g: &ConvGeom, first: usize, ni: &Idx, co: Idx) -> LowerResult<Vec<Stmt>> {
+        if !self.has_epilogue() {
+            return Ok(Vec::new());
+        }
+        self.nest(first, &[ni.clone(), co], &g.out_dims, |idx| self.epilogue(idx))
     }
 
     /// The parameter buffer holding value `v`, when the kernel reads it as is (not computed
@@ -1001,7 +965,8 @@ fn ceil_div_const(x: i64, t: i64) -> i64 {
     (x + t - 1) / t
 }
 
-/// A 2-D Conv's operands and geometry, as [`Builder::conv`] resolved them.
+/// A Conv's operands and geometry, as [`Builder::conv`] resolved them (per spatial axis `d`:
+/// `pad` the begin padding, `in_dims`/`out_dims` the extents).
 struct ConvGeom {
     x: ValueId,
     w: ValueId,
@@ -1015,6 +980,34 @@ struct ConvGeom {
     cg: Idx,
     out_dims: Vec<Idx>,
     in_dims: Vec<Idx>,
+}
+
+impl ConvGeom {
+    /// The input index along axis `d` of output position `o` and tap `k`: `o·s − p + k·d`.
+    fn in_at(&self, d: usize, o: Idx, k: Idx) -> Idx {
+        add(sub(mul(o, c(self.strides[d])), c(self.pad[d])), mul(k, c(self.dilations[d])))
+    }
+
+    /// The output positions whose input index is in bounds for tap `k` along axis `d` are
+    /// `[first_out, end_out)`: `⌈max(0, p − k·d) / s⌉` and `min(O, ⌈max(0, L + p − k·d) / s⌉)`;
+    /// both shrink as `k` grows.
+    fn first_out(&self, d: usize, k: Idx) -> Idx {
+        ceil_div(max(c(0), sub(c(self.pad[d]), mul(k, c(self.dilations[d])))), self.strides[d])
+    }
+
+    fn end_out(&self, d: usize, k: Idx) -> Idx {
+        let reach = max(c(0), sub(add(self.in_dims[d].clone(), c(self.pad[d])), mul(k, c(self.dilations[d]))));
+        min(self.out_dims[d].clone(), ceil_div(reach, self.strides[d]))
+    }
+
+    /// The taps along axis `d` whose input index is in bounds for output position `o`:
+    /// `[⌈max(0, p − o·s) / d⌉, min(K, ⌈max(0, L + p − o·s) / d⌉))`.
+    fn taps(&self, d: usize, o: Idx) -> (Idx, Idx) {
+        let at = mul(o, c(self.strides[d]));
+        let first = ceil_div(max(c(0), sub(c(self.pad[d]), at.clone())), self.dilations[d]);
+        let reach = max(c(0), sub(add(self.in_dims[d].clone(), c(self.pad[d])), at));
+        (first, min(c(self.kernel[d]), ceil_div(reach, self.dilations[d])))
+    }
 }
 
 /// Whether every load of buffer `buf` in `v` reads element `at`.
