@@ -128,9 +128,36 @@ impl Emitter<'_> {
         t
     }
 
-    /// The stride `stride` as an index and the lanes' offsets `[0, stride, 2·stride, ...]` as a
-    /// vector of i32 (a gather's or scatter's indices).
-    fn lane_offsets(&mut self, depth: usize, stride: &Idx, lanes: usize) -> (String, String) {
+    /// A vector of `lanes` f32 from the one-dimensional view `flat` at `off`, masked (lanes off
+    /// read `zero`'s) when `mask` is given.
+    fn vload(&mut self, depth: usize, flat: &str, off: &str, mask: Option<&str>, lanes: usize, zero: &str) -> String {
+        let (vt, mt) = (format!("vector<{lanes}xf32>"), format!("vector<{lanes}xi1>"));
+        let t = self.fresh();
+        match mask {
+            Some(m) => self.line(
+                depth,
+                &format!("{t} = vector.maskedload {flat}[{off}], {m}, {zero} : memref<?xf32>, {mt}, {vt} into {vt}"),
+            ),
+            None => self.line(depth, &format!("{t} = vector.load {flat}[{off}] : memref<?xf32>, {vt}")),
+        }
+        t
+    }
+
+    /// Stores vector `value` of `lanes` f32 into `flat` at `off` (lanes masked off are left
+    /// alone).
+    fn vstore(&mut self, depth: usize, flat: &str, off: &str, mask: Option<&str>, lanes: usize, value: &str) {
+        let (vt, mt) = (format!("vector<{lanes}xf32>"), format!("vector<{lanes}xi1>"));
+        match mask {
+            Some(m) => {
+                self.line(depth, &format!("vector.maskedstore {flat}[{off}], {m}, {value} : memref<?xf32>, {mt}, {vt}"))
+            }
+            None => self.line(depth, &format!("vector.store {value}, {flat}[{off}] : memref<?xf32>, {vt}")),
+        }
+    }
+
+    /// The stride `stride` as an index, the lanes' offsets `[0, stride, 2·stride, ...]` as a
+    /// vector of i32 (a gather's or scatter's indices) and a mask of every lane.
+    fn lane_offsets(&mut self, depth: usize, stride: &Idx, lanes: usize) -> (String, String, String) {
         let step = self.idx(depth, stride);
         let (s32, splat, iota, index) = (self.fresh(), self.fresh(), self.fresh(), self.fresh());
         let it = format!("vector<{lanes}xi32>");
@@ -139,7 +166,9 @@ impl Emitter<'_> {
         self.line(depth, &format!("{splat} = vector.broadcast {s32} : i32 to {it}"));
         self.line(depth, &format!("{iota} = arith.constant dense<[{}]> : {it}", lanes_text.join(", ")));
         self.line(depth, &format!("{index} = arith.muli {iota}, {splat} : {it}"));
-        (step, index)
+        let all = self.fresh();
+        self.line(depth, &format!("{all} = vector.constant_mask [{lanes}] : vector<{lanes}xi1>"));
+        (step, index, all)
     }
 
     /// A register tile of multiply-accumulates ([`Mma`]): `rows × cols/lanes` vector
@@ -192,21 +221,11 @@ impl Emitter<'_> {
         let d = depth + m.red.len();
         let (bbuf, bflat) = (m.b.0, self.flat(m.b.0));
         let boff = self.flat_offset(d, bbuf, &m.b.1);
+        let mask = |v: usize| masks.as_ref().map(|mk| mk[v].clone());
         let mut bvecs = Vec::new();
         for v in 0..nv {
             let off = self.offset_by(d, &boff, v as i64 * lanes);
-            let t = self.fresh();
-            match &masks {
-                Some(mk) => self.line(
-                    d,
-                    &format!(
-                        "{t} = vector.maskedload {bflat}[{off}], {}, {zero} : memref<?xf32>, {mt}, {vt} into {vt}",
-                        mk[v]
-                    ),
-                ),
-                None => self.line(d, &format!("{t} = vector.load {bflat}[{off}] : memref<?xf32>, {vt}")),
-            }
-            bvecs.push(t);
+            bvecs.push(self.vload(d, &bflat, &off, mask(v).as_deref(), m.lanes, &zero));
         }
         let mut new = Vec::new();
         for r in 0..m.rows {
@@ -226,7 +245,7 @@ impl Emitter<'_> {
         }
         // C += the accumulators.
         let (cbuf, cflat) = (m.c.0, self.flat(m.c.0));
-        let mut strided: Option<(String, String)> = None;
+        let mut strided: Option<(String, String, String)> = None;
         for r in 0..m.rows {
             let index: Vec<Idx> = m.c.1.iter().map(|i| i.subst(m.row, &Idx::Const(r as i64)).simplify()).collect();
             let coff = self.flat_offset(depth, cbuf, &index);
@@ -234,42 +253,21 @@ impl Emitter<'_> {
                 let acc = &new[r * nv + v];
                 if m.c_col == Idx::Const(1) {
                     let off = self.offset_by(depth, &coff, v as i64 * lanes);
-                    let (old, sum) = (self.fresh(), self.fresh());
-                    match &masks {
-                        Some(mk) => {
-                            let mask = &mk[v];
-                            self.line(
-                                depth,
-                                &format!(
-                                    "{old} = vector.maskedload {cflat}[{off}], {mask}, {zero} : memref<?xf32>, {mt}, {vt} into {vt}"
-                                ),
-                            );
-                            self.line(depth, &format!("{sum} = arith.addf {old}, {acc} : {vt}"));
-                            self.line(
-                                depth,
-                                &format!(
-                                    "vector.maskedstore {cflat}[{off}], {mask}, {sum} : memref<?xf32>, {mt}, {vt}"
-                                ),
-                            );
-                        }
-                        None => {
-                            self.line(depth, &format!("{old} = vector.load {cflat}[{off}] : memref<?xf32>, {vt}"));
-                            self.line(depth, &format!("{sum} = arith.addf {old}, {acc} : {vt}"));
-                            self.line(depth, &format!("vector.store {sum}, {cflat}[{off}] : memref<?xf32>, {vt}"));
-                        }
-                    }
+                    let old = self.vload(depth, &cflat, &off, mask(v).as_deref(), m.lanes, &zero);
+                    let sum = self.fresh();
+                    self.line(depth, &format!("{sum} = arith.addf {old}, {acc} : {vt}"));
+                    self.vstore(depth, &cflat, &off, mask(v).as_deref(), m.lanes, &sum);
                 } else {
                     // Strided columns (no masks: the lowering gives such tiles full columns):
                     // a gather and a scatter per vector.
+                    debug_assert!(masks.is_none(), "a partial tile with strided columns");
                     let (off, old, sum) = (self.fresh(), self.fresh(), self.fresh());
                     let first = self.idx(depth, &Idx::Const(v as i64 * lanes));
-                    let (step, index) =
+                    let (step, index, all) =
                         strided.get_or_insert_with(|| self.lane_offsets(depth, &m.c_col, m.lanes)).clone();
                     let skip = self.fresh();
                     self.line(depth, &format!("{skip} = arith.muli {first}, {step} : index"));
                     self.line(depth, &format!("{off} = arith.addi {coff}, {skip} : index"));
-                    let all = self.fresh();
-                    self.line(depth, &format!("{all} = vector.constant_mask [{lanes}] : {mt}"));
                     let it = format!("vector<{lanes}xi32>");
                     self.line(
                         depth,
