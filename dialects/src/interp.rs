@@ -181,7 +181,6 @@ pub fn run_custom(
             }
         })
         .collect::<Result<Vec<_>, _>>()?;
-    drop(env);
     Ok((outs, stats))
 }
 

@@ -558,8 +558,8 @@ impl<'m> Partition<'m> {
     /// Whether group `g` holds a layout op that rule 2 kept out of a Conv: it stays a kernel
     /// of its own (a copy), not an epilogue of its producer.
     fn kept_for_conv(&self, g: usize) -> bool {
-        let feeds_conv = |i: usize| self.users[i].iter().any(|&u| self.m.op(self.order[u]).op_type() == "Conv");
-        self.members[&g].iter().any(|&i| self.class[i] == OpClass::Layout && feeds_conv(i))
+        let kept = |i: usize| self.users[i].iter().any(|&u| stays_out_of(self.class[i], self.m.op(self.order[u])));
+        self.members[&g].iter().any(|&i| kept(i))
     }
 
     fn only_layout(&self, g: usize) -> bool {
@@ -583,7 +583,7 @@ impl<'m> Partition<'m> {
             }
             let r = self.m.op(self.order[i]).results[0];
             let u = self.users[i][0];
-            if self.class[i] == OpClass::Layout && self.m.op(self.order[u]).op_type() == "Conv" {
+            if stays_out_of(self.class[i], self.m.op(self.order[u])) {
                 continue;
             }
             if self.outputs.contains(&r) || !self.fusible(u) {
@@ -748,6 +748,13 @@ impl<'m> Partition<'m> {
     }
 }
 
+/// Rule 2's exception: whether an op of class `class` stays out of its user `user` (a layout
+/// op that moves elements, such as a Concat or a Transpose, stays out of a Conv, whose register
+/// tiles read the input as a buffer).
+fn stays_out_of(class: OpClass, user: &kiln_ir::ir::OpData) -> bool {
+    class == OpClass::Layout && user.op_type() == "Conv"
+}
+
 /// Rule 1: copies layout ops and views with several users, one copy per extra user, so each
 /// user can absorb its own (Convs share the original of a layout op: see rule 2).
 /// Returns how many copies were made.
@@ -785,11 +792,10 @@ fn duplicate_layout(m: &mut Module) -> usize {
         // A layout op that moves elements stays out of Convs (rule 2): they all read the
         // original, each other user gets a copy.
         let mut shared = m.outputs().contains(&r);
-        if classify(m, o) == OpClass::Layout {
-            let before = direct.len();
-            direct.retain(|&(_, u)| m.op(u).op_type() != "Conv");
-            shared |= direct.len() < before;
-        }
+        let class = classify(m, o);
+        let before = direct.len();
+        direct.retain(|&(_, u)| !stays_out_of(class, m.op(u)));
+        shared |= direct.len() < before;
         if captured || direct.len() + shared as usize <= 1 {
             continue;
         }
