@@ -762,8 +762,14 @@ fn native_matmul_kernels_match_the_interpreter() {
         );
         check_proto(name, &g, &[a_shape.iter().map(|&d| d as usize).collect()], &mut tally);
     }
-    println!("matmul/gemm: {} kernels checked ({} contractions)", tally.checked, tally.contractions);
+    println!(
+        "matmul/gemm: {} kernels checked ({} contractions, {} on register tiles)",
+        tally.checked, tally.contractions, tally.tiled
+    );
     assert!(tally.contractions >= 11, "{} matmul kernels checked", tally.contractions);
+    // Register tiles wherever B's rows are contiguous: all but the matrix-vector product (a
+    // constant B of a transB Gemm is transposed ahead of time).
+    assert!(tally.tiled >= 10, "{} matmul kernels on register tiles", tally.tiled);
 }
 
 /// Single-thread timings of the two benchmark contractions (run with `--ignored`).

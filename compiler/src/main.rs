@@ -540,7 +540,7 @@ fn bench(
 /// ops' outputs is the second's), printed slowest first to stderr.
 fn print_profile(c: &kiln::CompiledModel, inputs: Vec<Tensor>) -> Result<(), Error> {
     let m = c.module();
-    let host: Vec<String> = c.host_kernels()?.into_iter().map(|h| h.name).collect();
+    let host = c.host_kernels()?;
     let names: HashMap<kiln_ir::ir::OpId, String> = kiln_targets::native::launched_kernels(m).into_iter().collect();
     let mut spans: Vec<(f64, kiln_ir::ir::OpId)> = Vec::new();
     let mut last = Instant::now();
@@ -562,9 +562,9 @@ fn print_profile(c: &kiln::CompiledModel, inputs: Vec<Tensor>) -> Result<(), Err
             Some(kiln_ir::attr::Attr::Str(a)) => a.clone(),
             _ => op.op_type().to_string(),
         };
-        let place = match names.get(o) {
-            Some(n) if host.contains(n) => " (host)",
-            _ => "",
+        let place = match names.get(o).and_then(|n| host.iter().find(|h| &h.name == n)) {
+            Some(h) => format!(" (host: {})", h.why),
+            None => String::new(),
         };
         eprintln!("  {ms:9.3} ms {:5.1}%  {kind}{anchor}  '{}'{place}", 100.0 * ms / total.max(1e-9), op.node_name());
     }

@@ -30,7 +30,8 @@ pub enum Level {
     Register,
 }
 
-/// A kernel parameter: a strided buffer.
+/// A kernel parameter: a strided buffer of `f32`, or of `bool` for an input that steers a
+/// `Where` (a mask).
 #[derive(Clone, Debug, PartialEq)]
 pub struct Buffer {
     pub name: String,
@@ -154,10 +155,11 @@ pub enum RedOp {
     Min,
 }
 
-/// A scalar value expression (the buffers' element type).
+/// A scalar value expression (f32).
 #[derive(Clone, Debug, PartialEq)]
 pub enum Val {
     Const(f64),
+    /// An element of a buffer; a boolean (input) buffer's element reads as 0 or 1.
     Load {
         buf: usize,
         index: Vec<Idx>,
@@ -188,6 +190,13 @@ pub enum Val {
     Select {
         lhs: Idx,
         rhs: Idx,
+        then: Box<Val>,
+        other: Box<Val>,
+    },
+    /// `if cond != 0 { then } else { other }` on values (ONNX `Where`; a boolean buffer loads
+    /// as 0 or 1), without a branch: both values are evaluated.
+    Where {
+        cond: Box<Val>,
         then: Box<Val>,
         other: Box<Val>,
     },
@@ -256,6 +265,32 @@ pub struct Mma {
 }
 
 impl Idx {
+    /// Whether loop variable `var` occurs in `self`.
+    pub fn uses(&self, var: usize) -> bool {
+        use Idx::*;
+        match self {
+            Var(v) => *v == var,
+            Const(_) | Dim { .. } => false,
+            Add(a, b) | Sub(a, b) | Mul(a, b) | Div(a, b) | Rem(a, b) | ZeroIfOne(a, b) | Min(a, b) | Max(a, b) => {
+                a.uses(var) || b.uses(var)
+            }
+        }
+    }
+
+    /// `base` when `self` is `base + var` with `var` not in `base` (so consecutive values of
+    /// `var` are consecutive values of `self`), as far as the expression's form shows.
+    pub fn offset_of(&self, var: usize) -> Option<Idx> {
+        match self {
+            Idx::Var(v) if *v == var => Some(Idx::Const(0)),
+            Idx::Add(a, b) if **b == Idx::Var(var) && !a.uses(var) => Some((**a).clone()),
+            Idx::Add(a, b) if **a == Idx::Var(var) && !b.uses(var) => Some((**b).clone()),
+            Idx::Add(a, b) if !b.uses(var) => a.offset_of(var).map(|base| Idx::Add(Box::new(base), b.clone())),
+            Idx::Add(a, b) if !a.uses(var) => b.offset_of(var).map(|base| Idx::Add(a.clone(), Box::new(base))),
+            Idx::Sub(a, b) if !b.uses(var) => a.offset_of(var).map(|base| Idx::Sub(Box::new(base), b.clone())),
+            _ => None,
+        }
+    }
+
     /// `self` with loop variable `var` replaced by `by`.
     pub fn subst(&self, var: usize, by: &Idx) -> Idx {
         use Idx::*;
@@ -295,6 +330,7 @@ impl Val {
             Val::Select { lhs, rhs, then, other } => {
                 Val::Select { lhs: lhs.subst(var, by), rhs: rhs.subst(var, by), then: s(then), other: s(other) }
             }
+            Val::Where { cond, then, other } => Val::Where { cond: s(cond), then: s(then), other: s(other) },
         }
     }
 }
@@ -387,6 +423,7 @@ impl fmt::Display for Val {
             }
             Val::IfLess { lhs, rhs, then, other } => write!(f, "({lhs} < {rhs} ? {then} : {other})"),
             Val::Select { lhs, rhs, then, other } => write!(f, "select({lhs} < {rhs}, {then}, {other})"),
+            Val::Where { cond, then, other } => write!(f, "where({cond}, {then}, {other})"),
         }
     }
 }

@@ -440,6 +440,11 @@ impl Lowering<'_> {
             "Reciprocal" => un(UnOp::Recip),
             "Relu" => un(UnOp::Relu),
             "Sigmoid" => un(UnOp::Sigmoid),
+            "Where" => Ok(Val::Where {
+                cond: Box::new(operand(0)?),
+                then: Box::new(operand(1)?),
+                other: Box::new(operand(2)?),
+            }),
             "Add" => bin(BinOp::Add),
             "Sub" => bin(BinOp::Sub),
             "Mul" => bin(BinOp::Mul),
@@ -882,21 +887,21 @@ pub fn lower(m: &Module, o: OpId, name: &str) -> LowerResult<Kernel> {
     } else {
         (op.operands.clone(), vec![o], op.results.clone())
     };
-    // Buffers: the f32 operands (others, e.g. shape operands, only steer index maps), then the
-    // results.
+    // Buffers: the f32 and bool operands (others, e.g. shape operands, only steer index maps),
+    // then the results.
     let mut buffers = Vec::new();
     let mut operand_of = Vec::new();
     let mut arg: HashMap<ValueId, usize> = HashMap::new();
     for (i, &v) in args.iter().enumerate() {
         let Some(v) = v else { continue };
         let vd = m.value(v);
-        if vd.ty.dtype != DType::F32 {
+        if !matches!(vd.ty.dtype, DType::F32 | DType::Bool) {
             continue;
         }
         let shape = vd.ty.shape.clone().ok_or("a value of unknown rank")?;
         arg.insert(v, buffers.len());
         operand_of.push(i);
-        buffers.push(Buffer { name: format!("in{i}"), dtype: DType::F32, shape, level: Level::Global });
+        buffers.push(Buffer { name: format!("in{i}"), dtype: vd.ty.dtype, shape, level: Level::Global });
     }
     let inputs = buffers.len();
     // An attention kernel: one Attention op computes its one output.

@@ -154,6 +154,11 @@ pub fn compile(m: &Module, name: &str, dir: &Path) -> Result<Artifact, TargetErr
             _ => {
                 let kname = &names[&o];
                 match kiln_passes::lower::lower(m, o, kname) {
+                    Ok(k) if k.buffers.iter().any(|b| b.dtype != DType::F32) => host.push(format!(
+                        "{kname} (node '{}', {}): reads a non-f32 tensor (AOT passes f32 tensors only)",
+                        op.node_name(),
+                        op.op_type()
+                    )),
                     Ok(k) => kernels.push((pos, o, k)),
                     Err(why) => host.push(format!("{kname} (node '{}', {}): {why}", op.node_name(), op.op_type())),
                 }

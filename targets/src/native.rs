@@ -6,19 +6,36 @@
 use crate::jit::{Entry, Jit, MemRef};
 use crate::{HostKernel, TargetError};
 use kiln_ir::kernel::{BinOp, Idx, Kernel, Mma, RedOp, Stmt, UnOp, Val};
-use kiln_ir::{Dim, Tensor};
+use kiln_ir::tensor::Data;
+use kiln_ir::{DType, Dim, Tensor};
 use std::collections::{BTreeSet, HashMap};
 use std::fmt::Write;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// The memref type of a rank-`r` f32 buffer with dynamic sizes.
 fn memref(r: usize) -> String {
+    memref_of(r, "f32")
+}
+
+/// The memref type of a rank-`r` buffer of `elem` with dynamic sizes.
+fn memref_of(r: usize, elem: &str) -> String {
     let mut s = String::from("memref<");
     for _ in 0..r {
         s.push_str("?x");
     }
-    s.push_str("f32>");
+    s.push_str(elem);
+    s.push('>');
     s
+}
+
+/// The MLIR element type of a kernel buffer: `f32`, or `i8` for a boolean one (one byte per
+/// element, 0 or 1, as Rust stores `bool`).
+fn elem_type(dtype: DType) -> &'static str {
+    if dtype == DType::Bool {
+        "i8"
+    } else {
+        "f32"
+    }
 }
 
 /// An f32 literal MLIR parses exactly (hex for non-finite values).
@@ -63,7 +80,7 @@ impl Emitter<'_> {
             Idx::Dim { buf, axis } => {
                 let c = self.idx(depth, &Idx::Const(*axis as i64));
                 let t = self.fresh();
-                let ty = memref(self.rank(*buf));
+                let ty = memref_of(self.rank(*buf), self.elem(*buf));
                 self.line(depth, &format!("{t} = memref.dim %b{buf}, {c} : {ty}"));
                 return t;
             }
@@ -96,6 +113,11 @@ impl Emitter<'_> {
             Some(b) => b.shape.len(),
             None => self.k.locals.get(buf - self.k.buffers.len()).map_or(0, |l| l.size.len()),
         }
+    }
+
+    /// The MLIR element type of buffer `buf` (locals are f32).
+    fn elem(&self, buf: usize) -> &'static str {
+        self.k.buffers.get(buf).map_or("f32", |b| elem_type(b.dtype))
     }
 
     /// The one-dimensional view of buffer `buf` (see [`flat_buffers`]).
@@ -325,7 +347,7 @@ impl Emitter<'_> {
 
     /// `e^x` in straight-line code the loop vectorizer can widen (a libm call stops it):
     /// Cephes' range reduction `x = n·ln2 + r` and degree-7 polynomial, `2^n` built in the
-    /// exponent bits; within 2 ulp of libm on the normal range, `+inf` above it.
+    /// exponent bits; within 2 ulp of libm on the normal range, `+inf` above it and 0 below.
     fn exp(&mut self, depth: usize, x: &str) -> String {
         let lo = self.fk(depth, "arith.maximumf", x, -87.0);
         let xc = self.fk(depth, "arith.minimumf", &lo, 88.3);
@@ -355,6 +377,9 @@ impl Emitter<'_> {
         self.line(depth, &format!("{sh} = arith.shli {e}, {c23} : i32"));
         self.line(depth, &format!("{scale} = arith.bitcast {sh} : i32 to f32"));
         let y = self.f2(depth, "arith.mulf", &p, &scale);
+        // Below ln(FLT_MIN), zero (subnormal results flushed; exp(-inf) = 0).
+        let zero = self.constant(depth, 0.0);
+        let y = self.select_cmp(depth, "olt", x, -87.33654475, &zero, &y);
         let inf = self.constant(depth, f64::INFINITY);
         self.select_cmp(depth, "ogt", x, 88.72283935546875, &inf, &y)
     }
@@ -423,9 +448,15 @@ impl Emitter<'_> {
             Val::Load { buf, index } => {
                 let ix: Vec<String> = index.iter().map(|i| self.idx(depth, i)).collect();
                 let t = self.fresh();
-                let ty = memref(index.len());
+                let elem = self.elem(*buf);
+                let ty = memref_of(index.len(), elem);
                 self.line(depth, &format!("{t} = memref.load %b{buf}[{}] : {ty}", ix.join(", ")));
-                t
+                if elem == "f32" {
+                    return t;
+                }
+                let f = self.fresh();
+                self.line(depth, &format!("{f} = arith.uitofp {t} : {elem} to f32"));
+                f
             }
             Val::Un(op, x) => {
                 let x = self.val(depth, x);
@@ -516,6 +547,15 @@ impl Emitter<'_> {
                 let (a, b) = (self.val(depth, then), self.val(depth, other));
                 let (c, t) = (self.fresh(), self.fresh());
                 self.line(depth, &format!("{c} = arith.cmpi slt, {l}, {r} : index"));
+                self.line(depth, &format!("{t} = arith.select {c}, {a}, {b} : f32"));
+                t
+            }
+            Val::Where { cond, then, other } => {
+                let cond = self.val(depth, cond);
+                let (a, b) = (self.val(depth, then), self.val(depth, other));
+                let zero = self.constant(depth, 0.0);
+                let (c, t) = (self.fresh(), self.fresh());
+                self.line(depth, &format!("{c} = arith.cmpf une, {cond}, {zero} : f32"));
                 self.line(depth, &format!("{t} = arith.select {c}, {a}, {b} : f32"));
                 t
             }
@@ -631,7 +671,7 @@ pub fn to_mlir(k: &Kernel) -> String {
         .buffers
         .iter()
         .enumerate()
-        .map(|(i, b)| format!("%b{i}: {} {{llvm.noalias}}", memref(b.shape.len())))
+        .map(|(i, b)| format!("%b{i}: {} {{llvm.noalias}}", memref_of(b.shape.len(), elem_type(b.dtype))))
         .collect();
     params.push("%lo: index".into());
     params.push("%hi: index".into());
@@ -727,6 +767,7 @@ fn heavy(body: &[Stmt]) -> bool {
             Val::Un(_, a) => val(a),
             Val::Bin(_, a, b) => val(a) || val(b),
             Val::IfLess { then, other, .. } | Val::Select { then, other, .. } => val(then) || val(other),
+            Val::Where { cond, then, other } => val(cond) || val(then) || val(other),
             _ => false,
         }
     }
@@ -782,12 +823,15 @@ impl Compiled {
             .collect::<Result<_, _>>()?;
         let mut bind: HashMap<&str, usize> = HashMap::new();
         for (t, b) in inputs.iter().zip(&k.buffers) {
-            if t.as_f32().is_none() || t.rank() != b.shape.len() {
+            if t.dtype() != b.dtype || t.rank() != b.shape.len() {
                 return Err(TargetError::Codegen(format!(
-                    "kernel {} input {}: expected f32 of rank {}",
+                    "kernel {} input {}: expected {} of rank {}, got {} of rank {}",
                     k.name,
                     b.name,
-                    b.shape.len()
+                    b.dtype,
+                    b.shape.len(),
+                    t.dtype(),
+                    t.rank()
                 )));
             }
             for (d, &n) in b.shape.iter().zip(&t.shape) {
@@ -829,11 +873,13 @@ impl Compiled {
         }
         let mut args: Vec<MemRef> = inputs
             .iter()
-            .map(|t| {
-                let d = t.as_f32().expect("checked above");
-                MemRef::new(d.as_ptr(), d.len(), &t.shape)
+            .map(|t| match &t.data {
+                Data::F32(d) => Ok(MemRef::new(d.as_ptr(), d.len(), &t.shape)),
+                // One byte per element, 0 or 1: the kernel reads it as `i8`.
+                Data::Bool(d) => Ok(MemRef::new(d.as_ptr().cast(), d.len(), &t.shape)),
+                _ => Err(TargetError::Codegen(format!("kernel {}: a {} buffer", k.name, t.dtype()))),
             })
-            .collect();
+            .collect::<Result<_, _>>()?;
         for (o, s) in outs.iter_mut().zip(&shapes) {
             args.push(MemRef::new(o.as_mut_ptr(), s.iter().product(), s));
         }
@@ -868,8 +914,9 @@ impl Compiled {
             let mut packed: Vec<*mut ()> = ptrs.iter_mut().map(|p| p as *mut *mut i64 as *mut ()).collect();
             packed.push(&mut lo as *mut i64 as *mut ());
             packed.push(&mut hi as *mut i64 as *mut ());
-            // SAFETY: the function was generated from this kernel: one f32 memref per buffer,
-            // of the buffer's rank, then the loop range; inputs are only read, and the calls
+            // SAFETY: the function was generated from this kernel: one memref per buffer (f32,
+            // or i8 over a bool slice) of the buffer's rank, then the loop range; inputs are
+            // only read, and the calls
             // of one run write disjoint ranges of the outputs' parallel loop. Indices stay
             // within the descriptors' sizes when the inputs' shapes satisfy the model's shape
             // rules (checked above for known dims and shared symbols; a dim broadcast against

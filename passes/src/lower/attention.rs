@@ -11,7 +11,7 @@
 use super::{b, LowerResult, Lowering};
 use kiln_ir::graph::AttrView;
 use kiln_ir::ir::{Module, OpId};
-use kiln_ir::kernel::{BinOp, Idx, Local, RedOp, Stmt, UnOp, Val};
+use kiln_ir::kernel::{BinOp, Idx, Local, Mma, RedOp, Stmt, UnOp, Val};
 use kiln_ir::Dim;
 
 /// The output shape `[B, Hq, S, Dv]` of Attention op `att`, from its operands (the graph's
@@ -29,8 +29,8 @@ pub(super) fn output_shape(m: &Module, att: OpId) -> LowerResult<Vec<Dim>> {
 }
 
 /// The local buffers (numbered from `locals_at`) and loop nest of Attention op `att` storing
-/// into buffer `out`.
-pub(super) fn body(lw: &Lowering, att: OpId, out: usize, locals_at: usize) -> LowerResult<(Vec<Local>, Vec<Stmt>)> {
+/// into buffer `out_buf`.
+pub(super) fn body(lw: &Lowering, att: OpId, out_buf: usize, locals_at: usize) -> LowerResult<(Vec<Local>, Vec<Stmt>)> {
     let op = lw.m.op(att);
     let attrs = AttrView(&op.attrs);
     let operand = |i: usize| op.operands.get(i).copied().flatten();
@@ -54,7 +54,7 @@ pub(super) fn body(lw: &Lowering, att: OpId, out: usize, locals_at: usize) -> Lo
     let (hq, hkv) = (lw.dim(&qs[1])?, lw.dim(&ks[1])?);
     let (s, t, d, dv) = (lw.dim(&qs[2])?, lw.dim(&ks[2])?, lw.dim(&qs[3])?, lw.dim(&vs[3])?);
     let heads = Idx::Mul(b(lw.dim(&qs[0])?), b(hq.clone()));
-    let (bh, i) = (Idx::Var(0), Idx::Var(1));
+    let bh = Idx::Var(0);
     let batch = Idx::Div(b(bh.clone()), b(hq.clone()));
     let head = Idx::Rem(b(bh), b(hq.clone()));
     // Grouped-query attention: query head h reads key/value head h / (Hq / Hkv).
@@ -64,121 +64,259 @@ pub(super) fn body(lw: &Lowering, att: OpId, out: usize, locals_at: usize) -> Lo
     {
         return Err("Attention with a sliding window is not lowered yet".into());
     }
-    // Causal (without a cache): key j takes part iff j <= i, so the key loops stop at i + 1,
+    // Causal (without a cache): key j takes part iff j <= i, so a row's keys stop at i + 1,
     // which stays within the keys when S <= T.
-    let keys = if attrs.int("is_causal", 0).map_err(|e| e.0)? != 0 {
+    let causal = attrs.int("is_causal", 0).map_err(|e| e.0)? != 0;
+    if causal {
         match (&qs[2], &ks[2]) {
             (a, c) if a == c => {}
             (Dim::Known(a), Dim::Known(c)) if c >= a => {}
             _ => return Err("causal Attention whose key length may be shorter than the query length".into()),
         }
-        Idx::Add(b(i.clone()), b(Idx::Const(1)))
-    } else {
-        t.clone()
-    };
-    let scores = locals_at;
-    let (j, jd, dz, ja, da, df) = (2, 3, 4, 5, 6, 7);
-    // scores[j] = scale · Σ_d q[d]·k_j[d] + mask
-    let dot_var = lw.fresh_var();
-    let qk = Val::Reduce {
-        op: RedOp::Sum,
-        var: dot_var,
-        extent: d.clone(),
-        body: Box::new(Val::Bin(
-            BinOp::Mul,
-            Box::new(lw.value(q, &[batch.clone(), head.clone(), i.clone(), Idx::Var(dot_var)])?),
-            Box::new(lw.value(k, &[batch.clone(), kv_head.clone(), Idx::Var(j), Idx::Var(dot_var)])?),
-        )),
-    };
-    let mut score = Val::Bin(BinOp::Mul, Box::new(qk), Box::new(Val::Const(scale)));
-    if let Some(mask) = operand(3) {
-        let full = [qs[0].clone(), qs[1].clone(), qs[2].clone(), ks[2].clone()];
-        let at = [batch.clone(), head.clone(), i.clone(), Idx::Var(j)];
-        let ix = lw.broadcast(&at, &full, lw.shape(mask)?)?;
-        score = Val::Bin(BinOp::Add, Box::new(score), Box::new(lw.value(mask, &ix)?));
     }
-    let row = |var: usize| Val::Load { buf: scores, index: vec![Idx::Var(var)] };
-    let (max_var, sum_var) = (lw.fresh_var(), lw.fresh_var());
-    let out_at = |var: usize| vec![batch.clone(), head.clone(), i.clone(), Idx::Var(var)];
-    let out_val = |var: usize| Val::Load { buf: out, index: out_at(var) };
-    let per_query = vec![
-        Stmt::For {
-            var: j,
-            extent: keys.clone(),
-            parallel: false,
-            body: vec![Stmt::Store { buf: scores, index: vec![Idx::Var(j)], value: score }],
-        },
-        Stmt::Let {
-            slot: 0,
-            value: Val::Reduce { op: RedOp::Max, var: max_var, extent: keys.clone(), body: Box::new(row(max_var)) },
-        },
-        Stmt::For {
-            var: jd,
-            extent: keys.clone(),
-            parallel: false,
-            body: vec![Stmt::Store {
-                buf: scores,
-                index: vec![Idx::Var(jd)],
-                value: Val::Un(UnOp::Exp, Box::new(Val::Bin(BinOp::Sub, Box::new(row(jd)), Box::new(Val::Scalar(0))))),
+    let (kt, scores) = (locals_at, locals_at + 1);
+    let locals = vec![
+        Local { name: "keys_t".into(), size: vec![d.clone(), t.clone()] },
+        Local { name: "scores".into(), size: vec![Idx::Const(ATTENTION_ROWS as i64), t.clone()] },
+    ];
+    // Kᵀ of the head, packed once: kt[e, j] = K[b, kv_head, j, e] (loop variables 1, 2).
+    let pack = for_(
+        1,
+        t.clone(),
+        vec![for_(
+            2,
+            d.clone(),
+            vec![Stmt::Store {
+                buf: kt,
+                index: vec![Idx::Var(2), Idx::Var(1)],
+                value: lw.value(k, &[batch.clone(), kv_head.clone(), Idx::Var(1), Idx::Var(2)])?,
             }],
-        },
-        Stmt::Let {
-            slot: 1,
-            value: Val::Un(
-                UnOp::Recip,
-                Box::new(Val::Reduce {
-                    op: RedOp::Sum,
-                    var: sum_var,
-                    extent: keys.clone(),
-                    body: Box::new(row(sum_var)),
-                }),
+        )],
+    );
+    // `B` of the P·V tiles: V's rows, when they are contiguous runs of a buffer.
+    let v_rows = {
+        const COL: usize = 62;
+        match lw.value(v, &[batch.clone(), kv_head.clone(), Idx::Var(COL - 1), Idx::Var(COL)])? {
+            Val::Load { buf, index } => match index.split_last() {
+                Some((last, lead)) if !lead.iter().any(|i| i.uses(COL)) => {
+                    last.offset_of(COL).map(|base| (buf, lead.to_vec(), base, COL - 1))
+                }
+                _ => None,
+            },
+            _ => None,
+        }
+    };
+    let scale_mask = |i: &Idx, j: Idx, s: Val| -> LowerResult<Val> {
+        let mut score = Val::Bin(BinOp::Mul, Box::new(s), Box::new(Val::Const(scale)));
+        if let Some(mask) = operand(3) {
+            let full = [qs[0].clone(), qs[1].clone(), qs[2].clone(), ks[2].clone()];
+            let at = [batch.clone(), head.clone(), i.clone(), j];
+            let m = lw.value(mask, &lw.broadcast(&at, &full, lw.shape(mask)?)?)?;
+            score = if lw.m.value(mask).ty.dtype == kiln_ir::DType::Bool {
+                // A boolean mask: keys where it is false take no part (`-inf`).
+                Val::Where { cond: Box::new(m), then: Box::new(score), other: Box::new(Val::Const(f64::NEG_INFINITY)) }
+            } else {
+                Val::Bin(BinOp::Add, Box::new(score), Box::new(m))
+            };
+        }
+        Ok(score)
+    };
+    // A block of `rows` queries from `i0` (loop variables from 2; `ROW` stands for a tile's row).
+    let block = |i0: Idx, rows: usize| -> LowerResult<Vec<Stmt>> {
+        let row_i = |r: Idx| Idx::Add(b(i0.clone()), b(r));
+        // Keys any row of the block sees: [0, kend).
+        let kend = if causal { Idx::Min(b(t.clone()), b(row_i(Idx::Const(rows as i64)))) } else { t.clone() };
+        let sc = |r: Idx, j: Idx| Val::Load { buf: scores, index: vec![r, j] };
+        let mut stmts = vec![for_(
+            2,
+            Idx::Const(rows as i64),
+            vec![for_(
+                3,
+                kend.clone(),
+                vec![Stmt::Store { buf: scores, index: vec![Idx::Var(2), Idx::Var(3)], value: Val::Const(0.0) }],
+            )],
+        )];
+        // scores = Q·Kᵀ, tiles of rows × ATTENTION_COLS keys (loop variable 2; 3 runs over e).
+        stmts.extend(tiles(kend.clone(), &|j0, valid| {
+            Ok(Stmt::Mma(Box::new(Mma {
+                rows,
+                cols: ATTENTION_COLS,
+                lanes: ATTENTION_LANES,
+                valid,
+                row: ROW,
+                red: vec![(3, d.clone())],
+                a: lw.value(q, &[batch.clone(), head.clone(), row_i(Idx::Var(ROW)), Idx::Var(3)])?,
+                b: (kt, vec![Idx::Var(3), j0.clone()]),
+                c: (scores, vec![Idx::Var(ROW), j0]),
+                c_col: Idx::Const(1),
+            })))
+        })?);
+        // Per row (loop variable 2): scale and mask, softmax over the keys it sees, zeros for
+        // the keys only later rows see (loop variable 3 over keys).
+        let r = Idx::Var(2);
+        let i = row_i(r.clone());
+        let seen = if causal { Idx::Add(b(i.clone()), b(Idx::Const(1))) } else { kend.clone() };
+        let j = Idx::Var(3);
+        let (max_var, sum_var) = (lw.fresh_var(), lw.fresh_var());
+        let set = |value: Val| Stmt::Store { buf: scores, index: vec![r.clone(), j.clone()], value };
+        let per_row = nonempty(vec![
+            for_(3, seen.clone(), vec![set(scale_mask(&i, j.clone(), sc(r.clone(), j.clone()))?)]),
+            Stmt::Let {
+                slot: 0,
+                // At least the lowest finite value: a row masked out entirely gives
+                // exp(-inf) = 0 everywhere, not NaN, and (with the sum's floor) zeros.
+                value: Val::Bin(
+                    BinOp::Max,
+                    Box::new(Val::Reduce {
+                        op: RedOp::Max,
+                        var: max_var,
+                        extent: seen.clone(),
+                        body: Box::new(sc(r.clone(), Idx::Var(max_var))),
+                    }),
+                    Box::new(Val::Const(f32::MIN as f64)),
+                ),
+            },
+            for_(
+                3,
+                seen.clone(),
+                vec![set(Val::Un(
+                    UnOp::Exp,
+                    Box::new(Val::Bin(BinOp::Sub, Box::new(sc(r.clone(), j.clone())), Box::new(Val::Scalar(0)))),
+                ))],
             ),
-        },
-        Stmt::For {
-            var: dz,
-            extent: dv.clone(),
-            parallel: false,
-            body: vec![Stmt::Store { buf: out, index: out_at(dz), value: Val::Const(0.0) }],
-        },
-        Stmt::For {
-            var: ja,
-            extent: keys,
-            parallel: false,
-            body: vec![Stmt::For {
-                var: da,
-                extent: dv.clone(),
-                parallel: false,
-                body: vec![Stmt::Store {
-                    buf: out,
-                    index: out_at(da),
+            Stmt::Let {
+                slot: 1,
+                value: Val::Un(
+                    UnOp::Recip,
+                    Box::new(Val::Bin(
+                        BinOp::Max,
+                        Box::new(Val::Reduce {
+                            op: RedOp::Sum,
+                            var: sum_var,
+                            extent: seen.clone(),
+                            body: Box::new(sc(r.clone(), Idx::Var(sum_var))),
+                        }),
+                        Box::new(Val::Const(f32::MIN_POSITIVE as f64)),
+                    )),
+                ),
+            },
+            for_(
+                3,
+                seen.clone(),
+                vec![set(Val::Bin(BinOp::Mul, Box::new(sc(r.clone(), j.clone())), Box::new(Val::Scalar(1))))],
+            ),
+            for_(
+                3,
+                Idx::Sub(b(kend.clone()), b(seen.clone())),
+                vec![Stmt::Store {
+                    buf: scores,
+                    index: vec![r.clone(), Idx::Add(b(seen.clone()), b(j.clone()))],
+                    value: Val::Const(0.0),
+                }],
+            ),
+            for_(
+                3,
+                dv.clone(),
+                vec![Stmt::Store {
+                    buf: out_buf,
+                    index: vec![batch.clone(), head.clone(), i.clone(), j.clone()],
+                    value: Val::Const(0.0),
+                }],
+            ),
+        ]);
+        stmts.push(for_(2, Idx::Const(rows as i64), per_row));
+        // out += P·V: tiles of rows × ATTENTION_COLS of the head dim over the keys (loop
+        // variable 3), or per row and key with the head dim innermost.
+        match &v_rows {
+            Some((vbuf, lead, base, key_var)) => stmts.extend(tiles(dv.clone(), &|z0, valid| {
+                let mut index: Vec<Idx> = lead.iter().map(|x| x.subst(*key_var, &Idx::Var(3))).collect();
+                index.push(Idx::Add(b(base.subst(*key_var, &Idx::Var(3))), b(z0.clone())).simplify());
+                Ok(Stmt::Mma(Box::new(Mma {
+                    rows,
+                    cols: ATTENTION_COLS,
+                    lanes: ATTENTION_LANES,
+                    valid,
+                    row: ROW,
+                    red: vec![(3, kend.clone())],
+                    a: sc(Idx::Var(ROW), Idx::Var(3)),
+                    b: (*vbuf, index),
+                    c: (out_buf, vec![batch.clone(), head.clone(), row_i(Idx::Var(ROW)), z0]),
+                    c_col: Idx::Const(1),
+                })))
+            })?),
+            None => {
+                let (r, j, z) = (Idx::Var(2), Idx::Var(3), Idx::Var(4));
+                let at = vec![batch.clone(), head.clone(), row_i(r.clone()), z.clone()];
+                let acc = Stmt::Store {
+                    buf: out_buf,
+                    index: at.clone(),
                     value: Val::Bin(
                         BinOp::Add,
-                        Box::new(out_val(da)),
+                        Box::new(Val::Load { buf: out_buf, index: at }),
                         Box::new(Val::Bin(
                             BinOp::Mul,
-                            Box::new(row(ja)),
-                            Box::new(lw.value(v, &[batch.clone(), kv_head.clone(), Idx::Var(ja), Idx::Var(da)])?),
+                            Box::new(sc(r, j.clone())),
+                            Box::new(lw.value(v, &[batch.clone(), kv_head.clone(), j, z])?),
                         )),
                     ),
-                }],
-            }],
-        },
-        Stmt::For {
-            var: df,
-            extent: dv,
-            parallel: false,
-            body: vec![Stmt::Store {
-                buf: out,
-                index: out_at(df),
-                value: Val::Bin(BinOp::Mul, Box::new(out_val(df)), Box::new(Val::Scalar(1))),
-            }],
-        },
-    ];
-    let body = vec![Stmt::For {
-        var: 0,
-        extent: heads,
-        parallel: true,
-        body: vec![Stmt::For { var: 1, extent: s, parallel: false, body: per_query }],
-    }];
-    Ok((vec![Local { name: "scores".into(), size: vec![t] }], body))
+                };
+                stmts.push(for_(
+                    2,
+                    Idx::Const(rows as i64),
+                    vec![for_(3, kend.clone(), vec![for_(4, dv.clone(), vec![acc])])],
+                ));
+            }
+        }
+        Ok(stmts)
+    };
+    let qr = ATTENTION_ROWS as i64;
+    let full = Idx::Div(b(s.clone()), b(Idx::Const(qr)));
+    let rest = Idx::Mul(b(full.clone()), b(Idx::Const(qr)));
+    let body = vec![for_par(
+        heads,
+        nonempty(vec![
+            pack,
+            for_(1, full, block(Idx::Mul(b(Idx::Var(1)), b(Idx::Const(qr))), ATTENTION_ROWS)?),
+            for_(1, Idx::Rem(b(s), b(Idx::Const(qr))), block(Idx::Add(b(rest), b(Idx::Var(1))), 1)?),
+        ]),
+    )];
+    Ok((locals, body))
+}
+
+/// Query rows of an attention block (a register tile's rows).
+pub const ATTENTION_ROWS: usize = 8;
+/// Columns of an attention register tile (keys for Q·Kᵀ, head dims for P·V).
+pub const ATTENTION_COLS: usize = 32;
+/// Lanes of an attention register tile's vectors.
+pub const ATTENTION_LANES: usize = 16;
+/// The loop variable standing for a register tile's row (never a loop of its own).
+const ROW: usize = 63;
+
+fn for_(var: usize, extent: Idx, body: Vec<Stmt>) -> Stmt {
+    Stmt::For { var, extent: extent.simplify(), parallel: false, body }
+}
+
+fn for_par(extent: Idx, body: Vec<Stmt>) -> Stmt {
+    Stmt::For { var: 0, extent: extent.simplify(), parallel: true, body }
+}
+
+/// Register tiles over `0..n` columns in steps of [`ATTENTION_COLS`] (loop variable 2): full
+/// tiles, then a masked last one; `tile(first column, valid columns)`.
+fn tiles(n: Idx, tile: &dyn Fn(Idx, Idx) -> LowerResult<Stmt>) -> LowerResult<Vec<Stmt>> {
+    let cols = Idx::Const(ATTENTION_COLS as i64);
+    let full = Idx::Div(b(n.clone()), b(cols.clone()));
+    let done = Idx::Mul(b(full.clone()), b(cols.clone()));
+    Ok(nonempty(vec![
+        for_(2, full, vec![tile(Idx::Mul(b(Idx::Var(2)), b(cols.clone())), cols.clone())?]),
+        for_(
+            2,
+            Idx::Min(b(Idx::Const(1)), b(Idx::Rem(b(n.clone()), b(cols)))),
+            vec![tile(done.clone().simplify(), Idx::Sub(b(n), b(done)).simplify())?],
+        ),
+    ]))
+}
+
+/// `stmts` without the loops that run zero times.
+fn nonempty(stmts: Vec<Stmt>) -> Vec<Stmt> {
+    stmts.into_iter().filter(|s| !matches!(s, Stmt::For { extent: Idx::Const(0), .. })).collect()
 }

@@ -50,6 +50,9 @@ pub const MATMUL_ROWS: usize = 4;
 /// Values of the reduction dim added per pass over a row tile (loads and stores of the
 /// output per product divided by this).
 pub const MATMUL_K_UNROLL: usize = 4;
+/// Rows of an [`Mma`] tile of a MatMul whose `B` rows are contiguous (each `B` vector loaded
+/// serves them all).
+pub const MATMUL_MMA_ROWS: usize = 8;
 /// Output channels of a Conv accumulated together (each input value loaded serves them all),
 /// at most: the largest divisor of the channels per group up to this.
 pub const CONV_OC_BLOCK: i64 = 4;
@@ -137,7 +140,7 @@ pub(super) fn lower(p: &Parts) -> LowerResult<Option<Kernel>> {
     let t = p.m.op(anchor).op_type();
     let built = Builder::new(p, anchor).and_then(|bd| match t {
         "Conv" => bd.conv().map(Some),
-        _ => bd.matmul().map(|b| b.map(|b| (b, Vec::new()))),
+        _ => bd.matmul(),
     });
     match built {
         Ok(Some((body, locals))) => Ok(Some(Kernel {
@@ -739,7 +742,7 @@ impl<'p, 'm> Builder<'p, 'm> {
     // ---------------------------------------------------------------- MatMul, Gemm
 
     /// `Ok(None)` when the fast form does not apply.
-    fn matmul(&self) -> LowerResult<Option<Vec<Stmt>>> {
+    fn matmul(&self) -> LowerResult<Option<(Vec<Stmt>, Vec<Local>)>> {
         let lw = &self.lw;
         let op = self.p.m.op(self.anchor);
         let gemm = op.op_type() == "Gemm";
@@ -952,11 +955,84 @@ impl<'p, 'm> Builder<'p, 'm> {
         let k0 = mul(Idx::Var(2), c(kt));
         let kl = min(c(kt), sub(kk.clone(), k0.clone()));
         let mut tile = rows_loop(2, &|row0, u| init(row0, u, 3))?;
-        let ktile = rows_loop(3, &|row0, u| products(row0, u, k0.clone(), kl.clone(), 4))?;
+        let mut locals = Vec::new();
+        let ktile = match self.param(bm).filter(|_| !b_vec && !tb) {
+            // B's rows are contiguous in a buffer: register tiles.
+            Some(bbuf) => {
+                // The loop variable standing for an Mma tile's row (never a loop of its own).
+                const ROW: usize = 63;
+                let (cols, mr) = (MMA_COLS as i64, MATMUL_MMA_ROWS as i64);
+                let k = add(k0.clone(), Idx::Var(5));
+                // A panel of MATMUL_TILE_K × MMA_COLS for the `B` tile, unless the rows are
+                // known to be too few to pay for packing.
+                let panel = match rows {
+                    Idx::Const(n) if n < 2 * mr => None,
+                    _ => {
+                        locals.push(Local { name: "b_panel".into(), size: vec![c(MATMUL_TILE_K), c(cols)] });
+                        Some(self.p.buffers.len())
+                    }
+                };
+                // The tile of `rows` rows from `row0` and columns from `jt` (`valid` of them),
+                // over the reduction tile (loop variable 5), reading `B` from the panel if any.
+                let mma = |row0: Idx, rows: usize, jt: &Idx, valid: &Idx| -> LowerResult<Stmt> {
+                    let pre = prefix(add(row0.clone(), Idx::Var(ROW)))?;
+                    let b = match panel {
+                        Some(pb) => (pb, vec![Idx::Var(5), c(0)]),
+                        None => (bbuf, simplified(&b_idx(&prefix(row0)?, k.clone(), jt.clone())?)),
+                    };
+                    Ok(Stmt::Mma(Box::new(Mma {
+                        rows,
+                        cols: MMA_COLS,
+                        lanes: MMA_LANES,
+                        valid: valid.clone().simplify(),
+                        row: ROW,
+                        red: vec![(5, kl.clone().simplify())],
+                        a: lw.value(a, &a_idx(&pre, k.clone())?)?,
+                        b,
+                        c: (acc, with_col(&pre, jt.clone())),
+                        c_col: c(1),
+                    })))
+                };
+                // One column tile (loop variable 3) for every row of the group: tiles of
+                // MATMUL_MMA_ROWS rows (loop variable 4), then one row at a time; the `B` tile
+                // stays in L1 while the rows go by. With enough rows to share it, the tile is
+                // first packed into a contiguous panel: `B`'s rows a power of two apart would
+                // fall into a few L1 sets and evict each other.
+                let over_rows = |jt: Idx, valid: Idx| -> LowerResult<Vec<Stmt>> {
+                    let full = div(grows.clone(), c(mr));
+                    let rest = add(g0.clone(), mul(full.clone(), c(mr)));
+                    let mut s = Vec::new();
+                    if let Some(pb) = panel {
+                        let at =
+                            b_idx(&prefix(g0.clone())?, add(k0.clone(), Idx::Var(4)), add(jt.clone(), Idx::Var(5)))?;
+                        let store =
+                            Stmt::Store { buf: pb, index: vec![Idx::Var(4), Idx::Var(5)], value: lw.value(bm, &at)? };
+                        s.push(for_(4, kl.clone(), false, vec![for_(5, valid.clone(), false, vec![store])]));
+                    }
+                    let tiles = mma(add(g0.clone(), mul(Idx::Var(4), c(mr))), mr as usize, &jt, &valid)?;
+                    s.push(for_(4, full, false, vec![tiles]));
+                    s.push(for_(
+                        4,
+                        rem(grows.clone(), c(mr)),
+                        false,
+                        vec![mma(add(rest, Idx::Var(4)), 1, &jt, &valid)?],
+                    ));
+                    Ok(s)
+                };
+                let full = div(nj.clone(), c(cols));
+                let tail = mul(full.clone(), c(cols));
+                let last = over_rows(add(j0.clone(), tail.clone()), sub(nj.clone(), tail))?;
+                vec![
+                    for_(3, full, false, over_rows(add(j0.clone(), mul(Idx::Var(3), c(cols))), c(cols))?),
+                    for_(3, min(c(1), rem(nj.clone(), c(cols))), false, last),
+                ]
+            }
+            None => rows_loop(3, &|row0, u| products(row0, u, k0.clone(), kl.clone(), 4))?,
+        };
         tile.push(for_(2, ceil_div(kk.clone(), kt), false, ktile));
         tile.extend(rows_loop(2, &|row0, u| finish_rows(row0, u, 3))?);
         let tiles = for_(1, ceil_div(nn, MATMUL_TILE_N), false, tile);
-        Ok(Some(vec![for_(0, mul(batches, groups), true, vec![tiles])]))
+        Ok(Some((vec![for_(0, mul(batches, groups), true, vec![tiles])], locals)))
     }
 }
 
@@ -1020,6 +1096,9 @@ fn reads_only_at(v: &Val, buf: usize, at: &[Idx]) -> bool {
         Val::Reduce { body, .. } => reads_only_at(body, buf, at),
         Val::IfLess { then, other, .. } | Val::Select { then, other, .. } => {
             reads_only_at(then, buf, at) && reads_only_at(other, buf, at)
+        }
+        Val::Where { cond, then, other } => {
+            reads_only_at(cond, buf, at) && reads_only_at(then, buf, at) && reads_only_at(other, buf, at)
         }
     }
 }
