@@ -5,7 +5,8 @@
 //! in process by LLVM's MCJIT (inkwell).
 //!
 //! This is the bottom of the `cpu` target's path (issue #5: kernel dialect → upstream MLIR →
-//! here). Functions are called through their C interface (`llvm.emit_c_interface`) and a
+//! here). The same lowering and optimization serve other machines ([`CodeTarget`]): `rvv`
+//! takes the optimized module as a riscv64 object ([`emit_for`]) and runs it under qemu. Functions are called through their C interface (`llvm.emit_c_interface`) and a
 //! packed wrapper kiln adds for each (`_mlir_<name>`, one pointer per argument, as MLIR's own
 //! execution engine does): every memref argument is a pointer to a strided descriptor
 //! ([`MemRef`]).
@@ -144,29 +145,71 @@ pub fn to_llvm_ir(mlir: &str) -> Result<String, TargetError> {
     llvm_ir(&module).ok_or_else(|| codegen("the lowered module does not translate to LLVM IR (a kiln bug)"))
 }
 
+/// The machine LLVM generates code for: a target triple, a CPU name and its features. The
+/// `cpu` target compiles for [`CodeTarget::host`], `rvv` for [`CodeTarget::riscv64`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CodeTarget {
+    pub triple: String,
+    pub cpu: String,
+    pub features: String,
+}
+
+impl CodeTarget {
+    /// The host as LLVM detects it: its triple, CPU name and every feature it has (AVX2,
+    /// AVX-512, FMA or NEON), so the vectorizers use them.
+    pub fn host() -> CodeTarget {
+        use inkwell::targets::TargetMachine;
+        CodeTarget {
+            triple: TargetMachine::get_default_triple().as_str().to_string_lossy().into_owned(),
+            cpu: TargetMachine::get_host_cpu_name().to_string(),
+            features: TargetMachine::get_host_cpu_features().to_string(),
+        }
+    }
+
+    /// 64-bit RISC-V Linux, RV64GC with the vector extension (V 1.0) and vector registers of at
+    /// least `vlen` bits (`Zvl<vlen>b`): LLVM sizes fixed-length vectors and scalable loops'
+    /// minimum trip by it, so the code needs a machine (or `qemu -cpu rv64,vlen=...`) with at
+    /// least that VLEN. The ABI is lp64d, LLVM's default with `+d`.
+    pub fn riscv64(vlen: u32) -> CodeTarget {
+        CodeTarget {
+            triple: "riscv64-unknown-linux-gnu".into(),
+            cpu: "generic-rv64".into(),
+            features: format!("+m,+a,+f,+d,+c,+v,+zvl{vlen}b"),
+        }
+    }
+
+    /// LLVM's target machine for it, optimizing at `-O3`, position-independent code.
+    pub fn machine(&self) -> Result<inkwell::targets::TargetMachine, TargetError> {
+        use inkwell::targets::{CodeModel, InitializationConfig, RelocMode, Target as LlvmTarget, TargetTriple};
+        let cfg = InitializationConfig::default();
+        if self.triple.starts_with("riscv") {
+            LlvmTarget::initialize_riscv(&cfg);
+        } else {
+            LlvmTarget::initialize_native(&cfg).map_err(codegen)?;
+        }
+        let triple = TargetTriple::create(&self.triple);
+        let target = LlvmTarget::from_triple(&triple).map_err(|e| codegen(e.to_string()))?;
+        target
+            .create_target_machine(
+                &triple,
+                &self.cpu,
+                &self.features,
+                inkwell::OptimizationLevel::Aggressive,
+                RelocMode::PIC,
+                CodeModel::Default,
+            )
+            .ok_or_else(|| codegen(format!("LLVM has no target machine for {} ({})", self.triple, self.cpu)))
+    }
+}
+
 /// The host's target machine: its triple, CPU name and features, optimizing at `-O3`.
 pub fn host_machine() -> Result<inkwell::targets::TargetMachine, TargetError> {
-    use inkwell::targets::{CodeModel, InitializationConfig, RelocMode, Target as LlvmTarget, TargetMachine};
-    LlvmTarget::initialize_native(&InitializationConfig::default()).map_err(codegen)?;
-    let triple = TargetMachine::get_default_triple();
-    let target = LlvmTarget::from_triple(&triple).map_err(|e| codegen(e.to_string()))?;
-    let cpu = TargetMachine::get_host_cpu_name().to_string();
-    let features = TargetMachine::get_host_cpu_features().to_string();
-    target
-        .create_target_machine(
-            &triple,
-            &cpu,
-            &features,
-            inkwell::OptimizationLevel::Aggressive,
-            RelocMode::PIC,
-            CodeModel::Default,
-        )
-        .ok_or_else(|| codegen(format!("LLVM has no target machine for {}", triple.as_str().to_string_lossy())))
+    CodeTarget::host().machine()
 }
 
 /// Parses `ir` into `ctx`, adds a packed wrapper (`_mlir_<name>`) for every C-interface
-/// function (`_mlir_ciface_<name>`), stamps the host CPU on every function and runs LLVM's
-/// `default<O3>` pipeline for `tm`.
+/// function (`_mlir_ciface_<name>`), stamps `tm`'s CPU and features on every function and runs
+/// LLVM's `default<O3>` pipeline for `tm`.
 pub fn optimize<'c>(
     ctx: &'c inkwell::context::Context,
     ir: &str,
@@ -234,23 +277,29 @@ pub fn optimize<'c>(
     Ok(module)
 }
 
-/// What [`emit`] produces.
+/// What [`emit`] and [`emit_for`] produce.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Artifact {
     /// Optimized LLVM IR (text).
     LlvmIr,
-    /// Host assembly (text).
+    /// Assembly (text) of the code target.
     Assembly,
-    /// A relocatable host object file.
+    /// A relocatable object file for the code target.
     Object,
 }
 
 /// Lowers `mlir` (upstream dialects) through LLVM's `-O3` pipeline for the host, as [`Jit`]
 /// does, and returns the artifact instead of running it.
 pub fn emit(mlir: &str, what: Artifact) -> Result<Vec<u8>, TargetError> {
+    emit_for(mlir, what, &CodeTarget::host())
+}
+
+/// [`emit`] for any code target (`riscv64` for `rvv`): the same MLIR lowering, LLVM's `-O3`
+/// pipeline for `target`, and its optimized IR, assembly or object code.
+pub fn emit_for(mlir: &str, what: Artifact, target: &CodeTarget) -> Result<Vec<u8>, TargetError> {
     use inkwell::targets::FileType;
     let ir = to_llvm_ir(mlir)?;
-    let tm = host_machine()?;
+    let tm = target.machine()?;
     let ctx = inkwell::context::Context::create();
     let module = optimize(&ctx, &ir, &tm)?;
     let file = match what {

@@ -790,28 +790,32 @@ impl Packed {
     }
 }
 
-/// A kernel's compiled code: its entry point in a [`Jit`] that outlives it.
-struct Compiled {
-    kernel: Kernel,
-    entry: Entry,
-    heavy: bool,
+/// One launch of a kernel, planned from the graph op's operands the same way for every
+/// [`Backend`]: the tensors its input buffers read, its outputs' shapes (symbolic dims bound
+/// by the inputs) and the extent of its shared parallel loop.
+pub struct Launch<'a> {
+    pub kernel: &'a Kernel,
+    /// The input buffers' tensors: f32, or bool (read by the kernel as one `i8` per element).
+    pub inputs: Vec<&'a Tensor>,
+    /// The output buffers' shapes (outputs are f32).
+    pub outputs: Vec<Vec<usize>>,
+    /// The extent of the loop a call's `lo..hi` range covers ([`split_loop`]; 0 without one):
+    /// a call with `lo = 0, hi = extent` runs the whole kernel.
+    pub extent: i64,
+    /// Whether the loops around the shared loop run once, so that calls over disjoint ranges
+    /// of it split the whole kernel (between threads).
+    pub splittable: bool,
+    /// Whether the kernel works beyond one element per iteration ([`heavy`]): worth splitting
+    /// even when its outputs are small.
+    pub heavy: bool,
 }
 
-impl Compiled {
-    /// `kernel`, whose code is the function `function` of `jit` (its own, or an identical
-    /// kernel's).
-    fn new(kernel: Kernel, jit: &Jit, function: &str) -> Result<Compiled, TargetError> {
-        let entry = jit.entry(function).ok_or_else(|| {
-            TargetError::Codegen(format!("no function {function} with a C interface in the compiled module"))
-        })?;
-        Ok(Compiled { heavy: heavy(&kernel.body), entry, kernel })
-    }
-
-    /// Runs the kernel on the graph op's `operands` (the kernel reads the f32 ones, shaped as
-    /// its input buffers declare); the outputs' sizes come from the inputs' bindings of the
-    /// symbolic dims. The shared parallel loop is split over [`threads`].
-    fn run(&self, operands: &[&Tensor]) -> Result<Vec<Tensor>, TargetError> {
-        let k = &self.kernel;
+impl<'a> Launch<'a> {
+    /// Plans `kernel` on the graph op's `operands` (the kernel reads the ones its
+    /// `operands` list names, shaped as its input buffers declare): checks dtypes, ranks and
+    /// known dims, binds symbolic dims (consistently across inputs) and sizes the outputs.
+    pub fn new(kernel: &'a Kernel, operands: &[&'a Tensor], heavy: bool) -> Result<Launch<'a>, TargetError> {
+        let k = kernel;
         let inputs: Vec<&Tensor> = k
             .operands
             .iter()
@@ -834,6 +838,9 @@ impl Compiled {
                     t.rank()
                 )));
             }
+            if !matches!(t.data, Data::F32(_) | Data::Bool(_)) {
+                return Err(TargetError::Codegen(format!("kernel {}: a {} buffer", k.name, t.dtype())));
+            }
             for (d, &n) in b.shape.iter().zip(&t.shape) {
                 match d {
                     Dim::Known(m) if *m as usize != n => {
@@ -853,38 +860,23 @@ impl Compiled {
                 }
             }
         }
-        let mut outs: Vec<Vec<f32>> = Vec::new();
-        let mut shapes: Vec<Vec<usize>> = Vec::new();
-        for b in k.outputs() {
-            let shape = b
-                .shape
-                .iter()
-                .map(|d| match d {
-                    Dim::Known(n) => Ok(*n as usize),
-                    Dim::Sym(s) => bind.get(&**s).copied().ok_or_else(|| {
-                        TargetError::Codegen(format!("kernel {}: output dim '{s}' is bound by no input", k.name))
-                    }),
-                })
-                .collect::<Result<Vec<_>, _>>()?;
-            // Not zeroed: a kernel stores every element of its outputs (the kernel dialect's
-            // contract), before anything reads them.
-            outs.push(Vec::with_capacity(shape.iter().product()));
-            shapes.push(shape);
-        }
-        let mut args: Vec<MemRef> = inputs
+        let outputs = k
+            .outputs()
             .iter()
-            .map(|t| match &t.data {
-                Data::F32(d) => Ok(MemRef::new(d.as_ptr(), d.len(), &t.shape)),
-                // One byte per element, 0 or 1: the kernel reads it as `i8`.
-                Data::Bool(d) => Ok(MemRef::new(d.as_ptr().cast(), d.len(), &t.shape)),
-                _ => Err(TargetError::Codegen(format!("kernel {}: a {} buffer", k.name, t.dtype()))),
+            .map(|b| {
+                b.shape
+                    .iter()
+                    .map(|d| match d {
+                        Dim::Known(n) => Ok(*n as usize),
+                        Dim::Sym(s) => bind.get(&**s).copied().ok_or_else(|| {
+                            TargetError::Codegen(format!("kernel {}: output dim '{s}' is bound by no input", k.name))
+                        }),
+                    })
+                    .collect::<Result<Vec<_>, _>>()
             })
-            .collect::<Result<_, _>>()?;
-        for (o, s) in outs.iter_mut().zip(&shapes) {
-            args.push(MemRef::new(o.as_mut_ptr(), s.iter().product(), s));
-        }
+            .collect::<Result<Vec<_>, _>>()?;
         let all: Vec<&[usize]> =
-            inputs.iter().map(|t| t.shape.as_slice()).chain(shapes.iter().map(Vec::as_slice)).collect();
+            inputs.iter().map(|t| t.shape.as_slice()).chain(outputs.iter().map(Vec::as_slice)).collect();
         let computable = |e: &Idx| {
             eval_idx(e, &all)
                 .ok_or_else(|| TargetError::Codegen(format!("kernel {}: the extent {e} is not computable", k.name)))
@@ -892,7 +884,7 @@ impl Compiled {
         // The shared loop's extent, and whether the loops around it run once (else one call
         // runs the whole kernel, its split loop over all of its range each time; a kernel
         // without a shared loop is never split).
-        let (extent, alone) = match split_loop(k) {
+        let (extent, splittable) = match split_loop(k) {
             Some((_, outer, e)) => {
                 let mut alone = true;
                 for o in outer {
@@ -902,12 +894,80 @@ impl Compiled {
             }
             None => (0, false),
         };
-        let elements: usize = shapes.iter().map(|s| s.iter().product::<usize>()).sum();
+        Ok(Launch { kernel, inputs, outputs, extent, splittable, heavy })
+    }
+}
+
+/// Where a [`NativeModel`]'s kernels execute: in process ([`JitBackend`], the `cpu` target) or
+/// in a runner on another machine (`rvv`'s kernel runner under qemu). A backend is built once
+/// per model from the MLIR module of its kernels ([`Build`]).
+pub trait Backend {
+    /// Runs function `function` (an index into the functions the backend was built with) for
+    /// `launch`; returns the outputs, f32, shaped as `launch.outputs`.
+    fn launch(&self, function: usize, launch: &Launch) -> Result<Vec<Tensor>, TargetError>;
+}
+
+/// Builds a [`Backend`] from a model's kernels: the MLIR module of upstream dialects and the
+/// names of its kernel functions, in the order [`Backend::launch`] numbers them.
+pub type Build<'b> = &'b dyn Fn(&str, &[String]) -> Result<Box<dyn Backend>, TargetError>;
+
+/// Kernels JIT-compiled in process for the host, each call's shared loop split over
+/// [`threads`] (the `cpu` target's backend).
+pub struct JitBackend {
+    entries: Vec<Entry>,
+    // The entry points point into it.
+    _jit: Jit,
+}
+
+impl JitBackend {
+    /// Compiles `mlir` for the host; `functions` are its kernel functions in launch order.
+    pub fn compile(mlir: &str, functions: &[String]) -> Result<JitBackend, TargetError> {
+        let jit = Jit::compile(mlir)?;
+        let entries = functions
+            .iter()
+            .map(|f| {
+                jit.entry(f).ok_or_else(|| {
+                    TargetError::Codegen(format!("no function {f} with a C interface in the compiled module"))
+                })
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(JitBackend { entries, _jit: jit })
+    }
+}
+
+impl Backend for JitBackend {
+    fn launch(&self, function: usize, l: &Launch) -> Result<Vec<Tensor>, TargetError> {
+        let k = l.kernel;
+        let entry = *self
+            .entries
+            .get(function)
+            .ok_or_else(|| TargetError::Codegen(format!("kernel {}: no function {function} (a kiln bug)", k.name)))?;
+        let mut outs: Vec<Vec<f32>> = l
+            .outputs
+            .iter()
+            // Not zeroed: a kernel stores every element of its outputs (the kernel dialect's
+            // contract), before anything reads them.
+            .map(|shape| Vec::with_capacity(shape.iter().product()))
+            .collect();
+        let mut args: Vec<MemRef> = l
+            .inputs
+            .iter()
+            .map(|t| match &t.data {
+                Data::F32(d) => Ok(MemRef::new(d.as_ptr(), d.len(), &t.shape)),
+                // One byte per element, 0 or 1: the kernel reads it as `i8`.
+                Data::Bool(d) => Ok(MemRef::new(d.as_ptr().cast(), d.len(), &t.shape)),
+                _ => Err(TargetError::Codegen(format!("kernel {}: a {} buffer", k.name, t.dtype()))),
+            })
+            .collect::<Result<_, _>>()?;
+        for (o, s) in outs.iter_mut().zip(&l.outputs) {
+            args.push(MemRef::new(o.as_mut_ptr(), s.iter().product(), s));
+        }
+        let extent = l.extent;
+        let elements: usize = l.outputs.iter().map(|s| s.iter().product::<usize>()).sum();
         let threads = threads();
-        let worth = self.heavy || elements >= PARALLEL_MIN_ELEMENTS;
-        let chunks = if alone && extent > 1 && threads > 1 && worth { threads.min(extent as usize) } else { 1 };
+        let worth = l.heavy || elements >= PARALLEL_MIN_ELEMENTS;
+        let chunks = if l.splittable && extent > 1 && threads > 1 && worth { threads.min(extent as usize) } else { 1 };
         let descriptors = Packed(args.iter_mut().map(MemRef::as_mut_ptr).collect());
-        let entry = self.entry;
         let call = |c: usize| {
             let (mut lo, mut hi) = ((extent as usize * c / chunks) as i64, (extent as usize * (c + 1) / chunks) as i64);
             let mut ptrs = descriptors.pointers();
@@ -916,11 +976,11 @@ impl Compiled {
             packed.push(&mut hi as *mut i64 as *mut ());
             // SAFETY: the function was generated from this kernel: one memref per buffer (f32,
             // or i8 over a bool slice) of the buffer's rank, then the loop range; inputs are
-            // only read, and the calls
-            // of one run write disjoint ranges of the outputs' parallel loop. Indices stay
-            // within the descriptors' sizes when the inputs' shapes satisfy the model's shape
-            // rules (checked above for known dims and shared symbols; a dim broadcast against
-            // another symbol is 1 or equal, as the kernel's producers guarantee).
+            // only read, and the calls of one run write disjoint ranges of the outputs'
+            // parallel loop. Indices stay within the descriptors' sizes when the inputs'
+            // shapes satisfy the model's shape rules (checked by `Launch::new` for known dims
+            // and shared symbols; a dim broadcast against another symbol is 1 or equal, as
+            // the kernel's producers guarantee).
             unsafe { (entry.0)(packed.as_mut_ptr()) };
         };
         if chunks == 1 {
@@ -932,12 +992,12 @@ impl Compiled {
         drop(args);
         Ok(outs
             .into_iter()
-            .zip(shapes)
+            .zip(&l.outputs)
             .map(|(mut o, s)| {
                 // SAFETY: the kernel stored every element (the kernel dialect's contract); the
                 // capacity is exactly the element count.
                 unsafe { o.set_len(s.iter().product()) };
-                Tensor::from_f32(&s, o)
+                Tensor::from_f32(s, o)
             })
             .collect())
     }
@@ -945,26 +1005,26 @@ impl Compiled {
 
 /// A kernel compiled to native code on its own.
 pub struct NativeKernel {
-    compiled: Compiled,
-    _jit: Jit,
+    kernel: Kernel,
+    heavy: bool,
+    backend: JitBackend,
 }
 
 impl NativeKernel {
     pub fn compile(kernel: Kernel) -> Result<NativeKernel, TargetError> {
-        let jit = Jit::compile(&to_mlir(&kernel))?;
-        let name = kernel.name.clone();
-        Ok(NativeKernel { compiled: Compiled::new(kernel, &jit, &name)?, _jit: jit })
+        let backend = JitBackend::compile(&to_mlir(&kernel), std::slice::from_ref(&kernel.name))?;
+        Ok(NativeKernel { heavy: heavy(&kernel.body), kernel, backend })
     }
 
     pub fn kernel(&self) -> &Kernel {
-        &self.compiled.kernel
+        &self.kernel
     }
 
     /// Runs the kernel on the graph op's `operands` (the kernel reads the f32 ones, shaped as
     /// its input buffers declare); the outputs' sizes come from the inputs' bindings of the
     /// symbolic dims.
     pub fn run(&self, operands: &[&Tensor]) -> Result<Vec<Tensor>, TargetError> {
-        self.compiled.run(operands)
+        self.backend.launch(0, &Launch::new(&self.kernel, operands, self.heavy)?)
     }
 }
 
@@ -973,8 +1033,8 @@ impl NativeKernel {
 enum Step {
     /// A constant: its value, shared by every run.
     Constant(std::rc::Rc<Tensor>),
-    /// A kernel compiled to native code.
-    Kernel(Compiled),
+    /// A kernel compiled to native code: function `function` of the model's [`Backend`].
+    Kernel { kernel: Kernel, function: usize, heavy: bool },
 }
 
 /// The environment variable that plants a wrong kernel, for testing `kiln run --check`: its
@@ -1027,8 +1087,8 @@ pub struct NativeModel {
     module: kiln_ir::Module,
     steps: HashMap<kiln_ir::ir::OpId, Step>,
     host: Vec<HostKernel>,
-    // Declared last: the kernels' entry points point into it.
-    _jit: Option<Jit>,
+    /// Where the kernels run (`None` when no kernel lowers).
+    backend: Option<Box<dyn Backend>>,
 }
 
 /// Adds 0.5 to the first value `body` stores (a planted bug).
@@ -1064,7 +1124,13 @@ fn keep_freed_memory() {
 }
 
 impl NativeModel {
+    /// Compiles `m` for the host: its kernels JIT-compiled in process ([`JitBackend`]).
     pub fn compile(m: &kiln_ir::Module) -> Result<NativeModel, TargetError> {
+        NativeModel::compile_with(m, &|mlir, functions| Ok(Box::new(JitBackend::compile(mlir, functions)?)))
+    }
+
+    /// Compiles `m` with its kernels on the backend `build` makes from their MLIR module.
+    pub fn compile_with(m: &kiln_ir::Module, build: Build) -> Result<NativeModel, TargetError> {
         keep_freed_memory();
         use kiln_passes::fusion::{classify, OpClass};
         let planted = std::env::var(PLANT_BUG_ENV).ok();
@@ -1093,23 +1159,27 @@ impl NativeModel {
                 }
             }
         }
-        let jit = if kernels.is_empty() {
+        let backend = if kernels.is_empty() {
             None
         } else {
             // Identical kernels (repeated blocks of a network) are compiled once.
             let (text, function_of) = module_text(kernels.iter().map(|(_, k)| k));
-            let jit = Jit::compile(&text)?;
-            for ((o, k), f) in kernels.into_iter().zip(function_of) {
-                steps.insert(o, Step::Kernel(Compiled::new(k, &jit, &f)?));
+            let mut functions: Vec<String> = Vec::new();
+            for ((o, kernel), f) in kernels.into_iter().zip(function_of) {
+                let function = functions.iter().position(|g| *g == f).unwrap_or_else(|| {
+                    functions.push(f);
+                    functions.len() - 1
+                });
+                steps.insert(o, Step::Kernel { heavy: heavy(&kernel.body), kernel, function });
             }
-            Some(jit)
+            Some(build(&text, &functions)?)
         };
-        Ok(NativeModel { module: m.clone(), steps, host, _jit: jit })
+        Ok(NativeModel { module: m.clone(), steps, host, backend })
     }
 
     /// Kernels that run as native code.
     pub fn kernels(&self) -> usize {
-        self.steps.values().filter(|s| matches!(s, Step::Kernel(_))).count()
+        self.steps.values().filter(|s| matches!(s, Step::Kernel { .. })).count()
     }
 
     /// Kernels that run on the host's reference implementation (not lowered yet).
@@ -1135,9 +1205,11 @@ impl NativeModel {
         let native = |o: kiln_ir::ir::OpId, operands: &[Option<&Tensor>]| {
             Some(match self.steps.get(&o)? {
                 Step::Constant(t) => Ok(vec![t.clone()]),
-                Step::Kernel(k) => {
+                Step::Kernel { kernel, function, heavy } => {
                     let refs: Vec<&Tensor> = operands.iter().map(|t| t.unwrap_or(&omitted)).collect();
-                    k.run(&refs)
+                    let backend = self.backend.as_ref().expect("a model with kernels has a backend");
+                    Launch::new(kernel, &refs, *heavy)
+                        .and_then(|l| backend.launch(*function, &l))
                         .map_err(|e| kiln_ir::graph::OpError(e.to_string()))
                         .map(|outs| outs.into_iter().map(Rc::new).collect())
                 }
