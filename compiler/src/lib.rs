@@ -72,11 +72,13 @@ pub struct Options {
     /// Sizes of symbolic dims to price plans with (`--dim NAME=N`); unbound ones count 1.
     /// They guide fusion decisions only: the compiled model still runs at any size.
     pub dims: Vec<(String, u64)>,
+    /// Options of the target (`--rvv-vlen`).
+    pub target: kiln_targets::TargetOptions,
 }
 
 impl Default for Options {
     fn default() -> Options {
-        Options { fusion: true, dims: Vec::new() }
+        Options { fusion: true, dims: Vec::new(), target: kiln_targets::TargetOptions::default() }
     }
 }
 
@@ -88,7 +90,7 @@ pub fn compile(module: Module, target: &str) -> Result<CompiledModel, Error> {
 /// Runs the graph pipeline on `module` for `target`: cleanup, then (unless disabled) e-graph
 /// rewriting and fusion priced by the target's machine description.
 pub fn compile_with(mut module: Module, target: &str, opts: &Options) -> Result<CompiledModel, Error> {
-    let t = kiln_targets::lookup(target).ok_or_else(|| Error::UnknownTarget(target.to_string()))?;
+    let t = kiln_targets::lookup_with(target, &opts.target).ok_or_else(|| Error::UnknownTarget(target.to_string()))?;
     let name = module.name.clone();
     let cost = kiln_passes::cost::CostModel::new(&t.machine()).with_dims(opts.dims.iter().cloned());
     let report = kiln_passes::optimize_with(&mut module, &cost, opts.fusion)

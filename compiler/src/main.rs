@@ -48,7 +48,9 @@ enum Cmd {
         atol: f64,
         /// Threads for native kernels (default: every core).
         #[arg(long)]
-        threads: Option<usize>,
+        threads: Option<usize>,        /// rvv: the vector register length in bits (128, 256, 512 or 1024; default 256).
+        #[arg(long, value_parser = parse_vlen)]
+        rvv_vlen: Option<u32>,
     },
     /// Compile a model for a target and print or write each requested stage.
     Compile {
@@ -67,6 +69,9 @@ enum Cmd {
         /// Turn e-graph rewriting and fusion off: every graph op is its own kernel.
         #[arg(long)]
         no_fusion: bool,
+        /// rvv: the vector register length in bits (128, 256, 512 or 1024; default 256).
+        #[arg(long, value_parser = parse_vlen)]
+        rvv_vlen: Option<u32>,
     },
     /// Describe a model: ops by type, inputs, outputs, unsupported ops (all at once).
     Inspect {
@@ -103,7 +108,9 @@ enum Cmd {
         no_fusion: bool,
         /// Also print each kernel's time in one more run (to stderr), slowest first.
         #[arg(long)]
-        profile: bool,
+        profile: bool,        /// rvv: the vector register length in bits (128, 256, 512 or 1024; default 256).
+        #[arg(long, value_parser = parse_vlen)]
+        rvv_vlen: Option<u32>,
     },
     /// List the targets and the toolchain kiln links.
     Targets,
@@ -137,19 +144,22 @@ fn main() -> ExitCode {
 
 fn dispatch(cmd: Cmd) -> Result<(), Error> {
     match cmd {
-        Cmd::Run { model, target, inputs, output_dir, npy, dims, no_fusion, check, rtol, atol, threads } => {
+        Cmd::Run { model, target, inputs, output_dir, npy, dims, no_fusion, check, rtol, atol, threads, rvv_vlen } => {
             kiln_targets::native::set_threads(threads);
             let check = check.then_some((rtol, atol));
-            run(&model, &target, &inputs, &output_dir, npy, &dims, check, &options(no_fusion, &dims)?)
+            let opts = options(no_fusion, &dims, &target, rvv_vlen)?;
+            run(&model, &target, &inputs, &output_dir, npy, &dims, check, &opts)
         }
-        Cmd::Compile { model, target, out, emit, full_constants, no_fusion } => {
-            compile(&model, &target, out.as_deref(), &emit, full_constants, &options(no_fusion, &[])?)
+        Cmd::Compile { model, target, out, emit, full_constants, no_fusion, rvv_vlen } => {
+            let opts = options(no_fusion, &[], &target, rvv_vlen)?;
+            compile(&model, &target, out.as_deref(), &emit, full_constants, &opts)
         }
         Cmd::Inspect { model, target, json, no_fusion, dims } => {
-            inspect(&model, &target, json, &options(no_fusion, &dims)?)
+            inspect(&model, &target, json, &options(no_fusion, &dims, &target, None)?)
         }
-        Cmd::Bench { model, target, inputs, dims, iters, threads, json, no_fusion, profile } => {
-            bench(&model, &target, &inputs, &dims, iters, threads, json, profile, &options(no_fusion, &dims)?)
+        Cmd::Bench { model, target, inputs, dims, iters, threads, json, no_fusion, profile, rvv_vlen } => {
+            let opts = options(no_fusion, &dims, &target, rvv_vlen)?;
+            bench(&model, &target, &inputs, &dims, iters, threads, json, profile, &opts)
         }
         Cmd::Targets => {
             targets();
@@ -158,10 +168,24 @@ fn dispatch(cmd: Cmd) -> Result<(), Error> {
     }
 }
 
-fn options(no_fusion: bool, dims: &[String]) -> Result<kiln::Options, Error> {
+fn options(no_fusion: bool, dims: &[String], target: &str, rvv_vlen: Option<u32>) -> Result<kiln::Options, Error> {
     let mut d: Vec<(String, u64)> = parse_dims(dims)?.into_iter().map(|(k, v)| (k, v as u64)).collect();
     d.sort();
-    Ok(kiln::Options { fusion: !no_fusion, dims: d })
+    let mut t = kiln_targets::TargetOptions::default();
+    if let Some(vlen) = rvv_vlen {
+        if target != "rvv" {
+            return Err(Error::Usage(format!("--rvv-vlen applies to --target rvv, not '{target}'")));
+        }
+        t.rvv_vlen = vlen;
+    }
+    Ok(kiln::Options { fusion: !no_fusion, dims: d, target: t })
+}
+
+/// Parses `--rvv-vlen`.
+fn parse_vlen(s: &str) -> Result<u32, String> {
+    let vlen: u32 = s.parse().map_err(|_| format!("'{s}' is not a number of bits"))?;
+    kiln_targets::rvv::check_vlen(vlen)?;
+    Ok(vlen)
 }
 
 fn io_err(path: &Path, e: std::io::Error) -> Error {
@@ -307,9 +331,10 @@ fn compile(
         if !["graph", "fused", "kernel", "mlir", "llvm", "asm"].contains(stage) {
             return Err(Error::Usage(format!("--emit {stage}: unknown stage (graph, fused, kernel, mlir, llvm, asm)")));
         }
-        if ["llvm", "asm"].contains(stage) && target != "cpu" {
+        let llvm_based = kiln_targets::lookup_with(target, &opts.target).map(|t| t.code_target().is_some());
+        if ["llvm", "asm"].contains(stage) && llvm_based == Some(false) {
             return Err(Error::Usage(format!(
-                "--emit {stage}: only the cpu target generates {stage} yet (rvv, npu, cuda and rocm land with issues #6 and #9)"
+                "--emit {stage}: only the cpu target and rvv generate {stage} yet, not '{target}' (npu, cuda and rocm land with issues #6 and #9)"
             )));
         }
     }
@@ -359,7 +384,10 @@ fn compile(
                     ));
                 }
                 if !mlir.is_empty() {
-                    text.push_str(&String::from_utf8_lossy(&kiln_targets::jit::emit(&mlir, what)?));
+                    let code_target = c.target().code_target().ok_or_else(|| {
+                        Error::Usage(format!("--emit {stage}: target '{target}' does not go through LLVM"))
+                    })?;
+                    text.push_str(&String::from_utf8_lossy(&kiln_targets::jit::emit_for(&mlir, what, &code_target)?));
                 }
                 text
             }
@@ -501,8 +529,8 @@ fn bench(
     } else {
         bind_inputs(&c, files, dims)?
     };
-    // The reference interpreter is single-threaded.
-    let threads_used = if target == "ref" { 1 } else { kiln_targets::native::threads() };
+    // The reference interpreter is single-threaded, and so is rvv's kernel runner.
+    let threads_used = if ["ref", "rvv"].contains(&target) { 1 } else { kiln_targets::native::threads() };
     // Warm-up, measuring the peak of live tensors.
     let (_, peak) = c.run_observed(inputs.clone(), &mut |_, _| {})?;
     let mut times = Vec::with_capacity(iters.max(1));

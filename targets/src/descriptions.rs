@@ -1,5 +1,5 @@
 //! Targets that exist as machine descriptions while their code generators are built:
-//! `cpu`, `rvv`, `npu` (DaVinci-like preset), `cuda` and `rocm`. Numbers are public figures
+//! `npu` (DaVinci-like preset), `cuda` and `rocm`; and `cpu`'s description. Numbers are public figures
 //! (../shared/NPU.md for the NPU); where a value is a typical part's, the comment says so.
 
 use crate::{Target, TargetError};
@@ -42,30 +42,6 @@ impl Described {
                     level("l1", 32, 400.0, 4, false),
                 ],
                 vector_gflops: 80.0,
-                vector_bits: 256,
-                matrix_shape: vec![],
-                matrix_gflops: 0.0,
-                launch_us: 2.0,
-            },
-        }
-    }
-
-    pub fn rvv() -> Described {
-        Described {
-            name: "rvv",
-            summary: "RISC-V 64 with the vector extension (XuanTie C9xx, SpacemiT), run under qemu-riscv64",
-            why: "RISC-V vector code generation lands with issue #6",
-            machine: || MachineDescription {
-                // XuanTie C920-like: VLEN 256, 64 KB L1D, 1 MB L2 per cluster.
-                name: "rvv".into(),
-                clock_ghz: 2.0,
-                cores: 4,
-                levels: vec![
-                    level("dram", 8 << 20, 12.0, 200, false),
-                    level("l2", 1024, 64.0, 20, false),
-                    level("l1", 64, 128.0, 4, false),
-                ],
-                vector_gflops: 64.0,
                 vector_bits: 256,
                 matrix_shape: vec![],
                 matrix_gflops: 0.0,
