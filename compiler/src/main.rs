@@ -48,7 +48,8 @@ enum Cmd {
         atol: f64,
         /// Threads for native kernels (default: every core).
         #[arg(long)]
-        threads: Option<usize>,        /// rvv: the vector register length in bits (128, 256, 512 or 1024; default 256).
+        threads: Option<usize>,
+        /// rvv: the vector register length in bits (128, 256, 512 or 1024; default 256).
         #[arg(long, value_parser = parse_vlen)]
         rvv_vlen: Option<u32>,
     },
@@ -108,7 +109,8 @@ enum Cmd {
         no_fusion: bool,
         /// Also print each kernel's time in one more run (to stderr), slowest first.
         #[arg(long)]
-        profile: bool,        /// rvv: the vector register length in bits (128, 256, 512 or 1024; default 256).
+        profile: bool,
+        /// rvv: the vector register length in bits (128, 256, 512 or 1024; default 256).
         #[arg(long, value_parser = parse_vlen)]
         rvv_vlen: Option<u32>,
     },

@@ -93,11 +93,7 @@ impl Target for Rvv {
             name: "rvv".into(),
             clock_ghz: 2.0,
             cores: 4,
-            levels: vec![
-                level("dram", 8 << 20, 12.0, 200),
-                level("l2", 1024, 64.0, 20),
-                level("l1", 64, 128.0, 4),
-            ],
+            levels: vec![level("dram", 8 << 20, 12.0, 200), level("l2", 1024, 64.0, 20), level("l1", 64, 128.0, 4)],
             vector_gflops: 64.0 * f64::from(self.vlen) / 256.0,
             vector_bits: self.vlen,
             matrix_shape: vec![],
@@ -188,7 +184,8 @@ impl Runner {
         Command::new(&cc).arg("--version").output().map_err(|e| spawn_error(&cc, &e))?;
         let object = emit_for(mlir, Artifact::Object, &CodeTarget::riscv64(vlen))?;
         let dir = scratch_dir()?;
-        let runner = Runner { exe: dir.join("runner"), dir, vlen, functions: functions.len(), process: Mutex::new(None) };
+        let runner =
+            Runner { exe: dir.join("runner"), dir, vlen, functions: functions.len(), process: Mutex::new(None) };
         let write = |p: &Path, bytes: &[u8]| {
             std::fs::write(p, bytes).map_err(|e| TargetError::Codegen(format!("{}: {e}", p.display())))
         };
