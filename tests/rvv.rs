@@ -10,6 +10,8 @@
 //!   vector instructions of a small MatMul + Softmax) and `--emit llvm` the riscv64 triple.
 //! - `kiln run --target rvv` at VLEN 128 and 256 matches `--target ref` on the GPT-2 block;
 //!   bad options and missing tools are clear errors.
+//! - `kiln compile --target rvv -o DIR` (AOT): the GPT-2 block as a riscv64 shared library,
+//!   run by the cross-compiled C example under qemu, matches onnxruntime.
 //!
 //! Budget (2 cores, measured): node tests ~50 s, the two CNNs ~25 s, the CLI ~15 s. Wall times
 //! under qemu are the emulator's (the vector unit is emulated in software), not a chip's.
@@ -343,6 +345,56 @@ fn cli_runs_on_rvv_at_vlen_128_and_256_as_on_ref() {
         let got = gpt2_on("rvv", Some(vlen), &dir.join(vlen));
         compare(&got, &want, 1e-4, 1e-5).unwrap_or_else(|e| panic!("rvv at VLEN {vlen} vs ref: {e}"));
     }
+}
+
+/// `kiln compile --target rvv -o DIR`: a riscv64 shared library of the GPT-2 block, loaded by
+/// the C example (`targets/aot/run_model.c`, cross-compiled) under qemu with the riscv64 libc,
+/// matches onnxruntime.
+#[test]
+fn aot_library_for_rvv_runs_under_qemu() {
+    let dir = temp_dir("rvv-aot");
+    let case = TestCase::new(&data_dir().join("transformers/gpt2_block"));
+    let out = dir.join("gpt2");
+    let o = kiln(&[
+        "compile",
+        case.dir.join("model.onnx").to_str().unwrap(),
+        "--target",
+        "rvv",
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let header = std::fs::read_to_string(out.join("model.h")).unwrap();
+    assert!(header.contains("target rvv"), "{header}");
+    let example = dir.join("run_model");
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../targets/aot/run_model.c");
+    let o = std::process::Command::new("riscv64-linux-gnu-gcc")
+        .arg("-O2")
+        .arg(&src)
+        .arg("-o")
+        .arg(&example)
+        .arg("-ldl")
+        .output()
+        .expect("riscv64-linux-gnu-gcc (scripts/setup.sh)");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let set = case.data_sets().unwrap().remove(0);
+    let (input, result) = (dir.join("in0.bin"), dir.join("out0.bin"));
+    let bytes: Vec<u8> = set.inputs[0].as_f32().unwrap().iter().flat_map(|x| x.to_le_bytes()).collect();
+    std::fs::write(&input, bytes).unwrap();
+    let o = std::process::Command::new("qemu-riscv64")
+        .args(["-L", "/usr/riscv64-linux-gnu", "-cpu", "rv64,v=true,vlen=256,vext_spec=v1.0"])
+        .arg(&example)
+        .arg(out.join("libmodel.so"))
+        .arg(&input)
+        .arg("--")
+        .arg(&result)
+        .output()
+        .expect("qemu-riscv64 (scripts/setup.sh)");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let got: Vec<f32> =
+        std::fs::read(&result).unwrap().chunks(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+    let got = Tensor::from_f32(&set.outputs[0].shape, got);
+    compare(&got, &set.outputs[0], 1e-4, 1e-5).unwrap_or_else(|e| panic!("rvv AOT library vs onnxruntime: {e}"));
 }
 
 /// Runs kiln expecting exit `code` and an error on stderr with every needle.

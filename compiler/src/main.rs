@@ -341,11 +341,16 @@ fn compile(
         }
     }
     let m = kiln::load_model(model)?;
-    // `-o DIR` on cpu without --emit: ahead-of-time artifacts.
-    if let (Some(dir), true, "cpu") = (out, emit.is_empty(), target) {
+    // `-o DIR` on cpu or rvv without --emit: ahead-of-time artifacts.
+    let aot = match target {
+        "cpu" => Some(kiln_targets::aot::AotTarget::host()),
+        "rvv" => Some(kiln_targets::rvv::aot_target(opts.target.rvv_vlen)),
+        _ => None,
+    };
+    if let (Some(dir), true, Some(aot)) = (out, emit.is_empty(), aot) {
         let c = kiln::compile_with(m, target, opts)?;
         let stem = model.file_stem().map_or("model".into(), |s| s.to_string_lossy().into_owned());
-        let a = kiln_targets::aot::compile(c.module(), &stem, dir)?;
+        let a = kiln_targets::aot::compile_for(c.module(), &stem, dir, &aot)?;
         println!(
             "{}: {} kernels, arena {} bytes, weights {} bytes; entry point {}_run",
             model.display(),

@@ -130,6 +130,12 @@ fn cross_cc() -> String {
     std::env::var("KILN_RISCV64_CC").unwrap_or_else(|_| "riscv64-linux-gnu-gcc".into())
 }
 
+/// What `kiln compile --target rvv -o DIR` builds for: riscv64 code at `vlen`, the driver
+/// compiled and the shared library linked by the riscv64 cross gcc.
+pub fn aot_target(vlen: u32) -> crate::aot::AotTarget {
+    crate::aot::AotTarget { target: "rvv", code: CodeTarget::riscv64(vlen), cc: cross_cc() }
+}
+
 fn tool_error(tool: &str, why: impl std::fmt::Display) -> TargetError {
     TargetError::Tool { tool: tool.to_string(), why: why.to_string() }
 }
@@ -230,7 +236,7 @@ impl Runner {
         let qemu = qemu();
         let mut child = Command::new(&qemu)
             .arg("-cpu")
-            .arg(format!("rv64,v=true,vlen={}", self.vlen))
+            .arg(format!("rv64,v=true,vlen={},vext_spec=v1.0", self.vlen))
             .arg(&self.exe)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
