@@ -553,19 +553,26 @@ fn bench(
         print_profile(&c, inputs)?;
     }
     let median = times[times.len() / 2];
-    let obj = serde_json::json!({
+    let mut obj = serde_json::json!({
         "target": target, "compile_ms": compile_ms, "median_ms": median, "min_ms": times[0],
         "iters": times.len(), "threads": threads_used, "peak_memory_bytes": peak,
         "native_kernels": c.native_kernels()?, "host_kernels": c.host_kernels()?.len(),
     });
+    // rvv's times are wall times under the emulator, not a RISC-V chip's.
+    let emulated = (target == "rvv").then_some(opts.target.rvv_vlen);
+    if let Some(vlen) = emulated {
+        obj["rvv_vlen"] = vlen.into();
+        obj["emulator"] = "qemu-riscv64".into();
+    }
     if json {
         println!("{obj}");
     } else {
         println!(
-            "{}: compile {compile_ms:.1} ms, median {median:.3} ms, min {:.3} ms over {} runs on {target}",
+            "{}: compile {compile_ms:.1} ms, median {median:.3} ms, min {:.3} ms over {} runs on {target}{}",
             model.display(),
             times[0],
-            times.len()
+            times.len(),
+            emulated.map_or(String::new(), |v| format!(" (VLEN {v}, wall time under qemu-riscv64)"))
         );
     }
     Ok(())
