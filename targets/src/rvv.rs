@@ -149,7 +149,7 @@ fn spawn_error(tool: &str, e: &std::io::Error) -> TargetError {
     }
 }
 
-/// The packed convention's word after the hello's magic: `"kilnrvv1"` read little-endian.
+/// The first word of the runner's hello: `"kilnrvv1"` read little-endian.
 const MAGIC: i64 = i64::from_le_bytes(*b"kilnrvv1");
 
 /// A model's kernels as a static riscv64 executable, and (once used) the `qemu-riscv64`
