@@ -1,12 +1,16 @@
 //! Attention kernels: `softmax(Q·Kᵀ·scale + mask)·V` for one `Attention` op (4-D `[B, H, S, D]`
-//! operands, optional additive mask, `is_causal`, grouped-query heads), with the layout
-//! prologue of its fused group (head-split reshapes and transposes) folded into the loads.
+//! operands, optional additive or boolean mask, `is_causal`, grouped-query heads), with the
+//! layout prologue of its fused group (head-split reshapes and transposes) folded into the loads.
 //!
-//! Per query row, the scores live in a local buffer of the key length (one per thread):
-//! `scores[j] = scale·(q·k_j) + mask`; then the row max, `exp(scores - max)` in place and its
-//! sum; the output row accumulates `p_j · v_j` (the head dim innermost, contiguous in V and
-//! the output) and is scaled by `1/sum` at the end. With `is_causal` the key loops stop at
-//! the diagonal (`j <= i`). The parallel loop runs over batch × heads.
+//! The parallel loop runs over batch × heads. Per head, `Kᵀ` is packed once into a local
+//! `[D, T]` panel; then blocks of [`ATTENTION_ROWS`] queries (the last ones one at a time):
+//! - `scores[r, j] = q_r · k_j` on register tiles ([`Mma`]: rows are queries, columns
+//!   [`ATTENTION_COLS`] keys, the head dim reduced), into a local `[ATTENTION_ROWS, T]`;
+//! - per row: scale and mask, max, `exp(s - max)` in place, sum, normalize (a row masked out
+//!   entirely gives zeros, as the reference does); with `is_causal` a row sees keys `j <= i`
+//!   and its later keys are zeroed;
+//! - `out = P·V` on register tiles (rows are queries, columns the head dim, keys reduced) when
+//!   V's rows are contiguous runs of a buffer, else a per-key loop with the head dim innermost.
 
 use super::{b, LowerResult, Lowering};
 use kiln_ir::graph::AttrView;

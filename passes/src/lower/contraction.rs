@@ -15,12 +15,15 @@
 //!   bounds check in the interior and no padding copy).
 //! - MatMul (2-D and batched with broadcast batch dims) and Gemm (`transA`, `transB`, `alpha`,
 //!   `beta`, `C` broadcast, 1-D operands): rows in parallel blocks of [`MATMUL_ROW_BLOCK`]; per
-//!   block, tiles of [`MATMUL_TILE_N`] columns and [`MATMUL_TILE_K`] values of `k`; per tile,
-//!   [`MATMUL_ROWS`] rows at a time accumulate `C[i, j] += Σ_v A[i, k + v] · B[k + v, j]` over
-//!   [`MATMUL_K_UNROLL`] values of `k` with `j` innermost (the `A` values hoisted as scalars,
-//!   the `B` values loaded once for all rows). With `transB` the `j` loop reads `B` with a
-//!   stride (a gather): a constant `B` is better transposed ahead of time.
-//!
+//!   block, tiles of [`MATMUL_TILE_N`] columns and [`MATMUL_TILE_K`] values of `k`. Per tile, each
+//!   [`MMA_COLS`]-column strip of `B` is packed into a contiguous `b_panel` local (any `B`
+//!   layout, transposed included; no L1 set conflicts from power-of-two row strides), then
+//!   register tiles ([`Mma`]) of [`MATMUL_MMA_ROWS`] rows × [`MMA_COLS`] columns accumulate
+//!   over the `k` tile while the panel stays in L1. With fewer than 16 rows known (a
+//!   matrix-vector product, a batch-1 FC layer) nothing would share the panel: [`MATMUL_ROWS`]
+//!   rows at a time accumulate `C[i, j] += Σ_v A[i, k + v] · B[k + v, j]` over
+//!   [`MATMUL_K_UNROLL`] values of `k` with `j` innermost, streaming `B`'s rows.
+
 //! Every loop nest parallelizes over its outermost loop, whose iterations write disjoint parts
 //! of the output (output channels of an image; a block of rows). A MatMul whose accumulate form
 //! does not apply (an epilogue that reads the product at another element than the one it
@@ -956,78 +959,61 @@ impl<'p, 'm> Builder<'p, 'm> {
         let kl = min(c(kt), sub(kk.clone(), k0.clone()));
         let mut tile = rows_loop(2, &|row0, u| init(row0, u, 3))?;
         let mut locals = Vec::new();
-        let ktile = match self.param(bm).filter(|_| !b_vec && !tb) {
-            // B's rows are contiguous in a buffer: register tiles.
-            Some(bbuf) => {
-                // The loop variable standing for an Mma tile's row (never a loop of its own).
-                const ROW: usize = 63;
-                let (cols, mr) = (MMA_COLS as i64, MATMUL_MMA_ROWS as i64);
-                let k = add(k0.clone(), Idx::Var(5));
-                // A panel of MATMUL_TILE_K × MMA_COLS for the `B` tile, unless the rows are
-                // known to be too few to pay for packing.
-                let panel = match rows {
-                    Idx::Const(n) if n < 2 * mr => None,
-                    _ => {
-                        locals.push(Local { name: "b_panel".into(), size: vec![c(MATMUL_TILE_K), c(cols)] });
-                        Some(self.p.buffers.len())
-                    }
-                };
-                // The tile of `rows` rows from `row0` and columns from `jt` (`valid` of them),
-                // over the reduction tile (loop variable 5), reading `B` from the panel if any.
-                let mma = |row0: Idx, rows: usize, jt: &Idx, valid: &Idx| -> LowerResult<Stmt> {
-                    let pre = prefix(add(row0.clone(), Idx::Var(ROW)))?;
-                    let b = match panel {
-                        Some(pb) => (pb, vec![Idx::Var(5), c(0)]),
-                        None => (bbuf, simplified(&b_idx(&prefix(row0)?, k.clone(), jt.clone())?)),
-                    };
-                    Ok(Stmt::Mma(Box::new(Mma {
-                        rows,
-                        cols: MMA_COLS,
-                        lanes: MMA_LANES,
-                        valid: valid.clone().simplify(),
-                        row: ROW,
-                        red: vec![(5, kl.clone().simplify())],
-                        a: lw.value(a, &a_idx(&pre, k.clone())?)?,
-                        b,
-                        c: (acc, with_col(&pre, jt.clone())),
-                        c_col: c(1),
-                    })))
-                };
-                // One column tile (loop variable 3) for every row of the group: tiles of
-                // MATMUL_MMA_ROWS rows (loop variable 4), then one row at a time; the `B` tile
-                // stays in L1 while the rows go by. With enough rows to share it, the tile is
-                // first packed into a contiguous panel: `B`'s rows a power of two apart would
-                // fall into a few L1 sets and evict each other.
-                let over_rows = |jt: Idx, valid: Idx| -> LowerResult<Vec<Stmt>> {
-                    let full = div(grows.clone(), c(mr));
-                    let rest = add(g0.clone(), mul(full.clone(), c(mr)));
-                    let mut s = Vec::new();
-                    if let Some(pb) = panel {
-                        let at =
-                            b_idx(&prefix(g0.clone())?, add(k0.clone(), Idx::Var(4)), add(jt.clone(), Idx::Var(5)))?;
-                        let store =
-                            Stmt::Store { buf: pb, index: vec![Idx::Var(4), Idx::Var(5)], value: lw.value(bm, &at)? };
-                        s.push(for_(4, kl.clone(), false, vec![for_(5, valid.clone(), false, vec![store])]));
-                    }
-                    let tiles = mma(add(g0.clone(), mul(Idx::Var(4), c(mr))), mr as usize, &jt, &valid)?;
-                    s.push(for_(4, full, false, vec![tiles]));
-                    s.push(for_(
-                        4,
-                        rem(grows.clone(), c(mr)),
-                        false,
-                        vec![mma(add(rest, Idx::Var(4)), 1, &jt, &valid)?],
-                    ));
-                    Ok(s)
-                };
-                let full = div(nj.clone(), c(cols));
-                let tail = mul(full.clone(), c(cols));
-                let last = over_rows(add(j0.clone(), tail.clone()), sub(nj.clone(), tail))?;
-                vec![
-                    for_(3, full, false, over_rows(add(j0.clone(), mul(Idx::Var(3), c(cols))), c(cols))?),
-                    for_(3, min(c(1), rem(nj.clone(), c(cols))), false, last),
-                ]
-            }
-            None => rows_loop(3, &|row0, u| products(row0, u, k0.clone(), kl.clone(), 4))?,
+        // Register tiles, unless the rows are known to be too few to share the packed `B`
+        // (a matrix-vector product streams `B`'s rows instead).
+        let few_rows = matches!(rows.clone().simplify(), Idx::Const(n) if n < 2 * MATMUL_MMA_ROWS as i64);
+        let ktile = if b_vec || few_rows {
+            rows_loop(3, &|row0, u| products(row0, u, k0.clone(), kl.clone(), 4))?
+        } else {
+            // The loop variable standing for an Mma tile's row (never a loop of its own).
+            const ROW: usize = 63;
+            let (cols, mr) = (MMA_COLS as i64, MATMUL_MMA_ROWS as i64);
+            let k = add(k0.clone(), Idx::Var(5));
+            // The `B` tile, MATMUL_TILE_K × MMA_COLS, packed contiguously: in place, `B`'s rows
+            // a power of two apart would fall into a few L1 sets and evict each other (and a
+            // transposed `B` would not be contiguous at all).
+            let panel = self.p.buffers.len();
+            locals.push(Local { name: "b_panel".into(), size: vec![c(MATMUL_TILE_K), c(cols)] });
+            // The tile of `rows` rows from `row0` and columns from `jt` (`valid` of them),
+            // over the reduction tile (loop variable 5).
+            let mma = |row0: Idx, rows: usize, jt: &Idx, valid: &Idx| -> LowerResult<Stmt> {
+                let pre = prefix(add(row0, Idx::Var(ROW)))?;
+                Ok(Stmt::Mma(Box::new(Mma {
+                    rows,
+                    cols: MMA_COLS,
+                    lanes: MMA_LANES,
+                    valid: valid.clone().simplify(),
+                    row: ROW,
+                    red: vec![(5, kl.clone().simplify())],
+                    a: lw.value(a, &a_idx(&pre, k.clone())?)?,
+                    b: (panel, vec![Idx::Var(5), c(0)]),
+                    c: (acc, with_col(&pre, jt.clone())),
+                    c_col: c(1),
+                })))
+            };
+            // One column tile (loop variable 3): pack it, then every row of the group in tiles
+            // of MATMUL_MMA_ROWS rows (loop variable 4), then one row at a time; the panel
+            // stays in L1 while the rows go by.
+            let over_rows = |jt: Idx, valid: Idx| -> LowerResult<Vec<Stmt>> {
+                let full = div(grows.clone(), c(mr));
+                let rest = add(g0.clone(), mul(full.clone(), c(mr)));
+                let at = b_idx(&prefix(g0.clone())?, add(k0.clone(), Idx::Var(4)), add(jt.clone(), Idx::Var(5)))?;
+                let store =
+                    Stmt::Store { buf: panel, index: vec![Idx::Var(4), Idx::Var(5)], value: lw.value(bm, &at)? };
+                let tiles = mma(add(g0.clone(), mul(Idx::Var(4), c(mr))), mr as usize, &jt, &valid)?;
+                Ok(vec![
+                    for_(4, kl.clone(), false, vec![for_(5, valid.clone(), false, vec![store])]),
+                    for_(4, full, false, vec![tiles]),
+                    for_(4, rem(grows.clone(), c(mr)), false, vec![mma(add(rest, Idx::Var(4)), 1, &jt, &valid)?]),
+                ])
+            };
+            let full = div(nj.clone(), c(cols));
+            let tail = mul(full.clone(), c(cols));
+            let last = over_rows(add(j0.clone(), tail.clone()), sub(nj.clone(), tail))?;
+            vec![
+                for_(3, full, false, over_rows(add(j0.clone(), mul(Idx::Var(3), c(cols))), c(cols))?),
+                for_(3, min(c(1), rem(nj.clone(), c(cols))), false, last),
+            ]
         };
         tile.push(for_(2, ceil_div(kk.clone(), kt), false, ktile));
         tile.extend(rows_loop(2, &|row0, u| finish_rows(row0, u, 3))?);
