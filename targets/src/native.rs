@@ -316,7 +316,9 @@ impl Emitter<'_> {
     /// `op` on two f32 values.
     fn f2(&mut self, depth: usize, op: &str, a: &str, b: &str) -> String {
         let t = self.fresh();
-        self.line(depth, &format!("{t} = {op} {a}, {b} : f32"));
+        // Products feeding sums may fuse into FMAs (the polynomials of exp, tanh, erf).
+        let flags = if matches!(op, "arith.mulf" | "arith.addf" | "arith.subf") { " fastmath<contract>" } else { "" };
+        self.line(depth, &format!("{t} = {op} {a}, {b}{flags} : f32"));
         t
     }
 
@@ -346,11 +348,12 @@ impl Emitter<'_> {
     }
 
     /// `e^x` in straight-line code the loop vectorizer can widen (a libm call stops it):
-    /// Cephes' range reduction `x = n·ln2 + r` and degree-7 polynomial, `2^n` built in the
-    /// exponent bits; within 2 ulp of libm on the normal range, `+inf` above it and 0 below.
+    /// Cephes' range reduction `x = n·ln2 + r` and degree-7 polynomial, scaled by `2^n` with
+    /// `ldexp` (one `vscalefps` on AVX-512), which also gives `+inf` on overflow and 0 (through
+    /// subnormals) on underflow; within 2 ulp of libm. NaN stays NaN (the clamp propagates it).
     fn exp(&mut self, depth: usize, x: &str) -> String {
-        let lo = self.fk(depth, "arith.maximumf", x, -87.0);
-        let xc = self.fk(depth, "arith.minimumf", &lo, 88.3);
+        let lo = self.fk(depth, "arith.maximumf", x, -104.0);
+        let xc = self.fk(depth, "arith.minimumf", &lo, 89.0);
         let t = self.fk(depth, "arith.mulf", &xc, std::f64::consts::LOG2_E);
         let t = self.fk(depth, "arith.addf", &t, 0.5);
         let n = self.fresh();
@@ -368,20 +371,10 @@ impl Emitter<'_> {
         let p = self.f2(depth, "arith.mulf", &p, &rr);
         let p = self.f2(depth, "arith.addf", &p, &r);
         let p = self.fk(depth, "arith.addf", &p, 1.0);
-        let (ni, c127, c23, e, sh, scale) =
-            (self.fresh(), self.fresh(), self.fresh(), self.fresh(), self.fresh(), self.fresh());
+        let (ni, y) = (self.fresh(), self.fresh());
         self.line(depth, &format!("{ni} = arith.fptosi {n} : f32 to i32"));
-        self.line(depth, &format!("{c127} = arith.constant 127 : i32"));
-        self.line(depth, &format!("{c23} = arith.constant 23 : i32"));
-        self.line(depth, &format!("{e} = arith.addi {ni}, {c127} : i32"));
-        self.line(depth, &format!("{sh} = arith.shli {e}, {c23} : i32"));
-        self.line(depth, &format!("{scale} = arith.bitcast {sh} : i32 to f32"));
-        let y = self.f2(depth, "arith.mulf", &p, &scale);
-        // Below ln(FLT_MIN), zero (subnormal results flushed; exp(-inf) = 0).
-        let zero = self.constant(depth, 0.0);
-        let y = self.select_cmp(depth, "olt", x, -87.33654475, &zero, &y);
-        let inf = self.constant(depth, f64::INFINITY);
-        self.select_cmp(depth, "ogt", x, 88.72283935546875, &inf, &y)
+        self.line(depth, &format!("{y} = llvm.intr.ldexp({p}, {ni}) : (f32, i32) -> f32"));
+        y
     }
 
     /// `x·P(x²)/Q(x²)` with `x` clamped to `±clamp` (the rational forms Eigen uses for tanh
