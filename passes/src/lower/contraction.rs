@@ -23,7 +23,7 @@
 //!   matrix-vector product, a batch-1 FC layer) nothing would share the panel: [`MATMUL_ROWS`]
 //!   rows at a time accumulate `C[i, j] += Σ_v A[i, k + v] · B[k + v, j]` over
 //!   [`MATMUL_K_UNROLL`] values of `k` with `j` innermost, streaming `B`'s rows.
-
+//!
 //! Every loop nest parallelizes over its outermost loop, whose iterations write disjoint parts
 //! of the output (output channels of an image; a block of rows). A MatMul whose accumulate form
 //! does not apply (an epilogue that reads the product at another element than the one it
