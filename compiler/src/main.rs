@@ -503,8 +503,16 @@ fn bench(
     };
     // The reference interpreter is single-threaded.
     let threads_used = if target == "ref" { 1 } else { kiln_targets::native::threads() };
-    // Warm-up, measuring the peak of live tensors.
+    // Warm-up, measuring the peak of live tensors; then at least 3 runs and 100 ms, so that
+    // caches, the allocator and the thread pool are in their steady state before timing.
     let (_, peak) = c.run_observed(inputs.clone(), &mut |_, _| {})?;
+    let warm = Instant::now();
+    for n in 1.. {
+        if n >= 3 && warm.elapsed().as_secs_f64() > 0.1 || n >= 1000 {
+            break;
+        }
+        c.run(inputs.clone())?;
+    }
     let mut times = Vec::with_capacity(iters.max(1));
     for _ in 0..iters.max(1) {
         // Inputs are moved into a run: copy them before the clock starts.
