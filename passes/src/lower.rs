@@ -41,7 +41,10 @@ use std::collections::HashMap;
 
 mod attention;
 pub mod contraction;
+mod schedule;
 mod window;
+
+pub use schedule::Schedule;
 
 /// Why an op was not lowered.
 pub type LowerResult<T> = Result<T, String>;
@@ -70,6 +73,8 @@ struct Lowering<'m> {
     /// Window ops' element expressions already built, by op and element index (built once, so
     /// that an element's stores can share one evaluation: see [`share_reductions`]).
     windows: RefCell<Vec<(OpId, Vec<Idx>, Val)>>,
+    /// Tile sizes (register tiles, cache tiles).
+    sched: Schedule,
 }
 
 fn b(i: Idx) -> Box<Idx> {
@@ -962,6 +967,12 @@ fn share_reductions(mut stores: Vec<Stmt>, first_slot: usize) -> Vec<Stmt> {
 /// Lowers top-level op `o` of `m` (a `graph.fused` kernel or one op: elementwise, layout,
 /// row reduction or contraction) to a kernel named `name`.
 pub fn lower(m: &Module, o: OpId, name: &str) -> LowerResult<Kernel> {
+    lower_with(m, o, name, &Schedule::default())
+}
+
+/// [`lower`] with the tile sizes of `sched` (from the target's machine description,
+/// [`Schedule::for_machine`]).
+pub fn lower_with(m: &Module, o: OpId, name: &str, sched: &Schedule) -> LowerResult<Kernel> {
     let op = m.op(o);
     let mut outer: HashMap<ValueId, ValueId> = HashMap::new();
     // The kernel's operands (`None` where omitted: such an operand is no buffer).
@@ -1059,6 +1070,7 @@ pub fn lower(m: &Module, o: OpId, name: &str) -> LowerResult<Kernel> {
         syms: &syms,
         inside: &inside,
         outer: &outer,
+        sched,
     };
     if let Some(k) = contraction::lower(&parts)? {
         return Ok(k);
@@ -1081,6 +1093,7 @@ pub fn lower(m: &Module, o: OpId, name: &str) -> LowerResult<Kernel> {
         next_var: Default::default(),
         outer,
         windows: RefCell::new(Vec::new()),
+        sched: sched.clone(),
     };
     if let Some(att) = attention {
         let (locals, body) = attention::body(&lw, att, inputs, buffers.len())?;
