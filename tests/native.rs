@@ -63,6 +63,9 @@ fn check_model(name: &str, m: &kiln::Module, inputs: Vec<Tensor>, tally: &mut Ta
             continue;
         };
         let text = kernel.to_string();
+        // The text form reads back into the same kernel.
+        let parsed = kiln_ir::kernel_parser::parse_kernel(&text).unwrap_or_else(|e| panic!("{name}: {e}\n{text}"));
+        assert_eq!(parsed, kernel, "{name}: the kernel text does not read back\n{text}");
         let mlir = to_mlir(&kernel);
         // Omitted operands are no buffer of the kernel: an empty stand-in keeps the positions.
         let operands: Vec<Rc<Tensor>> = op
