@@ -403,19 +403,18 @@ impl Parser<'_> {
                 self.expect(":")?;
                 Idx::ZeroIfOne(b(x), b(self.idx()?))
             } else {
-                let op = self.s.get(self.pos).copied();
+                let op = match self.s.get(self.pos).copied() {
+                    Some(c @ (b'+' | b'-' | b'*' | b'/' | b'%')) => c,
+                    _ => return self.err("expected an index operator (+ - * / %)"),
+                };
                 self.pos += 1;
                 let y = self.idx()?;
                 match op {
-                    Some(b'+') => Idx::Add(b(x), b(y)),
-                    Some(b'-') => Idx::Sub(b(x), b(y)),
-                    Some(b'*') => Idx::Mul(b(x), b(y)),
-                    Some(b'/') => Idx::Div(b(x), b(y)),
-                    Some(b'%') => Idx::Rem(b(x), b(y)),
-                    _ => {
-                        self.pos -= 1;
-                        return self.err("expected an index operator (+ - * / %)");
-                    }
+                    b'+' => Idx::Add(b(x), b(y)),
+                    b'-' => Idx::Sub(b(x), b(y)),
+                    b'*' => Idx::Mul(b(x), b(y)),
+                    b'/' => Idx::Div(b(x), b(y)),
+                    _ => Idx::Rem(b(x), b(y)),
                 }
             };
             self.expect(")")?;
@@ -535,6 +534,48 @@ impl Parser<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A kernel using every form of the text (locals, Mma, reductions, selects, masks).
+    const SAMPLE: &str = "kernel.kernel @k0_fused(%0: in float[B, 4] Global \"in0\", %1: in bool[4] Global \"in2\", \
+%2: out float[B, 4] Global \"out0\") {vector_width = 1, unroll = 1} {
+  %3 = kernel.local float[8, (dim(%0, 0) + 1)] Local \"panel\"
+  kernel.for.parallel i0 in 0..dim(%2, 0) {
+    %s0 = max(reduce.max(i64 in 0..4: %0[i0, i64]), -3.4028234663852886e38)
+    %s1 = recip(reduce.sum(i65 in 0..min(4, (dim(%0, 1) - -2)): exp(sub(%0[i0, i65], %s0))))
+    kernel.for i1 in 0..((4 / 2) % 3) {
+      %2[i0, i1] = where(%1[i1], (i1 < 2 ? float((dim(%0, 0) == 1 ? 0 : i0)) : NaN), select(i1 < max(i0, 1), -inf, 1.5e0))
+      %3[i1, 0] = pow(%2[i0, i1], inf)
+    }
+    kernel.mma {rows = 2, cols = 32, lanes = 16, valid = (4 * 1)} i63 over (i1 in 0..4, i2 in 0..2): \
+%2[(i0 + i63), 0] (+j·1) += mul(%0[i63, i1], %s1) * %3[i1, i2] (+j)
+  }
+}
+";
+
+    #[test]
+    fn every_form_reads_back() {
+        let k = parse_kernel(SAMPLE).unwrap();
+        assert_eq!(k.operands, vec![0, 2]);
+        assert_eq!(k.buffers[1].dtype, DType::Bool);
+        // (Compared as text: the sample holds a NaN, which equals nothing.)
+        let again = parse_kernel(&k.to_string()).unwrap();
+        assert_eq!(again.to_string(), k.to_string());
+    }
+
+    #[test]
+    fn damaged_text_errs_without_panicking() {
+        let bytes = SAMPLE.as_bytes();
+        for cut in 0..bytes.len() {
+            let _ = parse_kernels(&String::from_utf8_lossy(&bytes[..cut]));
+        }
+        for at in 0..bytes.len() {
+            for c in [b'(', b')', b'%', b'-', b' ', b'9', b'i', b'{', b'}', b'\n', b',', b'#'] {
+                let mut b = bytes.to_vec();
+                b[at] = c;
+                let _ = parse_kernels(&String::from_utf8_lossy(&b));
+            }
+        }
+    }
 
     #[test]
     fn bad_text_names_the_line() {
