@@ -153,7 +153,7 @@ pub fn compile(m: &Module, name: &str, dir: &Path) -> Result<Artifact, TargetErr
             }
             _ => {
                 let kname = &names[&o];
-                match kiln_passes::lower::lower(m, o, kname) {
+                match kiln_passes::lower::lower_with(m, o, kname, crate::cpu::schedule()) {
                     Ok(k) if k.buffers.iter().any(|b| b.dtype != DType::F32) => host.push(format!(
                         "{kname} (node '{}', {}): reads a non-f32 tensor (AOT passes f32 tensors only)",
                         op.node_name(),

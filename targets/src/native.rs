@@ -1067,7 +1067,7 @@ impl NativeModel {
         }
         for (o, name) in launched_kernels(m) {
             let op = m.op(o);
-            match kiln_passes::lower::lower(m, o, &name) {
+            match kiln_passes::lower::lower_with(m, o, &name, crate::cpu::schedule()) {
                 Ok(k) => kernels.push((o, k)),
                 Err(why) => {
                     host.push(HostKernel { name, node: op.node_name().to_string(), op: op.op_type().to_string(), why })
