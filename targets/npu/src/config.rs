@@ -253,9 +253,9 @@ impl NpuConfig {
         }
         // Every kernel needs global memory → vector level → global memory.
         for (from, to) in [(0, v), (v, 0)] {
-            if self.route(from, to).is_none() {
+            if self.path(from, to).is_none() {
                 return bad(format!(
-                    "no DMA route from '{}' to '{}' (the vector unit's operands come from and go to global memory)",
+                    "no DMA path from '{}' to '{}' (the vector unit's operands come from and go to global memory)",
                     self.levels[from].name, self.levels[to].name
                 ));
             }

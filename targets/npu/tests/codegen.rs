@@ -73,3 +73,27 @@ fn generic_softmax() {
         check_with(&k, &[vec![2, 7], vec![2, 7]], p, &generic());
     }
 }
+
+#[test]
+fn stream_elementwise() {
+    let k = add_exp_mul();
+    for shape in [[3usize, 5], [64, 300], [1, 20000]] {
+        let [n, c] = shape;
+        let shapes = vec![vec![n, c], vec![n, c], vec![c], vec![n, c]];
+        for p in PRESETS {
+            let s = check(&k, &shapes, p);
+            println!("{p} {shape:?}: {}", s.report());
+        }
+    }
+}
+
+#[test]
+fn stream_softmax() {
+    let k = softmax();
+    for shape in [[2usize, 7], [100, 128], [3, 1000]] {
+        for p in PRESETS {
+            let s = check(&k, &[shape.to_vec(), shape.to_vec()], p);
+            println!("{p} {shape:?}: {}", s.report());
+        }
+    }
+}

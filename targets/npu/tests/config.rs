@@ -66,7 +66,7 @@ fn bad_descriptions_give_exact_errors() {
     v["dma"].as_array_mut().unwrap().retain(|p| p["to"] != "UB");
     assert_eq!(
         error_of(v),
-        "npu config davinci.json: no DMA route from 'GM' to 'UB' (the vector unit's operands come from and go to global memory)"
+        "npu config davinci.json: no DMA path from 'GM' to 'UB' (the vector unit's operands come from and go to global memory)"
     );
 
     let mut v = davinci_json();

@@ -32,7 +32,10 @@ pub fn map_val(v: &Val, f: &dyn Fn(&Idx) -> Idx) -> Val {
         Val::Load { buf, index } => Val::Load { buf: *buf, index: index.iter().map(f).collect() },
         Val::Un(op, x) => Val::Un(*op, m(x)),
         Val::Bin(op, a, b) => Val::Bin(*op, m(a), m(b)),
-        Val::FromIdx(i) => Val::FromIdx(f(i)),
+        Val::FromIdx(i) => match f(i) {
+            Idx::Const(c) => Val::Const(c as f64),
+            i => Val::FromIdx(i),
+        },
         Val::Reduce { op, var, extent, body } => Val::Reduce { op: *op, var: *var, extent: f(extent), body: m(body) },
         Val::IfLess { lhs, rhs, then, other } => {
             Val::IfLess { lhs: f(lhs), rhs: f(rhs), then: m(then), other: m(other) }

@@ -521,24 +521,30 @@ impl<'a> Gen<'a> {
     pub fn scalar_loop(&mut self, var: usize, extent: &Idx, body: impl FnOnce(&mut Self) -> R<()>) -> R<()> {
         let m = self.mark();
         let n = self.sidx(extent)?;
+        let max = self.upper(extent);
+        self.loop_op(var, n, max, body)?;
+        self.reset(m);
+        Ok(())
+    }
+
+    /// `for var in 0..n { body }` on the scalar unit (`max`: an upper bound of `n`).
+    pub fn loop_op(&mut self, var: usize, n: Op, max: i64, body: impl FnOnce(&mut Self) -> R<()>) -> R<()> {
+        let m = self.mark();
         if let Op::K(c) = n {
             if c <= 0 {
-                self.reset(m);
                 return Ok(());
             }
         }
-        let max = self.upper(extent);
+        // The extent must survive the body's temporaries.
         let n = match n {
-            Op::K(_) => n,
-            // The extent must survive the body's temporaries.
             Op::T(r) => Op::R(r),
-            Op::R(r) => Op::R(r),
+            x => x,
         };
         let v = self.reg()?;
         self.li(v, 0)?;
         let (top, end) = (self.label(), self.label());
-        let nr = self.in_reg(n)?;
         if !matches!(n, Op::K(_)) {
+            let nr = self.in_reg(n)?;
             self.branch(Instr::Branch { cond: crate::isa::Cond::Ge, ra: v, rb: nr, target: 0 }, end);
         }
         self.bind(top);
@@ -557,10 +563,50 @@ impl<'a> Gen<'a> {
         Ok(())
     }
 
+    /// The emission state, to roll back to when a form turns out not to apply.
+    pub fn snapshot(&self) -> Snapshot {
+        Snapshot {
+            code: self.code.len(),
+            labels: self.labels.len(),
+            fixups: self.fixups.len(),
+            konsts: self.konsts.len(),
+            next_reg: self.next_reg,
+            ub: self.ub.clone(),
+            flag_ids: self.flag_ids.clone(),
+            vars: self.vars.clone(),
+            ranges: self.ranges.clone(),
+        }
+    }
+
+    pub fn rollback(&mut self, s: Snapshot) {
+        self.code.truncate(s.code);
+        self.labels.truncate(s.labels);
+        self.fixups.truncate(s.fixups);
+        self.konsts.truncate(s.konsts);
+        self.next_reg = s.next_reg;
+        self.ub = s.ub;
+        self.flag_ids = s.flag_ids;
+        self.vars = s.vars;
+        self.ranges = s.ranges;
+    }
+
     /// An upper bound (exclusive) of an extent, from the ranges of the variables in scope.
     pub fn upper(&self, e: &Idx) -> i64 {
         affine::range(e, &self.ranges).map_or(i64::MAX / 4, |(_, hi)| hi)
     }
+}
+
+/// What [`Gen::rollback`] restores.
+pub(crate) struct Snapshot {
+    code: usize,
+    labels: usize,
+    fixups: usize,
+    konsts: usize,
+    next_reg: u8,
+    ub: Alloc,
+    flag_ids: HashMap<(Pipe, Pipe), u8>,
+    vars: HashMap<usize, Reg>,
+    ranges: HashMap<usize, i64>,
 }
 
 pub(crate) fn restore<V>(m: &mut HashMap<usize, V>, k: usize, old: Option<V>) {
