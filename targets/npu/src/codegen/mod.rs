@@ -145,6 +145,8 @@ pub(crate) struct Gen<'a> {
     pub locals: Vec<u64>,
     /// Flag ids in use per pipe pair.
     flag_ids: HashMap<(Pipe, Pipe), u8>,
+    /// Allocations in the levels other than the vector unit's (matrix streams).
+    pub lvl: HashMap<usize, Alloc>,
 }
 
 fn unsupported(msg: impl Into<String>) -> NpuError {
@@ -256,6 +258,7 @@ impl<'a> Gen<'a> {
             slots: HashMap::new(),
             locals: Vec::new(),
             flag_ids: HashMap::new(),
+            lvl: HashMap::new(),
         };
         // Locals first: they must fit.
         let need: u64 = g.shapes[k.buffers.len()..]
@@ -325,6 +328,13 @@ impl<'a> Gen<'a> {
 
     /// One statement at scalar level: the best form that applies.
     pub fn stmt(&mut self, s: &Stmt) -> R<()> {
+        if let Stmt::For { body, .. } = s {
+            if matches!(body.as_slice(), [Stmt::Mma(_)]) {
+                if let Some(()) = self.try_matrix(s)? {
+                    return Ok(());
+                }
+            }
+        }
         if self.opts.streams {
             if let Some(done) = self.try_stream(s)? {
                 return Ok(done);
@@ -351,7 +361,10 @@ impl<'a> Gen<'a> {
     }
 
     fn mma(&mut self, m: &Mma) -> R<()> {
-        self.matrix_tile(m)
+        match self.try_matrix(&Stmt::Mma(Box::new(m.clone())))? {
+            Some(()) => Ok(()),
+            None => self.generic_mma(m),
+        }
     }
 
     fn finish(mut self) -> R<Program> {

@@ -461,11 +461,11 @@ impl Gen<'_> {
         let slots = self.opts.slots.max(1) as u64;
         let (row_var, row_extent) = plan.row.clone();
         let nrows_max = self.upper(&row_extent).max(1);
-        // Loads that do not depend on the row are resident.
+        // Loads that do not depend on the row are resident (in strips, only those that do not
+        // depend on the strip either).
+        let uniform = |r: &Region| r.acc.row_coef == Some(0) && !affine::mentions(&r.acc.len, row_var);
         for r in &mut plan.loads {
-            r.resident = r.acc.row_coef == Some(0)
-                && !affine::mentions(&r.acc.len, row_var)
-                && (r.acc.stride == 0 || plan.strippable.is_none());
+            r.resident = uniform(r);
         }
         let path_in = self.cfg.path(0, vl).ok_or_else(|| super::unsupported("no DMA path into the vector level"))?;
         let (lat, bw) = (path_in.latency_cycles as f64, path_in.bytes_per_cycle);
@@ -485,6 +485,11 @@ impl Gen<'_> {
         let target = ((4.0 * lat * bw) / bytes_row as f64).ceil().max(1.0) as i64;
         let mode = match plan.strippable {
             Some(n) if rows_fit < 1 || nrows_max == 1 => {
+                for r in &mut plan.loads {
+                    r.resident = uniform(r) && r.acc.stride == 0;
+                }
+                let resident: u64 = plan.loads.iter().filter(|r| r.resident).map(|r| pitch_of(r) + align).sum();
+                let regions = plan.loads.iter().chain(&plan.stores).filter(|r| !r.resident).count() as u64;
                 // Strips of T elements: every ring region holds T per slot.
                 let vec_regions = plan.loads.iter().chain(&plan.stores).filter(|r| !r.resident && r.acc.max_len > 1);
                 let per_elem = slots * vec_regions.count() as u64 + plan.vtemps as u64;
