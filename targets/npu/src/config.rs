@@ -191,7 +191,7 @@ impl NpuConfig {
             if l.capacity_bytes == 0 {
                 return bad(format!("level '{}' has capacity 0", l.name));
             }
-            if l.capacity_bytes % 4 != 0 {
+            if !l.capacity_bytes.is_multiple_of(4) {
                 return bad(format!(
                     "level '{}' has capacity {} bytes, not a whole number of f32",
                     l.name, l.capacity_bytes
@@ -233,7 +233,7 @@ impl NpuConfig {
                 self.vector.level
             ));
         }
-        if self.vector.width_bytes < 4 || self.vector.width_bytes % 4 != 0 {
+        if self.vector.width_bytes < 4 || !self.vector.width_bytes.is_multiple_of(4) {
             return bad(format!(
                 "vector width is {} bytes, expected a positive multiple of 4",
                 self.vector.width_bytes

@@ -47,7 +47,7 @@ pub enum NpuError {
 
 /// `n` bytes in the units people read (`300 KiB`).
 pub fn human_bytes(n: u64) -> String {
-    if n >= 1 << 20 && n % (1 << 10) == 0 {
+    if n >= 1 << 20 && n.is_multiple_of(1 << 10) {
         let mib = n as f64 / (1u64 << 20) as f64;
         if mib.fract() == 0.0 {
             return format!("{mib} MiB");

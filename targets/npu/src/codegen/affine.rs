@@ -93,21 +93,6 @@ pub fn mentions(i: &Idx, v: usize) -> bool {
     }
 }
 
-/// Whether value `x` mentions loop variable `v` in any index.
-pub fn val_mentions(x: &Val, v: usize) -> bool {
-    match x {
-        Val::Const(_) | Val::Scalar(_) => false,
-        Val::Load { index, .. } => index.iter().any(|i| mentions(i, v)),
-        Val::Un(_, a) => val_mentions(a, v),
-        Val::Bin(_, a, b) => val_mentions(a, v) || val_mentions(b, v),
-        Val::FromIdx(i) => mentions(i, v),
-        Val::Reduce { extent, body, .. } => mentions(extent, v) || val_mentions(body, v),
-        Val::IfLess { lhs, rhs, then, other } | Val::Select { lhs, rhs, then, other } => {
-            mentions(lhs, v) || mentions(rhs, v) || val_mentions(then, v) || val_mentions(other, v)
-        }
-    }
-}
-
 /// The inclusive range of `e`'s values, given exclusive upper bounds of the variables (each
 /// variable runs from 0); `None` when unbounded.
 pub fn range(e: &Idx, vars: &HashMap<usize, i64>) -> Option<(i64, i64)> {

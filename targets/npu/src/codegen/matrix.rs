@@ -196,7 +196,7 @@ impl Gen<'_> {
     }
 
     fn chunk_vars(&self) -> usize {
-        self.vars.keys().filter(|&&v| v >= CHUNK - 64 && v <= CHUNK).count() * 2
+        self.vars.keys().filter(|&&v| (CHUNK - 64..=CHUNK).contains(&v)).count() * 2
     }
 
     /// Levels an instance's operands occupy.

@@ -525,11 +525,6 @@ impl<'a> Gen<'a> {
         self.k.buffers.len()
     }
 
-    /// Elements of buffer `b` (parameter or local).
-    pub fn size(&self, b: usize) -> u64 {
-        self.shapes[b].iter().product::<usize>() as u64
-    }
-
     /// `for var in 0..extent { body }` on the scalar unit.
     pub fn scalar_loop(&mut self, var: usize, extent: &Idx, body: impl FnOnce(&mut Self) -> R<()>) -> R<()> {
         let m = self.mark();
@@ -633,22 +628,22 @@ pub(crate) fn restore<V>(m: &mut HashMap<usize, V>, k: usize, old: Option<V>) {
     }
 }
 
-fn collect_val(v: &Val, consts: &mut Vec<f64>, slots: &mut Vec<usize>) {
+fn collect_val(v: &Val, consts: &mut Vec<f64>) {
     match v {
         Val::Const(c) => consts.push(*c),
         Val::Load { .. } | Val::FromIdx(_) | Val::Scalar(_) => {}
-        Val::Un(_, x) => collect_val(x, consts, slots),
+        Val::Un(_, x) => collect_val(x, consts),
         Val::Bin(_, a, b) => {
-            collect_val(a, consts, slots);
-            collect_val(b, consts, slots);
+            collect_val(a, consts);
+            collect_val(b, consts);
         }
         Val::Reduce { op, body, .. } => {
             consts.push(crate::eval::red_init(*op) as f64);
-            collect_val(body, consts, slots);
+            collect_val(body, consts);
         }
         Val::IfLess { then, other, .. } | Val::Select { then, other, .. } => {
-            collect_val(then, consts, slots);
-            collect_val(other, consts, slots);
+            collect_val(then, consts);
+            collect_val(other, consts);
         }
     }
 }
@@ -656,14 +651,14 @@ fn collect_val(v: &Val, consts: &mut Vec<f64>, slots: &mut Vec<usize>) {
 fn collect_stmt(s: &Stmt, consts: &mut Vec<f64>, slots: &mut Vec<usize>) {
     match s {
         Stmt::For { body, .. } => body.iter().for_each(|s| collect_stmt(s, consts, slots)),
-        Stmt::Store { value, .. } => collect_val(value, consts, slots),
+        Stmt::Store { value, .. } => collect_val(value, consts),
         Stmt::Let { slot, value } => {
             slots.push(*slot);
-            collect_val(value, consts, slots);
+            collect_val(value, consts);
         }
         Stmt::Mma(m) => {
             consts.push(0.0);
-            collect_val(&m.a, consts, slots);
+            collect_val(&m.a, consts);
         }
     }
 }

@@ -1,6 +1,5 @@
 //! Index expressions on the scalar unit.
 
-use super::affine::Lin;
 use super::{unsupported, Gen, Op, R};
 use crate::isa::{AluOp, Cond, Instr};
 use kiln_ir::kernel::Idx;
@@ -89,11 +88,6 @@ impl Gen<'_> {
             }
         }
         Ok(Op::T(dst))
-    }
-
-    /// Emits an affine form (its atoms through [`Gen::sidx`]).
-    pub fn slin(&mut self, l: &Lin, skip: &[usize]) -> R<Op> {
-        self.sidx(&l.to_idx(skip))
     }
 
     /// A register holding `e` (a temporary or a variable's register: read only).

@@ -129,9 +129,7 @@ struct Emit {
     plan: Plan,
     mode: Mode,
     slots: u64,
-    in_base: u64,
     in_size: u64,
-    out_base: u64,
     out_size: u64,
     /// Offsets of the ring regions within a slot.
     vtemp_addr: Vec<u64>,
@@ -160,9 +158,8 @@ impl Gen<'_> {
                 // A loop whose body is one pure loop nest: the row loop may be collapsed into the
                 // vector loop (no row), else the loop is the row loop.
                 if pure_nest(s) && !has_reduce_stmt(s) {
-                    match self.stream(None, std::slice::from_ref(s))? {
-                        Some(()) => return Ok(Some(())),
-                        None => {}
+                    if let Some(()) = self.stream(None, std::slice::from_ref(s))? {
+                        return Ok(Some(()));
                     }
                 }
                 ((*var, extent.clone()), body.clone())
@@ -579,9 +576,7 @@ impl Gen<'_> {
             plan,
             mode,
             slots,
-            in_base,
             in_size,
-            out_base,
             out_size,
             flags,
             in_off: None,

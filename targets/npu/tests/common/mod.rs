@@ -1,7 +1,7 @@
 //! Kernel builders and the compile → simulate → compare-with-the-evaluator check.
 #![allow(dead_code)]
 
-use kiln_ir::kernel::{BinOp, Buffer, Idx, Kernel, Knobs, Level, Local, Mma, RedOp, Stmt, UnOp, Val};
+use kiln_ir::kernel::{BinOp, Buffer, Idx, Kernel, Knobs, Level, Local, RedOp, Stmt, UnOp, Val};
 use kiln_ir::{DType, Dim};
 use kiln_npu::codegen::{compile_with, Options};
 use kiln_npu::eval::eval_kernel;
