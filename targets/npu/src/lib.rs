@@ -20,7 +20,7 @@ pub mod sim;
 
 pub use codegen::compile;
 pub use config::NpuConfig;
-pub use sim::{simulate, SimStats};
+pub use sim::{simulate, simulate_with, SimOptions, SimStats};
 
 /// Errors of the NPU target.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]

@@ -38,8 +38,19 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 /// DMA bursts move whole granules of this many bytes (a guess, DaVinci's 32 B block).
 pub const DMA_GRANULE_BYTES: u64 = 32;
 
-/// The most instructions the scalar unit executes before the simulator gives up.
-pub const MAX_STEPS: u64 = 2_000_000_000;
+/// Options of a simulation.
+#[derive(Clone, Debug)]
+pub struct SimOptions {
+    /// The most instructions the scalar unit executes before the simulator gives up (an
+    /// endless loop).
+    pub max_instrs: u64,
+}
+
+impl Default for SimOptions {
+    fn default() -> SimOptions {
+        SimOptions { max_instrs: 2_000_000_000 }
+    }
+}
 
 /// Per-pipe statistics.
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
@@ -134,10 +145,14 @@ impl Pattern {
         self.n <= 0 || self.len <= 0
     }
 
-    /// Lowest and one past the highest element touched.
+    /// Lowest and one past the highest element touched (saturating: huge patterns are out of
+    /// bounds, never an overflow).
     fn bounds(&self) -> (i64, i64) {
-        let last = self.start + (self.n - 1) * self.stride;
-        (self.start.min(last), self.start.max(last) + self.len)
+        let last = self.start as i128 + (self.n as i128 - 1) * self.stride as i128;
+        let lo = (self.start as i128).min(last);
+        let hi = (self.start as i128).max(last) + self.len as i128;
+        let clamp = |x: i128| x.clamp(i64::MIN as i128 / 2, i64::MAX as i128 / 2) as i64;
+        (clamp(lo), clamp(hi))
     }
 
     /// Whether a burst of `self` covers an element of `[a, b)`.
@@ -215,6 +230,7 @@ const HIST_CAP: usize = 1 << 16;
 struct Sim<'a> {
     p: &'a Program,
     cfg: &'a NpuConfig,
+    max_instrs: u64,
     mem: Vec<Vec<f32>>,
     regs: [i64; REGS],
     time: u64,
@@ -235,6 +251,16 @@ fn err(msg: impl Into<String>) -> NpuError {
 /// Runs `p` on one core of `cfg`. `buffers` are the program's input and output buffers in
 /// order (as [`crate::compile`] lays them out: the kernel's buffers); outputs are written back.
 pub fn simulate(p: &Program, cfg: &NpuConfig, buffers: &mut [Vec<f32>]) -> Result<SimStats, NpuError> {
+    simulate_with(p, cfg, buffers, &SimOptions::default())
+}
+
+/// [`simulate`] with options.
+pub fn simulate_with(
+    p: &Program,
+    cfg: &NpuConfig,
+    buffers: &mut [Vec<f32>],
+    opts: &SimOptions,
+) -> Result<SimStats, NpuError> {
     cfg.validate()?;
     // The program's levels must be the description's (the same names, in order).
     let names: Vec<&str> = cfg.levels.iter().map(|l| l.name.as_str()).collect();
@@ -284,6 +310,7 @@ pub fn simulate(p: &Program, cfg: &NpuConfig, buffers: &mut [Vec<f32>]) -> Resul
     let mut sim = Sim {
         p,
         cfg,
+        max_instrs: opts.max_instrs,
         mem,
         regs: [0; REGS],
         time: 0,
@@ -314,8 +341,8 @@ impl Sim<'_> {
         let mut steps = 0u64;
         loop {
             steps += 1;
-            if steps > MAX_STEPS {
-                return Err(err(format!("gave up after {MAX_STEPS} instructions (an endless loop?)")));
+            if steps > self.max_instrs {
+                return Err(err(format!("gave up after {} instructions (an endless loop?)", self.max_instrs)));
             }
             let Some(&ins) = self.p.instrs.get(pc) else {
                 return Err(err(format!("ran past the last instruction ({pc}) without `end`")));
@@ -612,7 +639,8 @@ impl Sim<'_> {
                 self.access(q, pc, sp, false)?;
                 self.access(q, pc, dp, true)?;
                 let (s, d) = (src_level as usize, dst_level as usize);
-                for b in 0..n {
+                let bursts = if sp.is_empty() { 0 } else { n };
+                for b in 0..bursts {
                     let (so, dof) = ((src + b * ss) as usize, (dst + b * ds) as usize);
                     let len = len as usize;
                     if s == d {
@@ -704,7 +732,7 @@ impl Sim<'_> {
                 self.access(q, pc, pa, false)?;
                 self.access(q, pc, pd, true)?;
                 let m = &mut self.mem[v as usize];
-                let xs = &m[a as usize..(a + n) as usize];
+                let xs = if n == 0 { &[][..] } else { &m[a as usize..(a + n) as usize] };
                 let r = match op {
                     VRedOp::Sum => xs.iter().fold(0.0f32, |s, &x| s + x),
                     VRedOp::Max => xs.iter().fold(f32::NEG_INFINITY, |s, &x| math::fmax(s, x)),
@@ -719,7 +747,9 @@ impl Sim<'_> {
                 let pd = Pattern::contiguous(v, d, n);
                 self.check(pc, &pd)?;
                 self.access(q, pc, pd, true)?;
-                self.mem[v as usize][d as usize..(d + n) as usize].fill(value);
+                if n > 0 {
+                    self.mem[v as usize][d as usize..(d + n) as usize].fill(value);
+                }
                 Ok(self.vector_cost(n as u64, 1, lanes))
             }
             Instr::VDupR { .. } => {
@@ -728,7 +758,9 @@ impl Sim<'_> {
                 let pd = Pattern::contiguous(v, d, n);
                 self.check(pc, &pd)?;
                 self.access(q, pc, pd, true)?;
-                self.mem[v as usize][d as usize..(d + n) as usize].fill(s as f32);
+                if n > 0 {
+                    self.mem[v as usize][d as usize..(d + n) as usize].fill(s as f32);
+                }
                 Ok(self.vector_cost(n as u64, 1, lanes))
             }
             Instr::VIota { .. } => {
@@ -770,10 +802,13 @@ impl Sim<'_> {
                     self.access(q, pc, pc_, false)?;
                 }
                 self.access(q, pc, pc_, true)?;
+                if m == 0 || n == 0 {
+                    return Ok(mu.startup_cycles as u64);
+                }
                 let (m, n, k) = (m as usize, n as usize, k as usize);
                 let (a, b, c) = (a as usize, b as usize, c as usize);
-                let av: Vec<f32> = self.mem[la as usize][a..a + m * k].to_vec();
-                let bv: Vec<f32> = self.mem[lb as usize][b..b + k * n].to_vec();
+                let av: Vec<f32> = if k == 0 { Vec::new() } else { self.mem[la as usize][a..a + m * k].to_vec() };
+                let bv: Vec<f32> = if k == 0 { Vec::new() } else { self.mem[lb as usize][b..b + k * n].to_vec() };
                 let cm = &mut self.mem[lc as usize];
                 for i in 0..m {
                     for j in 0..n {

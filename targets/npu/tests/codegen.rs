@@ -382,9 +382,9 @@ fn attention_with_a_local() {
 }
 
 /// Concat on the last axis (`IfLess` picks the input) and a padded max pool (a window
-/// reduction whose taps outside the input are −∞): the generic path.
+/// reduction whose taps outside the input are −∞): conditions split the lanes of streams.
 #[test]
-fn conditions_take_the_generic_path() {
+fn conditions_split_lanes() {
     use kiln_ir::kernel::Val;
     let concat = kernel(
         "concat",
@@ -431,8 +431,12 @@ fn conditions_take_the_generic_path() {
         vec![for_(0, dim(1, 0), vec![store(1, vec![v(0)], reduce(RedOp::Max, 64, k(3), tap))])],
     );
     for p in PRESETS {
-        check(&concat, &[vec![4, 3], vec![4, 5], vec![4, 8]], p);
-        check(&pool, &[vec![11], vec![6]], p);
+        let s = check(&concat, &[vec![40, 3], vec![40, 5], vec![40, 8]], p);
+        // Streams, not one-element copies.
+        assert!(s.instr_counts["copy"] < 20, "{p}: {}", s.report());
+        let s = check(&pool, &[vec![1001], vec![501]], p);
+        assert!(s.instr_counts["copy"] < 20, "{p}: {}", s.report());
+        check_with(&pool, &[vec![11], vec![6]], p, &generic());
     }
 }
 

@@ -246,3 +246,102 @@ fn matrix_unit_multiplies_tiles() {
     assert_eq!(s.pipe(Pipe::M).busy_cycles, 5);
     assert!(s.mac_efficiency < 0.01);
 }
+
+mod fuzz {
+    use kiln_npu::isa::{AluOp, BufKind, Cond, GmBuffer, Instr, Pipe, Program, Reg, VBinOp, VRedOp, VUnOp};
+    use kiln_npu::{simulate_with, NpuConfig, SimOptions};
+    use proptest::prelude::*;
+
+    fn reg() -> impl Strategy<Value = Reg> {
+        (0u8..8).prop_map(Reg)
+    }
+
+    fn instr(n: u32) -> impl Strategy<Value = Instr> {
+        let pipe = prop::sample::select(Pipe::ALL.to_vec());
+        prop_oneof![
+            (reg(), -70i64..200).prop_map(|(rd, imm)| Instr::Li { rd, imm }),
+            (
+                prop::sample::select(vec![AluOp::Add, AluOp::Mul, AluOp::Div, AluOp::Rem, AluOp::Shl]),
+                reg(),
+                reg(),
+                reg()
+            )
+                .prop_map(|(op, rd, ra, rb)| Instr::Alu { op, rd, ra, rb }),
+            (reg(), reg(), 0..=n).prop_map(|(ra, rb, target)| Instr::Branch { cond: Cond::Lt, ra, rb, target }),
+            (pipe.clone(), pipe, 0u8..3, any::<bool>()).prop_filter("distinct", |(s, d, _, _)| s != d).prop_map(
+                |(src, dst, id, set)| if set {
+                    Instr::SetFlag { src, dst, id }
+                } else {
+                    Instr::WaitFlag { src, dst, id }
+                }
+            ),
+            Just(Instr::Barrier),
+            Just(Instr::End),
+            (0u8..6, 0u8..6, [reg(), reg(), reg(), reg(), reg(), reg()]).prop_map(|(dl, sl, r)| Instr::Copy {
+                dst_level: dl,
+                src_level: sl,
+                dst: r[0],
+                src: r[1],
+                n: r[2],
+                len: r[3],
+                dst_stride: r[4],
+                src_stride: r[5]
+            }),
+            (
+                prop::sample::select(vec![VBinOp::Add, VBinOp::Mla, VBinOp::Pow]),
+                reg(),
+                reg(),
+                reg(),
+                reg(),
+                any::<bool>(),
+                any::<bool>()
+            )
+                .prop_map(|(op, d, a, b, n, a_scalar, b_scalar)| Instr::VBin {
+                    op,
+                    d,
+                    a,
+                    b,
+                    n,
+                    a_scalar,
+                    b_scalar
+                }),
+            (reg(), reg(), reg(), any::<bool>()).prop_map(|(d, a, n, a_scalar)| Instr::VUn {
+                op: VUnOp::Exp,
+                d,
+                a,
+                n,
+                a_scalar
+            }),
+            (reg(), reg(), reg()).prop_map(|(d, a, n)| Instr::VRed { op: VRedOp::Sum, d, a, n }),
+            (reg(), reg()).prop_map(|(d, n)| Instr::VDup { d, n, value: 1.0 }),
+            (reg(), reg(), reg()).prop_map(|(d, s, n)| Instr::VDupR { d, s, n }),
+            (reg(), reg(), reg(), reg()).prop_map(|(d, start, step, n)| Instr::VIota { d, start, step, n }),
+            ([reg(), reg(), reg(), reg(), reg(), reg()], any::<bool>()).prop_map(|(r, acc)| Instr::Mmad {
+                c: r[0],
+                a: r[1],
+                b: r[2],
+                m: r[3],
+                n: r[4],
+                k: r[5],
+                acc
+            }),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+        /// Random programs end, or stop with an error: never a panic or a hang.
+        #[test]
+        fn random_programs_never_panic(instrs in (1u32..30).prop_flat_map(|n| prop::collection::vec(instr(n), n as usize))) {
+            let p = Program {
+                name: "fuzz".into(),
+                levels: ["GM", "L1", "L0A", "L0B", "L0C", "UB"].iter().map(|s| s.to_string()).collect(),
+                buffers: vec![GmBuffer { name: "x".into(), kind: BufKind::In, offset: 0, len: 64 }, GmBuffer { name: "y".into(), kind: BufKind::Out, offset: 64, len: 64 }],
+                instrs,
+            };
+            let cfg = NpuConfig::preset("davinci").unwrap();
+            let _ = simulate_with(&p, &cfg, &mut [vec![0.5; 64], vec![0.0; 64]], &SimOptions { max_instrs: 20_000 });
+        }
+    }
+}

@@ -131,6 +131,8 @@ pub(crate) struct Gen<'a> {
     next_reg: u8,
     /// Registers at the top holding constants for the whole program.
     konsts: Vec<(i64, Reg)>,
+    /// Registers up to this one have been temporaries somewhere (constants stay above).
+    high_reg: u8,
     /// Registers of the scalar loop variables in scope.
     pub vars: HashMap<usize, Reg>,
     /// Upper bounds (exclusive) of the loop variables in scope.
@@ -251,6 +253,7 @@ impl<'a> Gen<'a> {
             fixups: Vec::new(),
             next_reg: 0,
             konsts: Vec::new(),
+            high_reg: 0,
             vars: HashMap::new(),
             ranges: HashMap::new(),
             ub,
@@ -431,6 +434,7 @@ impl<'a> Gen<'a> {
             )));
         }
         self.next_reg += 1;
+        self.high_reg = self.high_reg.max(self.next_reg);
         Ok(Reg(self.next_reg - 1))
     }
 
@@ -448,7 +452,9 @@ impl<'a> Gen<'a> {
         if let Some(&(_, r)) = self.konsts.iter().find(|(x, _)| *x == v) {
             return Ok(r);
         }
-        if self.konsts.len() < 24 && (self.next_reg as usize) < REGS - self.konsts.len() - 1 {
+        // A constant's register is live for the whole program: never one that a temporary
+        // has used anywhere (before or after in the program).
+        if self.konsts.len() < 24 && (self.high_reg as usize) < REGS - self.konsts.len() - 1 {
             let r = Reg((REGS - 1 - self.konsts.len()) as u8);
             self.konsts.push((v, r));
             return Ok(r);
