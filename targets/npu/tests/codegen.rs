@@ -594,3 +594,30 @@ fn fusion_moves_fewer_bytes_and_takes_fewer_cycles() {
         assert!(f.cycles * 4 < cycles * 3, "{p}: fused {} unfused {cycles}", f.cycles);
     }
 }
+
+/// Loops whose trip count depends on an outer loop and is sometimes zero (a triangle).
+#[test]
+fn zero_trip_inner_loops() {
+    let tri = kernel(
+        "triangle",
+        vec![buf("x", &["N", "N"]), buf("y", &["N", "N"])],
+        1,
+        vec![],
+        vec![for_(
+            0,
+            dim(1, 0),
+            vec![
+                let_(0, reduce(RedOp::Sum, 64, v(0), ld(0, vec![v(0), v(64)]))),
+                for_(
+                    1,
+                    v(0),
+                    vec![store(1, vec![v(0), v(1)], add(ld(0, vec![v(0), v(1)]), kiln_ir::kernel::Val::Scalar(0)))],
+                ),
+            ],
+        )],
+    );
+    for p in PRESETS {
+        check(&tri, &[vec![9, 9], vec![9, 9]], p);
+        check(&tri, &[vec![1, 1], vec![1, 1]], p);
+    }
+}

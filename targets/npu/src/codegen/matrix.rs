@@ -40,6 +40,8 @@ struct Buf {
     level: usize,
     base: u64,
     size: u64,
+    /// Copies (1 for an operand loaded once for the whole stream).
+    slots: u64,
     chain: Vec<Pipe>,
     /// Flag of each edge `chain[i] → chain[i + 1]` (none between equal pipes).
     ready: Vec<Option<u8>>,
@@ -144,7 +146,7 @@ impl Gen<'_> {
         if *v1 >= CHUNK - 64 {
             return Ok(None);
         }
-        let rest: i64 = m.red[1..].iter().map(|(_, e)| self.upper(e).max(1)).product();
+        let rest: i64 = m.red[1..].iter().fold(1i64, |a, (_, e)| a.saturating_mul(self.upper(e).max(1)));
         let c1 = (self.k_limit(m) / rest.max(1) as u64) as i64;
         let e1max = self.upper(e1);
         if c1 < 1 || c1 >= e1max {
@@ -247,7 +249,7 @@ impl Gen<'_> {
         }
         let Idx::Const(ccol) = m.c_col else { return Ok(None) };
         c.dims.push((m.valid.clone(), ccol));
-        let kmax: u64 = m.red.iter().map(|(_, e)| self.upper(e).max(0) as u64).product();
+        let kmax: u64 = m.red.iter().fold(1u64, |a, (_, e)| a.saturating_mul(self.upper(e).max(0) as u64));
         Ok(Some(Plan { m, row, a, b, c, kmax }))
     }
 
@@ -295,25 +297,38 @@ impl Gen<'_> {
         let pipe_of = |g: &Gen, from: usize, to: usize| g.cfg.path(from, to).map(|x| x.pipe);
         // Buffers: one per hop of A and B, the accumulator, its copy in V's level, C's tile.
         let mut bufs: Vec<Buf> = Vec::new();
-        let mut hops = |g: &mut Gen, route: &[usize], src: usize, size: u64, last: Pipe| -> R<Vec<usize>> {
+        // An operand that does not depend on the instance is loaded once, before the loop (the
+        // weights of a 1×1 Conv, the packed panel of a direct one).
+        let rv = p.row.0;
+        let invariant = |pat: &Pattern| {
+            rv != ONE
+                && !affine::mentions(&pat.base, rv)
+                && pat.dims.iter().all(|(e, _)| !affine::mentions(e, rv))
+                && p.m.red.iter().all(|(_, e)| !affine::mentions(e, rv))
+        };
+        let (a_res, b_res) = (invariant(&p.a), invariant(&p.b) && !affine::mentions(&p.m.valid, rv));
+        let mut hops = |g: &mut Gen, route: &[usize], src: usize, size: u64, last: Pipe, res: bool| -> R<Vec<usize>> {
             let mut ids = Vec::new();
             let mut from = src;
+            let n = if res { 1 } else { slots };
             for (i, &l) in route.iter().enumerate() {
                 let wp = pipe_of(g, from, l).ok_or_else(|| unsupported("no DMA path"))?;
                 let rp = match route.get(i + 1) {
                     Some(&n) => pipe_of(g, l, n).ok_or_else(|| unsupported("no DMA path"))?,
                     None => last,
                 };
-                let base = g.level_alloc(l, size * slots)?;
+                let base = g.level_alloc(l, size * n)?;
                 ids.push(bufs.len());
-                bufs.push(Buf { level: l, base, size, chain: vec![wp, rp], ready: vec![], free: None });
+                // A resident operand is fenced by barriers: no flags.
+                let chain = if res { vec![wp, wp] } else { vec![wp, rp] };
+                bufs.push(Buf { level: l, base, size, slots: n, chain, ready: vec![], free: None });
                 from = l;
             }
             Ok(ids)
         };
         let consumer = if unit.is_some() { Pipe::M } else { Pipe::V };
-        let a_ids = hops(self, &ra, src_level(self, p.a.buf), rows * k, consumer)?;
-        let b_ids = hops(self, &rb, src_level(self, p.b.buf), k * cols, consumer)?;
+        let a_ids = hops(self, &ra, src_level(self, p.a.buf), rows * k, consumer, a_res)?;
+        let b_ids = hops(self, &rb, src_level(self, p.b.buf), k * cols, consumer, b_res)?;
         // The accumulator: written by M (or V), then copied to V's level if elsewhere.
         let acc_level = unit.map_or(v, |u| u.2);
         let acc_base = self.level_alloc(acc_level, rows * cols * slots)?;
@@ -327,6 +342,7 @@ impl Gen<'_> {
                 level: acc_level,
                 base: acc_base,
                 size: rows * cols,
+                slots,
                 chain: acc_chain,
                 ready: vec![],
                 free: None,
@@ -336,13 +352,22 @@ impl Gen<'_> {
             }
             let base = self.level_alloc(v, rows * cols * slots)?;
             copy_id = Some(bufs.len());
-            bufs.push(Buf { level: v, base, size: rows * cols, chain: vec![cp, Pipe::V], ready: vec![], free: None });
+            bufs.push(Buf {
+                level: v,
+                base,
+                size: rows * cols,
+                slots,
+                chain: vec![cp, Pipe::V],
+                ready: vec![],
+                free: None,
+            });
         } else {
             acc_chain.push(Pipe::V);
             bufs.push(Buf {
                 level: acc_level,
                 base: acc_base,
                 size: rows * cols,
+                slots,
                 chain: acc_chain,
                 ready: vec![],
                 free: None,
@@ -356,6 +381,7 @@ impl Gen<'_> {
                 level: v,
                 base,
                 size: rows * cols,
+                slots,
                 chain: vec![Pipe::Mte2, Pipe::V, Pipe::Mte3],
                 ready: vec![],
                 free: None,
@@ -373,7 +399,7 @@ impl Gen<'_> {
             let (l, f) = (b.chain[b.chain.len() - 1], b.chain[0]);
             b.free = if l == f { None } else { Some(self.flag(l, f)?) };
         }
-        let ctx = MCtx { bufs, a_ids, b_ids, acc_id, copy_id, c_id, slots, unit: unit.is_some() };
+        let ctx = MCtx { bufs, a_ids, b_ids, acc_id, copy_id, c_id, slots, unit: unit.is_some(), a_res, b_res };
         self.matrix_pipeline(&p, &ctx)?;
         self.free_flags();
         self.lvl.clear();
@@ -383,6 +409,15 @@ impl Gen<'_> {
     /// The instance loop with its prologue and epilogue.
     fn matrix_pipeline(&mut self, p: &Plan, c: &MCtx) -> R<()> {
         let m0 = self.mark();
+        if c.a_res || c.b_res {
+            let (kk, valid) = self.sizes(p.m)?;
+            for (ids, pat, what, res) in [(&c.a_ids, &p.a, 'A', c.a_res), (&c.b_ids, &p.b, 'B', c.b_res)] {
+                if res {
+                    self.operand_hops(c, ids, pat, what, Op::K(0), kk, valid, p.m.rows as i64, true)?;
+                }
+            }
+            self.reset(m0);
+        }
         for b in &c.bufs {
             if let Some(f) = b.free {
                 let (l, first) = (b.chain[b.chain.len() - 1], b.chain[0]);
@@ -431,7 +466,8 @@ impl Gen<'_> {
     }
 
     /// The address of buffer `b`'s slot for instance `u`.
-    fn slot_addr(&mut self, b: &Buf, u: Op, slots: u64) -> R<Op> {
+    fn slot_addr(&mut self, b: &Buf, u: Op, _slots: u64) -> R<Op> {
+        let slots = b.slots;
         if slots == 1 {
             return Ok(Op::K(b.base as i64));
         }
@@ -444,10 +480,22 @@ impl Gen<'_> {
     /// One instance (`u`: its index in the stream).
     fn instance(&mut self, p: &Plan, c: &MCtx, u: Op) -> R<()> {
         let m = p.m;
-        let (rows, cols) = (m.rows as i64, m.cols as i64);
-        let v = self.vl;
-        // Sizes of this instance.
+        let rows = m.rows as i64;
         let mark = self.mark();
+        let (kk, valid) = self.sizes(m)?;
+        // MTE2 (and whatever runs the first hops): A and B into the first level of their routes.
+        for (ids, pat, what, res) in [(&c.a_ids, &p.a, 'A', c.a_res), (&c.b_ids, &p.b, 'B', c.b_res)] {
+            if !res {
+                self.operand_hops(c, ids, pat, what, u, kk, valid, rows, false)?;
+            }
+        }
+        self.instance_rest(p, c, u, kk, valid)?;
+        self.reset(mark);
+        Ok(())
+    }
+
+    /// The reduction length and the valid columns of the current instance.
+    fn sizes(&mut self, m: &Mma) -> R<(Op, Op)> {
         let mut kk = Op::K(1);
         for (_, e) in &m.red {
             let x = self.sidx(e)?;
@@ -457,10 +505,26 @@ impl Gen<'_> {
         let kk = pin(kk);
         let valid = self.sidx(&m.valid)?;
         let valid = self.alu_ops(AluOp::Max, valid, Op::K(0))?;
-        let valid = pin(self.alu_ops(AluOp::Min, valid, Op::K(cols))?);
-        // MTE2 (and whatever runs the first hops): A and B into the first level of their routes.
+        let valid = pin(self.alu_ops(AluOp::Min, valid, Op::K(m.cols as i64))?);
+        Ok((kk, valid))
+    }
+
+    /// Moves an operand along its route (`fenced`: once, before the loop, with barriers
+    /// instead of flags).
+    fn operand_hops(
+        &mut self,
+        c: &MCtx,
+        ids: &[usize],
+        pat: &Pattern,
+        what: char,
+        u: Op,
+        kk: Op,
+        valid: Op,
+        rows: i64,
+        fenced: bool,
+    ) -> R<()> {
         let src_level = |g: &Gen, buf: usize| if buf < g.nparams() { 0u8 } else { g.vl };
-        for (ids, pat, what) in [(&c.a_ids, &p.a, 'A'), (&c.b_ids, &p.b, 'B')] {
+        {
             let mut from = src_level(self, pat.buf);
             for (h, &id) in ids.iter().enumerate() {
                 let b = c.bufs[id].clone();
@@ -497,10 +561,22 @@ impl Gen<'_> {
                     self.stage_signal(&prev, 1);
                 }
                 self.stage_signal(&b, 0);
+                if fenced {
+                    self.emit(Instr::Barrier);
+                }
                 self.reset(m2);
                 from = b.level as u8;
             }
         }
+        Ok(())
+    }
+
+    /// The rest of an instance: C's tile, the product, the sum and C back.
+    fn instance_rest(&mut self, p: &Plan, c: &MCtx, u: Op, kk: Op, valid: Op) -> R<()> {
+        let m = p.m;
+        let rows = m.rows as i64;
+        let v = self.vl;
+        let mark = self.mark();
         // C's tile from global memory (independent of the product: early).
         if let Some(cid) = c.c_id {
             let b = c.bufs[cid].clone();
@@ -702,7 +778,7 @@ impl Gen<'_> {
     }
 
     fn upper_k(&self, red: &[(usize, Idx)]) -> i64 {
-        red.iter().map(|(_, e)| self.upper(e).max(1)).product()
+        red.iter().fold(1i64, |a, (_, e)| a.saturating_mul(self.upper(e).max(1)))
     }
 
     /// The source offset of reduction point `k` (linear, row-major over the reduction
@@ -785,11 +861,16 @@ impl Gen<'_> {
             ds.push((Op::K(1), 1, Op::K(1)));
         }
         // The innermost dim is the burst when contiguous on both sides, else bursts of one.
+        // The bursts walk the dim with the most elements (fewest copies); loops walk the rest.
         let last = ds.len() - 1;
         let (len, bdim) = if ds[last].1 == 1 && ds[last].2 == Op::K(1) {
             let l = ds[last].0;
             ds.pop();
-            (l, ds.pop())
+            let best = (0..ds.len()).max_by_key(|&i| match ds[i].0 {
+                Op::K(c) => c,
+                _ => 1,
+            });
+            (l, best.map(|i| ds.remove(i)))
         } else {
             (Op::K(1), ds.pop())
         };
@@ -851,6 +932,9 @@ impl Gen<'_> {
 
 struct MCtx {
     bufs: Vec<Buf>,
+    /// A and B are loaded once for the whole stream.
+    a_res: bool,
+    b_res: bool,
     a_ids: Vec<usize>,
     b_ids: Vec<usize>,
     acc_id: usize,

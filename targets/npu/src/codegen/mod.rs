@@ -329,8 +329,16 @@ impl<'a> Gen<'a> {
         Ok(())
     }
 
-    /// One statement at scalar level: the best form that applies.
+    /// One statement at scalar level: the best form that applies. Its scratchpad space is
+    /// free again afterwards (the caller fences it with a barrier).
     pub fn stmt(&mut self, s: &Stmt) -> R<()> {
+        let top = self.ub.top;
+        let r = self.stmt_inner(s);
+        self.ub.top = top;
+        r
+    }
+
+    fn stmt_inner(&mut self, s: &Stmt) -> R<()> {
         if let Stmt::For { body, .. } = s {
             if matches!(body.as_slice(), [Stmt::Mma(_)]) {
                 if let Some(()) = self.try_matrix(s)? {
@@ -493,6 +501,13 @@ impl<'a> Gen<'a> {
     }
 
     pub fn does_not_fit(&self, level: usize, need_bytes: u64) -> NpuError {
+        if std::env::var("NPU_DEBUG_FIT").is_ok() {
+            eprintln!(
+                "does not fit: {need_bytes} top {} \n{}",
+                self.ub.top,
+                std::backtrace::Backtrace::force_capture()
+            );
+        }
         NpuError::DoesNotFit {
             kernel: self.k.name.clone(),
             level: self.cfg.levels[level].name.clone(),

@@ -63,7 +63,7 @@ struct Ctx {
 
 impl Ctx {
     fn len(&self) -> Idx {
-        let p: i64 = self.inner.iter().product();
+        let p: i64 = self.inner.iter().fold(1i64, |a, x| a.saturating_mul(*x));
         Idx::Mul(Box::new(self.outer.clone()), Box::new(Idx::Const(p))).simplify()
     }
 }
@@ -299,7 +299,8 @@ impl Gen<'_> {
                         }
                     }
                     let outer = extents[0].clone();
-                    let max = self.upper(&outer).saturating_mul(inner.iter().product::<i64>().max(1));
+                    let max =
+                        self.upper(&outer).saturating_mul(inner.iter().fold(1i64, |a, x| a.saturating_mul(*x)).max(1));
                     return Some((Ctx { vars, inner, outer, max }, stores));
                 }
                 _ => return None,
@@ -452,7 +453,7 @@ impl Gen<'_> {
             inner.push(*e);
             at = body;
         }
-        let max = self.upper(extent).saturating_mul(inner.iter().product::<i64>().max(1));
+        let max = self.upper(extent).saturating_mul(inner.iter().fold(1i64, |a, x| a.saturating_mul(*x)).max(1));
         Some((Ctx { vars, inner, outer: extent.clone(), max }, at))
     }
 

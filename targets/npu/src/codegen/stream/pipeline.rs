@@ -25,7 +25,8 @@ impl Gen<'_> {
         let (lat, bw) = (path_in.latency_cycles as f64, path_in.bytes_per_cycle);
         let free = self.ub.cap.saturating_sub(self.ub.top.next_multiple_of(align));
         let cells = CELLS as u64;
-        let pitch_of = |r: &Region| if r.acc.max_len <= 1 { 1 } else { (r.acc.max_len as u64).next_multiple_of(align) };
+        let pitch_of =
+            |r: &Region| if r.acc.stride == 0 { 1 } else { (r.acc.max_len.max(1) as u64).next_multiple_of(align) };
         let max_len = plan.loads.iter().chain(&plan.stores).map(|r| r.acc.max_len).max().unwrap_or(1).max(1);
         let max_len = max_len.max(plan.ctx_max);
         let resident: u64 = plan.loads.iter().filter(|r| r.resident).map(|r| pitch_of(r) + align).sum();
@@ -46,16 +47,16 @@ impl Gen<'_> {
                 let resident: u64 = plan.loads.iter().filter(|r| r.resident).map(|r| pitch_of(r) + align).sum();
                 let regions = plan.loads.iter().chain(&plan.stores).filter(|r| !r.resident).count() as u64;
                 // Strips of T elements: every ring region holds T per slot.
-                let vec_regions = plan.loads.iter().chain(&plan.stores).filter(|r| !r.resident && r.acc.max_len > 1);
+                let vec_regions = plan.loads.iter().chain(&plan.stores).filter(|r| !r.resident && r.acc.stride != 0);
                 let per_elem = slots * vec_regions.count() as u64 + plan.vtemps as u64;
-                let scal = plan.loads.iter().chain(&plan.stores).filter(|r| !r.resident && r.acc.max_len <= 1).count();
+                let scal = plan.loads.iter().chain(&plan.stores).filter(|r| !r.resident && r.acc.stride == 0).count();
                 let fixed = resident
                     + cells
                     + 4 * align
                     + 2 * slots * (regions + plan.vtemps as u64) * align
                     + slots * scal as u64;
                 let fit = free.saturating_sub(fixed) / per_elem.max(1);
-                let in_vec = plan.loads.iter().filter(|r| !r.resident && r.acc.max_len > 1).count().max(1);
+                let in_vec = plan.loads.iter().filter(|r| !r.resident && r.acc.stride != 0).count().max(1);
                 let want = ((4.0 * lat * bw) / (4.0 * in_vec as f64)).ceil() as u64;
                 let lanes = self.cfg.lanes();
                 let mut t = fit.min(want.max(lanes * 16)).min(n.max(1) as u64);
@@ -80,7 +81,7 @@ impl Gen<'_> {
         };
         // Lay out: resident regions, then the in ring (slots × regions), the out ring, temps, cells.
         let pitch = |r: &Region| match elems {
-            Some(t) if r.acc.max_len > 1 => t.next_multiple_of(align),
+            Some(t) if r.acc.stride != 0 => t.next_multiple_of(align),
             _ => pitch_of(r),
         };
         for r in plan.loads.iter_mut().filter(|r| r.resident) {
@@ -170,12 +171,7 @@ impl Gen<'_> {
                 return Ok(());
             }
         }
-        let end = self.label();
-        let nt_reg = self.in_reg(ntiles)?;
-        let zero = self.konst(0)?;
-        if !matches!(ntiles, Op::K(_)) {
-            self.branch(Instr::Branch { cond: Cond::Ge, ra: zero, rb: nt_reg, target: 0 }, end);
-        }
+        // The slots start free (before the check for no tiles: the epilogue takes them back).
         for _ in 0..e.slots {
             if ring_in {
                 self.emit(Instr::SetFlag { src: Pipe::V, dst: Pipe::Mte2, id: empty_in });
@@ -183,6 +179,12 @@ impl Gen<'_> {
             if ring_out {
                 self.emit(Instr::SetFlag { src: Pipe::Mte3, dst: Pipe::V, id: empty_out });
             }
+        }
+        let end = self.label();
+        let nt_reg = self.in_reg(ntiles)?;
+        let zero = self.konst(0)?;
+        if !matches!(ntiles, Op::K(_)) {
+            self.branch(Instr::Branch { cond: Cond::Ge, ra: zero, rb: nt_reg, target: 0 }, end);
         }
         if has_resident {
             self.resident_loads(e)?;
@@ -338,7 +340,7 @@ impl Gen<'_> {
         let uniform =
             !affine::mentions(&r.acc.len, row_var) && r.acc.guards.iter().all(|g| !affine::mentions(&g.base, row_var));
         if let (Mode::Rows { .. }, Some(c), true) = (e.mode, r.acc.row_coef, uniform) {
-            if r.acc.stride == 1 || r.acc.max_len <= 1 {
+            if r.acc.stride == 1 || r.acc.stride == 0 {
                 // One 2-D copy: `nr` bursts of the row's lanes, `c` apart in global memory,
                 // `pitch` in UB.
                 let gm = self.gm[r.acc.buf] as i64;
@@ -347,7 +349,7 @@ impl Gen<'_> {
                 let t = self.alu_ops(AluOp::Mul, row0, Op::K(c))?;
                 let src = pin(self.alu_ops(AluOp::Add, src, t)?);
                 let (n, pitch) =
-                    if r.acc.max_len <= 1 { (Op::K(1), 1) } else { (pin(self.sidx(&r.acc.len)?), r.pitch as i64) };
+                    if r.acc.stride == 0 { (Op::K(1), 1) } else { (pin(self.sidx(&r.acc.len)?), r.pitch as i64) };
                 let mut lanes = Lanes { off: Op::K(0), n, lo: Op::K(0) };
                 for g in &r.acc.guards {
                     lanes = self.guard_lanes(g, lanes)?;
@@ -413,7 +415,7 @@ impl Gen<'_> {
             src = self.alu_ops(AluOp::Add, src, t)?;
         }
         let src = pin(src);
-        let mut lanes = if r.acc.max_len <= 1 {
+        let mut lanes = if r.acc.stride == 0 {
             Lanes { off: Op::K(0), n: Op::K(1), lo: Op::K(0) }
         } else {
             match e.mode {
