@@ -440,6 +440,34 @@ fn conditions_split_lanes() {
     }
 }
 
+/// A local too big for UB lives in global memory by default (a `tmp` buffer of the program).
+#[test]
+fn big_locals_spill_to_global_memory() {
+    use kiln_ir::kernel::Local;
+    let n = dim(0, 0);
+    let k = kernel(
+        "spill",
+        vec![buf("x", &["N"]), buf("y", &["N"])],
+        1,
+        vec![Local { name: "big".into(), size: vec![n.clone()] }],
+        vec![
+            for_(0, n.clone(), vec![store(2, vec![v(0)], mul(ld(0, vec![v(0)]), cst(2.0)))]),
+            for_(
+                1,
+                n.clone(),
+                vec![store(1, vec![v(1)], add(ld(2, vec![isub(isub(n.clone(), k(1)), v(1))]), ld(0, vec![v(1)])))],
+            ),
+        ],
+    );
+    for p in PRESETS {
+        let s = check(&k, &[vec![300_000], vec![300_000]], p);
+        assert!(s.gm_bytes >= 4 * 4 * 300_000, "{p}: {}", s.report());
+    }
+    let cfg = kiln_npu::NpuConfig::preset("davinci").unwrap();
+    let prog = kiln_npu::compile(&k, &[vec![300_000], vec![300_000]], &cfg).unwrap();
+    assert!(prog.to_asm().contains(".buffer tmp big "), "{}", &prog.to_asm()[..300]);
+}
+
 #[test]
 fn a_local_larger_than_every_scratchpad_does_not_fit() {
     use kiln_ir::kernel::Local;
@@ -451,7 +479,8 @@ fn a_local_larger_than_every_scratchpad_does_not_fit() {
         vec![for_(0, dim(1, 0), vec![store(1, vec![v(0)], ld(0, vec![v(0)]))])],
     );
     let cfg = kiln_npu::NpuConfig::preset("davinci").unwrap();
-    let e = kiln_npu::compile(&k, &[vec![76800], vec![76800]], &cfg).unwrap_err();
+    let keep = Options { spill_locals: false, ..Options::default() };
+    let e = kiln_npu::codegen::compile_with(&k, &[vec![76800], vec![76800]], &cfg, &keep).unwrap_err();
     assert_eq!(e.to_string(), "kernel k3_fused: needs 300 KiB of UB, the davinci config has 192 KiB");
     assert!(matches!(e, kiln_npu::NpuError::DoesNotFit { .. }));
     // Wrong shapes are errors too.
@@ -619,5 +648,51 @@ fn zero_trip_inner_loops() {
     for p in PRESETS {
         check(&tri, &[vec![9, 9], vec![9, 9]], p);
         check(&tri, &[vec![1, 1], vec![1, 1]], p);
+    }
+}
+
+/// A MatMul as the CPU lowering builds it: `C[i, j] += Σ_v A[i, k + v]·B[k + v, j]` over
+/// blocks of `k`, the `A` values as per-row scalars and the `B` values bound in the inner
+/// loop. The `C` row stays in UB across the `k` loop (an accumulator).
+#[test]
+fn matmul_accumulates_in_ub() {
+    use kiln_ir::kernel::Val::Scalar;
+    // a [M, K], b [K, N], c [M, N]; rows of C in blocks of 2, k in steps of 2.
+    let (a, b, c) = (0, 1, 2);
+    let init = for_(1, dim(c, 1), vec![store(c, vec![v(0), v(1)], cst(0.0))]);
+    let kk = |d: i64| iadd(imul(v(1), k(2)), k(d));
+    let body = vec![
+        let_(0, ld(a, vec![v(0), kk(0)])),
+        let_(1, ld(a, vec![v(0), kk(1)])),
+        for_(
+            2,
+            dim(c, 1),
+            vec![
+                let_(2, ld(b, vec![kk(0), v(2)])),
+                let_(3, ld(b, vec![kk(1), v(2)])),
+                store(
+                    c,
+                    vec![v(0), v(2)],
+                    add(add(ld(c, vec![v(0), v(2)]), mul(Scalar(0), Scalar(2))), mul(Scalar(1), Scalar(3))),
+                ),
+            ],
+        ),
+    ];
+    let kern = kernel(
+        "matmul",
+        vec![buf("a", &["M", "K"]), buf("b", &["K", "N"]), buf("c", &["M", "N"])],
+        2,
+        vec![],
+        vec![for_(0, dim(c, 0), vec![init, for_(1, idiv(dim(a, 1), k(2)), body)])],
+    );
+    for p in PRESETS {
+        let s = check(&kern, &[vec![6, 64], vec![64, 300], vec![6, 300]], p);
+        // C is written once per row of C, not once per step of k.
+        assert_eq!(
+            s.bytes.iter().filter(|(k, _)| k.ends_with("->GM")).map(|(_, b)| b).sum::<u64>(),
+            2 * 6 * 300 * 4,
+            "{p}: {}",
+            s.report()
+        );
     }
 }

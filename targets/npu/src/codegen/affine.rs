@@ -71,6 +71,48 @@ pub fn map_stmt(s: &Stmt, f: &dyn Fn(&Idx) -> Idx) -> Stmt {
     }
 }
 
+/// `v` with every buffer number `b` replaced by `map(b)`.
+pub fn remap_val(v: &Val, map: &dyn Fn(usize) -> usize) -> Val {
+    let m = |x: &Val| Box::new(remap_val(x, map));
+    match v {
+        Val::Const(_) | Val::Scalar(_) | Val::FromIdx(_) => v.clone(),
+        Val::Load { buf, index } => Val::Load { buf: map(*buf), index: index.clone() },
+        Val::Un(op, x) => Val::Un(*op, m(x)),
+        Val::Bin(op, a, b) => Val::Bin(*op, m(a), m(b)),
+        Val::Reduce { op, var, extent, body } => {
+            Val::Reduce { op: *op, var: *var, extent: extent.clone(), body: m(body) }
+        }
+        Val::IfLess { lhs, rhs, then, other } => {
+            Val::IfLess { lhs: lhs.clone(), rhs: rhs.clone(), then: m(then), other: m(other) }
+        }
+        Val::Select { lhs, rhs, then, other } => {
+            Val::Select { lhs: lhs.clone(), rhs: rhs.clone(), then: m(then), other: m(other) }
+        }
+    }
+}
+
+/// `s` with every buffer number `b` replaced by `map(b)` (sizes are folded already).
+pub fn remap_buffers(s: &Stmt, map: &dyn Fn(usize) -> usize) -> Stmt {
+    match s {
+        Stmt::For { var, extent, parallel, body } => Stmt::For {
+            var: *var,
+            extent: extent.clone(),
+            parallel: *parallel,
+            body: body.iter().map(|s| remap_buffers(s, map)).collect(),
+        },
+        Stmt::Store { buf, index, value } => {
+            Stmt::Store { buf: map(*buf), index: index.clone(), value: remap_val(value, map) }
+        }
+        Stmt::Let { slot, value } => Stmt::Let { slot: *slot, value: remap_val(value, map) },
+        Stmt::Mma(m) => Stmt::Mma(Box::new(Mma {
+            a: remap_val(&m.a, map),
+            b: (map(m.b.0), m.b.1.clone()),
+            c: (map(m.c.0), m.c.1.clone()),
+            ..(**m).clone()
+        })),
+    }
+}
+
 /// The kernel with every size folded and every index simplified.
 pub fn fold_kernel(k: &Kernel, shapes: &[Vec<usize>]) -> Kernel {
     let f = |i: &Idx| fold(i, shapes).simplify();

@@ -46,10 +46,7 @@ type R<T> = Result<T, NpuError>;
 /// Compiles `kernel` for `cfg` at concrete `shapes` (one per kernel buffer: inputs, then
 /// outputs). The program's global-memory buffers are the kernel's, in order.
 pub fn compile(kernel: &Kernel, shapes: &[Vec<usize>], cfg: &NpuConfig) -> Result<Program, NpuError> {
-    cfg.validate()?;
-    let mut g = Gen::new(kernel, shapes, cfg)?;
-    g.kernel()?;
-    g.finish()
+    compile_with(kernel, shapes, cfg, &Options::default())
 }
 
 /// Options of the code generator (tests use them to compare forms).
@@ -61,19 +58,21 @@ pub struct Options {
     pub slots: u32,
     /// Use the matrix unit for [`Stmt::Mma`] when the machine has one.
     pub matrix: bool,
+    /// Locals that do not fit half of the vector unit's level live in global memory (a
+    /// scratch buffer of the program, `.buffer tmp`); off, they are [`NpuError::DoesNotFit`].
+    pub spill_locals: bool,
 }
 
 impl Default for Options {
     fn default() -> Options {
-        Options { streams: true, slots: 2, matrix: true }
+        Options { streams: true, slots: 2, matrix: true, spill_locals: true }
     }
 }
 
 /// [`compile`] with explicit options.
 pub fn compile_with(kernel: &Kernel, shapes: &[Vec<usize>], cfg: &NpuConfig, opts: &Options) -> R<Program> {
     cfg.validate()?;
-    let mut g = Gen::new(kernel, shapes, cfg)?;
-    g.opts = opts.clone();
+    let mut g = Gen::new(kernel, shapes, cfg, opts)?;
     g.kernel()?;
     g.finish()
 }
@@ -116,6 +115,8 @@ impl Alloc {
 pub(crate) struct Gen<'a> {
     pub cfg: &'a NpuConfig,
     pub opts: Options,
+    /// The kernel's own parameters (after them: locals spilled to global memory).
+    kernel_params: usize,
     /// The kernel with every size bound.
     pub k: Kernel,
     /// Shapes of the parameters, then of the locals.
@@ -156,7 +157,7 @@ fn unsupported(msg: impl Into<String>) -> NpuError {
 }
 
 impl<'a> Gen<'a> {
-    fn new(kernel: &Kernel, shapes: &[Vec<usize>], cfg: &'a NpuConfig) -> R<Gen<'a>> {
+    fn new(kernel: &Kernel, shapes: &[Vec<usize>], cfg: &'a NpuConfig, opts: &Options) -> R<Gen<'a>> {
         let k = kernel;
         if shapes.len() != k.buffers.len() {
             return Err(unsupported(format!(
@@ -230,12 +231,54 @@ impl<'a> Gen<'a> {
             }
             all.push(dims);
         }
-        let folded = affine::fold_kernel(k, &all);
+        let mut folded = affine::fold_kernel(k, &all);
         let vl = cfg.vector_level();
+        // Locals that do not fit half of the vector level go to global memory: they become
+        // parameters after the kernel's own (scratch buffers of the program).
+        let nparams = k.buffers.len();
+        let elems = |s: &Vec<usize>| s.iter().product::<usize>() as u64;
+        let ub_align = cfg.align_elems(vl);
+        let mut in_ub = 0u64;
+        let mut spilled = Vec::new();
+        for (i, s) in all[nparams..].iter().enumerate() {
+            let n = elems(s).next_multiple_of(ub_align);
+            if opts.spill_locals && (in_ub + n) * 4 > cfg.levels[vl].capacity_bytes / 2 {
+                spilled.push(i);
+            } else {
+                in_ub += n;
+            }
+        }
+        if !spilled.is_empty() {
+            let kept: Vec<usize> = (0..k.locals.len()).filter(|i| !spilled.contains(i)).collect();
+            let map = |b: usize| -> usize {
+                if b < nparams {
+                    b
+                } else if let Some(p) = spilled.iter().position(|&s| s == b - nparams) {
+                    nparams + p
+                } else {
+                    nparams + spilled.len() + kept.iter().position(|&s| s == b - nparams).unwrap_or(0)
+                }
+            };
+            for &i in &spilled {
+                let l = &k.locals[i];
+                folded.buffers.push(kiln_ir::kernel::Buffer {
+                    name: l.name.clone(),
+                    dtype: DType::F32,
+                    shape: all[nparams + i].iter().map(|&d| Dim::Known(d as u64)).collect(),
+                    level: Level::Global,
+                });
+            }
+            folded.locals = kept.iter().map(|&i| k.locals[i].clone()).collect();
+            folded.body = folded.body.iter().map(|s| affine::remap_buffers(s, &map)).collect();
+            let mut order: Vec<Vec<usize>> = all[..nparams].to_vec();
+            order.extend(spilled.iter().map(|&i| all[nparams + i].clone()));
+            order.extend(kept.iter().map(|&i| all[nparams + i].clone()));
+            all = order;
+        }
         let galign = cfg.align_elems(0);
         let mut gm = Vec::new();
         let mut top = 0u64;
-        for s in shapes {
+        for s in &all[..folded.buffers.len()] {
             top = top.next_multiple_of(galign);
             gm.push(top);
             top += s.iter().product::<usize>() as u64;
@@ -243,7 +286,8 @@ impl<'a> Gen<'a> {
         let ub = Alloc { top: 0, cap: cfg.capacity_elems(vl), align: cfg.align_elems(vl), peak: 0 };
         let mut g = Gen {
             cfg,
-            opts: Options::default(),
+            opts: opts.clone(),
+            kernel_params: nparams,
             k: folded,
             shapes: all,
             gm,
@@ -264,15 +308,14 @@ impl<'a> Gen<'a> {
             lvl: HashMap::new(),
         };
         // Locals first: they must fit.
-        let need: u64 = g.shapes[k.buffers.len()..]
-            .iter()
-            .map(|s| (s.iter().product::<usize>() as u64).next_multiple_of(g.ub.align))
-            .sum();
+        let np = g.k.buffers.len();
+        let need: u64 =
+            g.shapes[np..].iter().map(|s| (s.iter().product::<usize>() as u64).next_multiple_of(g.ub.align)).sum();
         if need * 4 > cfg.levels[vl].capacity_bytes {
             return Err(g.does_not_fit(vl, need * 4));
         }
-        for i in 0..k.locals.len() {
-            let n = g.shapes[k.buffers.len() + i].iter().product::<usize>() as u64;
+        for i in 0..g.k.locals.len() {
+            let n = g.shapes[np + i].iter().product::<usize>() as u64;
             let at = g.ub_alloc(n)?;
             g.locals.push(at);
         }
@@ -394,7 +437,13 @@ impl<'a> Gen<'a> {
         for (i, b) in self.k.buffers.iter().enumerate() {
             buffers.push(GmBuffer {
                 name: b.name.clone(),
-                kind: if i < self.k.inputs { BufKind::In } else { BufKind::Out },
+                kind: if i < self.k.inputs {
+                    BufKind::In
+                } else if i < self.kernel_params {
+                    BufKind::Out
+                } else {
+                    BufKind::Tmp
+                },
                 offset: self.gm[i],
                 len: self.shapes[i].iter().product::<usize>() as u64,
             });

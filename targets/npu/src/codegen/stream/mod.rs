@@ -107,6 +107,9 @@ struct Region {
     acc: Acc,
     /// Loaded once for the whole stream (does not depend on the row).
     resident: bool,
+    /// An accumulator: every row loads and stores it, so it stays in UB for the whole
+    /// stream (loaded before the first tile, stored after the last).
+    accum: bool,
     /// Elements per row in UB.
     pitch: u64,
     /// UB address (in slot 0 for ring regions).
@@ -257,8 +260,9 @@ impl Gen<'_> {
                 }
             }
         }
-        // A buffer both loaded and stored: every access the same, and rows disjoint.
-        for &b in &plan.stored {
+        // A buffer both loaded and stored: every access the same, and rows disjoint; or the
+        // same elements for every row (an accumulator).
+        for b in plan.stored.clone() {
             let loads: Vec<&Region> = plan.loads.iter().filter(|r| r.acc.buf == b).collect();
             if loads.is_empty() {
                 continue;
@@ -268,6 +272,26 @@ impl Gen<'_> {
                 return Ok(None);
             }
             let a = &stores[0].acc;
+            let (rv, _) = plan.row;
+            if rv != ONE_ROW
+                && a.row_coef == Some(0)
+                && !affine::mentions(&a.len, rv)
+                && !affine::mentions(&a.base, rv)
+                && a.guards.is_empty()
+            {
+                let key = a.key();
+                let li = plan.load_keys[&key];
+                plan.loads[li].accum = true;
+                let si = plan.store_keys.remove(&key).unwrap_or(0);
+                plan.stores.remove(si);
+                for v in plan.store_keys.values_mut() {
+                    if *v > si {
+                        *v -= 1;
+                    }
+                }
+                plan.strippable = None;
+                continue;
+            }
             let disjoint = match a.row_coef {
                 Some(c) => c.abs() >= (a.stride.abs() * a.max_len).max(1),
                 None => false,
@@ -364,7 +388,7 @@ impl Gen<'_> {
         let key = acc.key();
         if !plan.store_keys.contains_key(&key) {
             plan.store_keys.insert(key, plan.stores.len());
-            plan.stores.push(Region { acc, resident: false, pitch: 0, addr: 0 });
+            plan.stores.push(Region { acc, resident: false, accum: false, pitch: 0, addr: 0 });
         }
         if !plan.stored.contains(&buf) {
             plan.stored.push(buf);
@@ -385,7 +409,7 @@ impl Gen<'_> {
                 let key = acc.key();
                 if !plan.load_keys.contains_key(&key) {
                     plan.load_keys.insert(key, plan.loads.len());
-                    plan.loads.push(Region { acc, resident: false, pitch: 0, addr: 0 });
+                    plan.loads.push(Region { acc, resident: false, accum: false, pitch: 0, addr: 0 });
                 }
                 true
             }
@@ -578,6 +602,8 @@ fn pure_nest(s: &Stmt) -> bool {
 fn unroll_stmt(s: &Stmt) -> Stmt {
     match s {
         Stmt::For { var, extent, parallel, body } => {
+            // An innermost loop of lets and stores: the lets are inlined (a vector loop).
+            let body = &inline_lets(body);
             let inner = body.iter().all(|b| matches!(b, Stmt::Store { .. }));
             let body = body
                 .iter()
@@ -595,6 +621,52 @@ fn unroll_stmt(s: &Stmt) -> Stmt {
         }
         Stmt::Let { slot, value } => Stmt::Let { slot: *slot, value: unroll_val(value, false) },
         Stmt::Mma(_) => s.clone(),
+    }
+}
+
+/// A loop body of `Let`s and stores only, with every `Let` substituted into the statements
+/// after it (other bodies as they are).
+fn inline_lets(body: &[Stmt]) -> Vec<Stmt> {
+    if !body.iter().all(|b| matches!(b, Stmt::Let { .. } | Stmt::Store { .. }))
+        || !body.iter().any(|b| matches!(b, Stmt::Let { .. }))
+    {
+        return body.to_vec();
+    }
+    let mut bound: Vec<(usize, Val)> = Vec::new();
+    let mut out = Vec::new();
+    for b in body {
+        match b {
+            Stmt::Let { slot, value } => {
+                let v = subst_slots(value, &bound);
+                bound.retain(|(s, _)| s != slot);
+                bound.push((*slot, v));
+            }
+            Stmt::Store { buf, index, value } => {
+                out.push(Stmt::Store { buf: *buf, index: index.clone(), value: subst_slots(value, &bound) })
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
+/// `v` with the scalars of `bound` replaced by their values.
+fn subst_slots(v: &Val, bound: &[(usize, Val)]) -> Val {
+    let u = |x: &Val| Box::new(subst_slots(x, bound));
+    match v {
+        Val::Scalar(s) => bound.iter().rev().find(|(b, _)| b == s).map_or_else(|| v.clone(), |(_, x)| x.clone()),
+        Val::Const(_) | Val::Load { .. } | Val::FromIdx(_) => v.clone(),
+        Val::Un(op, x) => Val::Un(*op, u(x)),
+        Val::Bin(op, a, b) => Val::Bin(*op, u(a), u(b)),
+        Val::Reduce { op, var, extent, body } => {
+            Val::Reduce { op: *op, var: *var, extent: extent.clone(), body: u(body) }
+        }
+        Val::IfLess { lhs, rhs, then, other } => {
+            Val::IfLess { lhs: lhs.clone(), rhs: rhs.clone(), then: u(then), other: u(other) }
+        }
+        Val::Select { lhs, rhs, then, other } => {
+            Val::Select { lhs: lhs.clone(), rhs: rhs.clone(), then: u(then), other: u(other) }
+        }
     }
 }
 

@@ -180,18 +180,18 @@ impl Gen<'_> {
                 self.emit(Instr::SetFlag { src: Pipe::Mte3, dst: Pipe::V, id: empty_out });
             }
         }
-        let end = self.label();
-        let nt_reg = self.in_reg(ntiles)?;
-        let zero = self.konst(0)?;
-        if !matches!(ntiles, Op::K(_)) {
-            self.branch(Instr::Branch { cond: Cond::Ge, ra: zero, rb: nt_reg, target: 0 }, end);
-        }
         if has_resident {
             self.resident_loads(e)?;
             if !ring_in {
                 self.emit(Instr::SetFlag { src: Pipe::Mte2, dst: Pipe::V, id: full_in });
                 self.emit(Instr::WaitFlag { src: Pipe::Mte2, dst: Pipe::V, id: full_in });
             }
+        }
+        let end = self.label();
+        let nt_reg = self.in_reg(ntiles)?;
+        let zero = self.konst(0)?;
+        if !matches!(ntiles, Op::K(_)) {
+            self.branch(Instr::Branch { cond: Cond::Ge, ra: zero, rb: nt_reg, target: 0 }, end);
         }
         let u = self.reg()?;
         self.li(u, 0)?;
@@ -219,6 +219,7 @@ impl Gen<'_> {
         let nt_reg = self.in_reg(ntiles)?;
         self.branch(Instr::Branch { cond: Cond::Lt, ra: u, rb: nt_reg, target: 0 }, top);
         self.bind(end);
+        self.accum_stores(e)?;
         for _ in 0..e.slots {
             if ring_in {
                 self.emit(Instr::WaitFlag { src: Pipe::V, dst: Pipe::Mte2, id: empty_in });
@@ -228,6 +229,27 @@ impl Gen<'_> {
             }
         }
         self.reset(m);
+        Ok(())
+    }
+
+    /// Accumulators back to global memory after the last tile.
+    fn accum_stores(&mut self, e: &mut Emit) -> R<()> {
+        let [_, _, full_out, _] = e.flags;
+        let regions: Vec<Region> = e.plan.loads.iter().filter(|r| r.accum).cloned().collect();
+        if regions.is_empty() {
+            return Ok(());
+        }
+        let _ = full_out;
+        // Every tile is done (and with no tile, MTE2's load of the accumulator is too).
+        self.emit(Instr::Barrier);
+        for r in regions {
+            let m = self.mark();
+            let dst = self.sidx(&r.acc.base)?;
+            let dst = self.alu_ops(AluOp::Add, dst, Op::K(self.gm[r.acc.buf] as i64))?;
+            let len = self.sidx(&r.acc.len)?;
+            self.dma_run(false, dst, Op::K(r.addr as i64), len, r.acc.stride)?;
+            self.reset(m);
+        }
         Ok(())
     }
 

@@ -130,8 +130,16 @@ impl Gen<'_> {
             return self.local_first(e, buf, index, ctx).map(|x| x.0);
         }
         let acc = self.classify(buf, index, ctx, &e.plan.row, &[]).ok_or_else(|| unsupported("store access"))?;
-        let r = e.plan.stores[e.plan.store_keys[&acc.key()]].clone();
-        self.region_row(e, &r, true)
+        let key = acc.key();
+        if let Some(&i) = e.plan.store_keys.get(&key) {
+            let r = e.plan.stores[i].clone();
+            return self.region_row(e, &r, true);
+        }
+        // An accumulator: stored where it was loaded.
+        match e.plan.load_keys.get(&key) {
+            Some(&i) if e.plan.loads[i].accum => Ok(Op::K(e.plan.loads[i].addr as i64)),
+            _ => Err(unsupported("a store without its region")),
+        }
     }
 
     /// A local's element at the tile's first lane, and its stride.
