@@ -384,6 +384,7 @@ impl NpuConfig {
             levels,
             vector_gflops: cores * self.lanes() as f64 * 2.0 * self.clock_ghz,
             vector_bits: self.vector.width_bytes * 8,
+            vector_registers: 32,
             matrix_shape: self.matrix.as_ref().map_or(vec![], |m| vec![m.m, m.n, m.k]),
             matrix_gflops: self.matrix.as_ref().map_or(0.0, |m| cores * m.macs_per_cycle as f64 * 2.0 * self.clock_ghz),
             launch_us: self.launch_us,

@@ -148,6 +148,13 @@ impl Ev {
                     self.val(other, mem)?
                 }
             }
+            Val::Where { cond, then, other } => {
+                if self.val(cond, mem)? != 0.0 {
+                    self.val(then, mem)?
+                } else {
+                    self.val(other, mem)?
+                }
+            }
         })
     }
 

@@ -43,6 +43,7 @@ pub fn map_val(v: &Val, f: &dyn Fn(&Idx) -> Idx) -> Val {
         Val::Select { lhs, rhs, then, other } => {
             Val::Select { lhs: f(lhs), rhs: f(rhs), then: m(then), other: m(other) }
         }
+        Val::Where { cond, then, other } => Val::Where { cond: m(cond), then: m(then), other: m(other) },
     }
 }
 
@@ -88,6 +89,7 @@ pub fn remap_val(v: &Val, map: &dyn Fn(usize) -> usize) -> Val {
         Val::Select { lhs, rhs, then, other } => {
             Val::Select { lhs: lhs.clone(), rhs: rhs.clone(), then: m(then), other: m(other) }
         }
+        Val::Where { cond, then, other } => Val::Where { cond: m(cond), then: m(then), other: m(other) },
     }
 }
 

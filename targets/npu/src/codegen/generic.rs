@@ -90,6 +90,7 @@ impl Gen<'_> {
     /// The cell holding `v`.
     fn gval(&mut self, v: &Val) -> R<Op> {
         Ok(match v {
+            Val::Where { .. } => return Err(crate::NpuError::Unsupported("a value-conditional select (Where)".into())),
             Val::Const(c) => Op::K(self.const_cell(*c)? as i64),
             Val::Scalar(s) => Op::K(self.slots.get(s).copied().unwrap_or(0) as i64),
             Val::Load { buf, index } => {

@@ -715,6 +715,11 @@ fn collect_val(v: &Val, consts: &mut Vec<f64>) {
             collect_val(then, consts);
             collect_val(other, consts);
         }
+        Val::Where { cond, then, other } => {
+            collect_val(cond, consts);
+            collect_val(then, consts);
+            collect_val(other, consts);
+        }
     }
 }
 

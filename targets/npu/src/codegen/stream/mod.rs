@@ -400,6 +400,7 @@ impl Gen<'_> {
     /// `guards`: the conditions of the branches it is in.
     fn plan_val(&mut self, plan: &mut Plan, v: &Val, ctx: Option<&Ctx>, guards: &[Guard]) -> R<bool> {
         Ok(match v {
+            Val::Where { .. } => false,
             Val::Const(_) | Val::Scalar(_) => true,
             Val::Load { buf, index } => {
                 if *buf >= self.nparams() {
@@ -565,6 +566,7 @@ fn reads(v: &Val, buf: usize) -> bool {
         Val::Bin(_, a, b) => reads(a, buf) || reads(b, buf),
         Val::Reduce { body, .. } => reads(body, buf),
         Val::IfLess { then, other, .. } | Val::Select { then, other, .. } => reads(then, buf) || reads(other, buf),
+        Val::Where { cond, then, other } => reads(cond, buf) || reads(then, buf) || reads(other, buf),
     }
 }
 
@@ -575,6 +577,7 @@ fn has_reduce(v: &Val) -> bool {
         Val::Un(_, x) => has_reduce(x),
         Val::Bin(_, a, b) => has_reduce(a) || has_reduce(b),
         Val::IfLess { then, other, .. } | Val::Select { then, other, .. } => has_reduce(then) || has_reduce(other),
+        Val::Where { cond, then, other } => has_reduce(cond) || has_reduce(then) || has_reduce(other),
     }
 }
 
@@ -667,6 +670,7 @@ fn subst_slots(v: &Val, bound: &[(usize, Val)]) -> Val {
         Val::Select { lhs, rhs, then, other } => {
             Val::Select { lhs: lhs.clone(), rhs: rhs.clone(), then: u(then), other: u(other) }
         }
+        Val::Where { cond, then, other } => Val::Where { cond: u(cond), then: u(then), other: u(other) },
     }
 }
 
@@ -705,6 +709,7 @@ fn unroll_val(v: &Val, inside: bool) -> Val {
         Val::Select { lhs, rhs, then, other } => {
             Val::Select { lhs: lhs.clone(), rhs: rhs.clone(), then: u(then), other: u(other) }
         }
+        Val::Where { cond, then, other } => Val::Where { cond: u(cond), then: u(then), other: u(other) },
     }
 }
 
@@ -728,5 +733,6 @@ fn taps(v: &Val) -> i64 {
         Val::Un(_, x) => taps(x),
         Val::Bin(_, a, b) => taps(a).max(taps(b)),
         Val::IfLess { then, other, .. } | Val::Select { then, other, .. } => taps(then).max(taps(other)),
+        Val::Where { cond, then, other } => taps(cond).max(taps(then)).max(taps(other)),
     }
 }

@@ -263,6 +263,7 @@ impl Gen<'_> {
     fn vexpr_inner(&mut self, e: &mut Emit, v: &Val, ctx: Option<&Ctx>, lanes: Lanes, dest: Option<Op>) -> R<Loc> {
         let vn = if ctx.is_some() { lanes.n } else { Op::K(1) };
         Ok(match v {
+            Val::Where { .. } => return Err(unsupported("a value-conditional select (Where)")),
             Val::Const(c) => Loc::Scal(Op::K(self.const_cell(*c)? as i64), None),
             Val::Scalar(s) => {
                 Loc::Scal(Op::K(self.slots.get(s).copied().ok_or_else(|| unsupported("slot"))? as i64), None)
