@@ -15,4 +15,5 @@ mod ir_text;
 mod jit;
 mod light;
 mod native;
+mod npu;
 mod transformers;

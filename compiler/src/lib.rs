@@ -231,4 +231,17 @@ impl CompiledModel {
         self.prepare()?;
         Ok(self.executable().map_or_else(Vec::new, |e| e.host_kernels().to_vec()))
     }
+
+    /// For a simulated target (`npu`), the last run's simulated cycles, time and unit
+    /// utilizations.
+    pub fn sim_report(&self) -> Option<kiln_targets::SimReport> {
+        self.executable().and_then(|e| e.sim_report())
+    }
+
+    /// The assembly of a target whose code is not LLVM's (the `npu` target's ISA), for the
+    /// kernels compiled so far.
+    pub fn target_assembly(&self) -> Option<String> {
+        self.prepare().ok()?;
+        self.executable()?.assembly()
+    }
 }

@@ -36,6 +36,8 @@ enum Cmd {
         /// Turn e-graph rewriting and fusion off: every graph op is its own kernel.
         #[arg(long)]
         no_fusion: bool,
+        #[command(flatten)]
+        npu: NpuArgs,
         /// Also run the reference interpreter and name the first kernel whose outputs differ
         /// beyond the tolerance.
         #[arg(long)]
@@ -67,6 +69,8 @@ enum Cmd {
         /// Turn e-graph rewriting and fusion off: every graph op is its own kernel.
         #[arg(long)]
         no_fusion: bool,
+        #[command(flatten)]
+        npu: NpuArgs,
     },
     /// Describe a model: ops by type, inputs, outputs, unsupported ops (all at once).
     Inspect {
@@ -79,6 +83,8 @@ enum Cmd {
         /// Turn e-graph rewriting and fusion off: every graph op is its own kernel.
         #[arg(long)]
         no_fusion: bool,
+        #[command(flatten)]
+        npu: NpuArgs,
         /// Size a symbolic dimension for the figures and the cost model: `NAME=N` (default 1).
         #[arg(long = "dim")]
         dims: Vec<String>,
@@ -101,6 +107,8 @@ enum Cmd {
         /// Turn e-graph rewriting and fusion off: every graph op is its own kernel.
         #[arg(long)]
         no_fusion: bool,
+        #[command(flatten)]
+        npu: NpuArgs,
         /// Also print each kernel's time in one more run (to stderr), slowest first.
         #[arg(long)]
         profile: bool,
@@ -137,24 +145,58 @@ fn main() -> ExitCode {
 
 fn dispatch(cmd: Cmd) -> Result<(), Error> {
     match cmd {
-        Cmd::Run { model, target, inputs, output_dir, npy, dims, no_fusion, check, rtol, atol, threads } => {
+        Cmd::Run { model, target, inputs, output_dir, npy, dims, no_fusion, npu, check, rtol, atol, threads } => {
+            npu.apply()?;
             kiln_targets::native::set_threads(threads);
             let check = check.then_some((rtol, atol));
             run(&model, &target, &inputs, &output_dir, npy, &dims, check, &options(no_fusion, &dims)?)
         }
-        Cmd::Compile { model, target, out, emit, full_constants, no_fusion } => {
+        Cmd::Compile { model, target, out, emit, full_constants, no_fusion, npu } => {
+            npu.apply()?;
             compile(&model, &target, out.as_deref(), &emit, full_constants, &options(no_fusion, &[])?)
         }
-        Cmd::Inspect { model, target, json, no_fusion, dims } => {
+        Cmd::Inspect { model, target, json, no_fusion, npu, dims } => {
+            npu.apply()?;
             inspect(&model, &target, json, &options(no_fusion, &dims)?)
         }
-        Cmd::Bench { model, target, inputs, dims, iters, threads, json, no_fusion, profile } => {
+        Cmd::Bench { model, target, inputs, dims, iters, threads, json, no_fusion, npu, profile } => {
+            npu.apply()?;
             bench(&model, &target, &inputs, &dims, iters, threads, json, profile, &options(no_fusion, &dims)?)
         }
         Cmd::Targets => {
             targets();
             Ok(())
         }
+    }
+}
+
+/// The `npu` target's machine: a preset or a description file (CLI.md).
+#[derive(clap::Args, Debug)]
+struct NpuArgs {
+    /// NPU preset for `--target npu`: davinci (default), sunway or mlu.
+    #[arg(long = "npu-preset")]
+    preset: Option<String>,
+    /// NPU machine description (JSON) for `--target npu`, instead of a preset.
+    #[arg(long = "npu-config", conflicts_with = "preset")]
+    config: Option<PathBuf>,
+}
+
+impl NpuArgs {
+    /// Selects the NPU the `npu` target uses.
+    fn apply(&self) -> Result<(), Error> {
+        let cfg = match (&self.preset, &self.config) {
+            (Some(p), _) => {
+                kiln_npu::NpuConfig::preset(p).map_err(|e| Error::Usage(format!("--npu-preset {p}: {e}")))?
+            }
+            (None, Some(path)) => {
+                let text = std::fs::read_to_string(path).map_err(|e| io_err(path, e))?;
+                kiln_npu::NpuConfig::from_json(&text, &path.display().to_string())
+                    .map_err(|e| Error::Target(kiln_targets::TargetError::Config(e.to_string())))?
+            }
+            (None, None) => return Ok(()),
+        };
+        kiln_targets::npu::set_config(cfg);
+        Ok(())
     }
 }
 
@@ -307,9 +349,9 @@ fn compile(
         if !["graph", "fused", "kernel", "mlir", "llvm", "asm"].contains(stage) {
             return Err(Error::Usage(format!("--emit {stage}: unknown stage (graph, fused, kernel, mlir, llvm, asm)")));
         }
-        if ["llvm", "asm"].contains(stage) && target != "cpu" {
+        if (*stage == "llvm" && target != "cpu") || (*stage == "asm" && !["cpu", "npu"].contains(&target)) {
             return Err(Error::Usage(format!(
-                "--emit {stage}: only the cpu target generates {stage} yet (rvv, npu, cuda and rocm land with issues #6 and #9)"
+                "--emit {stage}: the {target} target does not generate {stage} yet (rvv, cuda and rocm land with issues #6 and #9)"
             )));
         }
     }
@@ -340,6 +382,18 @@ fn compile(
         let text = match stage {
             "graph" => kiln_ir::printer::print_module(graph.as_ref().expect("cleaned up above"), print_opts),
             "fused" => kiln_ir::printer::print_module(c.module(), print_opts),
+            "asm" if target == "npu" => {
+                // NPU assembly of the kernels of static shapes (symbolic ones compile per binding).
+                let mut text = String::new();
+                for h in c.host_kernels()? {
+                    text.push_str(&format!(
+                        "; {} (node '{}', {}): runs on the host: {}\n",
+                        h.name, h.node, h.op, h.why
+                    ));
+                }
+                text.push_str(&c.target_assembly().unwrap_or_default());
+                text
+            }
             "llvm" | "asm" => {
                 let what = if stage == "llvm" { Artifact::LlvmIr } else { Artifact::Assembly };
                 let mlir: String = c
@@ -526,11 +580,19 @@ fn bench(
         print_profile(&c, inputs)?;
     }
     let median = times[times.len() / 2];
-    let obj = serde_json::json!({
+    let mut obj = serde_json::json!({
         "target": target, "compile_ms": compile_ms, "median_ms": median, "min_ms": times[0],
         "iters": times.len(), "threads": threads_used, "peak_memory_bytes": peak,
         "native_kernels": c.native_kernels()?, "host_kernels": c.host_kernels()?.len(),
     });
+    // A simulated target: its cycles, time at its clock and unit utilizations (CLI.md).
+    let sim = c.sim_report();
+    if let Some(r) = &sim {
+        obj["sim_cycles"] = r.cycles.into();
+        obj["sim_ms"] = r.ms.into();
+        obj["units"] = serde_json::json!({"matrix": r.matrix, "vector": r.vector, "dma": r.dma});
+        obj["sim_gm_bytes"] = r.gm_bytes.into();
+    }
     if json {
         println!("{obj}");
     } else {
@@ -540,6 +602,16 @@ fn bench(
             times[0],
             times.len()
         );
+        if let Some(r) = &sim {
+            println!(
+                "simulated: {} cycles = {:.3} ms at the machine's clock; matrix {:.0}%, vector {:.0}%, DMA {:.0}% busy",
+                r.cycles,
+                r.ms,
+                100.0 * r.matrix,
+                100.0 * r.vector,
+                100.0 * r.dma
+            );
+        }
     }
     Ok(())
 }

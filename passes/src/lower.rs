@@ -1176,7 +1176,7 @@ pub fn lower_with(m: &Module, o: OpId, name: &str, sched: &Schedule) -> LowerRes
             Idx::Dim { buf, axis } => buffers[*buf].shape.get(*axis) == out_shape.get(rows),
             _ => false,
         };
-        if rank == rows + 1 {
+        if rank == rows + 1 && sched.store_row_terms {
             let extent = Idx::Dim { buf: out_buf, axis: rows };
             store_row_terms(&mut lets, &mut full_stores, &vars, extent, same_extent);
         }

@@ -25,6 +25,10 @@ pub struct Schedule {
     pub matmul_tile_n: i64,
     /// Values of a MatMul's reduction dim per cache tile.
     pub matmul_tile_k: i64,
+    /// Softmax's exponentials stored into the output and summed back (one exp per element;
+    /// the row is re-read from the cache). Off for scratchpad machines, whose kernels stream a
+    /// row through on-chip buffers once.
+    pub store_row_terms: bool,
 }
 
 impl Default for Schedule {
@@ -51,13 +55,16 @@ impl Schedule {
             matmul_row_block: 64,
             matmul_tile_n: 1024,
             matmul_tile_k: 128,
+            store_row_terms: true,
         }
     }
 
     /// The schedule for a target: its vector width (at least 128 bits) and vector registers.
     pub fn for_machine(md: &MachineDescription) -> Schedule {
         let lanes = (md.vector_bits.max(128) / 32) as usize;
-        Schedule::for_vectors(lanes, md.vector_registers as usize)
+        let mut s = Schedule::for_vectors(lanes, md.vector_registers as usize);
+        s.store_row_terms = !md.levels.iter().any(|l| l.software_managed);
+        s
     }
 }
 

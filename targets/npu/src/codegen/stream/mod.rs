@@ -206,6 +206,12 @@ impl Gen<'_> {
     /// A stream over `row` (None: one row) of `body`; rolls back and returns `None` when
     /// the body is not a row of vector work or does not fit.
     fn stream(&mut self, row: Option<(usize, Idx)>, body: &[Stmt]) -> R<Option<()>> {
+        // A statement reading what an earlier one of the row wrote (Softmax's terms stored,
+        // then summed back) would load global memory before the write reaches it: such a row
+        // runs statement by statement, fenced.
+        if rereads(body) {
+            return Ok(None);
+        }
         let snap = self.snapshot();
         let row = row.unwrap_or((ONE_ROW, Idx::Const(1)));
         let r = self.stream_inner(row.clone(), body);
@@ -735,4 +741,32 @@ fn taps(v: &Val) -> i64 {
         Val::IfLess { then, other, .. } | Val::Select { then, other, .. } => taps(then).max(taps(other)),
         Val::Where { cond, then, other } => taps(cond).max(taps(then)).max(taps(other)),
     }
+}
+
+/// Whether a statement of `body` reads a buffer an earlier statement of `body` writes.
+fn rereads(body: &[Stmt]) -> bool {
+    fn writes(s: &Stmt, out: &mut Vec<usize>) {
+        match s {
+            Stmt::For { body, .. } => body.iter().for_each(|b| writes(b, out)),
+            Stmt::Store { buf, .. } => out.push(*buf),
+            Stmt::Mma(m) => out.push(m.c.0),
+            Stmt::Let { .. } => {}
+        }
+    }
+    fn reads_any(s: &Stmt, bufs: &[usize]) -> bool {
+        let val = |v: &Val| bufs.iter().any(|&b| reads(v, b));
+        match s {
+            Stmt::For { body, .. } => body.iter().any(|b| reads_any(b, bufs)),
+            Stmt::Store { value, .. } | Stmt::Let { value, .. } => val(value),
+            Stmt::Mma(m) => val(&m.a) || bufs.contains(&m.b.0),
+        }
+    }
+    let mut written = Vec::new();
+    for s in body {
+        if reads_any(s, &written) {
+            return true;
+        }
+        writes(s, &mut written);
+    }
+    false
 }
