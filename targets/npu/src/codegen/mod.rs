@@ -483,6 +483,9 @@ impl<'a> Gen<'a> {
     pub fn reg(&mut self) -> R<Reg> {
         let limit = REGS - self.konsts.len();
         if self.next_reg as usize >= limit {
+            if std::env::var("NPU_DEBUG_REG").is_ok() {
+                eprintln!("out of registers\n{}", std::backtrace::Backtrace::force_capture());
+            }
             return Err(unsupported(format!(
                 "kernel {}: out of scalar registers ({} in use, {} hold constants)",
                 self.k.name,

@@ -260,47 +260,67 @@ impl Gen<'_> {
                 }
             }
         }
-        // A buffer both loaded and stored: every access the same, and rows disjoint; or the
-        // same elements for every row (an accumulator).
+        // A buffer both loaded and stored: each load matched by a store of the same elements,
+        // the pairs apart from each other; each pair with rows apart, or the same elements for
+        // every row (an accumulator).
         for b in plan.stored.clone() {
-            let loads: Vec<&Region> = plan.loads.iter().filter(|r| r.acc.buf == b).collect();
+            let loads: Vec<String> = plan.loads.iter().filter(|r| r.acc.buf == b).map(|r| r.acc.key()).collect();
             if loads.is_empty() {
                 continue;
             }
-            let stores: Vec<&Region> = plan.stores.iter().filter(|r| r.acc.buf == b).collect();
-            if stores.len() != 1 || loads.len() != 1 || loads[0].acc.key() != stores[0].acc.key() {
+            let stores: Vec<Acc> = plan.stores.iter().filter(|r| r.acc.buf == b).map(|r| r.acc.clone()).collect();
+            if loads.len() != stores.len() || stores.iter().any(|a| !loads.contains(&a.key())) {
                 return Ok(None);
             }
-            let a = &stores[0].acc;
-            let (rv, _) = plan.row;
-            if rv != ONE_ROW
-                && a.row_coef == Some(0)
-                && !affine::mentions(&a.len, rv)
-                && !affine::mentions(&a.base, rv)
-                && a.guards.is_empty()
-            {
-                let key = a.key();
-                let li = plan.load_keys[&key];
-                plan.loads[li].accum = true;
-                let si = plan.store_keys.remove(&key).unwrap_or(0);
-                plan.stores.remove(si);
-                for v in plan.store_keys.values_mut() {
-                    if *v > si {
-                        *v -= 1;
+            for (i, a) in stores.iter().enumerate() {
+                for o in &stores[i + 1..] {
+                    if !self.apart(a, o) {
+                        return Ok(None);
                     }
                 }
-                plan.strippable = None;
-                continue;
             }
-            let disjoint = match a.row_coef {
-                Some(c) => c.abs() >= (a.stride.abs() * a.max_len).max(1),
-                None => false,
-            };
-            if !disjoint && plan.row.1 != Idx::Const(1) {
-                return Ok(None);
+            let (rv, _) = plan.row;
+            for a in stores {
+                if rv != ONE_ROW
+                    && a.row_coef == Some(0)
+                    && !affine::mentions(&a.len, rv)
+                    && !affine::mentions(&a.base, rv)
+                    && a.guards.is_empty()
+                {
+                    let key = a.key();
+                    let li = plan.load_keys[&key];
+                    plan.loads[li].accum = true;
+                    let si = plan.store_keys.remove(&key).unwrap_or(0);
+                    plan.stores.remove(si);
+                    for v in plan.store_keys.values_mut() {
+                        if *v > si {
+                            *v -= 1;
+                        }
+                    }
+                    plan.strippable = None;
+                    continue;
+                }
+                let disjoint = match a.row_coef {
+                    Some(c) => c.abs() >= (a.stride.abs() * a.max_len).max(1),
+                    None => false,
+                };
+                if !disjoint && plan.row.1 != Idx::Const(1) {
+                    return Ok(None);
+                }
             }
         }
         Ok(Some(plan))
+    }
+
+    /// Whether two accesses of a row never touch the same element: their bases differ by a
+    /// constant at least as large as either's span.
+    fn apart(&self, a: &Acc, b: &Acc) -> bool {
+        let d = affine::lin(&Idx::Sub(Box::new(a.base.clone()), Box::new(b.base.clone())), &self.ranges);
+        if !d.is_const() || a.row_coef != b.row_coef || a.stride != b.stride {
+            return false;
+        }
+        let span = (a.stride.abs() * a.max_len.max(b.max_len)).max(1);
+        d.c.abs() >= span
     }
 
     /// The vector context of a pure loop nest and its innermost body (the stores).
