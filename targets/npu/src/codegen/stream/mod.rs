@@ -140,6 +140,9 @@ struct Plan {
     strippable: Option<i64>,
     /// The longest vector context (temporaries hold one).
     ctx_max: i64,
+    /// Vector subexpressions the row computes more than once (keyed by [`shared_key`]): each
+    /// is computed once per row into its own UB region.
+    shared: HashMap<String, usize>,
 }
 
 /// Where a value is during the vector phase: the address of the tile's first lane.
@@ -180,6 +183,9 @@ struct Emit {
     xl: Op,
     /// The conditions around the value being evaluated (as planned for its loads).
     guards: Vec<Guard>,
+    /// UB regions of the shared subexpressions, and those computed for the current row.
+    shared_addr: Vec<u64>,
+    row_cache: std::collections::HashSet<usize>,
 }
 
 impl Gen<'_> {
@@ -246,11 +252,24 @@ impl Gen<'_> {
             stored: Vec::new(),
             strippable: None,
             ctx_max: 1,
+            shared: HashMap::new(),
         };
         for s in body {
             if !self.plan_stmt(&mut plan, s)? {
                 return Ok(None);
             }
+        }
+        // Subexpressions computed twice in the row (Softmax's exp(x − max) in its sum and its
+        // output, LayerNorm's x − mean): at most a few, the biggest first.
+        let mut counts: HashMap<String, (usize, usize)> = HashMap::new();
+        for s in body {
+            self.count_shared(s, &mut counts);
+        }
+        let mut shared: Vec<(String, usize)> =
+            counts.into_iter().filter(|(_, (n, _))| *n >= 2).map(|(k, (_, size))| (k, size)).collect();
+        shared.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+        for (i, (k, _)) in shared.into_iter().take(4).enumerate() {
+            plan.shared.insert(k, i);
         }
         // A body of one vector loop of constant length can be cut into strips.
         if let [s @ Stmt::For { .. }] = body {
@@ -474,6 +493,40 @@ impl Gen<'_> {
         })
     }
 
+    /// Counts the vector subexpressions of a row statement by [`shared_key`] (with their
+    /// sizes in nodes).
+    fn count_shared(&self, s: &Stmt, counts: &mut HashMap<String, (usize, usize)>) {
+        match s {
+            Stmt::Let { value, .. } | Stmt::Store { value, .. } => self.count_reduces(value, counts),
+            Stmt::For { .. } => {
+                if let Some((ctx, stores)) = self.nest_ctx(s) {
+                    for st in stores {
+                        if let Stmt::Store { value, .. } = st {
+                            count_vector(value, &ctx, counts);
+                        }
+                    }
+                }
+            }
+            Stmt::Mma(_) => {}
+        }
+    }
+
+    fn count_reduces(&self, v: &Val, counts: &mut HashMap<String, (usize, usize)>) {
+        match v {
+            Val::Reduce { .. } => {
+                if let Some((rctx, body)) = self.reduce_ctx(v) {
+                    count_vector(body, &rctx, counts);
+                }
+            }
+            Val::Un(_, x) => self.count_reduces(x, counts),
+            Val::Bin(_, a, b) => {
+                self.count_reduces(a, counts);
+                self.count_reduces(b, counts);
+            }
+            _ => {}
+        }
+    }
+
     /// `lhs < rhs` as `base + s·x < 0` over the context's linear index `x`, when affine in it.
     fn condition(&self, lhs: &Idx, rhs: &Idx, ctx: Option<&Ctx>) -> Option<(Idx, i64)> {
         let d = affine::lin(&Idx::Sub(Box::new(lhs.clone()), Box::new(rhs.clone())), &self.ranges);
@@ -542,6 +595,58 @@ impl Gen<'_> {
         };
         let vars: Vec<usize> = ctx.map_or(Vec::new(), |c| c.vars.clone());
         Some((l.to_idx(&vars), stride))
+    }
+}
+
+/// Loop variables standing for a context's variables in [`shared_key`].
+const CANON: usize = usize::MAX - 300;
+
+/// A vector value's identity across contexts of the same length: the value with the
+/// context's variables renamed by position, and the length.
+fn shared_key(v: &Val, ctx: &Ctx) -> String {
+    let mut c = v.clone();
+    for (i, x) in ctx.vars.iter().enumerate() {
+        c = c.subst(*x, &Idx::Var(CANON + i));
+    }
+    format!("{c}|{}", ctx.len())
+}
+
+/// Counts the ops of `v` that depend on the context (not those under a condition).
+fn count_vector(v: &Val, ctx: &Ctx, counts: &mut HashMap<String, (usize, usize)>) {
+    match v {
+        Val::Un(_, x) => count_vector(x, ctx, counts),
+        Val::Bin(_, a, b) => {
+            count_vector(a, ctx, counts);
+            count_vector(b, ctx, counts);
+        }
+        _ => return,
+    }
+    if ctx.vars.iter().any(|x| val_mentions(v, *x)) {
+        let e = counts.entry(shared_key(v, ctx)).or_insert((0, nodes(v)));
+        e.0 += 1;
+    }
+}
+
+fn nodes(v: &Val) -> usize {
+    match v {
+        Val::Un(_, x) => 1 + nodes(x),
+        Val::Bin(_, a, b) => 1 + nodes(a) + nodes(b),
+        _ => 1,
+    }
+}
+
+/// Whether `v` mentions loop variable `x` in an index.
+fn val_mentions(v: &Val, x: usize) -> bool {
+    match v {
+        Val::Const(_) | Val::Scalar(_) => false,
+        Val::Load { index, .. } => index.iter().any(|i| affine::mentions(i, x)),
+        Val::FromIdx(i) => affine::mentions(i, x),
+        Val::Un(_, a) => val_mentions(a, x),
+        Val::Bin(_, a, b) => val_mentions(a, x) || val_mentions(b, x),
+        Val::Reduce { extent, body, .. } => affine::mentions(extent, x) || val_mentions(body, x),
+        Val::IfLess { lhs, rhs, then, other } | Val::Select { lhs, rhs, then, other } => {
+            affine::mentions(lhs, x) || affine::mentions(rhs, x) || val_mentions(then, x) || val_mentions(other, x)
+        }
     }
 }
 
