@@ -553,10 +553,14 @@ fn direct_conv(mr: i64) -> kiln_ir::kernel::Kernel {
 #[test]
 fn mma_direct_conv_with_a_local_panel() {
     let kern = direct_conv(4);
-    let shapes = vec![vec![1, 8, 10, 10], vec![32, 8, 3, 3], vec![1, 32, 8, 8]];
-    for p in PRESETS {
-        let s = check(&kern, &shapes, p);
-        println!("{p}: {}", s.report());
+    // 8 input channels: the reduction fits; 64: it goes in chunks, the panel staying whole in
+    // L1 on davinci.
+    for c in [8, 64] {
+        let shapes = vec![vec![1, c, 10, 10], vec![32, c, 3, 3], vec![1, 32, 8, 8]];
+        for p in PRESETS {
+            let s = check(&kern, &shapes, p);
+            println!("{p} C {c}: {}", s.report());
+        }
     }
 }
 

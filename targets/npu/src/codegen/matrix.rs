@@ -331,33 +331,46 @@ impl Gen<'_> {
                 && pat.dims.iter().all(|(e, _)| !affine::mentions(e, rv))
                 && p.m.red.iter().all(|(_, e)| !affine::mentions(e, rv))
         };
-        let (a_res, b_res) = if p.chunk.is_some() {
-            (false, false)
-        } else {
-            (invariant(&p.a), invariant(&p.b) && !affine::mentions(&p.m.valid, rv))
+        let (a_inv, b_inv) = (invariant(&p.a), invariant(&p.b) && !affine::mentions(&p.m.valid, rv));
+        let (a_res, b_res) = if p.chunk.is_some() { (false, false) } else { (a_inv, b_inv) };
+        // In chunks, an invariant operand may still stay whole in the first level of its route
+        // (L1), each chunk moving on from there.
+        let kfull: u64 = p.m.red.iter().fold(1u64, |a, (_, e)| a.saturating_mul(self.upper(e).max(1) as u64));
+        let first_fits = |g: &Gen, route: &[usize], size: u64| {
+            route.len() >= 2 && size.saturating_mul(4) <= g.cfg.levels[route[0]].capacity_bytes / 2
         };
-        let mut hops = |g: &mut Gen, route: &[usize], src: usize, size: u64, last: Pipe, res: bool| -> R<Vec<usize>> {
-            let mut ids = Vec::new();
-            let mut from = src;
-            let n = if res { 1 } else { slots };
-            for (i, &l) in route.iter().enumerate() {
-                let wp = pipe_of(g, from, l).ok_or_else(|| unsupported("no DMA path"))?;
-                let rp = match route.get(i + 1) {
-                    Some(&n) => pipe_of(g, l, n).ok_or_else(|| unsupported("no DMA path"))?,
-                    None => last,
-                };
-                let base = g.level_alloc(l, size * n)?;
-                ids.push(bufs.len());
-                // A resident operand is fenced by barriers: no flags.
-                let chain = if res { vec![wp, wp] } else { vec![wp, rp] };
-                bufs.push(Buf { level: l, base, size, slots: n, chain, ready: vec![], free: None });
-                from = l;
-            }
-            Ok(ids)
-        };
+        let a_res1 = p.chunk.is_some() && a_inv && first_fits(self, &ra, rows * kfull);
+        let b_res1 = p.chunk.is_some() && b_inv && first_fits(self, &rb, kfull * cols);
+        let mut hops =
+            |g: &mut Gen, route: &[usize], src: usize, size: u64, last: Pipe, res: bool, res1: Option<u64>| {
+                let mut ids = Vec::new();
+                let mut from = src;
+                for (i, &l) in route.iter().enumerate() {
+                    let wp = pipe_of(g, from, l).ok_or_else(|| unsupported("no DMA path"))?;
+                    let rp = match route.get(i + 1) {
+                        Some(&n) => pipe_of(g, l, n).ok_or_else(|| unsupported("no DMA path"))?,
+                        None => last,
+                    };
+                    // A resident operand (or its whole first hop) is fenced by barriers: no flags.
+                    let whole = res1.filter(|_| i == 0);
+                    let (size, n) = match whole {
+                        Some(full) => (full, 1),
+                        None if res => (size, 1),
+                        None => (size, slots),
+                    };
+                    let base = g.level_alloc(l, size * n)?;
+                    ids.push(bufs.len());
+                    let chain = if res || whole.is_some() { vec![wp, wp] } else { vec![wp, rp] };
+                    bufs.push(Buf { level: l, base, size, slots: n, chain, ready: vec![], free: None });
+                    from = l;
+                }
+                Ok::<Vec<usize>, crate::NpuError>(ids)
+            };
         let consumer = if unit.is_some() { Pipe::M } else { Pipe::V };
-        let a_ids = hops(self, &ra, src_level(self, p.a.buf), rows * k, consumer, a_res)?;
-        let b_ids = hops(self, &rb, src_level(self, p.b.buf), k * cols, consumer, b_res)?;
+        let a_ids =
+            hops(self, &ra, src_level(self, p.a.buf), rows * k, consumer, a_res, a_res1.then_some(rows * kfull))?;
+        let b_ids =
+            hops(self, &rb, src_level(self, p.b.buf), k * cols, consumer, b_res, b_res1.then_some(kfull * cols))?;
         // The accumulator: written by M (or V), then copied to V's level if elsewhere.
         let acc_level = unit.map_or(v, |u| u.2);
         let acc_base = self.level_alloc(acc_level, rows * cols * slots)?;
@@ -428,7 +441,20 @@ impl Gen<'_> {
             let (l, f) = (b.chain[b.chain.len() - 1], b.chain[0]);
             b.free = if l == f { None } else { Some(self.flag(l, f)?) };
         }
-        let ctx = MCtx { bufs, a_ids, b_ids, acc_id, copy_id, c_id, slots, unit: unit.is_some(), a_res, b_res };
+        let ctx = MCtx {
+            bufs,
+            a_ids,
+            b_ids,
+            acc_id,
+            copy_id,
+            c_id,
+            slots,
+            unit: unit.is_some(),
+            a_res,
+            b_res,
+            a_res1,
+            b_res1,
+        };
         self.matrix_pipeline(&p, &ctx)?;
         self.free_flags();
         self.lvl.clear();
@@ -438,11 +464,16 @@ impl Gen<'_> {
     /// The instance loop with its prologue and epilogue.
     fn matrix_pipeline(&mut self, p: &Plan, c: &MCtx) -> R<()> {
         let m0 = self.mark();
-        if c.a_res || c.b_res {
+        if c.a_res || c.b_res || c.a_res1 || c.b_res1 {
             let (kk, valid) = self.sizes(p.m)?;
             for (ids, pat, what, res) in [(&c.a_ids, &p.a, 'A', c.a_res), (&c.b_ids, &p.b, 'B', c.b_res)] {
                 if res {
                     self.operand_hops(c, ids, pat, what, Op::K(0), kk, valid, p.m.rows as i64, true, None)?;
+                }
+            }
+            for (ids, pat, what, res1) in [(&c.a_ids, &p.a, 'A', c.a_res1), (&c.b_ids, &p.b, 'B', c.b_res1)] {
+                if res1 {
+                    self.operand_hops(c, &ids[..1], pat, what, Op::K(0), kk, valid, p.m.rows as i64, true, None)?;
                 }
             }
             self.reset(m0);
@@ -665,10 +696,63 @@ impl Gen<'_> {
         chunk: Option<(Op, Op)>,
     ) -> R<()> {
         let src_level = |g: &Gen, buf: usize| if buf < g.nparams() { 0u8 } else { g.vl };
+        let whole = chunk.is_some() && if what == 'A' { c.a_res1 } else { c.b_res1 };
         {
             let mut from = src_level(self, pat.buf);
             for (h, &id) in ids.iter().enumerate() {
                 let b = c.bufs[id].clone();
+                if whole && h == 0 {
+                    // Resident: loaded before the loop.
+                    from = b.level as u8;
+                    continue;
+                }
+                if whole && h == 1 {
+                    // This chunk out of the whole operand in the first level.
+                    let (first, count) = chunk.unwrap_or((Op::K(0), Op::K(0)));
+                    let prev = c.bufs[ids[0]].clone();
+                    let m2 = self.mark();
+                    self.stage_wait(&b, 0);
+                    let dst = self.slot_addr(&b, u, c.slots)?;
+                    // Values of the reduction per value of its first loop, and K in all.
+                    let rest = pin(self.alu_ops(AluOp::Div, kk, count)?);
+                    let e1 = pin(self.sidx(&pat.dims[if what == 'A' { 1 } else { 0 }].0)?);
+                    let e1 = pin(self.alu_ops(AluOp::Max, e1, Op::K(0))?);
+                    let kfull = pin(self.alu_ops(AluOp::Mul, e1, rest)?);
+                    let k0 = pin(self.alu_ops(AluOp::Mul, first, rest)?);
+                    if what == 'A' {
+                        // Rows of A: `kk` values from `k0`, `kfull` apart.
+                        let src = pin(self.alu_ops(AluOp::Add, k0, Op::K(prev.base as i64))?);
+                        let (s, d, n, l, ss, ds) = (
+                            self.in_reg(src)?,
+                            self.in_reg(dst)?,
+                            self.konst(rows)?,
+                            self.in_reg(kk)?,
+                            self.in_reg(kfull)?,
+                            self.in_reg(kk)?,
+                        );
+                        let (fl, tl) = (from, b.level as u8);
+                        self.emit(Instr::Copy {
+                            dst_level: tl,
+                            src_level: fl,
+                            dst: d,
+                            src: s,
+                            n,
+                            len: l,
+                            dst_stride: ds,
+                            src_stride: ss,
+                        });
+                    } else {
+                        // Rows `k0..k0 + kk` of B, contiguous.
+                        let off = self.alu_ops(AluOp::Mul, k0, valid)?;
+                        let src = pin(self.alu_ops(AluOp::Add, off, Op::K(prev.base as i64))?);
+                        let n = pin(self.alu_ops(AluOp::Mul, kk, valid)?);
+                        self.copy_run(from, b.level as u8, src, dst, n)?;
+                    }
+                    self.stage_signal(&b, 0);
+                    self.reset(m2);
+                    from = b.level as u8;
+                    continue;
+                }
                 let m2 = self.mark();
                 self.stage_wait(&b, 0);
                 let dst = self.slot_addr(&b, u, c.slots)?;
@@ -1041,6 +1125,9 @@ struct MCtx {
     /// A and B are loaded once for the whole stream.
     a_res: bool,
     b_res: bool,
+    /// A and B (in chunks) stay whole in the first level of their routes for the whole stream.
+    a_res1: bool,
+    b_res1: bool,
     a_ids: Vec<usize>,
     b_ids: Vec<usize>,
     acc_id: usize,
