@@ -489,9 +489,6 @@ impl<'a> Gen<'a> {
     pub fn reg(&mut self) -> R<Reg> {
         let limit = REGS - self.konsts.len();
         if self.next_reg as usize >= limit {
-            if std::env::var("NPU_DEBUG_REG").is_ok() {
-                eprintln!("out of registers\n{}", std::backtrace::Backtrace::force_capture());
-            }
             return Err(unsupported(format!(
                 "kernel {}: out of scalar registers ({} in use, {} hold constants)",
                 self.k.name,
@@ -559,13 +556,6 @@ impl<'a> Gen<'a> {
     }
 
     pub fn does_not_fit(&self, level: usize, need_bytes: u64) -> NpuError {
-        if std::env::var("NPU_DEBUG_FIT").is_ok() {
-            eprintln!(
-                "does not fit: {need_bytes} top {} \n{}",
-                self.ub.top,
-                std::backtrace::Backtrace::force_capture()
-            );
-        }
         NpuError::DoesNotFit {
             kernel: self.k.name.clone(),
             level: self.cfg.levels[level].name.clone(),

@@ -214,11 +214,7 @@ impl Gen<'_> {
     fn stream(&mut self, row: Option<(usize, Idx)>, body: &[Stmt]) -> R<Option<()>> {
         let snap = self.snapshot();
         let row = row.unwrap_or((ONE_ROW, Idx::Const(1)));
-        let r = self.stream_inner(row.clone(), body);
-        if std::env::var("NPU_DEBUG").is_ok() && !matches!(r, Ok(Some(()))) {
-            eprintln!("stream over {:?} not taken: {:?}", row, r);
-        }
-        match r {
+        match self.stream_inner(row, body) {
             Ok(Some(())) => Ok(Some(())),
             Ok(None) | Err(crate::NpuError::Unsupported(_)) | Err(crate::NpuError::DoesNotFit { .. }) => {
                 self.rollback(snap);
