@@ -36,6 +36,7 @@
 
 mod affine;
 mod generic;
+mod guarded;
 mod matrix;
 mod scalar;
 mod stream;
@@ -421,10 +422,22 @@ impl<'a> Gen<'a> {
     }
 
     fn mma(&mut self, m: &Mma) -> R<()> {
-        match self.try_matrix(&Stmt::Mma(Box::new(m.clone())))? {
-            Some(()) => Ok(()),
-            None => self.generic_mma(m),
+        if let Some(()) = self.try_matrix(&Stmt::Mma(Box::new(m.clone())))? {
+            return Ok(());
         }
+        // A tile whose taps are guarded: one plain tile per row.
+        if let Some(parts) = guarded::split(m) {
+            for part in parts {
+                let top = self.ub.top;
+                if self.try_matrix(&Stmt::Mma(Box::new(part.clone())))?.is_none() {
+                    self.generic_mma(&part)?;
+                }
+                self.ub.top = top;
+                self.emit(Instr::Barrier);
+            }
+            return Ok(());
+        }
+        self.generic_mma(m)
     }
 
     fn finish(mut self) -> R<Program> {
