@@ -10,6 +10,41 @@
 //! - [`eval`]: a plain evaluator of the kernel dialect (the oracle the tests compare with).
 //!
 //! No LLVM or MLIR: this crate builds and tests in seconds.
+//!
+//! # Running a kernel
+//!
+//! ```
+//! use kiln_ir::kernel::{Buffer, Idx, Kernel, Knobs, Level, Stmt, UnOp, Val};
+//! use kiln_ir::{DType, Dim};
+//! use kiln_npu::{compile, simulate, NpuConfig};
+//!
+//! let buf = |name: &str| Buffer { name: name.into(), dtype: DType::F32, shape: vec![Dim::sym("N")], level: Level::Global };
+//! let relu = Kernel {
+//!     name: "relu".into(),
+//!     buffers: vec![buf("x"), buf("y")],
+//!     inputs: 1,
+//!     operands: vec![0],
+//!     locals: vec![],
+//!     body: vec![Stmt::For {
+//!         var: 0,
+//!         extent: Idx::Dim { buf: 1, axis: 0 },
+//!         parallel: true,
+//!         body: vec![Stmt::Store {
+//!             buf: 1,
+//!             index: vec![Idx::Var(0)],
+//!             value: Val::Un(UnOp::Relu, Box::new(Val::Load { buf: 0, index: vec![Idx::Var(0)] })),
+//!         }],
+//!     }],
+//!     knobs: Knobs::default(),
+//! };
+//! let cfg = NpuConfig::preset("davinci").unwrap();
+//! let program = compile(&relu, &[vec![1000], vec![1000]], &cfg).unwrap();
+//! let mut buffers = vec![(0..1000).map(|i| i as f32 - 500.0).collect(), vec![0.0; 1000]];
+//! let stats = simulate(&program, &cfg, &mut buffers).unwrap();
+//! assert_eq!(buffers[1][0], 0.0);
+//! assert_eq!(buffers[1][999], 499.0);
+//! assert!(stats.cycles > 0);
+//! ```
 
 pub mod codegen;
 pub mod config;

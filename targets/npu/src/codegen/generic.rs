@@ -94,10 +94,12 @@ impl Gen<'_> {
             Val::Const(c) => Op::K(self.const_cell(*c)? as i64),
             Val::Scalar(s) => Op::K(self.slots.get(s).copied().unwrap_or(0) as i64),
             Val::Load { buf, index } => {
+                let m = self.mark();
                 let addr = self.elem_addr(*buf, index)?;
                 if *buf < self.nparams() {
                     let c = self.cell()?;
                     self.fenced_copy(true, addr, c, Op::K(1), Op::K(1))?;
+                    self.reset(m);
                     c
                 } else {
                     addr

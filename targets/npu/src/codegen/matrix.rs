@@ -63,8 +63,11 @@ struct Plan<'m> {
     a: Pattern,
     b: Pattern,
     c: Pattern,
-    /// Upper bound of K.
+    /// Upper bound of K (of one chunk).
     kmax: u64,
+    /// The reduction in chunks of this many values of the first reduction loop, each chunk
+    /// accumulated into the same accumulator.
+    chunk: Option<i64>,
 }
 
 impl Gen<'_> {
@@ -81,8 +84,17 @@ impl Gen<'_> {
         };
         let snap = self.snapshot();
         let lv = self.levels_snapshot();
-        match self.matrix_stream(row, m) {
+        match self.matrix_stream(row.clone(), m) {
             Ok(Some(())) => Ok(Some(())),
+            Err(crate::NpuError::DoesNotFit { .. }) if self.opts.slots > 1 => {
+                // Without double buffering the tiles may fit.
+                self.rollback(snap);
+                self.levels_restore(lv);
+                let slots = std::mem::replace(&mut self.opts.slots, 1);
+                let r = self.try_matrix(s);
+                self.opts.slots = slots;
+                r
+            }
             Ok(None) | Err(crate::NpuError::Unsupported(_)) | Err(crate::NpuError::DoesNotFit { .. }) => {
                 self.rollback(snap);
                 self.levels_restore(lv);
@@ -125,8 +137,15 @@ impl Gen<'_> {
             olds.push((*v, self.ranges.insert(*v, hi)));
         }
         let limit = self.k_limit(m);
+        let rest: i64 = m.red.iter().skip(1).fold(1i64, |a, (_, e)| a.saturating_mul(self.upper(e).max(1)));
         let r = self.matrix_plan(row.clone(), m).and_then(|p| match p {
             Some(p) if p.kmax <= limit => self.matrix_emit(p),
+            Some(mut p) if !m.red.is_empty() && limit as i64 / rest >= 1 => {
+                let c1 = limit as i64 / rest;
+                p.chunk = Some(c1);
+                p.kmax = (c1 * rest) as u64;
+                self.matrix_emit(p)
+            }
             _ => Ok(None),
         });
         for (v, o) in olds.into_iter().rev() {
@@ -250,7 +269,7 @@ impl Gen<'_> {
         let Idx::Const(ccol) = m.c_col else { return Ok(None) };
         c.dims.push((m.valid.clone(), ccol));
         let kmax: u64 = m.red.iter().fold(1u64, |a, (_, e)| a.saturating_mul(self.upper(e).max(0) as u64));
-        Ok(Some(Plan { m, row, a, b, c, kmax }))
+        Ok(Some(Plan { m, row, a, b, c, kmax, chunk: None }))
     }
 
     fn matrix_emit(&mut self, p: Plan) -> R<Option<()>> {
@@ -286,11 +305,17 @@ impl Gen<'_> {
                     // An operand already in place would need a dense layout: not handled.
                     return Ok(None);
                 }
+                if p.chunk.is_some() && (ra.is_empty() || rb.is_empty()) {
+                    return Ok(None);
+                }
                 (ra, rb, rc)
             }
             None => {
                 let ra = if src_level(self, p.a.buf) == v { vec![] } else { vec![v] };
                 let rb = if src_level(self, p.b.buf) == v { vec![] } else { vec![v] };
+                if p.chunk.is_some() && (ra.is_empty() || rb.is_empty()) {
+                    return Ok(None);
+                }
                 (ra, rb, vec![])
             }
         };
@@ -306,29 +331,46 @@ impl Gen<'_> {
                 && pat.dims.iter().all(|(e, _)| !affine::mentions(e, rv))
                 && p.m.red.iter().all(|(_, e)| !affine::mentions(e, rv))
         };
-        let (a_res, b_res) = (invariant(&p.a), invariant(&p.b) && !affine::mentions(&p.m.valid, rv));
-        let mut hops = |g: &mut Gen, route: &[usize], src: usize, size: u64, last: Pipe, res: bool| -> R<Vec<usize>> {
-            let mut ids = Vec::new();
-            let mut from = src;
-            let n = if res { 1 } else { slots };
-            for (i, &l) in route.iter().enumerate() {
-                let wp = pipe_of(g, from, l).ok_or_else(|| unsupported("no DMA path"))?;
-                let rp = match route.get(i + 1) {
-                    Some(&n) => pipe_of(g, l, n).ok_or_else(|| unsupported("no DMA path"))?,
-                    None => last,
-                };
-                let base = g.level_alloc(l, size * n)?;
-                ids.push(bufs.len());
-                // A resident operand is fenced by barriers: no flags.
-                let chain = if res { vec![wp, wp] } else { vec![wp, rp] };
-                bufs.push(Buf { level: l, base, size, slots: n, chain, ready: vec![], free: None });
-                from = l;
-            }
-            Ok(ids)
+        let (a_inv, b_inv) = (invariant(&p.a), invariant(&p.b) && !affine::mentions(&p.m.valid, rv));
+        let (a_res, b_res) = if p.chunk.is_some() { (false, false) } else { (a_inv, b_inv) };
+        // In chunks, an invariant operand may still stay whole in the first level of its route
+        // (L1), each chunk moving on from there.
+        let kfull: u64 = p.m.red.iter().fold(1u64, |a, (_, e)| a.saturating_mul(self.upper(e).max(1) as u64));
+        let first_fits = |g: &Gen, route: &[usize], size: u64| {
+            route.len() >= 2 && size.saturating_mul(4) <= g.cfg.levels[route[0]].capacity_bytes / 2
         };
+        let a_res1 = p.chunk.is_some() && a_inv && first_fits(self, &ra, rows * kfull);
+        let b_res1 = p.chunk.is_some() && b_inv && first_fits(self, &rb, kfull * cols);
+        let mut hops =
+            |g: &mut Gen, route: &[usize], src: usize, size: u64, last: Pipe, res: bool, res1: Option<u64>| {
+                let mut ids = Vec::new();
+                let mut from = src;
+                for (i, &l) in route.iter().enumerate() {
+                    let wp = pipe_of(g, from, l).ok_or_else(|| unsupported("no DMA path"))?;
+                    let rp = match route.get(i + 1) {
+                        Some(&n) => pipe_of(g, l, n).ok_or_else(|| unsupported("no DMA path"))?,
+                        None => last,
+                    };
+                    // A resident operand (or its whole first hop) is fenced by barriers: no flags.
+                    let whole = res1.filter(|_| i == 0);
+                    let (size, n) = match whole {
+                        Some(full) => (full, 1),
+                        None if res => (size, 1),
+                        None => (size, slots),
+                    };
+                    let base = g.level_alloc(l, size * n)?;
+                    ids.push(bufs.len());
+                    let chain = if res || whole.is_some() { vec![wp, wp] } else { vec![wp, rp] };
+                    bufs.push(Buf { level: l, base, size, slots: n, chain, ready: vec![], free: None });
+                    from = l;
+                }
+                Ok::<Vec<usize>, crate::NpuError>(ids)
+            };
         let consumer = if unit.is_some() { Pipe::M } else { Pipe::V };
-        let a_ids = hops(self, &ra, src_level(self, p.a.buf), rows * k, consumer, a_res)?;
-        let b_ids = hops(self, &rb, src_level(self, p.b.buf), k * cols, consumer, b_res)?;
+        let a_ids =
+            hops(self, &ra, src_level(self, p.a.buf), rows * k, consumer, a_res, a_res1.then_some(rows * kfull))?;
+        let b_ids =
+            hops(self, &rb, src_level(self, p.b.buf), k * cols, consumer, b_res, b_res1.then_some(kfull * cols))?;
         // The accumulator: written by M (or V), then copied to V's level if elsewhere.
         let acc_level = unit.map_or(v, |u| u.2);
         let acc_base = self.level_alloc(acc_level, rows * cols * slots)?;
@@ -399,7 +441,20 @@ impl Gen<'_> {
             let (l, f) = (b.chain[b.chain.len() - 1], b.chain[0]);
             b.free = if l == f { None } else { Some(self.flag(l, f)?) };
         }
-        let ctx = MCtx { bufs, a_ids, b_ids, acc_id, copy_id, c_id, slots, unit: unit.is_some(), a_res, b_res };
+        let ctx = MCtx {
+            bufs,
+            a_ids,
+            b_ids,
+            acc_id,
+            copy_id,
+            c_id,
+            slots,
+            unit: unit.is_some(),
+            a_res,
+            b_res,
+            a_res1,
+            b_res1,
+        };
         self.matrix_pipeline(&p, &ctx)?;
         self.free_flags();
         self.lvl.clear();
@@ -409,11 +464,16 @@ impl Gen<'_> {
     /// The instance loop with its prologue and epilogue.
     fn matrix_pipeline(&mut self, p: &Plan, c: &MCtx) -> R<()> {
         let m0 = self.mark();
-        if c.a_res || c.b_res {
+        if c.a_res || c.b_res || c.a_res1 || c.b_res1 {
             let (kk, valid) = self.sizes(p.m)?;
             for (ids, pat, what, res) in [(&c.a_ids, &p.a, 'A', c.a_res), (&c.b_ids, &p.b, 'B', c.b_res)] {
                 if res {
-                    self.operand_hops(c, ids, pat, what, Op::K(0), kk, valid, p.m.rows as i64, true)?;
+                    self.operand_hops(c, ids, pat, what, Op::K(0), kk, valid, p.m.rows as i64, true, None)?;
+                }
+            }
+            for (ids, pat, what, res1) in [(&c.a_ids, &p.a, 'A', c.a_res1), (&c.b_ids, &p.b, 'B', c.b_res1)] {
+                if res1 {
+                    self.operand_hops(c, &ids[..1], pat, what, Op::K(0), kk, valid, p.m.rows as i64, true, None)?;
                 }
             }
             self.reset(m0);
@@ -426,10 +486,13 @@ impl Gen<'_> {
                 }
             }
         }
+        // Uses of A's and B's slots (one per chunk).
+        let uses = self.reg()?;
+        self.li(uses, 0)?;
         let (rv, extent) = p.row.clone();
         self.scalar_loop(rv, &extent, |g| {
             let u = g.vars[&rv];
-            g.instance(p, c, Op::R(u))
+            g.instance(p, c, Op::R(u), uses)
         })?;
         for b in &c.bufs {
             if let Some(f) = b.free {
@@ -477,20 +540,128 @@ impl Gen<'_> {
         Ok(pin(a))
     }
 
-    /// One instance (`u`: its index in the stream).
-    fn instance(&mut self, p: &Plan, c: &MCtx, u: Op) -> R<()> {
+    /// One instance (`u`: its index in the stream; `uses`: uses of A's and B's slots so far).
+    fn instance(&mut self, p: &Plan, c: &MCtx, u: Op, uses: crate::isa::Reg) -> R<()> {
         let m = p.m;
-        let rows = m.rows as i64;
+        let v = self.vl;
         let mark = self.mark();
         let (kk, valid) = self.sizes(m)?;
-        // MTE2 (and whatever runs the first hops): A and B into the first level of their routes.
-        for (ids, pat, what, res) in [(&c.a_ids, &p.a, 'A', c.a_res), (&c.b_ids, &p.b, 'B', c.b_res)] {
-            if !res {
-                self.operand_hops(c, ids, pat, what, u, kk, valid, rows, false)?;
+        // C's tile from global memory (independent of the product: early).
+        if let Some(cid) = c.c_id {
+            let b = c.bufs[cid].clone();
+            let m2 = self.mark();
+            self.stage_wait(&b, 0);
+            let dst = self.slot_addr(&b, u, c.slots)?;
+            let (src, dims) = self.c_pattern(p, valid)?;
+            self.gather(0, v, src, dst, &dims)?;
+            self.stage_signal(&b, 0);
+            self.reset(m2);
+        }
+        // The product, whole or in chunks of the first reduction loop accumulated in place.
+        let acc = c.bufs[c.acc_id].clone();
+        self.stage_wait(&acc, 0);
+        match p.chunk {
+            None => self.chunk_product(p, c, u, uses, kk, valid, None, false)?,
+            Some(c1) => {
+                let e1 = pin(self.sidx(&m.red[0].1)?);
+                let e1 = pin(self.alu_ops(AluOp::Max, e1, Op::K(0))?);
+                let mut rest = Op::K(1);
+                for (_, e) in &m.red[1..] {
+                    let x = self.sidx(e)?;
+                    let x = self.alu_ops(AluOp::Max, x, Op::K(0))?;
+                    rest = pin(self.alu_ops(AluOp::Mul, rest, x)?);
+                }
+                let t = self.alu_ops(AluOp::Add, e1, Op::K(c1 - 1))?;
+                let nch = pin(self.alu_ops(AluOp::Div, t, Op::K(c1))?);
+                let one = |g: &mut Gen, ci: Op, accumulate: bool| -> R<()> {
+                    let first = pin(g.alu_ops(AluOp::Mul, ci, Op::K(c1))?);
+                    let left = g.alu_ops(AluOp::Sub, e1, first)?;
+                    let count = pin(g.alu_ops(AluOp::Min, left, Op::K(c1))?);
+                    let kc = pin(g.alu_ops(AluOp::Mul, count, rest)?);
+                    g.chunk_product(p, c, u, uses, kc, valid, Some((first, count)), accumulate)
+                };
+                // The first chunk overwrites the accumulator, the others add to it.
+                let m2 = self.mark();
+                one(self, Op::K(0), false)?;
+                self.reset(m2);
+                let ch = usize::MAX - 56;
+                let max = (self.upper(&m.red[0].1) + c1 - 1) / c1;
+                let nch1 = pin(self.alu_ops(AluOp::Sub, nch, Op::K(1))?);
+                self.loop_op(ch, nch1, max, |g| {
+                    let ci = pin(g.alu_ops(AluOp::Add, Op::R(g.vars[&ch]), Op::K(1))?);
+                    one(g, ci, true)
+                })?;
             }
         }
-        self.instance_rest(p, c, u, kk, valid)?;
+        self.stage_signal(&acc, 0);
+        self.instance_rest(p, c, u, valid)?;
         self.reset(mark);
+        Ok(())
+    }
+
+    /// A and B of one chunk (all of K without chunks) to the matrix unit's levels and their
+    /// product into the accumulator (`accumulate`: added to it).
+    fn chunk_product(
+        &mut self,
+        p: &Plan,
+        c: &MCtx,
+        u: Op,
+        uses: crate::isa::Reg,
+        kk: Op,
+        valid: Op,
+        chunk: Option<(Op, Op)>,
+        accumulate: bool,
+    ) -> R<()> {
+        let rows = p.m.rows as i64;
+        let slot = Op::R(uses);
+        for (ids, pat, what, res) in [(&c.a_ids, &p.a, 'A', c.a_res), (&c.b_ids, &p.b, 'B', c.b_res)] {
+            if !res {
+                self.operand_hops(c, ids, pat, what, slot, kk, valid, rows, false, chunk)?;
+            }
+        }
+        let operand = |g: &mut Gen, ids: &[usize], pat: &Pattern| -> R<Op> {
+            match ids.last() {
+                Some(&id) => {
+                    let b = g.bufs_clone(c, id);
+                    let last = b.chain.len() - 1;
+                    g.stage_wait(&b, last);
+                    g.slot_addr(&b, slot, c.slots)
+                }
+                None => {
+                    // In place (a local in V's level).
+                    let src = g.sidx(&pat.base)?;
+                    let a = g.alu_ops(AluOp::Add, src, Op::K(g.locals[pat.buf - g.nparams()] as i64))?;
+                    Ok(pin(a))
+                }
+            }
+        };
+        let m2 = self.mark();
+        let a_at = operand(self, &c.a_ids, &p.a)?;
+        let b_at = operand(self, &c.b_ids, &p.b)?;
+        let acc = c.bufs[c.acc_id].clone();
+        let acc_at = self.slot_addr(&acc, u, c.slots)?;
+        if c.unit {
+            let (cr, ar, br, mr, nr, kr) = (
+                self.in_reg(acc_at)?,
+                self.in_reg(a_at)?,
+                self.in_reg(b_at)?,
+                self.konst(rows)?,
+                self.in_reg(valid)?,
+                self.in_reg(kk)?,
+            );
+            self.emit(Instr::Mmad { c: cr, a: ar, b: br, m: mr, n: nr, k: kr, acc: accumulate });
+        } else {
+            self.vector_product(p, c, a_at, b_at, acc_at, kk, valid, accumulate)?;
+        }
+        for ids in [&c.a_ids, &c.b_ids] {
+            if let Some(&id) = ids.last() {
+                let b = c.bufs[id].clone();
+                let last = b.chain.len() - 1;
+                self.stage_signal(&b, last);
+            }
+        }
+        self.emit(Instr::AluI { op: AluOp::Add, rd: uses, ra: uses, imm: 1 });
+        self.reset(m2);
         Ok(())
     }
 
@@ -522,12 +693,66 @@ impl Gen<'_> {
         valid: Op,
         rows: i64,
         fenced: bool,
+        chunk: Option<(Op, Op)>,
     ) -> R<()> {
         let src_level = |g: &Gen, buf: usize| if buf < g.nparams() { 0u8 } else { g.vl };
+        let whole = chunk.is_some() && if what == 'A' { c.a_res1 } else { c.b_res1 };
         {
             let mut from = src_level(self, pat.buf);
             for (h, &id) in ids.iter().enumerate() {
                 let b = c.bufs[id].clone();
+                if whole && h == 0 {
+                    // Resident: loaded before the loop.
+                    from = b.level as u8;
+                    continue;
+                }
+                if whole && h == 1 {
+                    // This chunk out of the whole operand in the first level.
+                    let (first, count) = chunk.unwrap_or((Op::K(0), Op::K(0)));
+                    let prev = c.bufs[ids[0]].clone();
+                    let m2 = self.mark();
+                    self.stage_wait(&b, 0);
+                    let dst = self.slot_addr(&b, u, c.slots)?;
+                    // Values of the reduction per value of its first loop, and K in all.
+                    let rest = pin(self.alu_ops(AluOp::Div, kk, count)?);
+                    let e1 = pin(self.sidx(&pat.dims[if what == 'A' { 1 } else { 0 }].0)?);
+                    let e1 = pin(self.alu_ops(AluOp::Max, e1, Op::K(0))?);
+                    let kfull = pin(self.alu_ops(AluOp::Mul, e1, rest)?);
+                    let k0 = pin(self.alu_ops(AluOp::Mul, first, rest)?);
+                    if what == 'A' {
+                        // Rows of A: `kk` values from `k0`, `kfull` apart.
+                        let src = pin(self.alu_ops(AluOp::Add, k0, Op::K(prev.base as i64))?);
+                        let (s, d, n, l, ss, ds) = (
+                            self.in_reg(src)?,
+                            self.in_reg(dst)?,
+                            self.konst(rows)?,
+                            self.in_reg(kk)?,
+                            self.in_reg(kfull)?,
+                            self.in_reg(kk)?,
+                        );
+                        let (fl, tl) = (from, b.level as u8);
+                        self.emit(Instr::Copy {
+                            dst_level: tl,
+                            src_level: fl,
+                            dst: d,
+                            src: s,
+                            n,
+                            len: l,
+                            dst_stride: ds,
+                            src_stride: ss,
+                        });
+                    } else {
+                        // Rows `k0..k0 + kk` of B, contiguous.
+                        let off = self.alu_ops(AluOp::Mul, k0, valid)?;
+                        let src = pin(self.alu_ops(AluOp::Add, off, Op::K(prev.base as i64))?);
+                        let n = pin(self.alu_ops(AluOp::Mul, kk, valid)?);
+                        self.copy_run(from, b.level as u8, src, dst, n)?;
+                    }
+                    self.stage_signal(&b, 0);
+                    self.reset(m2);
+                    from = b.level as u8;
+                    continue;
+                }
                 let m2 = self.mark();
                 self.stage_wait(&b, 0);
                 let dst = self.slot_addr(&b, u, c.slots)?;
@@ -546,6 +771,14 @@ impl Gen<'_> {
                     if what == 'B' {
                         let last = dims.len() - 1;
                         dims[last].0 = valid;
+                    }
+                    // A chunk: `count` values of the first reduction loop from `first`.
+                    let mut src = src;
+                    if let Some((first, count)) = chunk {
+                        let d = if what == 'A' { 1 } else { 0 };
+                        let t = self.alu_ops(AluOp::Mul, first, Op::K(dims[d].1))?;
+                        src = pin(self.alu_ops(AluOp::Add, src, t)?);
+                        dims[d].0 = count;
                     }
                     self.gather(from, b.level as u8, src, dst, &dims)?;
                 } else {
@@ -571,68 +804,13 @@ impl Gen<'_> {
         Ok(())
     }
 
-    /// The rest of an instance: C's tile, the product, the sum and C back.
-    fn instance_rest(&mut self, p: &Plan, c: &MCtx, u: Op, kk: Op, valid: Op) -> R<()> {
+    /// The rest of an instance: the sum into C's tile and C back.
+    fn instance_rest(&mut self, p: &Plan, c: &MCtx, u: Op, valid: Op) -> R<()> {
         let m = p.m;
         let rows = m.rows as i64;
         let v = self.vl;
         let mark = self.mark();
-        // C's tile from global memory (independent of the product: early).
-        if let Some(cid) = c.c_id {
-            let b = c.bufs[cid].clone();
-            let m2 = self.mark();
-            self.stage_wait(&b, 0);
-            let dst = self.slot_addr(&b, u, c.slots)?;
-            let (src, dims) = self.c_pattern(p, valid)?;
-            self.gather(0, v, src, dst, &dims)?;
-            self.stage_signal(&b, 0);
-            self.reset(m2);
-        }
-        // The product.
         let acc = c.bufs[c.acc_id].clone();
-        let operand = |g: &mut Gen, ids: &[usize], pat: &Pattern| -> R<Op> {
-            match ids.last() {
-                Some(&id) => {
-                    let b = g.bufs_clone(c, id);
-                    let last = b.chain.len() - 1;
-                    g.stage_wait(&b, last);
-                    g.slot_addr(&b, u, c.slots)
-                }
-                None => {
-                    // In place (a local in V's level).
-                    let src = g.sidx(&pat.base)?;
-                    let a = g.alu_ops(AluOp::Add, src, Op::K(g.locals[pat.buf - g.nparams()] as i64))?;
-                    Ok(pin(a))
-                }
-            }
-        };
-        let m2 = self.mark();
-        let a_at = operand(self, &c.a_ids, &p.a)?;
-        let b_at = operand(self, &c.b_ids, &p.b)?;
-        self.stage_wait(&acc, 0);
-        let acc_at = self.slot_addr(&acc, u, c.slots)?;
-        if c.unit {
-            let (cr, ar, br, mr, nr, kr) = (
-                self.in_reg(acc_at)?,
-                self.in_reg(a_at)?,
-                self.in_reg(b_at)?,
-                self.konst(rows)?,
-                self.in_reg(valid)?,
-                self.in_reg(kk)?,
-            );
-            self.emit(Instr::Mmad { c: cr, a: ar, b: br, m: mr, n: nr, k: kr, acc: false });
-        } else {
-            self.vector_product(p, c, a_at, b_at, acc_at, kk, valid)?;
-        }
-        for ids in [&c.a_ids, &c.b_ids] {
-            if let Some(&id) = ids.last() {
-                let b = c.bufs[id].clone();
-                let last = b.chain.len() - 1;
-                self.stage_signal(&b, last);
-            }
-        }
-        self.stage_signal(&acc, 0);
-        self.reset(m2);
         // V: the accumulator (or its copy) added into C.
         let m2 = self.mark();
         let mut sum_at = {
@@ -728,11 +906,23 @@ impl Gen<'_> {
 
     /// `acc[rows × valid] = A·B` on the vector unit: one multiply-accumulate per row and
     /// reduction point.
-    fn vector_product(&mut self, p: &Plan, c: &MCtx, a: Op, b: Op, acc: Op, kk: Op, valid: Op) -> R<()> {
+    fn vector_product(
+        &mut self,
+        p: &Plan,
+        c: &MCtx,
+        a: Op,
+        b: Op,
+        acc: Op,
+        kk: Op,
+        valid: Op,
+        accumulate: bool,
+    ) -> R<()> {
         let rows = p.m.rows as i64;
         let n = pin(self.alu_ops(AluOp::Mul, valid, Op::K(rows))?);
-        let (d, nr) = (self.in_reg(acc)?, self.in_reg(n)?);
-        self.emit(Instr::VDup { d, n: nr, value: 0.0 });
+        if !accumulate {
+            let (d, nr) = (self.in_reg(acc)?, self.in_reg(n)?);
+            self.emit(Instr::VDup { d, n: nr, value: 0.0 });
+        }
         // B in place (a local): each row of B at b + k·stride; else dense [K][valid].
         let b_in_place = c.b_ids.is_empty();
         let b_row_stride = if b_in_place { None } else { Some(valid) };
@@ -935,6 +1125,9 @@ struct MCtx {
     /// A and B are loaded once for the whole stream.
     a_res: bool,
     b_res: bool,
+    /// A and B (in chunks) stay whole in the first level of their routes for the whole stream.
+    a_res1: bool,
+    b_res1: bool,
     a_ids: Vec<usize>,
     b_ids: Vec<usize>,
     acc_id: usize,

@@ -2,34 +2,41 @@
 //!
 //! Every symbolic size is bound first (each [`Idx::Dim`] becomes a constant), so the program
 //! is specialized to one binding. Global memory holds the kernel's buffers one after another
-//! (inputs, then outputs, each aligned to the global level's alignment); [`Local`] buffers
-//! and every other intermediate live in the vector unit's level (UB), never in global memory.
+//! (inputs, then outputs, each aligned to the global level's alignment). [`Local`](kiln_ir::kernel::Local) buffers
+//! live in the vector unit's level (UB); a local bigger than half of it goes to global
+//! memory instead, as a scratch buffer of the program (`.buffer tmp`,
+//! [`Options::spill_locals`]). Every other intermediate stays in UB.
 //!
 //! Statements are compiled by the best form that applies, falling back to a slower one:
 //!
-//! 1. **Streams** ([`stream`]): a loop whose body is a *row* of vector work (stores in inner
+//! 1. **Streams** (`stream`): a loop whose body is a *row* of vector work (stores in inner
 //!    loops, `Let`s of reductions, stores of scalars) becomes a software pipeline over tiles
 //!    of rows: MTE2 brings each tile's operands into UB (DMA with 2-D strides; a row-invariant
 //!    operand once), V computes the row (inner loops and [`Val::Reduce`] as vector ops over
-//!    whole rows, `Let`s as one-element cells), MTE3 writes the results back; every buffer has
-//!    two slots (ping-pong) and counting flags let MTE2 load tile i+1 while V computes tile i
-//!    and MTE3 stores tile i-1. A loop too long for UB is strip-mined first. Values computed
-//!    inside the row (fusion's intermediates) never leave UB.
-//! 2. **Matrix tiles** ([`matrix`]): [`Stmt::Mma`] on the matrix unit (A to its A level, B to
-//!    its B level, `mmad`, then the accumulators added into C), or on the vector unit as
-//!    multiply-accumulates where there is no matrix unit.
-//! 3. **Generic** ([`generic`]): any statement, one element at a time (one-element DMAs
+//!    whole rows, `Let`s as one-element cells, conditions by splitting the lanes), MTE3
+//!    writes the results back; every buffer has two slots (ping-pong) and counting flags let
+//!    MTE2 load tile i+1 while V computes tile i and MTE3 stores tile i-1. A loop too long for
+//!    UB is strip-mined. Values computed inside the row (fusion's intermediates) never leave
+//!    UB; a subexpression the row needs twice is computed once; a buffer every row
+//!    accumulates into (MatMul's C over k) stays in UB for the whole stream.
+//! 2. **Matrix streams** (`matrix`): a loop of [`Stmt::Mma`] tiles on the matrix unit (A and
+//!    B gathered by multi-dim DMA patterns and moved along the DMA routes to the matrix unit's
+//!    levels, `mmad`, then the accumulators added into C), pipelined across tiles; operands
+//!    that do not depend on the tile are loaded once; a long reduction is cut into chunks
+//!    accumulated in place. Without a matrix unit, V multiplies-accumulates (`vmla`).
+//! 3. **Generic** (`generic`): any statement, one element at a time (one-element DMAs
 //!    fenced by barriers, vector ops of length one): slow but exact.
 //!
-//! The pipes are ordered by flags inside a stream and by a `barrier` between top-level
-//! parts, so programs are race-free (the simulator checks).
+//! The pipes are ordered by flags inside a stream and by a `barrier` between parts, so
+//! programs are race-free (the simulator checks).
 //!
-//! What `compile` needs: one shape per kernel buffer (inputs then outputs), f32 buffers at
-//! the global level, and locals that fit the vector unit's level ([`NpuError::DoesNotFit`]
-//! otherwise).
+//! What `compile` needs: one shape per kernel buffer (inputs then outputs, symbolic dims
+//! consistent), f32 buffers at the global level, and locals whose UB part fits
+//! ([`NpuError::DoesNotFit`] otherwise).
 
 mod affine;
 mod generic;
+mod guarded;
 mod matrix;
 mod scalar;
 mod stream;
@@ -415,10 +422,22 @@ impl<'a> Gen<'a> {
     }
 
     fn mma(&mut self, m: &Mma) -> R<()> {
-        match self.try_matrix(&Stmt::Mma(Box::new(m.clone())))? {
-            Some(()) => Ok(()),
-            None => self.generic_mma(m),
+        if let Some(()) = self.try_matrix(&Stmt::Mma(Box::new(m.clone())))? {
+            return Ok(());
         }
+        // A tile whose taps are guarded: one plain tile per row.
+        if let Some(parts) = guarded::split(m) {
+            for part in parts {
+                let top = self.ub.top;
+                if self.try_matrix(&Stmt::Mma(Box::new(part.clone())))?.is_none() {
+                    self.generic_mma(&part)?;
+                }
+                self.ub.top = top;
+                self.emit(Instr::Barrier);
+            }
+            return Ok(());
+        }
+        self.generic_mma(m)
     }
 
     fn finish(mut self) -> R<Program> {
@@ -550,13 +569,6 @@ impl<'a> Gen<'a> {
     }
 
     pub fn does_not_fit(&self, level: usize, need_bytes: u64) -> NpuError {
-        if std::env::var("NPU_DEBUG_FIT").is_ok() {
-            eprintln!(
-                "does not fit: {need_bytes} top {} \n{}",
-                self.ub.top,
-                std::backtrace::Backtrace::force_capture()
-            );
-        }
         NpuError::DoesNotFit {
             kernel: self.k.name.clone(),
             level: self.cfg.levels[level].name.clone(),

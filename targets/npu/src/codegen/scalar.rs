@@ -87,6 +87,12 @@ impl Gen<'_> {
                 self.emit(Instr::Alu { op, rd: dst, ra: xr, rb: yr });
             }
         }
+        // A temporary operand on top of the register stack is free again.
+        if let Op::T(r) = y {
+            if r != dst && r.0 + 1 == self.mark() {
+                self.reset(r.0);
+            }
+        }
         Ok(Op::T(dst))
     }
 

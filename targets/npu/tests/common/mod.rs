@@ -131,7 +131,7 @@ pub fn check_with(k: &Kernel, shapes: &[Vec<usize>], preset: &str, opts: &Option
         for (i, (a, b)) in got[o].iter().zip(&want[o]).enumerate() {
             let tol = 1e-4 + 1e-4 * b.abs();
             assert!(
-                (a - b).abs() <= tol || (a.is_nan() && b.is_nan()),
+                a == b || (a - b).abs() <= tol || (a.is_nan() && b.is_nan()),
                 "{preset} kernel {}: output {o}[{i}] = {a}, expected {b}",
                 k.name
             );

@@ -140,6 +140,9 @@ struct Plan {
     strippable: Option<i64>,
     /// The longest vector context (temporaries hold one).
     ctx_max: i64,
+    /// Vector subexpressions the row computes more than once (keyed by [`shared_key`]): each
+    /// is computed once per row into its own UB region.
+    shared: HashMap<String, usize>,
 }
 
 /// Where a value is during the vector phase: the address of the tile's first lane.
@@ -180,6 +183,9 @@ struct Emit {
     xl: Op,
     /// The conditions around the value being evaluated (as planned for its loads).
     guards: Vec<Guard>,
+    /// UB regions of the shared subexpressions, and those computed for the current row.
+    shared_addr: Vec<u64>,
+    row_cache: std::collections::HashSet<usize>,
 }
 
 impl Gen<'_> {
@@ -214,11 +220,7 @@ impl Gen<'_> {
         }
         let snap = self.snapshot();
         let row = row.unwrap_or((ONE_ROW, Idx::Const(1)));
-        let r = self.stream_inner(row.clone(), body);
-        if std::env::var("NPU_DEBUG").is_ok() && !matches!(r, Ok(Some(()))) {
-            eprintln!("stream over {:?} not taken: {:?}", row, r);
-        }
-        match r {
+        match self.stream_inner(row, body) {
             Ok(Some(())) => Ok(Some(())),
             Ok(None) | Err(crate::NpuError::Unsupported(_)) | Err(crate::NpuError::DoesNotFit { .. }) => {
                 self.rollback(snap);
@@ -252,11 +254,24 @@ impl Gen<'_> {
             stored: Vec::new(),
             strippable: None,
             ctx_max: 1,
+            shared: HashMap::new(),
         };
         for s in body {
             if !self.plan_stmt(&mut plan, s)? {
                 return Ok(None);
             }
+        }
+        // Subexpressions computed twice in the row (Softmax's exp(x − max) in its sum and its
+        // output, LayerNorm's x − mean): at most a few, the biggest first.
+        let mut counts: HashMap<String, (usize, usize)> = HashMap::new();
+        for s in body {
+            self.count_shared(s, &mut counts);
+        }
+        let mut shared: Vec<(String, usize)> =
+            counts.into_iter().filter(|(_, (n, _))| *n >= 2).map(|(k, (_, size))| (k, size)).collect();
+        shared.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+        for (i, (k, _)) in shared.into_iter().take(4).enumerate() {
+            plan.shared.insert(k, i);
         }
         // A body of one vector loop of constant length can be cut into strips.
         if let [s @ Stmt::For { .. }] = body {
@@ -266,47 +281,67 @@ impl Gen<'_> {
                 }
             }
         }
-        // A buffer both loaded and stored: every access the same, and rows disjoint; or the
-        // same elements for every row (an accumulator).
+        // A buffer both loaded and stored: each load matched by a store of the same elements,
+        // the pairs apart from each other; each pair with rows apart, or the same elements for
+        // every row (an accumulator).
         for b in plan.stored.clone() {
-            let loads: Vec<&Region> = plan.loads.iter().filter(|r| r.acc.buf == b).collect();
+            let loads: Vec<String> = plan.loads.iter().filter(|r| r.acc.buf == b).map(|r| r.acc.key()).collect();
             if loads.is_empty() {
                 continue;
             }
-            let stores: Vec<&Region> = plan.stores.iter().filter(|r| r.acc.buf == b).collect();
-            if stores.len() != 1 || loads.len() != 1 || loads[0].acc.key() != stores[0].acc.key() {
+            let stores: Vec<Acc> = plan.stores.iter().filter(|r| r.acc.buf == b).map(|r| r.acc.clone()).collect();
+            if loads.len() != stores.len() || stores.iter().any(|a| !loads.contains(&a.key())) {
                 return Ok(None);
             }
-            let a = &stores[0].acc;
-            let (rv, _) = plan.row;
-            if rv != ONE_ROW
-                && a.row_coef == Some(0)
-                && !affine::mentions(&a.len, rv)
-                && !affine::mentions(&a.base, rv)
-                && a.guards.is_empty()
-            {
-                let key = a.key();
-                let li = plan.load_keys[&key];
-                plan.loads[li].accum = true;
-                let si = plan.store_keys.remove(&key).unwrap_or(0);
-                plan.stores.remove(si);
-                for v in plan.store_keys.values_mut() {
-                    if *v > si {
-                        *v -= 1;
+            for (i, a) in stores.iter().enumerate() {
+                for o in &stores[i + 1..] {
+                    if !self.apart(a, o) {
+                        return Ok(None);
                     }
                 }
-                plan.strippable = None;
-                continue;
             }
-            let disjoint = match a.row_coef {
-                Some(c) => c.abs() >= (a.stride.abs() * a.max_len).max(1),
-                None => false,
-            };
-            if !disjoint && plan.row.1 != Idx::Const(1) {
-                return Ok(None);
+            let (rv, _) = plan.row;
+            for a in stores {
+                if rv != ONE_ROW
+                    && a.row_coef == Some(0)
+                    && !affine::mentions(&a.len, rv)
+                    && !affine::mentions(&a.base, rv)
+                    && a.guards.is_empty()
+                {
+                    let key = a.key();
+                    let li = plan.load_keys[&key];
+                    plan.loads[li].accum = true;
+                    let si = plan.store_keys.remove(&key).unwrap_or(0);
+                    plan.stores.remove(si);
+                    for v in plan.store_keys.values_mut() {
+                        if *v > si {
+                            *v -= 1;
+                        }
+                    }
+                    plan.strippable = None;
+                    continue;
+                }
+                let disjoint = match a.row_coef {
+                    Some(c) => c.abs() >= (a.stride.abs() * a.max_len).max(1),
+                    None => false,
+                };
+                if !disjoint && plan.row.1 != Idx::Const(1) {
+                    return Ok(None);
+                }
             }
         }
         Ok(Some(plan))
+    }
+
+    /// Whether two accesses of a row never touch the same element: their bases differ by a
+    /// constant at least as large as either's span.
+    fn apart(&self, a: &Acc, b: &Acc) -> bool {
+        let d = affine::lin(&Idx::Sub(Box::new(a.base.clone()), Box::new(b.base.clone())), &self.ranges);
+        if !d.is_const() || a.row_coef != b.row_coef || a.stride != b.stride {
+            return false;
+        }
+        let span = (a.stride.abs() * a.max_len.max(b.max_len)).max(1);
+        d.c.abs() >= span
     }
 
     /// The vector context of a pure loop nest and its innermost body (the stores).
@@ -461,6 +496,40 @@ impl Gen<'_> {
         })
     }
 
+    /// Counts the vector subexpressions of a row statement by [`shared_key`] (with their
+    /// sizes in nodes).
+    fn count_shared(&self, s: &Stmt, counts: &mut HashMap<String, (usize, usize)>) {
+        match s {
+            Stmt::Let { value, .. } | Stmt::Store { value, .. } => self.count_reduces(value, counts),
+            Stmt::For { .. } => {
+                if let Some((ctx, stores)) = self.nest_ctx(s) {
+                    for st in stores {
+                        if let Stmt::Store { value, .. } = st {
+                            count_vector(value, &ctx, counts);
+                        }
+                    }
+                }
+            }
+            Stmt::Mma(_) => {}
+        }
+    }
+
+    fn count_reduces(&self, v: &Val, counts: &mut HashMap<String, (usize, usize)>) {
+        match v {
+            Val::Reduce { .. } => {
+                if let Some((rctx, body)) = self.reduce_ctx(v) {
+                    count_vector(body, &rctx, counts);
+                }
+            }
+            Val::Un(_, x) => self.count_reduces(x, counts),
+            Val::Bin(_, a, b) => {
+                self.count_reduces(a, counts);
+                self.count_reduces(b, counts);
+            }
+            _ => {}
+        }
+    }
+
     /// `lhs < rhs` as `base + s·x < 0` over the context's linear index `x`, when affine in it.
     fn condition(&self, lhs: &Idx, rhs: &Idx, ctx: Option<&Ctx>) -> Option<(Idx, i64)> {
         let d = affine::lin(&Idx::Sub(Box::new(lhs.clone()), Box::new(rhs.clone())), &self.ranges);
@@ -529,6 +598,58 @@ impl Gen<'_> {
         };
         let vars: Vec<usize> = ctx.map_or(Vec::new(), |c| c.vars.clone());
         Some((l.to_idx(&vars), stride))
+    }
+}
+
+/// Loop variables standing for a context's variables in [`shared_key`].
+const CANON: usize = usize::MAX - 300;
+
+/// A vector value's identity across contexts of the same length: the value with the
+/// context's variables renamed by position, and the length.
+fn shared_key(v: &Val, ctx: &Ctx) -> String {
+    let mut c = v.clone();
+    for (i, x) in ctx.vars.iter().enumerate() {
+        c = c.subst(*x, &Idx::Var(CANON + i));
+    }
+    format!("{c}|{}", ctx.len())
+}
+
+/// Counts the ops of `v` that depend on the context (not those under a condition).
+fn count_vector(v: &Val, ctx: &Ctx, counts: &mut HashMap<String, (usize, usize)>) {
+    match v {
+        Val::Un(_, x) => count_vector(x, ctx, counts),
+        Val::Bin(_, a, b) => {
+            count_vector(a, ctx, counts);
+            count_vector(b, ctx, counts);
+        }
+        _ => return,
+    }
+    if ctx.vars.iter().any(|x| val_mentions(v, *x)) {
+        let e = counts.entry(shared_key(v, ctx)).or_insert((0, nodes(v)));
+        e.0 += 1;
+    }
+}
+
+fn nodes(v: &Val) -> usize {
+    match v {
+        Val::Un(_, x) => 1 + nodes(x),
+        Val::Bin(_, a, b) => 1 + nodes(a) + nodes(b),
+        _ => 1,
+    }
+}
+
+/// Whether `v` mentions loop variable `x` in an index.
+fn val_mentions(v: &Val, x: usize) -> bool {
+    match v {
+        Val::Const(_) | Val::Scalar(_) => false,
+        Val::Load { index, .. } => index.iter().any(|i| affine::mentions(i, x)),
+        Val::FromIdx(i) => affine::mentions(i, x),
+        Val::Un(_, a) => val_mentions(a, x),
+        Val::Bin(_, a, b) => val_mentions(a, x) || val_mentions(b, x),
+        Val::Reduce { extent, body, .. } => affine::mentions(extent, x) || val_mentions(body, x),
+        Val::IfLess { lhs, rhs, then, other } | Val::Select { lhs, rhs, then, other } => {
+            affine::mentions(lhs, x) || affine::mentions(rhs, x) || val_mentions(then, x) || val_mentions(other, x)
+        }
     }
 }
 

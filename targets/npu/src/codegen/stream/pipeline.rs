@@ -32,7 +32,7 @@ impl Gen<'_> {
         let resident: u64 = plan.loads.iter().filter(|r| r.resident).map(|r| pitch_of(r) + align).sum();
         let per_row: u64 = plan.loads.iter().chain(&plan.stores).filter(|r| !r.resident).map(pitch_of).sum();
         let regions = plan.loads.iter().chain(&plan.stores).filter(|r| !r.resident).count() as u64;
-        let temps = plan.vtemps as u64 * (max_len as u64).next_multiple_of(align);
+        let temps = (plan.vtemps + plan.shared.len()) as u64 * (max_len as u64).next_multiple_of(align);
         let fixed = resident + temps + cells + 4 * align + 2 * slots * regions * align;
         let rows_fit = if per_row == 0 { nrows_max } else { (free.saturating_sub(fixed) / (slots * per_row)) as i64 };
         let bytes_row: u64 =
@@ -48,7 +48,7 @@ impl Gen<'_> {
                 let regions = plan.loads.iter().chain(&plan.stores).filter(|r| !r.resident).count() as u64;
                 // Strips of T elements: every ring region holds T per slot.
                 let vec_regions = plan.loads.iter().chain(&plan.stores).filter(|r| !r.resident && r.acc.stride != 0);
-                let per_elem = slots * vec_regions.count() as u64 + plan.vtemps as u64;
+                let per_elem = slots * vec_regions.count() as u64 + (plan.vtemps + plan.shared.len()) as u64;
                 let scal = plan.loads.iter().chain(&plan.stores).filter(|r| !r.resident && r.acc.stride == 0).count();
                 let fixed = resident
                     + cells
@@ -116,6 +116,10 @@ impl Gen<'_> {
         for _ in 0..plan.vtemps {
             vtemp_addr.push(self.ub_alloc(vlen)?);
         }
+        let mut shared_addr = vec![0; plan.shared.len()];
+        for i in 0..plan.shared.len() {
+            shared_addr[i] = self.ub_alloc(vlen)?;
+        }
         let cells_at = self.ub_alloc(cells)?;
         let cell_addr: Vec<u64> = (0..cells).map(|i| cells_at + i).collect();
         let flags = [
@@ -141,6 +145,8 @@ impl Gen<'_> {
             x0: Op::K(0),
             xl: Op::K(0),
             guards: Vec::new(),
+            shared_addr,
+            row_cache: Default::default(),
         };
         self.pipeline(&mut e, body)?;
         // Every flag is balanced once the epilogue's waits have run; the next part starts

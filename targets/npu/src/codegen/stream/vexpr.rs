@@ -45,6 +45,7 @@ impl Gen<'_> {
             let rr = g.in_reg(row)?;
             g.vars.insert(row_var, rr);
             e.row_in_tile = Op::R(ir);
+            e.row_cache.clear();
             for s in body {
                 let (m, ub) = (g.mark(), g.ub.top);
                 g.row_stmt(e, s)?;
@@ -250,6 +251,20 @@ impl Gen<'_> {
     /// Evaluates `v` on `lanes` of the context `ctx` (a scalar without one), into `dest`
     /// when the root is a vector op.
     fn vexpr(&mut self, e: &mut Emit, v: &Val, ctx: Option<&Ctx>, lanes: Lanes, dest: Option<Op>) -> R<Loc> {
+        // A subexpression the row computes more than once: into its region, once per row.
+        if let (Some(c), true, Val::Un(..) | Val::Bin(..)) = (ctx, e.guards.is_empty(), v) {
+            if let Some(&i) = e.plan.shared.get(&super::shared_key(v, c)) {
+                let at = Op::K(e.shared_addr[i] as i64);
+                if e.row_cache.insert(i) {
+                    let m0 = self.mark();
+                    let r = self.vexpr_inner(e, v, ctx, lanes, Some(at))?;
+                    self.put(r, at, lanes)?;
+                    self.release(e, r);
+                    self.reset(m0);
+                }
+                return Ok(Loc::Vec(at, None));
+            }
+        }
         // A computed value lives at `dest` (the caller's register) or in a temporary or cell
         // (constant addresses): the registers of its evaluation can go once it is computed.
         let m0 = self.mark();
