@@ -62,8 +62,7 @@ fn npu_runs_light_cnns_and_a_transformer_block_on_every_preset() {
 }
 
 /// Memory-bound blocks: fused kernels keep intermediates on chip, so they move a fraction of
-/// the global-memory bytes and take fewer cycles than one kernel per op (2x and more for
-/// LayerNorm and GELU on every preset).
+/// the global-memory bytes and take at least 2x fewer cycles than one kernel per op.
 #[test]
 fn npu_fusion_cuts_cycles_of_memory_bound_blocks() {
     let x = || vec![value_info("x", 1, &["128", "768"])];
@@ -148,13 +147,7 @@ fn npu_fusion_cuts_cycles_of_memory_bound_blocks() {
             };
             let (fused, unfused) = (cycles(true), cycles(false));
             println!("| {name} | {p} | {fused} | {unfused} | {:.1}x |", unfused as f64 / fused as f64);
-            // Softmax's row is read twice by the fused kernel (max, then exp-sum-divide) and
-            // its exponentials computed twice: 1.8x on davinci at this size (see issue #6's note).
-            let need = if name == "softmax" { 1.5 } else { 2.0 };
-            assert!(
-                unfused as f64 >= need * fused as f64,
-                "{name} on {p}: fusion should cut the cycles {need}x ({fused} vs {unfused})"
-            );
+            assert!(unfused >= 2 * fused, "{name} on {p}: fusion should halve the cycles ({fused} vs {unfused})");
         }
     }
 }

@@ -650,6 +650,7 @@ fn val_mentions(v: &Val, x: usize) -> bool {
         Val::IfLess { lhs, rhs, then, other } | Val::Select { lhs, rhs, then, other } => {
             affine::mentions(lhs, x) || affine::mentions(rhs, x) || val_mentions(then, x) || val_mentions(other, x)
         }
+        Val::Where { cond, then, other } => val_mentions(cond, x) || val_mentions(then, x) || val_mentions(other, x),
     }
 }
 
