@@ -816,56 +816,10 @@ impl Compiled {
                 })
             })
             .collect::<Result<_, _>>()?;
-        let mut bind: HashMap<&str, usize> = HashMap::new();
-        for (t, b) in inputs.iter().zip(&k.buffers) {
-            if t.dtype() != b.dtype || t.rank() != b.shape.len() {
-                return Err(TargetError::Codegen(format!(
-                    "kernel {} input {}: expected {} of rank {}, got {} of rank {}",
-                    k.name,
-                    b.name,
-                    b.dtype,
-                    b.shape.len(),
-                    t.dtype(),
-                    t.rank()
-                )));
-            }
-            for (d, &n) in b.shape.iter().zip(&t.shape) {
-                match d {
-                    Dim::Known(m) if *m as usize != n => {
-                        return Err(TargetError::Codegen(format!("kernel {} input {}: dim {m} != {n}", k.name, b.name)))
-                    }
-                    Dim::Sym(s) => {
-                        if let Some(prev) = bind.insert(s, n) {
-                            if prev != n {
-                                return Err(TargetError::Codegen(format!(
-                                    "kernel {}: dim '{s}' is {prev} in one input and {n} in another",
-                                    k.name
-                                )));
-                            }
-                        }
-                    }
-                    _ => {}
-                }
-            }
-        }
-        let mut outs: Vec<Vec<f32>> = Vec::new();
-        let mut shapes: Vec<Vec<usize>> = Vec::new();
-        for b in k.outputs() {
-            let shape = b
-                .shape
-                .iter()
-                .map(|d| match d {
-                    Dim::Known(n) => Ok(*n as usize),
-                    Dim::Sym(s) => bind.get(&**s).copied().ok_or_else(|| {
-                        TargetError::Codegen(format!("kernel {}: output dim '{s}' is bound by no input", k.name))
-                    }),
-                })
-                .collect::<Result<Vec<_>, _>>()?;
-            // Not zeroed: a kernel stores every element of its outputs (the kernel dialect's
-            // contract), before anything reads them.
-            outs.push(Vec::with_capacity(shape.iter().product()));
-            shapes.push(shape);
-        }
+        let shapes = output_shapes(k, &inputs)?;
+        // Not zeroed: a kernel stores every element of its outputs (the kernel dialect's
+        // contract), before anything reads them.
+        let mut outs: Vec<Vec<f32>> = shapes.iter().map(|s| Vec::with_capacity(s.iter().product())).collect();
         let mut args: Vec<MemRef> = inputs
             .iter()
             .map(|t| match &t.data {
@@ -939,6 +893,58 @@ impl Compiled {
             })
             .collect())
     }
+}
+
+/// The shapes of kernel `k`'s outputs for `inputs` (its input buffers' tensors, in order): each
+/// input is checked against its buffer (dtype, rank, known dims, one size per symbol), and the
+/// outputs' symbolic dims take the sizes the inputs bind.
+pub(crate) fn output_shapes(k: &Kernel, inputs: &[&Tensor]) -> Result<Vec<Vec<usize>>, TargetError> {
+    let mut bind: HashMap<&str, usize> = HashMap::new();
+    for (t, b) in inputs.iter().zip(&k.buffers) {
+        if t.dtype() != b.dtype || t.rank() != b.shape.len() {
+            return Err(TargetError::Codegen(format!(
+                "kernel {} input {}: expected {} of rank {}, got {} of rank {}",
+                k.name,
+                b.name,
+                b.dtype,
+                b.shape.len(),
+                t.dtype(),
+                t.rank()
+            )));
+        }
+        for (d, &n) in b.shape.iter().zip(&t.shape) {
+            match d {
+                Dim::Known(m) if *m as usize != n => {
+                    return Err(TargetError::Codegen(format!("kernel {} input {}: dim {m} != {n}", k.name, b.name)))
+                }
+                Dim::Sym(s) => {
+                    if let Some(prev) = bind.insert(s, n) {
+                        if prev != n {
+                            return Err(TargetError::Codegen(format!(
+                                "kernel {}: dim '{s}' is {prev} in one input and {n} in another",
+                                k.name
+                            )));
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    k.outputs()
+        .iter()
+        .map(|b| {
+            b.shape
+                .iter()
+                .map(|d| match d {
+                    Dim::Known(n) => Ok(*n as usize),
+                    Dim::Sym(s) => bind.get(&**s).copied().ok_or_else(|| {
+                        TargetError::Codegen(format!("kernel {}: output dim '{s}' is bound by no input", k.name))
+                    }),
+                })
+                .collect()
+        })
+        .collect()
 }
 
 /// A kernel compiled to native code on its own.

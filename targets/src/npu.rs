@@ -18,7 +18,7 @@ use kiln_ir::interp::RunStats;
 use kiln_ir::ir::OpId;
 use kiln_ir::kernel::Kernel;
 use kiln_ir::machine::MachineDescription;
-use kiln_ir::{Data, Dim, Module, Tensor};
+use kiln_ir::{Data, Module, Tensor};
 use kiln_npu::isa::Program;
 use kiln_npu::NpuConfig;
 use kiln_passes::lower::Schedule;
@@ -151,37 +151,20 @@ impl NpuModel {
 
     fn run_kernel(&self, k: &NpuKernel, operands: &[Option<&Tensor>]) -> Result<Vec<Rc<Tensor>>, TargetError> {
         let kernel = &k.kernel;
-        let mut bind: HashMap<&str, usize> = HashMap::new();
+        let mut inputs: Vec<&Tensor> = Vec::new();
+        for &i in &kernel.operands {
+            inputs.push(
+                operands
+                    .get(i)
+                    .copied()
+                    .flatten()
+                    .ok_or_else(|| err(format!("kernel {} reads operand {i}", k.name)))?,
+            );
+        }
+        let outputs = crate::native::output_shapes(kernel, &inputs)?;
         let mut buffers: Vec<Vec<f32>> = Vec::new();
         let mut shapes: Vec<Vec<usize>> = Vec::new();
-        for (b, &i) in kernel.buffers.iter().zip(&kernel.operands) {
-            let t = operands
-                .get(i)
-                .copied()
-                .flatten()
-                .ok_or_else(|| err(format!("kernel {} reads operand {i}", k.name)))?;
-            if t.dtype() != b.dtype || t.rank() != b.shape.len() {
-                return Err(err(format!(
-                    "kernel {} input {}: expected {} of rank {}, got {} of rank {}",
-                    k.name,
-                    b.name,
-                    b.dtype,
-                    b.shape.len(),
-                    t.dtype(),
-                    t.rank()
-                )));
-            }
-            for (d, &n) in b.shape.iter().zip(&t.shape) {
-                match d {
-                    Dim::Known(m) if *m as usize != n => {
-                        return Err(err(format!("kernel {} input {}: dim {m} != {n}", k.name, b.name)))
-                    }
-                    Dim::Sym(s) if bind.insert(s, n).is_some_and(|prev| prev != n) => {
-                        return Err(err(format!("kernel {}: dim '{s}' bound to two sizes", k.name)));
-                    }
-                    _ => {}
-                }
-            }
+        for t in &inputs {
             // The simulator's memories hold f32; a boolean mask reads as 0 or 1 (the kernel
             // dialect's meaning of a load from a bool buffer).
             buffers.push(match &t.data {
@@ -191,18 +174,7 @@ impl NpuModel {
             });
             shapes.push(t.shape.clone());
         }
-        for b in kernel.outputs() {
-            let shape = b
-                .shape
-                .iter()
-                .map(|d| match d {
-                    Dim::Known(n) => Ok(*n as usize),
-                    Dim::Sym(s) => bind
-                        .get(&**s)
-                        .copied()
-                        .ok_or_else(|| err(format!("kernel {}: output dim '{s}' is bound by no input", k.name))),
-                })
-                .collect::<Result<Vec<_>, _>>()?;
+        for shape in outputs {
             buffers.push(vec![0.0; shape.iter().product()]);
             shapes.push(shape);
         }
