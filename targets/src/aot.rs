@@ -370,7 +370,8 @@ pub fn compile(m: &Module, name: &str, dir: &Path) -> Result<Artifact, TargetErr
          size_t {entry}_arena_bytes(void);\n\
          /* Inputs and outputs as their JSON description: names and shapes. */\n\
          const char *{entry}_info(void);\n\
-         /* Runs the model: row-major f32 inputs and outputs; 0 on success. */\n\
+         /* Runs the model: row-major f32 inputs and outputs; 0 on success. Output buffers must\n\
+            not overlap the inputs, each other or the arena (the kernels assume no aliasing). */\n\
          int {entry}_run(const float *const *inputs, float *const *outputs, void *arena);\n\n\
          #ifdef __cplusplus\n}}\n#endif\n#endif\n",
         m.inputs().len(),
