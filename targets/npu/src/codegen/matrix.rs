@@ -138,15 +138,21 @@ impl Gen<'_> {
         }
         let limit = self.k_limit(m);
         let rest: i64 = m.red.iter().skip(1).fold(1i64, |a, (_, e)| a.saturating_mul(self.upper(e).max(1)));
+        let mut planned = false;
         let r = self.matrix_plan(row.clone(), m).and_then(|p| match p {
             Some(p) if p.kmax <= limit => self.matrix_emit(p),
             Some(mut p) if !m.red.is_empty() && limit as i64 / rest >= 1 => {
+                planned = true;
                 let c1 = limit as i64 / rest;
                 p.chunk = Some(c1);
                 p.kmax = (c1 * rest) as u64;
                 self.matrix_emit(p)
             }
-            _ => Ok(None),
+            Some(_) => {
+                planned = true;
+                Ok(None)
+            }
+            None => Ok(None),
         });
         for (v, o) in olds.into_iter().rev() {
             restore(&mut self.ranges, v, o);
@@ -154,7 +160,8 @@ impl Gen<'_> {
         restore(&mut self.ranges, m.row, old_mrow);
         restore(&mut self.ranges, row.0, old_row);
         match r {
-            Ok(None) => self.matrix_chunked(row, m),
+            // Too long a reduction for one instance: instances per chunk.
+            Ok(None) if planned => self.matrix_chunked(row, m),
             r => r,
         }
     }
