@@ -358,7 +358,7 @@ impl NpuConfig {
 
     /// The plain-data description that cost models read: levels from global memory to the
     /// vector unit's level along the DMA route (slowest first, so the last is where a fused
-    /// kernel's intermediates stay), peaks over all cores.
+    /// kernel's intermediates stay), peaks and global-memory bandwidth over all cores.
     pub fn machine(&self) -> MachineDescription {
         let v = self.vector_level();
         let route = self.route(0, v).unwrap_or_else(|| vec![0, v]);
@@ -367,10 +367,12 @@ impl NpuConfig {
             .enumerate()
             .map(|(i, &l)| {
                 let next = route.get(i + 1).and_then(|&n| self.path(l, n));
+                // Global memory feeds every core; a scratchpad, its own.
+                let share = if l == 0 { self.cores as f64 } else { 1.0 };
                 MemoryLevel {
                     name: self.levels[l].name.clone(),
                     capacity_bytes: self.levels[l].capacity_bytes,
-                    bandwidth_gbps: next.map_or(0.0, |p| p.bytes_per_cycle * self.clock_ghz),
+                    bandwidth_gbps: next.map_or(0.0, |p| p.bytes_per_cycle * self.clock_ghz * share),
                     latency_cycles: next.map_or(0, |p| p.latency_cycles),
                     software_managed: l != 0,
                 }
