@@ -56,6 +56,7 @@ pub struct NpuConfig {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LevelConfig {
+    /// Name instructions use (`GM`, `UB`, `L0A`, ...).
     pub name: String,
     /// Capacity in bytes (per core for scratchpads).
     pub capacity_bytes: u64,
@@ -67,7 +68,9 @@ pub struct LevelConfig {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DmaPath {
+    /// Source level.
     pub from: String,
+    /// Destination level.
     pub to: String,
     /// The pipe (engine) that runs copies on this path: `MTE1`, `MTE2`, `MTE3` or `V`.
     pub pipe: Pipe,
@@ -99,13 +102,17 @@ pub struct VectorUnit {
 pub struct MatrixUnit {
     /// Native tile shape `m × n × k`: a matrix op costs whole tiles (padding is waste).
     pub m: u32,
+    /// See `m`.
     pub n: u32,
+    /// See `m`.
     pub k: u32,
     /// Multiply-accumulates per cycle (one native tile takes `m·n·k / macs_per_cycle` cycles).
     pub macs_per_cycle: u32,
-    /// Levels of the left operand, the right operand and the accumulator.
+    /// Level of the left operand (`A[m×k]`).
     pub a_level: String,
+    /// Level of the right operand (`B[k×n]`).
     pub b_level: String,
+    /// Level of the accumulator (`C[m×n]`).
     pub c_level: String,
     /// Fixed cost of one instruction, in cycles.
     pub startup_cycles: u32,

@@ -331,102 +331,41 @@ impl VRedOp {
 /// One instruction (see the module docs for the semantics).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Instr {
-    Li {
-        rd: Reg,
-        imm: i64,
-    },
-    Alu {
-        op: AluOp,
-        rd: Reg,
-        ra: Reg,
-        rb: Reg,
-    },
-    AluI {
-        op: AluOp,
-        rd: Reg,
-        ra: Reg,
-        imm: i32,
-    },
-    Branch {
-        cond: Cond,
-        ra: Reg,
-        rb: Reg,
-        target: u32,
-    },
-    Jmp {
-        target: u32,
-    },
-    SetFlag {
-        src: Pipe,
-        dst: Pipe,
-        id: u8,
-    },
-    WaitFlag {
-        src: Pipe,
-        dst: Pipe,
-        id: u8,
-    },
+    /// `rd = imm` (48 bits, sign-extended).
+    Li { rd: Reg, imm: i64 },
+    /// `rd = ra op rb`.
+    Alu { op: AluOp, rd: Reg, ra: Reg, rb: Reg },
+    /// `rd = ra op imm`.
+    AluI { op: AluOp, rd: Reg, ra: Reg, imm: i32 },
+    /// Jump to instruction `target` when `ra cond rb`.
+    Branch { cond: Cond, ra: Reg, rb: Reg, target: u32 },
+    /// Jump to instruction `target`.
+    Jmp { target: u32 },
+    /// On pipe `src`: add one to flag (`src`, `dst`, `id`).
+    SetFlag { src: Pipe, dst: Pipe, id: u8 },
+    /// On pipe `dst`: wait until flag (`src`, `dst`, `id`) is set, then take one from it.
+    WaitFlag { src: Pipe, dst: Pipe, id: u8 },
+    /// The scalar unit waits until every pipe has drained.
     Barrier,
+    /// The end of the program (after every pipe has drained).
     End,
     /// DMA: for `b < n`, `len` elements from `src_level[src + b·src_stride]` to
     /// `dst_level[dst + b·dst_stride]`.
-    Copy {
-        dst_level: u8,
-        src_level: u8,
-        dst: Reg,
-        src: Reg,
-        n: Reg,
-        len: Reg,
-        dst_stride: Reg,
-        src_stride: Reg,
-    },
-    VBin {
-        op: VBinOp,
-        d: Reg,
-        a: Reg,
-        b: Reg,
-        n: Reg,
-        a_scalar: bool,
-        b_scalar: bool,
-    },
-    VUn {
-        op: VUnOp,
-        d: Reg,
-        a: Reg,
-        n: Reg,
-        a_scalar: bool,
-    },
-    VRed {
-        op: VRedOp,
-        d: Reg,
-        a: Reg,
-        n: Reg,
-    },
-    VDup {
-        d: Reg,
-        n: Reg,
-        value: f32,
-    },
-    VDupR {
-        d: Reg,
-        s: Reg,
-        n: Reg,
-    },
-    VIota {
-        d: Reg,
-        start: Reg,
-        step: Reg,
-        n: Reg,
-    },
-    Mmad {
-        c: Reg,
-        a: Reg,
-        b: Reg,
-        m: Reg,
-        n: Reg,
-        k: Reg,
-        acc: bool,
-    },
+    Copy { dst_level: u8, src_level: u8, dst: Reg, src: Reg, n: Reg, len: Reg, dst_stride: Reg, src_stride: Reg },
+    /// `d[i] = a[i] op b[i]` for `i < n` (an operand flagged scalar is one element, broadcast).
+    VBin { op: VBinOp, d: Reg, a: Reg, b: Reg, n: Reg, a_scalar: bool, b_scalar: bool },
+    /// `d[i] = op(a[i])` for `i < n`.
+    VUn { op: VUnOp, d: Reg, a: Reg, n: Reg, a_scalar: bool },
+    /// `d[0] = reduce(a[0..n])`.
+    VRed { op: VRedOp, d: Reg, a: Reg, n: Reg },
+    /// `d[i] = value` for `i < n`.
+    VDup { d: Reg, n: Reg, value: f32 },
+    /// `d[i] = s as f32` for `i < n`.
+    VDupR { d: Reg, s: Reg, n: Reg },
+    /// `d[i] = (start + i·step) as f32` for `i < n`.
+    VIota { d: Reg, start: Reg, step: Reg, n: Reg },
+    /// `C[m×n] (+)= A[m×k]·B[k×n]` in the matrix unit's levels (`acc`: accumulate).
+    Mmad { c: Reg, a: Reg, b: Reg, m: Reg, n: Reg, k: Reg, acc: bool },
 }
 
 impl Instr {
