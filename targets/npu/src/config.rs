@@ -56,6 +56,7 @@ pub struct NpuConfig {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LevelConfig {
+    /// Name instructions use (`GM`, `UB`, `L0A`, ...).
     pub name: String,
     /// Capacity in bytes (per core for scratchpads).
     pub capacity_bytes: u64,
@@ -67,7 +68,9 @@ pub struct LevelConfig {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DmaPath {
+    /// Source level.
     pub from: String,
+    /// Destination level.
     pub to: String,
     /// The pipe (engine) that runs copies on this path: `MTE1`, `MTE2`, `MTE3` or `V`.
     pub pipe: Pipe,
@@ -99,13 +102,17 @@ pub struct VectorUnit {
 pub struct MatrixUnit {
     /// Native tile shape `m × n × k`: a matrix op costs whole tiles (padding is waste).
     pub m: u32,
+    /// See `m`.
     pub n: u32,
+    /// See `m`.
     pub k: u32,
     /// Multiply-accumulates per cycle (one native tile takes `m·n·k / macs_per_cycle` cycles).
     pub macs_per_cycle: u32,
-    /// Levels of the left operand, the right operand and the accumulator.
+    /// Level of the left operand (`A[m×k]`).
     pub a_level: String,
+    /// Level of the right operand (`B[k×n]`).
     pub b_level: String,
+    /// Level of the accumulator (`C[m×n]`).
     pub c_level: String,
     /// Fixed cost of one instruction, in cycles.
     pub startup_cycles: u32,
@@ -358,7 +365,7 @@ impl NpuConfig {
 
     /// The plain-data description that cost models read: levels from global memory to the
     /// vector unit's level along the DMA route (slowest first, so the last is where a fused
-    /// kernel's intermediates stay), peaks over all cores.
+    /// kernel's intermediates stay), peaks and global-memory bandwidth over all cores.
     pub fn machine(&self) -> MachineDescription {
         let v = self.vector_level();
         let route = self.route(0, v).unwrap_or_else(|| vec![0, v]);
@@ -367,10 +374,12 @@ impl NpuConfig {
             .enumerate()
             .map(|(i, &l)| {
                 let next = route.get(i + 1).and_then(|&n| self.path(l, n));
+                // Global memory feeds every core; a scratchpad, its own.
+                let share = if l == 0 { self.cores as f64 } else { 1.0 };
                 MemoryLevel {
                     name: self.levels[l].name.clone(),
                     capacity_bytes: self.levels[l].capacity_bytes,
-                    bandwidth_gbps: next.map_or(0.0, |p| p.bytes_per_cycle * self.clock_ghz),
+                    bandwidth_gbps: next.map_or(0.0, |p| p.bytes_per_cycle * self.clock_ghz * share),
                     latency_cycles: next.map_or(0, |p| p.latency_cycles),
                     software_managed: l != 0,
                 }
