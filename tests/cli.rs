@@ -185,7 +185,7 @@ fn compile_emits_every_stage_from_graph_to_host_assembly() {
     assert!(o.status.success(), "{}", stderr(&o));
     let text = String::from_utf8_lossy(&o.stdout);
     assert!(text.contains("\"func.func\"") && text.contains("\"graph.Add\""), "{text}");
-    fails(&["compile", s(&m), "--emit", "llvm"], 2, &["--emit llvm", "only the cpu target"]);
+    fails(&["compile", s(&m), "--emit", "llvm"], 2, &["--emit llvm", "the ref target does not generate llvm"]);
     // The fused stage: an elementwise chain becomes one graph.fused kernel; --no-fusion keeps
     // every op.
     let chain = model(
@@ -324,9 +324,9 @@ fn bad_inputs_get_one_clear_error() {
     fails(&["run", s(&good), "--bogus-flag"], 2, &[]);
     fails(&["run", s(&good), "--target", "tpu"], 2, &["unknown target 'tpu'"]);
     fails(
-        &["run", s(&good), "--target", "npu", "--input", s(&x), "--input", s(&y)],
+        &["run", s(&good), "--target", "cuda", "--input", s(&x), "--input", s(&y)],
         1,
-        &["target 'npu' cannot run models yet"],
+        &["target 'cuda' cannot run models yet"],
     );
 }
 

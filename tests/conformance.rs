@@ -10,7 +10,8 @@
 //! interpreter (both must pass every case `node_ref.txt` lists); and on `--target cpu` through
 //! the public API (native kernels, unlowered ones on the host's reference implementation),
 //! against its own `tests/expectations/node_cpu.txt`, whose pass rate must stay within 2 points
-//! of `ref`'s (issue #5).
+//! of `ref`'s (issue #5); and on `--target npu` (the davinci preset's simulator) against
+//! `tests/expectations/node_npu.txt` (issue #6).
 
 use crate::common::data_dir;
 use kiln_onnx::testcase::{list_cases, run_case_on, run_case_with, CaseRun, TestCase};
@@ -21,7 +22,11 @@ use std::path::PathBuf;
 const EXPECTED_CASES: usize = 1884;
 
 fn expectation_file(mode: Mode) -> PathBuf {
-    let name = if mode == Mode::Cpu { "node_cpu.txt" } else { "node_ref.txt" };
+    let name = match mode {
+        Mode::Cpu => "node_cpu.txt",
+        Mode::Npu => "node_npu.txt",
+        _ => "node_ref.txt",
+    };
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/expectations").join(name)
 }
 
@@ -32,6 +37,7 @@ enum Mode {
     Imported,
     Fused,
     Cpu,
+    Npu,
 }
 
 /// Cases whose every kernel ran as native code on cpu.
@@ -42,6 +48,18 @@ fn compile_for_cpu(m: kiln::Module) -> Result<CaseRun, String> {
     let c = kiln::compile(m, "cpu").map_err(|e| e.to_string())?;
     if c.native_kernels().map_err(|e| e.to_string())? > 0 && c.host_kernels().map_err(|e| e.to_string())?.is_empty() {
         NATIVE_CASES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+    Ok(Box::new(move |inputs| c.run(inputs).map_err(|e| e.to_string())))
+}
+
+/// Cases whose every kernel ran on the NPU simulator.
+static NPU_CASES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// The case compiled for the npu target (default preset), as `kiln run --target npu` does.
+fn compile_for_npu(m: kiln::Module) -> Result<CaseRun, String> {
+    let c = kiln::compile(m, "npu").map_err(|e| e.to_string())?;
+    if c.native_kernels().map_err(|e| e.to_string())? > 0 && c.host_kernels().map_err(|e| e.to_string())?.is_empty() {
+        NPU_CASES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
     Ok(Box::new(move |inputs| c.run(inputs).map_err(|e| e.to_string())))
 }
@@ -64,6 +82,7 @@ fn prepare(mode: Mode, mut m: kiln::Module) -> Result<kiln::Module, String> {
 fn run_one(case: &TestCase, mode: Mode) -> Result<(), String> {
     std::panic::catch_unwind(AssertUnwindSafe(|| match mode {
         Mode::Cpu => run_case_on(case, &compile_for_cpu),
+        Mode::Npu => run_case_on(case, &compile_for_npu),
         _ => run_case_with(case, &|m| prepare(mode, m)),
     }))
     .unwrap_or_else(|p| {
@@ -110,6 +129,11 @@ fn onnx_node_tests_on_cpu() {
     node_tests(Mode::Cpu);
 }
 
+#[test]
+fn onnx_node_tests_on_npu() {
+    node_tests(Mode::Npu);
+}
+
 fn pass_count(text: &str) -> usize {
     text.lines().filter(|l| l.starts_with("pass ")).count()
 }
@@ -119,6 +143,7 @@ fn node_tests(mode: Mode) {
         Mode::Imported => "ref",
         Mode::Fused => "ref, fused for cpu",
         Mode::Cpu => "cpu",
+        Mode::Npu => "npu (davinci)",
     };
     let cases = list_cases(&data_dir().join("node"));
     assert_eq!(cases.len(), EXPECTED_CASES, "onnx 1.23.2 generates {EXPECTED_CASES} node tests");
@@ -150,6 +175,10 @@ fn node_tests(mode: Mode) {
     );
     if mode == Mode::Fused {
         println!("{} case(s) ran with fused kernels", FUSED_CASES.load(std::sync::atomic::Ordering::Relaxed));
+    }
+    if mode == Mode::Npu {
+        let on_npu = NPU_CASES.load(std::sync::atomic::Ordering::Relaxed);
+        println!("{on_npu} case(s) ran every kernel on the NPU simulator; the others ran some on the host's reference");
     }
     if mode == Mode::Cpu {
         let native = NATIVE_CASES.load(std::sync::atomic::Ordering::Relaxed);

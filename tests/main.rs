@@ -15,5 +15,6 @@ mod ir_text;
 mod jit;
 mod light;
 mod native;
+mod npu;
 mod rvv;
 mod transformers;

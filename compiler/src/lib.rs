@@ -117,16 +117,17 @@ pub struct KernelStage {
 
 impl CompiledModel {
     /// The kernels of the compiled graph (constants, views and host shape arithmetic launch
-    /// none), each lowered to the kernel dialect where lowering covers it (issue #5 in
-    /// progress: elementwise, row reductions, MatMul/Gemm with epilogues).
+    /// none), each lowered to the kernel dialect, with the target's tile sizes, where lowering
+    /// covers it.
     pub fn kernels(&self) -> Vec<KernelStage> {
         let m = &self.module;
+        let sched = kiln_passes::lower::Schedule::for_machine(&self.target.machine());
         kiln_targets::native::launched_kernels(m)
             .into_iter()
             .map(|(o, name)| {
                 let op = m.op(o);
                 KernelStage {
-                    kernel: kiln_passes::lower::lower(m, o, &name),
+                    kernel: kiln_passes::lower::lower_with(m, o, &name, &sched),
                     name,
                     node: op.node_name().to_string(),
                     op: op.op_type().to_string(),
@@ -231,5 +232,18 @@ impl CompiledModel {
     pub fn host_kernels(&self) -> Result<Vec<HostKernel>, Error> {
         self.prepare()?;
         Ok(self.executable().map_or_else(Vec::new, |e| e.host_kernels().to_vec()))
+    }
+
+    /// For a simulated target (`npu`), the last run's simulated cycles, time and unit
+    /// utilizations.
+    pub fn sim_report(&self) -> Option<kiln_targets::SimReport> {
+        self.executable().and_then(|e| e.sim_report())
+    }
+
+    /// The assembly of a target whose code is not LLVM's (the `npu` target's ISA), for the
+    /// kernels compiled so far.
+    pub fn target_assembly(&self) -> Option<String> {
+        self.prepare().ok()?;
+        self.executable()?.assembly()
     }
 }

@@ -36,6 +36,8 @@ enum Cmd {
         /// Turn e-graph rewriting and fusion off: every graph op is its own kernel.
         #[arg(long)]
         no_fusion: bool,
+        #[command(flatten)]
+        npu: NpuArgs,
         /// Also run the reference interpreter and name the first kernel whose outputs differ
         /// beyond the tolerance.
         #[arg(long)]
@@ -70,6 +72,8 @@ enum Cmd {
         /// Turn e-graph rewriting and fusion off: every graph op is its own kernel.
         #[arg(long)]
         no_fusion: bool,
+        #[command(flatten)]
+        npu: NpuArgs,
         /// rvv: the vector register length in bits (128, 256, 512 or 1024; default 256).
         #[arg(long, value_parser = parse_vlen)]
         rvv_vlen: Option<u32>,
@@ -85,6 +89,8 @@ enum Cmd {
         /// Turn e-graph rewriting and fusion off: every graph op is its own kernel.
         #[arg(long)]
         no_fusion: bool,
+        #[command(flatten)]
+        npu: NpuArgs,
         /// Size a symbolic dimension for the figures and the cost model: `NAME=N` (default 1).
         #[arg(long = "dim")]
         dims: Vec<String>,
@@ -107,6 +113,8 @@ enum Cmd {
         /// Turn e-graph rewriting and fusion off: every graph op is its own kernel.
         #[arg(long)]
         no_fusion: bool,
+        #[command(flatten)]
+        npu: NpuArgs,
         /// Also print each kernel's time in one more run (to stderr), slowest first.
         #[arg(long)]
         profile: bool,
@@ -146,20 +154,38 @@ fn main() -> ExitCode {
 
 fn dispatch(cmd: Cmd) -> Result<(), Error> {
     match cmd {
-        Cmd::Run { model, target, inputs, output_dir, npy, dims, no_fusion, check, rtol, atol, threads, rvv_vlen } => {
+        Cmd::Run {
+            model,
+            target,
+            inputs,
+            output_dir,
+            npy,
+            dims,
+            no_fusion,
+            npu,
+            check,
+            rtol,
+            atol,
+            threads,
+            rvv_vlen,
+        } => {
+            npu.apply()?;
             kiln_targets::native::set_threads(threads);
             let check = check.then_some((rtol, atol));
             let opts = options(no_fusion, &dims, &target, rvv_vlen)?;
             run(&model, &target, &inputs, &output_dir, npy, &dims, check, &opts)
         }
-        Cmd::Compile { model, target, out, emit, full_constants, no_fusion, rvv_vlen } => {
+        Cmd::Compile { model, target, out, emit, full_constants, no_fusion, npu, rvv_vlen } => {
+            npu.apply()?;
             let opts = options(no_fusion, &[], &target, rvv_vlen)?;
             compile(&model, &target, out.as_deref(), &emit, full_constants, &opts)
         }
-        Cmd::Inspect { model, target, json, no_fusion, dims } => {
+        Cmd::Inspect { model, target, json, no_fusion, npu, dims } => {
+            npu.apply()?;
             inspect(&model, &target, json, &options(no_fusion, &dims, &target, None)?)
         }
-        Cmd::Bench { model, target, inputs, dims, iters, threads, json, no_fusion, profile, rvv_vlen } => {
+        Cmd::Bench { model, target, inputs, dims, iters, threads, json, no_fusion, npu, profile, rvv_vlen } => {
+            npu.apply()?;
             let opts = options(no_fusion, &dims, &target, rvv_vlen)?;
             bench(&model, &target, &inputs, &dims, iters, threads, json, profile, &opts)
         }
@@ -167,6 +193,36 @@ fn dispatch(cmd: Cmd) -> Result<(), Error> {
             targets();
             Ok(())
         }
+    }
+}
+
+/// The `npu` target's machine: a preset or a description file (CLI.md).
+#[derive(clap::Args, Debug)]
+struct NpuArgs {
+    /// NPU preset for `--target npu`: davinci (default), sunway or mlu.
+    #[arg(long = "npu-preset")]
+    preset: Option<String>,
+    /// NPU machine description (JSON) for `--target npu`, instead of a preset.
+    #[arg(long = "npu-config", conflicts_with = "preset")]
+    config: Option<PathBuf>,
+}
+
+impl NpuArgs {
+    /// Selects the NPU the `npu` target uses.
+    fn apply(&self) -> Result<(), Error> {
+        let cfg = match (&self.preset, &self.config) {
+            (Some(p), _) => {
+                kiln_npu::NpuConfig::preset(p).map_err(|e| Error::Usage(format!("--npu-preset {p}: {e}")))?
+            }
+            (None, Some(path)) => {
+                let text = std::fs::read_to_string(path).map_err(|e| io_err(path, e))?;
+                kiln_npu::NpuConfig::from_json(&text, &path.display().to_string())
+                    .map_err(|e| Error::Target(kiln_targets::TargetError::Config(e.to_string())))?
+            }
+            (None, None) => return Ok(()),
+        };
+        kiln_targets::npu::set_config(cfg);
+        Ok(())
     }
 }
 
@@ -333,10 +389,13 @@ fn compile(
         if !["graph", "fused", "kernel", "mlir", "llvm", "asm"].contains(stage) {
             return Err(Error::Usage(format!("--emit {stage}: unknown stage (graph, fused, kernel, mlir, llvm, asm)")));
         }
+        // llvm and asm come from targets that go through LLVM (cpu, rvv); npu prints its own
+        // ISA's assembly.
         let llvm_based = kiln_targets::lookup_with(target, &opts.target).map(|t| t.code_target().is_some());
-        if ["llvm", "asm"].contains(stage) && llvm_based == Some(false) {
+        let own_asm = *stage == "asm" && target == "npu";
+        if ["llvm", "asm"].contains(stage) && llvm_based == Some(false) && !own_asm {
             return Err(Error::Usage(format!(
-                "--emit {stage}: only the cpu target and rvv generate {stage} yet, not '{target}' (npu, cuda and rocm land with issues #6 and #9)"
+                "--emit {stage}: the {target} target does not generate {stage} yet (cpu and rvv do; cuda and rocm land with issue #9)"
             )));
         }
     }
@@ -372,13 +431,29 @@ fn compile(
         let text = match stage {
             "graph" => kiln_ir::printer::print_module(graph.as_ref().expect("cleaned up above"), print_opts),
             "fused" => kiln_ir::printer::print_module(c.module(), print_opts),
+            "asm" if target == "npu" => {
+                // NPU assembly of the kernels of static shapes (symbolic ones compile per binding).
+                let mut text = String::new();
+                for h in c.host_kernels()? {
+                    text.push_str(&format!(
+                        "; {} (node '{}', {}): runs on the host: {}\n",
+                        h.name, h.node, h.op, h.why
+                    ));
+                }
+                text.push_str(&c.target_assembly().unwrap_or_default());
+                text
+            }
             "llvm" | "asm" => {
                 let what = if stage == "llvm" { Artifact::LlvmIr } else { Artifact::Assembly };
+                let code_target = c.target().code_target().ok_or_else(|| {
+                    Error::Usage(format!("--emit {stage}: target '{target}' does not go through LLVM"))
+                })?;
+                let options = kiln_targets::native::MlirOptions::for_code(&code_target);
                 let mlir: String = c
                     .kernels()
                     .iter()
                     .filter_map(|k| k.kernel.as_ref().ok())
-                    .map(kiln_targets::native::to_mlir)
+                    .map(|k| kiln_targets::native::to_mlir_with(k, options))
                     .collect();
                 let mut text = String::new();
                 for k in c.kernels().iter().filter(|k| k.kernel.is_err()) {
@@ -391,20 +466,21 @@ fn compile(
                     ));
                 }
                 if !mlir.is_empty() {
-                    let code_target = c.target().code_target().ok_or_else(|| {
-                        Error::Usage(format!("--emit {stage}: target '{target}' does not go through LLVM"))
-                    })?;
                     text.push_str(&String::from_utf8_lossy(&kiln_targets::jit::emit_for(&mlir, what, &code_target)?));
                 }
                 text
             }
             "kernel" | "mlir" => {
                 // Kernels lowering covers today; the others are named with the reason.
+                let mlir_options = c
+                    .target()
+                    .code_target()
+                    .map_or_else(Default::default, |t| kiln_targets::native::MlirOptions::for_code(&t));
                 let mut text = String::new();
                 for k in c.kernels() {
                     match &k.kernel {
                         Ok(kernel) if stage == "kernel" => text.push_str(&kernel.to_string()),
-                        Ok(kernel) => text.push_str(&kiln_targets::native::to_mlir(kernel)),
+                        Ok(kernel) => text.push_str(&kiln_targets::native::to_mlir_with(kernel, mlir_options)),
                         Err(why) => text.push_str(&format!(
                             "// {} (node '{}', {}): not lowered to the kernel dialect yet: {why}\n",
                             k.name, k.node, k.op
@@ -538,8 +614,16 @@ fn bench(
     };
     // The reference interpreter is single-threaded, and so is rvv's kernel runner.
     let threads_used = if ["ref", "rvv"].contains(&target) { 1 } else { kiln_targets::native::threads() };
-    // Warm-up, measuring the peak of live tensors.
+    // Warm-up, measuring the peak of live tensors; then at least 3 runs and 100 ms, so that
+    // caches, the allocator and the thread pool are in their steady state before timing.
     let (_, peak) = c.run_observed(inputs.clone(), &mut |_, _| {})?;
+    let warm = Instant::now();
+    for n in 1.. {
+        if n >= 3 && warm.elapsed().as_secs_f64() > 0.1 || n >= 1000 {
+            break;
+        }
+        c.run(inputs.clone())?;
+    }
     let mut times = Vec::with_capacity(iters.max(1));
     for _ in 0..iters.max(1) {
         // Inputs are moved into a run: copy them before the clock starts.
@@ -564,6 +648,14 @@ fn bench(
         obj["rvv_vlen"] = vlen.into();
         obj["emulator"] = "qemu-riscv64".into();
     }
+    // A simulated target: its cycles, time at its clock and unit utilizations (CLI.md).
+    let sim = c.sim_report();
+    if let Some(r) = &sim {
+        obj["sim_cycles"] = r.cycles.into();
+        obj["sim_ms"] = r.ms.into();
+        obj["units"] = serde_json::json!({"matrix": r.matrix, "vector": r.vector, "dma": r.dma});
+        obj["sim_gm_bytes"] = r.gm_bytes.into();
+    }
     if json {
         println!("{obj}");
     } else {
@@ -574,6 +666,16 @@ fn bench(
             times.len(),
             emulated.map_or(String::new(), |v| format!(" (VLEN {v}, wall time under qemu-riscv64)"))
         );
+        if let Some(r) = &sim {
+            println!(
+                "simulated: {} cycles = {:.3} ms at the machine's clock; matrix {:.0}%, vector {:.0}%, DMA {:.0}% busy",
+                r.cycles,
+                r.ms,
+                100.0 * r.matrix,
+                100.0 * r.vector,
+                100.0 * r.dma
+            );
+        }
     }
     Ok(())
 }

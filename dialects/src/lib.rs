@@ -14,6 +14,7 @@ pub mod graph;
 pub mod interp;
 pub mod ir;
 pub mod kernel;
+pub mod kernel_parser;
 pub mod lowp;
 pub mod machine;
 pub mod parser;

@@ -35,6 +35,9 @@ pub struct MachineDescription {
     pub vector_gflops: f64,
     /// Vector register width in bits (0: none).
     pub vector_bits: u32,
+    /// Architectural vector registers (32 for AVX-512, RVV and NEON, 16 for AVX2).
+    #[serde(default = "default_vector_registers")]
+    pub vector_registers: u32,
     /// Matrix unit tile shape `[m, n, k]` (empty: none).
     pub matrix_shape: Vec<u32>,
     /// Peak matrix throughput, GFLOP/s (0: no matrix unit).
@@ -43,6 +46,10 @@ pub struct MachineDescription {
     /// CPU, a launch on a GPU, a task dispatch on an NPU).
     #[serde(default)]
     pub launch_us: f64,
+}
+
+fn default_vector_registers() -> u32 {
+    32
 }
 
 impl MachineDescription {

@@ -187,6 +187,7 @@ mod tests {
             levels: vec![level("dram", 1 << 20, 10.0), level("l1", 32, 100.0)],
             vector_gflops: 10.0,
             vector_bits: 256,
+            vector_registers: 16,
             matrix_shape: vec![],
             matrix_gflops: 0.0,
             launch_us: 1.0,

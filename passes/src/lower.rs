@@ -41,7 +41,10 @@ use std::collections::HashMap;
 
 mod attention;
 pub mod contraction;
+mod schedule;
 mod window;
+
+pub use schedule::Schedule;
 
 /// Why an op was not lowered.
 pub type LowerResult<T> = Result<T, String>;
@@ -70,6 +73,8 @@ struct Lowering<'m> {
     /// Window ops' element expressions already built, by op and element index (built once, so
     /// that an element's stores can share one evaluation: see [`share_reductions`]).
     windows: RefCell<Vec<(OpId, Vec<Idx>, Val)>>,
+    /// Tile sizes (register tiles, cache tiles).
+    sched: Schedule,
 }
 
 fn b(i: Idx) -> Box<Idx> {
@@ -825,6 +830,109 @@ fn replace_reduction(v: Val, r: &Val, slot: usize) -> Val {
     }
 }
 
+/// Whether `v` calls a function that costs far more than a load (an exp, log, tanh, erf, ...).
+fn expensive(v: &Val) -> bool {
+    match v {
+        Val::Un(op, x) => matches!(op, UnOp::Exp | UnOp::Log | UnOp::Tanh | UnOp::Erf | UnOp::Sigmoid) || expensive(x),
+        Val::Bin(op, x, y) => *op == BinOp::Pow || expensive(x) || expensive(y),
+        Val::Where { cond, then, other } => expensive(cond) || expensive(then) || expensive(other),
+        Val::IfLess { then, other, .. } | Val::Select { then, other, .. } => expensive(then) || expensive(other),
+        Val::Reduce { .. } | Val::Const(_) | Val::Load { .. } | Val::Scalar(_) | Val::FromIdx(_) => false,
+    }
+}
+
+/// `v` with every occurrence of `from` (outside reduction bodies) replaced by `to`; whether
+/// there was one.
+fn replace_val(v: &Val, from: &Val, to: &Val) -> (Val, bool) {
+    if v == from {
+        return (to.clone(), true);
+    }
+    let r = |x: &Val| {
+        let (y, hit) = replace_val(x, from, to);
+        (Box::new(y), hit)
+    };
+    match v {
+        Val::Un(op, x) => {
+            let (x, h) = r(x);
+            (Val::Un(*op, x), h)
+        }
+        Val::Bin(op, x, y) => {
+            let ((x, h1), (y, h2)) = (r(x), r(y));
+            (Val::Bin(*op, x, y), h1 || h2)
+        }
+        Val::Where { cond, then, other } => {
+            let ((cond, h1), (then, h2), (other, h3)) = (r(cond), r(then), r(other));
+            (Val::Where { cond, then, other }, h1 || h2 || h3)
+        }
+        _ => (v.clone(), false),
+    }
+}
+
+/// Softmax's exponentials computed once per element instead of twice. When a row's last
+/// reduction (`lets`' last) is a sum of an expensive term `t(k)` that the row's one store (to
+/// an output, at element `vars`) also evaluates at its own element, the row first stores `t`
+/// into that output (a loop of `extent`), the sum reads it back, and the store reads `t` from
+/// the output instead of evaluating it again. The output's row stays in L1 between the passes.
+fn store_row_terms(
+    lets: &mut Vec<Stmt>,
+    stores: &mut [Stmt],
+    vars: &[Idx],
+    extent: Idx,
+    same_extent: impl Fn(&Idx) -> bool,
+) {
+    let (
+        [Stmt::Store { buf, index, value }],
+        Some(Stmt::Let { slot, value: Val::Reduce { op: RedOp::Sum, var, extent: e, body } }),
+    ) = (&mut *stores, lets.last())
+    else {
+        return;
+    };
+    let axis = vars.len() - 1;
+    if index.as_slice() != vars || !same_extent(e) || !expensive(body) || reads(body, *buf) {
+        return;
+    }
+    let term = body.subst(*var, &Idx::Var(axis));
+    let at = Val::Load { buf: *buf, index: index.clone() };
+    let (stored, hit) = replace_val(value, &term, &at);
+    if !hit {
+        return;
+    }
+    let mut back = index.clone();
+    back[axis] = Idx::Var(*var);
+    let sum = Stmt::Let {
+        slot: *slot,
+        value: Val::Reduce {
+            op: RedOp::Sum,
+            var: *var,
+            extent: e.clone(),
+            body: Box::new(Val::Load { buf: *buf, index: back }),
+        },
+    };
+    let fill = Stmt::For {
+        var: axis,
+        extent,
+        parallel: false,
+        body: vec![Stmt::Store { buf: *buf, index: index.clone(), value: term }],
+    };
+    *value = stored;
+    lets.pop();
+    lets.push(fill);
+    lets.push(sum);
+}
+
+/// Whether `v` loads from buffer `buf`.
+fn reads(v: &Val, buf: usize) -> bool {
+    match v {
+        Val::Load { buf: b, .. } => *b == buf,
+        Val::Un(_, x) => reads(x, buf),
+        Val::Bin(_, x, y) => reads(x, buf) || reads(y, buf),
+        Val::Where { cond, then, other } => reads(cond, buf) || reads(then, buf) || reads(other, buf),
+        Val::IfLess { then, other, .. } | Val::Select { then, other, .. } => reads(then, buf) || reads(other, buf),
+        Val::Reduce { body, .. } => reads(body, buf),
+        Val::Const(_) | Val::Scalar(_) | Val::FromIdx(_) => false,
+    }
+}
+
 /// Binds each reduction that an element's stores evaluate more than once (a pooled value
 /// stored and also fed to an epilogue) to a scalar once per element (slots from `first_slot`).
 fn share_reductions(mut stores: Vec<Stmt>, first_slot: usize) -> Vec<Stmt> {
@@ -859,6 +967,12 @@ fn share_reductions(mut stores: Vec<Stmt>, first_slot: usize) -> Vec<Stmt> {
 /// Lowers top-level op `o` of `m` (a `graph.fused` kernel or one op: elementwise, layout,
 /// row reduction or contraction) to a kernel named `name`.
 pub fn lower(m: &Module, o: OpId, name: &str) -> LowerResult<Kernel> {
+    lower_with(m, o, name, &Schedule::default())
+}
+
+/// [`lower`] with the tile sizes of `sched` (from the target's machine description,
+/// [`Schedule::for_machine`]).
+pub fn lower_with(m: &Module, o: OpId, name: &str, sched: &Schedule) -> LowerResult<Kernel> {
     let op = m.op(o);
     let mut outer: HashMap<ValueId, ValueId> = HashMap::new();
     // The kernel's operands (`None` where omitted: such an operand is no buffer).
@@ -956,6 +1070,7 @@ pub fn lower(m: &Module, o: OpId, name: &str) -> LowerResult<Kernel> {
         syms: &syms,
         inside: &inside,
         outer: &outer,
+        sched,
     };
     if let Some(k) = contraction::lower(&parts)? {
         return Ok(k);
@@ -978,6 +1093,7 @@ pub fn lower(m: &Module, o: OpId, name: &str) -> LowerResult<Kernel> {
         next_var: Default::default(),
         outer,
         windows: RefCell::new(Vec::new()),
+        sched: sched.clone(),
     };
     if let Some(att) = attention {
         let (locals, body) = attention::body(&lw, att, inputs, buffers.len())?;
@@ -1052,7 +1168,19 @@ pub fn lower(m: &Module, o: OpId, name: &str) -> LowerResult<Kernel> {
         nest(0, rank, full_stores)
     } else {
         // Per row: bind the reductions, store the reduced outputs, then the row.
-        let mut row: Vec<Stmt> = slots.into_iter().enumerate().map(|(slot, value)| Stmt::Let { slot, value }).collect();
+        let mut full_stores = full_stores;
+        let mut lets: Vec<Stmt> =
+            slots.into_iter().enumerate().map(|(slot, value)| Stmt::Let { slot, value }).collect();
+        let same_extent = |e: &Idx| match e {
+            Idx::Const(n) => out_shape.get(rows) == Some(&Dim::Known(*n as u64)),
+            Idx::Dim { buf, axis } => buffers[*buf].shape.get(*axis) == out_shape.get(rows),
+            _ => false,
+        };
+        if rank == rows + 1 && sched.store_row_terms {
+            let extent = Idx::Dim { buf: out_buf, axis: rows };
+            store_row_terms(&mut lets, &mut full_stores, &vars, extent, same_extent);
+        }
+        let mut row = lets;
         row.extend(row_stores);
         if !full_stores.is_empty() {
             row.extend(nest(rows, rank, full_stores));

@@ -124,12 +124,19 @@ pub struct AotTarget {
     pub target: &'static str,
     pub code: CodeTarget,
     pub cc: String,
+    /// The lowering's tile sizes for the machine.
+    pub schedule: kiln_passes::lower::Schedule,
 }
 
 impl AotTarget {
     /// The host (`cpu`): its CPU and features; the C compiler `$CC`, else `cc`.
     pub fn host() -> AotTarget {
-        AotTarget { target: "cpu", code: CodeTarget::host(), cc: std::env::var("CC").unwrap_or_else(|_| "cc".into()) }
+        AotTarget {
+            target: "cpu",
+            code: CodeTarget::host(),
+            cc: std::env::var("CC").unwrap_or_else(|_| "cc".into()),
+            schedule: crate::cpu::schedule().clone(),
+        }
     }
 }
 
@@ -172,7 +179,7 @@ pub fn compile_for(m: &Module, name: &str, dir: &Path, target: &AotTarget) -> Re
             }
             _ => {
                 let kname = &names[&o];
-                match kiln_passes::lower::lower(m, o, kname) {
+                match kiln_passes::lower::lower_with(m, o, kname, &target.schedule) {
                     Ok(k) if k.buffers.iter().any(|b| b.dtype != DType::F32) => host.push(format!(
                         "{kname} (node '{}', {}): reads a non-f32 tensor (AOT passes f32 tensors only)",
                         op.node_name(),
@@ -263,7 +270,8 @@ pub fn compile_for(m: &Module, name: &str, dir: &Path, target: &AotTarget) -> Re
     };
 
     // The driver. Identical kernels share one function.
-    let (mlir, functions) = module_text(kernels.iter().map(|(_, _, k)| k));
+    let (mlir, functions) =
+        module_text(kernels.iter().map(|(_, _, k)| k), crate::native::MlirOptions::for_code(&target.code));
     let mut ranks: Vec<usize> = Vec::new();
     let mut calls = String::new();
     let mut decls = String::new();
@@ -390,7 +398,8 @@ pub fn compile_for(m: &Module, name: &str, dir: &Path, target: &AotTarget) -> Re
          size_t {entry}_arena_bytes(void);\n\
          /* Inputs and outputs as their JSON description: names and shapes. */\n\
          const char *{entry}_info(void);\n\
-         /* Runs the model: row-major f32 inputs and outputs; 0 on success. */\n\
+         /* Runs the model: row-major f32 inputs and outputs; 0 on success. Output buffers must\n\
+            not overlap the inputs, each other or the arena (the kernels assume no aliasing). */\n\
          int {entry}_run(const float *const *inputs, float *const *outputs, void *arena);\n\n\
          #ifdef __cplusplus\n}}\n#endif\n#endif\n",
         m.inputs().len(),

@@ -20,7 +20,7 @@ impl Target for Cpu {
     }
 
     fn machine(&self) -> MachineDescription {
-        crate::descriptions::Described::cpu().machine()
+        host_machine().clone()
     }
 
     fn can_run(&self) -> bool {
@@ -52,4 +52,35 @@ impl Executable for NativeModel {
     fn host_kernels(&self) -> &[crate::HostKernel] {
         NativeModel::host_kernels(self)
     }
+}
+
+/// The host's description: the typical figures of [`crate::descriptions::Described::cpu`] with
+/// the vector width and register count of the CPU this runs on (AVX-512: 32 registers of 512
+/// bits; AVX2: 16 of 256; NEON: 32 of 128).
+pub fn host_machine() -> &'static MachineDescription {
+    static HOST: std::sync::OnceLock<MachineDescription> = std::sync::OnceLock::new();
+    HOST.get_or_init(|| {
+        let mut md = crate::descriptions::Described::cpu().machine();
+        let features = inkwell::targets::TargetMachine::get_host_cpu_features().to_string();
+        let has = |f: &str| features.split(',').any(|x| x == f);
+        let (bits, registers) = if has("+avx512f") {
+            (512, 32)
+        } else if has("+avx2") || has("+avx") {
+            (256, 16)
+        } else if cfg!(target_arch = "aarch64") {
+            (128, 32)
+        } else {
+            (128, 16)
+        };
+        md.vector_gflops *= bits as f64 / md.vector_bits.max(1) as f64;
+        md.vector_bits = bits;
+        md.vector_registers = registers;
+        md
+    })
+}
+
+/// The lowering's tile sizes for the host ([`host_machine`]).
+pub fn schedule() -> &'static kiln_passes::lower::Schedule {
+    static SCHEDULE: std::sync::OnceLock<kiln_passes::lower::Schedule> = std::sync::OnceLock::new();
+    SCHEDULE.get_or_init(|| kiln_passes::lower::Schedule::for_machine(host_machine()))
 }

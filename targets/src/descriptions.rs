@@ -1,6 +1,6 @@
-//! Targets that exist as machine descriptions while their code generators are built:
-//! `npu` (DaVinci-like preset), `cuda` and `rocm`; and `cpu`'s description. Numbers are public figures
-//! (../shared/NPU.md for the NPU); where a value is a typical part's, the comment says so.
+//! Targets that exist as machine descriptions while their code generators are built: `cuda`
+//! and `rocm`, plus the typical `cpu` figures that `cpu.rs` completes with the host's.
+//! Numbers are public figures; where a value is a typical part's, the comment says so.
 
 use crate::{Target, TargetError};
 use kiln_ir::machine::{MachineDescription, MemoryLevel};
@@ -43,34 +43,10 @@ impl Described {
                 ],
                 vector_gflops: 80.0,
                 vector_bits: 256,
+                vector_registers: 16,
                 matrix_shape: vec![],
                 matrix_gflops: 0.0,
                 launch_us: 2.0,
-            },
-        }
-    }
-
-    pub fn npu() -> Described {
-        Described {
-            name: "npu",
-            summary: "scratchpad NPU (Ascend DaVinci / Sunway CPE / Cambricon MLU presets) on kiln's ISA simulator",
-            why: "the NPU ISA, code generator and simulator land with issue #6",
-            machine: || MachineDescription {
-                // DaVinci 910B AI core (../shared/NPU.md): GM -> L1 -> UB/L0, 16x16x16 cube.
-                name: "npu-davinci".into(),
-                clock_ghz: 1.8,
-                cores: 20,
-                levels: vec![
-                    level("GM", 32 << 20, 1200.0, 500, true),
-                    level("L1", 512, 135.0, 50, true),
-                    level("UB", 192, 101.0, 30, true),
-                    level("L0A", 64, 441.0, 10, true),
-                ],
-                vector_gflops: 20.0 * 64.0 * 2.0 * 1.8,
-                vector_bits: 2048,
-                matrix_shape: vec![16, 16, 16],
-                matrix_gflops: 20.0 * 4096.0 * 2.0 * 1.8,
-                launch_us: 5.0,
             },
         }
     }
@@ -92,6 +68,7 @@ impl Described {
                 ],
                 vector_gflops: 19500.0,
                 vector_bits: 1024,
+                vector_registers: 64,
                 matrix_shape: vec![16, 8, 16],
                 matrix_gflops: 156000.0,
                 launch_us: 4.0,
@@ -116,6 +93,7 @@ impl Described {
                 ],
                 vector_gflops: 22600.0,
                 vector_bits: 2048,
+                vector_registers: 64,
                 matrix_shape: vec![16, 16, 16],
                 matrix_gflops: 181000.0,
                 launch_us: 6.0,

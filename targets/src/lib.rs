@@ -13,6 +13,7 @@ pub mod descriptions;
 pub mod jit;
 pub mod llvm;
 pub mod native;
+pub mod npu;
 mod pool;
 pub mod reference;
 pub mod rvv;
@@ -32,6 +33,9 @@ pub enum TargetError {
     /// Generating or compiling code failed.
     #[error("code generation: {0}")]
     Codegen(String),
+    /// A bad machine description (file or preset), named inside.
+    #[error("{0}")]
+    Config(String),
     /// An external tool the target needs (a cross compiler, an emulator) is missing or failed.
     #[error("{tool}: {why}")]
     Tool { tool: String, why: String },
@@ -97,6 +101,34 @@ pub trait Executable {
 
     /// Kernels that run on the host's reference implementation instead (not lowered yet).
     fn host_kernels(&self) -> &[HostKernel];
+
+    /// For a simulated target, the last run's simulated figures.
+    fn sim_report(&self) -> Option<SimReport> {
+        None
+    }
+
+    /// The program text, for a target whose code is not LLVM's (the NPU's assembly).
+    fn assembly(&self) -> Option<String> {
+        None
+    }
+}
+
+/// A simulated target's figures for one run (all kernels, one after another on one core).
+#[derive(Clone, Debug, PartialEq)]
+pub struct SimReport {
+    /// Simulated cycles of all kernels.
+    pub cycles: u64,
+    /// `cycles` at the machine's clock, in milliseconds.
+    pub ms: f64,
+    /// Busy fractions of the matrix unit, the vector unit and the busiest DMA engine,
+    /// weighted by each kernel's cycles.
+    pub matrix: f64,
+    pub vector: f64,
+    pub dma: f64,
+    /// Bytes read from and written to global memory.
+    pub gm_bytes: u64,
+    /// Cycles per kernel run, in run order.
+    pub kernels: Vec<(String, u64)>,
 }
 
 /// A kernel that a target hands back to the host's reference implementation, because its code
@@ -122,7 +154,7 @@ pub fn all_with(opts: &TargetOptions) -> Vec<Box<dyn Target>> {
         Box::new(reference::Reference),
         Box::new(cpu::Cpu),
         Box::new(rvv::Rvv::new(opts.rvv_vlen)),
-        Box::new(descriptions::Described::npu()),
+        Box::new(npu::Npu),
         Box::new(descriptions::Described::cuda()),
         Box::new(descriptions::Described::rocm()),
     ]

@@ -57,6 +57,7 @@ struct Emitter<'k> {
     /// The depth of the parallel loops that run over `%lo..%hi` (one thread's share) rather
     /// than their whole extent ([`split_loop`]).
     split: Option<usize>,
+    options: MlirOptions,
 }
 
 impl Emitter<'_> {
@@ -316,7 +317,9 @@ impl Emitter<'_> {
     /// `op` on two f32 values.
     fn f2(&mut self, depth: usize, op: &str, a: &str, b: &str) -> String {
         let t = self.fresh();
-        self.line(depth, &format!("{t} = {op} {a}, {b} : f32"));
+        // Products feeding sums may fuse into FMAs (the polynomials of exp, tanh, erf).
+        let flags = if matches!(op, "arith.mulf" | "arith.addf" | "arith.subf") { " fastmath<contract>" } else { "" };
+        self.line(depth, &format!("{t} = {op} {a}, {b}{flags} : f32"));
         t
     }
 
@@ -346,11 +349,12 @@ impl Emitter<'_> {
     }
 
     /// `e^x` in straight-line code the loop vectorizer can widen (a libm call stops it):
-    /// Cephes' range reduction `x = n·ln2 + r` and degree-7 polynomial, `2^n` built in the
-    /// exponent bits; within 2 ulp of libm on the normal range, `+inf` above it and 0 below.
+    /// Cephes' range reduction `x = n·ln2 + r` and degree-7 polynomial, scaled by `2^n` with
+    /// `ldexp` (one `vscalefps` on AVX-512), which also gives `+inf` on overflow and 0 (through
+    /// subnormals) on underflow; within 2 ulp of libm. NaN stays NaN (the clamp propagates it).
     fn exp(&mut self, depth: usize, x: &str) -> String {
-        let lo = self.fk(depth, "arith.maximumf", x, -87.0);
-        let xc = self.fk(depth, "arith.minimumf", &lo, 88.3);
+        let lo = self.fk(depth, "arith.maximumf", x, -104.0);
+        let xc = self.fk(depth, "arith.minimumf", &lo, 89.0);
         let t = self.fk(depth, "arith.mulf", &xc, std::f64::consts::LOG2_E);
         let t = self.fk(depth, "arith.addf", &t, 0.5);
         let n = self.fresh();
@@ -368,20 +372,32 @@ impl Emitter<'_> {
         let p = self.f2(depth, "arith.mulf", &p, &rr);
         let p = self.f2(depth, "arith.addf", &p, &r);
         let p = self.fk(depth, "arith.addf", &p, 1.0);
-        let (ni, c127, c23, e, sh, scale) =
-            (self.fresh(), self.fresh(), self.fresh(), self.fresh(), self.fresh(), self.fresh());
+        let ni = self.fresh();
         self.line(depth, &format!("{ni} = arith.fptosi {n} : f32 to i32"));
+        if self.options.ldexp {
+            let y = self.fresh();
+            self.line(depth, &format!("{y} = llvm.intr.ldexp({p}, {ni}) : (f32, i32) -> f32"));
+            return y;
+        }
+        // Else `p · 2^⌊n/2⌋ · 2^(n-⌊n/2⌋)`, both factors built in the exponent bits (integer
+        // vector ops every vector unit has) and normal for the clamped n in [-150, 128]; the
+        // products underflow through subnormals to 0 and overflow to +inf, as ldexp does.
+        let (c127, c23, e, sh, scale) = (self.fresh(), self.fresh(), self.fresh(), self.fresh(), self.fresh());
         self.line(depth, &format!("{c127} = arith.constant 127 : i32"));
         self.line(depth, &format!("{c23} = arith.constant 23 : i32"));
-        self.line(depth, &format!("{e} = arith.addi {ni}, {c127} : i32"));
+        let (half, rest, e2, sh2, scale2) = (self.fresh(), self.fresh(), self.fresh(), self.fresh(), self.fresh());
+        let two = self.fresh();
+        self.line(depth, &format!("{two} = arith.constant 2 : i32"));
+        self.line(depth, &format!("{half} = arith.divsi {ni}, {two} : i32"));
+        self.line(depth, &format!("{rest} = arith.subi {ni}, {half} : i32"));
+        self.line(depth, &format!("{e} = arith.addi {half}, {c127} : i32"));
         self.line(depth, &format!("{sh} = arith.shli {e}, {c23} : i32"));
         self.line(depth, &format!("{scale} = arith.bitcast {sh} : i32 to f32"));
+        self.line(depth, &format!("{e2} = arith.addi {rest}, {c127} : i32"));
+        self.line(depth, &format!("{sh2} = arith.shli {e2}, {c23} : i32"));
+        self.line(depth, &format!("{scale2} = arith.bitcast {sh2} : i32 to f32"));
         let y = self.f2(depth, "arith.mulf", &p, &scale);
-        // Below ln(FLT_MIN), zero (subnormal results flushed; exp(-inf) = 0).
-        let zero = self.constant(depth, 0.0);
-        let y = self.select_cmp(depth, "olt", x, -87.33654475, &zero, &y);
-        let inf = self.constant(depth, f64::INFINITY);
-        self.select_cmp(depth, "ogt", x, 88.72283935546875, &inf, &y)
+        self.f2(depth, "arith.mulf", &y, &scale2)
     }
 
     /// `x·P(x²)/Q(x²)` with `x` clamped to `±clamp` (the rational forms Eigen uses for tanh
@@ -667,6 +683,34 @@ pub fn split_loop(k: &Kernel) -> Option<(usize, Vec<&Idx>, &Idx)> {
 /// (the JIT allocates each output; the AOT arena gives tensors live at the same kernel disjoint
 /// ranges). Inputs may be the same tensor twice: they are only read.
 pub fn to_mlir(k: &Kernel) -> String {
+    to_mlir_with(k, MlirOptions::default())
+}
+
+/// The machine-dependent choices of the MLIR a kernel becomes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MlirOptions {
+    /// `e^x` scales by `2^n` with `llvm.intr.ldexp` (one `vscalefps` on AVX-512), else by
+    /// multiplying with `2^n` built in the exponent bits: RISC-V has no ldexp instruction, and
+    /// LLVM makes a vector ldexp one `ldexpf` call per element there.
+    pub ldexp: bool,
+}
+
+impl Default for MlirOptions {
+    /// The host's (`cpu`).
+    fn default() -> MlirOptions {
+        MlirOptions { ldexp: true }
+    }
+}
+
+impl MlirOptions {
+    /// The options for code compiled for `code`.
+    pub fn for_code(code: &crate::jit::CodeTarget) -> MlirOptions {
+        MlirOptions { ldexp: !code.triple.starts_with("riscv") }
+    }
+}
+
+/// [`to_mlir`] with machine-dependent `options`.
+pub fn to_mlir_with(k: &Kernel, options: MlirOptions) -> String {
     let mut params: Vec<String> = k
         .buffers
         .iter()
@@ -676,7 +720,7 @@ pub fn to_mlir(k: &Kernel) -> String {
     params.push("%lo: index".into());
     params.push("%hi: index".into());
     let split = split_loop(k).map(|(depth, _, _)| depth);
-    let mut e = Emitter { k, out: String::new(), next: 0, slots: HashMap::new(), split };
+    let mut e = Emitter { k, out: String::new(), next: 0, slots: HashMap::new(), split, options };
     // Local buffers: allocated once per call (per thread), freed at the end.
     for (i, l) in k.locals.iter().enumerate() {
         let sizes: Vec<String> = l.size.iter().map(|d| e.idx(0, d)).collect();
@@ -825,56 +869,10 @@ impl<'a> Launch<'a> {
                 })
             })
             .collect::<Result<_, _>>()?;
-        let mut bind: HashMap<&str, usize> = HashMap::new();
-        for (t, b) in inputs.iter().zip(&k.buffers) {
-            if t.dtype() != b.dtype || t.rank() != b.shape.len() {
-                return Err(TargetError::Codegen(format!(
-                    "kernel {} input {}: expected {} of rank {}, got {} of rank {}",
-                    k.name,
-                    b.name,
-                    b.dtype,
-                    b.shape.len(),
-                    t.dtype(),
-                    t.rank()
-                )));
-            }
-            if !matches!(t.data, Data::F32(_) | Data::Bool(_)) {
-                return Err(TargetError::Codegen(format!("kernel {}: a {} buffer", k.name, t.dtype())));
-            }
-            for (d, &n) in b.shape.iter().zip(&t.shape) {
-                match d {
-                    Dim::Known(m) if *m as usize != n => {
-                        return Err(TargetError::Codegen(format!("kernel {} input {}: dim {m} != {n}", k.name, b.name)))
-                    }
-                    Dim::Sym(s) => {
-                        if let Some(prev) = bind.insert(s, n) {
-                            if prev != n {
-                                return Err(TargetError::Codegen(format!(
-                                    "kernel {}: dim '{s}' is {prev} in one input and {n} in another",
-                                    k.name
-                                )));
-                            }
-                        }
-                    }
-                    _ => {}
-                }
-            }
+        if let Some(t) = inputs.iter().find(|t| !matches!(t.data, Data::F32(_) | Data::Bool(_))) {
+            return Err(TargetError::Codegen(format!("kernel {}: a {} buffer", k.name, t.dtype())));
         }
-        let outputs = k
-            .outputs()
-            .iter()
-            .map(|b| {
-                b.shape
-                    .iter()
-                    .map(|d| match d {
-                        Dim::Known(n) => Ok(*n as usize),
-                        Dim::Sym(s) => bind.get(&**s).copied().ok_or_else(|| {
-                            TargetError::Codegen(format!("kernel {}: output dim '{s}' is bound by no input", k.name))
-                        }),
-                    })
-                    .collect::<Result<Vec<_>, _>>()
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+        let outputs = output_shapes(k, &inputs)?;
         let all: Vec<&[usize]> =
             inputs.iter().map(|t| t.shape.as_slice()).chain(outputs.iter().map(Vec::as_slice)).collect();
         let computable = |e: &Idx| {
@@ -1003,6 +1001,58 @@ impl Backend for JitBackend {
     }
 }
 
+/// The shapes of kernel `k`'s outputs for `inputs` (its input buffers' tensors, in order): each
+/// input is checked against its buffer (dtype, rank, known dims, one size per symbol), and the
+/// outputs' symbolic dims take the sizes the inputs bind.
+pub(crate) fn output_shapes(k: &Kernel, inputs: &[&Tensor]) -> Result<Vec<Vec<usize>>, TargetError> {
+    let mut bind: HashMap<&str, usize> = HashMap::new();
+    for (t, b) in inputs.iter().zip(&k.buffers) {
+        if t.dtype() != b.dtype || t.rank() != b.shape.len() {
+            return Err(TargetError::Codegen(format!(
+                "kernel {} input {}: expected {} of rank {}, got {} of rank {}",
+                k.name,
+                b.name,
+                b.dtype,
+                b.shape.len(),
+                t.dtype(),
+                t.rank()
+            )));
+        }
+        for (d, &n) in b.shape.iter().zip(&t.shape) {
+            match d {
+                Dim::Known(m) if *m as usize != n => {
+                    return Err(TargetError::Codegen(format!("kernel {} input {}: dim {m} != {n}", k.name, b.name)))
+                }
+                Dim::Sym(s) => {
+                    if let Some(prev) = bind.insert(s, n) {
+                        if prev != n {
+                            return Err(TargetError::Codegen(format!(
+                                "kernel {}: dim '{s}' is {prev} in one input and {n} in another",
+                                k.name
+                            )));
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    k.outputs()
+        .iter()
+        .map(|b| {
+            b.shape
+                .iter()
+                .map(|d| match d {
+                    Dim::Known(n) => Ok(*n as usize),
+                    Dim::Sym(s) => bind.get(&**s).copied().ok_or_else(|| {
+                        TargetError::Codegen(format!("kernel {}: output dim '{s}' is bound by no input", k.name))
+                    }),
+                })
+                .collect()
+        })
+        .collect()
+}
+
 /// A kernel compiled to native code on its own.
 pub struct NativeKernel {
     kernel: Kernel,
@@ -1033,12 +1083,13 @@ impl NativeKernel {
 enum Step {
     /// A constant: its value, shared by every run.
     Constant(std::rc::Rc<Tensor>),
-    /// A kernel compiled to native code: function `function` of the model's [`Backend`].
-    Kernel { kernel: Kernel, function: usize, heavy: bool },
+    /// A kernel compiled to native code: function `function` of the model's [`Backend`];
+    /// `planted` adds 0.5 to every element it outputs ([`PLANT_BUG_ENV`]).
+    Kernel { kernel: Kernel, function: usize, heavy: bool, planted: bool },
 }
 
 /// The environment variable that plants a wrong kernel, for testing `kiln run --check`: its
-/// value names a node; the native kernel computing it adds 0.5 to what it stores.
+/// value names a node; the native kernel computing it adds 0.5 to every element it outputs.
 pub const PLANT_BUG_ENV: &str = "KILN_DEBUG_WRONG_KERNEL";
 
 /// The ops of `m` that launch a kernel, in program order, with the names every stage gives
@@ -1056,14 +1107,14 @@ pub fn launched_kernels(m: &kiln_ir::Module) -> Vec<(kiln_ir::ir::OpId, String)>
 
 /// The MLIR of `kernels` as one module, each set of identical kernels (repeated blocks of a
 /// network) emitted once; and for each kernel, the function that computes it.
-pub fn module_text<'k>(kernels: impl IntoIterator<Item = &'k Kernel>) -> (String, Vec<String>) {
+pub fn module_text<'k>(kernels: impl IntoIterator<Item = &'k Kernel>, options: MlirOptions) -> (String, Vec<String>) {
     let mut functions: HashMap<String, String> = HashMap::new();
     let mut text = String::new();
     let mut function_of = Vec::new();
     for k in kernels {
         let key = format!("{:?}", Kernel { name: String::new(), ..k.clone() });
         let f = functions.entry(key).or_insert_with(|| {
-            text.push_str(&to_mlir(k));
+            text.push_str(&to_mlir_with(k, options));
             k.name.clone()
         });
         function_of.push(f.clone());
@@ -1091,16 +1142,10 @@ pub struct NativeModel {
     backend: Option<Box<dyn Backend>>,
 }
 
-/// Adds 0.5 to the first value `body` stores (a planted bug).
-fn plant_bug(body: &mut [Stmt]) -> bool {
-    body.iter_mut().any(|s| match s {
-        Stmt::For { body, .. } => plant_bug(body),
-        Stmt::Store { value, .. } => {
-            *value = Val::Bin(BinOp::Add, Box::new(value.clone()), Box::new(Val::Const(0.5)));
-            true
-        }
-        Stmt::Let { .. } | Stmt::Mma(_) => false,
-    })
+/// A planted bug's output: 0.5 added to every element.
+fn plant_bug(t: Tensor) -> Tensor {
+    let values = t.as_f32().expect("kernel outputs are f32").iter().map(|x| x + 0.5).collect();
+    Tensor::from_f32(&t.shape, values)
 }
 
 /// Keeps freed tensor memory in the process (glibc): kernel outputs of a few MB would otherwise
@@ -1126,11 +1171,18 @@ fn keep_freed_memory() {
 impl NativeModel {
     /// Compiles `m` for the host: its kernels JIT-compiled in process ([`JitBackend`]).
     pub fn compile(m: &kiln_ir::Module) -> Result<NativeModel, TargetError> {
-        NativeModel::compile_with(m, &|mlir, functions| Ok(Box::new(JitBackend::compile(mlir, functions)?)))
+        let jit: Build = &|mlir, functions| Ok(Box::new(JitBackend::compile(mlir, functions)?));
+        NativeModel::compile_with(m, crate::cpu::schedule(), MlirOptions::default(), jit)
     }
 
-    /// Compiles `m` with its kernels on the backend `build` makes from their MLIR module.
-    pub fn compile_with(m: &kiln_ir::Module, build: Build) -> Result<NativeModel, TargetError> {
+    /// Compiles `m`, its kernels lowered with `schedule` (the target's tile sizes) and emitted
+    /// with `options`, on the backend `build` makes from their MLIR module.
+    pub fn compile_with(
+        m: &kiln_ir::Module,
+        schedule: &kiln_passes::lower::Schedule,
+        options: MlirOptions,
+        build: Build,
+    ) -> Result<NativeModel, TargetError> {
         keep_freed_memory();
         use kiln_passes::fusion::{classify, OpClass};
         let planted = std::env::var(PLANT_BUG_ENV).ok();
@@ -1147,13 +1199,8 @@ impl NativeModel {
         }
         for (o, name) in launched_kernels(m) {
             let op = m.op(o);
-            match kiln_passes::lower::lower(m, o, &name) {
-                Ok(mut k) => {
-                    if planted.as_deref() == Some(op.node_name()) {
-                        plant_bug(&mut k.body);
-                    }
-                    kernels.push((o, k));
-                }
+            match kiln_passes::lower::lower_with(m, o, &name, schedule) {
+                Ok(k) => kernels.push((o, k)),
                 Err(why) => {
                     host.push(HostKernel { name, node: op.node_name().to_string(), op: op.op_type().to_string(), why })
                 }
@@ -1163,14 +1210,15 @@ impl NativeModel {
             None
         } else {
             // Identical kernels (repeated blocks of a network) are compiled once.
-            let (text, function_of) = module_text(kernels.iter().map(|(_, k)| k));
+            let (text, function_of) = module_text(kernels.iter().map(|(_, k)| k), options);
             let mut functions: Vec<String> = Vec::new();
             for ((o, kernel), f) in kernels.into_iter().zip(function_of) {
                 let function = functions.iter().position(|g| *g == f).unwrap_or_else(|| {
                     functions.push(f);
                     functions.len() - 1
                 });
-                steps.insert(o, Step::Kernel { heavy: heavy(&kernel.body), kernel, function });
+                let planted = planted.as_deref() == Some(m.op(o).node_name());
+                steps.insert(o, Step::Kernel { heavy: heavy(&kernel.body), kernel, function, planted });
             }
             Some(build(&text, &functions)?)
         };
@@ -1205,11 +1253,12 @@ impl NativeModel {
         let native = |o: kiln_ir::ir::OpId, operands: &[Option<&Tensor>]| {
             Some(match self.steps.get(&o)? {
                 Step::Constant(t) => Ok(vec![t.clone()]),
-                Step::Kernel { kernel, function, heavy } => {
+                Step::Kernel { kernel, function, heavy, planted } => {
                     let refs: Vec<&Tensor> = operands.iter().map(|t| t.unwrap_or(&omitted)).collect();
                     let backend = self.backend.as_ref().expect("a model with kernels has a backend");
                     Launch::new(kernel, &refs, *heavy)
                         .and_then(|l| backend.launch(*function, &l))
+                        .map(|outs| if *planted { outs.into_iter().map(plant_bug).collect() } else { outs })
                         .map_err(|e| kiln_ir::graph::OpError(e.to_string()))
                         .map(|outs| outs.into_iter().map(Rc::new).collect())
                 }

@@ -30,6 +30,7 @@ impl Target for Reference {
             }],
             vector_gflops: 1.0,
             vector_bits: 0,
+            vector_registers: 0,
             matrix_shape: vec![],
             matrix_gflops: 0.0,
             launch_us: 0.5,

@@ -21,7 +21,7 @@
 //! Wall times under qemu are the emulator's, not a RISC-V chip's.
 
 use crate::jit::{emit_for, Artifact, CodeTarget};
-use crate::native::{Backend, Launch, NativeModel};
+use crate::native::{Backend, Launch, MlirOptions, NativeModel};
 use crate::{Executable, Target, TargetError};
 use kiln_ir::machine::{MachineDescription, MemoryLevel};
 use kiln_ir::tensor::Data;
@@ -63,7 +63,11 @@ impl Rvv {
         check_vlen(self.vlen)
             .map_err(|why| TargetError::Codegen(format!("rvv: {why} (give --rvv-vlen 128, 256, 512 or 1024)")))?;
         let vlen = self.vlen;
-        NativeModel::compile_with(m, &|mlir, functions| Ok(Box::new(Runner::build(mlir, functions, vlen)?)))
+        let schedule = kiln_passes::lower::Schedule::for_machine(&self.machine());
+        let options = MlirOptions::for_code(&CodeTarget::riscv64(vlen));
+        NativeModel::compile_with(m, &schedule, options, &|mlir, functions| {
+            Ok(Box::new(Runner::build(mlir, functions, vlen)?))
+        })
     }
 }
 
@@ -96,6 +100,8 @@ impl Target for Rvv {
             levels: vec![level("dram", 8 << 20, 12.0, 200), level("l2", 1024, 64.0, 20), level("l1", 64, 128.0, 4)],
             vector_gflops: 64.0 * f64::from(self.vlen) / 256.0,
             vector_bits: self.vlen,
+            // v0-v31; register tiles are sized by them (`Schedule::for_machine`).
+            vector_registers: 32,
             matrix_shape: vec![],
             matrix_gflops: 0.0,
             launch_us: 2.0,
@@ -133,7 +139,12 @@ fn cross_cc() -> String {
 /// What `kiln compile --target rvv -o DIR` builds for: riscv64 code at `vlen`, the driver
 /// compiled and the shared library linked by the riscv64 cross gcc.
 pub fn aot_target(vlen: u32) -> crate::aot::AotTarget {
-    crate::aot::AotTarget { target: "rvv", code: CodeTarget::riscv64(vlen), cc: cross_cc() }
+    crate::aot::AotTarget {
+        target: "rvv",
+        code: CodeTarget::riscv64(vlen),
+        cc: cross_cc(),
+        schedule: kiln_passes::lower::Schedule::for_machine(&Rvv::new(vlen).machine()),
+    }
 }
 
 fn tool_error(tool: &str, why: impl std::fmt::Display) -> TargetError {

@@ -171,6 +171,7 @@ pub(crate) fn machine() -> MachineDescription {
         levels: vec![level("dram", 16 << 30, 20.0, 200), level("l1", 32 << 10, 400.0, 4)],
         vector_gflops: 80.0,
         vector_bits: 256,
+        vector_registers: 16,
         matrix_shape: vec![],
         matrix_gflops: 0.0,
         launch_us: 2.0,

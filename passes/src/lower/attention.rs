@@ -1,12 +1,16 @@
 //! Attention kernels: `softmax(Q·Kᵀ·scale + mask)·V` for one `Attention` op (4-D `[B, H, S, D]`
-//! operands, optional additive mask, `is_causal`, grouped-query heads), with the layout
-//! prologue of its fused group (head-split reshapes and transposes) folded into the loads.
+//! operands, optional additive or boolean mask, `is_causal`, grouped-query heads), with the
+//! layout prologue of its fused group (head-split reshapes and transposes) folded into the loads.
 //!
-//! Per query row, the scores live in a local buffer of the key length (one per thread):
-//! `scores[j] = scale·(q·k_j) + mask`; then the row max, `exp(scores - max)` in place and its
-//! sum; the output row accumulates `p_j · v_j` (the head dim innermost, contiguous in V and
-//! the output) and is scaled by `1/sum` at the end. With `is_causal` the key loops stop at
-//! the diagonal (`j <= i`). The parallel loop runs over batch × heads.
+//! The parallel loop runs over batch × heads. Per head, `Kᵀ` is packed once into a local
+//! `[D, T]` panel; then blocks of `attention_rows` queries (8 on AVX-512) (the last ones one at a time):
+//! - `scores[r, j] = q_r · k_j` on register tiles ([`Mma`]: rows are queries, columns
+//!   `mma_cols` keys, the head dim reduced), into a local `[attention_rows, T]`;
+//! - per row: scale and mask, max, `exp(s - max)` in place, sum, normalize (a row masked out
+//!   entirely gives zeros, as the reference does); with `is_causal` a row sees keys `j <= i`
+//!   and its later keys are zeroed;
+//! - `out = P·V` on register tiles (rows are queries, columns the head dim, keys reduced) when
+//!   V's rows are contiguous runs of a buffer, else a per-key loop with the head dim innermost.
 
 use super::{b, LowerResult, Lowering};
 use kiln_ir::graph::AttrView;
@@ -77,7 +81,7 @@ pub(super) fn body(lw: &Lowering, att: OpId, out_buf: usize, locals_at: usize) -
     let (kt, scores) = (locals_at, locals_at + 1);
     let locals = vec![
         Local { name: "keys_t".into(), size: vec![d.clone(), t.clone()] },
-        Local { name: "scores".into(), size: vec![Idx::Const(ATTENTION_ROWS as i64), t.clone()] },
+        Local { name: "scores".into(), size: vec![Idx::Const(lw.sched.attention_rows as i64), t.clone()] },
     ];
     // Kᵀ of the head, packed once: kt[e, j] = K[b, kv_head, j, e] (loop variables 1, 2).
     let pack = for_(
@@ -136,12 +140,12 @@ pub(super) fn body(lw: &Lowering, att: OpId, out_buf: usize, locals_at: usize) -
                 vec![Stmt::Store { buf: scores, index: vec![Idx::Var(2), Idx::Var(3)], value: Val::Const(0.0) }],
             )],
         )];
-        // scores = Q·Kᵀ, tiles of rows × ATTENTION_COLS keys (loop variable 2; 3 runs over e).
-        stmts.extend(tiles(kend.clone(), &|j0, valid| {
+        // scores = Q·Kᵀ, tiles of rows × `mma_cols` keys (loop variable 2; 3 runs over e).
+        stmts.extend(tiles(lw.sched.mma_cols, kend.clone(), &|j0, valid| {
             Ok(Stmt::Mma(Box::new(Mma {
                 rows,
-                cols: ATTENTION_COLS,
-                lanes: ATTENTION_LANES,
+                cols: lw.sched.mma_cols,
+                lanes: lw.sched.lanes,
                 valid,
                 row: ROW,
                 red: vec![(3, d.clone())],
@@ -225,16 +229,16 @@ pub(super) fn body(lw: &Lowering, att: OpId, out_buf: usize, locals_at: usize) -
             ),
         ]);
         stmts.push(for_(2, Idx::Const(rows as i64), per_row));
-        // out += P·V: tiles of rows × ATTENTION_COLS of the head dim over the keys (loop
+        // out += P·V: tiles of rows × `mma_cols` of the head dim over the keys (loop
         // variable 3), or per row and key with the head dim innermost.
         match &v_rows {
-            Some((vbuf, lead, base, key_var)) => stmts.extend(tiles(dv.clone(), &|z0, valid| {
+            Some((vbuf, lead, base, key_var)) => stmts.extend(tiles(lw.sched.mma_cols, dv.clone(), &|z0, valid| {
                 let mut index: Vec<Idx> = lead.iter().map(|x| x.subst(*key_var, &Idx::Var(3))).collect();
                 index.push(Idx::Add(b(base.subst(*key_var, &Idx::Var(3))), b(z0.clone())).simplify());
                 Ok(Stmt::Mma(Box::new(Mma {
                     rows,
-                    cols: ATTENTION_COLS,
-                    lanes: ATTENTION_LANES,
+                    cols: lw.sched.mma_cols,
+                    lanes: lw.sched.lanes,
                     valid,
                     row: ROW,
                     red: vec![(3, kend.clone())],
@@ -269,26 +273,20 @@ pub(super) fn body(lw: &Lowering, att: OpId, out_buf: usize, locals_at: usize) -
         }
         Ok(stmts)
     };
-    let qr = ATTENTION_ROWS as i64;
+    let qr = lw.sched.attention_rows as i64;
     let full = Idx::Div(b(s.clone()), b(Idx::Const(qr)));
     let rest = Idx::Mul(b(full.clone()), b(Idx::Const(qr)));
     let body = vec![for_par(
         heads,
         nonempty(vec![
             pack,
-            for_(1, full, block(Idx::Mul(b(Idx::Var(1)), b(Idx::Const(qr))), ATTENTION_ROWS)?),
+            for_(1, full, block(Idx::Mul(b(Idx::Var(1)), b(Idx::Const(qr))), lw.sched.attention_rows)?),
             for_(1, Idx::Rem(b(s), b(Idx::Const(qr))), block(Idx::Add(b(rest), b(Idx::Var(1))), 1)?),
         ]),
     )];
     Ok((locals, body))
 }
 
-/// Query rows of an attention block (a register tile's rows).
-pub const ATTENTION_ROWS: usize = 8;
-/// Columns of an attention register tile (keys for Q·Kᵀ, head dims for P·V).
-pub const ATTENTION_COLS: usize = 32;
-/// Lanes of an attention register tile's vectors.
-pub const ATTENTION_LANES: usize = 16;
 /// The loop variable standing for a register tile's row (never a loop of its own).
 const ROW: usize = 63;
 
@@ -300,10 +298,10 @@ fn for_par(extent: Idx, body: Vec<Stmt>) -> Stmt {
     Stmt::For { var: 0, extent: extent.simplify(), parallel: true, body }
 }
 
-/// Register tiles over `0..n` columns in steps of [`ATTENTION_COLS`] (loop variable 2): full
+/// Register tiles over `0..n` columns in steps of `cols` (loop variable 2): full
 /// tiles, then a masked last one; `tile(first column, valid columns)`.
-fn tiles(n: Idx, tile: &dyn Fn(Idx, Idx) -> LowerResult<Stmt>) -> LowerResult<Vec<Stmt>> {
-    let cols = Idx::Const(ATTENTION_COLS as i64);
+fn tiles(cols: usize, n: Idx, tile: &dyn Fn(Idx, Idx) -> LowerResult<Stmt>) -> LowerResult<Vec<Stmt>> {
+    let cols = Idx::Const(cols as i64);
     let full = Idx::Div(b(n.clone()), b(cols.clone()));
     let done = Idx::Mul(b(full.clone()), b(cols.clone()));
     Ok(nonempty(vec![

@@ -14,12 +14,15 @@
 //!   tap is in bounds and edge columns (index arithmetic with [`Idx::Min`]/[`Idx::Max`]: no
 //!   bounds check in the interior and no padding copy).
 //! - MatMul (2-D and batched with broadcast batch dims) and Gemm (`transA`, `transB`, `alpha`,
-//!   `beta`, `C` broadcast, 1-D operands): rows in parallel blocks of [`MATMUL_ROW_BLOCK`]; per
-//!   block, tiles of [`MATMUL_TILE_N`] columns and [`MATMUL_TILE_K`] values of `k`; per tile,
-//!   [`MATMUL_ROWS`] rows at a time accumulate `C[i, j] += Σ_v A[i, k + v] · B[k + v, j]` over
-//!   [`MATMUL_K_UNROLL`] values of `k` with `j` innermost (the `A` values hoisted as scalars,
-//!   the `B` values loaded once for all rows). With `transB` the `j` loop reads `B` with a
-//!   stride (a gather): a constant `B` is better transposed ahead of time.
+//!   `beta`, `C` broadcast, 1-D operands): rows in parallel blocks (the [`Schedule`]'s
+//!   `matmul_row_block`, 64); per block, tiles of 1024 columns and 128 values of `k`. Per tile, each
+//!   32-column strip of `B` is packed into a contiguous `b_panel` local (any `B`
+//!   layout, transposed included; no L1 set conflicts from power-of-two row strides), then
+//!   register tiles ([`Mma`]) of 8 rows × 32 columns (on AVX-512) accumulate
+//!   over the `k` tile while the panel stays in L1. With fewer than 16 rows known (a
+//!   matrix-vector product, a batch-1 FC layer) nothing would share the panel: [`MATMUL_ROWS`]
+//!   rows at a time accumulate `C[i, j] += Σ_v A[i, k + v] · B[k + v, j]` over
+//!   [`MATMUL_K_UNROLL`] values of `k` with `j` innermost, streaming `B`'s rows.
 //!
 //! Every loop nest parallelizes over its outermost loop, whose iterations write disjoint parts
 //! of the output (output channels of an image; a block of rows). A MatMul whose accumulate form
@@ -27,7 +30,7 @@
 //! writes, an output of another shape) is left to the inline-reduction form of
 //! [`super::lower`]; such a Conv is refused.
 
-use super::{b, LowerResult, Lowering};
+use super::{b, LowerResult, Lowering, Schedule};
 use kiln_ir::graph::AttrView;
 use kiln_ir::ir::{Module, OpId, ValueId};
 use kiln_ir::kernel::{BinOp, Buffer, Idx, Kernel, Knobs, Local, Mma, Stmt, Val};
@@ -38,21 +41,11 @@ use std::collections::HashMap;
 // Schedule constants (to become `Knobs` the autotuner sets), chosen on a 512×768·768×768
 // MatMul, a 256×4096·4096×4096 one and a 64-channel 56×56 3×3 Conv on one Zen 4 core.
 
-/// Rows of a MatMul's output per parallel iteration (the rows sharing a `B` panel).
-pub const MATMUL_ROW_BLOCK: i64 = 64;
-/// Columns of a MatMul's output per tile.
-pub const MATMUL_TILE_N: i64 = 1024;
-/// Values of the reduction dim per tile (the `B` panel `MATMUL_TILE_K × MATMUL_TILE_N` stays
-/// in cache while the rows of a block reuse it).
-pub const MATMUL_TILE_K: i64 = 128;
 /// Rows of a MatMul's output accumulated together (each `B` value loaded serves them all).
 pub const MATMUL_ROWS: usize = 4;
 /// Values of the reduction dim added per pass over a row tile (loads and stores of the
 /// output per product divided by this).
 pub const MATMUL_K_UNROLL: usize = 4;
-/// Rows of an [`Mma`] tile of a MatMul whose `B` rows are contiguous (each `B` vector loaded
-/// serves them all).
-pub const MATMUL_MMA_ROWS: usize = 8;
 /// Output channels of a Conv accumulated together (each input value loaded serves them all),
 /// at most: the largest divisor of the channels per group up to this.
 pub const CONV_OC_BLOCK: i64 = 4;
@@ -62,17 +55,6 @@ pub const CONV_MAX_TAP_UNROLL: i64 = 8;
 
 // Register tiles ([`Mma`]), sized for 32 vector registers of 16 lanes (AVX-512): `rows ×
 // cols / lanes` accumulators plus the `B` vectors and a broadcast.
-
-/// Lanes of an [`Mma`] tile's vectors.
-pub const MMA_LANES: usize = 16;
-/// Columns of an [`Mma`] tile (two vectors).
-pub const MMA_COLS: usize = 32;
-/// Rows of an [`Mma`] tile whose columns are output pixels (a 1×1 Conv as a GEMM: rows are
-/// output channels), at most: the largest divisor of the channels per group up to this.
-pub const MMA_CHANNEL_ROWS: usize = 8;
-/// Rows of an [`Mma`] tile whose columns are output channels (a direct Conv: rows are output
-/// pixels of one output row), at most (a row of known width is split into even tiles).
-pub const MMA_PIXEL_ROWS: usize = 8;
 
 fn add(x: Idx, y: Idx) -> Idx {
     Idx::Add(b(x), b(y))
@@ -128,6 +110,7 @@ pub(super) struct Parts<'a> {
     pub syms: &'a HashMap<String, (usize, usize)>,
     pub inside: &'a HashMap<ValueId, OpId>,
     pub outer: &'a HashMap<ValueId, ValueId>,
+    pub sched: &'a Schedule,
 }
 
 /// The kernel of a contraction (a Conv, MatMul or Gemm, alone or anchoring the kernel's ops)
@@ -214,6 +197,7 @@ impl<'p, 'm> Builder<'p, 'm> {
             next_var: Default::default(),
             outer: p.outer.clone(),
             windows: RefCell::new(Vec::new()),
+            sched: p.sched.clone(),
         };
         Ok(Builder { p, lw, anchor, result, acc, stores, next_slot: Cell::new(0) })
     }
@@ -507,9 +491,9 @@ impl<'p, 'm> Builder<'p, 'm> {
     ///
     /// - A 1×1 Conv with unit strides and no padding is a GEMM per image and group:
     ///   `Y[co, p] += W[co, ci] · X[ci, p]` over the flattened pixels `p`; tiles of
-    ///   [`MMA_CHANNEL_ROWS`] output channels × [`MMA_COLS`] pixels (the last tile masked).
-    /// - Any other Conv whose groups have a multiple of [`MMA_LANES`] output channels is direct:
-    ///   per output row, tiles of [`MMA_PIXEL_ROWS`] output pixels × 32 (or 16) output channels,
+    ///   up to 8 output channels × 32 pixels (on AVX-512; the [`Schedule`] sets both) (the last tile masked).
+    /// - Any other Conv whose groups have a multiple of the vector lanes in output channels is direct:
+    ///   per output row, tiles of up to 8 output pixels × 32 (or 16) output channels,
     ///   reducing over input channels and taps, the weights of the channel block packed into a
     ///   local `[taps, channels]` panel first so that each tap's channels are one vector load.
     ///   The taps in the padding along the leading axis are cut off the reduction's range per
@@ -541,21 +525,21 @@ impl<'p, 'm> Builder<'p, 'm> {
         // Same extents in and out (no end padding either): pixel p is the same element of both.
         let pointwise = g.kernel == [1, 1] && g.strides == [1, 1] && g.pad == [0, 0] && g.out_dims == g.in_dims;
         if let (true, Some(xb)) = (pointwise, self.param(g.x)) {
-            let mr = (1..=MMA_CHANNEL_ROWS as i64).rev().find(|r| cog % r == 0).unwrap_or(1);
+            let mr = (1..=self.lw.sched.conv_channel_rows as i64).rev().find(|r| cog % r == 0).unwrap_or(1);
             let tiles = c(mk / mr);
             // Loop variables: 0 (image, tile of channels), 1 pixel tile, 2 input channel.
             let ni = div(Idx::Var(0), tiles.clone());
             let co0 = mul(rem(Idx::Var(0), tiles.clone()), c(mr));
             let ch0 = mul(div(co0.clone(), c(cog)), g.cg.clone());
             let pixels = mul(oh.clone(), ow.clone());
-            let cols = MMA_COLS as i64;
+            let cols = self.lw.sched.mma_cols as i64;
             let full = div(pixels.clone(), c(cols));
             let tile = |p0: Idx, valid: Idx| -> LowerResult<Stmt> {
                 let a = lw.value(g.w, &simplified(&[add(co0.clone(), Idx::Var(ROW)), Idx::Var(2), c(0), c(0)]))?;
                 Ok(Stmt::Mma(Box::new(Mma {
                     rows: mr as usize,
-                    cols: MMA_COLS,
-                    lanes: MMA_LANES,
+                    cols: self.lw.sched.mma_cols,
+                    lanes: self.lw.sched.lanes,
                     valid: valid.simplify(),
                     row: ROW,
                     red: vec![(2, g.cg.clone())],
@@ -581,8 +565,8 @@ impl<'p, 'm> Builder<'p, 'm> {
         // Direct: output channels in the vectors.
         let nr = if cog % 32 == 0 {
             32
-        } else if cog % MMA_LANES as i64 == 0 {
-            MMA_LANES as i64
+        } else if cog % self.lw.sched.lanes as i64 == 0 {
+            self.lw.sched.lanes as i64
         } else {
             return Ok(None);
         };
@@ -641,7 +625,7 @@ impl<'p, 'm> Builder<'p, 'm> {
             Ok(Stmt::Mma(Box::new(Mma {
                 rows,
                 cols: nr as usize,
-                lanes: MMA_LANES,
+                lanes: self.lw.sched.lanes,
                 valid: c(nr),
                 row: ROW,
                 red: vec![(3, g.cg.clone()), (4, ny.clone()), (5, nx.simplify())],
@@ -656,10 +640,10 @@ impl<'p, 'm> Builder<'p, 'm> {
         let h = max(l.clone(), g.end_out(1, c(kw - 1))).simplify();
         let mut per_row = Vec::new();
         if let (Idx::Const(owk), Idx::Const(lk), Idx::Const(hk)) = (&ow, &l, &h) {
-            // Known sizes: the row in even tiles of at most MMA_PIXEL_ROWS pixels; a tile with
+            // Known sizes: the row in even tiles of at most `conv_pixel_rows` pixels; a tile with
             // pixels outside [l, h) guards its loads; a run of interior tiles is one loop.
             let (owk, lk, hk) = (*owk, *lk, *hk);
-            let mr = ceil_div_const(owk, ceil_div_const(owk, MMA_PIXEL_ROWS as i64));
+            let mr = ceil_div_const(owk, ceil_div_const(owk, self.lw.sched.conv_pixel_rows as i64));
             let mut run: Option<(i64, i64)> = None;
             let flush = |run: &mut Option<(i64, i64)>, per_row: &mut Vec<Stmt>| -> LowerResult<()> {
                 if let Some((from, count)) = run.take() {
@@ -688,7 +672,7 @@ impl<'p, 'm> Builder<'p, 'm> {
             // Sizes known at run time: interior tiles, then edge pixels one at a time with
             // their own taps.
             let width = sub(h.clone(), l.clone()).simplify();
-            let mr = MMA_PIXEL_ROWS as i64;
+            let mr = self.lw.sched.conv_pixel_rows as i64;
             let full = div(width.clone(), c(mr));
             per_row.push(for_(
                 2,
@@ -744,6 +728,7 @@ impl<'p, 'm> Builder<'p, 'm> {
     /// `Ok(None)` when the fast form does not apply.
     fn matmul(&self) -> LowerResult<Option<(Vec<Stmt>, Vec<Local>)>> {
         let lw = &self.lw;
+        let sched = &lw.sched;
         let op = self.p.m.op(self.anchor);
         let gemm = op.op_type() == "Gemm";
         let (a, bm) = (self.operand(0).ok_or("no A")?, self.operand(1).ok_or("no B")?);
@@ -798,14 +783,14 @@ impl<'p, 'm> Builder<'p, 'm> {
             }
         }
         // Loop variables: 0 (batch, row block), 1 column tile, 2 row group, 3.. inside.
-        let groups = ceil_div(rows.clone(), MATMUL_ROW_BLOCK);
+        let groups = ceil_div(rows.clone(), sched.matmul_row_block);
         let v0 = Idx::Var(0);
         let (bt, grp) =
             if shared { (c(0), v0.clone()) } else { (div(v0.clone(), groups.clone()), rem(v0, groups.clone())) };
-        let g0 = mul(grp, c(MATMUL_ROW_BLOCK));
-        let grows = min(c(MATMUL_ROW_BLOCK), sub(rows.clone(), g0.clone()));
-        let j0 = mul(Idx::Var(1), c(MATMUL_TILE_N));
-        let nj = min(c(MATMUL_TILE_N), sub(nn.clone(), j0.clone()));
+        let g0 = mul(grp, c(sched.matmul_row_block));
+        let grows = min(c(sched.matmul_row_block), sub(rows.clone(), g0.clone()));
+        let j0 = mul(Idx::Var(1), c(sched.matmul_tile_n));
+        let nj = min(c(sched.matmul_tile_n), sub(nn.clone(), j0.clone()));
         // The index into `virt` (all but the column) of row `row` (an index into rows).
         let prefix = |row: Idx| -> LowerResult<Vec<Idx>> {
             if shared {
@@ -951,87 +936,70 @@ impl<'p, 'm> Builder<'p, 'm> {
             ])
         };
         // Loop variables: 0 (batch, row group), 1 column tile, 2 reduction tile or rows, 3 rows.
-        let kt = MATMUL_TILE_K;
+        let kt = sched.matmul_tile_k;
         let k0 = mul(Idx::Var(2), c(kt));
         let kl = min(c(kt), sub(kk.clone(), k0.clone()));
         let mut tile = rows_loop(2, &|row0, u| init(row0, u, 3))?;
         let mut locals = Vec::new();
-        let ktile = match self.param(bm).filter(|_| !b_vec && !tb) {
-            // B's rows are contiguous in a buffer: register tiles.
-            Some(bbuf) => {
-                // The loop variable standing for an Mma tile's row (never a loop of its own).
-                const ROW: usize = 63;
-                let (cols, mr) = (MMA_COLS as i64, MATMUL_MMA_ROWS as i64);
-                let k = add(k0.clone(), Idx::Var(5));
-                // A panel of MATMUL_TILE_K × MMA_COLS for the `B` tile, unless the rows are
-                // known to be too few to pay for packing.
-                let panel = match rows {
-                    Idx::Const(n) if n < 2 * mr => None,
-                    _ => {
-                        locals.push(Local { name: "b_panel".into(), size: vec![c(MATMUL_TILE_K), c(cols)] });
-                        Some(self.p.buffers.len())
-                    }
-                };
-                // The tile of `rows` rows from `row0` and columns from `jt` (`valid` of them),
-                // over the reduction tile (loop variable 5), reading `B` from the panel if any.
-                let mma = |row0: Idx, rows: usize, jt: &Idx, valid: &Idx| -> LowerResult<Stmt> {
-                    let pre = prefix(add(row0.clone(), Idx::Var(ROW)))?;
-                    let b = match panel {
-                        Some(pb) => (pb, vec![Idx::Var(5), c(0)]),
-                        None => (bbuf, simplified(&b_idx(&prefix(row0)?, k.clone(), jt.clone())?)),
-                    };
-                    Ok(Stmt::Mma(Box::new(Mma {
-                        rows,
-                        cols: MMA_COLS,
-                        lanes: MMA_LANES,
-                        valid: valid.clone().simplify(),
-                        row: ROW,
-                        red: vec![(5, kl.clone().simplify())],
-                        a: lw.value(a, &a_idx(&pre, k.clone())?)?,
-                        b,
-                        c: (acc, with_col(&pre, jt.clone())),
-                        c_col: c(1),
-                    })))
-                };
-                // One column tile (loop variable 3) for every row of the group: tiles of
-                // MATMUL_MMA_ROWS rows (loop variable 4), then one row at a time; the `B` tile
-                // stays in L1 while the rows go by. With enough rows to share it, the tile is
-                // first packed into a contiguous panel: `B`'s rows a power of two apart would
-                // fall into a few L1 sets and evict each other.
-                let over_rows = |jt: Idx, valid: Idx| -> LowerResult<Vec<Stmt>> {
-                    let full = div(grows.clone(), c(mr));
-                    let rest = add(g0.clone(), mul(full.clone(), c(mr)));
-                    let mut s = Vec::new();
-                    if let Some(pb) = panel {
-                        let at =
-                            b_idx(&prefix(g0.clone())?, add(k0.clone(), Idx::Var(4)), add(jt.clone(), Idx::Var(5)))?;
-                        let store =
-                            Stmt::Store { buf: pb, index: vec![Idx::Var(4), Idx::Var(5)], value: lw.value(bm, &at)? };
-                        s.push(for_(4, kl.clone(), false, vec![for_(5, valid.clone(), false, vec![store])]));
-                    }
-                    let tiles = mma(add(g0.clone(), mul(Idx::Var(4), c(mr))), mr as usize, &jt, &valid)?;
-                    s.push(for_(4, full, false, vec![tiles]));
-                    s.push(for_(
-                        4,
-                        rem(grows.clone(), c(mr)),
-                        false,
-                        vec![mma(add(rest, Idx::Var(4)), 1, &jt, &valid)?],
-                    ));
-                    Ok(s)
-                };
-                let full = div(nj.clone(), c(cols));
-                let tail = mul(full.clone(), c(cols));
-                let last = over_rows(add(j0.clone(), tail.clone()), sub(nj.clone(), tail))?;
-                vec![
-                    for_(3, full, false, over_rows(add(j0.clone(), mul(Idx::Var(3), c(cols))), c(cols))?),
-                    for_(3, min(c(1), rem(nj.clone(), c(cols))), false, last),
-                ]
-            }
-            None => rows_loop(3, &|row0, u| products(row0, u, k0.clone(), kl.clone(), 4))?,
+        // Register tiles, unless the rows are known to be too few to share the packed `B`
+        // (a matrix-vector product streams `B`'s rows instead).
+        let few_rows = matches!(rows.clone().simplify(), Idx::Const(n) if n < 2 * sched.matmul_mma_rows as i64);
+        let ktile = if b_vec || few_rows {
+            rows_loop(3, &|row0, u| products(row0, u, k0.clone(), kl.clone(), 4))?
+        } else {
+            // The loop variable standing for an Mma tile's row (never a loop of its own).
+            const ROW: usize = 63;
+            let (cols, mr) = (sched.mma_cols as i64, sched.matmul_mma_rows as i64);
+            let k = add(k0.clone(), Idx::Var(5));
+            // The `B` tile, `matmul_tile_k` × `mma_cols`, packed contiguously: in place, `B`'s rows
+            // a power of two apart would fall into a few L1 sets and evict each other (and a
+            // transposed `B` would not be contiguous at all).
+            let panel = self.p.buffers.len();
+            locals.push(Local { name: "b_panel".into(), size: vec![c(sched.matmul_tile_k), c(cols)] });
+            // The tile of `rows` rows from `row0` and columns from `jt` (`valid` of them),
+            // over the reduction tile (loop variable 5).
+            let mma = |row0: Idx, rows: usize, jt: &Idx, valid: &Idx| -> LowerResult<Stmt> {
+                let pre = prefix(add(row0, Idx::Var(ROW)))?;
+                Ok(Stmt::Mma(Box::new(Mma {
+                    rows,
+                    cols: self.lw.sched.mma_cols,
+                    lanes: self.lw.sched.lanes,
+                    valid: valid.clone().simplify(),
+                    row: ROW,
+                    red: vec![(5, kl.clone().simplify())],
+                    a: lw.value(a, &a_idx(&pre, k.clone())?)?,
+                    b: (panel, vec![Idx::Var(5), c(0)]),
+                    c: (acc, with_col(&pre, jt.clone())),
+                    c_col: c(1),
+                })))
+            };
+            // One column tile (loop variable 3): pack it, then every row of the group in tiles
+            // of `matmul_mma_rows` rows (loop variable 4), then one row at a time; the panel
+            // stays in L1 while the rows go by.
+            let over_rows = |jt: Idx, valid: Idx| -> LowerResult<Vec<Stmt>> {
+                let full = div(grows.clone(), c(mr));
+                let rest = add(g0.clone(), mul(full.clone(), c(mr)));
+                let at = b_idx(&prefix(g0.clone())?, add(k0.clone(), Idx::Var(4)), add(jt.clone(), Idx::Var(5)))?;
+                let store =
+                    Stmt::Store { buf: panel, index: vec![Idx::Var(4), Idx::Var(5)], value: lw.value(bm, &at)? };
+                let tiles = mma(add(g0.clone(), mul(Idx::Var(4), c(mr))), mr as usize, &jt, &valid)?;
+                Ok(vec![
+                    for_(4, kl.clone(), false, vec![for_(5, valid.clone(), false, vec![store])]),
+                    for_(4, full, false, vec![tiles]),
+                    for_(4, rem(grows.clone(), c(mr)), false, vec![mma(add(rest, Idx::Var(4)), 1, &jt, &valid)?]),
+                ])
+            };
+            let full = div(nj.clone(), c(cols));
+            let tail = mul(full.clone(), c(cols));
+            let last = over_rows(add(j0.clone(), tail.clone()), sub(nj.clone(), tail))?;
+            vec![
+                for_(3, full, false, over_rows(add(j0.clone(), mul(Idx::Var(3), c(cols))), c(cols))?),
+                for_(3, min(c(1), rem(nj.clone(), c(cols))), false, last),
+            ]
         };
         tile.push(for_(2, ceil_div(kk.clone(), kt), false, ktile));
         tile.extend(rows_loop(2, &|row0, u| finish_rows(row0, u, 3))?);
-        let tiles = for_(1, ceil_div(nn, MATMUL_TILE_N), false, tile);
+        let tiles = for_(1, ceil_div(nn, sched.matmul_tile_n), false, tile);
         Ok(Some((vec![for_(0, mul(batches, groups), true, vec![tiles])], locals)))
     }
 }

@@ -1,0 +1,86 @@
+//! The lowering's schedule knobs: register-tile shapes and cache tile sizes, chosen from the
+//! target's [`MachineDescription`] (its vector width and register count) instead of being
+//! fixed for one ISA. The autotuner (issue #8) will set them per kernel.
+
+use kiln_ir::machine::MachineDescription;
+
+/// Tile sizes the contraction and attention lowerings use.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Schedule {
+    /// f32 lanes per vector register (a register tile's vectors).
+    pub lanes: usize,
+    /// Columns of a register tile (two vectors).
+    pub mma_cols: usize,
+    /// Rows of a MatMul's register tile.
+    pub matmul_mma_rows: usize,
+    /// Rows of a 1×1 Conv's register tile (output channels), at most.
+    pub conv_channel_rows: usize,
+    /// Rows of a direct Conv's register tile (output pixels of a row), at most.
+    pub conv_pixel_rows: usize,
+    /// Query rows of an attention block.
+    pub attention_rows: usize,
+    /// Rows of a MatMul's output per parallel iteration (the rows sharing a `B` panel).
+    pub matmul_row_block: i64,
+    /// Columns of a MatMul's output per cache tile.
+    pub matmul_tile_n: i64,
+    /// Values of a MatMul's reduction dim per cache tile.
+    pub matmul_tile_k: i64,
+    /// Softmax's exponentials stored into the output and summed back (one exp per element;
+    /// the row is re-read from the cache). Off for scratchpad machines, whose kernels stream a
+    /// row through on-chip buffers once.
+    pub store_row_terms: bool,
+}
+
+impl Default for Schedule {
+    /// The x86-64 AVX-512 schedule (32 registers of 16 lanes), tuned on one Zen 4 core on a
+    /// 512×768·768×768 MatMul, a 256×4096·4096×4096 one and a 64-channel 56×56 3×3 Conv.
+    fn default() -> Schedule {
+        Schedule::for_vectors(16, 32)
+    }
+}
+
+impl Schedule {
+    /// The schedule for vector registers of `lanes` f32 lanes, `registers` of them: a tile of
+    /// `rows × 2` vectors of accumulators keeps two registers for `B` and one for a broadcast.
+    pub fn for_vectors(lanes: usize, registers: usize) -> Schedule {
+        let lanes = lanes.max(1);
+        let rows = ((registers.saturating_sub(3)) / 2).clamp(1, 8);
+        Schedule {
+            lanes,
+            mma_cols: 2 * lanes,
+            matmul_mma_rows: rows,
+            conv_channel_rows: rows,
+            conv_pixel_rows: rows,
+            attention_rows: rows,
+            matmul_row_block: 64,
+            matmul_tile_n: 1024,
+            matmul_tile_k: 128,
+            store_row_terms: true,
+        }
+    }
+
+    /// The schedule for a target: its vector width (at least 128 bits) and vector registers.
+    pub fn for_machine(md: &MachineDescription) -> Schedule {
+        let lanes = (md.vector_bits.max(128) / 32) as usize;
+        let mut s = Schedule::for_vectors(lanes, md.vector_registers as usize);
+        s.store_row_terms = !md.levels.iter().any(|l| l.software_managed);
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Schedule;
+
+    #[test]
+    fn tiles_fit_the_register_file() {
+        // AVX-512: 8 rows × 2 vectors of 16 lanes = 16 accumulators of 32 registers.
+        assert_eq!(Schedule::default().matmul_mma_rows, 8);
+        assert_eq!(Schedule::default().mma_cols, 32);
+        // AVX2: 16 registers of 8 lanes → 6 rows × 2 vectors (12 + 2 + 1 registers).
+        let avx2 = Schedule::for_vectors(8, 16);
+        assert_eq!((avx2.matmul_mma_rows, avx2.mma_cols), (6, 16));
+        // Two registers are not a tile: one row, never zero.
+        assert_eq!(Schedule::for_vectors(4, 2).matmul_mma_rows, 1);
+    }
+}
