@@ -2,11 +2,13 @@
 //! C9xx and SpacemiT cores, executed here under `qemu-riscv64`.
 //!
 //! The path is `cpu`'s down to LLVM IR: each kernel of the fused graph is lowered to the
-//! kernel dialect, emitted as upstream MLIR ([`crate::native::to_mlir`]) and lowered to LLVM
-//! IR; LLVM's `-O3` pipeline then optimizes it for [`CodeTarget::riscv64`] (`generic-rv64`,
-//! `+m,+a,+f,+d,+c,+v,+zvl<VLEN>b`). Its loop vectorizer makes vector-length-agnostic loops
-//! (`vsetvli` strip-mining over scalable vectors); the kernel dialect's fixed-width register
-//! tiles (`vector<16xf32>`) become LMUL groups sized by the minimum VLEN.
+//! kernel dialect with the tile sizes of rvv's description (`Schedule::for_machine`: VLEN/32
+//! f32 lanes per vector, 32 vector registers), emitted as upstream MLIR
+//! ([`crate::native::to_mlir_with`], `exp` without `ldexp`, which RISC-V lacks) and lowered to
+//! LLVM IR; LLVM's `-O3` pipeline then optimizes it for [`CodeTarget::riscv64`]
+//! (`generic-rv64`, `+m,+a,+f,+d,+c,+v,+zvl<VLEN>b`). Its loop vectorizer makes
+//! vector-length-agnostic loops (`vsetvli` strip-mining over scalable vectors); the register
+//! tiles' fixed-width vectors fill one vector register each.
 //!
 //! Running: all native kernels of a model go into ONE static riscv64 executable, the kernel
 //! runner (the kernels' object, and a small C `main`, `rvv_runner.c`, linked by
