@@ -31,6 +31,10 @@ fi
 if ! .venv/bin/python -c 'import onnx, onnxruntime, numpy; assert onnx.__version__ == "1.23.2" and onnxruntime.__version__ == "1.32.0" and numpy.__version__.startswith("2.")' 2>/dev/null; then
   .venv/bin/pip install -q --disable-pip-version-check "onnx==1.23.2" "onnxruntime==1.32.0" "numpy>=2,<3" pytest >&2
 fi
+# maturin builds kiln's Python package (compiler/python) into the same venv.
+if ! .venv/bin/python -c 'import maturin, pytest' 2>/dev/null; then
+  .venv/bin/pip install -q --disable-pip-version-check "maturin>=1.9,<2" pytest >&2
+fi
 
 # ONNX backend node tests (1,884 cases with onnx 1.23.2) and the `light` models, generated from
 # the installed onnx package into target/onnx-data (not committed).

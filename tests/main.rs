@@ -6,6 +6,7 @@
 //! when it is missing: a missing data set is never a pass.
 
 mod aot;
+mod api;
 mod cli;
 mod common;
 mod conformance;

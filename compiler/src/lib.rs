@@ -1,21 +1,47 @@
 //! kiln: an AI compiler for domestic accelerators.
 //!
-//! The library is what the `kiln` CLI is built on:
-//! [`load_model`] reads an ONNX file into the graph dialect, [`compile`] runs the graph
-//! pipeline for a target, and [`CompiledModel::run`] executes it.
+//! The library is what the `kiln` CLI, the C API (`kiln-capi`) and the Python package are
+//! built on. A model comes from an ONNX file or bytes ([`load_model`], [`load_model_bytes`]) or
+//! from code ([`GraphBuilder`]); a [`Compiler`] (target, fusion, threads, target options)
+//! compiles it into a [`CompiledModel`], which describes its inputs and outputs and runs.
 //!
-//! ```no_run
-//! let model = kiln::load_model("model.onnx".as_ref())?;
-//! let compiled = kiln::compile(model, "ref")?;
-//! let x = kiln::Tensor::from_f32(&[1, 3], vec![1.0, 2.0, 3.0]);
-//! let outputs = compiled.run(vec![x])?;
+//! ```
+//! use kiln::{Attr, Compiler, DType, Dim, GraphBuilder, Tensor, TensorType};
+//!
+//! // y = softmax(x * w + b) over the last axis, for any batch size N.
+//! let mut g = GraphBuilder::new("classifier");
+//! let x = g.input("x", TensorType::new(DType::F32, vec![Dim::sym("N"), Dim::Known(3)]))?;
+//! let w = g.constant("w", Tensor::from_f32(&[3, 2], vec![1.0, 0.0, 0.0, 1.0, 1.0, 1.0]));
+//! let b = g.constant("b", Tensor::from_f32(&[2], vec![0.0, -1.0]));
+//! let h = g.op("MatMul", &[x, w])?;
+//! let h = g.op("Add", &[h, b])?;
+//! let y = g.op_with("Softmax", &[h], [("axis", Attr::Int(-1))])?;
+//! g.output(y, "y")?;
+//! let model = g.finish()?;
+//!
+//! let compiled = Compiler::new("cpu").threads(1).compile(&model)?;
+//! assert_eq!(compiled.inputs()[0].0, "x");
+//! let out = compiled.run(vec![Tensor::from_f32(&[2, 3], vec![1.0, 2.0, 3.0, 0.0, 0.0, 0.0])])?;
+//! assert_eq!(out[0].shape, vec![2, 2]);
+//! let p = out[0].as_f32().unwrap();
+//! assert!((p[0] + p[1] - 1.0).abs() < 1e-6);
 //! # Ok::<(), kiln::Error>(())
+//! ```
+//!
+//! Every failure is one [`Error`], whose variants a caller can match, and renders as one line
+//! naming the file, node and op involved:
+//!
+//! ```
+//! let model = kiln::load_model_bytes(b"not a model", "bad.onnx");
+//! assert!(matches!(model, Err(kiln::Error::Frontend(_))));
 //! ```
 
 pub mod check;
 pub mod inspect;
 
-pub use kiln_ir::{DType, Dim, Module, Tensor, TensorType};
+pub use kiln_ir::{Attr, Attrs, DType, Data, Dim, Module, Tensor, TensorType, ValueId};
+pub use kiln_npu::NpuConfig;
+pub use kiln_onnx::builder::GraphBuilder;
 use kiln_onnx::FrontendError;
 use kiln_passes::{OptimizeReport, PassError, PassManager};
 pub use kiln_targets::HostKernel;
@@ -35,6 +61,10 @@ pub enum Error {
     Verify { model: String, source: kiln_ir::verify::VerifyError },
     #[error("{model}: {source}")]
     Run { model: String, source: kiln_ir::interp::InterpError },
+    /// Run-time inputs that do not match the model's signature: their number, a name, an
+    /// element type or a dim.
+    #[error("{model}: {msg}")]
+    Input { model: String, msg: String },
     #[error("unknown target '{0}' (known: {known})", known = kiln_targets::names().join(", "))]
     UnknownTarget(String),
     #[error("{0}")]
@@ -53,6 +83,106 @@ pub fn load_model(path: &Path) -> Result<Module, Error> {
     Ok(m)
 }
 
+/// Reads and imports an ONNX model from bytes (`name` is used in messages), then verifies it.
+pub fn load_model_bytes(bytes: &[u8], name: &str) -> Result<Module, Error> {
+    let m = kiln_onnx::load_model_bytes(bytes, name, None)?;
+    kiln_ir::verify::verify(&m).map_err(|source| Error::Verify { model: name.to_string(), source })?;
+    Ok(m)
+}
+
+/// Compiles models: a target and its options. A builder; [`Compiler::compile`] may be called
+/// for any number of models.
+///
+/// ```
+/// # fn main() -> Result<(), kiln::Error> {
+/// let compiler = kiln::Compiler::new("ref").fusion(false).dim("N", 8);
+/// # let mut g = kiln::GraphBuilder::new("m");
+/// # let x = g.input("x", kiln::TensorType::known(kiln::DType::F32, &[2]))?;
+/// # let y = g.op("Relu", &[x])?;
+/// # g.output(y, "y")?;
+/// # let model = g.finish()?;
+/// let compiled = compiler.compile(&model)?;
+/// assert_eq!(compiled.target().name(), "ref");
+/// # Ok(()) }
+/// ```
+#[derive(Clone, Debug)]
+pub struct Compiler {
+    target: String,
+    opts: Options,
+    threads: Option<usize>,
+    npu: Option<NpuConfig>,
+}
+
+impl Compiler {
+    /// A compiler for `target` (see [`targets`]), fusion on, every core.
+    pub fn new(target: &str) -> Compiler {
+        Compiler { target: target.to_string(), opts: Options::default(), threads: None, npu: None }
+    }
+
+    /// E-graph rewriting and kernel fusion (on by default).
+    pub fn fusion(mut self, on: bool) -> Compiler {
+        self.opts.fusion = on;
+        self
+    }
+
+    /// A size for symbolic dim `name` to price fusion plans with; the compiled model still
+    /// runs at any size.
+    pub fn dim(mut self, name: &str, size: u64) -> Compiler {
+        self.opts.dims.retain(|(n, _)| n != name);
+        self.opts.dims.push((name.to_string(), size));
+        self
+    }
+
+    /// Threads native kernels run on (default: every core). Set for the process when the
+    /// model runs, like onnxruntime's intra-op thread count.
+    pub fn threads(mut self, n: usize) -> Compiler {
+        self.threads = (n > 0).then_some(n);
+        self
+    }
+
+    /// `rvv`: the vector register length in bits (a power of two, 64 to 65536).
+    pub fn rvv_vlen(mut self, bits: u32) -> Compiler {
+        self.opts.target.rvv_vlen = bits;
+        self
+    }
+
+    /// `npu`: the machine simulated (default: the `davinci` preset); see
+    /// [`NpuConfig::preset`] and [`NpuConfig::from_json`].
+    pub fn npu_config(mut self, cfg: NpuConfig) -> Compiler {
+        self.npu = Some(cfg);
+        self
+    }
+
+    /// Compiles `model` (left unchanged): the graph pipeline, then the target's code
+    /// generation, so that a model that cannot be compiled fails here, not on its first run.
+    pub fn compile(&self, model: &Module) -> Result<CompiledModel, Error> {
+        if self.target == "rvv" {
+            kiln_targets::rvv::check_vlen(self.opts.target.rvv_vlen)
+                .map_err(|e| Error::Usage(format!("rvv vector length: {e}")))?;
+        }
+        if let Some(cfg) = &self.npu {
+            if self.target != "npu" {
+                return Err(Error::Usage(format!("an NPU description applies to target npu, not '{}'", self.target)));
+            }
+            kiln_targets::npu::set_config(cfg.clone());
+        }
+        let mut c = compile_with(model.clone(), &self.target, &self.opts)?;
+        c.threads = self.threads;
+        c.prepare()?;
+        Ok(c)
+    }
+
+    /// Reads an ONNX file and compiles it.
+    pub fn compile_file(&self, path: &Path) -> Result<CompiledModel, Error> {
+        self.compile(&load_model(path)?)
+    }
+}
+
+/// Names of the targets kiln compiles for.
+pub fn targets() -> Vec<&'static str> {
+    kiln_targets::names()
+}
+
 /// A model compiled for one target.
 pub struct CompiledModel {
     module: Module,
@@ -61,6 +191,8 @@ pub struct CompiledModel {
     report: OptimizeReport,
     /// The target's code for the module, made on first use ([`CompiledModel::prepare`]).
     prepared: std::cell::OnceCell<Option<Box<dyn kiln_targets::Executable>>>,
+    /// Threads to run native kernels on ([`Compiler::threads`]); `None`: as set for the process.
+    threads: Option<usize>,
 }
 
 /// How to compile.
@@ -95,7 +227,7 @@ pub fn compile_with(mut module: Module, target: &str, opts: &Options) -> Result<
     let cost = kiln_passes::cost::CostModel::new(&t.machine()).with_dims(opts.dims.iter().cloned());
     let report = kiln_passes::optimize_with(&mut module, &cost, opts.fusion)
         .map_err(|source| Error::Pass { model: name.clone(), source })?;
-    Ok(CompiledModel { module, target: t, name, report, prepared: std::cell::OnceCell::new() })
+    Ok(CompiledModel { module, target: t, name, report, prepared: std::cell::OnceCell::new(), threads: None })
 }
 
 /// Cleans up an imported module (canonicalization, dead code) without optimizing it: the
@@ -188,14 +320,42 @@ impl CompiledModel {
         Ok(())
     }
 
-    /// Runs the model on inputs ordered as [`CompiledModel::inputs`].
+    /// Runs the model on inputs ordered as [`CompiledModel::inputs`]. The inputs are moved,
+    /// not copied: native kernels read their buffers in place.
     pub fn run(&self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, Error> {
+        kiln_ir::interp::check_inputs(&self.module, &inputs)
+            .map_err(|e| Error::Input { model: self.name.clone(), msg: e.to_string() })?;
         self.prepare()?;
+        if self.threads.is_some() {
+            kiln_targets::native::set_threads(self.threads);
+        }
         let r = match self.executable() {
             Some(exe) => exe.run(inputs),
             None => self.target.run(&self.module, inputs),
         };
         r.map_err(|e| self.target_error(e))
+    }
+
+    /// Runs the model on inputs given by name (every input once, in any order); returns the
+    /// outputs by name, in the order of [`CompiledModel::outputs`].
+    pub fn run_named(&self, inputs: Vec<(String, Tensor)>) -> Result<Vec<(String, Tensor)>, Error> {
+        let names: Vec<String> = self.inputs().into_iter().map(|(n, _)| n).collect();
+        let err = |msg: String| Error::Input { model: self.name.clone(), msg };
+        let mut slots: Vec<Option<Tensor>> = names.iter().map(|_| None).collect();
+        for (n, t) in inputs {
+            let Some(i) = names.iter().position(|k| *k == n) else {
+                return Err(err(format!("the model has no input '{n}' (inputs: {})", names.join(", "))));
+            };
+            if slots[i].replace(t).is_some() {
+                return Err(err(format!("input '{n}' is given twice")));
+            }
+        }
+        let mut ordered = Vec::with_capacity(slots.len());
+        for (slot, n) in slots.into_iter().zip(&names) {
+            ordered.push(slot.ok_or_else(|| err(format!("input '{n}' is missing")))?);
+        }
+        let outs = self.run(ordered)?;
+        Ok(self.outputs().into_iter().map(|(n, _)| n).zip(outs).collect())
     }
 
     /// The target's prepared code, if it has any ([`CompiledModel::prepare`] first).

@@ -602,6 +602,17 @@ impl Lowering<'_> {
                 let half_x = Val::Bin(BinOp::Mul, Box::new(Val::Const(0.5)), Box::new(xv));
                 Ok(Val::Bin(BinOp::Mul, Box::new(half_x), Box::new(erf1)))
             }
+            "Gelu" if attrs.string("approximate", "none").map_err(|e| e.0)? == "tanh" => {
+                // 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))
+                let xv = operand(0)?;
+                let x3 = mul(xv.clone(), mul(xv.clone(), xv.clone()));
+                let inner = mul(
+                    Val::Const((2.0 / std::f64::consts::PI).sqrt()),
+                    add(xv.clone(), mul(Val::Const(0.044715), x3)),
+                );
+                let t1 = add(Val::Const(1.0), Val::Un(UnOp::Tanh, Box::new(inner)));
+                Ok(mul(mul(Val::Const(0.5), xv), t1))
+            }
             "Swish" => {
                 let alpha = attrs.float("alpha", 1.0).map_err(|e| e.0)? as f64;
                 let xv = operand(0)?;

@@ -93,29 +93,33 @@ pub fn collect_unsupported(g: &GraphProto, out: &mut Vec<(String, String)>) {
     }
 }
 
-struct Importer<'a> {
-    m: Module,
-    model_name: String,
-    base_dir: Option<&'a Path>,
-    opset: i64,
+pub(crate) struct Importer<'a> {
+    pub(crate) m: Module,
+    pub(crate) model_name: String,
+    pub(crate) base_dir: Option<&'a Path>,
+    pub(crate) opset: i64,
     /// Integer values known element-wise, some elements symbolic dims (see [`crate::symbolic`]).
-    sym_values: HashMap<ValueId, Vec<SymInt>>,
-    next_dim: u32,
+    pub(crate) sym_values: HashMap<ValueId, Vec<SymInt>>,
+    pub(crate) next_dim: u32,
     /// Name → value, innermost scope last (subgraphs see outer names).
-    scopes: Vec<HashMap<String, ValueId>>,
+    pub(crate) scopes: Vec<HashMap<String, ValueId>>,
 }
 
 impl Importer<'_> {
     fn node_err(&self, n: &NodeProto, msg: impl Into<String>) -> FrontendError {
+        self.node_error(n.name.as_deref().unwrap_or_default(), n.op_type.as_deref().unwrap_or_default(), msg)
+    }
+
+    pub(crate) fn node_error(&self, node: &str, op: &str, msg: impl Into<String>) -> FrontendError {
         FrontendError::Node {
             model: self.model_name.clone(),
-            node: n.name.clone().unwrap_or_default(),
-            op: n.op_type.clone().unwrap_or_default(),
+            node: node.to_string(),
+            op: op.to_string(),
             msg: msg.into(),
         }
     }
 
-    fn invalid(&self, msg: String) -> FrontendError {
+    pub(crate) fn invalid(&self, msg: String) -> FrontendError {
         FrontendError::Invalid { model: self.model_name.clone(), msg }
     }
 
@@ -130,11 +134,11 @@ impl Importer<'_> {
         }
     }
 
-    fn lookup_name(&self, name: &str) -> Option<ValueId> {
+    pub(crate) fn lookup_name(&self, name: &str) -> Option<ValueId> {
         self.scopes.iter().rev().find_map(|s| s.get(name).copied())
     }
 
-    fn define(&mut self, name: &str, v: ValueId) {
+    pub(crate) fn define(&mut self, name: &str, v: ValueId) {
         if !name.is_empty() {
             self.m.value_mut(v).name = Some(name.to_string());
             self.scopes.last_mut().expect("scope").insert(name.to_string(), v);
@@ -186,7 +190,7 @@ impl Importer<'_> {
     }
 
     /// Adds a `graph.Constant` op holding `t` to `block`.
-    fn add_const(&mut self, block: &mut Block, t: Tensor, node_name: &str) -> ValueId {
+    pub(crate) fn add_const(&mut self, block: &mut Block, t: Tensor, node_name: &str) -> ValueId {
         let mut attrs = Attrs::new();
         let ty = TensorType::known(t.dtype(), &t.shape);
         attrs.insert("value".into(), Attr::Tensor(t));
@@ -243,7 +247,9 @@ impl Importer<'_> {
 
     fn import_node(&mut self, n: &NodeProto, block: &mut Block) -> Result<(), FrontendError> {
         let op_type = n.op_type.clone().unwrap_or_default();
-        let def = lookup(&op_type).ok_or_else(|| self.node_err(n, "unsupported op"))?;
+        if lookup(&op_type).is_none() {
+            return Err(self.node_err(n, "unsupported op"));
+        }
         if op_type == "If" && self.inline_constant_if(n, block)? {
             return Ok(());
         }
@@ -274,10 +280,44 @@ impl Importer<'_> {
             let attr = self.convert_attr(n, a, &mut regions)?;
             attrs.insert(name, attr);
         }
-        if let Some(name) = &n.name {
-            if !name.is_empty() {
-                attrs.insert(NODE_NAME_ATTR.into(), Attr::Str(name.clone()));
-            }
+        let node = n.name.clone().unwrap_or_default();
+        if op_type == "PRelu" && self.opset < 7 {
+            self.legacy_prelu_slope(block, &node, &mut operands);
+        }
+        self.add_node(block, &node, &op_type, operands, attrs, regions, &n.output)
+    }
+
+    /// Before opset 7, a 1-D PRelu slope of the input's channel count applied per channel
+    /// (axis 1), not by trailing-axis broadcasting: a constant slope is reshaped to `[C, 1, ...]`.
+    fn legacy_prelu_slope(&mut self, block: &mut Block, node: &str, operands: &mut [Option<ValueId>]) {
+        let (Some(Some(x)), Some(Some(slope))) = (operands.first(), operands.get(1)) else { return };
+        let Some(x_shape) = self.m.value(*x).ty.shape.clone() else { return };
+        let Some(t) = self.const_value(*slope).cloned() else { return };
+        let channels = x_shape.get(1).and_then(|d| d.known());
+        if x_shape.len() > 2 && t.rank() == 1 && t.len() > 1 && channels == Some(t.len() as u64) {
+            let mut shape = vec![t.len()];
+            shape.resize(x_shape.len() - 1, 1);
+            operands[1] = Some(self.add_const(block, t.reshaped(shape), &format!("{node}.slope")));
+        }
+    }
+
+    /// Adds one node (its operands resolved, attributes converted): infers its result types
+    /// with the op's shape rule, folds it when its result is known, and names its outputs.
+    /// Shared by the ONNX importer and [`crate::builder::GraphBuilder`].
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn add_node(
+        &mut self,
+        block: &mut Block,
+        node: &str,
+        op_type: &str,
+        operands: Vec<Option<ValueId>>,
+        mut attrs: Attrs,
+        regions: Vec<Region>,
+        outputs: &[String],
+    ) -> Result<(), FrontendError> {
+        let def = lookup(op_type).ok_or_else(|| self.node_error(node, op_type, "unsupported op"))?;
+        if !node.is_empty() {
+            attrs.insert(NODE_NAME_ATTR.into(), Attr::Str(node.to_string()));
         }
         if !regions.is_empty() {
             // Control-flow result dtypes come from the body's yields (the shape rule cannot see them).
@@ -306,44 +346,50 @@ impl Importer<'_> {
                 }
             })
             .collect();
-        let num_outputs = n.output.len();
+        let num_outputs = outputs.len();
         let mut next_dim = self.next_dim;
         let types = {
             let cx = InferCx::new(&attrs, &in_types, &const_vals, num_outputs, self.opset, &regions, &mut next_dim);
             def.infer(&mut cx.with_shape_values(&shape_vals))
         };
         self.next_dim = next_dim;
-        let mut types = types.map_err(|e| self.node_err(n, e.0))?;
+        let mut types = types.map_err(|e| self.node_error(node, op_type, e.0))?;
         if types.len() < num_outputs {
-            return Err(self.node_err(n, format!("the op has {} outputs, the node names {num_outputs}", types.len())));
+            return Err(self.node_error(
+                node,
+                op_type,
+                format!("the op has {} outputs, the node names {num_outputs}", types.len()),
+            ));
         }
         types.truncate(num_outputs);
         for t in &types {
-            check_size(t).map_err(|e| self.node_err(n, e))?;
+            check_size(t).map_err(|e| self.node_error(node, op_type, e))?;
         }
 
         // Constant folding.
-        let node_name = n.name.clone().unwrap_or_default();
-        if let Some(folded) = self.try_fold(def, &op_type, &attrs, &operands, &types, num_outputs) {
-            let outs = folded.map_err(|e| self.node_err(n, e.0))?;
-            for (i, (name, t)) in n.output.iter().zip(outs).enumerate() {
+        if let Some(folded) = self.try_fold(def, op_type, &attrs, &operands, &types, num_outputs) {
+            let outs = folded.map_err(|e| self.node_error(node, op_type, e.0))?;
+            for (i, (name, t)) in outputs.iter().zip(outs).enumerate() {
                 if t.dtype() != types[i].dtype {
-                    return Err(self
-                        .node_err(n, format!("output {i} is {}, its shape rule says {}", t.dtype(), types[i].dtype)));
+                    return Err(self.node_error(
+                        node,
+                        op_type,
+                        format!("output {i} is {}, its shape rule says {}", t.dtype(), types[i].dtype),
+                    ));
                 }
-                let v = self.add_const(block, t, &node_name);
+                let v = self.add_const(block, t, node);
                 self.define(name, v);
             }
             return Ok(());
         }
-        let sym = crate::symbolic::propagate(&op_type, &attrs, self.opset, &shape_vals, &in_types);
+        let sym = crate::symbolic::propagate(op_type, &attrs, self.opset, &shape_vals, &in_types);
         let op = self.m.create_op(&format!("graph.{op_type}"), operands, types, attrs, regions);
         block.ops.push(op);
         let results = self.m.op(op).results.clone();
         if let (Some(sym), Some(&r)) = (sym, results.first()) {
             self.sym_values.insert(r, sym);
         }
-        for (name, v) in n.output.iter().zip(results) {
+        for (name, v) in outputs.iter().zip(results) {
             self.define(name, v);
         }
         Ok(())

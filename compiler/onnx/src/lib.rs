@@ -7,6 +7,7 @@
 //! The protobuf types are generated at build time by prost from the vendored
 //! `proto/onnx.proto` (onnx 1.23.2).
 
+pub mod builder;
 pub mod import;
 pub mod symbolic;
 pub mod tensor_io;

@@ -102,6 +102,9 @@ impl OpDef for SoftmaxLike {
         if !x.dtype.is_float() {
             bail!("{} needs a float input, found {}", self.name, x.dtype);
         }
+        if let Some(rank) = x.rank().filter(|&r| r > 0) {
+            norm_axis(cx.attrs.int("axis", if cx.opset < 13 { 1 } else { -1 })?, rank)?;
+        }
         Ok(vec![x.clone()])
     }
     fn eval(&self, cx: &EvalCx, inputs: &[Option<&Tensor>]) -> OpResult<Vec<Tensor>> {
