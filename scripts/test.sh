@@ -15,6 +15,7 @@ status=0
 cargo test --release --workspace --exclude kiln-python --no-fail-fast -- --test-threads=2 --show-output 2>&1 || status=$?
 # The Python package: built in release mode into target/ (reusing what cargo built), installed
 # into .venv, tested with pytest.
-.venv/bin/pip install -q --disable-pip-version-check --no-build-isolation --no-deps --force-reinstall ./compiler/python >&2
+PATH="$PWD/.venv/bin:$PATH" .venv/bin/pip install -q --disable-pip-version-check --no-build-isolation --no-deps \
+  --force-reinstall ./compiler/python >&2
 .venv/bin/python -m pytest -q -p no:cacheprovider compiler/python/tests 2>&1 || status=$?
 exit $status
