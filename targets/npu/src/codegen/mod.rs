@@ -422,6 +422,9 @@ impl<'a> Gen<'a> {
     }
 
     fn mma(&mut self, m: &Mma) -> R<()> {
+        if let Some(()) = self.try_gemm(m)? {
+            return Ok(());
+        }
         if let Some(()) = self.try_matrix(&Stmt::Mma(Box::new(m.clone())))? {
             return Ok(());
         }
