@@ -106,13 +106,16 @@ fn run(m: &Module, preset: &str, verbose: bool) -> Figures {
 
 fn line(name: &str, preset: &str, f: &Figures) -> String {
     let s = &f.stats;
-    let dma = s.pipes.iter().filter(|p| p.pipe.starts_with("MTE")).map(|p| p.utilization).fold(0.0, f64::max);
+    let pipe = |n: &str| s.pipes.iter().find(|p| p.pipe == n).map_or(0.0, |p| 100.0 * p.utilization);
     format!(
-        "{name:<28} {preset:<8} cycles {:>10}  matrix {:5.1}%  vector {:5.1}%  dma {:5.1}%",
+        "{name:<28} {preset:<8} cycles {:>10}  matrix {:5.1}%  vector {:5.1}%  dma {:5.1}% (MTE1 {:5.1}%, MTE2 {:5.1}%, MTE3 {:5.1}%)",
         s.cycles,
         100.0 * s.matrix_utilization,
         100.0 * s.vector_utilization,
-        100.0 * dma
+        100.0 * s.dma_utilization,
+        pipe("MTE1"),
+        pipe("MTE2"),
+        pipe("MTE3"),
     )
 }
 

@@ -18,12 +18,12 @@
 //! busiest pipe (estimated from the DMA paths' bandwidths and latencies and the matrix unit's
 //! tile costs) is least loaded, among those that fit every level.
 //!
-//! [`Schedule::whole_matmul`]: https://docs.rs/kiln-passes (kiln_passes::lower::Schedule)
+//! [`Schedule::whole_matmul`]: https://docs.rs/kiln-passes/latest/kiln_passes/lower/struct.Schedule.html
 
 use super::super::affine;
 use super::super::{Gen, R};
 use crate::isa::{Instr, Pipe, VBinOp};
-use kiln_ir::kernel::{Idx, Mma, Val};
+use kiln_ir::kernel::{Idx, Mma, Stmt, Val};
 
 /// `base + r·row + k·col` (elements) of an operand in global memory.
 #[derive(Clone, Copy, Debug)]
@@ -58,6 +58,16 @@ struct Blocking {
     stream_slots: u64,
 }
 
+/// A GEMM's form and blocking (addresses in global memory include the buffers' offsets).
+struct GemmPlan {
+    route: Route,
+    blk: Blocking,
+    mnk: (u64, u64, u64),
+    a: Affine2,
+    b: Affine2,
+    c: Affine2,
+}
+
 /// Where the operands go.
 #[derive(Clone, Debug)]
 struct Route {
@@ -75,24 +85,87 @@ impl Gen<'_> {
     /// access affine with unit stride along the reduction, `C`'s columns contiguous, sizes
     /// known) and the machine has a matrix unit; `None` otherwise (nothing emitted).
     pub(crate) fn try_gemm(&mut self, m: &Mma) -> R<Option<()>> {
-        let Some(mu) = self.cfg.matrix.clone() else { return Ok(None) };
-        if !self.opts.matrix || m.red.len() != 1 || m.rows < 2 * mu.m as usize {
+        let Some(p) = self.gemm_plan(m) else { return Ok(None) };
+        self.gemm_run(&p, None)
+    }
+
+    /// Compiles `init; mma` (what [`Schedule::whole_matmul`] lowers to: `C` set to a value
+    /// that does not depend on the row, e.g. zero or a bias, then the GEMM into `C`) without
+    /// reading `C` back: row 0 of the init is stored, brought into the vector level once, and V
+    /// adds it to every row of each accumulator block. `None` when the pair has another form.
+    pub(crate) fn try_gemm_with_init(&mut self, init: &Stmt, mma: &Stmt) -> R<Option<()>> {
+        let Stmt::Mma(m) = mma else { return Ok(None) };
+        let Stmt::For { var: rv, extent: Idx::Const(er), body, .. } = init else { return Ok(None) };
+        let [Stmt::For { var: jv, extent: Idx::Const(ej), body, .. }] = body.as_slice() else { return Ok(None) };
+        let [Stmt::Store { buf, index, value }] = body.as_slice() else { return Ok(None) };
+        if *buf != m.c.0 || val_uses(value, *rv) || val_loads(value, *buf) {
             return Ok(None);
+        }
+        let Some(p) = self.gemm_plan(m) else { return Ok(None) };
+        if (*er as u64, *ej as u64) != (p.mnk.0, p.mnk.1) {
+            return Ok(None);
+        }
+        let mut ranges = self.ranges.clone();
+        ranges.insert(*rv, *er);
+        ranges.insert(*jv, *ej);
+        let l = affine::flat(index, &self.shapes[*buf], &ranges);
+        let gm = self.gm[*buf] as i64;
+        if !l.atoms.is_empty()
+            || l.vars.len() != 2
+            || l.c + gm != p.c.base
+            || l.coef(*rv) != p.c.outer
+            || l.coef(*jv) != 1
+        {
+            return Ok(None);
+        }
+        let snap = self.snapshot();
+        let lv = self.lvl.clone();
+        // Row 0 of the init, then that row into the vector level.
+        let row0 = Stmt::For { var: *rv, extent: Idx::Const(1), parallel: false, body: vec![init_body(init)] };
+        let top = self.ub.top;
+        let r = (|| -> R<Option<()>> {
+            self.stmt(&row0)?;
+            self.emit(Instr::Barrier);
+            let at = self.ub_alloc(p.mnk.1)?;
+            let v = self.vl as usize;
+            self.copy2(v, 0, at, p.c.base, 1, p.mnk.1, p.mnk.1, p.mnk.1 as i64)?;
+            self.emit(Instr::Barrier);
+            self.gemm_run(&p, Some(at))
+        })();
+        match r {
+            Ok(Some(())) => {
+                self.ub.top = top;
+                Ok(Some(()))
+            }
+            Ok(None) | Err(crate::NpuError::DoesNotFit { .. }) | Err(crate::NpuError::Unsupported(_)) => {
+                self.rollback(snap);
+                self.lvl = lv;
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The GEMM's form and blocking, when `m` is one.
+    fn gemm_plan(&mut self, m: &Mma) -> Option<GemmPlan> {
+        let mu = self.cfg.matrix.clone()?;
+        if !self.opts.matrix || m.red.len() != 1 || m.rows < 2 * mu.m as usize {
+            return None;
         }
         let (kv, ke) = &m.red[0];
         let (Idx::Const(kk), Idx::Const(valid), Idx::Const(1)) =
             (ke.clone().simplify(), m.valid.clone().simplify(), m.c_col.clone().simplify())
         else {
-            return Ok(None);
+            return None;
         };
         let (rows, cols) = (m.rows as i64, valid.min(m.cols as i64));
         if kk <= 0 || cols <= 0 {
-            return Ok(None);
+            return None;
         }
-        let Val::Load { buf: abuf, index: aidx } = &m.a else { return Ok(None) };
+        let Val::Load { buf: abuf, index: aidx } = &m.a else { return None };
         let np = self.nparams();
         if *abuf >= np || m.b.0 >= np || m.c.0 >= np {
-            return Ok(None);
+            return None;
         }
         let mut ranges = self.ranges.clone();
         ranges.insert(m.row, rows);
@@ -111,37 +184,47 @@ impl Gen<'_> {
             form(self, m.b.0, &m.b.1, *kv, None),
             form(self, m.c.0, &m.c.1, m.row, None),
         ) else {
-            return Ok(None);
+            return None;
         };
         if a.inner != 1 || b.outer <= 0 || a.outer <= 0 || c.outer <= 0 {
-            return Ok(None);
+            return None;
         }
         let v = self.vl as usize;
         let (Some(al), Some(bl), Some(lc)) =
             (self.cfg.level_index(&mu.a_level), self.cfg.level_index(&mu.b_level), self.cfg.level_index(&mu.c_level))
         else {
-            return Ok(None);
+            return None;
         };
         let first = |g: &Gen, l: usize| -> Option<usize> {
             let r = g.cfg.route(0, l)?;
             // At most one level between global memory and the unit's.
             (r.len() == 2 || r.len() == 3).then(|| r[1])
         };
-        let (Some(ah), Some(bh)) = (first(self, al), first(self, bl)) else { return Ok(None) };
+        let (Some(ah), Some(bh)) = (first(self, al), first(self, bl)) else { return None };
         let lc_to_v = lc == v || self.cfg.path(lc, v).is_some_and(|p| p.pipe == Pipe::V);
         if !lc_to_v || self.cfg.path(0, v).is_none() || self.cfg.path(v, 0).is_none() {
-            return Ok(None);
+            return None;
         }
         let route = Route { ah, al, bh, bl, lc };
-        let Some(blk) = self.gemm_blocking(&route, rows as u64, cols as u64, kk as u64) else { return Ok(None) };
-        let snap = self.snapshot();
-        let lv = self.lvl.clone();
+        let blk = self.gemm_blocking(&route, rows as u64, cols as u64, kk as u64)?;
         let gm = (self.gm[*abuf] as i64, self.gm[m.b.0] as i64, self.gm[m.c.0] as i64);
         let a = Affine2 { base: a.base + gm.0, ..a };
         let b = Affine2 { base: b.base + gm.1, ..b };
         let c = Affine2 { base: c.base + gm.2, ..c };
-        match self.gemm_emit(&route, blk, (rows as u64, cols as u64, kk as u64), a, b, c) {
-            Ok(()) => Ok(Some(())),
+        Some(GemmPlan { route, blk, mnk: (rows as u64, cols as u64, kk as u64), a, b, c })
+    }
+
+    /// Emits a planned GEMM (`init_row`: the vector-level address of the row every row of `C`
+    /// starts from, instead of `C` itself); `None` (nothing emitted) when it does not fit.
+    fn gemm_run(&mut self, p: &GemmPlan, init_row: Option<u64>) -> R<Option<()>> {
+        let snap = self.snapshot();
+        let lv = self.lvl.clone();
+        match self.gemm_emit(&p.route, p.blk, p.mnk, p.a, p.b, p.c, init_row) {
+            Ok(()) => {
+                self.free_flags();
+                self.lvl = lv;
+                Ok(Some(()))
+            }
             Err(crate::NpuError::DoesNotFit { .. }) | Err(crate::NpuError::Unsupported(_)) => {
                 self.rollback(snap);
                 self.lvl = lv;
@@ -165,7 +248,7 @@ impl Gen<'_> {
         let v = self.vl as usize;
         let (tm, tn, tk) = (mu.m as u64, mu.n as u64, mu.k as u64);
         let mut best: Option<(f64, Blocking)> = None;
-        let free_ub = self.ub.cap.saturating_sub(self.ub.top);
+        let free_ub = self.ub.cap.saturating_sub(self.ub.top.next_multiple_of(self.ub.align));
         for a_resident in [true, false] {
             for bm in (1..=32).map(|i| i * tm).filter(|&x| x < m + tm) {
                 for bn in (1..=32).map(|i| i * tn).filter(|&x| x < n + tn) {
@@ -199,7 +282,7 @@ impl Gen<'_> {
                                 put(v, 2, bm * bn);
                                 let fits = need.iter().enumerate().all(|(l, &x)| {
                                     let cap = if l == v { free_ub } else { self.cfg.capacity_elems(l) };
-                                    x == 0 || (l != 0 && x + self.cfg.align_elems(l) <= cap)
+                                    x == 0 || (l != 0 && x <= cap)
                                 });
                                 if !fits {
                                     continue;
@@ -335,6 +418,7 @@ impl Gen<'_> {
         Ok(())
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn gemm_emit(
         &mut self,
         r: &Route,
@@ -343,6 +427,7 @@ impl Gen<'_> {
         a: Affine2,
         b: Affine2,
         c: Affine2,
+        init_row: Option<u64>,
     ) -> R<()> {
         let (m, n, k) = mnk;
         let v = self.vl as usize;
@@ -364,7 +449,13 @@ impl Gen<'_> {
         let mut acc = self.ring(r.lc, bm * bn, 2, vec![Pipe::M, Pipe::V])?;
         let acc_v = if r.lc != v { Some(self.ub_alloc(bm * bn)?) } else { None };
         let (cin, cout) = (pipe(self, 0, v)?, pipe(self, v, 0)?);
-        let mut ct = self.ring(v, bm * bn, 2, vec![cin, Pipe::V, cout])?;
+        // C's tile: brought in by `cin`, or (from an init row) written by V.
+        let mut ct = match init_row {
+            None => self.ring(v, bm * bn, 2, vec![cin, Pipe::V, cout])?,
+            Some(_) => self.ring(v, bm * bn, 2, vec![Pipe::V, cout])?,
+        };
+        // The stage of `ct`'s chain that adds and the one that stores.
+        let (add_stage, out_stage) = if init_row.is_some() { (0, 1) } else { (1, 2) };
         let (nm, nn) = (m.div_ceil(bm), n.div_ceil(bn));
         let (outer, inner) = if a_resident { (nm, nn) } else { (nn, nm) };
         for o in 0..outer {
@@ -374,10 +465,15 @@ impl Gen<'_> {
                 let (j0, cols) = (cb * bn, bn.min(n - cb * bn));
                 let (first, last) = (i == 0, i == inner - 1);
                 // C's tile in.
-                let ct_at = self.ring_acquire(&mut ct);
-                let csrc = c.base + r0 as i64 * c.outer + j0 as i64;
-                self.copy2(v, 0, ct_at, csrc, rows, cols, cols, c.outer)?;
-                self.ring_signal(&ct, 0);
+                let ct_at = if init_row.is_none() {
+                    let at = self.ring_acquire(&mut ct);
+                    let csrc = c.base + r0 as i64 * c.outer + j0 as i64;
+                    self.copy2(v, 0, at, csrc, rows, cols, cols, c.outer)?;
+                    self.ring_signal(&ct, 0);
+                    at
+                } else {
+                    0
+                };
                 let mut acc_at = 0;
                 for q in 0..nk {
                     let (k0, kl) = (q * kc, kc.min(k - q * kc));
@@ -476,18 +572,54 @@ impl Gen<'_> {
                     }
                     None => acc_at,
                 };
-                self.ring_wait(&ct, 1);
-                let mk = self.mark();
-                let (d, s, nr) = (self.reg()?, self.reg()?, self.reg()?);
-                self.li(d, ct_at as i64)?;
-                self.li(s, sum_at as i64)?;
-                self.li(nr, (rows * cols) as i64)?;
-                self.emit(Instr::VBin { op: VBinOp::Add, d, a: d, b: s, n: nr, a_scalar: false, b_scalar: false });
-                self.reset(mk);
+                let ct_at = match init_row {
+                    None => {
+                        self.ring_wait(&ct, 1);
+                        let mk = self.mark();
+                        let (d, s, nr) = (self.reg()?, self.reg()?, self.reg()?);
+                        self.li(d, ct_at as i64)?;
+                        self.li(s, sum_at as i64)?;
+                        self.li(nr, (rows * cols) as i64)?;
+                        self.emit(Instr::VBin {
+                            op: VBinOp::Add,
+                            d,
+                            a: d,
+                            b: s,
+                            n: nr,
+                            a_scalar: false,
+                            b_scalar: false,
+                        });
+                        self.reset(mk);
+                        ct_at
+                    }
+                    Some(row) => {
+                        // Every row: the init row's columns plus the accumulator's row.
+                        let at = self.ring_acquire(&mut ct);
+                        for q in 0..rows {
+                            let mk = self.mark();
+                            let (d, x, y) = (self.reg()?, self.reg()?, self.reg()?);
+                            self.li(d, (at + q * cols) as i64)?;
+                            self.li(x, (row + j0) as i64)?;
+                            self.li(y, (sum_at + q * cols) as i64)?;
+                            let nr = self.konst(cols as i64)?;
+                            self.emit(Instr::VBin {
+                                op: VBinOp::Add,
+                                d,
+                                a: x,
+                                b: y,
+                                n: nr,
+                                a_scalar: false,
+                                b_scalar: false,
+                            });
+                            self.reset(mk);
+                        }
+                        at
+                    }
+                };
                 self.ring_release(&acc);
-                self.ring_signal(&ct, 1);
+                self.ring_signal(&ct, add_stage);
                 // C back.
-                self.ring_wait(&ct, 2);
+                self.ring_wait(&ct, out_stage);
                 let cdst = c.base + r0 as i64 * c.outer + j0 as i64;
                 self.copy2(0, v, cdst as u64, ct_at as i64, rows, cols, c.outer as u64, cols as i64)?;
                 self.ring_release(&ct);
@@ -498,5 +630,62 @@ impl Gen<'_> {
             self.ring_drain(&ring);
         }
         Ok(())
+    }
+}
+
+/// The init nest's store (inside its column loop), as the body of a one-row loop.
+fn init_body(init: &Stmt) -> Stmt {
+    match init {
+        Stmt::For { body, .. } => body[0].clone(),
+        s => s.clone(),
+    }
+}
+
+/// Whether `v` mentions loop variable `var`.
+fn val_uses(v: &Val, var: usize) -> bool {
+    let mut found = false;
+    visit(v, &mut |x| {
+        if let Val::Load { index, .. } = x {
+            found |= index.iter().any(|i| i.uses(var));
+        }
+        if let Val::FromIdx(i) = x {
+            found |= i.uses(var);
+        }
+        if let Val::Reduce { extent, .. } = x {
+            found |= extent.uses(var);
+        }
+        if let Val::IfLess { lhs, rhs, .. } | Val::Select { lhs, rhs, .. } = x {
+            found |= lhs.uses(var) || rhs.uses(var);
+        }
+    });
+    found
+}
+
+/// Whether `v` loads from buffer `buf`.
+fn val_loads(v: &Val, buf: usize) -> bool {
+    let mut found = false;
+    visit(v, &mut |x| found |= matches!(x, Val::Load { buf: b, .. } if *b == buf));
+    found
+}
+
+fn visit(v: &Val, f: &mut dyn FnMut(&Val)) {
+    f(v);
+    match v {
+        Val::Const(_) | Val::Load { .. } | Val::FromIdx(_) | Val::Scalar(_) => {}
+        Val::Un(_, x) => visit(x, f),
+        Val::Bin(_, a, b) => {
+            visit(a, f);
+            visit(b, f);
+        }
+        Val::Reduce { body, .. } => visit(body, f),
+        Val::IfLess { then, other, .. } | Val::Select { then, other, .. } => {
+            visit(then, f);
+            visit(other, f);
+        }
+        Val::Where { cond, then, other } => {
+            visit(cond, f);
+            visit(then, f);
+            visit(other, f);
+        }
     }
 }
