@@ -935,6 +935,21 @@ impl<'p, 'm> Builder<'p, 'm> {
                 ),
             ])
         };
+        // A matrix unit's code generator blocks the whole product itself: one `Mma` of all rows
+        // and columns over all of K (sizes known, `B` contiguous along its columns).
+        if sched.whole_matmul && shared && !a_vec && !b_vec && !tb {
+            if let (Idx::Const(m), Idx::Const(n), Idx::Const(k)) =
+                (rows.clone().simplify(), nn.clone().simplify(), kk.clone().simplify())
+            {
+                if m > 0 && n > 0 && k > 0 {
+                    if let Some(w) =
+                        self.whole_matmul(m, n, k, &prefix, &a_idx, &b_idx, &with_col, &init_val, &finish_val)?
+                    {
+                        return Ok(Some(w));
+                    }
+                }
+            }
+        }
         // Loop variables: 0 (batch, row group), 1 column tile, 2 reduction tile or rows, 3 rows.
         let kt = sched.matmul_tile_k;
         let k0 = mul(Idx::Var(2), c(kt));
@@ -1005,6 +1020,73 @@ impl<'p, 'm> Builder<'p, 'm> {
 }
 
 /// `⌈x / t⌉` of known positive sizes.
+type IdxOf<'a> = &'a dyn Fn(Idx) -> LowerResult<Vec<Idx>>;
+type IdxOf2<'a> = &'a dyn Fn(&[Idx], Idx) -> LowerResult<Vec<Idx>>;
+type IdxOf3<'a> = &'a dyn Fn(&[Idx], Idx, Idx) -> LowerResult<Vec<Idx>>;
+type ValOf<'a> = &'a dyn Fn(&[Idx], Idx) -> LowerResult<Val>;
+
+impl Builder<'_, '_> {
+    /// [`Schedule::whole_matmul`]: `init; C[r, 0..n] += Σ_k A[r, k] · B[k, 0..n]` as one
+    /// [`Mma`] of `m` rows and `n` columns; then alpha, `C` and the epilogue in place. Loop
+    /// variables: 2 rows, 3 columns, 5 the reduction, 63 the tile's row. `None` when `B` is not
+    /// a kernel buffer or `A`'s element not a load (the tiled form then).
+    #[allow(clippy::too_many_arguments)]
+    fn whole_matmul(
+        &self,
+        m: i64,
+        n: i64,
+        k: i64,
+        prefix: IdxOf,
+        a_idx: IdxOf2,
+        b_idx: IdxOf3,
+        with_col: &dyn Fn(&[Idx], Idx) -> Vec<Idx>,
+        init_val: ValOf,
+        finish_val: ValOf,
+    ) -> LowerResult<Option<(Vec<Stmt>, Vec<Local>)>> {
+        const ROW: usize = 63;
+        let lw = &self.lw;
+        let op = self.p.m.op(self.anchor);
+        let (a, bm) = (self.operand(0).ok_or("no A")?, self.operand(1).ok_or("no B")?);
+        let acc = self.acc;
+        let gemm = op.op_type() == "Gemm";
+        let alpha = if gemm { self.attrs().float("alpha", 1.0).map_err(|x| x.0)? as f64 } else { 1.0 };
+        let (r, j) = (Idx::Var(2), Idx::Var(3));
+        let pre = prefix(r.clone())?;
+        let init = Stmt::Store { buf: acc, index: with_col(&pre, j.clone()), value: init_val(&pre, j.clone())? };
+        let mut body = vec![for_(2, c(m), false, vec![for_(3, c(n), false, vec![init])])];
+        let tpre = prefix(Idx::Var(ROW))?;
+        // `B` must be a buffer (not a value computed in the kernel) and `a` a load.
+        let Some(bbuf) = self.param(bm) else { return Ok(None) };
+        let aval = lw.value(a, &a_idx(&tpre, Idx::Var(5))?)?;
+        if !matches!(aval, Val::Load { .. }) {
+            return Ok(None);
+        }
+        body.push(Stmt::Mma(Box::new(Mma {
+            rows: m as usize,
+            cols: n as usize,
+            lanes: lw.sched.lanes,
+            valid: c(n),
+            row: ROW,
+            red: vec![(5, c(k))],
+            a: aval,
+            b: (bbuf, simplified(&b_idx(&prefix(c(0))?, Idx::Var(5), c(0))?)),
+            c: (acc, with_col(&tpre, c(0))),
+            c_col: c(1),
+        })));
+        let mut fin = Vec::new();
+        if alpha != 1.0 {
+            fin.push(Stmt::Store { buf: acc, index: with_col(&pre, j.clone()), value: finish_val(&pre, j.clone())? });
+        }
+        if self.has_epilogue() {
+            fin.extend(self.epilogue(&with_col(&pre, j))?);
+        }
+        if !fin.is_empty() {
+            body.push(for_(2, c(m), false, vec![for_(3, c(n), false, fin)]));
+        }
+        Ok(Some((body, Vec::new())))
+    }
+}
+
 fn ceil_div_const(x: i64, t: i64) -> i64 {
     (x + t - 1) / t
 }

@@ -29,6 +29,12 @@ pub struct Schedule {
     /// the row is re-read from the cache). Off for scratchpad machines, whose kernels stream a
     /// row through on-chip buffers once.
     pub store_row_terms: bool,
+    /// MatMul/Gemm of known sizes as one whole-matrix [`kiln_ir::kernel::Mma`] (`rows` = M,
+    /// `cols` = N, the reduction all of K) for a target whose code generator blocks it for a
+    /// matrix unit itself (the `npu` target: operands resident in its scratchpads across
+    /// tiles and reduction steps). On for machines with a matrix unit and software-managed
+    /// memory; never for register-tile code generators (cpu, rvv).
+    pub whole_matmul: bool,
 }
 
 impl Default for Schedule {
@@ -56,6 +62,7 @@ impl Schedule {
             matmul_tile_n: 1024,
             matmul_tile_k: 128,
             store_row_terms: true,
+            whole_matmul: false,
         }
     }
 
@@ -63,7 +70,9 @@ impl Schedule {
     pub fn for_machine(md: &MachineDescription) -> Schedule {
         let lanes = (md.vector_bits.max(128) / 32) as usize;
         let mut s = Schedule::for_vectors(lanes, md.vector_registers as usize);
-        s.store_row_terms = !md.levels.iter().any(|l| l.software_managed);
+        let scratchpad = md.levels.iter().any(|l| l.software_managed);
+        s.store_row_terms = !scratchpad;
+        s.whole_matmul = scratchpad && !md.matrix_shape.is_empty();
         s
     }
 }

@@ -24,6 +24,11 @@
 //!    levels, `mmad`, then the accumulators added into C), pipelined across tiles; operands
 //!    that do not depend on the tile are loaded once; a long reduction is cut into chunks
 //!    accumulated in place. Without a matrix unit, V multiplies-accumulates (`vmla`).
+//!    A whole GEMM (one `Mma` of many rows and columns, `kiln-passes`'
+//!    `Schedule::whole_matmul`) is blocked for the matrix unit instead (`matrix/gemm.rs`): a
+//!    resident panel of one operand, K-chunks of the other streamed through rings, all of K
+//!    accumulated in the unit's accumulator level, the init of `C` folded in when it does not
+//!    depend on the row.
 //! 3. **Generic** (`generic`): any statement, one element at a time (one-element DMAs
 //!    fenced by barriers, vector ops of length one): slow but exact.
 //!
@@ -370,11 +375,24 @@ impl<'a> Gen<'a> {
 
     /// Statements at scalar level; `top`: parts are fenced by barriers.
     pub fn stmts(&mut self, body: &[Stmt], top: bool) -> R<()> {
-        for s in body {
-            self.stmt(s)?;
+        let mut i = 0;
+        while i < body.len() {
+            // A GEMM after the init of its output: the init need not be read back.
+            if top && i + 1 < body.len() {
+                let ub = self.ub.top;
+                let done = self.try_gemm_with_init(&body[i], &body[i + 1])?;
+                self.ub.top = ub;
+                if done.is_some() {
+                    self.emit(Instr::Barrier);
+                    i += 2;
+                    continue;
+                }
+            }
+            self.stmt(&body[i])?;
             if top {
                 self.emit(Instr::Barrier);
             }
+            i += 1;
         }
         Ok(())
     }
@@ -422,6 +440,9 @@ impl<'a> Gen<'a> {
     }
 
     fn mma(&mut self, m: &Mma) -> R<()> {
+        if let Some(()) = self.try_gemm(m)? {
+            return Ok(());
+        }
         if let Some(()) = self.try_matrix(&Stmt::Mma(Box::new(m.clone())))? {
             return Ok(());
         }

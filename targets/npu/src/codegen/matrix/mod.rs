@@ -23,6 +23,7 @@
 //! `a` must be a load (of a parameter or a local) affine in the tile's row and reduction
 //! variables; other forms take the generic path.
 
+mod gemm;
 mod ops;
 
 use super::affine::{self, Lin};
