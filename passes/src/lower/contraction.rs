@@ -1019,7 +1019,6 @@ impl<'p, 'm> Builder<'p, 'm> {
     }
 }
 
-/// `⌈x / t⌉` of known positive sizes.
 type IdxOf<'a> = &'a dyn Fn(Idx) -> LowerResult<Vec<Idx>>;
 type IdxOf2<'a> = &'a dyn Fn(&[Idx], Idx) -> LowerResult<Vec<Idx>>;
 type IdxOf3<'a> = &'a dyn Fn(&[Idx], Idx, Idx) -> LowerResult<Vec<Idx>>;
@@ -1087,6 +1086,7 @@ impl Builder<'_, '_> {
     }
 }
 
+/// `⌈x / t⌉` of known positive sizes.
 fn ceil_div_const(x: i64, t: i64) -> i64 {
     (x + t - 1) / t
 }
