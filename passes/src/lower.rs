@@ -44,7 +44,9 @@ pub mod contraction;
 mod schedule;
 mod window;
 
-pub use schedule::Schedule;
+pub use schedule::{Schedule, Schedules};
+mod workload;
+pub use workload::workload_key;
 
 /// Why an op was not lowered.
 pub type LowerResult<T> = Result<T, String>;

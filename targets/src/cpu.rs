@@ -8,7 +8,17 @@ use crate::{Executable, Target, TargetError};
 use kiln_ir::machine::MachineDescription;
 use kiln_ir::{Module, Tensor};
 
-pub struct Cpu;
+/// The host CPU target; `tuned` holds tuned schedules per workload (`--tuning-db`).
+#[derive(Default)]
+pub struct Cpu {
+    pub tuned: crate::Tuned,
+}
+
+impl Cpu {
+    fn compile(&self, m: &Module) -> Result<NativeModel, TargetError> {
+        NativeModel::compile_tuned(m, &self.tuned)
+    }
+}
 
 impl Target for Cpu {
     fn name(&self) -> &'static str {
@@ -28,11 +38,11 @@ impl Target for Cpu {
     }
 
     fn run(&self, m: &Module, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, TargetError> {
-        NativeModel::compile(m)?.run(inputs)
+        self.compile(m)?.run(inputs)
     }
 
     fn prepare(&self, m: &Module) -> Result<Option<Box<dyn Executable>>, TargetError> {
-        Ok(Some(Box::new(NativeModel::compile(m)?)))
+        Ok(Some(Box::new(self.compile(m)?)))
     }
 }
 

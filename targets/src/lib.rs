@@ -47,11 +47,17 @@ pub enum TargetError {
 pub struct TargetOptions {
     /// `rvv`: the vector register length in bits (VLEN) code is generated and emulated for.
     pub rvv_vlen: u32,
+    /// Tuned schedules by workload key (`--tuning-db`): kernels whose key is here are lowered
+    /// with that schedule, the others with the target's default (cpu, rvv and npu read it).
+    pub tuned: Tuned,
 }
+
+/// Best known schedule per workload key ([`kiln_passes::lower::workload_key`]).
+pub type Tuned = std::sync::Arc<std::collections::HashMap<String, kiln_passes::lower::Schedule>>;
 
 impl Default for TargetOptions {
     fn default() -> TargetOptions {
-        TargetOptions { rvv_vlen: rvv::DEFAULT_VLEN }
+        TargetOptions { rvv_vlen: rvv::DEFAULT_VLEN, tuned: Tuned::default() }
     }
 }
 
@@ -152,9 +158,9 @@ pub fn all() -> Vec<Box<dyn Target>> {
 pub fn all_with(opts: &TargetOptions) -> Vec<Box<dyn Target>> {
     vec![
         Box::new(reference::Reference),
-        Box::new(cpu::Cpu),
-        Box::new(rvv::Rvv::new(opts.rvv_vlen)),
-        Box::new(npu::Npu),
+        Box::new(cpu::Cpu { tuned: opts.tuned.clone() }),
+        Box::new(rvv::Rvv::new(opts.rvv_vlen).with_tuned(opts.tuned.clone())),
+        Box::new(npu::Npu { tuned: opts.tuned.clone() }),
         Box::new(descriptions::Described::cuda()),
         Box::new(descriptions::Described::rocm()),
     ]

@@ -8,6 +8,7 @@ use crate::{HostKernel, TargetError};
 use kiln_ir::kernel::{BinOp, Idx, Kernel, Mma, RedOp, Stmt, UnOp, Val};
 use kiln_ir::tensor::Data;
 use kiln_ir::{DType, Dim, Tensor};
+use kiln_passes::lower::Schedules;
 use std::collections::{BTreeSet, HashMap};
 use std::fmt::Write;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -1171,15 +1172,23 @@ fn keep_freed_memory() {
 impl NativeModel {
     /// Compiles `m` for the host: its kernels JIT-compiled in process ([`JitBackend`]).
     pub fn compile(m: &kiln_ir::Module) -> Result<NativeModel, TargetError> {
-        let jit: Build = &|mlir, functions| Ok(Box::new(JitBackend::compile(mlir, functions)?));
-        NativeModel::compile_with(m, crate::cpu::schedule(), MlirOptions::default(), jit)
+        NativeModel::compile_tuned(m, &crate::Tuned::default())
     }
 
-    /// Compiles `m`, its kernels lowered with `schedule` (the target's tile sizes) and emitted
-    /// with `options`, on the backend `build` makes from their MLIR module.
+    /// [`NativeModel::compile`] with tuned schedules for the kernels whose workload is in
+    /// `tuned` (the host's default schedule for the others).
+    pub fn compile_tuned(m: &kiln_ir::Module, tuned: &crate::Tuned) -> Result<NativeModel, TargetError> {
+        let jit: Build = &|mlir, functions| Ok(Box::new(JitBackend::compile(mlir, functions)?));
+        let schedules = Schedules { default: crate::cpu::schedule().clone(), tuned: tuned.clone() };
+        NativeModel::compile_with(m, &schedules, MlirOptions::default(), jit)
+    }
+
+    /// Compiles `m`, each kernel lowered with its schedule from `schedules` (tuned, or the
+    /// target's default tile sizes) and emitted with `options`, on the backend `build` makes
+    /// from their MLIR module.
     pub fn compile_with(
         m: &kiln_ir::Module,
-        schedule: &kiln_passes::lower::Schedule,
+        schedules: &Schedules,
         options: MlirOptions,
         build: Build,
     ) -> Result<NativeModel, TargetError> {
@@ -1199,7 +1208,7 @@ impl NativeModel {
         }
         for (o, name) in launched_kernels(m) {
             let op = m.op(o);
-            match kiln_passes::lower::lower_with(m, o, &name, schedule) {
+            match kiln_passes::lower::lower_with(m, o, &name, &schedules.for_op(m, o)) {
                 Ok(k) => kernels.push((o, k)),
                 Err(why) => {
                     host.push(HostKernel { name, node: op.node_name().to_string(), op: op.op_type().to_string(), why })

@@ -40,8 +40,11 @@ pub fn config() -> NpuConfig {
     chosen.unwrap_or_else(|| NpuConfig::preset("davinci").expect("the davinci preset is valid"))
 }
 
-/// The `npu` target.
-pub struct Npu;
+/// The `npu` target; `tuned` holds tuned schedules per workload (`--tuning-db`).
+#[derive(Default)]
+pub struct Npu {
+    pub tuned: crate::Tuned,
+}
 
 impl Target for Npu {
     fn name(&self) -> &'static str {
@@ -61,11 +64,11 @@ impl Target for Npu {
     }
 
     fn run(&self, m: &Module, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, TargetError> {
-        NpuModel::compile(m, config())?.run(inputs)
+        NpuModel::compile_tuned(m, config(), &self.tuned)?.run(inputs)
     }
 
     fn prepare(&self, m: &Module) -> Result<Option<Box<dyn Executable>>, TargetError> {
-        Ok(Some(Box::new(NpuModel::compile(m, config())?)))
+        Ok(Some(Box::new(NpuModel::compile_tuned(m, config(), &self.tuned)?)))
     }
 }
 
@@ -95,8 +98,14 @@ impl NpuModel {
     /// programs now (those the code generator refuses become host kernels), the others on
     /// first use at each binding.
     pub fn compile(m: &Module, cfg: NpuConfig) -> Result<NpuModel, TargetError> {
+        NpuModel::compile_tuned(m, cfg, &crate::Tuned::default())
+    }
+
+    /// [`NpuModel::compile`] with tuned schedules for the kernels whose workload is in `tuned`.
+    pub fn compile_tuned(m: &Module, cfg: NpuConfig, tuned: &crate::Tuned) -> Result<NpuModel, TargetError> {
         cfg.validate().map_err(|e| TargetError::Config(e.to_string()))?;
-        let sched = Schedule::for_machine(&cfg.machine());
+        let schedules =
+            kiln_passes::lower::Schedules { default: Schedule::for_machine(&cfg.machine()), tuned: tuned.clone() };
         let mut kernels = HashMap::new();
         let mut host = Vec::new();
         for (o, name) in crate::native::launched_kernels(m) {
@@ -107,7 +116,7 @@ impl NpuModel {
                 op: op.op_type().to_string(),
                 why,
             };
-            let kernel = match kiln_passes::lower::lower_with(m, o, &name, &sched) {
+            let kernel = match kiln_passes::lower::lower_with(m, o, &name, &schedules.for_op(m, o)) {
                 Ok(k) => k,
                 Err(why) => {
                     host.push(refuse(why));

@@ -49,11 +49,18 @@ pub fn check_vlen(vlen: u32) -> Result<(), String> {
 /// The `rvv` target at one VLEN.
 pub struct Rvv {
     vlen: u32,
+    tuned: crate::Tuned,
 }
 
 impl Rvv {
     pub fn new(vlen: u32) -> Rvv {
-        Rvv { vlen }
+        Rvv { vlen, tuned: crate::Tuned::default() }
+    }
+
+    /// With tuned schedules per workload (`--tuning-db`).
+    pub fn with_tuned(mut self, tuned: crate::Tuned) -> Rvv {
+        self.tuned = tuned;
+        self
     }
 
     /// The vector register length, in bits, code is generated and emulated for.
@@ -65,9 +72,12 @@ impl Rvv {
         check_vlen(self.vlen)
             .map_err(|why| TargetError::Codegen(format!("rvv: {why} (give --rvv-vlen 128, 256, 512 or 1024)")))?;
         let vlen = self.vlen;
-        let schedule = kiln_passes::lower::Schedule::for_machine(&self.machine());
+        let schedules = kiln_passes::lower::Schedules {
+            default: kiln_passes::lower::Schedule::for_machine(&self.machine()),
+            tuned: self.tuned.clone(),
+        };
         let options = MlirOptions::for_code(&CodeTarget::riscv64(vlen));
-        NativeModel::compile_with(m, &schedule, options, &|mlir, functions| {
+        NativeModel::compile_with(m, &schedules, options, &|mlir, functions| {
             Ok(Box::new(Runner::build(mlir, functions, vlen)?))
         })
     }

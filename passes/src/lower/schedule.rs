@@ -1,11 +1,17 @@
 //! The lowering's schedule knobs: register-tile shapes and cache tile sizes, chosen from the
 //! target's [`MachineDescription`] (its vector width and register count) instead of being
-//! fixed for one ISA. The autotuner (issue #8) will set them per kernel.
+//! fixed for one ISA. The autotuner (`kiln tune`) searches them per kernel; [`Schedules`]
+//! carries its results (best schedule per workload) into compilation.
 
+use kiln_ir::ir::OpId;
 use kiln_ir::machine::MachineDescription;
+use kiln_ir::Module;
+use std::collections::HashMap;
+use std::sync::Arc;
 
-/// Tile sizes the contraction and attention lowerings use.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// Tile sizes the contraction and attention lowerings use. Serialized as the `knobs` of a
+/// tuning record.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub struct Schedule {
     /// f32 lanes per vector register (a register tile's vectors).
     pub lanes: usize,
@@ -74,6 +80,30 @@ impl Schedule {
         s.store_row_terms = !scratchpad;
         s.whole_matmul = scratchpad && !md.matrix_shape.is_empty();
         s
+    }
+}
+
+/// The schedule of each kernel of a model: tuned ones by workload key (from a tuning
+/// database, see [`super::workload_key`]), the target's default for the rest.
+#[derive(Clone, Debug, Default)]
+pub struct Schedules {
+    pub default: Schedule,
+    /// Best known schedule per workload key.
+    pub tuned: Arc<HashMap<String, Schedule>>,
+}
+
+impl Schedules {
+    /// The target's default for every kernel.
+    pub fn uniform(default: Schedule) -> Schedules {
+        Schedules { default, tuned: Arc::default() }
+    }
+
+    /// The schedule kernel `o` of `m` is lowered with.
+    pub fn for_op(&self, m: &Module, o: OpId) -> Schedule {
+        if self.tuned.is_empty() {
+            return self.default.clone();
+        }
+        self.tuned.get(&super::workload_key(m, o)).cloned().unwrap_or_else(|| self.default.clone())
     }
 }
 

@@ -1,0 +1,863 @@
+//! Kernel autotuning (`kiln tune`): per kernel, search the lowering's schedule knobs
+//! ([`Schedule`]) by measuring candidates on the target, keep every measurement in a tuning
+//! database, and compile with the best known schedule per kernel (`--tuning-db`).
+//!
+//! - **Search space**: a [`Schedule`]'s knobs (register-tile columns and rows per contraction
+//!   kind, attention's query block, MatMul's row block and cache tiles, Softmax's stored terms,
+//!   and on matrix-unit machines the whole-matrix GEMM), each over a few values, with the
+//!   target's validity rules (a register tile fits the vector register file). A candidate is
+//!   lowered first: two candidates that lower to the same kernel are one point, measured once,
+//!   so knobs a kernel does not read cost no trials.
+//! - **Workloads**: kernels are keyed by [`workload_key`]; repeated blocks are tuned once.
+//! - **Measurement**: `cpu`: the kernel JIT-compiled alone, run on seeded random operands
+//!   (the model's constants for weights), its outputs checked against the default schedule's
+//!   (a wrong result is a failed trial, never chosen), then timed warm: the median of at least
+//!   7 runs and 30 ms. `npu`: the kernel compiled for the NPU and simulated; the cost is
+//!   simulated cycles, outputs checked against the kernel-dialect evaluator.
+//! - **Search**: `random` samples the space; `learned` (the default) is an evolutionary search
+//!   whose candidates (mutations of the best points so far, and a few random ones) are ranked
+//!   by a cost model fitted online to this workload's measurements (ridge regression of
+//!   log-cost on the knobs' logs and squares); the best-predicted unmeasured candidate is
+//!   measured next. Both start with the default schedule.
+//! - **Database**: JSON lines, one record per measurement ([`Record`], ../shared/CLI.md),
+//!   appended and flushed as each is made, so an interrupted run loses nothing. A candidate
+//!   already recorded is never measured again; with `resume`, recorded trials count toward
+//!   each workload's budget, so an interrupted run continues where it stopped.
+//! - **Applying**: [`load_best`] reads the database (records of the same target and machine
+//!   description hash) and gives the best schedule per workload: compiling with it is
+//!   deterministic and measures nothing.
+
+use crate::{CompiledModel, Error};
+use kiln_ir::kernel::Kernel;
+use kiln_ir::ir::OpId;
+use kiln_ir::{DType, Dim, Module, Tensor};
+use kiln_passes::lower::{workload_key, Schedule};
+use serde::{Deserialize, Serialize};
+use std::collections::{HashMap, HashSet};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+/// Measurements made in this process (what a compile with a database must not add to).
+static MEASUREMENTS: AtomicU64 = AtomicU64::new(0);
+
+/// Number of candidate measurements made by this process so far.
+pub fn measurements() -> u64 {
+    MEASUREMENTS.load(Ordering::Relaxed)
+}
+
+/// How candidates are chosen.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Strategy {
+    /// Uniform samples of the space (the baseline).
+    Random,
+    /// Evolutionary search ranked by a cost model learned online.
+    Learned,
+}
+
+impl std::str::FromStr for Strategy {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Strategy, String> {
+        match s {
+            "random" => Ok(Strategy::Random),
+            "learned" => Ok(Strategy::Learned),
+            _ => Err(format!("unknown strategy '{s}' (random, learned)")),
+        }
+    }
+}
+
+/// Options of a tuning run.
+#[derive(Clone, Debug)]
+pub struct TuneOptions {
+    /// The tuning database (JSON lines; created if missing, appended to).
+    pub db: PathBuf,
+    /// Measurements per workload.
+    pub trials: usize,
+    /// Wall-clock budget of the whole run (stops between measurements).
+    pub budget: Option<Duration>,
+    /// Count the database's records of a workload toward its trials (continue a run).
+    pub resume: bool,
+    pub strategy: Strategy,
+    /// Seed of the random choices (a run is reproducible up to timing noise).
+    pub seed: u64,
+    /// Sizes of symbolic dims for measuring (`--dim`); unbound ones are 1.
+    pub dims: HashMap<String, usize>,
+}
+
+impl Default for TuneOptions {
+    fn default() -> TuneOptions {
+        TuneOptions {
+            db: PathBuf::from("kiln-tuning.jsonl"),
+            trials: 32,
+            budget: None,
+            resume: false,
+            strategy: Strategy::Learned,
+            seed: 0,
+            dims: HashMap::new(),
+        }
+    }
+}
+
+/// One measurement, as a line of the tuning database.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Record {
+    pub workload: String,
+    pub target: String,
+    /// Hash of the target's machine description (a record applies to the same machine only).
+    pub target_hash: String,
+    pub knobs: Schedule,
+    pub result: Outcome,
+    pub kiln_version: String,
+    /// UTC, ISO 8601.
+    pub time: String,
+}
+
+/// A measurement's result: `median_ms` (cpu) or `sim_cycles` (npu) when `ok`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Outcome {
+    pub ok: bool,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub median_ms: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub sim_cycles: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub error: Option<String>,
+}
+
+impl Outcome {
+    fn cost(&self) -> Option<f64> {
+        if !self.ok {
+            return None;
+        }
+        self.median_ms.or(self.sim_cycles.map(|c| c as f64))
+    }
+}
+
+/// What tuning did for one workload.
+#[derive(Clone, Debug)]
+pub struct KernelReport {
+    /// The first kernel of the model with this workload, and how many kernels share it.
+    pub kernel: String,
+    pub instances: usize,
+    pub workload: String,
+    /// Cost unit: "ms" or "cycles".
+    pub unit: &'static str,
+    pub default_cost: Option<f64>,
+    pub best_cost: Option<f64>,
+    pub best: Schedule,
+    /// Measurements for this workload in the database (this run's and earlier ones).
+    pub trials: usize,
+    pub failed: usize,
+    /// Best cost after each of this run's measurements, in order.
+    pub best_so_far: Vec<f64>,
+    /// Why the workload was not tuned, if it was not.
+    pub skipped: Option<String>,
+}
+
+/// What a tuning run did.
+#[derive(Clone, Debug)]
+pub struct TuneReport {
+    pub target: String,
+    pub kernels: Vec<KernelReport>,
+    /// New records written by this run.
+    pub measured: usize,
+    /// Records of earlier runs found in the database (all targets), and unreadable lines.
+    pub previous: usize,
+    pub unreadable: usize,
+    pub stopped_by_budget: bool,
+}
+
+/// Hash of the target's machine description: records apply to the same machine only.
+pub fn target_hash(c: &CompiledModel) -> String {
+    let mut text = serde_json::to_string(&c.target().machine()).unwrap_or_default();
+    if c.target().name() == "npu" {
+        text.push_str(&serde_json::to_string(&kiln_targets::npu::config()).unwrap_or_default());
+    }
+    format!("{:016x}", fnv1a(text.as_bytes()))
+}
+
+fn fnv1a(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in bytes {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
+
+/// Reads a tuning database: its records, and the number of lines that are not records (a
+/// line cut short by a killed run, say). A missing file has no records.
+pub fn read_db(path: &Path) -> Result<(Vec<Record>, usize), Error> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((Vec::new(), 0)),
+        Err(e) => return Err(Error::Io { path: path.display().to_string(), msg: e.to_string() }),
+    };
+    let mut records = Vec::new();
+    let mut bad = 0;
+    for line in text.lines().filter(|l| !l.trim().is_empty()) {
+        match serde_json::from_str::<Record>(line) {
+            Ok(r) => records.push(r),
+            Err(_) => bad += 1,
+        }
+    }
+    Ok((records, bad))
+}
+
+/// The best schedule per workload among `records` of `target` on the machine `hash`
+/// (ties: the earliest record).
+pub fn best_of(records: &[Record], target: &str, hash: &str) -> HashMap<String, Schedule> {
+    let mut best: HashMap<String, (f64, Schedule)> = HashMap::new();
+    for r in records.iter().filter(|r| r.target == target && r.target_hash == hash) {
+        if let Some(c) = r.result.cost() {
+            match best.get(&r.workload) {
+                Some((b, _)) if *b <= c => {}
+                _ => {
+                    best.insert(r.workload.clone(), (c, r.knobs.clone()));
+                }
+            }
+        }
+    }
+    best.into_iter().map(|(k, (_, s))| (k, s)).collect()
+}
+
+/// The best known schedule per workload for compiled model `c`'s target, from database
+/// `path` (what `--tuning-db` applies).
+pub fn load_best(path: &Path, c: &CompiledModel) -> Result<HashMap<String, Schedule>, Error> {
+    let (records, _) = read_db(path)?;
+    Ok(best_of(&records, c.target().name(), &target_hash(c)))
+}
+
+/// The tuning database, opened for appending.
+struct Db {
+    file: std::fs::File,
+    path: PathBuf,
+}
+
+impl Db {
+    fn open(path: &Path) -> Result<Db, Error> {
+        let io = |e: std::io::Error| Error::Io { path: path.display().to_string(), msg: e.to_string() };
+        let mut file = std::fs::OpenOptions::new().create(true).append(true).read(true).open(path).map_err(io)?;
+        // A line cut short by a killed run: end it, so the next record starts a line.
+        let len = file.metadata().map_err(io)?.len();
+        if len > 0 {
+            use std::io::{Read, Seek, SeekFrom};
+            let mut last = [0u8; 1];
+            file.seek(SeekFrom::Start(len - 1)).map_err(io)?;
+            file.read_exact(&mut last).map_err(io)?;
+            if last[0] != b'\n' {
+                file.write_all(b"\n").map_err(io)?;
+            }
+        }
+        Ok(Db { file, path: path.to_path_buf() })
+    }
+
+    /// Appends one record as one line, flushed to the file before returning.
+    fn append(&mut self, r: &Record) -> Result<(), Error> {
+        let mut line = serde_json::to_string(r).expect("records serialize");
+        line.push('\n');
+        self.file
+            .write_all(line.as_bytes())
+            .and_then(|_| self.file.sync_data())
+            .map_err(|e| Error::Io { path: self.path.display().to_string(), msg: e.to_string() })
+    }
+}
+
+/// Now, as ISO 8601 UTC.
+fn now_iso() -> String {
+    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let (days, rem) = ((secs / 86_400) as i64, secs % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem / 60 % 60, rem % 60)
+}
+
+/// A small deterministic generator (splitmix64).
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n.max(1) as u64) as usize
+    }
+    fn unit(&mut self) -> f64 {
+        (self.next() >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+/// The knobs of a schedule and the values each may take on a machine.
+struct Space {
+    base: Schedule,
+    registers: usize,
+    matrix_unit: bool,
+}
+
+/// Number of knobs ([`Space::get`] / [`Space::set`] index them).
+const KNOBS: usize = 10;
+
+impl Space {
+    fn values(&self, knob: usize) -> Vec<i64> {
+        let l = self.base.lanes as i64;
+        match knob {
+            0 => vec![l, 2 * l, 3 * l, 4 * l],
+            1..=4 => vec![1, 2, 3, 4, 6, 8],
+            5 => vec![16, 32, 64, 128, 256],
+            6 => vec![256, 512, 1024, 2048],
+            7 => vec![32, 64, 128, 256, 512],
+            8 => vec![0, 1],
+            _ => {
+                if self.matrix_unit {
+                    vec![0, 1]
+                } else {
+                    vec![i64::from(self.base.whole_matmul)]
+                }
+            }
+        }
+    }
+
+    fn get(s: &Schedule, knob: usize) -> i64 {
+        match knob {
+            0 => s.mma_cols as i64,
+            1 => s.matmul_mma_rows as i64,
+            2 => s.conv_channel_rows as i64,
+            3 => s.conv_pixel_rows as i64,
+            4 => s.attention_rows as i64,
+            5 => s.matmul_row_block,
+            6 => s.matmul_tile_n,
+            7 => s.matmul_tile_k,
+            8 => i64::from(s.store_row_terms),
+            _ => i64::from(s.whole_matmul),
+        }
+    }
+
+    fn set(s: &mut Schedule, knob: usize, v: i64) {
+        match knob {
+            0 => s.mma_cols = v as usize,
+            1 => s.matmul_mma_rows = v as usize,
+            2 => s.conv_channel_rows = v as usize,
+            3 => s.conv_pixel_rows = v as usize,
+            4 => s.attention_rows = v as usize,
+            5 => s.matmul_row_block = v,
+            6 => s.matmul_tile_n = v,
+            7 => s.matmul_tile_k = v,
+            8 => s.store_row_terms = v != 0,
+            _ => s.whole_matmul = v != 0,
+        }
+    }
+
+    /// A register tile of `rows × cols` accumulators, plus a `B` vector per column vector and a
+    /// broadcast, fits the vector registers (machines without a matrix unit; an NPU's
+    /// code generator checks its buffers itself).
+    fn valid(&self, s: &Schedule) -> bool {
+        if self.matrix_unit {
+            return true;
+        }
+        let vecs = s.mma_cols.div_ceil(s.lanes.max(1));
+        [s.matmul_mma_rows, s.conv_channel_rows, s.conv_pixel_rows, s.attention_rows]
+            .iter()
+            .all(|&r| r * vecs + vecs + 1 <= self.registers.max(4))
+    }
+
+    fn random(&self, rng: &mut Rng) -> Schedule {
+        loop {
+            let mut s = self.base.clone();
+            for k in 0..KNOBS {
+                let vs = self.values(k);
+                Space::set(&mut s, k, vs[rng.below(vs.len())]);
+            }
+            if self.valid(&s) {
+                return s;
+            }
+        }
+    }
+
+    fn mutate(&self, s: &Schedule, rng: &mut Rng) -> Schedule {
+        for _ in 0..32 {
+            let mut t = s.clone();
+            for _ in 0..1 + rng.below(2) {
+                let k = rng.below(KNOBS);
+                let vs = self.values(k);
+                Space::set(&mut t, k, vs[rng.below(vs.len())]);
+            }
+            if self.valid(&t) && t != *s {
+                return t;
+            }
+        }
+        self.random(rng)
+    }
+
+    /// Features for the cost model: per knob its log2 and its square, and a bias.
+    fn features(s: &Schedule) -> Vec<f64> {
+        let mut f = vec![1.0];
+        for k in 0..KNOBS {
+            let v = (Space::get(s, k).max(0) as f64 + 1.0).log2();
+            f.push(v);
+            f.push(v * v);
+        }
+        f
+    }
+}
+
+/// Ridge regression of log-cost on [`Space::features`], refitted after each measurement.
+struct CostModel {
+    w: Vec<f64>,
+}
+
+impl CostModel {
+    fn fit(points: &[(Vec<f64>, f64)]) -> Option<CostModel> {
+        if points.len() < 3 {
+            return None;
+        }
+        let n = points[0].0.len();
+        // (XᵀX + λI) w = Xᵀy
+        let mut a = vec![vec![0.0; n + 1]; n];
+        for (x, y) in points {
+            for i in 0..n {
+                for j in 0..n {
+                    a[i][j] += x[i] * x[j];
+                }
+                a[i][n] += x[i] * y;
+            }
+        }
+        for (i, row) in a.iter_mut().enumerate() {
+            row[i] += 1e-2;
+        }
+        // Gaussian elimination with partial pivoting.
+        for col in 0..n {
+            let piv = (col..n).max_by(|&p, &q| a[p][col].abs().total_cmp(&a[q][col].abs()))?;
+            a.swap(col, piv);
+            let d = a[col][col];
+            if d.abs() < 1e-12 {
+                return None;
+            }
+            for r in 0..n {
+                if r != col {
+                    let f = a[r][col] / d;
+                    if f != 0.0 {
+                        for c in col..=n {
+                            a[r][c] -= f * a[col][c];
+                        }
+                    }
+                }
+            }
+        }
+        Some(CostModel { w: (0..n).map(|i| a[i][n] / a[i][i]).collect() })
+    }
+
+    fn predict(&self, x: &[f64]) -> f64 {
+        self.w.iter().zip(x).map(|(w, x)| w * x).sum()
+    }
+}
+
+/// Measures candidate kernels of one workload.
+trait Measure {
+    fn unit(&self) -> &'static str;
+    fn measure(&self, k: &Kernel) -> Result<f64, String>;
+    fn outcome(&self, r: &Result<f64, String>) -> Outcome;
+}
+
+fn close(got: &[f32], want: &[f32]) -> Result<(), String> {
+    if got.len() != want.len() {
+        return Err(format!("{} output values, expected {}", got.len(), want.len()));
+    }
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        let ok = (g - w).abs() <= 1e-4 + 1e-3 * w.abs() || (g.is_nan() && w.is_nan()) || g == w;
+        if !ok {
+            return Err(format!("wrong result: element {i} is {g}, expected {w}"));
+        }
+    }
+    Ok(())
+}
+
+/// `cpu`: wall time of the kernel JIT-compiled alone.
+struct CpuMeasure {
+    operands: Vec<Tensor>,
+    reference: Vec<Tensor>,
+}
+
+impl CpuMeasure {
+    fn new(m: &Module, o: OpId, default: &Kernel, dims: &HashMap<String, usize>, seed: u64) -> Result<CpuMeasure, String> {
+        let operands = operand_tensors(m, o, dims, seed)?;
+        let k = kiln_targets::native::NativeKernel::compile(default.clone()).map_err(|e| e.to_string())?;
+        let refs: Vec<&Tensor> = operands.iter().collect();
+        let reference = k.run(&refs).map_err(|e| e.to_string())?;
+        Ok(CpuMeasure { operands, reference })
+    }
+}
+
+impl Measure for CpuMeasure {
+    fn unit(&self) -> &'static str {
+        "ms"
+    }
+
+    fn measure(&self, k: &Kernel) -> Result<f64, String> {
+        let nk = kiln_targets::native::NativeKernel::compile(k.clone()).map_err(|e| e.to_string())?;
+        let refs: Vec<&Tensor> = self.operands.iter().collect();
+        let out = nk.run(&refs).map_err(|e| e.to_string())?;
+        for (g, w) in out.iter().zip(&self.reference) {
+            match (g.as_f32(), w.as_f32()) {
+                (Some(g), Some(w)) => close(g, w)?,
+                _ if g == w => {}
+                _ => return Err("wrong result".into()),
+            }
+        }
+        for _ in 0..2 {
+            nk.run(&refs).map_err(|e| e.to_string())?;
+        }
+        let mut times = Vec::new();
+        let start = Instant::now();
+        while times.len() < 7 || (start.elapsed() < Duration::from_millis(30) && times.len() < 10_000) {
+            let t = Instant::now();
+            nk.run(&refs).map_err(|e| e.to_string())?;
+            times.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+        times.sort_by(f64::total_cmp);
+        Ok(times[times.len() / 2])
+    }
+
+    fn outcome(&self, r: &Result<f64, String>) -> Outcome {
+        match r {
+            Ok(ms) => Outcome { ok: true, median_ms: Some(*ms), sim_cycles: None, error: None },
+            Err(e) => Outcome { ok: false, median_ms: None, sim_cycles: None, error: Some(e.clone()) },
+        }
+    }
+}
+
+/// `npu`: simulated cycles of the kernel's NPU program.
+struct NpuMeasure {
+    cfg: kiln_npu::NpuConfig,
+    shapes: Vec<Vec<usize>>,
+    inputs: Vec<Vec<f32>>,
+    reference: Vec<Vec<f32>>,
+    n_inputs: usize,
+}
+
+impl NpuMeasure {
+    fn new(m: &Module, o: OpId, default: &Kernel, dims: &HashMap<String, usize>, seed: u64) -> Result<NpuMeasure, String> {
+        let operands = operand_tensors(m, o, dims, seed)?;
+        let mut shapes = Vec::new();
+        let mut inputs = Vec::new();
+        for j in 0..default.inputs {
+            let t = &operands[default.operands[j]];
+            let v = t.as_f32().ok_or_else(|| format!("input {j} is {}; the NPU tuner measures f32 kernels", t.dtype()))?;
+            shapes.push(t.shape.clone());
+            inputs.push(v.to_vec());
+        }
+        let refs: Vec<&Tensor> = (0..default.inputs).map(|j| &operands[default.operands[j]]).collect();
+        let outs = kiln_targets::native::kernel_output_shapes(default, &refs).map_err(|e| e.to_string())?;
+        shapes.extend(outs);
+        let mut buffers: Vec<Vec<f32>> = inputs.clone();
+        for s in &shapes[default.inputs..] {
+            buffers.push(vec![0.0; s.iter().product()]);
+        }
+        kiln_npu::eval::eval_kernel(default, &shapes, &mut buffers).map_err(|e| e.to_string())?;
+        let reference = buffers.split_off(default.inputs);
+        Ok(NpuMeasure { cfg: kiln_targets::npu::config(), shapes, inputs, reference, n_inputs: default.inputs })
+    }
+}
+
+impl Measure for NpuMeasure {
+    fn unit(&self) -> &'static str {
+        "cycles"
+    }
+
+    fn measure(&self, k: &Kernel) -> Result<f64, String> {
+        let p = kiln_npu::compile(k, &self.shapes, &self.cfg).map_err(|e| e.to_string())?;
+        let mut buffers = self.inputs.clone();
+        for s in &self.shapes[self.n_inputs..] {
+            buffers.push(vec![0.0; s.iter().product()]);
+        }
+        let stats = kiln_npu::simulate(&p, &self.cfg, &mut buffers).map_err(|e| e.to_string())?;
+        for (g, w) in buffers[self.n_inputs..].iter().zip(&self.reference) {
+            close(g, w)?;
+        }
+        Ok(stats.cycles as f64)
+    }
+
+    fn outcome(&self, r: &Result<f64, String>) -> Outcome {
+        match r {
+            Ok(c) => Outcome { ok: true, median_ms: None, sim_cycles: Some(*c as u64), error: None },
+            Err(e) => Outcome { ok: false, median_ms: None, sim_cycles: None, error: Some(e.clone()) },
+        }
+    }
+}
+
+/// The operands of kernel op `o`: constants as they are, other values seeded random data of
+/// their type (symbolic dims bound by `dims`, else 1).
+fn operand_tensors(m: &Module, o: OpId, dims: &HashMap<String, usize>, seed: u64) -> Result<Vec<Tensor>, String> {
+    let mut rng = Rng(seed ^ 0x5eed);
+    let mut out = Vec::new();
+    for v in m.op(o).operands.iter() {
+        let Some(v) = v else {
+            out.push(Tensor::from_f32(&[0], vec![]));
+            continue;
+        };
+        if let kiln_ir::ValueDef::OpResult(d, 0) = m.value(*v).def {
+            if let Some(kiln_ir::Attr::Tensor(t)) = m.op(d).attrs.get("value").filter(|_| m.op(d).name == "graph.Constant") {
+                out.push(t.clone());
+                continue;
+            }
+        }
+        let ty = &m.value(*v).ty;
+        let shape: Vec<usize> = ty
+            .shape
+            .as_ref()
+            .ok_or("an operand of unknown rank")?
+            .iter()
+            .map(|d| match d {
+                Dim::Known(n) => *n as usize,
+                Dim::Sym(s) => dims.get(&**s).copied().unwrap_or(1),
+                _ => 1,
+            })
+            .collect();
+        let n: usize = shape.iter().product();
+        let data = match ty.dtype {
+            DType::F32 => kiln_ir::Data::F32((0..n).map(|_| (rng.unit() * 2.0 - 1.0) as f32).collect()),
+            DType::Bool => kiln_ir::Data::Bool((0..n).map(|_| rng.below(4) != 0).collect()),
+            DType::I64 => kiln_ir::Data::I64((0..n).map(|_| rng.below(4) as i64).collect()),
+            DType::I32 => kiln_ir::Data::I32((0..n).map(|_| rng.below(4) as i32).collect()),
+            other => return Err(format!("operands of type {other} are not generated for tuning")),
+        };
+        out.push(Tensor::new(shape, data));
+    }
+    Ok(out)
+}
+
+/// A kernel's identity for deduplication: its text without its name.
+fn kernel_id(k: &Kernel) -> String {
+    format!("{:?}", Kernel { name: String::new(), ..k.clone() })
+}
+
+/// Tunes every kernel of compiled model `c` (lowered for its target) as `opts` says, appending
+/// to the database; `progress` is told of each measurement (kernel, trial, best so far).
+pub fn tune(
+    c: &CompiledModel,
+    opts: &TuneOptions,
+    progress: &mut dyn FnMut(&KernelReport, usize),
+) -> Result<TuneReport, Error> {
+    let target = c.target().name().to_string();
+    if !matches!(target.as_str(), "cpu" | "npu") {
+        return Err(Error::Usage(format!(
+            "kiln tune measures on cpu (wall time) and npu (simulated cycles), not '{target}' \
+             (rvv under qemu needs a static cost model, not built yet)"
+        )));
+    }
+    let m = c.module();
+    let hash = target_hash(c);
+    let machine = c.target().machine();
+    let base = Schedule::for_machine(&machine);
+    let space = Space {
+        base: base.clone(),
+        registers: machine.vector_registers as usize,
+        matrix_unit: machine.levels.iter().any(|l| l.software_managed) && base.whole_matmul,
+    };
+    let (previous, unreadable) = read_db(&opts.db)?;
+    let n_previous = previous.len();
+    let mut db = Db::open(&opts.db)?;
+    let start = Instant::now();
+    let mut report = TuneReport {
+        target: target.clone(),
+        kernels: Vec::new(),
+        measured: 0,
+        previous: n_previous,
+        unreadable,
+        stopped_by_budget: false,
+    };
+    // Workloads in program order, each once.
+    let mut order: Vec<(String, OpId, String, usize)> = Vec::new();
+    for (o, name) in kiln_targets::native::launched_kernels(m) {
+        let key = workload_key(m, o);
+        match order.iter_mut().find(|w| w.0 == key) {
+            Some(w) => w.3 += 1,
+            None => order.push((key, o, name, 1)),
+        }
+    }
+    for (wi, (key, o, name, instances)) in order.into_iter().enumerate() {
+        let mut kr = KernelReport {
+            kernel: name.clone(),
+            instances,
+            workload: key.clone(),
+            unit: if target == "npu" { "cycles" } else { "ms" },
+            default_cost: None,
+            best_cost: None,
+            best: base.clone(),
+            trials: 0,
+            failed: 0,
+            best_so_far: Vec::new(),
+            skipped: None,
+        };
+        let default_kernel = match kiln_passes::lower::lower_with(m, o, &name, &base) {
+            Ok(k) => k,
+            Err(why) => {
+                kr.skipped = Some(format!("not lowered: {why}"));
+                report.kernels.push(kr);
+                continue;
+            }
+        };
+        let seed = opts.seed ^ (wi as u64).wrapping_mul(0x9e37_79b9);
+        let measurer: Box<dyn Measure> = match target.as_str() {
+            "npu" => match NpuMeasure::new(m, o, &default_kernel, &opts.dims, seed) {
+                Ok(x) => Box::new(x),
+                Err(why) => {
+                    kr.skipped = Some(why);
+                    report.kernels.push(kr);
+                    continue;
+                }
+            },
+            _ => match CpuMeasure::new(m, o, &default_kernel, &opts.dims, seed) {
+                Ok(x) => Box::new(x),
+                Err(why) => {
+                    kr.skipped = Some(why);
+                    report.kernels.push(kr);
+                    continue;
+                }
+            },
+        };
+        // What the database knows of this workload on this machine.
+        let mut seen: HashMap<String, Option<f64>> = HashMap::new();
+        let mut points: Vec<(Schedule, Option<f64>)> = Vec::new();
+        for r in previous.iter().filter(|r| r.workload == key && r.target == target && r.target_hash == hash) {
+            if let Ok(k) = kiln_passes::lower::lower_with(m, o, &name, &r.knobs) {
+                let id = kernel_id(&k);
+                if seen.contains_key(&id) {
+                    continue;
+                }
+                seen.insert(id, r.result.cost());
+            }
+            points.push((r.knobs.clone(), r.result.cost()));
+        }
+        kr.trials = points.len();
+        kr.failed = points.iter().filter(|p| p.1.is_none()).count();
+        let budget_left = if opts.resume { opts.trials.saturating_sub(points.len()) } else { opts.trials };
+        let mut rng = Rng(seed);
+        let mut measured_here = 0;
+        let mut dry = 0;
+        while measured_here < budget_left {
+            if opts.budget.is_some_and(|b| start.elapsed() >= b) {
+                report.stopped_by_budget = true;
+                break;
+            }
+            // The next candidate: the default first, then by strategy.
+            let cand = if !seen.contains_key(&kernel_id(&default_kernel)) {
+                base.clone()
+            } else {
+                match opts.strategy {
+                    Strategy::Random => space.random(&mut rng),
+                    Strategy::Learned => next_learned(&space, &points, &mut rng, m, o, &name, &seen),
+                }
+            };
+            let Ok(k) = kiln_passes::lower::lower_with(m, o, &name, &cand) else {
+                dry += 1;
+                if dry > 500 {
+                    break;
+                }
+                continue;
+            };
+            let id = kernel_id(&k);
+            if seen.contains_key(&id) {
+                // The same kernel as a measured candidate: no new point.
+                dry += 1;
+                if dry > 500 {
+                    break; // the space is exhausted for this kernel
+                }
+                continue;
+            }
+            dry = 0;
+            MEASUREMENTS.fetch_add(1, Ordering::Relaxed);
+            let r = measurer.measure(&k);
+            let outcome = measurer.outcome(&r);
+            db.append(&Record {
+                workload: key.clone(),
+                target: target.clone(),
+                target_hash: hash.clone(),
+                knobs: cand.clone(),
+                result: outcome.clone(),
+                kiln_version: env!("CARGO_PKG_VERSION").to_string(),
+                time: now_iso(),
+            })?;
+            report.measured += 1;
+            measured_here += 1;
+            let cost = outcome.cost();
+            seen.insert(id, cost);
+            points.push((cand, cost));
+            kr.trials += 1;
+            if cost.is_none() {
+                kr.failed += 1;
+            }
+            let best = points.iter().filter_map(|p| p.1).fold(f64::INFINITY, f64::min);
+            kr.best_so_far.push(best);
+            progress(&kr, opts.trials);
+        }
+        // Default and best, from everything known.
+        kr.default_cost = seen.get(&kernel_id(&default_kernel)).copied().flatten();
+        if let Some((s, c)) =
+            points.iter().filter_map(|(s, c)| c.map(|c| (s, c))).min_by(|a, b| a.1.total_cmp(&b.1))
+        {
+            kr.best = s.clone();
+            kr.best_cost = Some(c);
+        }
+        report.kernels.push(kr);
+        if report.stopped_by_budget {
+            break;
+        }
+    }
+    Ok(report)
+}
+
+/// The learned strategy's next candidate: mutations of the best points so far and random
+/// points, ranked by the cost model; unmeasured kernels only.
+fn next_learned(
+    space: &Space,
+    points: &[(Schedule, Option<f64>)],
+    rng: &mut Rng,
+    m: &Module,
+    o: OpId,
+    name: &str,
+    seen: &HashMap<String, Option<f64>>,
+) -> Schedule {
+    let ok: Vec<(&Schedule, f64)> = points.iter().filter_map(|(s, c)| c.map(|c| (s, c))).collect();
+    let data: Vec<(Vec<f64>, f64)> = ok.iter().map(|(s, c)| (Space::features(s), c.max(1e-9).ln())).collect();
+    let model = CostModel::fit(&data);
+    // A few random points first, and one in ten afterwards, keep exploring.
+    if model.is_none() || rng.unit() < 0.1 {
+        return space.random(rng);
+    }
+    let model = model.expect("checked");
+    let mut parents: Vec<(&Schedule, f64)> = ok.clone();
+    parents.sort_by(|a, b| a.1.total_cmp(&b.1));
+    parents.truncate(5);
+    let mut pool: Vec<Schedule> = Vec::new();
+    let mut ids: HashSet<String> = HashSet::new();
+    for i in 0..64 {
+        let s = if i < 48 && !parents.is_empty() {
+            space.mutate(parents[i % parents.len()].0, rng)
+        } else {
+            space.random(rng)
+        };
+        if let Ok(k) = kiln_passes::lower::lower_with(m, o, name, &s) {
+            let id = kernel_id(&k);
+            if !seen.contains_key(&id) && ids.insert(id) {
+                pool.push(s);
+            }
+        }
+    }
+    pool.into_iter()
+        .map(|s| (model.predict(&Space::features(&s)), s))
+        .min_by(|a, b| a.0.total_cmp(&b.0))
+        .map_or_else(|| space.random(rng), |(_, s)| s)
+}
