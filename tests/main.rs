@@ -19,3 +19,4 @@ mod native;
 mod npu;
 mod rvv;
 mod transformers;
+mod tune;

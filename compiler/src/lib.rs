@@ -38,6 +38,7 @@
 
 pub mod check;
 pub mod inspect;
+pub mod tune;
 
 pub use kiln_ir::{Attr, Attrs, DType, Data, Dim, Module, Tensor, TensorType, ValueId};
 pub use kiln_npu::NpuConfig;
@@ -111,12 +112,34 @@ pub struct Compiler {
     opts: Options,
     threads: Option<usize>,
     npu: Option<NpuConfig>,
+    tuning_db: Option<std::path::PathBuf>,
 }
 
 impl Compiler {
     /// A compiler for `target` (see [`targets`]), fusion on, every core.
     pub fn new(target: &str) -> Compiler {
-        Compiler { target: target.to_string(), opts: Options::default(), threads: None, npu: None }
+        Compiler { target: target.to_string(), opts: Options::default(), threads: None, npu: None, tuning_db: None }
+    }
+
+    /// Compile each kernel with its best schedule in this tuning database ([`tune`]); the
+    /// others keep the target's default. Reads the file at compile time; measures nothing.
+    pub fn tuning_db(mut self, path: &Path) -> Compiler {
+        self.tuning_db = Some(path.to_path_buf());
+        self
+    }
+
+    /// The graph pipeline for this compiler's target and options, without the target's code
+    /// generation: what [`tune::tune`] takes.
+    pub fn lower(&self, model: &Module) -> Result<CompiledModel, Error> {
+        let mut opts = self.opts.clone();
+        if let Some(db) = &self.tuning_db {
+            let t = kiln_targets::lookup_with(&self.target, &opts.target)
+                .ok_or_else(|| Error::UnknownTarget(self.target.clone()))?;
+            opts.target.tuned = std::sync::Arc::new(tune::load_best(db, &*t)?);
+        }
+        let mut c = compile_with(model.clone(), &self.target, &opts)?;
+        c.threads = self.threads;
+        Ok(c)
     }
 
     /// E-graph rewriting and kernel fusion (on by default).
@@ -166,8 +189,7 @@ impl Compiler {
             }
             kiln_targets::npu::set_config(cfg.clone());
         }
-        let mut c = compile_with(model.clone(), &self.target, &self.opts)?;
-        c.threads = self.threads;
+        let c = self.lower(model)?;
         c.prepare()?;
         Ok(c)
     }
@@ -193,6 +215,8 @@ pub struct CompiledModel {
     prepared: std::cell::OnceCell<Option<Box<dyn kiln_targets::Executable>>>,
     /// Threads to run native kernels on ([`Compiler::threads`]); `None`: as set for the process.
     threads: Option<usize>,
+    /// Tuned schedules per workload (`--tuning-db`), which the target lowers kernels with.
+    tuned: kiln_targets::Tuned,
 }
 
 /// How to compile.
@@ -227,7 +251,15 @@ pub fn compile_with(mut module: Module, target: &str, opts: &Options) -> Result<
     let cost = kiln_passes::cost::CostModel::new(&t.machine()).with_dims(opts.dims.iter().cloned());
     let report = kiln_passes::optimize_with(&mut module, &cost, opts.fusion)
         .map_err(|source| Error::Pass { model: name.clone(), source })?;
-    Ok(CompiledModel { module, target: t, name, report, prepared: std::cell::OnceCell::new(), threads: None })
+    Ok(CompiledModel {
+        module,
+        target: t,
+        name,
+        report,
+        prepared: std::cell::OnceCell::new(),
+        threads: None,
+        tuned: opts.target.tuned.clone(),
+    })
 }
 
 /// Cleans up an imported module (canonicalization, dead code) without optimizing it: the
@@ -253,13 +285,16 @@ impl CompiledModel {
     /// covers it.
     pub fn kernels(&self) -> Vec<KernelStage> {
         let m = &self.module;
-        let sched = kiln_passes::lower::Schedule::for_machine(&self.target.machine());
+        let schedules = kiln_passes::lower::Schedules {
+            default: kiln_passes::lower::Schedule::for_machine(&self.target.machine()),
+            tuned: self.tuned.clone(),
+        };
         kiln_targets::native::launched_kernels(m)
             .into_iter()
             .map(|(o, name)| {
                 let op = m.op(o);
                 KernelStage {
-                    kernel: kiln_passes::lower::lower_with(m, o, &name, &sched),
+                    kernel: kiln_passes::lower::lower_with(m, o, &name, &schedules.for_op(m, o)),
                     name,
                     node: op.node_name().to_string(),
                     op: op.op_type().to_string(),

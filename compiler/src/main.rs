@@ -54,6 +54,10 @@ enum Cmd {
         /// rvv: the vector register length in bits (128, 256, 512 or 1024; default 256).
         #[arg(long, value_parser = parse_vlen)]
         rvv_vlen: Option<u32>,
+        /// Compile each kernel with its best schedule in this tuning database (`kiln tune`);
+        /// kernels it does not know keep the default. Reads the file, measures nothing.
+        #[arg(long)]
+        tuning_db: Option<PathBuf>,
     },
     /// Compile a model for a target and print or write each requested stage.
     Compile {
@@ -77,6 +81,10 @@ enum Cmd {
         /// rvv: the vector register length in bits (128, 256, 512 or 1024; default 256).
         #[arg(long, value_parser = parse_vlen)]
         rvv_vlen: Option<u32>,
+        /// Compile each kernel with its best schedule in this tuning database (`kiln tune`);
+        /// kernels it does not know keep the default. Reads the file, measures nothing.
+        #[arg(long)]
+        tuning_db: Option<PathBuf>,
     },
     /// Describe a model: ops by type, inputs, outputs, unsupported ops (all at once).
     Inspect {
@@ -121,6 +129,50 @@ enum Cmd {
         /// rvv: the vector register length in bits (128, 256, 512 or 1024; default 256).
         #[arg(long, value_parser = parse_vlen)]
         rvv_vlen: Option<u32>,
+        /// Compile each kernel with its best schedule in this tuning database (`kiln tune`);
+        /// kernels it does not know keep the default. Reads the file, measures nothing.
+        #[arg(long)]
+        tuning_db: Option<PathBuf>,
+    },
+    /// Tune each kernel's schedule by measuring candidates on the target (cpu: wall time;
+    /// npu: simulated cycles); every measurement is appended to the tuning database.
+    Tune {
+        model: PathBuf,
+        #[arg(long, default_value = "cpu")]
+        target: String,
+        /// The tuning database (JSON lines), created or appended to.
+        #[arg(long)]
+        tuning_db: PathBuf,
+        /// Measurements per kernel workload.
+        #[arg(long, default_value_t = 32)]
+        trials: usize,
+        /// Stop after this many seconds (between measurements).
+        #[arg(long)]
+        budget_s: Option<f64>,
+        /// Continue an interrupted run: the database's records count toward the trials.
+        #[arg(long)]
+        resume: bool,
+        /// Search strategy: learned (evolutionary, ranked by a cost model fitted online) or random.
+        #[arg(long, default_value = "learned")]
+        strategy: String,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Size symbolic dims for measuring: `NAME=N` (default 1).
+        #[arg(long = "dim")]
+        dims: Vec<String>,
+        /// Turn e-graph rewriting and fusion off.
+        #[arg(long)]
+        no_fusion: bool,
+        #[command(flatten)]
+        npu: NpuArgs,
+        #[arg(long)]
+        threads: Option<usize>,
+        /// Print the report as one JSON object (kernels with best-so-far per trial).
+        #[arg(long)]
+        json: bool,
+        /// Do not measure the whole model before and after.
+        #[arg(long)]
+        no_model_bench: bool,
     },
     /// List the targets and the toolchain kiln links.
     Targets,
@@ -168,26 +220,71 @@ fn dispatch(cmd: Cmd) -> Result<(), Error> {
             atol,
             threads,
             rvv_vlen,
+            tuning_db,
         } => {
             npu.apply()?;
             kiln_targets::native::set_threads(threads);
             let check = check.then_some((rtol, atol));
-            let opts = options(no_fusion, &dims, &target, rvv_vlen)?;
+            let opts = options(no_fusion, &dims, &target, rvv_vlen, tuning_db.as_deref())?;
             run(&model, &target, &inputs, &output_dir, npy, &dims, check, &opts)
         }
-        Cmd::Compile { model, target, out, emit, full_constants, no_fusion, npu, rvv_vlen } => {
+        Cmd::Compile { model, target, out, emit, full_constants, no_fusion, npu, rvv_vlen, tuning_db } => {
             npu.apply()?;
-            let opts = options(no_fusion, &[], &target, rvv_vlen)?;
+            let opts = options(no_fusion, &[], &target, rvv_vlen, tuning_db.as_deref())?;
             compile(&model, &target, out.as_deref(), &emit, full_constants, &opts)
         }
         Cmd::Inspect { model, target, json, no_fusion, npu, dims } => {
             npu.apply()?;
-            inspect(&model, &target, json, &options(no_fusion, &dims, &target, None)?)
+            inspect(&model, &target, json, &options(no_fusion, &dims, &target, None, None)?)
         }
-        Cmd::Bench { model, target, inputs, dims, iters, threads, json, no_fusion, npu, profile, rvv_vlen } => {
+        Cmd::Bench {
+            model,
+            target,
+            inputs,
+            dims,
+            iters,
+            threads,
+            json,
+            no_fusion,
+            npu,
+            profile,
+            rvv_vlen,
+            tuning_db,
+        } => {
             npu.apply()?;
-            let opts = options(no_fusion, &dims, &target, rvv_vlen)?;
+            let opts = options(no_fusion, &dims, &target, rvv_vlen, tuning_db.as_deref())?;
             bench(&model, &target, &inputs, &dims, iters, threads, json, profile, &opts)
+        }
+        Cmd::Tune {
+            model,
+            target,
+            tuning_db,
+            trials,
+            budget_s,
+            resume,
+            strategy,
+            seed,
+            dims,
+            no_fusion,
+            npu,
+            threads,
+            json,
+            no_model_bench,
+        } => {
+            npu.apply()?;
+            kiln_targets::native::set_threads(threads);
+            let opts = options(no_fusion, &dims, &target, None, None)?;
+            let strategy = strategy.parse().map_err(Error::Usage)?;
+            let t = kiln::tune::TuneOptions {
+                db: tuning_db,
+                trials,
+                budget: budget_s.map(std::time::Duration::from_secs_f64),
+                resume,
+                strategy,
+                seed,
+                dims: parse_dims(&dims)?,
+            };
+            tune(&model, &target, &opts, &t, json, !no_model_bench)
         }
         Cmd::Targets => {
             targets();
@@ -226,7 +323,13 @@ impl NpuArgs {
     }
 }
 
-fn options(no_fusion: bool, dims: &[String], target: &str, rvv_vlen: Option<u32>) -> Result<kiln::Options, Error> {
+fn options(
+    no_fusion: bool,
+    dims: &[String],
+    target: &str,
+    rvv_vlen: Option<u32>,
+    tuning_db: Option<&Path>,
+) -> Result<kiln::Options, Error> {
     let mut d: Vec<(String, u64)> = parse_dims(dims)?.into_iter().map(|(k, v)| (k, v as u64)).collect();
     d.sort();
     let mut t = kiln_targets::TargetOptions::default();
@@ -235,6 +338,10 @@ fn options(no_fusion: bool, dims: &[String], target: &str, rvv_vlen: Option<u32>
             return Err(Error::Usage(format!("--rvv-vlen applies to --target rvv, not '{target}'")));
         }
         t.rvv_vlen = vlen;
+    }
+    if let Some(db) = tuning_db {
+        let tt = kiln_targets::lookup_with(target, &t).ok_or_else(|| Error::UnknownTarget(target.to_string()))?;
+        t.tuned = std::sync::Arc::new(kiln::tune::load_best(db, &*tt)?);
     }
     Ok(kiln::Options { fusion: !no_fusion, dims: d, target: t })
 }
@@ -725,4 +832,148 @@ fn targets() {
     println!();
     println!("LLVM {a}.{b}.{c}, MLIR with {} dialects; backends: {}", tc.mlir_dialects, tc.backends.join(", "));
     println!("host: {} ({})", tc.host_triple, tc.host_cpu);
+}
+
+/// Whole-model cost on `target`: the median wall time of `iters` warm runs (ms), or on `npu`
+/// the simulated cycles of one run.
+fn model_cost(c: &kiln::CompiledModel, inputs: &[Tensor], iters: usize) -> Result<f64, Error> {
+    c.run(inputs.to_vec())?;
+    if let Some(r) = c.sim_report() {
+        return Ok(r.cycles as f64);
+    }
+    let mut times = Vec::new();
+    let start = Instant::now();
+    while times.len() < iters || (start.elapsed().as_secs_f64() < 0.2 && times.len() < 1000) {
+        let t = Instant::now();
+        c.run(inputs.to_vec())?;
+        times.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(times[times.len() / 2])
+}
+
+/// `kiln tune`: tunes every kernel, then prints a table of per-kernel and whole-model speedups.
+fn tune(
+    model: &Path,
+    target: &str,
+    opts: &kiln::Options,
+    t: &kiln::tune::TuneOptions,
+    json: bool,
+    bench_model: bool,
+) -> Result<(), Error> {
+    let m = kiln::load_model(model)?;
+    let c = kiln::compile_with(m.clone(), target, opts)?;
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{spinner} {prefix} [{bar:30}] {pos}/{len} {msg}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    if json {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    let mut current = String::new();
+    let report = kiln::tune::tune(&c, t, &mut |k, trials| {
+        if k.workload != current {
+            current = k.workload.clone();
+            bar.set_length(trials as u64);
+            bar.set_position(0);
+            bar.set_prefix(k.kernel.clone());
+        }
+        bar.inc(1);
+        let best = k.best_so_far.last().copied().unwrap_or(f64::NAN);
+        bar.set_message(format!("best {best:.4} {}", k.unit));
+    })?;
+    bar.finish_and_clear();
+    // The whole model with the default schedules and with the database's best.
+    let mut whole = None;
+    if bench_model {
+        let d: HashMap<String, usize> = t.dims.clone();
+        let inputs: Vec<Tensor> = c
+            .inputs()
+            .iter()
+            .enumerate()
+            .map(|(i, (_, ty))| random_input(ty, &d, i as u64 + 1))
+            .collect::<Result<_, _>>()?;
+        let default = kiln::compile_with(m.clone(), target, opts)?;
+        let mut tuned_opts = opts.clone();
+        let tt = kiln_targets::lookup_with(target, &opts.target).ok_or_else(|| Error::UnknownTarget(target.into()))?;
+        tuned_opts.target.tuned = std::sync::Arc::new(kiln::tune::load_best(&t.db, &*tt)?);
+        let tuned = kiln::compile_with(m, target, &tuned_opts)?;
+        let (a, b) = (model_cost(&default, &inputs, 20)?, model_cost(&tuned, &inputs, 20)?);
+        let (a2, b2) = (model_cost(&default, &inputs, 20)?, model_cost(&tuned, &inputs, 20)?);
+        whole = Some((a.min(a2), b.min(b2)));
+    }
+    let unit = if target == "npu" { "cycles" } else { "ms" };
+    if json {
+        let kernels: Vec<serde_json::Value> = report
+            .kernels
+            .iter()
+            .map(|k| {
+                serde_json::json!({
+                    "kernel": k.kernel, "instances": k.instances, "workload": k.workload, "unit": k.unit,
+                    "default": k.default_cost, "best": k.best_cost, "trials": k.trials, "failed": k.failed,
+                    "best_so_far": k.best_so_far, "knobs": k.best, "skipped": k.skipped,
+                })
+            })
+            .collect();
+        let v = serde_json::json!({
+            "target": target, "strategy": format!("{:?}", t.strategy).to_lowercase(), "measured": report.measured,
+            "previous_records": report.previous, "unreadable_lines": report.unreadable,
+            "stopped_by_budget": report.stopped_by_budget, "kernels": kernels,
+            "model": whole.map(|(a, b)| serde_json::json!({"default": a, "tuned": b, "unit": unit})),
+        });
+        println!("{v}");
+        return Ok(());
+    }
+    println!(
+        "tuned {} workload(s) on {target}: {} new measurement(s) in {} ({} earlier record(s){})",
+        report.kernels.len(),
+        report.measured,
+        t.db.display(),
+        report.previous,
+        if report.unreadable > 0 {
+            format!(", {} unreadable line(s) skipped", report.unreadable)
+        } else {
+            String::new()
+        }
+    );
+    println!(
+        "{:<24} {:>4} {:>7} {:>7} {:>12} {:>12} {:>8}",
+        "kernel", "x", "trials", "failed", "default", "best", "speedup"
+    );
+    for k in &report.kernels {
+        if let Some(why) = &k.skipped {
+            println!("{:<24} {:>4} not tuned: {why}", k.kernel, k.instances);
+            continue;
+        }
+        let f = |x: Option<f64>| {
+            x.map_or("-".into(), |v| if k.unit == "ms" { format!("{v:.4}") } else { format!("{v:.0}") })
+        };
+        let speedup = match (k.default_cost, k.best_cost) {
+            (Some(a), Some(b)) if b > 0.0 => format!("{:.2}x", a / b),
+            _ => "-".into(),
+        };
+        println!(
+            "{:<24} {:>4} {:>7} {:>7} {:>12} {:>12} {:>8}",
+            k.kernel,
+            k.instances,
+            k.trials,
+            k.failed,
+            f(k.default_cost),
+            f(k.best_cost),
+            speedup
+        );
+    }
+    if let Some((a, b)) = whole {
+        if unit == "ms" {
+            println!("whole model (ms): default {a:.4}, tuned {b:.4}: {:.2}x", a / b);
+        } else {
+            println!("whole model (cycles): default {a:.0}, tuned {b:.0}: {:.2}x", a / b);
+        }
+    }
+    if report.stopped_by_budget {
+        println!("stopped by --budget-s; `kiln tune --resume` continues");
+    }
+    Ok(())
 }

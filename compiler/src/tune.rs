@@ -28,8 +28,8 @@
 //!   deterministic and measures nothing.
 
 use crate::{CompiledModel, Error};
-use kiln_ir::kernel::Kernel;
 use kiln_ir::ir::OpId;
+use kiln_ir::kernel::Kernel;
 use kiln_ir::{DType, Dim, Module, Tensor};
 use kiln_passes::lower::{workload_key, Schedule};
 use serde::{Deserialize, Serialize};
@@ -169,9 +169,9 @@ pub struct TuneReport {
 }
 
 /// Hash of the target's machine description: records apply to the same machine only.
-pub fn target_hash(c: &CompiledModel) -> String {
-    let mut text = serde_json::to_string(&c.target().machine()).unwrap_or_default();
-    if c.target().name() == "npu" {
+pub fn target_hash(t: &dyn kiln_targets::Target) -> String {
+    let mut text = serde_json::to_string(&t.machine()).unwrap_or_default();
+    if t.name() == "npu" {
         text.push_str(&serde_json::to_string(&kiln_targets::npu::config()).unwrap_or_default());
     }
     format!("{:016x}", fnv1a(text.as_bytes()))
@@ -222,11 +222,14 @@ pub fn best_of(records: &[Record], target: &str, hash: &str) -> HashMap<String, 
     best.into_iter().map(|(k, (_, s))| (k, s)).collect()
 }
 
-/// The best known schedule per workload for compiled model `c`'s target, from database
-/// `path` (what `--tuning-db` applies).
-pub fn load_best(path: &Path, c: &CompiledModel) -> Result<HashMap<String, Schedule>, Error> {
+/// The best known schedule per workload for `target` (as configured now), from database
+/// `path`: what `--tuning-db` applies. Reads the file; measures nothing.
+pub fn load_best(path: &Path, target: &dyn kiln_targets::Target) -> Result<HashMap<String, Schedule>, Error> {
+    if !path.exists() {
+        return Err(Error::Io { path: path.display().to_string(), msg: "no such tuning database".into() });
+    }
     let (records, _) = read_db(path)?;
-    Ok(best_of(&records, c.target().name(), &target_hash(c)))
+    Ok(best_of(&records, target.name(), &target_hash(target)))
 }
 
 /// The tuning database, opened for appending.
@@ -466,7 +469,6 @@ impl CostModel {
 
 /// Measures candidate kernels of one workload.
 trait Measure {
-    fn unit(&self) -> &'static str;
     fn measure(&self, k: &Kernel) -> Result<f64, String>;
     fn outcome(&self, r: &Result<f64, String>) -> Outcome;
 }
@@ -491,7 +493,13 @@ struct CpuMeasure {
 }
 
 impl CpuMeasure {
-    fn new(m: &Module, o: OpId, default: &Kernel, dims: &HashMap<String, usize>, seed: u64) -> Result<CpuMeasure, String> {
+    fn new(
+        m: &Module,
+        o: OpId,
+        default: &Kernel,
+        dims: &HashMap<String, usize>,
+        seed: u64,
+    ) -> Result<CpuMeasure, String> {
         let operands = operand_tensors(m, o, dims, seed)?;
         let k = kiln_targets::native::NativeKernel::compile(default.clone()).map_err(|e| e.to_string())?;
         let refs: Vec<&Tensor> = operands.iter().collect();
@@ -501,10 +509,6 @@ impl CpuMeasure {
 }
 
 impl Measure for CpuMeasure {
-    fn unit(&self) -> &'static str {
-        "ms"
-    }
-
     fn measure(&self, k: &Kernel) -> Result<f64, String> {
         let nk = kiln_targets::native::NativeKernel::compile(k.clone()).map_err(|e| e.to_string())?;
         let refs: Vec<&Tensor> = self.operands.iter().collect();
@@ -548,13 +552,20 @@ struct NpuMeasure {
 }
 
 impl NpuMeasure {
-    fn new(m: &Module, o: OpId, default: &Kernel, dims: &HashMap<String, usize>, seed: u64) -> Result<NpuMeasure, String> {
+    fn new(
+        m: &Module,
+        o: OpId,
+        default: &Kernel,
+        dims: &HashMap<String, usize>,
+        seed: u64,
+    ) -> Result<NpuMeasure, String> {
         let operands = operand_tensors(m, o, dims, seed)?;
         let mut shapes = Vec::new();
         let mut inputs = Vec::new();
         for j in 0..default.inputs {
             let t = &operands[default.operands[j]];
-            let v = t.as_f32().ok_or_else(|| format!("input {j} is {}; the NPU tuner measures f32 kernels", t.dtype()))?;
+            let v =
+                t.as_f32().ok_or_else(|| format!("input {j} is {}; the NPU tuner measures f32 kernels", t.dtype()))?;
             shapes.push(t.shape.clone());
             inputs.push(v.to_vec());
         }
@@ -572,10 +583,6 @@ impl NpuMeasure {
 }
 
 impl Measure for NpuMeasure {
-    fn unit(&self) -> &'static str {
-        "cycles"
-    }
-
     fn measure(&self, k: &Kernel) -> Result<f64, String> {
         let p = kiln_npu::compile(k, &self.shapes, &self.cfg).map_err(|e| e.to_string())?;
         let mut buffers = self.inputs.clone();
@@ -608,7 +615,9 @@ fn operand_tensors(m: &Module, o: OpId, dims: &HashMap<String, usize>, seed: u64
             continue;
         };
         if let kiln_ir::ValueDef::OpResult(d, 0) = m.value(*v).def {
-            if let Some(kiln_ir::Attr::Tensor(t)) = m.op(d).attrs.get("value").filter(|_| m.op(d).name == "graph.Constant") {
+            if let Some(kiln_ir::Attr::Tensor(t)) =
+                m.op(d).attrs.get("value").filter(|_| m.op(d).name == "graph.Constant")
+            {
                 out.push(t.clone());
                 continue;
             }
@@ -622,7 +631,6 @@ fn operand_tensors(m: &Module, o: OpId, dims: &HashMap<String, usize>, seed: u64
             .map(|d| match d {
                 Dim::Known(n) => *n as usize,
                 Dim::Sym(s) => dims.get(&**s).copied().unwrap_or(1),
-                _ => 1,
             })
             .collect();
         let n: usize = shape.iter().product();
@@ -658,7 +666,7 @@ pub fn tune(
         )));
     }
     let m = c.module();
-    let hash = target_hash(c);
+    let hash = target_hash(c.target());
     let machine = c.target().machine();
     let base = Schedule::for_machine(&machine);
     let space = Space {
@@ -805,9 +813,7 @@ pub fn tune(
         }
         // Default and best, from everything known.
         kr.default_cost = seen.get(&kernel_id(&default_kernel)).copied().flatten();
-        if let Some((s, c)) =
-            points.iter().filter_map(|(s, c)| c.map(|c| (s, c))).min_by(|a, b| a.1.total_cmp(&b.1))
-        {
+        if let Some((s, c)) = points.iter().filter_map(|(s, c)| c.map(|c| (s, c))).min_by(|a, b| a.1.total_cmp(&b.1)) {
             kr.best = s.clone();
             kr.best_cost = Some(c);
         }

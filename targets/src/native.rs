@@ -1054,6 +1054,12 @@ pub(crate) fn output_shapes(k: &Kernel, inputs: &[&Tensor]) -> Result<Vec<Vec<us
         .collect()
 }
 
+/// The output shapes kernel `k` makes from `inputs` (tensors for its input buffers, in
+/// order): symbolic dims bound by the inputs.
+pub fn kernel_output_shapes(k: &Kernel, inputs: &[&Tensor]) -> Result<Vec<Vec<usize>>, TargetError> {
+    output_shapes(k, inputs)
+}
+
 /// A kernel compiled to native code on its own.
 pub struct NativeKernel {
     kernel: Kernel,
@@ -1063,6 +1069,8 @@ pub struct NativeKernel {
 
 impl NativeKernel {
     pub fn compile(kernel: Kernel) -> Result<NativeKernel, TargetError> {
+        // Allocation behaves as in a whole model (tuning measures kernels this way).
+        keep_freed_memory();
         let backend = JitBackend::compile(&to_mlir(&kernel), std::slice::from_ref(&kernel.name))?;
         Ok(NativeKernel { heavy: heavy(&kernel.body), kernel, backend })
     }

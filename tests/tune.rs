@@ -1,0 +1,193 @@
+//! Autotuning (`kiln tune`, `kiln::tune`): records in the database's format, a killed run
+//! resumed without losing or duplicating a record, and compiles with the database that are
+//! deterministic and measure nothing. The NPU simulator's cycles make these deterministic;
+//! cpu tuning is exercised on a small model (its timings are not asserted).
+
+use crate::common::*;
+use kiln::tune::{read_db, Record, Strategy, TuneOptions};
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+use std::time::Duration;
+
+fn gpt2() -> std::path::PathBuf {
+    data_dir().join("transformers/gpt2_block/model.onnx")
+}
+
+fn records(db: &Path) -> Vec<Record> {
+    let (r, bad) = read_db(db).unwrap();
+    assert_eq!(bad, 0, "{} has unreadable lines", db.display());
+    r
+}
+
+fn per_workload(rs: &[Record]) -> HashMap<String, usize> {
+    let mut m = HashMap::new();
+    for r in rs {
+        *m.entry(r.workload.clone()).or_insert(0) += 1;
+    }
+    m
+}
+
+#[test]
+fn tune_on_npu_writes_records_and_the_database_compiles_deterministically() {
+    let dir = temp_dir("tune-npu");
+    let db = dir.join("db.jsonl");
+    let model = gpt2();
+    let out = kiln(&[
+        "tune",
+        model.to_str().unwrap(),
+        "--target",
+        "npu",
+        "--npu-preset",
+        "davinci",
+        "--tuning-db",
+        db.to_str().unwrap(),
+        "--trials",
+        "8",
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let rs = records(&db);
+    assert_eq!(rs.len() as u64, report["measured"].as_u64().unwrap());
+    // The record format of ../shared/CLI.md.
+    let line: serde_json::Value =
+        serde_json::from_str(std::fs::read_to_string(&db).unwrap().lines().next().unwrap()).unwrap();
+    for field in ["workload", "target", "target_hash", "knobs", "result", "kiln_version", "time"] {
+        assert!(line.get(field).is_some(), "no {field} in {line}");
+    }
+    assert_eq!(line["target"], "npu");
+    assert!(line["result"]["sim_cycles"].is_u64() && line["result"]["ok"] == true, "{line}");
+    // No candidate is measured twice; at most 8 per workload; the default is always measured.
+    let pairs: HashSet<(String, String)> =
+        rs.iter().map(|r| (r.workload.clone(), serde_json::to_string(&r.knobs).unwrap())).collect();
+    assert_eq!(pairs.len(), rs.len(), "a duplicated measurement");
+    assert!(per_workload(&rs).values().all(|&n| (1..=8).contains(&n)));
+    // Tuning never makes a kernel worse than its default, and the model gains as a whole.
+    for k in report["kernels"].as_array().unwrap() {
+        if let (Some(d), Some(b)) = (k["default"].as_f64(), k["best"].as_f64()) {
+            assert!(b <= d, "{k}");
+        }
+    }
+    let whole = &report["model"];
+    assert!(whole["tuned"].as_f64().unwrap() <= whole["default"].as_f64().unwrap(), "{whole}");
+
+    // Compiling with the database: deterministic, and no measurement.
+    let emit = |with_db: bool| {
+        let mut args =
+            vec!["compile", model.to_str().unwrap(), "--target", "npu", "--npu-preset", "davinci", "--emit", "kernel"];
+        if with_db {
+            args.extend(["--tuning-db", db.to_str().unwrap()]);
+        }
+        let o = kiln(&args);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8(o.stdout).unwrap()
+    };
+    let (a, b, plain) = (emit(true), emit(true), emit(false));
+    assert_eq!(a, b, "compiles with the same database differ");
+    assert_ne!(a, plain, "the database changed no kernel");
+    let m = kiln::load_model(&model).unwrap();
+    let before = kiln::tune::measurements();
+    let c = kiln::Compiler::new("npu")
+        .npu_config(kiln::NpuConfig::preset("davinci").unwrap())
+        .tuning_db(&db)
+        .compile(&m)
+        .unwrap();
+    assert_eq!(kiln::tune::measurements(), before, "compiling with a database measured something");
+    assert_eq!(c.host_kernels().unwrap().len(), 0);
+}
+
+#[test]
+fn a_killed_tuning_run_resumes_without_losing_or_duplicating_records() {
+    let dir = temp_dir("tune-resume");
+    let (db, full) = (dir.join("killed.jsonl"), dir.join("full.jsonl"));
+    let model = gpt2();
+    let args = |db: &Path| {
+        vec![
+            "tune".to_string(),
+            model.display().to_string(),
+            "--target".into(),
+            "npu".into(),
+            "--npu-preset".into(),
+            "mlu".into(),
+            "--tuning-db".into(),
+            db.display().to_string(),
+            "--trials".into(),
+            "10".into(),
+            "--no-model-bench".into(),
+        ]
+    };
+    // Uninterrupted, for comparison.
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_kiln")).args(args(&full)).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // Killed (SIGKILL) once some records are written.
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(args(&db))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let start = std::time::Instant::now();
+    loop {
+        let n = std::fs::read_to_string(&db).map(|t| t.lines().count()).unwrap_or(0);
+        if n >= 12 || start.elapsed() > Duration::from_secs(60) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let before: Vec<String> = std::fs::read_to_string(&db).unwrap().lines().map(String::from).collect();
+    let whole = records(&full).len();
+    assert!(before.len() >= 12 && before.len() < whole, "killed after {} of {whole} records", before.len());
+    // Resumed.
+    let mut resume = args(&db);
+    resume.push("--resume".into());
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_kiln")).args(&resume).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let text = std::fs::read_to_string(&db).unwrap();
+    let after: Vec<&str> = text.lines().filter(|l| !l.is_empty()).collect();
+    // Nothing lost: the killed run's complete records are still there, in order.
+    let complete: Vec<&String> = before.iter().filter(|l| serde_json::from_str::<Record>(l).is_ok()).collect();
+    assert!(complete.len() + 1 >= before.len(), "more than the last line was cut");
+    for (a, b) in complete.iter().zip(&after) {
+        assert_eq!(a.as_str(), *b);
+    }
+    // Nothing duplicated, and each workload has the trials an uninterrupted run gives it.
+    let rs: Vec<Record> = after.iter().filter_map(|l| serde_json::from_str(l).ok()).collect();
+    let pairs: HashSet<(String, String)> =
+        rs.iter().map(|r| (r.workload.clone(), serde_json::to_string(&r.knobs).unwrap())).collect();
+    assert_eq!(pairs.len(), rs.len(), "a record was duplicated by the resumed run");
+    assert_eq!(per_workload(&rs), per_workload(&records(&full)));
+}
+
+#[test]
+fn tuning_on_cpu_checks_candidates_and_the_api_reports_best_so_far() {
+    let dir = temp_dir("tune-cpu");
+    let db = dir.join("db.jsonl");
+    let model = kiln::load_model(&data_dir().join("transformers/gpt2_block/model.onnx")).unwrap();
+    let c = kiln::Compiler::new("cpu").lower(&model).unwrap();
+    let opts = TuneOptions { db: db.clone(), trials: 4, strategy: Strategy::Random, seed: 7, ..TuneOptions::default() };
+    let mut calls = 0;
+    let report = kiln::tune::tune(&c, &opts, &mut |_, _| calls += 1).unwrap();
+    assert_eq!(calls, report.measured);
+    assert_eq!(records(&db).len(), report.measured);
+    for k in &report.kernels {
+        assert!(k.skipped.is_none(), "{}: {:?}", k.kernel, k.skipped);
+        assert_eq!(k.failed, 0, "{}: a candidate failed", k.kernel);
+        assert!(k.best_so_far.windows(2).all(|w| w[1] <= w[0]), "{:?}", k.best_so_far);
+        assert!(k.best_cost.unwrap() <= k.default_cost.unwrap());
+    }
+    // The compiled model with the database runs and matches the default one.
+    let x = |n| kiln::Tensor::from_f32(&[1, 128, 256], values(128 * 256, n));
+    let tuned = kiln::Compiler::new("cpu").tuning_db(&db).compile(&model).unwrap();
+    let plain = kiln::Compiler::new("cpu").compile(&model).unwrap();
+    let (a, b) = (tuned.run(vec![x(1)]).unwrap(), plain.run(vec![x(1)]).unwrap());
+    for (a, b) in a[0].as_f32().unwrap().iter().zip(b[0].as_f32().unwrap()) {
+        assert!((a - b).abs() <= 1e-4 + 1e-3 * b.abs(), "{a} vs {b}");
+    }
+    // Unusable requests are clear errors.
+    let e = kiln::tune::tune(&kiln::Compiler::new("ref").lower(&model).unwrap(), &opts, &mut |_, _| {}).unwrap_err();
+    assert!(e.to_string().contains("kiln tune measures on cpu"), "{e}");
+    let e = kiln::Compiler::new("cpu").tuning_db(&dir.join("missing.jsonl")).compile(&model).err().unwrap();
+    assert!(e.to_string().contains("no such tuning database"), "{e}");
+}
