@@ -42,7 +42,7 @@ fn tune_on_npu_writes_records_and_the_database_compiles_deterministically() {
         "--tuning-db",
         db.to_str().unwrap(),
         "--trials",
-        "8",
+        "12",
         "--json",
     ]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -57,11 +57,11 @@ fn tune_on_npu_writes_records_and_the_database_compiles_deterministically() {
     }
     assert_eq!(line["target"], "npu");
     assert!(line["result"]["sim_cycles"].is_u64() && line["result"]["ok"] == true, "{line}");
-    // No candidate is measured twice; at most 8 per workload; the default is always measured.
+    // No candidate is measured twice; at most 12 per workload; the default is always measured.
     let pairs: HashSet<(String, String)> =
         rs.iter().map(|r| (r.workload.clone(), serde_json::to_string(&r.knobs).unwrap())).collect();
     assert_eq!(pairs.len(), rs.len(), "a duplicated measurement");
-    assert!(per_workload(&rs).values().all(|&n| (1..=8).contains(&n)));
+    assert!(per_workload(&rs).values().all(|&n| (1..=12).contains(&n)));
     // Tuning never makes a kernel worse than its default, and the model gains as a whole.
     for k in report["kernels"].as_array().unwrap() {
         if let (Some(d), Some(b)) = (k["default"].as_f64(), k["best"].as_f64()) {
@@ -84,7 +84,8 @@ fn tune_on_npu_writes_records_and_the_database_compiles_deterministically() {
     };
     let (a, b, plain) = (emit(true), emit(true), emit(false));
     assert_eq!(a, b, "compiles with the same database differ");
-    assert_ne!(a, plain, "the database changed no kernel");
+    let improved = report["kernels"].as_array().unwrap().iter().any(|k| k["best"].as_f64() < k["default"].as_f64());
+    assert_eq!(a != plain, improved, "the database must change exactly the kernels tuning improved");
     let m = kiln::load_model(&model).unwrap();
     let before = kiln::tune::measurements();
     let c = kiln::Compiler::new("npu")

@@ -906,23 +906,9 @@ fn tune(
     }
     let unit = if target == "npu" { "cycles" } else { "ms" };
     if json {
-        let kernels: Vec<serde_json::Value> = report
-            .kernels
-            .iter()
-            .map(|k| {
-                serde_json::json!({
-                    "kernel": k.kernel, "instances": k.instances, "workload": k.workload, "unit": k.unit,
-                    "default": k.default_cost, "best": k.best_cost, "trials": k.trials, "failed": k.failed,
-                    "best_so_far": k.best_so_far, "knobs": k.best, "skipped": k.skipped,
-                })
-            })
-            .collect();
-        let v = serde_json::json!({
-            "target": target, "strategy": format!("{:?}", t.strategy).to_lowercase(), "measured": report.measured,
-            "previous_records": report.previous, "unreadable_lines": report.unreadable,
-            "stopped_by_budget": report.stopped_by_budget, "kernels": kernels,
-            "model": whole.map(|(a, b)| serde_json::json!({"default": a, "tuned": b, "unit": unit})),
-        });
+        let mut v = kiln::tune::report_json(&report);
+        v["strategy"] = serde_json::json!(format!("{:?}", t.strategy).to_lowercase());
+        v["model"] = serde_json::json!(whole.map(|(a, b)| serde_json::json!({"default": a, "tuned": b, "unit": unit})));
         println!("{v}");
         return Ok(());
     }

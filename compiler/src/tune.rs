@@ -308,6 +308,9 @@ struct Space {
     base: Schedule,
     registers: usize,
     matrix_unit: bool,
+    /// Knobs that change this workload's kernel (the others are left at the base value, so
+    /// no trial and no model feature is spent on them).
+    active: Vec<usize>,
 }
 
 /// Number of knobs ([`Space::get`] / [`Space::set`] index them).
@@ -373,13 +376,37 @@ impl Space {
         let vecs = s.mma_cols.div_ceil(s.lanes.max(1));
         [s.matmul_mma_rows, s.conv_channel_rows, s.conv_pixel_rows, s.attention_rows]
             .iter()
-            .all(|&r| r * vecs + vecs + 1 <= self.registers.max(4))
+            .all(|&r| r * vecs + vecs < self.registers.max(4))
+    }
+
+    /// Finds the knobs that change the kernel `lower` makes (each knob's values tried alone
+    /// on the base schedule).
+    /// Finds the knobs that change the kernel `lower` makes: each knob's values tried alone on
+    /// the base schedule and on a few random ones (a knob may matter only once another has
+    /// changed: MatMul's tiles once the whole-matrix form is off).
+    fn find_active(&mut self, lower: &dyn Fn(&Schedule) -> Option<String>, rng: &mut Rng) {
+        self.active = (0..KNOBS).collect();
+        let mut contexts = vec![self.base.clone()];
+        contexts.extend((0..6).map(|_| self.random(rng)));
+        let active: Vec<usize> = (0..KNOBS)
+            .filter(|&k| {
+                contexts.iter().any(|ctx| {
+                    let here = lower(ctx);
+                    self.values(k).into_iter().any(|v| {
+                        let mut s = ctx.clone();
+                        Space::set(&mut s, k, v);
+                        self.valid(&s) && lower(&s) != here
+                    })
+                })
+            })
+            .collect();
+        self.active = active;
     }
 
     fn random(&self, rng: &mut Rng) -> Schedule {
-        loop {
+        for _ in 0..1000 {
             let mut s = self.base.clone();
-            for k in 0..KNOBS {
+            for &k in &self.active {
                 let vs = self.values(k);
                 Space::set(&mut s, k, vs[rng.below(vs.len())]);
             }
@@ -387,13 +414,17 @@ impl Space {
                 return s;
             }
         }
+        self.base.clone()
     }
 
     fn mutate(&self, s: &Schedule, rng: &mut Rng) -> Schedule {
+        if self.active.is_empty() {
+            return s.clone();
+        }
         for _ in 0..32 {
             let mut t = s.clone();
             for _ in 0..1 + rng.below(2) {
-                let k = rng.below(KNOBS);
+                let k = self.active[rng.below(self.active.len())];
                 let vs = self.values(k);
                 Space::set(&mut t, k, vs[rng.below(vs.len())]);
             }
@@ -404,13 +435,16 @@ impl Space {
         self.random(rng)
     }
 
-    /// Features for the cost model: per knob its log2 and its square, and a bias.
-    fn features(s: &Schedule) -> Vec<f64> {
+    /// Features for the cost model: a bias, and per active knob a one-hot of its value and
+    /// its log2 (categorical and ordinal views of the same knob).
+    fn features(&self, s: &Schedule) -> Vec<f64> {
         let mut f = vec![1.0];
-        for k in 0..KNOBS {
-            let v = (Space::get(s, k).max(0) as f64 + 1.0).log2();
-            f.push(v);
-            f.push(v * v);
+        for &k in &self.active {
+            let v = Space::get(s, k);
+            for u in self.values(k) {
+                f.push(if u == v { 1.0 } else { 0.0 });
+            }
+            f.push((v.max(0) as f64 + 1.0).log2());
         }
         f
     }
@@ -423,7 +457,7 @@ struct CostModel {
 
 impl CostModel {
     fn fit(points: &[(Vec<f64>, f64)]) -> Option<CostModel> {
-        if points.len() < 3 {
+        if points.len() < 2 {
             return None;
         }
         let n = points[0].0.len();
@@ -438,7 +472,7 @@ impl CostModel {
             }
         }
         for (i, row) in a.iter_mut().enumerate() {
-            row[i] += 1e-2;
+            row[i] += 0.1;
         }
         // Gaussian elimination with partial pivoting.
         for col in 0..n {
@@ -669,10 +703,11 @@ pub fn tune(
     let hash = target_hash(c.target());
     let machine = c.target().machine();
     let base = Schedule::for_machine(&machine);
-    let space = Space {
+    let mut space = Space {
         base: base.clone(),
         registers: machine.vector_registers as usize,
         matrix_unit: machine.levels.iter().any(|l| l.software_managed) && base.whole_matmul,
+        active: Vec::new(),
     };
     let (previous, unreadable) = read_db(&opts.db)?;
     let n_previous = previous.len();
@@ -736,6 +771,10 @@ pub fn tune(
                 }
             },
         };
+        space.find_active(
+            &|s| kiln_passes::lower::lower_with(m, o, &name, s).ok().map(|k| kernel_id(&k)),
+            &mut Rng(seed ^ 0xac71),
+        );
         // What the database knows of this workload on this machine.
         let mut seen: HashMap<String, Option<f64>> = HashMap::new();
         let mut points: Vec<(Schedule, Option<f64>)> = Vec::new();
@@ -837,13 +876,12 @@ fn next_learned(
     seen: &HashMap<String, Option<f64>>,
 ) -> Schedule {
     let ok: Vec<(&Schedule, f64)> = points.iter().filter_map(|(s, c)| c.map(|c| (s, c))).collect();
-    let data: Vec<(Vec<f64>, f64)> = ok.iter().map(|(s, c)| (Space::features(s), c.max(1e-9).ln())).collect();
+    let data: Vec<(Vec<f64>, f64)> = ok.iter().map(|(s, c)| (space.features(s), c.max(1e-9).ln())).collect();
     let model = CostModel::fit(&data);
-    // A few random points first, and one in ten afterwards, keep exploring.
-    if model.is_none() || rng.unit() < 0.1 {
+    // One in eight candidates is random: exploration beyond the best points' neighbourhood.
+    if rng.unit() < 0.125 {
         return space.random(rng);
     }
-    let model = model.expect("checked");
     let mut parents: Vec<(&Schedule, f64)> = ok.clone();
     parents.sort_by(|a, b| a.1.total_cmp(&b.1));
     parents.truncate(5);
@@ -862,8 +900,33 @@ fn next_learned(
             }
         }
     }
+    // Knob values not measured yet earn an exploration bonus (in log-cost units), so the first
+    // trials cover each knob's values, then the model's prediction dominates.
+    let tried: HashSet<(usize, i64)> =
+        points.iter().flat_map(|(s, _)| space.active.iter().map(|&k| (k, Space::get(s, k)))).collect();
+    let novelty = |s: &Schedule| space.active.iter().filter(|&&k| !tried.contains(&(k, Space::get(s, k)))).count();
+    let bonus = 0.3 / (1.0 + points.len() as f64 / 4.0);
     pool.into_iter()
-        .map(|s| (model.predict(&Space::features(&s)), s))
+        .map(|s| (model.as_ref().map_or(0.0, |m| m.predict(&space.features(&s))) - bonus * novelty(&s) as f64, s))
         .min_by(|a, b| a.0.total_cmp(&b.0))
         .map_or_else(|| space.random(rng), |(_, s)| s)
+}
+
+/// A report as JSON (what `kiln tune --json` prints, without the whole-model figures).
+pub fn report_json(r: &TuneReport) -> serde_json::Value {
+    let kernels: Vec<serde_json::Value> = r
+        .kernels
+        .iter()
+        .map(|k| {
+            serde_json::json!({
+                "kernel": k.kernel, "instances": k.instances, "workload": k.workload, "unit": k.unit,
+                "default": k.default_cost, "best": k.best_cost, "trials": k.trials, "failed": k.failed,
+                "best_so_far": k.best_so_far, "knobs": k.best, "skipped": k.skipped,
+            })
+        })
+        .collect();
+    serde_json::json!({
+        "target": r.target, "measured": r.measured, "previous_records": r.previous,
+        "unreadable_lines": r.unreadable, "stopped_by_budget": r.stopped_by_budget, "kernels": kernels,
+    })
 }

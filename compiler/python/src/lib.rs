@@ -220,10 +220,19 @@ impl CompiledModel {
     }
 }
 
-fn compiler(target: &str, fusion: bool, threads: usize, dims: Option<Vec<(String, u64)>>) -> kiln::Compiler {
+fn compiler(
+    target: &str,
+    fusion: bool,
+    threads: usize,
+    dims: Option<Vec<(String, u64)>>,
+    tuning_db: Option<std::path::PathBuf>,
+) -> kiln::Compiler {
     let mut c = kiln::Compiler::new(target).fusion(fusion).threads(threads);
     for (d, n) in dims.unwrap_or_default() {
         c = c.dim(&d, n);
+    }
+    if let Some(db) = tuning_db {
+        c = c.tuning_db(&db);
     }
     c
 }
@@ -231,7 +240,7 @@ fn compiler(target: &str, fusion: bool, threads: usize, dims: Option<Vec<(String
 /// Compiles an ONNX model (its serialized bytes; `name` is used in messages) for `target`; the
 /// GIL is released meanwhile.
 #[pyfunction]
-#[pyo3(signature = (model_bytes, name, target="cpu", fusion=true, threads=0, dims=None))]
+#[pyo3(signature = (model_bytes, name, target="cpu", fusion=true, threads=0, dims=None, tuning_db=None))]
 fn compile_bytes(
     py: Python<'_>,
     model_bytes: Vec<u8>,
@@ -240,8 +249,9 @@ fn compile_bytes(
     fusion: bool,
     threads: usize,
     dims: Option<Vec<(String, u64)>>,
+    tuning_db: Option<std::path::PathBuf>,
 ) -> PyResult<CompiledModel> {
-    let c = compiler(target, fusion, threads, dims);
+    let c = compiler(target, fusion, threads, dims, tuning_db);
     let compiled = py.detach(move || {
         kiln::load_model_bytes(&model_bytes, &name).and_then(|m| c.compile(&m)).map(|m| Shared(m.into()))
     });
@@ -251,7 +261,7 @@ fn compile_bytes(
 /// Compiles the ONNX model at `path` (external data resolved beside it) for `target`; the GIL
 /// is released meanwhile.
 #[pyfunction]
-#[pyo3(signature = (path, target="cpu", fusion=true, threads=0, dims=None))]
+#[pyo3(signature = (path, target="cpu", fusion=true, threads=0, dims=None, tuning_db=None))]
 fn compile_file(
     py: Python<'_>,
     path: std::path::PathBuf,
@@ -259,10 +269,52 @@ fn compile_file(
     fusion: bool,
     threads: usize,
     dims: Option<Vec<(String, u64)>>,
+    tuning_db: Option<std::path::PathBuf>,
 ) -> PyResult<CompiledModel> {
-    let c = compiler(target, fusion, threads, dims);
+    let c = compiler(target, fusion, threads, dims, tuning_db);
     let compiled = py.detach(move || c.compile_file(&path).map(|m| Shared(m.into())));
     Ok(CompiledModel { inner: compiled.map_err(to_py)? })
+}
+
+/// Tunes every kernel of an ONNX model (its bytes) on `target`, appending to `tuning_db`;
+/// returns the report as a JSON string. The GIL is released meanwhile.
+#[pyfunction]
+#[pyo3(signature = (model_bytes, name, tuning_db, target="cpu", trials=32, budget_s=None, resume=false, strategy="learned", seed=0, dims=None))]
+fn tune_bytes(
+    py: Python<'_>,
+    model_bytes: Vec<u8>,
+    name: String,
+    tuning_db: std::path::PathBuf,
+    target: &str,
+    trials: usize,
+    budget_s: Option<f64>,
+    resume: bool,
+    strategy: &str,
+    seed: u64,
+    dims: Option<Vec<(String, usize)>>,
+) -> PyResult<String> {
+    let strategy = strategy.parse().map_err(CompileError::new_err)?;
+    let dims = dims.unwrap_or_default();
+    let mut c = kiln::Compiler::new(target);
+    for (d, n) in &dims {
+        c = c.dim(d, *n as u64);
+    }
+    let opts = kiln::tune::TuneOptions {
+        db: tuning_db,
+        trials,
+        budget: budget_s.map(std::time::Duration::from_secs_f64),
+        resume,
+        strategy,
+        seed,
+        dims: dims.into_iter().collect(),
+    };
+    py.detach(move || {
+        let m = kiln::load_model_bytes(&model_bytes, &name)?;
+        let compiled = c.lower(&m)?;
+        let r = kiln::tune::tune(&compiled, &opts, &mut |_, _| {})?;
+        Ok(kiln::tune::report_json(&r).to_string())
+    })
+    .map_err(to_py)
 }
 
 /// Names of the targets kiln compiles for.
@@ -277,6 +329,7 @@ fn _kiln(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<CompiledModel>()?;
     m.add_function(wrap_pyfunction!(compile_bytes, m)?)?;
     m.add_function(wrap_pyfunction!(compile_file, m)?)?;
+    m.add_function(wrap_pyfunction!(tune_bytes, m)?)?;
     m.add_function(wrap_pyfunction!(targets, m)?)?;
     m.add("KilnError", py.get_type::<KilnError>())?;
     m.add("ModelError", py.get_type::<ModelError>())?;

@@ -190,3 +190,20 @@ def test_threads_share_a_model(tiny_cnn):
         t.join()
     for g, w in zip(got, want):
         np.testing.assert_array_equal(g, w)
+
+
+def test_tune_then_compile_with_the_database(tiny_cnn, tmp_path):
+    db = tmp_path / "tuning.jsonl"
+    report = kiln.tune(tiny_cnn, db, target="npu", trials=3, dims={"N": 2})
+    assert report["target"] == "npu" and report["measured"] >= 1
+    lines = db.read_text().splitlines()
+    assert len(lines) == report["measured"]
+    for k in report["kernels"]:
+        if k["skipped"] is None:
+            assert k["best"] <= k["default"]
+    x = np.random.default_rng(5).standard_normal((2, 3, 16, 16), dtype=np.float32)
+    tuned = kiln.compile(tiny_cnn, target="npu", tuning_db=db).run([x])[0]
+    plain = kiln.compile(tiny_cnn, target="ref").run([x])[0]
+    np.testing.assert_allclose(tuned, plain, rtol=1e-4, atol=1e-5)
+    with pytest.raises(kiln.KilnError, match="no such tuning database"):
+        kiln.compile(tiny_cnn, tuning_db=tmp_path / "missing.jsonl")

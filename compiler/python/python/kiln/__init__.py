@@ -29,6 +29,7 @@ from . import _kiln
 
 __all__ = [
     "compile",
+    "tune",
     "targets",
     "Model",
     "KilnError",
@@ -155,14 +156,60 @@ def compile(
     fusion: bool = True,
     threads: int = 0,
     dims: Mapping[str, int] | None = None,
+    tuning_db: str | os.PathLike | None = None,
 ) -> Model:
     """Compiles ``model`` (a path, bytes, or an ``onnx.ModelProto``) for ``target``.
 
     ``fusion``: e-graph rewriting and kernel fusion; ``threads``: threads native kernels use
     (0: every core); ``dims``: sizes of symbolic dims to price fusion with (the model still runs
-    at any size)."""
+    at any size); ``tuning_db``: compile each kernel with its best schedule in this tuning
+    database (see :func:`tune`)."""
     kind, src, name = _source(model)
-    opts = dict(target=target, fusion=fusion, threads=threads, dims=list((dims or {}).items()))
+    opts = dict(
+        target=target,
+        fusion=fusion,
+        threads=threads,
+        dims=list((dims or {}).items()),
+        tuning_db=os.fspath(tuning_db) if tuning_db is not None else None,
+    )
     if kind == "file":
         return Model(_kiln.compile_file(src, **opts))
     return Model(_kiln.compile_bytes(src, name, **opts))
+
+
+def tune(
+    model: ModelLike,
+    tuning_db: str | os.PathLike,
+    target: str = "cpu",
+    *,
+    trials: int = 32,
+    budget_s: float | None = None,
+    resume: bool = False,
+    strategy: str = "learned",
+    seed: int = 0,
+    dims: Mapping[str, int] | None = None,
+) -> dict:
+    """Tunes each kernel of ``model`` on ``target`` (``cpu``: wall time; ``npu``: simulated
+    cycles), appending every measurement to ``tuning_db`` (JSON lines). Returns the report:
+    per kernel its default and best cost, trials and best-so-far after each one. Then
+    ``kiln.compile(model, target, tuning_db=...)`` uses the best schedules."""
+    import json
+
+    kind, src, name = _source(model)
+    if kind == "file":
+        with open(src, "rb") as f:
+            src = f.read()
+    return json.loads(
+        _kiln.tune_bytes(
+            src,
+            name,
+            os.fspath(tuning_db),
+            target=target,
+            trials=trials,
+            budget_s=budget_s,
+            resume=resume,
+            strategy=strategy,
+            seed=seed,
+            dims=list((dims or {}).items()),
+        )
+    )

@@ -1,0 +1,146 @@
+#!/usr/bin/env python3
+"""Autotuning figures: `kiln tune` with the learned and the random strategy, side by side.
+
+For each (model, target) below, and each seed, both strategies tune from an empty database
+(`kiln tune --json --strategy S --seed N --trials T`). Written to --out (benches/TUNING.md):
+
+1. Tuned vs default, per kernel and for the whole model (the learned run of seed 0): cpu wall
+   time (ms; a kernel alone, warm median) or npu simulated cycles.
+2. Search efficiency, over the workloads where tuning found something (random's final best
+   below the default): how many trials the learned search needs to reach the best that random
+   search has after all T trials, against T; and the mean best-so-far (relative to the
+   default) after 1, 2, 4, ... trials for each strategy.
+
+Usage: tune_search.py [--kiln target/release/kiln] [--data target/onnx-data] [--trials 16]
+                      [--seeds 3] [--cpu-seeds 1] [--out benches/TUNING.md] [--quick]
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+CASES = [
+    # (label, model path under DATA, target, extra flags)
+    ("GPT-2 block", "transformers/gpt2_block/model.onnx", "npu", ["--npu-preset", "davinci"]),
+    ("GPT-2 block", "transformers/gpt2_block/model.onnx", "npu", ["--npu-preset", "mlu"]),
+    ("GPT-2 block", "transformers/gpt2_block/model.onnx", "npu", ["--npu-preset", "sunway"]),
+    ("SqueezeNet", "light-random/light_squeezenet/model.onnx", "npu", ["--npu-preset", "davinci"]),
+    ("GPT-2 block", "transformers/gpt2_block/model.onnx", "cpu", ["--threads", "2"]),
+    ("ResNet-50", "light-random/light_resnet50/model.onnx", "cpu", ["--threads", "2"]),
+]
+
+
+def run(kiln, path, target, flags, strategy, seed, trials, bench_model):
+    with tempfile.TemporaryDirectory() as d:
+        db = os.path.join(d, "db.jsonl")
+        cmd = [kiln, "tune", path, "--target", target, *flags, "--tuning-db", db, "--trials", str(trials),
+               "--strategy", strategy, "--seed", str(seed), "--json"]
+        if not bench_model:
+            cmd.append("--no-model-bench")
+        t0 = time.time()
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        if out.returncode != 0:
+            raise SystemExit(f"{' '.join(cmd)}\n{out.stderr}")
+        r = json.loads(out.stdout)
+        r["wall_s"] = time.time() - t0
+        return r
+
+
+def curve(k, trials):
+    """Best-so-far relative to the default, padded to `trials` (a small space ends early)."""
+    b = [x / k["default"] for x in k["best_so_far"]]
+    if not b:
+        return [1.0] * trials
+    return (b + [b[-1]] * trials)[:trials]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--kiln", default="target/release/kiln")
+    ap.add_argument("--data", default=os.environ.get("KILN_ONNX_DATA", "target/onnx-data"))
+    ap.add_argument("--trials", type=int, default=16)
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--cpu-seeds", type=int, default=1)
+    ap.add_argument("--out", default="benches/TUNING.md")
+    ap.add_argument("--quick", action="store_true", help="npu cases only")
+    args = ap.parse_args()
+    T = args.trials
+    lines = [
+        "# Autotuning: tuned vs default, learned vs random search",
+        "",
+        f"`benches/tune_search.py --trials {T} --seeds {args.seeds} --cpu-seeds {args.cpu_seeds}`, "
+        f"{time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores. cpu costs are a kernel's warm median wall "
+        "time run alone (ms); npu costs are simulated cycles (deterministic). Whole model: cpu the "
+        "median of 20+ runs (best of two rounds), npu the simulated cycles of one run.",
+        "",
+    ]
+    summary = []
+    for label, rel, target, flags in CASES:
+        if args.quick and target != "npu":
+            continue
+        path = os.path.join(args.data, rel)
+        preset = flags[1] if target == "npu" else "host"
+        name = f"{label} on {target} ({preset})"
+        print(name, file=sys.stderr)
+        seeds = args.seeds if target == "npu" else args.cpu_seeds
+        runs = {s: [run(args.kiln, path, target, flags, s, seed, T, s == "learned" and seed == 0)
+                    for seed in range(seeds)] for s in ("learned", "random")}
+        main_run = runs["learned"][0]
+        lines += [f"## {name}", "",
+                  f"Tuning took {main_run['wall_s']:.0f} s for {main_run['measured']} measurements (learned, seed 0).", "",
+                  "| kernel | × | trials | default | tuned | speedup |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
+        fmt = (lambda v: f"{v:.4f}") if target == "cpu" else (lambda v: f"{v:,.0f}")
+        for k in main_run["kernels"]:
+            if k["skipped"] or k["default"] is None or k["best"] is None:
+                lines.append(f"| {k['kernel']} | {k['instances']} | - | not tuned: {k['skipped']} | | |")
+                continue
+            lines.append(f"| {k['kernel']} | {k['instances']} | {k['trials']} | {fmt(k['default'])} | "
+                         f"{fmt(k['best'])} | {k['default'] / k['best']:.2f}× |")
+        m = main_run.get("model")
+        if m:
+            lines += ["", f"Whole model: default {fmt(m['default'])}, tuned {fmt(m['tuned'])} {m['unit']}: "
+                          f"**{m['default'] / m['tuned']:.2f}×**."]
+        # Search efficiency per workload and seed.
+        reach, curves = [], {"learned": [], "random": []}
+        for seed in range(seeds):
+            L = {k["workload"]: k for k in runs["learned"][seed]["kernels"] if k["default"]}
+            R = {k["workload"]: k for k in runs["random"][seed]["kernels"] if k["default"]}
+            for w, rk in R.items():
+                lk = L.get(w)
+                if not lk or not rk["best_so_far"] or rk["best_so_far"][-1] >= rk["default"] * 0.999:
+                    continue  # tuning found nothing here: no search to compare
+                target_best = rk["best_so_far"][-1]
+                n = next((i + 1 for i, b in enumerate(lk["best_so_far"]) if b <= target_best * 1.0001), None)
+                reach.append((n, len(rk["best_so_far"])))
+                curves["learned"].append(curve(lk, T))
+                curves["random"].append(curve(rk, T))
+        lines += [""]
+        if reach:
+            within = sum(1 for n, t in reach if n is not None and n <= t / 2)
+            ns = [n if n is not None else float("inf") for n, _ in reach]
+            lines += [f"Search: {len(reach)} (workload, seed) pairs where tuning found a gain. The learned search "
+                      f"reached random search's final best within half the trials in **{within} of {len(reach)}**; "
+                      f"median trials to reach it: {statistics.median(ns)} (random used {T}).", "",
+                      "| trials | " + " | ".join(str(t) for t in (1, 2, 4, 8, 16, 32, 64) if t <= T) + " |",
+                      "| --- | " + " | ".join("---:" for t in (1, 2, 4, 8, 16, 32, 64) if t <= T) + " |"]
+            for s in ("learned", "random"):
+                row = [statistics.mean(c[t - 1] for c in curves[s]) for t in (1, 2, 4, 8, 16, 32, 64) if t <= T]
+                lines.append(f"| {s}: mean best/default | " + " | ".join(f"{v:.3f}" for v in row) + " |")
+            summary.append((name, within, len(reach)))
+        else:
+            lines.append("Search: no workload where random search found a gain over the default.")
+        lines.append("")
+    if summary:
+        lines += ["## Summary", "", "| case | learned reaches random's best in ≤ T/2 trials |", "| --- | ---: |"]
+        lines += [f"| {n} | {w} / {t} |" for n, w, t in summary]
+    with open(args.out, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print(f"wrote {args.out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
