@@ -13,6 +13,7 @@ For each (model, target) below, and each seed, both strategies tune from an empt
 
 Usage: tune_search.py [--kiln target/release/kiln] [--data target/onnx-data] [--trials 16]
                       [--seeds 3] [--cpu-seeds 1] [--out benches/TUNING.md] [--quick]
+                      [--targets npu,cpu]
 """
 import argparse
 import json
@@ -67,6 +68,7 @@ def main():
     ap.add_argument("--cpu-seeds", type=int, default=1)
     ap.add_argument("--out", default="benches/TUNING.md")
     ap.add_argument("--quick", action="store_true", help="npu cases only")
+    ap.add_argument("--targets", default="npu,cpu", help="comma-separated targets to run")
     args = ap.parse_args()
     T = args.trials
     lines = [
@@ -80,7 +82,7 @@ def main():
     ]
     summary = []
     for label, rel, target, flags in CASES:
-        if args.quick and target != "npu":
+        if (args.quick and target != "npu") or target not in args.targets.split(","):
             continue
         path = os.path.join(args.data, rel)
         preset = flags[1] if target == "npu" else "host"
