@@ -37,8 +37,12 @@ for _target in TARGETS:
     _runner.exclude(r"^test_.*_(cuda)$")  # kiln's backend runs on the host (device CPU)
     for _name in xfail_list(_target):
         _runner.xfail(f"^{_name}$")
+    _name = None
     for _case, _cls in _runner.test_cases.items():
         if _case == "OnnxBackendRealModelTest":
             continue  # downloads its models
         _cls.__name__ = _cls.__qualname__ = f"{_case}_{_target}"
         globals()[_cls.__name__] = _cls
+
+# The loop's names would otherwise be collected once more (the last class under `_cls`).
+del _target, _runner, _case, _cls, _name
