@@ -131,6 +131,12 @@ impl Compiler {
     /// The graph pipeline for this compiler's target and options, without the target's code
     /// generation: what [`tune::tune`] takes.
     pub fn lower(&self, model: &Module) -> Result<CompiledModel, Error> {
+        if let Some(cfg) = &self.npu {
+            if self.target != "npu" {
+                return Err(Error::Usage(format!("an NPU description applies to target npu, not '{}'", self.target)));
+            }
+            kiln_targets::npu::set_config(cfg.clone());
+        }
         let mut opts = self.opts.clone();
         if let Some(db) = &self.tuning_db {
             let t = kiln_targets::lookup_with(&self.target, &opts.target)
@@ -182,12 +188,6 @@ impl Compiler {
         if self.target == "rvv" {
             kiln_targets::rvv::check_vlen(self.opts.target.rvv_vlen)
                 .map_err(|e| Error::Usage(format!("rvv vector length: {e}")))?;
-        }
-        if let Some(cfg) = &self.npu {
-            if self.target != "npu" {
-                return Err(Error::Usage(format!("an NPU description applies to target npu, not '{}'", self.target)));
-            }
-            kiln_targets::npu::set_config(cfg.clone());
         }
         let c = self.lower(model)?;
         c.prepare()?;

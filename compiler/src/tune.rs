@@ -31,7 +31,7 @@ use crate::{CompiledModel, Error};
 use kiln_ir::ir::OpId;
 use kiln_ir::kernel::Kernel;
 use kiln_ir::{DType, Dim, Module, Tensor};
-use kiln_passes::lower::{workload_key, Schedule};
+use kiln_passes::lower::{fnv1a, workload_key, Schedule};
 use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, HashSet};
 use std::io::Write;
@@ -175,15 +175,6 @@ pub fn target_hash(t: &dyn kiln_targets::Target) -> String {
         text.push_str(&serde_json::to_string(&kiln_targets::npu::config()).unwrap_or_default());
     }
     format!("{:016x}", fnv1a(text.as_bytes()))
-}
-
-fn fnv1a(bytes: &[u8]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for &b in bytes {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    h
 }
 
 /// Reads a tuning database: its records, and the number of lines that are not records (a

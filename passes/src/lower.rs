@@ -46,7 +46,7 @@ mod window;
 
 pub use schedule::{Schedule, Schedules};
 mod workload;
-pub use workload::workload_key;
+pub use workload::{fnv1a, workload_key};
 
 /// Why an op was not lowered.
 pub type LowerResult<T> = Result<T, String>;

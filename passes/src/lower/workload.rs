@@ -19,7 +19,9 @@ pub fn workload_key(m: &Module, o: OpId) -> String {
     format!("{:016x}", fnv1a(sig.as_bytes()))
 }
 
-fn fnv1a(bytes: &[u8]) -> u64 {
+/// FNV-1a, 64 bits: a small stable hash (the same in every build and process, unlike std's
+/// `DefaultHasher`), for keys written to tuning databases.
+pub fn fnv1a(bytes: &[u8]) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for &b in bytes {
         h ^= u64::from(b);
