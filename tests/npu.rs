@@ -54,7 +54,7 @@ fn npu_runs_light_cnns_and_a_transformer_block_on_every_preset() {
         assert_eq!(host, 0, "squeezenet: every kernel on the simulator");
     }
     let shufflenet = light.join("light_shufflenet");
-    on_presets("shufflenet", &shufflenet.join("model.onnx"), test_input(&shufflenet), &["davinci"]);
+    on_presets("shufflenet", &shufflenet.join("model.onnx"), test_input(&shufflenet), &PRESETS);
     let block = data_dir().join("transformers/gpt2_block");
     for (_, _, host) in on_presets("gpt2_block", &block.join("model.onnx"), test_input(&block), &PRESETS) {
         assert_eq!(host, 0, "gpt2_block: every kernel on the simulator");
