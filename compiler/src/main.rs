@@ -895,13 +895,14 @@ fn tune(
             .enumerate()
             .map(|(i, (_, ty))| random_input(ty, &d, i as u64 + 1))
             .collect::<Result<_, _>>()?;
-        let default = kiln::compile_with(m.clone(), target, opts)?;
+        // `c` is the model with the default schedules (tuning only lowered its kernels alone).
+        let default = &c;
         let mut tuned_opts = opts.clone();
         let tt = kiln_targets::lookup_with(target, &opts.target).ok_or_else(|| Error::UnknownTarget(target.into()))?;
         tuned_opts.target.tuned = std::sync::Arc::new(kiln::tune::load_best(&t.db, &*tt)?);
         let tuned = kiln::compile_with(m, target, &tuned_opts)?;
-        let (a, b) = (model_cost(&default, &inputs, 20)?, model_cost(&tuned, &inputs, 20)?);
-        let (a2, b2) = (model_cost(&default, &inputs, 20)?, model_cost(&tuned, &inputs, 20)?);
+        let (a, b) = (model_cost(default, &inputs, 20)?, model_cost(&tuned, &inputs, 20)?);
+        let (a2, b2) = (model_cost(default, &inputs, 20)?, model_cost(&tuned, &inputs, 20)?);
         whole = Some((a.min(a2), b.min(b2)));
     }
     let unit = if target == "npu" { "cycles" } else { "ms" };

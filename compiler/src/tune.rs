@@ -495,7 +495,15 @@ impl CostModel {
 /// Measures candidate kernels of one workload.
 trait Measure {
     fn measure(&self, k: &Kernel) -> Result<f64, String>;
-    fn outcome(&self, r: &Result<f64, String>) -> Outcome;
+}
+
+/// A measurement as recorded: `cost` is simulated cycles when `in_cycles` (npu), else ms.
+fn outcome(r: &Result<f64, String>, in_cycles: bool) -> Outcome {
+    match r {
+        Ok(c) if in_cycles => Outcome { ok: true, median_ms: None, sim_cycles: Some(*c as u64), error: None },
+        Ok(ms) => Outcome { ok: true, median_ms: Some(*ms), sim_cycles: None, error: None },
+        Err(e) => Outcome { ok: false, median_ms: None, sim_cycles: None, error: Some(e.clone()) },
+    }
 }
 
 fn close(got: &[f32], want: &[f32]) -> Result<(), String> {
@@ -558,13 +566,6 @@ impl Measure for CpuMeasure {
         times.sort_by(f64::total_cmp);
         Ok(times[times.len() / 2])
     }
-
-    fn outcome(&self, r: &Result<f64, String>) -> Outcome {
-        match r {
-            Ok(ms) => Outcome { ok: true, median_ms: Some(*ms), sim_cycles: None, error: None },
-            Err(e) => Outcome { ok: false, median_ms: None, sim_cycles: None, error: Some(e.clone()) },
-        }
-    }
 }
 
 /// `npu`: simulated cycles of the kernel's NPU program.
@@ -619,13 +620,6 @@ impl Measure for NpuMeasure {
             close(g, w)?;
         }
         Ok(stats.cycles as f64)
-    }
-
-    fn outcome(&self, r: &Result<f64, String>) -> Outcome {
-        match r {
-            Ok(c) => Outcome { ok: true, median_ms: None, sim_cycles: Some(*c as u64), error: None },
-            Err(e) => Outcome { ok: false, median_ms: None, sim_cycles: None, error: Some(e.clone()) },
-        }
     }
 }
 
@@ -743,6 +737,7 @@ pub fn tune(
                 continue;
             }
         };
+        let default_id = kernel_id(&default_kernel);
         let seed = opts.seed ^ (wi as u64).wrapping_mul(0x9e37_79b9);
         let measurer: Box<dyn Measure> = match target.as_str() {
             "npu" => match NpuMeasure::new(m, o, &default_kernel, &opts.dims, seed) {
@@ -791,7 +786,7 @@ pub fn tune(
                 break;
             }
             // The next candidate: the default first, then by strategy.
-            let cand = if !seen.contains_key(&kernel_id(&default_kernel)) {
+            let cand = if !seen.contains_key(&default_id) {
                 base.clone()
             } else {
                 match opts.strategy {
@@ -818,7 +813,7 @@ pub fn tune(
             dry = 0;
             MEASUREMENTS.fetch_add(1, Ordering::Relaxed);
             let r = measurer.measure(&k);
-            let outcome = measurer.outcome(&r);
+            let outcome = outcome(&r, target == "npu");
             db.append(&Record {
                 workload: key.clone(),
                 target: target.clone(),
@@ -842,7 +837,7 @@ pub fn tune(
             progress(&kr, opts.trials);
         }
         // Default and best, from everything known.
-        kr.default_cost = seen.get(&kernel_id(&default_kernel)).copied().flatten();
+        kr.default_cost = seen.get(&default_id).copied().flatten();
         if let Some((s, c)) = points.iter().filter_map(|(s, c)| c.map(|c| (s, c))).min_by(|a, b| a.1.total_cmp(&b.1)) {
             kr.best = s.clone();
             kr.best_cost = Some(c);
