@@ -106,8 +106,13 @@ pub struct MatrixUnit {
     pub n: u32,
     /// See `m`.
     pub k: u32,
-    /// Multiply-accumulates per cycle (one native tile takes `m·n·k / macs_per_cycle` cycles).
+    /// Multiply-accumulates per cycle at the unit's native (narrow, e.g. fp16) input type.
     pub macs_per_cycle: u32,
+    /// Multiply-accumulates per cycle on f32 operands (what kiln computes: one native tile
+    /// takes `m·n·k / f32_macs_per_cycle` cycles). Matrix units shaped for fp16 run f32 at a
+    /// fraction of their fp16 rate (DaVinci's cube: a quarter). Absent: `macs_per_cycle`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub f32_macs_per_cycle: Option<u32>,
     /// Level of the left operand (`A[m×k]`).
     pub a_level: String,
     /// Level of the right operand (`B[k×n]`).
@@ -116,6 +121,18 @@ pub struct MatrixUnit {
     pub c_level: String,
     /// Fixed cost of one instruction, in cycles.
     pub startup_cycles: u32,
+}
+
+impl MatrixUnit {
+    /// Multiply-accumulates per cycle on f32 operands (the rate the simulator charges).
+    pub fn f32_rate(&self) -> u64 {
+        self.f32_macs_per_cycle.unwrap_or(self.macs_per_cycle).max(1) as u64
+    }
+
+    /// Cycles of one native `m × n × k` tile on f32 operands.
+    pub fn tile_cycles(&self) -> u64 {
+        (self.m as u64 * self.n as u64 * self.k as u64).div_ceil(self.f32_rate())
+    }
 }
 
 /// The scalar unit.
@@ -274,6 +291,9 @@ impl NpuConfig {
             if m.macs_per_cycle == 0 {
                 return bad("matrix macs_per_cycle is 0, expected at least 1".into());
             }
+            if m.f32_macs_per_cycle == Some(0) {
+                return bad("matrix f32_macs_per_cycle is 0, expected at least 1 (or leave it out)".into());
+            }
             let (a, b, c) = (
                 level("the matrix unit's A operand", &m.a_level)?,
                 level("the matrix unit's B operand", &m.b_level)?,
@@ -395,7 +415,7 @@ impl NpuConfig {
             vector_bits: self.vector.width_bytes * 8,
             vector_registers: 32,
             matrix_shape: self.matrix.as_ref().map_or(vec![], |m| vec![m.m, m.n, m.k]),
-            matrix_gflops: self.matrix.as_ref().map_or(0.0, |m| cores * m.macs_per_cycle as f64 * 2.0 * self.clock_ghz),
+            matrix_gflops: self.matrix.as_ref().map_or(0.0, |m| cores * m.f32_rate() as f64 * 2.0 * self.clock_ghz),
             launch_us: self.launch_us,
         }
     }

@@ -11,7 +11,8 @@
 //! - `copy`: `latency + ⌈bytes / bytes_per_cycle⌉` of its DMA path, every burst rounded up to
 //!   [`DMA_GRANULE_BYTES`] (bursts that are contiguous on both sides count as one);
 //! - vector ops: `startup + ⌈n / lanes⌉ · c`, `c` 1, or the divide or transcendental cost;
-//! - `mmad`: `startup` + whole native tiles: `⌈m/M⌉·⌈n/N⌉·⌈k/K⌉ · ⌈M·N·K / macs_per_cycle⌉`;
+//! - `mmad`: `startup` + whole native tiles: `⌈m/M⌉·⌈n/N⌉·⌈k/K⌉ · ⌈M·N·K / f32_macs_per_cycle⌉`
+//!   (f32 operands: the unit's f32 rate, see [`crate::config::MatrixUnit::f32_rate`]);
 //! - flags take no time; `barrier` waits until every pipe has drained.
 //!
 //! Total cycles are when the last pipe drains (or the scalar unit ends, if later). A pipe's
@@ -822,7 +823,7 @@ impl Sim<'_> {
                 self.stats.macs += (m * n * k) as u64;
                 let (tm, tn, tk) = (mu.m as u64, mu.n as u64, mu.k as u64);
                 let tiles = (m as u64).div_ceil(tm) * (n as u64).div_ceil(tn) * (k as u64).div_ceil(tk);
-                let per_tile = (tm * tn * tk).div_ceil(mu.macs_per_cycle as u64);
+                let per_tile = mu.tile_cycles();
                 Ok(if m * n * k == 0 { mu.startup_cycles as u64 } else { mu.startup_cycles as u64 + tiles * per_tile })
             }
             _ => Err(err(format!("{}: not a pipe instruction", self.text(pc)))),
@@ -856,7 +857,7 @@ impl Sim<'_> {
             [Pipe::Mte1, Pipe::Mte2, Pipe::Mte3].iter().map(|p| util(self.pipes[p.index()].busy)).fold(0.0, f64::max);
         if let Some(m) = &self.cfg.matrix {
             let busy = self.pipes[Pipe::M.index()].busy;
-            s.mac_efficiency = if busy == 0 { 0.0 } else { s.macs as f64 / (busy as f64 * m.macs_per_cycle as f64) };
+            s.mac_efficiency = if busy == 0 { 0.0 } else { s.macs as f64 / (busy as f64 * m.f32_rate() as f64) };
         }
         s.lane_efficiency =
             if self.lane_capacity == 0 { 0.0 } else { self.lane_ops as f64 / self.lane_capacity as f64 };

@@ -74,6 +74,22 @@ fn bad_descriptions_give_exact_errors() {
     assert_eq!(error_of(v), "npu config davinci.json: matrix tile is 16x16x0, expected positive sizes");
 
     let mut v = davinci_json();
+    v["matrix"]["f32_macs_per_cycle"] = 0.into();
+    assert_eq!(
+        error_of(v),
+        "npu config davinci.json: matrix f32_macs_per_cycle is 0, expected at least 1 (or leave it out)"
+    );
+
+    // Without an f32 rate, f32 runs at the native rate.
+    let mut v = davinci_json();
+    v["matrix"].as_object_mut().unwrap().remove("f32_macs_per_cycle");
+    let cfg = NpuConfig::from_json(&v.to_string(), "davinci.json").unwrap();
+    assert_eq!(cfg.matrix.as_ref().unwrap().f32_rate(), 4096);
+    let davinci = NpuConfig::preset("davinci").unwrap();
+    assert_eq!(davinci.matrix.as_ref().unwrap().f32_rate(), 1024);
+    assert_eq!(davinci.matrix.as_ref().unwrap().tile_cycles(), 4);
+
+    let mut v = davinci_json();
     v["dma"][0]["bytes_per_cycle"] = (-1.0).into();
     assert_eq!(
         error_of(v),

@@ -323,7 +323,7 @@ impl Gen<'_> {
             add(pipe(r.bh, r.bl), blocks * nk as f64 * self.dma_cycles(r.bh, r.bl, 1, kc * bn));
         }
         let tiles = bm.div_ceil(mu.m as u64) * bn.div_ceil(mu.n as u64) * kc.div_ceil(mu.k as u64);
-        let per = (mu.m as u64 * mu.n as u64 * mu.k as u64).div_ceil(mu.macs_per_cycle as u64);
+        let per = mu.tile_cycles();
         add(Some(Pipe::M), blocks * nk as f64 * (mu.startup_cycles as u64 + tiles * per) as f64);
         add(pipe(0, v), blocks * self.dma_cycles(0, v, bm, bn));
         add(pipe(v, 0), blocks * self.dma_cycles(v, 0, bm, bn));
