@@ -561,3 +561,139 @@ mod tests {
         assert_eq!(k.outputs().len(), 1);
     }
 }
+
+/// A 2-D Conv (batch 1, one group, unit strides and dilations) lowered as im2col + one whole
+/// GEMM, for code generators that block a GEMM for a matrix unit themselves (the `npu`
+/// target; `kiln-passes`' `Schedule::whole_matmul`). The lowering emits [`Im2col::pack`] (the
+/// columns local, `col[(ci·KH + ky)·KW + kx, oy·OW + ox] = X[0, ci, oy + ky − pt, ox + kx − pl]`,
+/// zero in the padding) followed by [`Im2col::mma`] (`Y[co, p] += Σ_k W[co, k] · col[k, p]`):
+/// a complete, evaluable form. A code generator that recognizes the pair ([`Im2col::of`])
+/// may form the columns on chip instead of materializing them (an implicit GEMM).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Im2col {
+    /// Buffers: the input `X[1, cin, h, w]`, the columns local `[cin·kh·kw, oh·ow]`.
+    pub x: usize,
+    pub col: usize,
+    pub cin: i64,
+    pub h: i64,
+    pub w: i64,
+    pub kh: i64,
+    pub kw: i64,
+    /// Begin padding (rows, columns).
+    pub pad_top: i64,
+    pub pad_left: i64,
+    pub oh: i64,
+    pub ow: i64,
+}
+
+impl Im2col {
+    /// Reduction length `cin · kh · kw`.
+    pub fn k(&self) -> i64 {
+        self.cin * self.kh * self.kw
+    }
+
+    /// The packing nest (loop variables 1 to 5: ci, ky, kx, oy, ox).
+    pub fn pack(&self) -> Stmt {
+        let bx = Box::new;
+        let v = Idx::Var;
+        let add = |a: Idx, b: Idx| Idx::Add(bx(a), bx(b));
+        let mul = |a: Idx, b: Idx| Idx::Mul(bx(a), bx(b));
+        let ih = add(add(v(4), v(2)), Idx::Const(-self.pad_top)).simplify();
+        let iw = add(add(v(5), v(3)), Idx::Const(-self.pad_left)).simplify();
+        let clamp = |i: &Idx, n: i64| {
+            Idx::Max(bx(Idx::Const(0)), bx(Idx::Min(bx(i.clone()), bx(Idx::Const(n - 1))))).simplify()
+        };
+        let load = Val::Load { buf: self.x, index: vec![Idx::Const(0), v(1), clamp(&ih, self.h), clamp(&iw, self.w)] };
+        // In bounds when 0 ≤ i < n: select(i < 0, 0, select(i < n, x, 0)).
+        let guard = |i: &Idx, n: i64, x: Val| Val::Select {
+            lhs: i.clone(),
+            rhs: Idx::Const(0),
+            then: Box::new(Val::Const(0.0)),
+            other: Box::new(Val::Select {
+                lhs: i.clone(),
+                rhs: Idx::Const(n),
+                then: Box::new(x),
+                other: Box::new(Val::Const(0.0)),
+            }),
+        };
+        let value = guard(&ih, self.h, guard(&iw, self.w, load));
+        let k = add(mul(add(mul(v(1), Idx::Const(self.kh)), v(2)), Idx::Const(self.kw)), v(3)).simplify();
+        let p = add(mul(v(4), Idx::Const(self.ow)), v(5)).simplify();
+        let mut s = Stmt::Store { buf: self.col, index: vec![k, p], value };
+        for (var, e) in [(5, self.ow), (4, self.oh), (3, self.kw), (2, self.kh), (1, self.cin)] {
+            s = Stmt::For { var, extent: Idx::Const(e), parallel: false, body: vec![s] };
+        }
+        s
+    }
+
+    /// The GEMM over the columns: `W[cout, cin, kh, kw]` (buffer `w`) as `[cout, K]`, the
+    /// output `Y[1, cout, oh, ow]` (buffer `y`) as `[cout, oh·ow]`. Loop variables: 63 the
+    /// tile's row, 6 the reduction.
+    pub fn mma(&self, w: usize, y: usize, cout: usize, lanes: usize) -> Mma {
+        let bx = Box::new;
+        const ROW: usize = 63;
+        let k = Idx::Var(6);
+        let taps = self.kh * self.kw;
+        let ci = Idx::Div(bx(k.clone()), bx(Idx::Const(taps))).simplify();
+        let ky = Idx::Rem(bx(Idx::Div(bx(k.clone()), bx(Idx::Const(self.kw)))), bx(Idx::Const(self.kh))).simplify();
+        let kx = Idx::Rem(bx(k.clone()), bx(Idx::Const(self.kw))).simplify();
+        let p = self.oh * self.ow;
+        Mma {
+            rows: cout,
+            cols: p as usize,
+            lanes,
+            valid: Idx::Const(p),
+            row: ROW,
+            red: vec![(6, Idx::Const(self.k()))],
+            a: Val::Load { buf: w, index: vec![Idx::Var(ROW), ci, ky, kx] },
+            b: (self.col, vec![k, Idx::Const(0)]),
+            c: (y, vec![Idx::Const(0), Idx::Var(ROW), Idx::Const(0), Idx::Const(0)]),
+            c_col: Idx::Const(1),
+        }
+    }
+
+    /// The geometry of a `pack; mma` pair as [`Im2col`] emits it (`shape`: a buffer's
+    /// shape), with the GEMM's weight and output buffers; `None` for any other pair.
+    pub fn of(pack: &Stmt, mma: &Mma, shape: &dyn Fn(usize) -> Option<Vec<usize>>) -> Option<(Im2col, usize, usize)> {
+        let mut ext = Vec::new();
+        let mut s = pack;
+        while let Stmt::For { extent: Idx::Const(e), body, .. } = s {
+            ext.push(*e);
+            let [inner] = body.as_slice() else { return None };
+            s = inner;
+        }
+        let (Stmt::Store { buf: col, .. }, &[cin, kh, kw, oh, ow]) = (s, ext.as_slice()) else { return None };
+        let Val::Load { buf: wbuf, .. } = &mma.a else { return None };
+        let x = mma_input(s)?;
+        let &[1, xc, h, w] = shape(x)?.as_slice() else { return None };
+        if xc as i64 != cin || mma.b.0 != *col {
+            return None;
+        }
+        let (h, w) = (h as i64, w as i64);
+        // The padding: every split of the total that matches.
+        for pt in 0..=(oh - h + kh - 1).max(0) {
+            for pl in 0..=(ow - w + kw - 1).max(0) {
+                let g = Im2col { x, col: *col, cin, h, w, kh, kw, pad_top: pt, pad_left: pl, oh, ow };
+                if g.pack() == *pack && g.mma(*wbuf, mma.c.0, mma.rows, mma.lanes) == *mma {
+                    return Some((g, *wbuf, mma.c.0));
+                }
+            }
+        }
+        None
+    }
+}
+
+/// The buffer the packing store's value loads.
+fn mma_input(s: &Stmt) -> Option<usize> {
+    fn find(v: &Val) -> Option<usize> {
+        match v {
+            Val::Load { buf, .. } => Some(*buf),
+            Val::Select { then, other, .. } => find(then).or_else(|| find(other)),
+            _ => None,
+        }
+    }
+    match s {
+        Stmt::Store { value, .. } => find(value),
+        _ => None,
+    }
+}

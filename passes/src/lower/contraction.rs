@@ -33,7 +33,7 @@
 use super::{b, LowerResult, Lowering, Schedule};
 use kiln_ir::graph::AttrView;
 use kiln_ir::ir::{Module, OpId, ValueId};
-use kiln_ir::kernel::{BinOp, Buffer, Idx, Kernel, Knobs, Local, Mma, Stmt, Val};
+use kiln_ir::kernel::{BinOp, Buffer, Idx, Im2col, Kernel, Knobs, Local, Mma, Stmt, Val};
 use kiln_ir::Dim;
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -49,6 +49,9 @@ pub const MATMUL_K_UNROLL: usize = 4;
 /// Output channels of a Conv accumulated together (each input value loaded serves them all),
 /// at most: the largest divisor of the channels per group up to this.
 pub const CONV_OC_BLOCK: i64 = 4;
+/// Output channels a Conv needs for the whole-GEMM form ([`Schedule::whole_matmul`]): a
+/// matrix unit's tile height (16 on the `npu` presets).
+pub const WHOLE_CONV_MIN_CHANNELS: i64 = 16;
 /// Taps along a Conv's last spatial axis summed per pass over an output row, at most (beyond
 /// it, one tap per pass).
 pub const CONV_MAX_TAP_UNROLL: i64 = 8;
@@ -352,6 +355,11 @@ impl<'p, 'm> Builder<'p, 'm> {
             out_dims: out_dims.clone(),
             in_dims: in_dims.clone(),
         };
+        if lw.sched.whole_matmul {
+            if let Some(whole) = self.conv_whole(&g, ys[1].known())? {
+                return Ok(whole);
+            }
+        }
         if let Some(tiled) = self.conv_tiled(&g, ys[1].known())? {
             return Ok(tiled);
         }
@@ -694,6 +702,72 @@ impl<'p, 'm> Builder<'p, 'm> {
         body.push(for_(1, oh, false, per_row));
         epilogue(&mut body, &ni, &co0, nr)?;
         Ok(Some((vec![for_(0, mul(g.n.clone(), blocks), true, body)], locals)))
+    }
+
+    /// [`Schedule::whole_matmul`]: a 2-D Conv of one image and one group with unit strides
+    /// and dilations and known sizes as one whole GEMM `Y[co, p] += Σ_k W[co, k] · B[k, p]`
+    /// for the matrix unit's code generator: with `B` = `X` itself for a 1×1 Conv without
+    /// padding, else `B` the im2col columns local ([`Im2col`]: `pack; mma`, which the `npu`
+    /// target forms on chip instead of materializing). Init (the bias) before, the epilogue
+    /// after. `None` for other Convs, for fewer than [`WHOLE_CONV_MIN_CHANNELS`] output
+    /// channels (too few rows for a matrix unit's tile; a 1×1 Conv needs twice as many, as a
+    /// GEMM), and when `X` or `W` is not a kernel buffer.
+    fn conv_whole(&self, g: &ConvGeom, channels: Option<u64>) -> LowerResult<Option<(Vec<Stmt>, Vec<Local>)>> {
+        let known = |i: &Idx| if let Idx::Const(v) = i.clone().simplify() { Some(v) } else { None };
+        let (Some(cout), Some(1), Some(cin)) = (channels.map(|c| c as i64), known(&g.n), known(&g.cg)) else {
+            return Ok(None);
+        };
+        let dims: Option<Vec<i64>> = g.in_dims.iter().chain(&g.out_dims).map(known).collect();
+        let (Some(dims), Some(xb), Some(wb)) = (dims, self.param(g.x), self.param(g.w)) else { return Ok(None) };
+        if g.kernel.len() != 2 || g.group != 1 || g.strides != [1, 1] || g.dilations != [1, 1] {
+            return Ok(None);
+        }
+        let [h, w, oh, ow] = dims[..] else { return Ok(None) };
+        let pointwise = g.kernel == [1, 1] && g.pad == [0, 0] && (h, w) == (oh, ow);
+        if cout < WHOLE_CONV_MIN_CHANNELS * if pointwise { 2 } else { 1 } || oh <= 0 || ow <= 0 {
+            return Ok(None);
+        }
+        let acc = self.acc;
+        let lanes = self.lw.sched.lanes;
+        let mut body = vec![for_(1, c(cout), false, self.conv_init(g, 2, &c(0), Idx::Var(1))?)];
+        let mut locals = Vec::new();
+        if pointwise {
+            const ROW: usize = 63;
+            body.push(Stmt::Mma(Box::new(Mma {
+                rows: cout as usize,
+                cols: (oh * ow) as usize,
+                lanes,
+                valid: c(oh * ow),
+                row: ROW,
+                red: vec![(6, c(cin))],
+                a: Val::Load { buf: wb, index: vec![Idx::Var(ROW), Idx::Var(6), c(0), c(0)] },
+                b: (xb, vec![c(0), Idx::Var(6), c(0), c(0)]),
+                c: (acc, vec![c(0), Idx::Var(ROW), c(0), c(0)]),
+                c_col: c(1),
+            })));
+        } else {
+            let im = Im2col {
+                x: xb,
+                col: self.p.buffers.len(),
+                cin,
+                h,
+                w,
+                kh: g.kernel[0],
+                kw: g.kernel[1],
+                pad_top: g.pad[0],
+                pad_left: g.pad[1],
+                oh,
+                ow,
+            };
+            locals.push(Local { name: "columns".into(), size: vec![c(im.k()), c(oh * ow)] });
+            body.push(im.pack());
+            body.push(Stmt::Mma(Box::new(im.mma(wb, acc, cout as usize, lanes))));
+        }
+        let e = self.conv_epilogue(g, 2, &c(0), Idx::Var(1))?;
+        if !e.is_empty() {
+            body.push(for_(1, c(cout), false, e));
+        }
+        Ok(Some((body, locals)))
     }
 
     /// The init of output channel `co` of image `ni` (the bias or zero) over the output

@@ -377,6 +377,17 @@ impl<'a> Gen<'a> {
     pub fn stmts(&mut self, body: &[Stmt], top: bool) -> R<()> {
         let mut i = 0;
         while i < body.len() {
+            // A Conv's im2col columns and their GEMM: an implicit GEMM.
+            if top && i + 1 < body.len() {
+                let ub = self.ub.top;
+                let done = self.try_conv_gemm(&body[i], &body[i + 1])?;
+                self.ub.top = ub;
+                if done.is_some() {
+                    self.emit(Instr::Barrier);
+                    i += 2;
+                    continue;
+                }
+            }
             // A GEMM after the init of its output: the init need not be read back.
             if top && i + 1 < body.len() {
                 let ub = self.ub.top;

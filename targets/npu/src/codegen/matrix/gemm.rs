@@ -23,7 +23,7 @@
 use super::super::affine;
 use super::super::{Gen, R};
 use crate::isa::{Instr, Pipe, VBinOp};
-use kiln_ir::kernel::{Idx, Mma, Stmt, Val};
+use kiln_ir::kernel::{Idx, Im2col, Mma, Stmt, Val};
 
 /// `base + r·row + k·col` (elements) of an operand in global memory.
 #[derive(Clone, Copy, Debug)]
@@ -62,6 +62,8 @@ struct Blocking {
 struct GemmPlan {
     route: Route,
     blk: Blocking,
+    /// An implicit-GEMM Conv: `B` formed on chip from input strips (`b` unused).
+    conv: Option<ConvPlan>,
     mnk: (u64, u64, u64),
     a: Affine2,
     b: Affine2,
@@ -211,7 +213,7 @@ impl Gen<'_> {
         let a = Affine2 { base: a.base + gm.0, ..a };
         let b = Affine2 { base: b.base + gm.1, ..b };
         let c = Affine2 { base: c.base + gm.2, ..c };
-        Some(GemmPlan { route, blk, mnk: (rows as u64, cols as u64, kk as u64), a, b, c })
+        Some(GemmPlan { route, blk, conv: None, mnk: (rows as u64, cols as u64, kk as u64), a, b, c })
     }
 
     /// Emits a planned GEMM (`init_row`: the vector-level address of the row every row of `C`
@@ -219,7 +221,7 @@ impl Gen<'_> {
     fn gemm_run(&mut self, p: &GemmPlan, init_row: Option<u64>) -> R<Option<()>> {
         let snap = self.snapshot();
         let lv = self.lvl.clone();
-        match self.gemm_emit(&p.route, p.blk, p.mnk, p.a, p.b, p.c, init_row) {
+        match self.gemm_emit(&p.route, p.blk, p.mnk, p.a, p.b, p.c, init_row, p.conv.as_ref()) {
             Ok(()) => {
                 self.free_flags();
                 self.lvl = lv;
@@ -428,6 +430,7 @@ impl Gen<'_> {
         b: Affine2,
         c: Affine2,
         init_row: Option<u64>,
+        conv: Option<&ConvPlan>,
     ) -> R<()> {
         let (m, n, k) = mnk;
         let v = self.vl as usize;
@@ -443,7 +446,10 @@ impl Gen<'_> {
         let next_b = if r.bl != r.bh { pipe(self, r.bh, r.bl)? } else { Pipe::M };
         let (a_slots, b_slots) = if a_resident { (panels * nk, stream_slots) } else { (stream_slots, panels * nk) };
         let mut ah = self.ring(r.ah, bm * kc, a_slots, vec![into_a, next_a])?;
-        let mut bh = self.ring(r.bh, kc * bn, b_slots, vec![into_b, next_b])?;
+        let mut bh = match conv {
+            Some(cv) => self.ring(r.bh, cv.strip_elems(), 2, vec![into_b, next_b])?,
+            None => self.ring(r.bh, kc * bn, b_slots, vec![into_b, next_b])?,
+        };
         let mut al = if r.al != r.ah { Some(self.ring(r.al, bm * kc, 2, vec![next_a, Pipe::M])?) } else { None };
         let mut bl = if r.bl != r.bh { Some(self.ring(r.bl, kc * bn, 2, vec![next_b, Pipe::M])?) } else { None };
         let mut acc = self.ring(r.lc, bm * bn, 2, vec![Pipe::M, Pipe::V])?;
@@ -454,6 +460,9 @@ impl Gen<'_> {
             None => self.ring(v, bm * bn, 2, vec![cin, Pipe::V, cout])?,
             Some(_) => self.ring(v, bm * bn, 2, vec![Pipe::V, cout])?,
         };
+        if let Some(cv) = conv {
+            self.zero_strips(cv, r.bh, &bh.addrs.clone())?;
+        }
         // The stage of `ct`'s chain that adds and the one that stores.
         let (add_stage, out_stage) = if init_row.is_some() { (0, 1) } else { (1, 2) };
         let (nm, nn) = (m.div_ceil(bm), n.div_ceil(bn));
@@ -488,9 +497,18 @@ impl Gen<'_> {
                     } else {
                         ah.addrs[(((o % panels) * nk + q) % ah.addrs.len() as u64) as usize]
                     };
-                    // B's chunk: kl × cols from B[k0.., j0..].
+                    // B's chunk: kl × cols from B[k0.., j0..] (a Conv: this block's input strip).
                     let b_new = a_resident || first;
-                    let b_at = if b_new {
+                    let b_at = if let Some(cv) = conv {
+                        if q == 0 {
+                            let at = self.ring_acquire(&mut bh);
+                            self.strip_load(cv, r.bh, at, j0 / cv.g.ow as u64, cols / cv.g.ow as u64)?;
+                            self.ring_signal(&bh, 0);
+                            at
+                        } else {
+                            bh.addrs[((bh.uses - 1) % bh.addrs.len() as u64) as usize]
+                        }
+                    } else if b_new {
                         let at = self.ring_acquire(&mut bh);
                         let src = b.base + k0 as i64 * b.outer + j0 as i64;
                         self.copy2(r.bh, 0, at, src, kl, cols, cols, b.outer)?;
@@ -528,7 +546,23 @@ impl Gen<'_> {
                         }
                     };
                     let a_op = hop(self, &ah, &mut al, a_at, rows * kl, a_wait, a_rel)?;
-                    let b_op = hop(self, &bh, &mut bl, b_at, kl * cols, b_wait, b_rel)?;
+                    let b_op = match (conv, &mut bl) {
+                        (Some(cv), Some(lr)) => {
+                            if q == 0 {
+                                self.ring_wait(&bh, 1);
+                            }
+                            let to = self.ring_acquire(lr);
+                            let (lo, rows_b) = (j0 / cv.g.ow as u64, cols / cv.g.ow as u64);
+                            self.strip_columns(cv, r.bh, lr.level, b_at, to, lo, rows_b, q * cv.cc, kl, cols)?;
+                            self.ring_signal(lr, 0);
+                            if q == nk - 1 {
+                                self.ring_release(&bh);
+                            }
+                            to
+                        }
+                        (Some(_), None) => return Err(super::super::unsupported("internal: a Conv's B needs a hop")),
+                        _ => hop(self, &bh, &mut bl, b_at, kl * cols, b_wait, b_rel)?,
+                    };
                     // M.
                     match &al {
                         Some(lr) => self.ring_wait(lr, 1),
@@ -628,6 +662,272 @@ impl Gen<'_> {
         for ring in [Some(&ah), Some(&bh), al.as_ref(), bl.as_ref(), Some(&acc), Some(&ct)].into_iter().flatten() {
             let ring = ring.clone();
             self.ring_drain(&ring);
+        }
+        Ok(())
+    }
+}
+
+/// An implicit-GEMM Conv ([`Im2col`]): per block of `rows` output rows, the input rows it
+/// reads (all channels) are loaded into a *strip* in `B`'s first level, laid out
+/// `[cin][rs + 1][wp]` with the padding columns and one extra row (`rs`) zero; each K-chunk
+/// (`cc` input channels × all taps) of `B = columns[k, pixels]` is then formed from the strip
+/// by one copy per (output row, tap): `cc` bursts of `ow` values, a row in the padding read
+/// from the zero row.
+#[derive(Clone, Debug)]
+struct ConvPlan {
+    g: Im2col,
+    /// Global-memory address of `X`.
+    x: i64,
+    /// Output rows per block.
+    rows: u64,
+    /// Input channels per K-chunk.
+    cc: u64,
+}
+
+impl ConvPlan {
+    /// Strip rows (input rows a block reads).
+    fn rs(&self) -> u64 {
+        self.rows + self.g.kh as u64 - 1
+    }
+    /// Strip row length (padded).
+    fn wp(&self) -> u64 {
+        (self.g.ow + self.g.kw - 1).max(self.g.w + self.g.pad_left) as u64
+    }
+    /// Elements per channel plane of the strip (with the zero row).
+    fn plane(&self) -> u64 {
+        (self.rs() + 1) * self.wp()
+    }
+    fn strip_elems(&self) -> u64 {
+        self.g.cin as u64 * self.plane()
+    }
+}
+
+impl Gen<'_> {
+    /// Compiles `pack; mma` (what `kiln-passes` lowers a Conv to with
+    /// [`Schedule::whole_matmul`], see [`Im2col`]) as an implicit GEMM on the matrix unit
+    /// (the columns are formed on chip, never stored); `None` (nothing emitted) when the pair
+    /// has another form or does not fit.
+    pub(crate) fn try_conv_gemm(&mut self, pack: &Stmt, mma: &Stmt) -> R<Option<()>> {
+        let Stmt::Mma(m) = mma else { return Ok(None) };
+        let Some(mu) = self.cfg.matrix.clone() else { return Ok(None) };
+        if !self.opts.matrix || !matches!(pack, Stmt::For { .. }) {
+            return Ok(None);
+        }
+        let np = self.nparams();
+        let shapes = self.shapes.clone();
+        let Some((g, wbuf, ybuf)) = Im2col::of(pack, m, &|b| shapes.get(b).cloned()) else { return Ok(None) };
+        if g.x >= np || wbuf >= np || ybuf >= np {
+            return Ok(None);
+        }
+        let v = self.vl as usize;
+        let (Some(al), Some(bl), Some(lc)) =
+            (self.cfg.level_index(&mu.a_level), self.cfg.level_index(&mu.b_level), self.cfg.level_index(&mu.c_level))
+        else {
+            return Ok(None);
+        };
+        let Some(ah) = self.cfg.route(0, al).and_then(|r| (r.len() == 2 || r.len() == 3).then(|| r[1])) else {
+            return Ok(None);
+        };
+        // The strip's level: fed from global memory, one hop from B's level, zeroable (the
+        // vector level or a copy from it); the fastest hop wins.
+        let ls = (1..self.cfg.levels.len())
+            .filter(|&l| l != bl && self.cfg.path(0, l).is_some() && (l == v || self.cfg.path(v, l).is_some()))
+            .filter_map(|l| self.cfg.path(l, bl).map(|p| (l, p.bytes_per_cycle)))
+            .max_by(|a, b| a.1.total_cmp(&b.1))
+            .map(|x| x.0);
+        let Some(ls) = ls else { return Ok(None) };
+        let lc_to_v = lc == v || self.cfg.path(lc, v).is_some_and(|p| p.pipe == Pipe::V);
+        if !lc_to_v || self.cfg.path(0, v).is_none() || self.cfg.path(v, 0).is_none() {
+            return Ok(None);
+        }
+        let route = Route { ah, al, bh: ls, bl, lc };
+        let (m_, n_, k_) = (m.rows as u64, (g.oh * g.ow) as u64, g.k() as u64);
+        let x = self.gm[g.x] as i64;
+        let Some((blk, cv)) = self.conv_blocking(&route, &g, x, m_) else { return Ok(None) };
+        let a = Affine2 { base: self.gm[wbuf] as i64, outer: k_ as i64, inner: 1 };
+        let c = Affine2 { base: self.gm[ybuf] as i64, outer: n_ as i64, inner: 1 };
+        let p = GemmPlan { route, blk, conv: Some(cv), mnk: (m_, n_, k_), a, b: a, c };
+        self.gemm_run(&p, None)
+    }
+
+    /// The best blocking of an implicit-GEMM Conv that fits (A resident per block of output
+    /// channels, blocks of whole output rows, K-chunks of whole input channels).
+    fn conv_blocking(&self, r: &Route, g: &Im2col, x: i64, m: u64) -> Option<(Blocking, ConvPlan)> {
+        let mu = self.cfg.matrix.as_ref()?;
+        let v = self.vl as usize;
+        let taps = (g.kh * g.kw) as u64;
+        let (cin, oh, ow) = (g.cin as u64, g.oh as u64, g.ow as u64);
+        let free_ub = self.ub.cap.saturating_sub(self.ub.top.next_multiple_of(self.ub.align));
+        let mut best: Option<(f64, Blocking, ConvPlan)> = None;
+        let mut ccs: Vec<u64> = [1, 2, 4, 8, 16, 32, 64, 128, 256].into_iter().filter(|&c| c < cin).collect();
+        ccs.push(cin);
+        for bm in (1..=16).map(|i| i * mu.m as u64).filter(|&x| x < m + mu.m as u64) {
+            for rows in (1..=16).filter(|&x| x <= oh) {
+                for &cc in &ccs {
+                    for panels in [2, 1] {
+                        let (bn, kc) = (rows * ow, cc * taps);
+                        let blk = Blocking { bm, bn, kc, a_resident: true, panels, stream_slots: 2 };
+                        let cv = ConvPlan { g: g.clone(), x, rows, cc };
+                        let nk = cin.div_ceil(cc);
+                        let mut need = vec![0u64; self.cfg.levels.len()];
+                        let mut put = |l: usize, slots: u64, size: u64| {
+                            need[l] += slots * size.next_multiple_of(self.cfg.align_elems(l));
+                        };
+                        put(r.ah, panels * nk, bm * kc);
+                        put(r.bh, 2, cv.strip_elems());
+                        if r.al != r.ah {
+                            put(r.al, 2, bm * kc);
+                        }
+                        put(r.bl, 2, kc * bn);
+                        put(r.lc, 2, bm * bn);
+                        if r.lc != v {
+                            put(v, 1, bm * bn);
+                        }
+                        put(v, 2, bm * bn);
+                        let fits = need.iter().enumerate().all(|(l, &x)| {
+                            let cap = if l == v { free_ub } else { self.cfg.capacity_elems(l) };
+                            x == 0 || (l != 0 && x <= cap)
+                        });
+                        if !fits {
+                            continue;
+                        }
+                        let cost = self.conv_cost(r, &blk, &cv, m);
+                        if best.as_ref().is_none_or(|(c, ..)| cost < *c) {
+                            best = Some((cost, blk, cv));
+                        }
+                    }
+                }
+            }
+        }
+        best.map(|(_, b, c)| (b, c))
+    }
+
+    /// The estimated busy cycles of the busiest pipe of an implicit-GEMM Conv.
+    fn conv_cost(&self, r: &Route, b: &Blocking, cv: &ConvPlan, m: u64) -> f64 {
+        let Some(mu) = self.cfg.matrix.as_ref() else { return f64::INFINITY };
+        let v = self.vl as usize;
+        let g = &cv.g;
+        let mut pipes: std::collections::HashMap<Pipe, f64> = Default::default();
+        let mut add = |p: Option<Pipe>, c: f64| *pipes.entry(p.unwrap_or(Pipe::S)).or_insert(0.0) += c;
+        let pipe = |f: usize, t: usize| self.cfg.path(f, t).map(|p| p.pipe);
+        let (cin, oh, ow, taps) = (g.cin as u64, g.oh as u64, g.ow as u64, (g.kh * g.kw) as u64);
+        let n = oh * ow;
+        let (nm, nn, nk) = (m.div_ceil(b.bm), oh.div_ceil(cv.rows), cin.div_ceil(cv.cc));
+        let (bm, bn, kc) = (b.bm.min(m), b.bn.min(n), b.kc);
+        let blocks = (nm * nn) as f64;
+        add(pipe(0, r.ah), (nm * nk) as f64 * self.dma_cycles(0, r.ah, bm, kc));
+        if r.al != r.ah {
+            add(pipe(r.ah, r.al), blocks * nk as f64 * self.dma_cycles(r.ah, r.al, 1, bm * kc));
+        }
+        add(pipe(0, r.bh), blocks * cv.rs() as f64 * self.dma_cycles(0, r.bh, cin, g.w as u64));
+        let copies = (taps * cv.rows) as f64;
+        add(pipe(r.bh, r.bl), blocks * nk as f64 * copies * self.dma_cycles(r.bh, r.bl, cv.cc.min(cin), ow));
+        let tiles = bm.div_ceil(mu.m as u64) * bn.div_ceil(mu.n as u64) * kc.div_ceil(mu.k as u64);
+        add(Some(Pipe::M), blocks * nk as f64 * (mu.startup_cycles as u64 + tiles * mu.tile_cycles()) as f64);
+        add(pipe(0, v), blocks * self.dma_cycles(0, v, bm, bn));
+        add(pipe(v, 0), blocks * self.dma_cycles(v, 0, bm, bn));
+        let vec = (self.cfg.vector.startup_cycles as u64 + (bm * bn).div_ceil(self.cfg.lanes())) as f64;
+        add(Some(Pipe::V), blocks * vec);
+        if r.lc != v {
+            add(pipe(r.lc, v), blocks * self.dma_cycles(r.lc, v, 1, bm * bn));
+        }
+        add(Some(Pipe::S), blocks * nk as f64 * (copies * 6.0 + 24.0));
+        pipes.values().copied().fold(0.0, f64::max)
+    }
+
+    /// Zeroes every strip slot once (the padding columns and the zero row stay zero: loads
+    /// write the rows' interiors only), fenced by barriers.
+    fn zero_strips(&mut self, cv: &ConvPlan, ls: usize, slots: &[u64]) -> R<()> {
+        let v = self.vl as usize;
+        let n = cv.strip_elems();
+        self.emit(Instr::Barrier);
+        if ls == v {
+            for &at in slots {
+                let mk = self.mark();
+                let (d, nr) = (self.reg()?, self.reg()?);
+                self.li(d, at as i64)?;
+                self.li(nr, n as i64)?;
+                self.emit(Instr::VDup { d, n: nr, value: 0.0 });
+                self.reset(mk);
+            }
+        } else {
+            let top = self.ub.top;
+            let free = self.ub.cap.saturating_sub(self.ub.top.next_multiple_of(self.ub.align));
+            let zl = n.min(free).min(16384);
+            if zl == 0 {
+                return Err(self.does_not_fit(v, 4));
+            }
+            let z = self.ub_alloc(zl)?;
+            let mk = self.mark();
+            let (d, nr) = (self.reg()?, self.reg()?);
+            self.li(d, z as i64)?;
+            self.li(nr, zl as i64)?;
+            self.emit(Instr::VDup { d, n: nr, value: 0.0 });
+            self.reset(mk);
+            self.emit(Instr::Barrier);
+            for &at in slots {
+                let mut off = 0;
+                while off < n {
+                    let len = zl.min(n - off);
+                    self.copy2(ls, v, at + off, z as i64, 1, len, len, len as i64)?;
+                    off += len;
+                }
+            }
+            self.ub.top = top;
+        }
+        self.emit(Instr::Barrier);
+        Ok(())
+    }
+
+    /// The input rows of output rows `oh0..oh0 + rows` into the strip at `at` (rows in the
+    /// padding are not loaded: [`Gen::strip_columns`] reads the zero row for them).
+    fn strip_load(&mut self, cv: &ConvPlan, ls: usize, at: u64, oh0: u64, rows: u64) -> R<()> {
+        let g = &cv.g;
+        let (h, w) = (g.h, g.w as u64);
+        let (wp, plane) = (cv.wp(), cv.plane());
+        for s in 0..rows + g.kh as u64 - 1 {
+            let ih = oh0 as i64 - g.pad_top + s as i64;
+            if (0..h).contains(&ih) {
+                let dst = at + s * wp + g.pad_left as u64;
+                let src = cv.x + ih * g.w;
+                self.copy2(ls, 0, dst, src, g.cin as u64, w, plane, h * g.w)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The K-chunk of input channels `ci0..` (`kl` values of K) of the columns of output rows
+    /// `oh0..oh0 + rows` (`cols` pixels) from the strip at `strip` into `to` in level `lb`:
+    /// `B[(c·kh + ky)·kw + kx, t·ow + ox] = strip[ci0 + c][t + ky][ox + kx]`.
+    #[allow(clippy::too_many_arguments)]
+    fn strip_columns(
+        &mut self,
+        cv: &ConvPlan,
+        ls: usize,
+        lb: usize,
+        strip: u64,
+        to: u64,
+        oh0: u64,
+        rows: u64,
+        ci0: u64,
+        kl: u64,
+        cols: u64,
+    ) -> R<()> {
+        let g = &cv.g;
+        let (kh, kw, ow) = (g.kh as u64, g.kw as u64, g.ow as u64);
+        let count = kl / (kh * kw);
+        let (wp, plane) = (cv.wp(), cv.plane());
+        for t in 0..rows {
+            for ky in 0..kh {
+                let s = t + ky;
+                let ih = oh0 as i64 - g.pad_top + s as i64;
+                let row = if (0..g.h).contains(&ih) { s } else { cv.rs() };
+                for kx in 0..kw {
+                    let src = strip + ci0 * plane + row * wp + kx;
+                    let dst = to + (ky * kw + kx) * cols + t * ow;
+                    self.copy2(lb, ls, dst, src as i64, count, ow, kh * kw * cols, plane as i64)?;
+                }
+            }
         }
         Ok(())
     }
