@@ -460,9 +460,10 @@ impl Gen<'_> {
             None => self.ring(v, bm * bn, 2, vec![cin, Pipe::V, cout])?,
             Some(_) => self.ring(v, bm * bn, 2, vec![Pipe::V, cout])?,
         };
-        if let Some(cv) = conv {
-            self.zero_strips(cv, r.bh, &bh.addrs.clone())?;
-        }
+        let zrow = match conv {
+            Some(cv) => Some(self.zero_strips(cv, r.bh, &bh.addrs.clone())?),
+            None => None,
+        };
         // The stage of `ct`'s chain that adds and the one that stores.
         let (add_stage, out_stage) = if init_row.is_some() { (0, 1) } else { (1, 2) };
         let (nm, nn) = (m.div_ceil(bm), n.div_ceil(bn));
@@ -553,7 +554,17 @@ impl Gen<'_> {
                             }
                             let to = self.ring_acquire(lr);
                             let (lo, rows_b) = (j0 / cv.g.ow as u64, cols / cv.g.ow as u64);
-                            self.strip_columns(cv, r.bh, lr.level, b_at, to, lo, rows_b, q * cv.cc, kl, cols)?;
+                            let zrow = zrow.unwrap_or(0);
+                            self.strip_columns(
+                                cv,
+                                (r.bh, lr.level),
+                                (b_at, zrow, to),
+                                lo,
+                                rows_b,
+                                q * cv.cc,
+                                kl,
+                                cols,
+                            )?;
                             self.ring_signal(lr, 0);
                             if q == nk - 1 {
                                 self.ring_release(&bh);
@@ -669,10 +680,12 @@ impl Gen<'_> {
 
 /// An implicit-GEMM Conv ([`Im2col`]): per block of `rows` output rows, the input rows it
 /// reads (all channels) are loaded into a *strip* in `B`'s first level, laid out
-/// `[cin][rs + 1][wp]` with the padding columns and one extra row (`rs`) zero; each K-chunk
-/// (`cc` input channels × all taps) of `B = columns[k, pixels]` is then formed from the strip
-/// by one copy per (output row, tap): `cc` bursts of `ow` values, a row in the padding read
-/// from the zero row.
+/// `[cin][rs][wp]` with the padding columns zero; each K-chunk (`cc` input channels × all
+/// taps) of `B = columns[k, pixels]` is then formed from the strip by one copy per (output
+/// row, tap): `cc` bursts of `ow` values, a row in the padding read from a zero row (burst
+/// stride 0). A block of one output row whose input rows are all in the image takes one copy
+/// per tap column instead (`cc · kh` bursts: the strip's rows of a channel are `kh` apart
+/// exactly as `B`'s rows of a channel's taps).
 #[derive(Clone, Debug)]
 struct ConvPlan {
     g: Im2col,
@@ -693,9 +706,9 @@ impl ConvPlan {
     fn wp(&self) -> u64 {
         (self.g.ow + self.g.kw - 1).max(self.g.w + self.g.pad_left) as u64
     }
-    /// Elements per channel plane of the strip (with the zero row).
+    /// Elements per channel plane of the strip.
     fn plane(&self) -> u64 {
-        (self.rs() + 1) * self.wp()
+        self.rs() * self.wp()
     }
     fn strip_elems(&self) -> u64 {
         self.g.cin as u64 * self.plane()
@@ -775,6 +788,7 @@ impl Gen<'_> {
                         };
                         put(r.ah, panels * nk, bm * kc);
                         put(r.bh, 2, cv.strip_elems());
+                        put(r.bh, 1, cv.wp());
                         if r.al != r.ah {
                             put(r.al, 2, bm * kc);
                         }
@@ -820,7 +834,7 @@ impl Gen<'_> {
             add(pipe(r.ah, r.al), blocks * nk as f64 * self.dma_cycles(r.ah, r.al, 1, bm * kc));
         }
         add(pipe(0, r.bh), blocks * cv.rs() as f64 * self.dma_cycles(0, r.bh, cin, g.w as u64));
-        let copies = (taps * cv.rows) as f64;
+        let copies = if cv.rows == 1 { g.kw as u64 } else { taps * cv.rows } as f64;
         add(pipe(r.bh, r.bl), blocks * nk as f64 * copies * self.dma_cycles(r.bh, r.bl, cv.cc.min(cin), ow));
         let tiles = bm.div_ceil(mu.m as u64) * bn.div_ceil(mu.n as u64) * kc.div_ceil(mu.k as u64);
         add(Some(Pipe::M), blocks * nk as f64 * (mu.startup_cycles as u64 + tiles * mu.tile_cycles()) as f64);
@@ -835,18 +849,22 @@ impl Gen<'_> {
         pipes.values().copied().fold(0.0, f64::max)
     }
 
-    /// Zeroes every strip slot once (the padding columns and the zero row stay zero: loads
-    /// write the rows' interiors only), fenced by barriers.
-    fn zero_strips(&mut self, cv: &ConvPlan, ls: usize, slots: &[u64]) -> R<()> {
+    /// Zeroes every strip slot once (the padding columns stay zero: loads write the rows'
+    /// interiors only) and a zero row of the strips' level, fenced by barriers; returns the
+    /// zero row's address.
+    fn zero_strips(&mut self, cv: &ConvPlan, ls: usize, slots: &[u64]) -> R<u64> {
         let v = self.vl as usize;
         let n = cv.strip_elems();
+        let zrow = self.level_alloc(ls, cv.wp())?;
+        let mut slots = slots.to_vec();
+        slots.push(zrow);
         self.emit(Instr::Barrier);
         if ls == v {
-            for &at in slots {
+            for &at in &slots {
                 let mk = self.mark();
                 let (d, nr) = (self.reg()?, self.reg()?);
                 self.li(d, at as i64)?;
-                self.li(nr, n as i64)?;
+                self.li(nr, if at == zrow { cv.wp() } else { n } as i64)?;
                 self.emit(Instr::VDup { d, n: nr, value: 0.0 });
                 self.reset(mk);
             }
@@ -865,7 +883,8 @@ impl Gen<'_> {
             self.emit(Instr::VDup { d, n: nr, value: 0.0 });
             self.reset(mk);
             self.emit(Instr::Barrier);
-            for &at in slots {
+            for &at in &slots {
+                let n = if at == zrow { cv.wp() } else { n };
                 let mut off = 0;
                 while off < n {
                     let len = zl.min(n - off);
@@ -876,7 +895,7 @@ impl Gen<'_> {
             self.ub.top = top;
         }
         self.emit(Instr::Barrier);
-        Ok(())
+        Ok(zrow)
     }
 
     /// The input rows of output rows `oh0..oh0 + rows` into the strip at `at` (rows in the
@@ -903,10 +922,8 @@ impl Gen<'_> {
     fn strip_columns(
         &mut self,
         cv: &ConvPlan,
-        ls: usize,
-        lb: usize,
-        strip: u64,
-        to: u64,
+        (ls, lb): (usize, usize),
+        (strip, zrow, to): (u64, u64, u64),
         oh0: u64,
         rows: u64,
         ci0: u64,
@@ -917,15 +934,27 @@ impl Gen<'_> {
         let (kh, kw, ow) = (g.kh as u64, g.kw as u64, g.ow as u64);
         let count = kl / (kh * kw);
         let (wp, plane) = (cv.wp(), cv.plane());
+        let inside = |s: u64| (0..g.h).contains(&(oh0 as i64 - g.pad_top + s as i64));
+        if rows == 1 && cv.rs() == kh && (0..kh).all(inside) {
+            // Channel c's strip rows are `wp` apart and `kh·wp` from channel c + 1: one run of
+            // `count · kh` bursts per tap column.
+            for kx in 0..kw {
+                let src = strip + ci0 * plane + kx;
+                self.copy2(lb, ls, to + kx * cols, src as i64, count * kh, ow, kw * cols, wp as i64)?;
+            }
+            return Ok(());
+        }
         for t in 0..rows {
             for ky in 0..kh {
                 let s = t + ky;
-                let ih = oh0 as i64 - g.pad_top + s as i64;
-                let row = if (0..g.h).contains(&ih) { s } else { cv.rs() };
                 for kx in 0..kw {
-                    let src = strip + ci0 * plane + row * wp + kx;
                     let dst = to + (ky * kw + kx) * cols + t * ow;
-                    self.copy2(lb, ls, dst, src as i64, count, ow, kh * kw * cols, plane as i64)?;
+                    if inside(s) {
+                        let src = strip + ci0 * plane + s * wp + kx;
+                        self.copy2(lb, ls, dst, src as i64, count, ow, kh * kw * cols, plane as i64)?;
+                    } else {
+                        self.copy2(lb, ls, dst, (zrow + kx) as i64, count, ow, kh * kw * cols, 0)?;
+                    }
                 }
             }
         }
