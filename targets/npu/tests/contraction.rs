@@ -4,7 +4,8 @@
 //!
 //! `cargo test --release -p kiln-npu --test contraction -- --nocapture` checks small shapes;
 //! `-- --ignored --nocapture` prints the figures of the shapes (MatMul 512×768·768×768,
-//! Gemm with bias at the same shape, a 64-channel 3×3 Conv on a 56×56 image).
+//! Gemm with bias at the same shape, 1024³ and the GPT-2 MLP's 512×768·768×3072 and
+//! 512×3072·3072×768, a 64-channel 3×3 Conv on a 56×56 image, a 1×1 256→64 Conv at 56×56).
 
 use kiln_ir::attr::{Attr, Attrs};
 use kiln_ir::ir::Module;
@@ -12,6 +13,7 @@ use kiln_ir::kernel::Kernel;
 use kiln_ir::tensor::Tensor;
 use kiln_ir::{DType, TensorType};
 use kiln_npu::eval::eval_kernel;
+use kiln_npu::isa::Pipe;
 use kiln_npu::{compile, simulate, NpuConfig, SimStats};
 use kiln_passes::lower::{lower_with, Schedule};
 
@@ -53,10 +55,21 @@ fn gemm_bias(m: usize, k: usize, n: usize) -> Module {
 }
 
 fn conv3x3(c: usize, hw: usize) -> Module {
+    conv(c, c, (hw, hw), 3, [1, 1, 1, 1], true)
+}
+
+/// A `k × k` Conv of `cin → cout` channels on an `h × w` image, `pads` [top, left, bottom,
+/// right], unit strides, with or without a bias.
+fn conv(cin: usize, cout: usize, (h, w): (usize, usize), k: usize, pads: [usize; 4], bias: bool) -> Module {
     let mut a = Attrs::new();
-    a.insert("kernel_shape".into(), Attr::Ints(vec![3, 3]));
-    a.insert("pads".into(), Attr::Ints(vec![1, 1, 1, 1]));
-    one_op("Conv", &[vec![1, c, hw, hw], vec![c, c, 3, 3], vec![c]], &[1, c, hw, hw], a)
+    a.insert("kernel_shape".into(), Attr::Ints(vec![k as i64, k as i64]));
+    a.insert("pads".into(), Attr::Ints(pads.iter().map(|&p| p as i64).collect()));
+    let (oh, ow) = (h + pads[0] + pads[2] + 1 - k, w + pads[1] + pads[3] + 1 - k);
+    let mut ins = vec![vec![1, cin, h, w], vec![cout, cin, k, k]];
+    if bias {
+        ins.push(vec![cout]);
+    }
+    one_op("Conv", &ins, &[1, cout, oh, ow], a)
 }
 
 struct Figures {
@@ -119,18 +132,21 @@ fn line(name: &str, preset: &str, f: &Figures) -> String {
     )
 }
 
-fn table(cases: &[(String, Module)]) {
+fn table(cases: &[(String, Module)]) -> Vec<(String, &'static str, Figures)> {
     let verbose = std::env::var("KILN_NPU_KERNELS").is_ok();
     let mut out = Vec::new();
+    let mut all = Vec::new();
     for (name, m) in cases {
         for preset in ["davinci", "mlu"] {
             let f = run(m, preset, verbose);
             let l = line(name, preset, &f);
             eprintln!("{l}");
             out.push(l);
+            all.push((name.clone(), preset, f));
         }
     }
     eprintln!("\n{}", out.join("\n"));
+    all
 }
 
 #[test]
@@ -142,6 +158,37 @@ fn contractions_are_exact() {
     ]);
 }
 
+/// Convs on the matrix unit (the implicit GEMM and, for 1×1, the plain one): padding on
+/// every side and on some, none, odd sizes, channel counts off the unit's tile (tails), long
+/// reductions cut into chunks; each checked against the evaluator and the interpreter, and
+/// the matrix pipe must have done the work without the im2col columns ever reaching global
+/// memory.
+#[test]
+fn convs_run_on_the_matrix_unit() {
+    // (name, module, K = cin·k·k, output pixels)
+    let cases: Vec<(String, Module, u64, u64)> = vec![
+        ("3x3 5->20 7x9 pad 1".into(), conv(5, 20, (7, 9), 3, [1, 1, 1, 1], true), 45, 63),
+        ("5x5 3->16 11x13 pad 2".into(), conv(3, 16, (11, 13), 5, [2, 2, 2, 2], true), 75, 143),
+        ("3x3 8->24 9x9 no pad".into(), conv(8, 24, (9, 9), 3, [0, 0, 0, 0], false), 72, 49),
+        ("3x3 6->17 8x7 pads 0,1,1,0".into(), conv(6, 17, (8, 7), 3, [0, 1, 1, 0], true), 54, 56),
+        ("3x3 96->33 6x5 pad 1".into(), conv(96, 33, (6, 5), 3, [1, 1, 1, 1], true), 864, 30),
+        ("1x1 40->48 9x9".into(), conv(40, 48, (9, 9), 1, [0, 0, 0, 0], true), 40, 81),
+    ];
+    let named: Vec<(String, Module)> = cases.iter().map(|(n, m, ..)| (format!("Conv {n}"), m.clone())).collect();
+    let figures = table(&named);
+    for ((name, preset, f), (_, _, k, pixels)) in figures.iter().zip(cases.iter().flat_map(|c| [c, c])) {
+        let s = &f.stats;
+        assert!(s.pipe(Pipe::M).busy_cycles > 0 && s.matrix_utilization > 0.0, "{name} {preset}: no matrix work");
+        if !name.contains("1x1") {
+            // The columns (K × pixels, f32) are never stored to global memory (the stores are
+            // the output's: its init and the result).
+            let v = NpuConfig::preset(preset).unwrap().vector.level;
+            let stored = s.bytes.get(&format!("{v}->GM")).copied().unwrap_or(0);
+            assert!(stored < 4 * k * pixels, "{name} {preset}: {stored} bytes stored to global memory");
+        }
+    }
+}
+
 /// The shapes (slow in debug builds: run with `--release`).
 #[test]
 #[ignore]
@@ -149,6 +196,10 @@ fn contraction_figures() {
     table(&[
         ("MatMul 512x768.768x768".into(), matmul(512, 768, 768)),
         ("Gemm+bias 512x768.768x768".into(), gemm_bias(512, 768, 768)),
+        ("MatMul 1024x1024.1024x1024".into(), matmul(1024, 1024, 1024)),
+        ("MatMul 512x768.768x3072".into(), matmul(512, 768, 3072)),
+        ("MatMul 512x3072.3072x768".into(), matmul(512, 3072, 768)),
         ("Conv 3x3 64->64 56x56".into(), conv3x3(64, 56)),
+        ("Conv 1x1 256->64 56x56".into(), conv(256, 64, (56, 56), 1, [0, 0, 0, 0], true)),
     ]);
 }
