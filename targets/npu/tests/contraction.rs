@@ -108,9 +108,12 @@ fn run(m: &Module, preset: &str, verbose: bool) -> Figures {
     let stats = simulate(&p, &cfg, &mut bufs).unwrap_or_else(|e| panic!("{preset}: {e}"));
     let out = kernel.inputs;
     let r = reference[0].as_f32().unwrap();
+    // Sums in another order differ by rounding relative to the terms' size, not the result's
+    // (a long reduction's small result): a part in 10⁵ of the largest output too.
+    let scale = r.iter().fold(0f32, |x, y| x.max(y.abs()));
     for (i, ((&a, &b), &c)) in bufs[out].iter().zip(&want[out]).zip(r).enumerate() {
         for (what, b) in [("evaluator", b), ("interpreter", c)] {
-            let tol = 1e-4 + 1e-4 * b.abs();
+            let tol = 1e-4 + 1e-4 * b.abs() + 1e-5 * scale;
             assert!(a == b || (a - b).abs() <= tol, "{preset} {}: out[{i}] = {a}, the {what} says {b}", m.name);
         }
     }
