@@ -7,11 +7,17 @@
 //! B) is loaded once into the first level of its route (DaVinci L1, MLU NRAM/WRAM) and serves
 //! every block of the other, **streamed** operand, whose chunks go by in a ring of slots.
 //! Each chunk moves on to the matrix unit's level when that is another one (DaVinci: L1 → L0A
-//! / L0B), and `mmad` accumulates all of K into the accumulator level (L0C) — in reduction
-//! order, so the sum is the evaluator's sequential one bit for bit. Per block, V adds the
+//! / L0B), and `mmad` accumulates all of K into the accumulator level (L0C) in reduction
+//! order. A long K is cut into slices, each a blocked GEMM of its own that adds into `C` (the
+//! resident panel of all of K would be too thin to be reused; the search weighs that against
+//! reading and writing `C` once per slice). Per block, V adds the
 //! accumulator into `C`'s tile (brought in by MTE2) and MTE3 writes it back. Every buffer is a
 //! ring with counting flags between its pipes: MTE2 loads the next chunks (and the next
 //! resident panel) while M multiplies, V adds and MTE3 stores the previous block.
+//!
+//! A Conv that `kiln-passes` lowered to im2col columns and a whole GEMM ([`Im2col`]) is the
+//! same GEMM with `B` formed on chip (an implicit GEMM, see `ConvPlan`): the columns are never
+//! stored.
 //!
 //! The code is straight-line (the sizes are known): no loop control on the scalar unit. The
 //! block sizes come from a small search over the machine description: the candidate whose
@@ -62,6 +68,9 @@ struct Blocking {
 struct GemmPlan {
     route: Route,
     blk: Blocking,
+    /// The reduction in slices of this many values, one blocked GEMM each (the later ones
+    /// add into `C`): a long K would leave the resident panel too thin to be reused.
+    ks: u64,
     /// An implicit-GEMM Conv: `B` formed on chip from input strips (`b` unused).
     conv: Option<ConvPlan>,
     mnk: (u64, u64, u64),
@@ -208,12 +217,12 @@ impl Gen<'_> {
             return None;
         }
         let route = Route { ah, al, bh, bl, lc };
-        let blk = self.gemm_blocking(&route, rows as u64, cols as u64, kk as u64)?;
+        let (ks, blk) = self.gemm_slices(&route, rows as u64, cols as u64, kk as u64)?;
         let gm = (self.gm[*abuf] as i64, self.gm[m.b.0] as i64, self.gm[m.c.0] as i64);
         let a = Affine2 { base: a.base + gm.0, ..a };
         let b = Affine2 { base: b.base + gm.1, ..b };
         let c = Affine2 { base: c.base + gm.2, ..c };
-        Some(GemmPlan { route, blk, conv: None, mnk: (rows as u64, cols as u64, kk as u64), a, b, c })
+        Some(GemmPlan { route, blk, ks, conv: None, mnk: (rows as u64, cols as u64, kk as u64), a, b, c })
     }
 
     /// Emits a planned GEMM (`init_row`: the vector-level address of the row every row of `C`
@@ -221,7 +230,27 @@ impl Gen<'_> {
     fn gemm_run(&mut self, p: &GemmPlan, init_row: Option<u64>) -> R<Option<()>> {
         let snap = self.snapshot();
         let lv = self.lvl.clone();
-        match self.gemm_emit(&p.route, p.blk, p.mnk, p.a, p.b, p.c, init_row, p.conv.as_ref()) {
+        let (m, n, k) = p.mnk;
+        let ks = p.ks.clamp(1, k.max(1));
+        let r = (|| -> R<()> {
+            for k0 in (0..k).step_by(ks as usize) {
+                let (top, lv) = (self.ub.top, self.lvl.clone());
+                // Slice k0.. of A's columns and B's rows; after the first, C holds the sum so far.
+                let a = Affine2 { base: p.a.base + k0 as i64 * p.a.inner, ..p.a };
+                let b = Affine2 { base: p.b.base + k0 as i64 * p.b.outer, ..p.b };
+                let init = if k0 == 0 { init_row } else { None };
+                let mnk = (m, n, ks.min(k - k0));
+                self.gemm_emit(&p.route, p.blk, mnk, a, b, p.c, init, p.conv.as_ref())?;
+                if k0 + ks < k {
+                    self.emit(Instr::Barrier);
+                }
+                self.free_flags();
+                self.ub.top = top;
+                self.lvl = lv;
+            }
+            Ok(())
+        })();
+        match r {
             Ok(()) => {
                 self.free_flags();
                 self.lvl = lv;
@@ -242,6 +271,28 @@ impl Gen<'_> {
         let g = crate::sim::DMA_GRANULE_BYTES;
         let bytes = n * (len * 4).next_multiple_of(g);
         p.latency_cycles as f64 + bytes as f64 / p.bytes_per_cycle
+    }
+
+    /// The reduction slice and the blocking with the least estimated load of the busiest pipe
+    /// over all slices (all of K, or slices of whole chunks of the unit's `k`).
+    fn gemm_slices(&self, r: &Route, m: u64, n: u64, k: u64) -> Option<(u64, Blocking)> {
+        let tk = self.cfg.matrix.as_ref()?.k as u64;
+        let mut best: Option<(f64, u64, Blocking)> = None;
+        for parts in [1, 2, 3, 4, 6, 8] {
+            let ks = k.div_ceil(parts).next_multiple_of(tk).min(k);
+            if parts > 1 && ks >= k {
+                continue;
+            }
+            let Some(blk) = self.gemm_blocking(r, m, n, ks) else { continue };
+            // Each slice ends in a barrier (the pipes drain, the next slice's loads start cold):
+            // a tenth more than its estimate.
+            let drain = if parts > 1 { 1.1 } else { 1.0 };
+            let cost = drain * k.div_ceil(ks) as f64 * self.gemm_cost(r, &blk, m, n, ks);
+            if best.as_ref().is_none_or(|(c, ..)| cost < *c) {
+                best = Some((cost, ks, blk));
+            }
+        }
+        best.map(|(_, ks, b)| (ks, b))
     }
 
     /// The best blocking that fits, by the estimated load of the busiest pipe.
@@ -759,7 +810,7 @@ impl Gen<'_> {
         let Some((blk, cv)) = self.conv_blocking(&route, &g, x, m_) else { return Ok(None) };
         let a = Affine2 { base: self.gm[wbuf] as i64, outer: k_ as i64, inner: 1 };
         let c = Affine2 { base: self.gm[ybuf] as i64, outer: n_ as i64, inner: 1 };
-        let p = GemmPlan { route, blk, conv: Some(cv), mnk: (m_, n_, k_), a, b: a, c };
+        let p = GemmPlan { route, blk, ks: k_, conv: Some(cv), mnk: (m_, n_, k_), a, b: a, c };
         self.gemm_run(&p, None)
     }
 
