@@ -729,9 +729,17 @@ impl<'p, 'm> Builder<'p, 'm> {
         }
         let acc = self.acc;
         let lanes = self.lw.sched.lanes;
-        let mut body = vec![for_(1, c(cout), false, self.conv_init(g, 2, &c(0), Idx::Var(1))?)];
+        let mut body = Vec::new();
         let mut locals = Vec::new();
         if pointwise {
+            // Init over (channel, flat pixel), the form a GEMM's init has: the code generator
+            // adds a per-channel bias to the accumulators instead of reading it back.
+            let value = match g.bias {
+                Some(bv) => self.lw.value(bv, &[Idx::Var(1)])?,
+                None => Val::Const(0.0),
+            };
+            let store = Stmt::Store { buf: acc, index: vec![c(0), Idx::Var(1), c(0), Idx::Var(2)], value };
+            body.push(for_(1, c(cout), false, vec![for_(2, c(oh * ow), false, vec![store])]));
             const ROW: usize = 63;
             body.push(Stmt::Mma(Box::new(Mma {
                 rows: cout as usize,
@@ -746,6 +754,7 @@ impl<'p, 'm> Builder<'p, 'm> {
                 c_col: c(1),
             })));
         } else {
+            body.push(for_(1, c(cout), false, self.conv_init(g, 2, &c(0), Idx::Var(1))?));
             let im = Im2col {
                 x: xb,
                 col: self.p.buffers.len(),

@@ -50,6 +50,14 @@ struct Ring {
     uses: u64,
 }
 
+/// Where `C` starts from instead of itself: the init's row 0 (`per_row`: its column 0, one
+/// value per row) at `at` in the vector level.
+#[derive(Clone, Copy, Debug)]
+struct Init {
+    at: u64,
+    per_row: bool,
+}
+
 /// Block sizes.
 #[derive(Clone, Copy, Debug, PartialEq)]
 struct Blocking {
@@ -101,15 +109,18 @@ impl Gen<'_> {
     }
 
     /// Compiles `init; mma` (what [`Schedule::whole_matmul`] lowers to: `C` set to a value
-    /// that does not depend on the row, e.g. zero or a bias, then the GEMM into `C`) without
-    /// reading `C` back: row 0 of the init is stored, brought into the vector level once, and V
-    /// adds it to every row of each accumulator block. `None` when the pair has another form.
+    /// that does not depend on the row, e.g. zero or a bias, or only on the row, a Conv's
+    /// per-channel bias, then the GEMM into `C`) without reading `C` back: row 0 (column 0) of
+    /// the init is stored, brought into the vector level once, and V adds it to every row of
+    /// each accumulator block. `None` when the pair has another form.
     pub(crate) fn try_gemm_with_init(&mut self, init: &Stmt, mma: &Stmt) -> R<Option<()>> {
         let Stmt::Mma(m) = mma else { return Ok(None) };
         let Stmt::For { var: rv, extent: Idx::Const(er), body, .. } = init else { return Ok(None) };
         let [Stmt::For { var: jv, extent: Idx::Const(ej), body, .. }] = body.as_slice() else { return Ok(None) };
         let [Stmt::Store { buf, index, value }] = body.as_slice() else { return Ok(None) };
-        if *buf != m.c.0 || val_uses(value, *rv) || val_loads(value, *buf) {
+        // A value per row (a Conv's per-channel bias) instead of per column.
+        let per_row = val_uses(value, *rv);
+        if *buf != m.c.0 || (per_row && val_uses(value, *jv)) || val_loads(value, *buf) {
             return Ok(None);
         }
         let Some(p) = self.gemm_plan(m) else { return Ok(None) };
@@ -131,17 +142,38 @@ impl Gen<'_> {
         }
         let snap = self.snapshot();
         let lv = self.lvl.clone();
-        // Row 0 of the init, then that row into the vector level.
+        // Per row: the value must be a contiguous run of a kernel buffer (a bias), loaded as is.
+        let bias = match value {
+            Val::Load { buf: b, index: bi } if per_row && *b < self.nparams() => {
+                let l = affine::flat(bi, &self.shapes[*b], &ranges);
+                let only_row = l.vars.iter().all(|x| x.0 == *rv);
+                (l.atoms.is_empty() && only_row && l.coef(*rv) == 1).then(|| self.gm[*b] as i64 + l.c)
+            }
+            _ => None,
+        };
+        if per_row && bias.is_none() {
+            return Ok(None);
+        }
+        // Row 0 of the init, then that row into the vector level (per row: the bias's run).
         let row0 = Stmt::For { var: *rv, extent: Idx::Const(1), parallel: false, body: vec![init_body(init)] };
         let top = self.ub.top;
         let r = (|| -> R<Option<()>> {
+            let v = self.vl as usize;
+            if let Some(src) = bias {
+                let at = self.ub_alloc(p.mnk.0)?;
+                self.copy2(v, 0, at, src, 1, p.mnk.0, p.mnk.0, p.mnk.0 as i64)?;
+                self.emit(Instr::Barrier);
+                return self.gemm_run(&p, Some(Init { at, per_row: true }));
+            }
             self.stmt(&row0)?;
             self.emit(Instr::Barrier);
-            let at = self.ub_alloc(p.mnk.1)?;
-            let v = self.vl as usize;
-            self.copy2(v, 0, at, p.c.base, 1, p.mnk.1, p.mnk.1, p.mnk.1 as i64)?;
+            let at = {
+                let at = self.ub_alloc(p.mnk.1)?;
+                self.copy2(v, 0, at, p.c.base, 1, p.mnk.1, p.mnk.1, p.mnk.1 as i64)?;
+                at
+            };
             self.emit(Instr::Barrier);
-            self.gemm_run(&p, Some(at))
+            self.gemm_run(&p, Some(Init { at, per_row }))
         })();
         match r {
             Ok(Some(())) => {
@@ -227,7 +259,7 @@ impl Gen<'_> {
 
     /// Emits a planned GEMM (`init_row`: the vector-level address of the row every row of `C`
     /// starts from, instead of `C` itself); `None` (nothing emitted) when it does not fit.
-    fn gemm_run(&mut self, p: &GemmPlan, init_row: Option<u64>) -> R<Option<()>> {
+    fn gemm_run(&mut self, p: &GemmPlan, init_row: Option<Init>) -> R<Option<()>> {
         let snap = self.snapshot();
         let lv = self.lvl.clone();
         let (m, n, k) = p.mnk;
@@ -480,7 +512,7 @@ impl Gen<'_> {
         a: Affine2,
         b: Affine2,
         c: Affine2,
-        init_row: Option<u64>,
+        init_row: Option<Init>,
         conv: Option<&ConvPlan>,
     ) -> R<()> {
         let (m, n, k) = mnk;
@@ -688,7 +720,30 @@ impl Gen<'_> {
                         self.reset(mk);
                         ct_at
                     }
-                    Some(row) => {
+                    Some(Init { at: col, per_row: true }) => {
+                        // Every row: the accumulator's row plus the row's init value.
+                        let at = self.ring_acquire(&mut ct);
+                        for q in 0..rows {
+                            let mk = self.mark();
+                            let (d, x, y) = (self.reg()?, self.reg()?, self.reg()?);
+                            self.li(d, (at + q * cols) as i64)?;
+                            self.li(x, (sum_at + q * cols) as i64)?;
+                            self.li(y, (col + r0 + q) as i64)?;
+                            let nr = self.konst(cols as i64)?;
+                            self.emit(Instr::VBin {
+                                op: VBinOp::Add,
+                                d,
+                                a: x,
+                                b: y,
+                                n: nr,
+                                a_scalar: false,
+                                b_scalar: true,
+                            });
+                            self.reset(mk);
+                        }
+                        at
+                    }
+                    Some(Init { at: row, .. }) => {
                         // Every row: the init row's columns plus the accumulator's row.
                         let at = self.ring_acquire(&mut ct);
                         for q in 0..rows {
