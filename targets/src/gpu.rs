@@ -270,7 +270,7 @@ fn fix_ir(ir: &str, arch: &GpuArch) -> Result<String, TargetError> {
         if arch.family == Family::Rocm && trimmed.starts_with('%') && trimmed.contains(" = alloca ") {
             let indent = &line[..line.len() - trimmed.len()];
             let (name, rest) = trimmed.split_once(" = alloca ").expect("checked above");
-            let private = format!("{name}.private");
+            let private = format!("%kiln_private_{}", name.trim_start_matches('%'));
             let _ = std::fmt::Write::write_fmt(
                 &mut out,
                 format_args!(

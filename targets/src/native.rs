@@ -1102,6 +1102,49 @@ impl JitBackend {
     }
 }
 
+impl JitBackend {
+    /// Runs function `function` for `launch` once per `(lo, hi)` range of its shared parallel
+    /// loop, one call after another, into outputs first filled with NaN (elements no call
+    /// stores stay NaN): a GPU launch's threads emulated on the host, each thread's range as
+    /// its `gpu.func` computes it ([`to_gpu_func`]).
+    pub fn launch_ranges(
+        &self,
+        function: usize,
+        l: &Launch,
+        ranges: &mut dyn Iterator<Item = (i64, i64)>,
+    ) -> Result<Vec<Tensor>, TargetError> {
+        let k = l.kernel;
+        let entry = *self
+            .entries
+            .get(function)
+            .ok_or_else(|| TargetError::Codegen(format!("kernel {}: no function {function} (a kiln bug)", k.name)))?;
+        let mut outs: Vec<Vec<f32>> = l.outputs.iter().map(|shape| vec![f32::NAN; shape.iter().product()]).collect();
+        let mut args: Vec<MemRef> = l
+            .inputs
+            .iter()
+            .map(|t| match &t.data {
+                Data::F32(d) => Ok(MemRef::new(d.as_ptr(), d.len(), &t.shape)),
+                Data::Bool(d) => Ok(MemRef::new(d.as_ptr().cast(), d.len(), &t.shape)),
+                _ => Err(TargetError::Codegen(format!("kernel {}: a {} buffer", k.name, t.dtype()))),
+            })
+            .collect::<Result<_, _>>()?;
+        for (o, s) in outs.iter_mut().zip(&l.outputs) {
+            args.push(MemRef::of(o, s));
+        }
+        let mut ptrs: Vec<*mut i64> = args.iter_mut().map(MemRef::as_mut_ptr).collect();
+        for (mut lo, mut hi) in ranges {
+            let mut packed: Vec<*mut ()> = ptrs.iter_mut().map(|p| p as *mut *mut i64 as *mut ()).collect();
+            packed.push(&mut lo as *mut i64 as *mut ());
+            packed.push(&mut hi as *mut i64 as *mut ());
+            // SAFETY: as in `launch`: the function was generated from this kernel (one memref
+            // per buffer, then the range); a range past the loop's extent runs no iteration.
+            unsafe { (entry.0)(packed.as_mut_ptr()) };
+        }
+        drop(args);
+        Ok(outs.into_iter().zip(&l.outputs).map(|(o, s)| Tensor::from_f32(s, o)).collect())
+    }
+}
+
 impl Backend for JitBackend {
     fn launch(&self, function: usize, l: &Launch) -> Result<Vec<Tensor>, TargetError> {
         let k = l.kernel;
@@ -1252,6 +1295,17 @@ impl NativeKernel {
     /// symbolic dims.
     pub fn run(&self, operands: &[&Tensor]) -> Result<Vec<Tensor>, TargetError> {
         self.backend.launch(0, &Launch::new(&self.kernel, operands, self.heavy)?)
+    }
+
+    /// [`NativeKernel::run`] as a GPU launch of `threads` threads would run it, emulated on the
+    /// host: thread `t` runs the shared parallel loop's range `t..min(t + 1, extent)` (none
+    /// past the extent), one thread after another ([`JitBackend::launch_ranges`]). Returns
+    /// the outputs and the loop's extent.
+    pub fn run_as_gpu(&self, operands: &[&Tensor], threads: u64) -> Result<(Vec<Tensor>, i64), TargetError> {
+        let l = Launch::new(&self.kernel, operands, self.heavy)?;
+        let extent = l.extent;
+        let mut ranges = (0..threads as i64).map(|t| (t, (t + 1).min(extent)));
+        Ok((self.backend.launch_ranges(0, &l, &mut ranges)?, extent))
     }
 }
 
