@@ -444,7 +444,7 @@ pub fn launch_of(k: &Kernel, arch: &GpuArch, function: &str, file: &str, object:
                 .shape
                 .iter()
                 .map(|d| match d {
-                    Dim::Known(n) => Some(*n as u64),
+                    Dim::Known(n) => Some(*n),
                     Dim::Sym(_) => None,
                 })
                 .product();
