@@ -73,6 +73,16 @@ pub struct CudaKernels {
     functions: Vec<*mut c_void>,
 }
 
+/// A symbol's address as the function pointer type `F`.
+///
+/// # Safety
+/// `F` must be a function pointer type with the symbol's C signature.
+unsafe fn cast<F: Copy>(p: *mut c_void) -> F {
+    assert_eq!(std::mem::size_of::<F>(), std::mem::size_of::<*mut c_void>());
+    // SAFETY: same size (checked); the caller vouches for the signature.
+    unsafe { std::mem::transmute_copy(&p) }
+}
+
 fn err(msg: impl Into<String>) -> Error {
     Error(msg.into())
 }
@@ -154,22 +164,21 @@ impl CudaKernels {
         // SAFETY: each symbol is the driver API function of that name, whose C signature the
         // field's type spells (CUDA driver API, `_v2` entry points for 64-bit pointers).
         let api = unsafe {
-            use std::mem::transmute as t;
             Api {
-                init: t(sym("cuInit")?),
-                device_get: t(sym("cuDeviceGet")?),
-                ctx_create: t(sym("cuCtxCreate_v2")?),
-                ctx_destroy: t(sym("cuCtxDestroy_v2")?),
-                ctx_set_limit: t(sym("cuCtxSetLimit")?),
-                ctx_synchronize: t(sym("cuCtxSynchronize")?),
-                module_load_data: t(sym("cuModuleLoadData")?),
-                module_get_function: t(sym("cuModuleGetFunction")?),
-                mem_alloc: t(sym("cuMemAlloc_v2")?),
-                mem_free: t(sym("cuMemFree_v2")?),
-                htod: t(sym("cuMemcpyHtoD_v2")?),
-                dtoh: t(sym("cuMemcpyDtoH_v2")?),
-                launch: t(sym("cuLaunchKernel")?),
-                error_string: t(sym("cuGetErrorString")?),
+                init: cast(sym("cuInit")?),
+                device_get: cast(sym("cuDeviceGet")?),
+                ctx_create: cast(sym("cuCtxCreate_v2")?),
+                ctx_destroy: cast(sym("cuCtxDestroy_v2")?),
+                ctx_set_limit: cast(sym("cuCtxSetLimit")?),
+                ctx_synchronize: cast(sym("cuCtxSynchronize")?),
+                module_load_data: cast(sym("cuModuleLoadData")?),
+                module_get_function: cast(sym("cuModuleGetFunction")?),
+                mem_alloc: cast(sym("cuMemAlloc_v2")?),
+                mem_free: cast(sym("cuMemFree_v2")?),
+                htod: cast(sym("cuMemcpyHtoD_v2")?),
+                dtoh: cast(sym("cuMemcpyDtoH_v2")?),
+                launch: cast(sym("cuLaunchKernel")?),
+                error_string: cast(sym("cuGetErrorString")?),
             }
         };
         let mut me = CudaKernels { api, handle, ctx: std::ptr::null_mut(), kernels, functions: Vec::new() };
