@@ -591,9 +591,11 @@ fn compile(
                 text.push_str(&c.target_assembly().unwrap_or_default());
                 text
             }
-            "llvm" | "asm" | "mlir" if kiln_targets::lookup_gpu(target, &opts.target).is_some() => {
+            "llvm" | "asm" | "mlir" | "kernel" if kiln_targets::lookup_gpu(target, &opts.target).is_some() => {
                 let gpu = kiln_targets::lookup_gpu(target, &opts.target).expect("checked by the guard");
-                if stage == "mlir" {
+                if stage == "kernel" {
+                    kiln_targets::gpu::kernel_text(c.module(), &opts.target.tuned)
+                } else if stage == "mlir" {
                     kiln_targets::gpu::gpu_mlir(c.module(), &gpu.arch, &opts.target.tuned)
                 } else {
                     let program = gpu.compile(c.module())?;

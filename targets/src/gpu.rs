@@ -550,12 +550,22 @@ pub fn compile_model(m: &Module, arch: &GpuArch, tuned: &crate::Tuned) -> Result
 /// The `gpu.func` kernels of `m`'s kernels for `arch` (what `kiln compile --emit mlir`
 /// prints for cuda and rocm), a comment for each host kernel.
 pub fn gpu_mlir(m: &Module, arch: &GpuArch, tuned: &crate::Tuned) -> String {
+    stage_text(m, tuned, |k| native::to_gpu_func(k, mlir_options(arch)))
+}
+
+/// `m`'s kernels in the kernel dialect as the GPU schedule lowers them (`kiln compile --emit
+/// kernel` for cuda and rocm), a comment for each host kernel.
+pub fn kernel_text(m: &Module, tuned: &crate::Tuned) -> String {
+    stage_text(m, tuned, |k| k.to_string())
+}
+
+fn stage_text(m: &Module, tuned: &crate::Tuned, show: impl Fn(&Kernel) -> String) -> String {
     let schedules = Schedules { default: schedule(), tuned: tuned.clone() };
     let mut text = String::new();
     for (o, name) in native::launched_kernels(m) {
         let op = m.op(o);
         match kiln_passes::lower::lower_with(m, o, &name, &schedules.for_op(m, o)) {
-            Ok(k) => text.push_str(&native::to_gpu_func(&k, mlir_options(arch))),
+            Ok(k) => text.push_str(&show(&k)),
             Err(why) => text.push_str(&format!(
                 "// {name} (node '{}', {}): runs on the host: {why}\n",
                 op.node_name(),
