@@ -335,6 +335,30 @@ fn gpu_ptx_assembles_with_ptxas() {
     assert!(with_kernels > 300, "only {with_kernels} node tests have GPU kernels");
 }
 
+/// Every ONNX node test's kernels that lower natively compile for gfx90a (LLVM's AMDGPU back
+/// end, verified before and after -O3) into AMDGPU ELF objects.
+#[test]
+fn gpu_node_test_kernels_assemble_for_gfx90a() {
+    let cases_dir = data_dir().join("node");
+    assert!(cases_dir.is_dir(), "{}: no node tests (run scripts/setup.sh)", cases_dir.display());
+    let arch = GpuArch::new(Family::Rocm, Some("gfx90a")).unwrap();
+    let (mut with_kernels, mut objects) = (0, 0);
+    for case in kiln_onnx::testcase::list_cases(&cases_dir) {
+        let Ok(m) = kiln::load_model(&case.dir.join("model.onnx")) else { continue };
+        let Ok(c) = kiln::compile_with(m, "rocm", &kiln::Options::default()) else { continue };
+        let p = gpu::compile_model(c.module(), &arch, &Default::default())
+            .unwrap_or_else(|e| panic!("{}: {e}", case.dir.display()));
+        with_kernels += usize::from(!p.functions.is_empty());
+        for (f, code) in &p.functions {
+            let o = code.object.as_ref().expect("an object");
+            assert!(o.starts_with(b"\x7fELF") && u16::from_le_bytes([o[18], o[19]]) == 224, "{} {f}", case.name);
+            objects += 1;
+        }
+    }
+    println!("gfx90a: {objects} AMDGPU objects from {with_kernels} node tests with GPU kernels");
+    assert!(with_kernels > 300, "only {with_kernels} node tests have GPU kernels");
+}
+
 /// `kiln compile --target cuda|rocm -o DIR` writes each kernel's code and manifest.json;
 /// `--emit asm` prints them; `--gpu-arch` picks the chip and refuses unknown ones.
 #[test]
