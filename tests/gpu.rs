@@ -192,7 +192,7 @@ fn run_as_gpu(m: &Module, inputs: Vec<Tensor>) -> (Vec<Tensor>, usize, u64) {
     let mut launches: HashMap<kiln_ir::ir::OpId, (Rc<NativeKernel>, u64)> = HashMap::new();
     let mut compiled: HashMap<String, Rc<NativeKernel>> = HashMap::new();
     for (o, name) in kiln_targets::native::launched_kernels(m) {
-        let Ok(k) = kiln_passes::lower::lower_with(m, o, &name, &schedule) else { continue };
+        let Ok(k) = gpu::lower(m, o, &name, &schedule) else { continue };
         let launch = gpu::launch_of(&k, &arch, &name, "", None);
         let grid = launch.grid.expect("known shapes");
         let threads = grid[0] * grid[1] * grid[2] * launch.block[0];

@@ -18,7 +18,7 @@
 use crate::descriptions::Described;
 use crate::native::{self, MlirOptions};
 use crate::{HostKernel, Target, TargetError};
-use kiln_ir::kernel::{Idx, Kernel};
+use kiln_ir::kernel::{Idx, Kernel, Stmt, Val};
 use kiln_ir::machine::MachineDescription;
 use kiln_ir::{DType, Dim, Module, Tensor};
 use kiln_passes::lower::{Schedule, Schedules};
@@ -156,6 +156,113 @@ pub fn schedule() -> Schedule {
     s.store_row_terms = true;
     s.whole_matmul = false;
     s
+}
+
+/// Lowers kernel op `o` of `m` for a GPU: [`kiln_passes::lower::lower_with`] with `schedule`,
+/// then [`flatten`].
+pub fn lower(m: &Module, o: kiln_ir::ir::OpId, name: &str, schedule: &Schedule) -> Result<Kernel, String> {
+    kiln_passes::lower::lower_with(m, o, name, schedule).map(flatten)
+}
+
+/// More threads for a GPU: the sequential loops directly inside the kernel's shared parallel
+/// loop are merged into it (`parallel i in 0..A { for j in 0..B { S } }` becomes `parallel f in
+/// 0..A·B { S[i := f / B, j := f % B] }`) while that is sound: the inner loop is the parallel
+/// loop's whole body, its extent depends on no loop, and its iterations are independent: its
+/// body only stores into output buffers, every store's index has the inner variable alone on
+/// some axis (different iterations, different elements), no register tile, and no load of an
+/// output buffer (nothing read that an iteration writes). A MaxPool over channels then has a
+/// thread per output element instead of one per channel. The result is a kernel like any
+/// other (the cpu path compiles it too, which is how the host emulation checks it).
+pub fn flatten(mut k: Kernel) -> Kernel {
+    let (inputs, buffers) = (k.inputs, k.buffers.len());
+    flatten_chain(&mut k.body, inputs, buffers);
+    k
+}
+
+fn flatten_chain(body: &mut [Stmt], inputs: usize, buffers: usize) {
+    let [only] = body else { return };
+    match only {
+        Stmt::For { parallel: true, var, extent, body } => {
+            while let [Stmt::For { var: inner, extent: inner_extent, body: inner_body, .. }] = body.as_slice() {
+                if has_var(inner_extent) || !independent(inner_body, *inner, inputs, buffers) {
+                    break;
+                }
+                // A variable no lowering uses, for the merged loop while substituting.
+                const MERGED: usize = 1 << 20;
+                let (outer, inner, e2) = (*var, *inner, inner_extent.clone());
+                let by_outer = Idx::Div(Box::new(Idx::Var(MERGED)), Box::new(e2.clone()));
+                let by_inner = Idx::Rem(Box::new(Idx::Var(MERGED)), Box::new(e2.clone()));
+                let merged: Vec<Stmt> = inner_body
+                    .iter()
+                    .map(|s| subst(&subst(&subst(s, outer, &by_outer), inner, &by_inner), MERGED, &Idx::Var(outer)))
+                    .collect();
+                *extent = Idx::Mul(Box::new(extent.clone()), Box::new(e2)).simplify();
+                *body = merged;
+            }
+        }
+        Stmt::For { parallel: false, body, .. } => flatten_chain(body, inputs, buffers),
+        _ => {}
+    }
+}
+
+fn has_var(i: &Idx) -> bool {
+    match i {
+        Idx::Var(_) => true,
+        Idx::Const(_) | Idx::Dim { .. } => false,
+        Idx::Add(a, b)
+        | Idx::Sub(a, b)
+        | Idx::Mul(a, b)
+        | Idx::Div(a, b)
+        | Idx::Rem(a, b)
+        | Idx::ZeroIfOne(a, b)
+        | Idx::Min(a, b)
+        | Idx::Max(a, b) => has_var(a) || has_var(b),
+    }
+}
+
+/// Whether iterations of loop `var` over `body` are independent (see [`flatten`]).
+fn independent(body: &[Stmt], var: usize, inputs: usize, buffers: usize) -> bool {
+    body.iter().all(|s| match s {
+        Stmt::For { body, .. } => independent(body, var, inputs, buffers),
+        Stmt::Let { value, .. } => reads_inputs_only(value, inputs),
+        Stmt::Store { buf, index, value } => {
+            (inputs..buffers).contains(buf) && index.contains(&Idx::Var(var)) && reads_inputs_only(value, inputs)
+        }
+        Stmt::Mma(_) => false,
+    })
+}
+
+fn reads_inputs_only(v: &Val, inputs: usize) -> bool {
+    let r = |x: &Val| reads_inputs_only(x, inputs);
+    match v {
+        Val::Const(_) | Val::Scalar(_) | Val::FromIdx(_) => true,
+        Val::Load { buf, .. } => *buf < inputs,
+        Val::Un(_, x) => r(x),
+        Val::Bin(_, a, b) => r(a) && r(b),
+        Val::Reduce { body, .. } => r(body),
+        Val::IfLess { then, other, .. } | Val::Select { then, other, .. } => r(then) && r(other),
+        Val::Where { cond, then, other } => r(cond) && r(then) && r(other),
+    }
+}
+
+/// `s` with loop variable `var` replaced by `by` (no register tiles: [`independent`] keeps
+/// them out).
+fn subst(s: &Stmt, var: usize, by: &Idx) -> Stmt {
+    match s {
+        Stmt::For { var: v, extent, parallel, body } => Stmt::For {
+            var: *v,
+            extent: extent.subst(var, by),
+            parallel: *parallel,
+            body: body.iter().map(|s| subst(s, var, by)).collect(),
+        },
+        Stmt::Store { buf, index, value } => Stmt::Store {
+            buf: *buf,
+            index: index.iter().map(|i| i.subst(var, by)).collect(),
+            value: value.subst(var, by),
+        },
+        Stmt::Let { slot, value } => Stmt::Let { slot: *slot, value: value.subst(var, by) },
+        Stmt::Mma(_) => s.clone(),
+    }
 }
 
 /// One kernel's code for one chip.
@@ -511,7 +618,7 @@ pub fn compile_model(m: &Module, arch: &GpuArch, tuned: &crate::Tuned) -> Result
     let mut host = Vec::new();
     for (o, name) in native::launched_kernels(m) {
         let op = m.op(o);
-        match kiln_passes::lower::lower_with(m, o, &name, &schedules.for_op(m, o)) {
+        match lower(m, o, &name, &schedules.for_op(m, o)) {
             Ok(k) => {
                 let key = format!("{:?}", Kernel { name: String::new(), ..k.clone() });
                 let f = match by_body.get(&key) {
@@ -564,7 +671,7 @@ fn stage_text(m: &Module, tuned: &crate::Tuned, show: impl Fn(&Kernel) -> String
     let mut text = String::new();
     for (o, name) in native::launched_kernels(m) {
         let op = m.op(o);
-        match kiln_passes::lower::lower_with(m, o, &name, &schedules.for_op(m, o)) {
+        match lower(m, o, &name, &schedules.for_op(m, o)) {
             Ok(k) => text.push_str(&show(&k)),
             Err(why) => text.push_str(&format!(
                 "// {name} (node '{}', {}): runs on the host: {why}\n",
