@@ -36,6 +36,12 @@ if ! .venv/bin/python -c 'import maturin, pytest' 2>/dev/null; then
   .venv/bin/pip install -q --disable-pip-version-check "maturin>=1.9,<2" pytest >&2
 fi
 
+# ptxas (NVIDIA's PTX assembler, a binary inside the PyPI wheel): the gpu tests assemble every
+# PTX kiln emits with it (no GPU needed).
+if ! ls .venv/lib/python3*/site-packages/nvidia/cuda_nvcc/bin/ptxas >/dev/null 2>&1; then
+  .venv/bin/pip install -q --disable-pip-version-check "nvidia-cuda-nvcc-cu12==12.9.86" >&2
+fi
+
 # ONNX backend node tests (1,884 cases with onnx 1.23.2) and the `light` models, generated from
 # the installed onnx package into target/onnx-data (not committed).
 DATA=target/onnx-data

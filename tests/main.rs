@@ -12,6 +12,7 @@ mod common;
 mod conformance;
 mod fusion;
 mod fuzz;
+mod gpu;
 mod ir_text;
 mod jit;
 mod light;

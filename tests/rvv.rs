@@ -426,5 +426,5 @@ fn rvv_errors_are_clear() {
     fails_with(&run, &[("KILN_RISCV64_CC", "/nonexistent/riscv64-gcc")], 1, &["riscv64-gcc", "not found"]);
     // An emulator that exits at once: the runner's hello never comes.
     fails_with(&run, &[("KILN_QEMU_RISCV64", "false")], 1, &["false", "did not start", "exit status: 1"]);
-    fails_with(&["compile", m, "--target", "cuda", "--emit", "asm"], &[], 2, &["--emit asm", "cuda target does not"]);
+    fails_with(&["compile", m, "--target", "ref", "--emit", "asm"], &[], 2, &["--emit asm", "ref target does not"]);
 }

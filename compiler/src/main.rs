@@ -81,6 +81,10 @@ enum Cmd {
         /// rvv: the vector register length in bits (128, 256, 512 or 1024; default 256).
         #[arg(long, value_parser = parse_vlen)]
         rvv_vlen: Option<u32>,
+        /// cuda, rocm: the chip (cuda: sm_80 default, sm_90; rocm: gfx90a default, gfx906,
+        /// gfx942).
+        #[arg(long = "gpu-arch", visible_alias = "cuda-arch")]
+        gpu_arch: Option<String>,
         /// Compile each kernel with its best schedule in this tuning database (`kiln tune`);
         /// kernels it does not know keep the default. Reads the file, measures nothing.
         #[arg(long)]
@@ -228,9 +232,22 @@ fn dispatch(cmd: Cmd) -> Result<(), Error> {
             let opts = options(no_fusion, &dims, &target, rvv_vlen, tuning_db.as_deref())?;
             run(&model, &target, &inputs, &output_dir, npy, &dims, check, &opts)
         }
-        Cmd::Compile { model, target, out, emit, full_constants, no_fusion, npu, rvv_vlen, tuning_db } => {
+        Cmd::Compile { model, target, out, emit, full_constants, no_fusion, npu, rvv_vlen, gpu_arch, tuning_db } => {
             npu.apply()?;
-            let opts = options(no_fusion, &[], &target, rvv_vlen, tuning_db.as_deref())?;
+            let mut opts = options(no_fusion, &[], &target, rvv_vlen, tuning_db.as_deref())?;
+            if let Some(chip) = gpu_arch {
+                let family = match target.as_str() {
+                    "cuda" => kiln_targets::gpu::Family::Cuda,
+                    "rocm" => kiln_targets::gpu::Family::Rocm,
+                    _ => {
+                        return Err(Error::Usage(format!(
+                            "--gpu-arch applies to --target cuda or rocm, not '{target}'"
+                        )))
+                    }
+                };
+                kiln_targets::gpu::GpuArch::new(family, Some(&chip)).map_err(|e| Error::Usage(e.to_string()))?;
+                opts.target.gpu_arch = Some(chip);
+            }
             compile(&model, &target, out.as_deref(), &emit, full_constants, &opts)
         }
         Cmd::Inspect { model, target, json, no_fusion, npu, dims } => {
@@ -498,11 +515,12 @@ fn compile(
         }
         // llvm and asm come from targets that go through LLVM (cpu, rvv); npu prints its own
         // ISA's assembly.
-        let llvm_based = kiln_targets::lookup_with(target, &opts.target).map(|t| t.code_target().is_some());
+        let gpu = kiln_targets::lookup_gpu(target, &opts.target).is_some();
+        let llvm_based = kiln_targets::lookup_with(target, &opts.target).map(|t| t.code_target().is_some() || gpu);
         let own_asm = *stage == "asm" && target == "npu";
         if ["llvm", "asm"].contains(stage) && llvm_based == Some(false) && !own_asm {
             return Err(Error::Usage(format!(
-                "--emit {stage}: the {target} target does not generate {stage} yet (cpu and rvv do; cuda and rocm land with issue #9)"
+                "--emit {stage}: the {target} target does not generate {stage} (cpu, rvv, cuda and rocm do)"
             )));
         }
     }
@@ -530,6 +548,29 @@ fn compile(
         }
         return Ok(());
     }
+    // cuda, rocm: `-o DIR` without --emit writes each kernel's code and the launch manifest.
+    if let Some(gpu) = kiln_targets::lookup_gpu(target, &opts.target) {
+        if let (Some(dir), true) = (out, emit.is_empty()) {
+            let c = kiln::compile_with(m, target, opts)?;
+            let program = gpu.compile(c.module())?;
+            let written = program.write(dir)?;
+            println!(
+                "{}: {} kernels for {} ({} functions), {} on the host",
+                model.display(),
+                program.manifest.kernels.len(),
+                program.arch.chip,
+                program.functions.len(),
+                program.manifest.host_kernels.len()
+            );
+            for h in &program.manifest.host_kernels {
+                println!("host kernel {} (node '{}', {}): {}", h.name, h.node, h.op, h.why);
+            }
+            for p in written {
+                println!("wrote {}", p.display());
+            }
+            return Ok(());
+        }
+    }
     let graph = if stages.contains(&"graph") { Some(kiln::cleanup(m.clone())?) } else { None };
     let c = kiln::compile_with(m, target, opts)?;
     let print_opts =
@@ -549,6 +590,21 @@ fn compile(
                 }
                 text.push_str(&c.target_assembly().unwrap_or_default());
                 text
+            }
+            "llvm" | "asm" | "mlir" | "kernel" if kiln_targets::lookup_gpu(target, &opts.target).is_some() => {
+                let gpu = kiln_targets::lookup_gpu(target, &opts.target).expect("checked by the guard");
+                if stage == "kernel" {
+                    kiln_targets::gpu::kernel_text(c.module(), &opts.target.tuned)
+                } else if stage == "mlir" {
+                    kiln_targets::gpu::gpu_mlir(c.module(), &gpu.arch, &opts.target.tuned)
+                } else {
+                    let program = gpu.compile(c.module())?;
+                    if stage == "asm" {
+                        program.assembly()
+                    } else {
+                        program.llvm_ir()
+                    }
+                }
             }
             "llvm" | "asm" => {
                 let what = if stage == "llvm" { Artifact::LlvmIr } else { Artifact::Assembly };
@@ -608,6 +664,7 @@ fn compile(
                 let stem = model.file_stem().map_or("model".into(), |s| s.to_string_lossy().into_owned());
                 let ext = match stage {
                     "llvm" => "ll",
+                    "asm" if target == "cuda" => "ptx",
                     "asm" => "s",
                     _ => "mlir",
                 };

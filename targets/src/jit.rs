@@ -114,7 +114,7 @@ impl MemRef {
     }
 }
 
-fn context() -> Context {
+pub(crate) fn context() -> Context {
     static PASSES: Once = Once::new();
     PASSES.call_once(register_all_passes);
     let registry = DialectRegistry::new();

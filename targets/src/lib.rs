@@ -2,14 +2,15 @@
 //!
 //! A target exists first as a machine description (enough for cost models and `kiln inspect`)
 //! and gains codegen and a runner as the issues land. Today `ref` (the reference
-//! interpreter), `cpu` (native host code) and `rvv` (riscv64 vector code under qemu) run;
-//! `npu`, `cuda` and `rocm` are described. Adding an ISA: a new module implementing [`Target`]
+//! interpreter), `cpu` (native host code), `rvv` (riscv64 vector code under qemu) and `npu`
+//! (its simulator) run; `cuda` and `rocm` compile to PTX and AMDGCN (`gpu`). Adding an ISA: a new module implementing [`Target`]
 //! and one line in [`all_with`]. Options of a target (`--rvv-vlen`) travel in
 //! [`TargetOptions`].
 
 pub mod aot;
 pub mod cpu;
 pub mod descriptions;
+pub mod gpu;
 pub mod jit;
 pub mod llvm;
 pub mod native;
@@ -50,6 +51,9 @@ pub struct TargetOptions {
     /// Tuned schedules by workload key (`--tuning-db`): kernels whose key is here are lowered
     /// with that schedule, the others with the target's default (cpu, rvv and npu read it).
     pub tuned: Tuned,
+    /// `cuda`/`rocm`: the chip (`--gpu-arch`: sm_80, sm_90; gfx90a, gfx906, gfx942); `None`
+    /// for each family's default. A chip of the other family leaves a family at its default.
+    pub gpu_arch: Option<String>,
 }
 
 /// Best known schedule per workload key ([`kiln_passes::lower::workload_key`]).
@@ -57,7 +61,7 @@ pub type Tuned = std::sync::Arc<std::collections::HashMap<String, kiln_passes::l
 
 impl Default for TargetOptions {
     fn default() -> TargetOptions {
-        TargetOptions { rvv_vlen: rvv::DEFAULT_VLEN, tuned: Tuned::default() }
+        TargetOptions { rvv_vlen: rvv::DEFAULT_VLEN, tuned: Tuned::default(), gpu_arch: None }
     }
 }
 
@@ -161,9 +165,27 @@ pub fn all_with(opts: &TargetOptions) -> Vec<Box<dyn Target>> {
         Box::new(cpu::Cpu { tuned: opts.tuned.clone() }),
         Box::new(rvv::Rvv::new(opts.rvv_vlen).with_tuned(opts.tuned.clone())),
         Box::new(npu::Npu { tuned: opts.tuned.clone() }),
-        Box::new(descriptions::Described::cuda()),
-        Box::new(descriptions::Described::rocm()),
+        Box::new(gpu_target(gpu::Family::Cuda, opts)),
+        Box::new(gpu_target(gpu::Family::Rocm, opts)),
     ]
+}
+
+/// The `cuda` or `rocm` target for `opts.gpu_arch` when it names a chip of `family`, else for
+/// the family's default chip.
+pub fn gpu_target(family: gpu::Family, opts: &TargetOptions) -> gpu::Gpu {
+    let arch = gpu::GpuArch::new(family, opts.gpu_arch.as_deref())
+        .or_else(|_| gpu::GpuArch::new(family, None))
+        .expect("the default chip is known");
+    gpu::Gpu::new(arch, opts.tuned.clone())
+}
+
+/// The GPU target named `name` (`cuda`, `rocm`) configured by `opts`, or `None` for another.
+pub fn lookup_gpu(name: &str, opts: &TargetOptions) -> Option<gpu::Gpu> {
+    match name {
+        "cuda" => Some(gpu_target(gpu::Family::Cuda, opts)),
+        "rocm" => Some(gpu_target(gpu::Family::Rocm, opts)),
+        _ => None,
+    }
 }
 
 /// Looks a target up by name (default options).

@@ -459,6 +459,114 @@ impl Emitter<'_> {
         )
     }
 
+    /// `ln x` in straight-line code (for GPUs, which have no libm here): Cephes' `logf`
+    /// (mantissa in [√½, √2), degree-8 polynomial); NaN below 0, -inf at 0, +inf at +inf.
+    fn log(&mut self, depth: usize, x: &str) -> String {
+        let (bits, e8, e, mbits, m) = (self.fresh(), self.fresh(), self.fresh(), self.fresh(), self.fresh());
+        let (c23, c126, cmask, chalf) = (self.fresh(), self.fresh(), self.fresh(), self.fresh());
+        self.line(depth, &format!("{c23} = arith.constant 23 : i32"));
+        self.line(depth, &format!("{c126} = arith.constant 126 : i32"));
+        self.line(depth, &format!("{cmask} = arith.constant 8388607 : i32"));
+        self.line(depth, &format!("{chalf} = arith.constant 1056964608 : i32"));
+        self.line(depth, &format!("{bits} = arith.bitcast {x} : f32 to i32"));
+        self.line(depth, &format!("{e8} = arith.shrui {bits}, {c23} : i32"));
+        let ei = self.fresh();
+        self.line(depth, &format!("{ei} = arith.subi {e8}, {c126} : i32"));
+        self.line(depth, &format!("{e} = arith.sitofp {ei} : i32 to f32"));
+        let low = self.fresh();
+        self.line(depth, &format!("{low} = arith.andi {bits}, {cmask} : i32"));
+        self.line(depth, &format!("{mbits} = arith.ori {low}, {chalf} : i32"));
+        self.line(depth, &format!("{m} = arith.bitcast {mbits} : i32 to f32"));
+        // m in [0.5, 1): below √½ use 2m − 1 and e − 1, else m − 1.
+        let sqrthf = self.constant(depth, std::f64::consts::FRAC_1_SQRT_2);
+        let small = self.fresh();
+        self.line(depth, &format!("{small} = arith.cmpf olt, {m}, {sqrthf} : f32"));
+        let twice = self.f2(depth, "arith.addf", &m, &m);
+        let mm = self.fresh();
+        self.line(depth, &format!("{mm} = arith.select {small}, {twice}, {m} : f32"));
+        let r = self.fk(depth, "arith.subf", &mm, 1.0);
+        let e1 = self.fk(depth, "arith.subf", &e, 1.0);
+        let ee = self.fresh();
+        self.line(depth, &format!("{ee} = arith.select {small}, {e1}, {e} : f32"));
+        let z = self.f2(depth, "arith.mulf", &r, &r);
+        let p = self.horner(
+            depth,
+            &r,
+            &[
+                7.0376836292e-2,
+                -1.1514610310e-1,
+                1.1676998740e-1,
+                -1.2420140846e-1,
+                1.4249322787e-1,
+                -1.6668057665e-1,
+                2.0000714765e-1,
+                -2.4999993993e-1,
+                3.3333331174e-1,
+            ],
+        );
+        let y = self.f2(depth, "arith.mulf", &p, &z);
+        let y = self.f2(depth, "arith.mulf", &y, &r);
+        let t = self.fk(depth, "arith.mulf", &ee, -2.12194440e-4);
+        let y = self.f2(depth, "arith.addf", &y, &t);
+        let h = self.fk(depth, "arith.mulf", &z, 0.5);
+        let y = self.f2(depth, "arith.subf", &y, &h);
+        let y = self.f2(depth, "arith.addf", &r, &y);
+        let t = self.fk(depth, "arith.mulf", &ee, 0.693359375);
+        let y = self.f2(depth, "arith.addf", &y, &t);
+        // Special values: x < 0 or NaN → NaN, 0 → -inf, +inf → +inf.
+        let nan = self.constant(depth, f64::NAN);
+        let y = self.select_cmp(depth, "ult", x, 0.0, &nan, &y);
+        let ninf = self.constant(depth, f64::NEG_INFINITY);
+        let y = self.select_cmp(depth, "oeq", x, 0.0, &ninf, &y);
+        let pinf = self.constant(depth, f64::INFINITY);
+        self.select_cmp(depth, "oeq", x, f64::INFINITY, &pinf, &y)
+    }
+
+    /// `a^b` for GPUs: small constant exponents as products (exact, as libm's), others as
+    /// `exp(b·ln|a|)`, negated for a negative base and an odd integer exponent, NaN for a
+    /// negative base and a fractional one, 1 for `b = 0`.
+    fn pow(&mut self, depth: usize, a: &str, b: &Val) -> String {
+        match b {
+            Val::Const(c) if *c == 1.0 => return a.to_string(),
+            Val::Const(c) if *c == 2.0 => return self.f2(depth, "arith.mulf", a, a),
+            Val::Const(c) if *c == 3.0 => {
+                let sq = self.f2(depth, "arith.mulf", a, a);
+                return self.f2(depth, "arith.mulf", &sq, a);
+            }
+            Val::Const(c) if *c == 0.5 => {
+                let t = self.fresh();
+                self.line(depth, &format!("{t} = math.sqrt {a} : f32"));
+                return t;
+            }
+            _ => {}
+        }
+        let b = self.val(depth, b);
+        let abs = self.fresh();
+        self.line(depth, &format!("{abs} = math.absf {a} : f32"));
+        let l = self.log(depth, &abs);
+        let bl = self.f2(depth, "arith.mulf", &b, &l);
+        let r = self.exp(depth, &bl);
+        // The exponent's integrality and parity (|b| < 2^31 where it matters).
+        let fl = self.fresh();
+        self.line(depth, &format!("{fl} = math.floor {b} : f32"));
+        let (int, bi, odd_bit, even, one) = (self.fresh(), self.fresh(), self.fresh(), self.fresh(), self.fresh());
+        self.line(depth, &format!("{int} = arith.cmpf oeq, {fl}, {b} : f32"));
+        self.line(depth, &format!("{bi} = arith.fptosi {fl} : f32 to i32"));
+        self.line(depth, &format!("{one} = arith.constant 1 : i32"));
+        self.line(depth, &format!("{odd_bit} = arith.andi {bi}, {one} : i32"));
+        self.line(depth, &format!("{even} = arith.cmpi ne, {odd_bit}, {one} : i32"));
+        let neg = self.fresh();
+        self.line(depth, &format!("{neg} = arith.negf {r} : f32"));
+        let signed = self.fresh();
+        self.line(depth, &format!("{signed} = arith.select {even}, {r}, {neg} : f32"));
+        let nan = self.constant(depth, f64::NAN);
+        let on_neg = self.fresh();
+        self.line(depth, &format!("{on_neg} = arith.select {int}, {signed}, {nan} : f32"));
+        let y = self.select_cmp(depth, "olt", a, 0.0, &on_neg, &r);
+        let one_f = self.constant(depth, 1.0);
+        self.select_cmp(depth, "oeq", &b, 0.0, &one_f, &y)
+    }
+
     fn val(&mut self, depth: usize, v: &Val) -> String {
         match v {
             Val::Const(c) => self.constant(depth, *c),
@@ -482,6 +590,7 @@ impl Emitter<'_> {
                     UnOp::Neg => format!("{t} = arith.negf {x} : f32"),
                     UnOp::Abs => format!("{t} = math.absf {x} : f32"),
                     UnOp::Exp => return self.exp(depth, &x),
+                    UnOp::Log if self.options.gpu => return self.log(depth, &x),
                     UnOp::Log => format!("{t} = math.log {x} : f32"),
                     UnOp::Sqrt => format!("{t} = math.sqrt {x} : f32"),
                     UnOp::Tanh => return self.tanh(depth, &x),
@@ -575,6 +684,10 @@ impl Emitter<'_> {
                 self.line(depth, &format!("{c} = arith.cmpf une, {cond}, {zero} : f32"));
                 self.line(depth, &format!("{t} = arith.select {c}, {a}, {b} : f32"));
                 t
+            }
+            Val::Bin(BinOp::Pow, a, b) if self.options.gpu => {
+                let a = self.val(depth, a);
+                self.pow(depth, &a, b)
             }
             Val::Bin(op, a, b) => {
                 let (a, b) = (self.val(depth, a), self.val(depth, b));
@@ -694,19 +807,22 @@ pub struct MlirOptions {
     /// multiplying with `2^n` built in the exponent bits: RISC-V has no ldexp instruction, and
     /// LLVM makes a vector ldexp one `ldexpf` call per element there.
     pub ldexp: bool,
+    /// Code for a GPU kernel ([`to_gpu_func`]): `log` and `pow` in straight-line code (the
+    /// NVPTX and AMDGPU backends have no libm; LLVM aborts on `llvm.pow` for NVPTX).
+    pub gpu: bool,
 }
 
 impl Default for MlirOptions {
     /// The host's (`cpu`).
     fn default() -> MlirOptions {
-        MlirOptions { ldexp: true }
+        MlirOptions { ldexp: true, gpu: false }
     }
 }
 
 impl MlirOptions {
     /// The options for code compiled for `code`.
     pub fn for_code(code: &crate::jit::CodeTarget) -> MlirOptions {
-        MlirOptions { ldexp: !code.triple.starts_with("riscv") }
+        MlirOptions { ldexp: !code.triple.starts_with("riscv"), gpu: false }
     }
 }
 
@@ -722,11 +838,67 @@ pub fn to_mlir_with(k: &Kernel, options: MlirOptions) -> String {
     params.push("%hi: index".into());
     let split = split_loop(k).map(|(depth, _, _)| depth);
     let mut e = Emitter { k, out: String::new(), next: 0, slots: HashMap::new(), split, options };
+    emit_body(&mut e, false);
+    format!(
+        "func.func @{}({}) attributes {{ llvm.emit_c_interface }} {{\n{}  return\n}}\n",
+        k.name,
+        params.join(", "),
+        e.out
+    )
+}
+
+/// The kernel as a `gpu.func` kernel (MLIR's `gpu` dialect), to be placed in a `gpu.module`:
+/// every buffer a dynamically sized memref (inputs, then outputs), no other parameter. The
+/// shared parallel loop ([`split_loop`]) is mapped to the grid: thread
+/// `block_id.x · block_dim.x + thread_id.x` runs its iteration `lo` (`lo..min(lo + 1,
+/// extent)`: threads past the extent run none), the loops around it whole. A kernel without
+/// one runs whole in every thread it is launched with (one: [`gpu_launch_extent`] says so).
+/// Local buffers live on each thread's stack (`memref.alloca`).
+pub fn to_gpu_func(k: &Kernel, options: MlirOptions) -> String {
+    let params: Vec<String> = k
+        .buffers
+        .iter()
+        .enumerate()
+        .map(|(i, b)| format!("%b{i}: {}", memref_of(b.shape.len(), elem_type(b.dtype))))
+        .collect();
+    let shared = split_loop(k);
+    let split = shared.as_ref().map(|(depth, _, _)| *depth);
+    let options = MlirOptions { gpu: true, ..options };
+    let mut e = Emitter { k, out: String::new(), next: 0, slots: HashMap::new(), split, options };
+    e.line(0, "%gpu_block = gpu.block_id x");
+    e.line(0, "%gpu_block_dim = gpu.block_dim x");
+    e.line(0, "%gpu_thread = gpu.thread_id x");
+    e.line(0, "%gpu_base = arith.muli %gpu_block, %gpu_block_dim : index");
+    e.line(0, "%lo = arith.addi %gpu_base, %gpu_thread : index");
+    e.line(0, "%gpu_one = arith.constant 1 : index");
+    e.line(0, "%gpu_next = arith.addi %lo, %gpu_one : index");
+    match shared {
+        Some((_, _, extent)) => {
+            let x = e.idx(0, extent);
+            e.line(0, &format!("%hi = arith.minsi %gpu_next, {x} : index"));
+        }
+        None => e.line(0, "%hi = arith.addi %gpu_next, %gpu_one : index"),
+    }
+    emit_body(&mut e, true);
+    format!("gpu.func @{}({}) kernel {{\n{}  gpu.return\n}}\n", k.name, params.join(", "), e.out)
+}
+
+/// The number of threads a GPU launch of `k` needs ([`to_gpu_func`]): the extent of its
+/// shared parallel loop, or 1 without one.
+pub fn gpu_launch_extent(k: &Kernel) -> Option<&Idx> {
+    split_loop(k).map(|(_, _, e)| e)
+}
+
+/// Locals, one-dimensional views, the statements and the locals' release: the body of a
+/// kernel's function. `stack`: locals on the stack (a GPU thread's), else on the heap.
+fn emit_body(e: &mut Emitter, stack: bool) {
+    let k = e.k;
     // Local buffers: allocated once per call (per thread), freed at the end.
     for (i, l) in k.locals.iter().enumerate() {
         let sizes: Vec<String> = l.size.iter().map(|d| e.idx(0, d)).collect();
         let n = k.buffers.len() + i;
-        e.line(0, &format!("%b{n} = memref.alloc({}) : {}", sizes.join(", "), memref(l.size.len())));
+        let op = if stack { "memref.alloca" } else { "memref.alloc" };
+        e.line(0, &format!("%b{n} = {op}({}) : {}", sizes.join(", "), memref(l.size.len())));
     }
     let mut flat = BTreeSet::new();
     flat_buffers(&k.body, &mut flat);
@@ -745,15 +917,11 @@ pub fn to_mlir_with(k: &Kernel, options: MlirOptions) -> String {
         }
     }
     e.stmts(0, &k.body);
-    for (i, l) in k.locals.iter().enumerate() {
-        e.line(0, &format!("memref.dealloc %b{} : {}", k.buffers.len() + i, memref(l.size.len())));
+    if !stack {
+        for (i, l) in k.locals.iter().enumerate() {
+            e.line(0, &format!("memref.dealloc %b{} : {}", k.buffers.len() + i, memref(l.size.len())));
+        }
     }
-    format!(
-        "func.func @{}({}) attributes {{ llvm.emit_c_interface }} {{\n{}  return\n}}\n",
-        k.name,
-        params.join(", "),
-        e.out
-    )
 }
 
 /// Threads native kernels use (0: every core); see [`set_threads`].
@@ -934,6 +1102,49 @@ impl JitBackend {
     }
 }
 
+impl JitBackend {
+    /// Runs function `function` for `launch` once per `(lo, hi)` range of its shared parallel
+    /// loop, one call after another, into outputs first filled with NaN (elements no call
+    /// stores stay NaN): a GPU launch's threads emulated on the host, each thread's range as
+    /// its `gpu.func` computes it ([`to_gpu_func`]).
+    pub fn launch_ranges(
+        &self,
+        function: usize,
+        l: &Launch,
+        ranges: &mut dyn Iterator<Item = (i64, i64)>,
+    ) -> Result<Vec<Tensor>, TargetError> {
+        let k = l.kernel;
+        let entry = *self
+            .entries
+            .get(function)
+            .ok_or_else(|| TargetError::Codegen(format!("kernel {}: no function {function} (a kiln bug)", k.name)))?;
+        let mut outs: Vec<Vec<f32>> = l.outputs.iter().map(|shape| vec![f32::NAN; shape.iter().product()]).collect();
+        let mut args: Vec<MemRef> = l
+            .inputs
+            .iter()
+            .map(|t| match &t.data {
+                Data::F32(d) => Ok(MemRef::new(d.as_ptr(), d.len(), &t.shape)),
+                Data::Bool(d) => Ok(MemRef::new(d.as_ptr().cast(), d.len(), &t.shape)),
+                _ => Err(TargetError::Codegen(format!("kernel {}: a {} buffer", k.name, t.dtype()))),
+            })
+            .collect::<Result<_, _>>()?;
+        for (o, s) in outs.iter_mut().zip(&l.outputs) {
+            args.push(MemRef::of(o, s));
+        }
+        let mut ptrs: Vec<*mut i64> = args.iter_mut().map(MemRef::as_mut_ptr).collect();
+        for (mut lo, mut hi) in ranges {
+            let mut packed: Vec<*mut ()> = ptrs.iter_mut().map(|p| p as *mut *mut i64 as *mut ()).collect();
+            packed.push(&mut lo as *mut i64 as *mut ());
+            packed.push(&mut hi as *mut i64 as *mut ());
+            // SAFETY: as in `launch`: the function was generated from this kernel (one memref
+            // per buffer, then the range); a range past the loop's extent runs no iteration.
+            unsafe { (entry.0)(packed.as_mut_ptr()) };
+        }
+        drop(args);
+        Ok(outs.into_iter().zip(&l.outputs).map(|(o, s)| Tensor::from_f32(s, o)).collect())
+    }
+}
+
 impl Backend for JitBackend {
     fn launch(&self, function: usize, l: &Launch) -> Result<Vec<Tensor>, TargetError> {
         let k = l.kernel;
@@ -1084,6 +1295,17 @@ impl NativeKernel {
     /// symbolic dims.
     pub fn run(&self, operands: &[&Tensor]) -> Result<Vec<Tensor>, TargetError> {
         self.backend.launch(0, &Launch::new(&self.kernel, operands, self.heavy)?)
+    }
+
+    /// [`NativeKernel::run`] as a GPU launch of `threads` threads would run it, emulated on the
+    /// host: thread `t` runs the shared parallel loop's range `t..min(t + 1, extent)` (none
+    /// past the extent), one thread after another ([`JitBackend::launch_ranges`]). Returns
+    /// the outputs and the loop's extent.
+    pub fn run_as_gpu(&self, operands: &[&Tensor], threads: u64) -> Result<(Vec<Tensor>, i64), TargetError> {
+        let l = Launch::new(&self.kernel, operands, self.heavy)?;
+        let extent = l.extent;
+        let mut ranges = (0..threads as i64).map(|t| (t, (t + 1).min(extent)));
+        Ok((self.backend.launch_ranges(0, &l, &mut ranges)?, extent))
     }
 }
 

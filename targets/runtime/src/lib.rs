@@ -9,6 +9,8 @@
 //! # Ok::<(), kiln_runtime::Error>(())
 //! ```
 
+pub mod cuda;
+
 use std::ffi::{c_char, c_int, c_void, CStr, CString};
 use std::path::Path;
 

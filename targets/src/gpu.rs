@@ -1,0 +1,812 @@
+//! GPU targets: `cuda` (PTX for sm_80, sm_90) and `rocm` (AMDGCN for gfx906, the Hygon DCU
+//! stand-in, gfx90a and gfx942), from the kernel dialect.
+//!
+//! Each kernel the `cpu` path lowers becomes a `gpu.func` kernel in a `gpu.module`
+//! ([`native::to_gpu_func`]: the same scf/memref/arith/vector body, its shared parallel loop
+//! mapped to a one-dimensional grid, one iteration per thread, threads past the extent idle).
+//! MLIR lowers the module with `convert-gpu-to-nvvm` or `convert-gpu-to-rocdl` to the LLVM
+//! dialect; its functions are translated to LLVM IR, verified, optimized at `-O3` for the
+//! chip and compiled by LLVM's NVPTX back end to PTX, or by its AMDGPU back end to AMDGCN
+//! assembly and an ELF object. A [`Manifest`] describes each kernel's launch: grid, block,
+//! shared memory and the argument layout (one strided memref descriptor per buffer).
+//!
+//! Kernels the kernel dialect does not cover yet are listed as host kernels (they run on the
+//! host's reference implementation, as on `cpu`), never dropped. Running needs a GPU and a
+//! driver ([`kiln_runtime`'s CUDA loader](../../kiln_runtime/index.html) where built); none is
+//! needed to compile.
+
+use crate::descriptions::Described;
+use crate::native::{self, MlirOptions};
+use crate::{HostKernel, Target, TargetError};
+use kiln_ir::kernel::{Idx, Kernel, Stmt, Val};
+use kiln_ir::machine::MachineDescription;
+use kiln_ir::{DType, Dim, Module, Tensor};
+use kiln_passes::lower::{Schedule, Schedules};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+/// NVIDIA chips `cuda` compiles for (the first is the default).
+pub const CUDA_ARCHS: &[&str] = &["sm_80", "sm_90"];
+/// AMD chips `rocm` compiles for (the first is the default; gfx906 stands in for Hygon DCU).
+pub const ROCM_ARCHS: &[&str] = &["gfx90a", "gfx906", "gfx942"];
+
+/// Threads per block when the grid is larger (8 warps, 4 wavefronts).
+pub const BLOCK: u64 = 256;
+
+/// The GPU family.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Family {
+    Cuda,
+    Rocm,
+}
+
+/// One chip of a family.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GpuArch {
+    pub family: Family,
+    pub chip: String,
+}
+
+impl GpuArch {
+    /// `chip` of `family` (the family's default for `None`); an unknown chip is an error that
+    /// lists the known ones.
+    pub fn new(family: Family, chip: Option<&str>) -> Result<GpuArch, TargetError> {
+        let known = match family {
+            Family::Cuda => CUDA_ARCHS,
+            Family::Rocm => ROCM_ARCHS,
+        };
+        let chip = chip.unwrap_or(known[0]);
+        if !known.contains(&chip) {
+            return Err(TargetError::Config(format!(
+                "--gpu-arch {chip}: not a {} chip (known: {})",
+                family.name(),
+                known.join(", ")
+            )));
+        }
+        Ok(GpuArch { family, chip: chip.to_string() })
+    }
+
+    /// LLVM's target triple.
+    pub fn triple(&self) -> &'static str {
+        match self.family {
+            Family::Cuda => "nvptx64-nvidia-cuda",
+            Family::Rocm => "amdgcn-amd-amdhsa",
+        }
+    }
+
+    /// Threads that execute in lockstep (a warp, a wavefront).
+    pub fn warp(&self) -> u64 {
+        match (self.family, self.chip.as_str()) {
+            (Family::Cuda, _) => 32,
+            (Family::Rocm, _) => 64,
+        }
+    }
+
+    /// The kernel code's file extension.
+    pub fn code_ext(&self) -> &'static str {
+        match self.family {
+            Family::Cuda => "ptx",
+            Family::Rocm => "s",
+        }
+    }
+
+    /// The MLIR pipeline from the `gpu` module's upstream dialects to the LLVM dialect.
+    pub fn pipeline(&self) -> String {
+        let to_target = match self.family {
+            Family::Cuda => "convert-gpu-to-nvvm{index-bitwidth=64}".to_string(),
+            Family::Rocm => format!("convert-gpu-to-rocdl{{index-bitwidth=64 chipset={}}}", self.chip),
+        };
+        format!(
+            "builtin.module(gpu.module(convert-vector-to-scf,lower-affine,convert-scf-to-cf,convert-vector-to-llvm,\
+expand-strided-metadata,lower-affine,{to_target},reconcile-unrealized-casts))"
+        )
+    }
+
+    /// LLVM's target machine for the chip, optimizing at `-O3`. PTX 7.8 (CUDA 11.8): dynamic
+    /// `alloca` (a kernel's local buffers) needs 7.3, sm_90 needs 7.8.
+    pub fn machine(&self) -> Result<inkwell::targets::TargetMachine, TargetError> {
+        use inkwell::targets::{CodeModel, InitializationConfig, RelocMode, Target as LlvmTarget, TargetTriple};
+        let cfg = InitializationConfig::default();
+        let features = match self.family {
+            Family::Cuda => {
+                LlvmTarget::initialize_nvptx(&cfg);
+                "+ptx78"
+            }
+            Family::Rocm => {
+                LlvmTarget::initialize_amd_gpu(&cfg);
+                ""
+            }
+        };
+        let triple = TargetTriple::create(self.triple());
+        let target = LlvmTarget::from_triple(&triple).map_err(|e| codegen(e.to_string()))?;
+        target
+            .create_target_machine(
+                &triple,
+                &self.chip,
+                features,
+                inkwell::OptimizationLevel::Aggressive,
+                RelocMode::PIC,
+                CodeModel::Default,
+            )
+            .ok_or_else(|| codegen(format!("LLVM has no target machine for {} ({})", self.triple(), self.chip)))
+    }
+}
+
+impl Family {
+    pub fn name(self) -> &'static str {
+        match self {
+            Family::Cuda => "cuda",
+            Family::Rocm => "rocm",
+        }
+    }
+}
+
+fn codegen(msg: impl std::fmt::Display) -> TargetError {
+    TargetError::Codegen(msg.to_string())
+}
+
+/// The schedule GPU kernels are lowered with: each thread is a scalar core with a large
+/// register file, so register tiles of 4-lane vectors (one 16-byte load each), 8 rows; and
+/// row blocks of one tile, so that a MatMul's parallel loop has as many iterations (threads)
+/// as it can.
+pub fn schedule() -> Schedule {
+    let mut s = Schedule::for_vectors(4, 32);
+    s.matmul_row_block = s.matmul_mma_rows as i64;
+    s.store_row_terms = true;
+    s.whole_matmul = false;
+    s
+}
+
+/// Lowers kernel op `o` of `m` for a GPU: [`kiln_passes::lower::lower_with`] with `schedule`,
+/// then [`flatten`].
+pub fn lower(m: &Module, o: kiln_ir::ir::OpId, name: &str, schedule: &Schedule) -> Result<Kernel, String> {
+    kiln_passes::lower::lower_with(m, o, name, schedule).map(flatten)
+}
+
+/// More threads for a GPU: the sequential loops directly inside the kernel's shared parallel
+/// loop are merged into it (`parallel i in 0..A { for j in 0..B { S } }` becomes `parallel f in
+/// 0..A·B { S[i := f / B, j := f % B] }`) while that is sound: the inner loop is the parallel
+/// loop's whole body, its extent depends on no loop, and its iterations are independent: its
+/// body only stores into output buffers, every store's index has the inner variable alone on
+/// some axis (different iterations, different elements), no register tile, and no load of an
+/// output buffer (nothing read that an iteration writes). A MaxPool over channels then has a
+/// thread per output element instead of one per channel. The result is a kernel like any
+/// other (the cpu path compiles it too, which is how the host emulation checks it).
+pub fn flatten(mut k: Kernel) -> Kernel {
+    let (inputs, buffers) = (k.inputs, k.buffers.len());
+    flatten_chain(&mut k.body, inputs, buffers);
+    k
+}
+
+fn flatten_chain(body: &mut [Stmt], inputs: usize, buffers: usize) {
+    let [only] = body else { return };
+    match only {
+        Stmt::For { parallel: true, var, extent, body } => {
+            while let [Stmt::For { var: inner, extent: inner_extent, body: inner_body, .. }] = body.as_slice() {
+                if has_var(inner_extent) || !independent(inner_body, *inner, inputs, buffers) {
+                    break;
+                }
+                // A variable no lowering uses, for the merged loop while substituting.
+                const MERGED: usize = 1 << 20;
+                let (outer, inner, e2) = (*var, *inner, inner_extent.clone());
+                let by_outer = Idx::Div(Box::new(Idx::Var(MERGED)), Box::new(e2.clone()));
+                let by_inner = Idx::Rem(Box::new(Idx::Var(MERGED)), Box::new(e2.clone()));
+                let merged: Vec<Stmt> = inner_body
+                    .iter()
+                    .map(|s| subst(&subst(&subst(s, outer, &by_outer), inner, &by_inner), MERGED, &Idx::Var(outer)))
+                    .collect();
+                *extent = Idx::Mul(Box::new(extent.clone()), Box::new(e2)).simplify();
+                *body = merged;
+            }
+        }
+        Stmt::For { parallel: false, body, .. } => flatten_chain(body, inputs, buffers),
+        _ => {}
+    }
+}
+
+fn has_var(i: &Idx) -> bool {
+    match i {
+        Idx::Var(_) => true,
+        Idx::Const(_) | Idx::Dim { .. } => false,
+        Idx::Add(a, b)
+        | Idx::Sub(a, b)
+        | Idx::Mul(a, b)
+        | Idx::Div(a, b)
+        | Idx::Rem(a, b)
+        | Idx::ZeroIfOne(a, b)
+        | Idx::Min(a, b)
+        | Idx::Max(a, b) => has_var(a) || has_var(b),
+    }
+}
+
+/// Whether iterations of loop `var` over `body` are independent (see [`flatten`]).
+fn independent(body: &[Stmt], var: usize, inputs: usize, buffers: usize) -> bool {
+    body.iter().all(|s| match s {
+        Stmt::For { body, .. } => independent(body, var, inputs, buffers),
+        Stmt::Let { value, .. } => reads_inputs_only(value, inputs),
+        Stmt::Store { buf, index, value } => {
+            (inputs..buffers).contains(buf) && index.contains(&Idx::Var(var)) && reads_inputs_only(value, inputs)
+        }
+        Stmt::Mma(_) => false,
+    })
+}
+
+fn reads_inputs_only(v: &Val, inputs: usize) -> bool {
+    let r = |x: &Val| reads_inputs_only(x, inputs);
+    match v {
+        Val::Const(_) | Val::Scalar(_) | Val::FromIdx(_) => true,
+        Val::Load { buf, .. } => *buf < inputs,
+        Val::Un(_, x) => r(x),
+        Val::Bin(_, a, b) => r(a) && r(b),
+        Val::Reduce { body, .. } => r(body),
+        Val::IfLess { then, other, .. } | Val::Select { then, other, .. } => r(then) && r(other),
+        Val::Where { cond, then, other } => r(cond) && r(then) && r(other),
+    }
+}
+
+/// `s` with loop variable `var` replaced by `by` (no register tiles: [`independent`] keeps
+/// them out).
+fn subst(s: &Stmt, var: usize, by: &Idx) -> Stmt {
+    match s {
+        Stmt::For { var: v, extent, parallel, body } => Stmt::For {
+            var: *v,
+            extent: extent.subst(var, by),
+            parallel: *parallel,
+            body: body.iter().map(|s| subst(s, var, by)).collect(),
+        },
+        Stmt::Store { buf, index, value } => Stmt::Store {
+            buf: *buf,
+            index: index.iter().map(|i| i.subst(var, by)).collect(),
+            value: value.subst(var, by),
+        },
+        Stmt::Let { slot, value } => Stmt::Let { slot: *slot, value: value.subst(var, by) },
+        Stmt::Mma(_) => s.clone(),
+    }
+}
+
+/// One kernel's code for one chip.
+#[derive(Clone, Debug)]
+pub struct GpuCode {
+    /// The optimized LLVM IR.
+    pub llvm_ir: String,
+    /// PTX (cuda) or AMDGCN assembly (rocm).
+    pub asm: String,
+    /// The ELF object (rocm only).
+    pub object: Option<Vec<u8>>,
+}
+
+/// Lowers `gpu_funcs` (`gpu.func` kernels, [`native::to_gpu_func`]) in a `gpu.module` for
+/// `arch`: MLIR to the LLVM dialect, LLVM IR, LLVM's verifier, `-O3`, the verifier again, then
+/// PTX or AMDGCN assembly and object.
+pub fn compile_funcs(gpu_funcs: &str, arch: &GpuArch) -> Result<GpuCode, TargetError> {
+    let ir = to_llvm_ir(gpu_funcs, arch)?;
+    let tm = arch.machine()?;
+    let ctx = inkwell::context::Context::create();
+    let module = optimize(&ctx, &ir, &tm)?;
+    let llvm_ir = module.print_to_string().to_string();
+    // Code generation changes the module it compiles (AMDGPU annotates control flow with
+    // intrinsics only instruction selection takes): each artifact compiles a fresh copy.
+    let emit = |ft| {
+        tm.write_to_memory_buffer(&module.clone(), ft)
+            .map(|b| b.as_slice().to_vec())
+            .map_err(|e| codegen(format!("LLVM code generation for {} failed: {e}", arch.chip)))
+    };
+    let asm = String::from_utf8_lossy(&emit(inkwell::targets::FileType::Assembly)?).into_owned();
+    let object = match arch.family {
+        Family::Rocm => Some(emit(inkwell::targets::FileType::Object)?),
+        Family::Cuda => None,
+    };
+    Ok(GpuCode { llvm_ir, asm, object })
+}
+
+/// The LLVM IR (not optimized) of `gpu_funcs` lowered for `arch`.
+pub fn to_llvm_ir(gpu_funcs: &str, arch: &GpuArch) -> Result<String, TargetError> {
+    use melior::ir::block::BlockLike;
+    use melior::ir::operation::OperationLike;
+    use melior::ir::Module;
+    use melior::ir::RegionLike;
+    use melior::pass::PassManager;
+    let ctx = crate::jit::context();
+    let text = format!("module attributes {{gpu.container_module}} {{\ngpu.module @kiln {{\n{gpu_funcs}}}\n}}\n");
+    let mut module =
+        Module::parse(&ctx, &text).ok_or_else(|| codegen("the generated GPU MLIR does not parse (a kiln bug)"))?;
+    let pm = PassManager::new(&ctx);
+    melior::utility::parse_pass_pipeline(pm.as_operation_pass_manager(), &arch.pipeline()).map_err(codegen)?;
+    pm.run(&mut module).map_err(|e| codegen(format!("lowering the GPU module for {} failed: {e}", arch.chip)))?;
+    if !module.as_operation().verify() {
+        return Err(codegen("the lowered GPU module does not verify (a kiln bug)"));
+    }
+    // The gpu.module's functions (now in the LLVM dialect) as a module of their own, which
+    // MLIR translates to LLVM IR (`nvvm.kernel`/`rocdl.kernel` become the kernel calling
+    // conventions).
+    let gpu_module = module.body().first_operation().ok_or_else(|| codegen("no gpu.module after lowering"))?;
+    let block = gpu_module
+        .region(0)
+        .ok()
+        .and_then(|r| r.first_block())
+        .ok_or_else(|| codegen("an empty gpu.module after lowering"))?;
+    let mut inner = String::from("module {\n");
+    let mut op = block.first_operation();
+    while let Some(o) = op {
+        inner.push_str(&o.to_string());
+        inner.push('\n');
+        op = o.next_in_block();
+    }
+    inner.push_str("}\n");
+    let llvm_module =
+        Module::parse(&ctx, &inner).ok_or_else(|| codegen("the lowered GPU functions do not parse (a kiln bug)"))?;
+    let ir = crate::jit::llvm_ir(&llvm_module)
+        .ok_or_else(|| codegen("the lowered GPU module does not translate to LLVM IR (a kiln bug)"))?;
+    fix_ir(&ir, arch)
+}
+
+/// Device-library calls MLIR's GPU lowerings make for `math` ops, and the LLVM intrinsics the
+/// back ends implement them with (kiln links no libdevice or OCML).
+const INTRINSICS: &[(&str, &str)] = &[
+    ("__nv_floorf", "llvm.floor.f32"),
+    ("__nv_ceilf", "llvm.ceil.f32"),
+    ("__nv_fabsf", "llvm.fabs.f32"),
+    ("__nv_sqrtf", "llvm.sqrt.f32"),
+    ("__ocml_floor_f32", "llvm.floor.f32"),
+    ("__ocml_ceil_f32", "llvm.ceil.f32"),
+    ("__ocml_fabs_f32", "llvm.fabs.f32"),
+    ("__ocml_sqrt_f32", "llvm.sqrt.f32"),
+];
+
+/// LLVM IR as MLIR translates it, made right for the back end: device-library calls become
+/// intrinsics (any other is an error naming it), and on AMDGPU each `alloca` moves to the
+/// private address space (5) with a cast back to the flat pointers the code uses.
+fn fix_ir(ir: &str, arch: &GpuArch) -> Result<String, TargetError> {
+    let mut out = String::with_capacity(ir.len() + 1024);
+    for line in ir.lines() {
+        let mut line = line.to_string();
+        for (lib, intr) in INTRINSICS {
+            line = line.replace(&format!("@{lib}("), &format!("@{intr}("));
+        }
+        if let Some(rest) = line.strip_prefix("declare ") {
+            if let Some(name) = rest.split('@').nth(1).and_then(|s| s.split('(').next()) {
+                if name.starts_with("__nv_") || name.starts_with("__ocml_") {
+                    return Err(codegen(format!(
+                        "a GPU kernel calls the device library function {name}, which kiln does not link"
+                    )));
+                }
+            }
+        }
+        let trimmed = line.trim_start();
+        if arch.family == Family::Rocm && trimmed.starts_with('%') && trimmed.contains(" = alloca ") {
+            let indent = &line[..line.len() - trimmed.len()];
+            let (name, rest) = trimmed.split_once(" = alloca ").expect("checked above");
+            let private = format!("%kiln_private_{}", name.trim_start_matches('%'));
+            let _ = std::fmt::Write::write_fmt(
+                &mut out,
+                format_args!(
+                    "{indent}{private} = alloca {rest}, addrspace(5)\n{indent}{name} = addrspacecast ptr addrspace(5) {private} to ptr\n"
+                ),
+            );
+            continue;
+        }
+        out.push_str(&line);
+        out.push('\n');
+    }
+    Ok(out)
+}
+
+/// Parses `ir`, stamps the chip, marks each kernel's data pointers `noalias` (a kernel's
+/// outputs never overlap its inputs or each other), verifies, runs `default<O3>` and verifies
+/// again.
+fn optimize<'c>(
+    ctx: &'c inkwell::context::Context,
+    ir: &str,
+    tm: &inkwell::targets::TargetMachine,
+) -> Result<inkwell::module::Module<'c>, TargetError> {
+    use inkwell::attributes::AttributeLoc;
+    use inkwell::memory_buffer::MemoryBuffer;
+    use inkwell::passes::PassBuilderOptions;
+    let buf = MemoryBuffer::create_from_memory_range_copy(ir.as_bytes(), "kiln_gpu");
+    let module = ctx.create_module_from_ir(buf).map_err(|e| codegen(format!("GPU LLVM IR does not parse: {e}")))?;
+    module.set_triple(&tm.get_triple());
+    module.set_data_layout(&tm.get_target_data().get_data_layout());
+    let noalias = ctx.create_enum_attribute(inkwell::attributes::Attribute::get_named_enum_kind_id("noalias"), 0);
+    for f in module.get_functions().filter(|f| f.count_basic_blocks() > 0) {
+        // Each memref is (allocated pointer, aligned pointer, offset, sizes, strides): the
+        // aligned pointer, every second pointer, is the one accessed.
+        let pointers: Vec<u32> =
+            f.get_param_iter().enumerate().filter(|(_, p)| p.is_pointer_value()).map(|(i, _)| i as u32).collect();
+        for &i in pointers.iter().skip(1).step_by(2) {
+            f.add_attribute(AttributeLoc::Param(i), noalias);
+        }
+    }
+    module.verify().map_err(|e| codegen(format!("the GPU LLVM module does not verify (a kiln bug): {e}")))?;
+    module
+        .run_passes("default<O3>", tm, PassBuilderOptions::create())
+        .map_err(|e| codegen(format!("LLVM optimization failed: {e}")))?;
+    module.verify().map_err(|e| codegen(format!("the optimized GPU module does not verify (a kiln bug): {e}")))?;
+    Ok(module)
+}
+
+/// A kernel argument: one buffer, passed as a strided memref descriptor of `params` scalars
+/// (allocated pointer, aligned pointer, offset, `rank` sizes, `rank` strides; 64-bit each).
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct ArgLayout {
+    /// Position among the kernel's buffers (inputs first).
+    pub index: usize,
+    pub name: String,
+    /// `input` or `output`.
+    pub role: &'static str,
+    /// For an input, the graph op's operand it binds.
+    pub operand: Option<usize>,
+    /// Element type in memory: `f32`, or `i8` for a bool tensor (one byte, 0 or 1).
+    pub dtype: String,
+    /// Dims: a number, or a symbol's name.
+    pub shape: Vec<String>,
+    /// Bytes of the buffer when its shape is known.
+    pub bytes: Option<u64>,
+    /// Scalar kernel parameters this buffer takes (3 + 2·rank).
+    pub params: usize,
+}
+
+/// How to launch one kernel.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct KernelLaunch {
+    /// The kernel's name (as `kiln compile --emit kernel` lists it), node and op.
+    pub name: String,
+    pub node: String,
+    pub op: String,
+    /// The kernel function to launch (identical kernels share one) and the file it is in.
+    pub function: String,
+    pub file: String,
+    /// The ELF object (rocm).
+    pub object: Option<String>,
+    /// Threads the launch needs: the shared parallel loop's extent (an expression of the
+    /// buffers' dims, `dim(%b, axis)`), and its value when the shapes are known.
+    pub threads: String,
+    pub threads_known: Option<u64>,
+    /// Whether the threads split the kernel's work (else one thread runs it whole).
+    pub parallel: bool,
+    /// Grid and block (x, y, z); the grid is `ceil(threads / block.x)` blocks, `None` while
+    /// the threads depend on a symbolic dim.
+    pub grid: Option<[u64; 3]>,
+    pub block: [u64; 3],
+    /// Shared memory per block (static; kiln's kernels use none yet).
+    pub shared_bytes: u64,
+    /// Each thread's local buffers (on its stack): bytes when known, else the expressions.
+    pub local_bytes: Option<u64>,
+    pub locals: Vec<String>,
+    /// The buffers in parameter order.
+    pub args: Vec<ArgLayout>,
+    /// Total scalar parameters.
+    pub params: usize,
+}
+
+/// What a compiled model directory holds (`manifest.json`).
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct Manifest {
+    pub target: &'static str,
+    pub arch: String,
+    pub triple: &'static str,
+    /// Kernels in program order.
+    pub kernels: Vec<KernelLaunch>,
+    /// Kernels that run on the host's reference implementation (not lowered yet).
+    pub host_kernels: Vec<HostKernelEntry>,
+}
+
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct HostKernelEntry {
+    pub name: String,
+    pub node: String,
+    pub op: String,
+    pub why: String,
+}
+
+/// The value of `i` when every dim it reads is known.
+pub fn static_idx(i: &Idx, k: &Kernel) -> Option<i64> {
+    let s = |x: &Idx| static_idx(x, k);
+    Some(match i {
+        Idx::Var(_) => return None,
+        Idx::Const(c) => *c,
+        Idx::Dim { buf, axis } => match k.buffers.get(*buf)?.shape.get(*axis)? {
+            Dim::Known(n) => *n as i64,
+            Dim::Sym(_) => return None,
+        },
+        Idx::Add(a, b) => s(a)? + s(b)?,
+        Idx::Sub(a, b) => s(a)? - s(b)?,
+        Idx::Mul(a, b) => s(a)? * s(b)?,
+        Idx::Div(a, b) => s(a)?.checked_div(s(b)?)?,
+        Idx::Rem(a, b) => s(a)?.checked_rem(s(b)?)?,
+        Idx::Min(a, b) => s(a)?.min(s(b)?),
+        Idx::Max(a, b) => s(a)?.max(s(b)?),
+        Idx::ZeroIfOne(a, b) => {
+            if s(a)? == 1 {
+                0
+            } else {
+                s(b)?
+            }
+        }
+    })
+}
+
+/// The launch of kernel `k` (compiled as `function` in `file`).
+pub fn launch_of(k: &Kernel, arch: &GpuArch, function: &str, file: &str, object: Option<String>) -> KernelLaunch {
+    let extent = native::gpu_launch_extent(k);
+    let (threads, threads_known) = match extent {
+        Some(e) => (e.to_string(), static_idx(e, k).map(|n| n.max(0) as u64)),
+        None => ("1".to_string(), Some(1)),
+    };
+    let (grid, block) = match threads_known {
+        Some(n) => {
+            let block = BLOCK.min(n.div_ceil(arch.warp()).max(1) * arch.warp());
+            (Some([n.div_ceil(block).max(1), 1, 1]), block)
+        }
+        None => (None, BLOCK),
+    };
+    let block = if extent.is_none() { 1 } else { block };
+    let args: Vec<ArgLayout> = k
+        .buffers
+        .iter()
+        .enumerate()
+        .map(|(i, b)| {
+            let elem = if b.dtype == DType::Bool { 1 } else { 4 };
+            let known: Option<u64> = b
+                .shape
+                .iter()
+                .map(|d| match d {
+                    Dim::Known(n) => Some(*n),
+                    Dim::Sym(_) => None,
+                })
+                .product();
+            ArgLayout {
+                index: i,
+                name: b.name.clone(),
+                role: if i < k.inputs { "input" } else { "output" },
+                operand: k.operands.get(i).copied().filter(|_| i < k.inputs),
+                dtype: if b.dtype == DType::Bool { "i8".into() } else { "f32".into() },
+                shape: b.shape.iter().map(|d| d.to_string()).collect(),
+                bytes: known.map(|n| n * elem),
+                params: 3 + 2 * b.shape.len(),
+            }
+        })
+        .collect();
+    let local_sizes: Vec<Option<i64>> =
+        k.locals.iter().map(|l| l.size.iter().map(|d| static_idx(d, k)).product::<Option<i64>>()).collect();
+    KernelLaunch {
+        name: k.name.clone(),
+        node: String::new(),
+        op: String::new(),
+        function: function.to_string(),
+        file: file.to_string(),
+        object,
+        threads,
+        threads_known,
+        parallel: extent.is_some(),
+        grid: if extent.is_none() { Some([1, 1, 1]) } else { grid },
+        block: [block, 1, 1],
+        shared_bytes: 0,
+        local_bytes: local_sizes.iter().map(|n| n.map(|n| 4 * n.max(0) as u64)).sum(),
+        locals: k
+            .locals
+            .iter()
+            .map(|l| {
+                let dims: Vec<String> = l.size.iter().map(|d| d.to_string()).collect();
+                format!("{}: f32[{}]", l.name, dims.join(", "))
+            })
+            .collect(),
+        params: args.iter().map(|a| a.params).sum(),
+        args,
+    }
+}
+
+/// A model compiled for a GPU: each kernel's code and launch, the host kernels.
+pub struct GpuProgram {
+    pub arch: GpuArch,
+    /// Unique kernel functions with their code, in first-use order.
+    pub functions: Vec<(String, GpuCode)>,
+    /// The lowered kernels in program order (the manifest's `kernels`, same order).
+    pub kernels: Vec<Kernel>,
+    pub manifest: Manifest,
+}
+
+/// Lowers every kernel of `m` (a fused graph) with the GPU [`schedule`] (tuned ones from
+/// `tuned`) and compiles each distinct kernel for `arch`.
+pub fn compile_model(m: &Module, arch: &GpuArch, tuned: &crate::Tuned) -> Result<GpuProgram, TargetError> {
+    let schedules = Schedules { default: schedule(), tuned: tuned.clone() };
+    let options = mlir_options(arch);
+    let mut functions: Vec<(String, GpuCode)> = Vec::new();
+    let mut by_body: HashMap<String, usize> = HashMap::new();
+    let mut kernels = Vec::new();
+    let mut launches = Vec::new();
+    let mut host = Vec::new();
+    for (o, name) in native::launched_kernels(m) {
+        let op = m.op(o);
+        match lower(m, o, &name, &schedules.for_op(m, o)) {
+            Ok(k) => {
+                let key = format!("{:?}", Kernel { name: String::new(), ..k.clone() });
+                let f = match by_body.get(&key) {
+                    Some(&f) => f,
+                    None => {
+                        let code = compile_funcs(&native::to_gpu_func(&k, options), arch)
+                            .map_err(|e| codegen(format!("kernel {name} (node '{}'): {e}", op.node_name())))?;
+                        functions.push((k.name.clone(), code));
+                        by_body.insert(key, functions.len() - 1);
+                        functions.len() - 1
+                    }
+                };
+                let function = functions[f].0.clone();
+                let object = (arch.family == Family::Rocm).then(|| format!("{function}.o"));
+                let mut l = launch_of(&k, arch, &function, &format!("{function}.{}", arch.code_ext()), object);
+                l.node = op.node_name().to_string();
+                l.op = op.op_type().to_string();
+                launches.push(l);
+                kernels.push(k);
+            }
+            Err(why) => {
+                host.push(HostKernelEntry { name, node: op.node_name().to_string(), op: op.op_type().to_string(), why })
+            }
+        }
+    }
+    let manifest = Manifest {
+        target: arch.family.name(),
+        arch: arch.chip.clone(),
+        triple: arch.triple(),
+        kernels: launches,
+        host_kernels: host,
+    };
+    Ok(GpuProgram { arch: arch.clone(), functions, kernels, manifest })
+}
+
+/// The `gpu.func` kernels of `m`'s kernels for `arch` (what `kiln compile --emit mlir`
+/// prints for cuda and rocm), a comment for each host kernel.
+pub fn gpu_mlir(m: &Module, arch: &GpuArch, tuned: &crate::Tuned) -> String {
+    stage_text(m, tuned, |k| native::to_gpu_func(k, mlir_options(arch)))
+}
+
+/// `m`'s kernels in the kernel dialect as the GPU schedule lowers them (`kiln compile --emit
+/// kernel` for cuda and rocm), a comment for each host kernel.
+pub fn kernel_text(m: &Module, tuned: &crate::Tuned) -> String {
+    stage_text(m, tuned, |k| k.to_string())
+}
+
+fn stage_text(m: &Module, tuned: &crate::Tuned, show: impl Fn(&Kernel) -> String) -> String {
+    let schedules = Schedules { default: schedule(), tuned: tuned.clone() };
+    let mut text = String::new();
+    for (o, name) in native::launched_kernels(m) {
+        let op = m.op(o);
+        match lower(m, o, &name, &schedules.for_op(m, o)) {
+            Ok(k) => text.push_str(&show(&k)),
+            Err(why) => text.push_str(&format!(
+                "// {name} (node '{}', {}): runs on the host: {why}\n",
+                op.node_name(),
+                op.op_type()
+            )),
+        }
+    }
+    text
+}
+
+/// The MLIR options of `arch`'s kernels: `ldexp` where the back end has it (AMDGPU).
+fn mlir_options(arch: &GpuArch) -> MlirOptions {
+    MlirOptions { ldexp: arch.family == Family::Rocm, gpu: true }
+}
+
+impl GpuProgram {
+    /// Writes each function's code (`NAME.ptx`, or `NAME.s` and `NAME.o`) and `manifest.json`
+    /// into `dir`; returns the paths written.
+    pub fn write(&self, dir: &Path) -> Result<Vec<PathBuf>, TargetError> {
+        let io = |p: &Path, e: std::io::Error| TargetError::Config(format!("{}: {e}", p.display()));
+        std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
+        let mut written = Vec::new();
+        for (name, code) in &self.functions {
+            let p = dir.join(format!("{name}.{}", self.arch.code_ext()));
+            std::fs::write(&p, &code.asm).map_err(|e| io(&p, e))?;
+            written.push(p);
+            if let Some(obj) = &code.object {
+                let p = dir.join(format!("{name}.o"));
+                std::fs::write(&p, obj).map_err(|e| io(&p, e))?;
+                written.push(p);
+            }
+        }
+        let p = dir.join("manifest.json");
+        std::fs::write(&p, self.manifest_json()).map_err(|e| io(&p, e))?;
+        written.push(p);
+        Ok(written)
+    }
+
+    /// The manifest as pretty JSON.
+    pub fn manifest_json(&self) -> String {
+        serde_json::to_string_pretty(&self.manifest).expect("the manifest serializes")
+    }
+
+    /// The host kernels as [`HostKernel`]s.
+    pub fn host_kernels(&self) -> Vec<HostKernel> {
+        self.manifest
+            .host_kernels
+            .iter()
+            .map(|h| HostKernel { name: h.name.clone(), node: h.node.clone(), op: h.op.clone(), why: h.why.clone() })
+            .collect()
+    }
+
+    /// Every function's assembly (PTX or AMDGCN), each headed by the kernels that launch it,
+    /// after a comment per host kernel: what `kiln compile --emit asm` prints.
+    pub fn assembly(&self) -> String {
+        let c = match self.arch.family {
+            Family::Cuda => "//",
+            Family::Rocm => ";",
+        };
+        let mut text = String::new();
+        for h in &self.manifest.host_kernels {
+            text.push_str(&format!(
+                "{c} {} (node '{}', {}): runs on the host's reference implementation: {}\n",
+                h.name, h.node, h.op, h.why
+            ));
+        }
+        for (name, code) in &self.functions {
+            let users: Vec<String> = self
+                .manifest
+                .kernels
+                .iter()
+                .filter(|l| &l.function == name)
+                .map(|l| match l.grid {
+                    Some(g) => format!("{} (grid {}x{}x{}, block {})", l.name, g[0], g[1], g[2], l.block[0]),
+                    None => format!("{} (threads {}, block {})", l.name, l.threads, l.block[0]),
+                })
+                .collect();
+            text.push_str(&format!("{c} ==== {name}: {}\n", users.join(", ")));
+            text.push_str(&code.asm);
+        }
+        text
+    }
+
+    /// Every function's optimized LLVM IR.
+    pub fn llvm_ir(&self) -> String {
+        self.functions.iter().map(|(_, c)| c.llvm_ir.as_str()).collect::<Vec<_>>().join("\n")
+    }
+}
+
+/// The `cuda` or `rocm` target: compiles models to GPU code ([`compile_model`]); running needs
+/// a GPU, which this build does not drive ([`Target::run`] says so).
+pub struct Gpu {
+    pub arch: GpuArch,
+    pub tuned: crate::Tuned,
+    described: Described,
+}
+
+impl Gpu {
+    pub fn new(arch: GpuArch, tuned: crate::Tuned) -> Gpu {
+        let described = match arch.family {
+            Family::Cuda => Described::cuda(),
+            Family::Rocm => Described::rocm(),
+        };
+        Gpu { arch, tuned, described }
+    }
+
+    /// Compiles a fused graph for this target's chip.
+    pub fn compile(&self, m: &Module) -> Result<GpuProgram, TargetError> {
+        compile_model(m, &self.arch, &self.tuned)
+    }
+}
+
+impl Target for Gpu {
+    fn name(&self) -> &'static str {
+        self.arch.family.name()
+    }
+
+    fn summary(&self) -> &'static str {
+        self.described.summary()
+    }
+
+    fn machine(&self) -> MachineDescription {
+        self.described.machine()
+    }
+
+    fn can_run(&self) -> bool {
+        false
+    }
+
+    fn run(&self, _: &Module, _: Vec<Tensor>) -> Result<Vec<Tensor>, TargetError> {
+        Err(TargetError::NotAvailable {
+            target: self.arch.family.name(),
+            what: "run models",
+            why: "kernels compile to GPU code (`kiln compile MODEL --target cuda|rocm -o DIR`); running them needs a GPU and its driver",
+        })
+    }
+}
