@@ -192,3 +192,63 @@ fn tuning_on_cpu_checks_candidates_and_the_api_reports_best_so_far() {
     let e = kiln::Compiler::new("cpu").tuning_db(&dir.join("missing.jsonl")).compile(&model).err().unwrap();
     assert!(e.to_string().contains("no such tuning database"), "{e}");
 }
+
+#[test]
+fn the_cpu_estimate_counts_vectors_and_spilled_register_tiles() {
+    use kiln::tune::estimate::kernel_cost;
+    use kiln_ir::kernel::{Buffer, Idx, Kernel, Knobs, Level, Stmt, UnOp, Val};
+    use kiln_ir::{DType, Dim};
+    let buf =
+        |name: &str| Buffer { name: name.into(), dtype: DType::F32, shape: vec![Dim::sym("N")], level: Level::Global };
+    let relu = Kernel {
+        name: "relu".into(),
+        buffers: vec![buf("x"), buf("y")],
+        inputs: 1,
+        operands: vec![0],
+        locals: vec![],
+        body: vec![Stmt::For {
+            var: 0,
+            extent: Idx::Dim { buf: 1, axis: 0 },
+            parallel: true,
+            body: vec![Stmt::Store {
+                buf: 1,
+                index: vec![Idx::Var(0)],
+                value: Val::Un(UnOp::Relu, Box::new(Val::Load { buf: 0, index: vec![Idx::Var(0)] })),
+            }],
+        }],
+        knobs: Knobs::default(),
+    };
+    // 1024 elements in vectors of 16: 64 loads, ops, stores and iterations.
+    let c = kernel_cost(&relu, &[vec![1024], vec![1024]], 16, 32).unwrap();
+    assert_eq!((c.loads, c.stores, c.flops, c.iterations), (64.0, 64.0, 64.0, 64.0));
+    let narrow = kernel_cost(&relu, &[vec![1024], vec![1024]], 8, 32).unwrap();
+    assert!((narrow.cycles - 2.0 * c.cycles).abs() < 1e-9);
+    assert_eq!(kernel_cost(&relu, &[vec![0], vec![0]], 16, 32).unwrap().cycles, 0.0);
+    assert!(kernel_cost(&relu, &[vec![4]], 16, 32).unwrap_err().contains("1 shapes for 2 buffers"));
+
+    // A MatMul's register tile: 8 × 2 vectors fit 32 registers; 8 × 4 vectors do not and spill.
+    let mut g = kiln::GraphBuilder::new("matmul");
+    let x = g.input("x", kiln::TensorType::new(kiln::DType::F32, vec![Dim::Known(256), Dim::Known(512)])).unwrap();
+    let w = g.constant("w", kiln::Tensor::from_f32(&[512, 512], values(512 * 512, 3)));
+    let y = g.op("MatMul", &[x, w]).unwrap();
+    g.output(y, "y").unwrap();
+    let m = kiln::Compiler::new("cpu").lower(&g.finish().unwrap()).unwrap();
+    let module = m.module();
+    let (o, name) = kiln_targets::native::launched_kernels(module).into_iter().next().unwrap();
+    let shapes = [vec![256, 512], vec![512, 512], vec![256, 512]];
+    let cost = |rows: usize, cols: usize| {
+        let s = kiln_passes::lower::Schedule {
+            matmul_mma_rows: rows,
+            mma_cols: cols,
+            ..kiln_passes::lower::Schedule::for_vectors(16, 32)
+        };
+        let k = kiln_passes::lower::lower_with(module, o, &name, &s).unwrap();
+        kernel_cost(&k, &shapes, 16, 32).unwrap()
+    };
+    let (fits, spills, small) = (cost(8, 32), cost(8, 64), cost(1, 16));
+    assert_eq!(fits.spills, 0.0);
+    assert!(spills.spills > 0.0);
+    // Every tile does the same FMAs; a 1 × 1 tile loads a B vector per FMA.
+    assert!(small.loads > 2.0 * fits.loads, "{small:?} vs {fits:?}");
+    assert!(fits.cycles < small.cycles && fits.cycles < spills.cycles, "{fits:?} {small:?} {spills:?}");
+}
