@@ -14,11 +14,18 @@
 //!   (a wrong result is a failed trial, never chosen), then timed warm: the median of at least
 //!   7 runs and 30 ms. `npu`: the kernel compiled for the NPU and simulated; the cost is
 //!   simulated cycles, outputs checked against the kernel-dialect evaluator.
-//! - **Search**: `random` samples the space; `learned` (the default) is an evolutionary search
-//!   whose candidates (mutations of the best points so far, and a few random ones) are ranked
-//!   by a cost model fitted online to this workload's measurements (ridge regression of
-//!   log-cost on the knobs' logs and squares); the best-predicted unmeasured candidate is
-//!   measured next. Both start with the default schedule.
+//! - **Search**: `random` samples the space (the baseline); `learned` (the default) is an
+//!   evolutionary search ranked by a cost model. Its pool of candidates grows each trial by
+//!   mutations of the best measured and the best predicted ones and a few random points; each
+//!   distinct kernel in it gets the target's **static estimate** (npu: [`kiln_npu::estimate`]
+//!   of the compiled program, per-pipe work with an overlap model; cpu: [`estimate`], vector
+//!   instructions by class over the loop nest), and the unmeasured candidate predicted
+//!   cheapest is measured next. The prediction is the estimate's log-ratio to the workload's
+//!   default plus a ridge correction on the estimate's parts and the knobs (as log-ratios to
+//!   the default), learned online from measured log-ratios: one model for all the workloads
+//!   of a run, plus a fit of each workload's own residuals once it has a few. Candidates the
+//!   target cannot build (the estimate fails) are never measured. Both start with the
+//!   default schedule.
 //! - **Database**: JSON lines, one record per measurement ([`Record`], ../shared/CLI.md),
 //!   appended and flushed as each is made, so an interrupted run loses nothing. A candidate
 //!   already recorded is never measured again; with `resume`, recorded trials count toward
