@@ -59,6 +59,42 @@ def curve(k, trials):
     return (b + [b[-1]] * trials)[:trials]
 
 
+def spearman(xs, ys):
+    """Spearman's rank correlation (average ranks for ties); None when a side is constant."""
+    def ranks(v):
+        order = sorted(range(len(v)), key=lambda i: v[i])
+        r = [0.0] * len(v)
+        i = 0
+        while i < len(order):
+            j = i
+            while j + 1 < len(order) and v[order[j + 1]] == v[order[i]]:
+                j += 1
+            for k in range(i, j + 1):
+                r[order[k]] = (i + j) / 2
+            i = j + 1
+        return r
+    rx, ry = ranks(xs), ranks(ys)
+    mx, my = statistics.mean(rx), statistics.mean(ry)
+    sxy = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
+    sx = sum((a - mx) ** 2 for a in rx) ** 0.5
+    sy = sum((b - my) ** 2 for b in ry) ** 0.5
+    return None if sx == 0 or sy == 0 else sxy / (sx * sy)
+
+
+def estimate_quality(runs):
+    """Per workload of the learned runs, Spearman's rho between the static estimate and the
+    measured cost of the candidates measured (at least 4 with both)."""
+    rhos = []
+    for r in runs:
+        for k in r["kernels"]:
+            pairs = [(e, c) for c, e in zip(k.get("costs", []), k.get("estimates", [])) if c is not None and e is not None]
+            if len(pairs) >= 4:
+                rho = spearman([p[0] for p in pairs], [p[1] for p in pairs])
+                if rho is not None:
+                    rhos.append(rho)
+    return rhos
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--kiln", default="target/release/kiln")
@@ -151,6 +187,12 @@ def main():
             for s in ("learned", "random"):
                 row = [statistics.mean(c[t - 1] for c in curves[s]) for t in (1, 2, 4, 8, 16, 32, 64) if t <= T]
                 lines.append(f"| {s}: mean best/default | " + " | ".join(f"{v:.3f}" for v in row) + " |")
+            rhos = estimate_quality(runs["learned"])
+            if rhos:
+                lines += ["", f"Static estimate vs measured cost, over the candidates the learned search measured: "
+                              f"Spearman's ρ per workload and seed, median {statistics.median(rhos):.2f} "
+                              f"(min {min(rhos):.2f}, max {max(rhos):.2f}, {len(rhos)} workloads × seeds). "
+                              "These candidates are the ones ranked best, so ρ is over a narrow range."]
             summary.append((name, within, len(reach)))
         else:
             lines.append("Search: no workload where random search found a gain over the default.")

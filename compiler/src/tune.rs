@@ -160,6 +160,9 @@ pub struct KernelReport {
     pub failed: usize,
     /// Best cost after each of this run's measurements, in order.
     pub best_so_far: Vec<f64>,
+    /// Each of this run's measurements: its cost (`None`: failed) and, for the learned
+    /// strategy, the static estimate's ratio to the default's (`None`: no estimate).
+    pub measured: Vec<(Option<f64>, Option<f64>)>,
     /// Why the workload was not tuned, if it was not.
     pub skipped: Option<String>,
 }
@@ -696,6 +699,7 @@ pub fn tune(
             trials: 0,
             failed: 0,
             best_so_far: Vec::new(),
+            measured: Vec::new(),
             skipped: None,
         };
         let default_kernel = match kiln_passes::lower::lower_with(m, o, &name, &base) {
@@ -822,20 +826,15 @@ pub fn tune(
             measured_here += 1;
             let cost = outcome.cost();
             seen.insert(id, cost);
+            let mut est = None;
             if opts.strategy == Strategy::Learned {
                 pool.add(cand.clone(), &space, &lower, &*measurer);
-                if std::env::var_os("KILN_TUNE_TRACE").is_some() {
-                    let x = pool.ids.get(&kernel_id(&k)).and_then(|&i| pool.cands[i].x.clone());
-                    eprintln!(
-                        "trace {name} trial {} cost {cost:?} est {:?} predicted {:?} pool {}",
-                        kr.trials,
-                        x.as_ref().map(|x| x[0].exp()),
-                        x.as_ref().map(|x| learner.predict(x).exp()),
-                        pool.cands.len()
-                    );
+                if pool.default_est.is_some() {
+                    est = pool.ids.get(&kernel_id(&k)).and_then(|&i| pool.cands[i].x.as_ref()).map(|x| x[0].exp());
                 }
                 pool.feed(&seen, &default_id, &mut learner, &mut local, &mut fed);
             }
+            kr.measured.push((cost, est));
             points.push((cand, cost));
             kr.trials += 1;
             if cost.is_none() {
@@ -1067,6 +1066,8 @@ pub fn report_json(r: &TuneReport) -> serde_json::Value {
                 "kernel": k.kernel, "instances": k.instances, "workload": k.workload, "unit": k.unit,
                 "default": k.default_cost, "best": k.best_cost, "trials": k.trials, "failed": k.failed,
                 "best_so_far": k.best_so_far, "knobs": k.best, "skipped": k.skipped,
+                "costs": k.measured.iter().map(|m| m.0).collect::<Vec<_>>(),
+                "estimates": k.measured.iter().map(|m| m.1).collect::<Vec<_>>(),
             })
         })
         .collect();
