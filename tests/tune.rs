@@ -62,6 +62,16 @@ fn tune_on_npu_writes_records_and_the_database_compiles_deterministically() {
         rs.iter().map(|r| (r.workload.clone(), serde_json::to_string(&r.knobs).unwrap())).collect();
     assert_eq!(pairs.len(), rs.len(), "a duplicated measurement");
     assert!(per_workload(&rs).values().all(|&n| (1..=12).contains(&n)));
+    // Each measurement is reported with the static estimate the learned search ranked it by
+    // (relative to the default, which is measured first).
+    for k in report["kernels"].as_array().unwrap() {
+        let (costs, est) = (k["costs"].as_array().unwrap(), k["estimates"].as_array().unwrap());
+        assert_eq!(costs.len(), est.len(), "{k}");
+        if let Some(first) = est.first() {
+            assert_eq!(first.as_f64(), Some(1.0), "{k}");
+        }
+        assert!(est.iter().all(|e| e.as_f64().is_some_and(|e| e > 0.0)), "{k}");
+    }
     // Tuning never makes a kernel worse than its default, and the model gains as a whole.
     for k in report["kernels"].as_array().unwrap() {
         if let (Some(d), Some(b)) = (k["default"].as_f64(), k["best"].as_f64()) {
