@@ -107,6 +107,7 @@ def main():
     ap.add_argument("--targets", default="npu,cpu", help="comma-separated targets to run")
     ap.add_argument("--cases", default="", help="comma-separated case ids (" + ", ".join(c[0] for c in CASES) + ")")
     ap.add_argument("--append", action="store_true", help="append to --out instead of rewriting it")
+    ap.add_argument("--raw", default="", help="also write every run's report here (JSON)")
     args = ap.parse_args()
     T = args.trials
     lines = [] if args.append else [
@@ -119,6 +120,7 @@ def main():
         "",
     ]
     summary = []
+    raw = {}
     cases = [c for c in args.cases.split(",") if c]
     unknown = [c for c in cases if c not in [x[0] for x in CASES]]
     if unknown:
@@ -135,9 +137,12 @@ def main():
         seeds = args.seeds if target == "npu" else args.cpu_seeds
         runs = {s: [run(args.kiln, path, target, flags, s, seed, T, s == "learned" and seed == 0)
                     for seed in range(seeds)] for s in ("learned", "random")}
+        raw[case] = runs
         main_run = runs["learned"][0]
         lines += [f"## {name}", "",
-                  f"Tuning took {main_run['wall_s']:.0f} s for {main_run['measured']} measurements (learned, seed 0).", "",
+                  f"Tuning took {main_run['wall_s']:.0f} s for {main_run['measured']} measurements (learned, seed 0, "
+                  f"with the whole-model figures); random search, seed 0: {runs['random'][0]['wall_s']:.0f} s for "
+                  f"{runs['random'][0]['measured']}.", "",
                   "| kernel | × | trials | default | tuned | speedup |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
         fmt = (lambda v: f"{v:.4f}") if target == "cpu" else (lambda v: f"{v:,.0f}")
         for k in main_run["kernels"]:
@@ -213,6 +218,9 @@ def main():
         lines += [f"## Summary ({', '.join(c for c in cases) or 'all cases'})", "",
                   "| case | learned reaches random's best in ≤ T/2 trials |", "| --- | ---: |"]
         lines += [f"| {n} | {w} / {t} |" for n, w, t in summary]
+    if args.raw:
+        with open(args.raw, "w") as f:
+            json.dump(raw, f)
     with open(args.out, "a" if args.append else "w") as f:
         f.write("\n".join(lines) + "\n")
     print(f"wrote {args.out}", file=sys.stderr)
