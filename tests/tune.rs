@@ -62,6 +62,16 @@ fn tune_on_npu_writes_records_and_the_database_compiles_deterministically() {
         rs.iter().map(|r| (r.workload.clone(), serde_json::to_string(&r.knobs).unwrap())).collect();
     assert_eq!(pairs.len(), rs.len(), "a duplicated measurement");
     assert!(per_workload(&rs).values().all(|&n| (1..=12).contains(&n)));
+    // Each measurement is reported with the static estimate the learned search ranked it by
+    // (relative to the default, which is measured first).
+    for k in report["kernels"].as_array().unwrap() {
+        let (costs, est) = (k["costs"].as_array().unwrap(), k["estimates"].as_array().unwrap());
+        assert_eq!(costs.len(), est.len(), "{k}");
+        if let Some(first) = est.first() {
+            assert_eq!(first.as_f64(), Some(1.0), "{k}");
+        }
+        assert!(est.iter().all(|e| e.as_f64().is_some_and(|e| e > 0.0)), "{k}");
+    }
     // Tuning never makes a kernel worse than its default, and the model gains as a whole.
     for k in report["kernels"].as_array().unwrap() {
         if let (Some(d), Some(b)) = (k["default"].as_f64(), k["best"].as_f64()) {
@@ -191,4 +201,102 @@ fn tuning_on_cpu_checks_candidates_and_the_api_reports_best_so_far() {
     assert!(e.to_string().contains("kiln tune measures on cpu"), "{e}");
     let e = kiln::Compiler::new("cpu").tuning_db(&dir.join("missing.jsonl")).compile(&model).err().unwrap();
     assert!(e.to_string().contains("no such tuning database"), "{e}");
+}
+
+#[test]
+fn the_cpu_estimate_counts_vectors_and_spilled_register_tiles() {
+    use kiln::tune::estimate::kernel_cost;
+    use kiln_ir::kernel::{Buffer, Idx, Kernel, Knobs, Level, Stmt, UnOp, Val};
+    use kiln_ir::{DType, Dim};
+    let buf =
+        |name: &str| Buffer { name: name.into(), dtype: DType::F32, shape: vec![Dim::sym("N")], level: Level::Global };
+    let relu = Kernel {
+        name: "relu".into(),
+        buffers: vec![buf("x"), buf("y")],
+        inputs: 1,
+        operands: vec![0],
+        locals: vec![],
+        body: vec![Stmt::For {
+            var: 0,
+            extent: Idx::Dim { buf: 1, axis: 0 },
+            parallel: true,
+            body: vec![Stmt::Store {
+                buf: 1,
+                index: vec![Idx::Var(0)],
+                value: Val::Un(UnOp::Relu, Box::new(Val::Load { buf: 0, index: vec![Idx::Var(0)] })),
+            }],
+        }],
+        knobs: Knobs::default(),
+    };
+    // 1024 elements in vectors of 16: 64 loads, ops, stores and iterations.
+    let c = kernel_cost(&relu, &[vec![1024], vec![1024]], 16, 32).unwrap();
+    assert_eq!((c.loads, c.stores, c.flops, c.iterations), (64.0, 64.0, 64.0, 64.0));
+    let narrow = kernel_cost(&relu, &[vec![1024], vec![1024]], 8, 32).unwrap();
+    assert!((narrow.cycles - 2.0 * c.cycles).abs() < 1e-9);
+    assert_eq!(kernel_cost(&relu, &[vec![0], vec![0]], 16, 32).unwrap().cycles, 0.0);
+    assert!(kernel_cost(&relu, &[vec![4]], 16, 32).unwrap_err().contains("1 shapes for 2 buffers"));
+
+    // A MatMul's register tile: 8 × 2 vectors fit 32 registers; 8 × 4 vectors do not and spill.
+    let mut g = kiln::GraphBuilder::new("matmul");
+    let x = g.input("x", kiln::TensorType::new(kiln::DType::F32, vec![Dim::Known(256), Dim::Known(512)])).unwrap();
+    let w = g.constant("w", kiln::Tensor::from_f32(&[512, 512], values(512 * 512, 3)));
+    let y = g.op("MatMul", &[x, w]).unwrap();
+    g.output(y, "y").unwrap();
+    let m = kiln::Compiler::new("cpu").lower(&g.finish().unwrap()).unwrap();
+    let module = m.module();
+    let (o, name) = kiln_targets::native::launched_kernels(module).into_iter().next().unwrap();
+    let shapes = [vec![256, 512], vec![512, 512], vec![256, 512]];
+    let cost = |rows: usize, cols: usize| {
+        let s = kiln_passes::lower::Schedule {
+            matmul_mma_rows: rows,
+            mma_cols: cols,
+            ..kiln_passes::lower::Schedule::for_vectors(16, 32)
+        };
+        let k = kiln_passes::lower::lower_with(module, o, &name, &s).unwrap();
+        kernel_cost(&k, &shapes, 16, 32).unwrap()
+    };
+    let (fits, spills, small) = (cost(8, 32), cost(8, 64), cost(1, 16));
+    assert_eq!(fits.spills, 0.0);
+    assert!(spills.spills > 0.0);
+    // Every tile does the same FMAs; a 1 × 1 tile loads a B vector per FMA.
+    assert!(small.loads > 2.0 * fits.loads, "{small:?} vs {fits:?}");
+    assert!(fits.cycles < small.cycles && fits.cycles < spills.cycles, "{fits:?} {small:?} {spills:?}");
+}
+
+#[test]
+fn learned_search_on_npu_is_reproducible_and_beats_random_search_in_half_the_trials() {
+    let dir = temp_dir("tune-learned");
+    let model = kiln::load_model(&gpt2()).unwrap();
+    let c = kiln::Compiler::new("npu").npu_config(kiln::NpuConfig::preset("davinci").unwrap()).lower(&model).unwrap();
+    let trials = 8;
+    let run = |db: &str, strategy| {
+        let opts = TuneOptions { db: dir.join(db), trials, strategy, seed: 0, ..TuneOptions::default() };
+        kiln::tune::tune(&c, &opts, &mut |_, _| {}).unwrap()
+    };
+    let (a, b, random) =
+        (run("a.jsonl", Strategy::Learned), run("b.jsonl", Strategy::Learned), run("r.jsonl", Strategy::Random));
+    // The same seed measures the same candidates in the same order, with the same cycles.
+    let strip = |db: &str| -> Vec<(String, String, Option<u64>)> {
+        records(&dir.join(db))
+            .into_iter()
+            .map(|r| (r.workload, serde_json::to_string(&r.knobs).unwrap(), r.result.sim_cycles))
+            .collect()
+    };
+    assert_eq!(strip("a.jsonl"), strip("b.jsonl"));
+    assert_eq!(a.measured, b.measured);
+    // Candidates the target cannot build are never measured by the learned search.
+    assert!(a.kernels.iter().all(|k| k.failed == 0), "{:?}", a.kernels.iter().map(|k| k.failed).collect::<Vec<_>>());
+    // The whole model's cycles with each kernel's best after half the learned trials are at
+    // most those with random search's best after all of them.
+    let total = |r: &kiln::tune::TuneReport, n: usize| -> f64 {
+        r.kernels
+            .iter()
+            .filter_map(|k| {
+                let b = k.best_so_far.get(n.min(k.best_so_far.len()).checked_sub(1)?)?;
+                Some(*b * k.instances as f64)
+            })
+            .sum()
+    };
+    let (learned_half, random_all) = (total(&a, trials / 2), total(&random, trials));
+    assert!(learned_half > 0.0 && learned_half <= random_all, "learned {learned_half} vs random {random_all}");
 }

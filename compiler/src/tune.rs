@@ -14,11 +14,18 @@
 //!   (a wrong result is a failed trial, never chosen), then timed warm: the median of at least
 //!   7 runs and 30 ms. `npu`: the kernel compiled for the NPU and simulated; the cost is
 //!   simulated cycles, outputs checked against the kernel-dialect evaluator.
-//! - **Search**: `random` samples the space; `learned` (the default) is an evolutionary search
-//!   whose candidates (mutations of the best points so far, and a few random ones) are ranked
-//!   by a cost model fitted online to this workload's measurements (ridge regression of
-//!   log-cost on the knobs' logs and squares); the best-predicted unmeasured candidate is
-//!   measured next. Both start with the default schedule.
+//! - **Search**: `random` samples the space (the baseline); `learned` (the default) is an
+//!   evolutionary search ranked by a cost model. Its pool of candidates grows each trial by
+//!   mutations of the best measured and the best predicted ones and a few random points; each
+//!   distinct kernel in it gets the target's **static estimate** (npu: [`kiln_npu::estimate`]
+//!   of the compiled program, per-pipe work with an overlap model; cpu: [`estimate`], vector
+//!   instructions by class over the loop nest), and the unmeasured candidate predicted
+//!   cheapest is measured next. The prediction is the estimate's log-ratio to the workload's
+//!   default plus a ridge correction on the estimate's parts and the knobs (as log-ratios to
+//!   the default), learned online from measured log-ratios: one model for all the workloads
+//!   of a run, plus a fit of each workload's own residuals once it has a few. Candidates the
+//!   target cannot build (the estimate fails) are never measured. Both start with the
+//!   default schedule.
 //! - **Database**: JSON lines, one record per measurement ([`Record`], ../shared/CLI.md),
 //!   appended and flushed as each is made, so an interrupted run loses nothing. A candidate
 //!   already recorded is never measured again; with `resume`, recorded trials count toward
@@ -26,6 +33,8 @@
 //! - **Applying**: [`load_best`] reads the database (records of the same target and machine
 //!   description hash) and gives the best schedule per workload: compiling with it is
 //!   deterministic and measures nothing.
+
+pub mod estimate;
 
 use crate::{CompiledModel, Error};
 use kiln_ir::ir::OpId;
@@ -151,6 +160,9 @@ pub struct KernelReport {
     pub failed: usize,
     /// Best cost after each of this run's measurements, in order.
     pub best_so_far: Vec<f64>,
+    /// Each of this run's measurements: its cost (`None`: failed) and, for the learned
+    /// strategy, the static estimate's ratio to the default's (`None`: no estimate).
+    pub measured: Vec<(Option<f64>, Option<f64>)>,
     /// Why the workload was not tuned, if it was not.
     pub skipped: Option<String>,
 }
@@ -425,76 +437,16 @@ impl Space {
         }
         self.random(rng)
     }
-
-    /// Features for the cost model: a bias, and per active knob a one-hot of its value and
-    /// its log2 (categorical and ordinal views of the same knob).
-    fn features(&self, s: &Schedule) -> Vec<f64> {
-        let mut f = vec![1.0];
-        for &k in &self.active {
-            let v = Space::get(s, k);
-            for u in self.values(k) {
-                f.push(if u == v { 1.0 } else { 0.0 });
-            }
-            f.push((v.max(0) as f64 + 1.0).log2());
-        }
-        f
-    }
-}
-
-/// Ridge regression of log-cost on [`Space::features`], refitted after each measurement.
-struct CostModel {
-    w: Vec<f64>,
-}
-
-impl CostModel {
-    fn fit(points: &[(Vec<f64>, f64)]) -> Option<CostModel> {
-        if points.len() < 2 {
-            return None;
-        }
-        let n = points[0].0.len();
-        // (XᵀX + λI) w = Xᵀy
-        let mut a = vec![vec![0.0; n + 1]; n];
-        for (x, y) in points {
-            for i in 0..n {
-                for j in 0..n {
-                    a[i][j] += x[i] * x[j];
-                }
-                a[i][n] += x[i] * y;
-            }
-        }
-        for (i, row) in a.iter_mut().enumerate() {
-            row[i] += 0.1;
-        }
-        // Gaussian elimination with partial pivoting.
-        for col in 0..n {
-            let piv = (col..n).max_by(|&p, &q| a[p][col].abs().total_cmp(&a[q][col].abs()))?;
-            a.swap(col, piv);
-            let d = a[col][col];
-            if d.abs() < 1e-12 {
-                return None;
-            }
-            for r in 0..n {
-                if r != col {
-                    let f = a[r][col] / d;
-                    if f != 0.0 {
-                        for c in col..=n {
-                            a[r][c] -= f * a[col][c];
-                        }
-                    }
-                }
-            }
-        }
-        Some(CostModel { w: (0..n).map(|i| a[i][n] / a[i][i]).collect() })
-    }
-
-    fn predict(&self, x: &[f64]) -> f64 {
-        self.w.iter().zip(x).map(|(w, x)| w * x).sum()
-    }
 }
 
 /// Measures candidate kernels of one workload.
 trait Measure {
     fn measure(&self, k: &Kernel) -> Result<f64, String>;
+    /// The target's static cost estimate of a candidate, without running it: its cost first,
+    /// then its parts (npu: [`kiln_npu::Estimate`]'s overlap and serial cycles and each pipe's
+    /// work; cpu: [`estimate::KernelCost`]'s counts). An error: the candidate cannot be
+    /// built for the machine (it would fail if measured).
+    fn estimate(&self, k: &Kernel) -> Result<Vec<f64>, String>;
 }
 
 /// A measurement as recorded: `cost` is simulated cycles when `in_cycles` (npu), else ms.
@@ -523,6 +475,8 @@ fn close(got: &[f32], want: &[f32]) -> Result<(), String> {
 struct CpuMeasure {
     operands: Vec<Tensor>,
     reference: Vec<Tensor>,
+    lanes: usize,
+    registers: usize,
 }
 
 impl CpuMeasure {
@@ -537,7 +491,7 @@ impl CpuMeasure {
         let k = kiln_targets::native::NativeKernel::compile(default.clone()).map_err(|e| e.to_string())?;
         let refs: Vec<&Tensor> = operands.iter().collect();
         let reference = k.run(&refs).map_err(|e| e.to_string())?;
-        Ok(CpuMeasure { operands, reference })
+        Ok(CpuMeasure { operands, reference, lanes: 1, registers: 16 })
     }
 }
 
@@ -565,6 +519,13 @@ impl Measure for CpuMeasure {
         }
         times.sort_by(f64::total_cmp);
         Ok(times[times.len() / 2])
+    }
+
+    fn estimate(&self, k: &Kernel) -> Result<Vec<f64>, String> {
+        let inputs: Vec<&Tensor> = k.operands.iter().map(|&j| &self.operands[j]).collect();
+        let mut shapes: Vec<Vec<usize>> = inputs.iter().map(|t| t.shape.clone()).collect();
+        shapes.extend(kiln_targets::native::kernel_output_shapes(k, &inputs).map_err(|e| e.to_string())?);
+        Ok(estimate::kernel_cost(k, &shapes, self.lanes, self.registers)?.to_vec())
     }
 }
 
@@ -620,6 +581,14 @@ impl Measure for NpuMeasure {
             close(g, w)?;
         }
         Ok(stats.cycles as f64)
+    }
+
+    fn estimate(&self, k: &Kernel) -> Result<Vec<f64>, String> {
+        let p = kiln_npu::compile(k, &self.shapes, &self.cfg).map_err(|e| e.to_string())?;
+        let e = kiln_npu::estimate::estimate_with(&p, &self.cfg, 50_000_000).map_err(|e| e.to_string())?;
+        let mut v = vec![e.cycles as f64, e.serial as f64];
+        v.extend(e.busy.iter().map(|&b| b as f64));
+        Ok(v)
     }
 }
 
@@ -715,6 +684,9 @@ pub fn tune(
             None => order.push((key, o, name, 1)),
         }
     }
+    // The learned search's model, shared by every workload of the run.
+    let mut learner = Learner::default();
+    let n_est = if target == "npu" { 8 } else { 7 };
     for (wi, (key, o, name, instances)) in order.into_iter().enumerate() {
         let mut kr = KernelReport {
             kernel: name.clone(),
@@ -727,6 +699,7 @@ pub fn tune(
             trials: 0,
             failed: 0,
             best_so_far: Vec::new(),
+            measured: Vec::new(),
             skipped: None,
         };
         let default_kernel = match kiln_passes::lower::lower_with(m, o, &name, &base) {
@@ -749,7 +722,11 @@ pub fn tune(
                 }
             },
             _ => match CpuMeasure::new(m, o, &default_kernel, &opts.dims, seed) {
-                Ok(x) => Box::new(x),
+                Ok(mut x) => {
+                    x.lanes = base.lanes;
+                    x.registers = machine.vector_registers as usize;
+                    Box::new(x)
+                }
                 Err(why) => {
                     kr.skipped = Some(why);
                     report.kernels.push(kr);
@@ -776,6 +753,25 @@ pub fn tune(
         }
         kr.trials = points.len();
         kr.failed = points.iter().filter(|p| p.1.is_none()).count();
+        // The learned search's candidates: the default and what the database knows first.
+        let lower = |s: &Schedule| kiln_passes::lower::lower_with(m, o, &name, s).ok();
+        let mut pool = Pool {
+            cands: Vec::new(),
+            ids: HashMap::new(),
+            default_est: measurer.estimate(&default_kernel).ok(),
+            n_est,
+        };
+        let mut local: Vec<(Vec<f64>, f64)> = Vec::new();
+        let mut fed: HashSet<String> = HashSet::new();
+        if opts.strategy == Strategy::Learned {
+            pool.add(base.clone(), &space, &lower, &*measurer);
+            for (s, _) in &points {
+                pool.add(s.clone(), &space, &lower, &*measurer);
+            }
+        }
+        if opts.strategy == Strategy::Learned {
+            pool.feed(&seen, &default_id, &mut learner, &mut local, &mut fed);
+        }
         let budget_left = if opts.resume { opts.trials.saturating_sub(points.len()) } else { opts.trials };
         let mut rng = Rng(seed);
         let mut measured_here = 0;
@@ -791,7 +787,10 @@ pub fn tune(
             } else {
                 match opts.strategy {
                     Strategy::Random => space.random(&mut rng),
-                    Strategy::Learned => next_learned(&space, &points, &mut rng, m, o, &name, &seen),
+                    Strategy::Learned => {
+                        next_learned(&space, &mut pool, &learner, &local, &seen, &mut rng, &lower, &*measurer)
+                            .unwrap_or_else(|| space.random(&mut rng))
+                    }
                 }
             };
             let Ok(k) = kiln_passes::lower::lower_with(m, o, &name, &cand) else {
@@ -827,6 +826,15 @@ pub fn tune(
             measured_here += 1;
             let cost = outcome.cost();
             seen.insert(id, cost);
+            let mut est = None;
+            if opts.strategy == Strategy::Learned {
+                pool.add(cand.clone(), &space, &lower, &*measurer);
+                if pool.default_est.is_some() {
+                    est = pool.ids.get(&kernel_id(&k)).and_then(|&i| pool.cands[i].x.as_ref()).map(|x| x[0].exp());
+                }
+                pool.feed(&seen, &default_id, &mut learner, &mut local, &mut fed);
+            }
+            kr.measured.push((cost, est));
             points.push((cand, cost));
             kr.trials += 1;
             if cost.is_none() {
@@ -850,52 +858,202 @@ pub fn tune(
     Ok(report)
 }
 
-/// The learned strategy's next candidate: mutations of the best points so far and random
-/// points, ranked by the cost model; unmeasured kernels only.
-fn next_learned(
-    space: &Space,
-    points: &[(Schedule, Option<f64>)],
-    rng: &mut Rng,
-    m: &Module,
-    o: OpId,
-    name: &str,
-    seen: &HashMap<String, Option<f64>>,
-) -> Schedule {
-    let ok: Vec<(&Schedule, f64)> = points.iter().filter_map(|(s, c)| c.map(|c| (s, c))).collect();
-    let data: Vec<(Vec<f64>, f64)> = ok.iter().map(|(s, c)| (space.features(s), c.max(1e-9).ln())).collect();
-    let model = CostModel::fit(&data);
-    // One in eight candidates is random: exploration beyond the best points' neighbourhood.
-    if rng.unit() < 0.125 {
-        return space.random(rng);
+/// A candidate of the learned search: a schedule, its kernel's identity, and its features
+/// relative to the workload's default (`None`: the target cannot build it).
+struct Cand {
+    sched: Schedule,
+    id: String,
+    x: Option<Vec<f64>>,
+}
+
+/// The learned search's state for one workload: every distinct kernel proposed so far, with
+/// its static estimate.
+struct Pool {
+    cands: Vec<Cand>,
+    ids: HashMap<String, usize>,
+    /// The default kernel's estimate (`None`: the target has none for it; ranking then uses
+    /// the knobs alone).
+    default_est: Option<Vec<f64>>,
+    /// Length of the target's estimates.
+    n_est: usize,
+}
+
+/// Features of a candidate, relative to the workload's default so that workloads share one
+/// model: the log-ratios of the static estimate's parts (the cost first), then per knob the
+/// log2-ratio of its value to the default's.
+fn features(space: &Space, s: &Schedule, est: Option<&[f64]>, default_est: Option<&[f64]>, n_est: usize) -> Vec<f64> {
+    let mut x: Vec<f64> = match (est, default_est) {
+        (Some(e), Some(d)) if e.len() == n_est && d.len() == n_est => {
+            e.iter().zip(d).map(|(a, b)| ((a + 1.0) / (b + 1.0)).ln()).collect()
+        }
+        _ => vec![0.0; n_est],
+    };
+    for k in 0..KNOBS {
+        let (v, b) = (Space::get(s, k), Space::get(&space.base, k));
+        x.push(((v.max(0) as f64 + 1.0) / (b.max(0) as f64 + 1.0)).log2());
     }
-    let mut parents: Vec<(&Schedule, f64)> = ok.clone();
-    parents.sort_by(|a, b| a.1.total_cmp(&b.1));
-    parents.truncate(5);
-    let mut pool: Vec<Schedule> = Vec::new();
-    let mut ids: HashSet<String> = HashSet::new();
-    for i in 0..64 {
-        let s = if i < 48 && !parents.is_empty() {
-            space.mutate(parents[i % parents.len()].0, rng)
-        } else {
-            space.random(rng)
+    x
+}
+
+impl Pool {
+    /// Adds `s` if it lowers to a kernel not in the pool yet, estimating it.
+    fn add(&mut self, s: Schedule, space: &Space, lower: &dyn Fn(&Schedule) -> Option<Kernel>, measurer: &dyn Measure) {
+        let Some(k) = lower(&s) else { return };
+        let id = kernel_id(&k);
+        if self.ids.contains_key(&id) {
+            return;
+        }
+        let x = match &self.default_est {
+            Some(d) => measurer.estimate(&k).ok().map(|e| features(space, &s, Some(&e), Some(d), self.n_est)),
+            None => Some(features(space, &s, None, None, self.n_est)),
         };
-        if let Ok(k) = kiln_passes::lower::lower_with(m, o, name, &s) {
-            let id = kernel_id(&k);
-            if !seen.contains_key(&id) && ids.insert(id) {
-                pool.push(s);
+        self.ids.insert(id.clone(), self.cands.len());
+        self.cands.push(Cand { sched: s, id, x });
+    }
+}
+
+impl Pool {
+    /// Measured candidates not fed yet teach the shared model and this workload's data
+    /// (`local`), once the default's cost is known.
+    fn feed(
+        &self,
+        seen: &HashMap<String, Option<f64>>,
+        default_id: &str,
+        learner: &mut Learner,
+        local: &mut Vec<(Vec<f64>, f64)>,
+        fed: &mut HashSet<String>,
+    ) {
+        let Some(Some(d)) = seen.get(default_id) else { return };
+        for c in &self.cands {
+            if let (Some(Some(cost)), Some(x)) = (seen.get(&c.id), &c.x) {
+                if fed.insert(c.id.clone()) {
+                    let y = (cost.max(1e-12) / d.max(1e-12)).ln();
+                    learner.add(x.clone(), y);
+                    local.push((x.clone(), y));
+                }
             }
         }
     }
-    // Knob values not measured yet earn an exploration bonus (in log-cost units), so the first
-    // trials cover each knob's values, then the model's prediction dominates.
-    let tried: HashSet<(usize, i64)> =
-        points.iter().flat_map(|(s, _)| space.active.iter().map(|&k| (k, Space::get(s, k)))).collect();
-    let novelty = |s: &Schedule| space.active.iter().filter(|&&k| !tried.contains(&(k, Space::get(s, k)))).count();
-    let bonus = 0.3 / (1.0 + points.len() as f64 / 4.0);
-    pool.into_iter()
-        .map(|s| (model.as_ref().map_or(0.0, |m| m.predict(&space.features(&s))) - bonus * novelty(&s) as f64, s))
-        .min_by(|a, b| a.0.total_cmp(&b.0))
-        .map_or_else(|| space.random(rng), |(_, s)| s)
+}
+
+/// The learned model: ridge regression of a measured cost's log-ratio to its workload's
+/// default, minus the static estimate's log-ratio, on [`features`]; one model for all the
+/// workloads of a run, refitted after each measurement.
+#[derive(Default)]
+struct Learner {
+    data: Vec<(Vec<f64>, f64)>,
+    w: Option<Vec<f64>>,
+}
+
+impl Learner {
+    fn add(&mut self, x: Vec<f64>, log_ratio: f64) {
+        let prior = x.first().copied().unwrap_or(0.0);
+        self.data.push((x, log_ratio - prior));
+        self.w = ridge(&self.data, 1.0);
+    }
+
+    /// Predicted log-ratio of a candidate to its workload's default.
+    fn predict(&self, x: &[f64]) -> f64 {
+        x.first().copied().unwrap_or(0.0) + self.w.as_ref().map_or(0.0, |w| dot(w, x))
+    }
+}
+
+fn dot(w: &[f64], x: &[f64]) -> f64 {
+    w.iter().zip(x).map(|(w, x)| w * x).sum()
+}
+
+/// Ridge regression without an intercept (features are relative to a default whose target is
+/// zero): solves `(XᵀX + λI) w = Xᵀy`.
+fn ridge(points: &[(Vec<f64>, f64)], lambda: f64) -> Option<Vec<f64>> {
+    let n = points.first()?.0.len();
+    if points.iter().any(|p| p.0.len() != n) {
+        return None;
+    }
+    let mut a = vec![vec![0.0; n + 1]; n];
+    for (x, y) in points {
+        for i in 0..n {
+            for j in 0..n {
+                a[i][j] += x[i] * x[j];
+            }
+            a[i][n] += x[i] * y;
+        }
+    }
+    for (i, row) in a.iter_mut().enumerate() {
+        row[i] += lambda;
+    }
+    // Gaussian elimination with partial pivoting.
+    for col in 0..n {
+        let piv = (col..n).max_by(|&p, &q| a[p][col].abs().total_cmp(&a[q][col].abs()))?;
+        a.swap(col, piv);
+        let d = a[col][col];
+        if d.abs() < 1e-12 {
+            return None;
+        }
+        for r in 0..n {
+            if r != col {
+                let f = a[r][col] / d;
+                if f != 0.0 {
+                    for c in col..=n {
+                        a[r][c] -= f * a[col][c];
+                    }
+                }
+            }
+        }
+    }
+    Some((0..n).map(|i| a[i][n] / a[i][i]).collect())
+}
+
+/// The learned strategy's next candidate: the pool grows by mutations of the best measured
+/// and the best predicted candidates and by random points (an evolutionary step), then the
+/// unmeasured candidate the model predicts cheapest is measured. The model: the static
+/// estimate, corrected by the run's shared [`Learner`] and by a ridge fit of this workload's
+/// own residuals once it has a few measurements.
+#[allow(clippy::too_many_arguments)]
+fn next_learned(
+    space: &Space,
+    pool: &mut Pool,
+    learner: &Learner,
+    local: &[(Vec<f64>, f64)],
+    seen: &HashMap<String, Option<f64>>,
+    rng: &mut Rng,
+    lower: &dyn Fn(&Schedule) -> Option<Kernel>,
+    measurer: &dyn Measure,
+) -> Option<Schedule> {
+    let local_w = if local.len() >= 3 {
+        let resid: Vec<(Vec<f64>, f64)> = local.iter().map(|(x, y)| (x.clone(), y - learner.predict(x))).collect();
+        ridge(&resid, 2.0)
+    } else {
+        None
+    };
+    let predict = |x: &[f64]| learner.predict(x) + local_w.as_ref().map_or(0.0, |w| dot(w, x));
+    let rank = |pool: &Pool, measured: bool| -> Vec<usize> {
+        let mut r: Vec<(f64, usize)> = pool
+            .cands
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| seen.contains_key(&c.id) == measured)
+            .filter_map(|(i, c)| {
+                let x = c.x.as_ref()?;
+                Some((if measured { seen[&c.id].map_or(f64::INFINITY, |v| v) } else { predict(x) }, i))
+            })
+            .collect();
+        r.sort_by(|a, b| a.0.total_cmp(&b.0));
+        r.into_iter().map(|(_, i)| i).collect()
+    };
+    // Evolve: mutations of the best measured and the best predicted, and random points.
+    let mut parents: Vec<Schedule> =
+        rank(pool, true).into_iter().take(4).map(|i| pool.cands[i].sched.clone()).collect();
+    parents.extend(rank(pool, false).into_iter().take(4).map(|i| pool.cands[i].sched.clone()));
+    let mut fresh: Vec<Schedule> = Vec::new();
+    for p in &parents {
+        fresh.extend((0..4).map(|_| space.mutate(p, rng)));
+    }
+    let randoms = if pool.cands.len() < 64 { 64 } else { 8 };
+    fresh.extend((0..randoms).map(|_| space.random(rng)));
+    for s in fresh {
+        pool.add(s, space, lower, measurer);
+    }
+    rank(pool, false).first().map(|&i| pool.cands[i].sched.clone())
 }
 
 /// A report as JSON (what `kiln tune --json` prints, without the whole-model figures).
@@ -908,6 +1066,8 @@ pub fn report_json(r: &TuneReport) -> serde_json::Value {
                 "kernel": k.kernel, "instances": k.instances, "workload": k.workload, "unit": k.unit,
                 "default": k.default_cost, "best": k.best_cost, "trials": k.trials, "failed": k.failed,
                 "best_so_far": k.best_so_far, "knobs": k.best, "skipped": k.skipped,
+                "costs": k.measured.iter().map(|m| m.0).collect::<Vec<_>>(),
+                "estimates": k.measured.iter().map(|m| m.1).collect::<Vec<_>>(),
             })
         })
         .collect();

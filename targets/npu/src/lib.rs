@@ -7,6 +7,8 @@
 //! - [`sim`]: a simulator that runs a program functionally on one core, counts cycles per
 //!   pipe with their overlap and checks that pipes touching the same memory are ordered.
 //! - [`codegen`]: [`compile`] turns a kernel-dialect kernel, at concrete shapes, into a program.
+//! - [`estimate`]: a static per-pipe cost estimate of a program (the scalar unit run alone,
+//!   no data, no simulation of the pipes), for autotuning's cost model.
 //! - [`eval`]: a plain evaluator of the kernel dialect (the oracle the tests compare with).
 //!
 //! No LLVM or MLIR: this crate builds and tests in seconds.
@@ -48,6 +50,7 @@
 
 pub mod codegen;
 pub mod config;
+pub mod estimate;
 pub mod eval;
 pub mod isa;
 pub mod math;
@@ -55,6 +58,7 @@ pub mod sim;
 
 pub use codegen::compile;
 pub use config::NpuConfig;
+pub use estimate::{estimate, Estimate};
 pub use sim::{simulate, simulate_with, SimOptions, SimStats};
 
 /// Errors of the NPU target.

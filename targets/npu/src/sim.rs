@@ -652,19 +652,13 @@ impl Sim<'_> {
                     }
                 }
                 let &(_, bw, lat) = self.path_pipe.get(&(src_level, dst_level)).ok_or_else(|| err("no path"))?;
-                let contiguous = n <= 1 || (ss == len && ds == len);
                 let bytes = (n * len) as u64 * 4;
-                let moved = if contiguous {
-                    bytes.div_ceil(DMA_GRANULE_BYTES) * DMA_GRANULE_BYTES
-                } else {
-                    n as u64 * ((len as u64 * 4).div_ceil(DMA_GRANULE_BYTES) * DMA_GRANULE_BYTES)
-                };
                 let key = format!("{}->{}", self.p.levels[s], self.p.levels[d]);
                 *self.stats.bytes.entry(key).or_insert(0) += bytes;
                 if s == 0 || d == 0 {
                     self.stats.gm_bytes += bytes;
                 }
-                Ok(if bytes == 0 { 0 } else { lat + (moved as f64 / bw).ceil() as u64 })
+                Ok(copy_cycles(n, len, ss, ds, bw, lat))
             }
             Instr::VBin { op, a_scalar, b_scalar, .. } => {
                 let [d, a, b, n, ..] = o;
@@ -687,12 +681,7 @@ impl Sim<'_> {
                 for i in 0..n as usize {
                     m[d + i] = math::binop(op, m[a + i * sa], m[b + i * sb], m[d + i]);
                 }
-                let cost = match op {
-                    VBinOp::Div => self.cfg.vector.divide_cycles,
-                    VBinOp::Pow => self.cfg.vector.transcendental_cycles,
-                    _ => 1,
-                };
-                Ok(self.vector_cost(n as u64, cost as u64, lanes))
+                Ok(self.vector_cost(n as u64, vbin_cost(self.cfg, op), lanes))
             }
             Instr::VUn { op, a_scalar, .. } => {
                 let [d, a, n, ..] = o;
@@ -714,14 +703,7 @@ impl Sim<'_> {
                         m[d + i] = math::unop(op, m[a + i]);
                     }
                 }
-                let cost = match op {
-                    VUnOp::Sqrt | VUnOp::Recip => self.cfg.vector.divide_cycles,
-                    VUnOp::Exp | VUnOp::Log | VUnOp::Tanh | VUnOp::Erf | VUnOp::Sigmoid => {
-                        self.cfg.vector.transcendental_cycles
-                    }
-                    _ => 1,
-                };
-                Ok(self.vector_cost(n as u64, cost as u64, lanes))
+                Ok(self.vector_cost(n as u64, vun_cost(self.cfg, op), lanes))
             }
             Instr::VRed { op, .. } => {
                 let [d, a, n, ..] = o;
@@ -821,10 +803,7 @@ impl Sim<'_> {
                     }
                 }
                 self.stats.macs += (m * n * k) as u64;
-                let (tm, tn, tk) = (mu.m as u64, mu.n as u64, mu.k as u64);
-                let tiles = (m as u64).div_ceil(tm) * (n as u64).div_ceil(tn) * (k as u64).div_ceil(tk);
-                let per_tile = mu.tile_cycles();
-                Ok(if m * n * k == 0 { mu.startup_cycles as u64 } else { mu.startup_cycles as u64 + tiles * per_tile })
+                Ok(mmad_cycles(mu, m as u64, n as u64, k as u64))
             }
             _ => Err(err(format!("{}: not a pipe instruction", self.text(pc)))),
         }
@@ -863,6 +842,55 @@ impl Sim<'_> {
             if self.lane_capacity == 0 { 0.0 } else { self.lane_ops as f64 / self.lane_capacity as f64 };
         s
     }
+}
+
+/// Cycles of a `copy` of `n` bursts of `len` elements (`ss`/`ds` apart at the source and the
+/// destination) on a path of `bw` bytes per cycle and `lat` cycles of latency.
+pub(crate) fn copy_cycles(n: i64, len: i64, ss: i64, ds: i64, bw: f64, lat: u64) -> u64 {
+    if n <= 0 || len <= 0 {
+        return 0;
+    }
+    let contiguous = n <= 1 || (ss == len && ds == len);
+    let bytes = (n * len) as u64 * 4;
+    let moved = if contiguous {
+        bytes.div_ceil(DMA_GRANULE_BYTES) * DMA_GRANULE_BYTES
+    } else {
+        n as u64 * ((len as u64 * 4).div_ceil(DMA_GRANULE_BYTES) * DMA_GRANULE_BYTES)
+    };
+    lat + (moved as f64 / bw).ceil() as u64
+}
+
+/// Cycles of an `mmad` of `m × n × k` on matrix unit `mu` (whole native tiles).
+pub(crate) fn mmad_cycles(mu: &crate::config::MatrixUnit, m: u64, n: u64, k: u64) -> u64 {
+    if m * n * k == 0 {
+        return mu.startup_cycles as u64;
+    }
+    let (tm, tn, tk) = (mu.m as u64, mu.n as u64, mu.k as u64);
+    let tiles = m.div_ceil(tm) * n.div_ceil(tn) * k.div_ceil(tk);
+    mu.startup_cycles as u64 + tiles * mu.tile_cycles()
+}
+
+/// Cycles of a vector op on `n` elements at `cost` cycles per repeat of `lanes`.
+pub(crate) fn vector_cycles(cfg: &NpuConfig, n: u64, cost: u64) -> u64 {
+    cfg.vector.startup_cycles as u64 + n.div_ceil(cfg.lanes()) * cost
+}
+
+/// Cycles per repeat of a binary vector op.
+pub(crate) fn vbin_cost(cfg: &NpuConfig, op: VBinOp) -> u64 {
+    (match op {
+        VBinOp::Div => cfg.vector.divide_cycles,
+        VBinOp::Pow => cfg.vector.transcendental_cycles,
+        _ => 1,
+    }) as u64
+}
+
+/// Cycles per repeat of a unary vector op.
+pub(crate) fn vun_cost(cfg: &NpuConfig, op: VUnOp) -> u64 {
+    (match op {
+        VUnOp::Sqrt | VUnOp::Recip => cfg.vector.divide_cycles,
+        VUnOp::Exp | VUnOp::Log | VUnOp::Tanh | VUnOp::Erf | VUnOp::Sigmoid => cfg.vector.transcendental_cycles,
+        _ => 1,
+    }) as u64
 }
 
 /// Two distinct memories, one shared and one mutable.
