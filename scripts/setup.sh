@@ -28,8 +28,10 @@ PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
-if ! .venv/bin/python -c 'import onnx, onnxruntime, numpy; assert onnx.__version__ == "1.23.2" and onnxruntime.__version__ == "1.32.0" and numpy.__version__.startswith("2.")' 2>/dev/null; then
-  .venv/bin/pip install -q --disable-pip-version-check "onnx==1.23.2" "onnxruntime==1.32.0" "numpy>=2,<3" pytest >&2
+# ml_dtypes is pinned too: onnx computes the expected outputs of the int4/int2 Cast node tests
+# with it, and 0.7 turns out-of-range values into 0 where 0.5 wraps them as ONNX's Cast does.
+if ! .venv/bin/python -c 'import onnx, onnxruntime, numpy, ml_dtypes; assert onnx.__version__ == "1.23.2" and onnxruntime.__version__ == "1.32.0" and numpy.__version__.startswith("2.") and ml_dtypes.__version__ == "0.5.4"' 2>/dev/null; then
+  .venv/bin/pip install -q --disable-pip-version-check "onnx==1.23.2" "onnxruntime==1.32.0" "numpy>=2,<3" "ml_dtypes==0.5.4" pytest >&2
 fi
 # maturin builds kiln's Python package (compiler/python) into the same venv.
 if ! .venv/bin/python -c 'import maturin, pytest' 2>/dev/null; then
@@ -45,12 +47,12 @@ fi
 # ONNX backend node tests (1,884 cases with onnx 1.23.2) and the `light` models, generated from
 # the installed onnx package into target/onnx-data (not committed).
 DATA=target/onnx-data
-if [ ! -f "$DATA/.done-1.23.2" ]; then
+if [ ! -f "$DATA/.done-1.23.2-mld0.5.4" ]; then
   rm -rf "$DATA"; mkdir -p "$DATA"
   .venv/bin/python scripts/gen_onnx_node_tests.py "$DATA" >&2
   .venv/bin/python -c 'import onnx, os, shutil, sys; s = os.path.join(os.path.dirname(onnx.__file__), "backend/test/data/light"); shutil.copytree(s, sys.argv[1] + "/light")' "$DATA"
   .venv/bin/python scripts/make_light_random.py "$DATA/light" "$DATA/light-random" >&2
-  touch "$DATA/.done-1.23.2"
+  touch "$DATA/.done-1.23.2-mld0.5.4" "$DATA/.done-1.23.2"
 fi
 # GPT-2 / Llama transformer blocks as exporters write them, with onnxruntime outputs. A separate
 # stamp so that machines set up before these existed get them too.
