@@ -108,6 +108,7 @@ def main():
     ap.add_argument("--cases", default="", help="comma-separated case ids (" + ", ".join(c[0] for c in CASES) + ")")
     ap.add_argument("--append", action="store_true", help="append to --out instead of rewriting it")
     ap.add_argument("--raw", default="", help="also write every run's report here (JSON)")
+    ap.add_argument("--cpu-threads", type=int, default=2, help="threads of the cpu kernels (--threads)")
     args = ap.parse_args()
     T = args.trials
     lines = [] if args.append else [
@@ -130,6 +131,8 @@ def main():
             continue
         if cases and case not in cases:
             continue
+        if target == "cpu":
+            flags = ["--threads", str(args.cpu_threads)]
         path = os.path.join(args.data, rel)
         preset = flags[1] if target == "npu" else "host"
         name = f"{label} on {target} ({preset})"

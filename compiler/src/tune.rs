@@ -486,12 +486,14 @@ impl CpuMeasure {
         default: &Kernel,
         dims: &HashMap<String, usize>,
         seed: u64,
+        sched: &Schedule,
+        registers: usize,
     ) -> Result<CpuMeasure, String> {
         let operands = operand_tensors(m, o, dims, seed)?;
         let k = kiln_targets::native::NativeKernel::compile(default.clone()).map_err(|e| e.to_string())?;
         let refs: Vec<&Tensor> = operands.iter().collect();
         let reference = k.run(&refs).map_err(|e| e.to_string())?;
-        Ok(CpuMeasure { operands, reference, lanes: 1, registers: 16 })
+        Ok(CpuMeasure { operands, reference, lanes: sched.lanes, registers })
     }
 }
 
@@ -721,18 +723,17 @@ pub fn tune(
                     continue;
                 }
             },
-            _ => match CpuMeasure::new(m, o, &default_kernel, &opts.dims, seed) {
-                Ok(mut x) => {
-                    x.lanes = base.lanes;
-                    x.registers = machine.vector_registers as usize;
-                    Box::new(x)
+            _ => {
+                match CpuMeasure::new(m, o, &default_kernel, &opts.dims, seed, &base, machine.vector_registers as usize)
+                {
+                    Ok(x) => Box::new(x),
+                    Err(why) => {
+                        kr.skipped = Some(why);
+                        report.kernels.push(kr);
+                        continue;
+                    }
                 }
-                Err(why) => {
-                    kr.skipped = Some(why);
-                    report.kernels.push(kr);
-                    continue;
-                }
-            },
+            }
         };
         space.find_active(
             &|s| kiln_passes::lower::lower_with(m, o, &name, s).ok().map(|k| kernel_id(&k)),
