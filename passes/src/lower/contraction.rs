@@ -13,6 +13,9 @@
 //!   running over the taps' in-bounds range and the columns split into an interior where every
 //!   tap is in bounds and edge columns (index arithmetic with [`Idx::Min`]/[`Idx::Max`]: no
 //!   bounds check in the interior and no padding copy).
+//!   With [`Schedule::whole_matmul`] (a matrix unit's code generator), a batch-1, group-1,
+//!   unit-stride 2-D Conv is one whole GEMM instead (over `X` for a 1×1 Conv, else over the
+//!   im2col columns, [`Im2col`]).
 //! - MatMul (2-D and batched with broadcast batch dims) and Gemm (`transA`, `transB`, `alpha`,
 //!   `beta`, `C` broadcast, 1-D operands): rows in parallel blocks (the [`Schedule`]'s
 //!   `matmul_row_block`, 64); per block, tiles of 1024 columns and 128 values of `k`. Per tile, each
