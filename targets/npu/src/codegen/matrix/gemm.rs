@@ -192,7 +192,7 @@ impl Gen<'_> {
     /// The GEMM's form and blocking, when `m` is one.
     fn gemm_plan(&mut self, m: &Mma) -> Option<GemmPlan> {
         let mu = self.cfg.matrix.clone()?;
-        if !self.opts.matrix || m.red.len() != 1 || m.rows < 2 * mu.m as usize {
+        if !self.opts.matrix || m.red.len() != 1 || m.rows < mu.m as usize {
             return None;
         }
         let (kv, ke) = &m.red[0];
