@@ -13,6 +13,9 @@
 //!   running over the taps' in-bounds range and the columns split into an interior where every
 //!   tap is in bounds and edge columns (index arithmetic with [`Idx::Min`]/[`Idx::Max`]: no
 //!   bounds check in the interior and no padding copy).
+//!   With [`Schedule::whole_matmul`] (a matrix unit's code generator), a batch-1, group-1,
+//!   unit-stride 2-D Conv is one whole GEMM instead (over `X` for a 1×1 Conv, else over the
+//!   im2col columns, [`Im2col`]).
 //! - MatMul (2-D and batched with broadcast batch dims) and Gemm (`transA`, `transB`, `alpha`,
 //!   `beta`, `C` broadcast, 1-D operands): rows in parallel blocks (the [`Schedule`]'s
 //!   `matmul_row_block`, 64); per block, tiles of 1024 columns and 128 values of `k`. Per tile, each
@@ -710,8 +713,8 @@ impl<'p, 'm> Builder<'p, 'm> {
     /// padding, else `B` the im2col columns local ([`Im2col`]: `pack; mma`, which the `npu`
     /// target forms on chip instead of materializing). Init (the bias) before, the epilogue
     /// after. `None` for other Convs, for fewer than [`WHOLE_CONV_MIN_CHANNELS`] output
-    /// channels (too few rows for a matrix unit's tile; a 1×1 Conv needs twice as many, as a
-    /// GEMM), and when `X` or `W` is not a kernel buffer.
+    /// channels (too few rows for a matrix unit's tile), and when `X` or `W` is not a kernel
+    /// buffer.
     fn conv_whole(&self, g: &ConvGeom, channels: Option<u64>) -> LowerResult<Option<(Vec<Stmt>, Vec<Local>)>> {
         let known = |i: &Idx| if let Idx::Const(v) = i.clone().simplify() { Some(v) } else { None };
         let (Some(cout), Some(1), Some(cin)) = (channels.map(|c| c as i64), known(&g.n), known(&g.cg)) else {
@@ -724,7 +727,7 @@ impl<'p, 'm> Builder<'p, 'm> {
         }
         let [h, w, oh, ow] = dims[..] else { return Ok(None) };
         let pointwise = g.kernel == [1, 1] && g.pad == [0, 0] && (h, w) == (oh, ow);
-        if cout < WHOLE_CONV_MIN_CHANNELS * if pointwise { 2 } else { 1 } || oh <= 0 || ow <= 0 {
+        if cout < WHOLE_CONV_MIN_CHANNELS || oh <= 0 || ow <= 0 {
             return Ok(None);
         }
         let acc = self.acc;

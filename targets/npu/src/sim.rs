@@ -771,10 +771,13 @@ impl Sim<'_> {
                 neg("m", m)?;
                 neg("n", n)?;
                 neg("k", k)?;
+                let size = |x: i64, y: i64| {
+                    x.checked_mul(y).ok_or_else(|| err(format!("#{pc}: mmad of {m}x{n}x{k} is too large")))
+                };
                 let (pa, pb, pc_) = (
-                    Pattern::contiguous(la, a, m * k),
-                    Pattern::contiguous(lb, b, k * n),
-                    Pattern::contiguous(lc, c, m * n),
+                    Pattern::contiguous(la, a, size(m, k)?),
+                    Pattern::contiguous(lb, b, size(k, n)?),
+                    Pattern::contiguous(lc, c, size(m, n)?),
                 );
                 for p in [&pa, &pb, &pc_] {
                     self.check(pc, p)?;

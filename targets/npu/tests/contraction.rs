@@ -12,9 +12,10 @@ use kiln_ir::ir::Module;
 use kiln_ir::kernel::Kernel;
 use kiln_ir::tensor::Tensor;
 use kiln_ir::{DType, TensorType};
+use kiln_npu::codegen::{compile_with, Options};
 use kiln_npu::eval::eval_kernel;
 use kiln_npu::isa::Pipe;
-use kiln_npu::{compile, simulate, NpuConfig, SimStats};
+use kiln_npu::{simulate, NpuConfig, SimStats};
 use kiln_passes::lower::{lower_with, Schedule};
 
 fn data(n: usize, seed: u64) -> Vec<f32> {
@@ -79,6 +80,11 @@ struct Figures {
 /// Lowers the module's op for `preset`, compiles, simulates, and checks the output against
 /// the evaluator and the interpreter.
 fn run(m: &Module, preset: &str, verbose: bool) -> Figures {
+    run_with(m, preset, verbose, &Options::default())
+}
+
+/// [`run`] with code generator options.
+fn run_with(m: &Module, preset: &str, verbose: bool, opts: &Options) -> Figures {
     let cfg = NpuConfig::preset(preset).unwrap();
     let sched = Schedule::for_machine(&cfg.machine());
     let op = *m.body.ops.last().unwrap();
@@ -104,7 +110,7 @@ fn run(m: &Module, preset: &str, verbose: bool) -> Figures {
     eval_kernel(&kernel, &shapes, &mut want).unwrap();
     let ins: Vec<Tensor> = (0..kernel.inputs).map(|i| Tensor::from_f32(&shapes[i], bufs[i].clone())).collect();
     let reference = kiln_ir::interp::run(m, ins).unwrap();
-    let p = compile(&kernel, &shapes, &cfg).unwrap_or_else(|e| panic!("{preset}: {e}\n{kernel}"));
+    let p = compile_with(&kernel, &shapes, &cfg, opts).unwrap_or_else(|e| panic!("{preset}: {e}\n{kernel}"));
     let stats = simulate(&p, &cfg, &mut bufs).unwrap_or_else(|e| panic!("{preset}: {e}"));
     let out = kernel.inputs;
     let r = reference[0].as_f32().unwrap();
@@ -190,6 +196,15 @@ fn convs_run_on_the_matrix_unit() {
             assert!(stored < 4 * k * pixels, "{name} {preset}: {stored} bytes stored to global memory");
         }
     }
+}
+
+/// The im2col form itself (the columns materialized, then the GEMM) is exact where the code
+/// generator does not fuse the pair: here with the matrix unit switched off.
+#[test]
+fn im2col_form_is_exact_without_the_matrix_unit() {
+    let m = conv(5, 20, (7, 9), 3, [1, 1, 1, 1], true);
+    let f = run_with(&m, "davinci", false, &Options { matrix: false, ..Options::default() });
+    assert_eq!(f.stats.pipe(Pipe::M).busy_cycles, 0);
 }
 
 /// The shapes (slow in debug builds: run with `--release`).
