@@ -243,7 +243,8 @@ fn assert_matches(name: &str, got: &[Tensor], want: &[Tensor], rtol: f32, atol: 
 
 /// The launch contract emulated on the host: each kernel's body run once per thread of its
 /// manifest's grid (thread t on iteration t of the shared loop, threads past it idle) gives the
-/// reference interpreter's outputs: the snapshot models and two light CNNs with random weights.
+/// reference interpreter's outputs: the snapshot models, two light CNNs with random weights and
+/// the GPT-2 block (its MatMuls a thread per output element on 2-D grids).
 #[test]
 fn gpu_launches_emulated_on_the_host_match_the_reference() {
     println!("| model | kernels | largest launch (threads) |");
@@ -255,8 +256,10 @@ fn gpu_launches_emulated_on_the_host_match_the_reference() {
         assert_matches(name, &got, &want, 1e-4, 1e-5);
         println!("| {name} | {kernels} | {largest} |");
     }
-    for name in ["light_squeezenet", "light_shufflenet"] {
-        let dir = data_dir().join("light-random").join(name);
+    for (group, name) in
+        [("light-random", "light_squeezenet"), ("light-random", "light_shufflenet"), ("transformers", "gpt2_block")]
+    {
+        let dir = data_dir().join(group).join(name);
         let m =
             kiln::load_model(&dir.join("model.onnx")).unwrap_or_else(|e| panic!("{name}: {e} (run scripts/setup.sh)"));
         let m = fused(m, "cuda");
