@@ -3,7 +3,8 @@
 //!
 //! Each kernel the `cpu` path lowers becomes a `gpu.func` kernel in a `gpu.module`
 //! ([`native::to_gpu_func`]: the same scf/memref/arith/vector body, its shared parallel loop
-//! mapped to a one-dimensional grid, one iteration per thread, threads past the extent idle).
+//! mapped to a one-dimensional grid, one iteration per thread, threads past the extent idle;
+//! a flattened `rows × cols` loop to a two-dimensional one, [`grid_cols`]).
 //! MLIR lowers the module with `convert-gpu-to-nvvm` or `convert-gpu-to-rocdl` to the LLVM
 //! dialect; its functions are translated to LLVM IR, verified, optimized at `-O3` for the
 //! chip and compiled by LLVM's NVPTX back end to PTX, or by its AMDGPU back end to AMDGCN
