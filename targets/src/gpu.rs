@@ -566,7 +566,7 @@ pub fn launch_of(k: &Kernel, arch: &GpuArch, function: &str, file: &str, object:
         // Rows of `block.x` threads (a warp, fewer for narrow rows), `BLOCK` threads a block.
         (_, Some(_), c) => {
             let bx = arch.warp().min(c.map_or(u64::MAX, |c| c.max(1).next_power_of_two()));
-            let rows = threads_known.zip(c).map(|(n, c)| if c == 0 { 0 } else { n / c });
+            let rows = threads_known.zip(c).map(|(n, c)| n.checked_div(c).unwrap_or(0));
             let by = (BLOCK / bx).min(rows.map_or(u64::MAX, |r| r.max(1).next_power_of_two()));
             let grid = rows.zip(c).map(|(r, c)| [c.div_ceil(bx).max(1), r.div_ceil(by).max(1), 1]);
             (grid, [bx, by, 1])
