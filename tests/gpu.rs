@@ -164,11 +164,20 @@ fn gpu_manifest_matches_the_model() {
     let f = k["function"].as_str().unwrap();
     let code = &p.functions.iter().find(|(n, _)| n == f).unwrap().1.asm;
     assert!(code.contains(&format!("{f}_param_25")) && !code.contains(&format!("{f}_param_26")), "{code}");
+    // The Gemm: a thread per output element on a 2-D grid (x over the 80 columns).
+    let l = &p.manifest.kernels[0];
+    assert_eq!((l.threads_known, l.cols_known), (Some(128 * 80), Some(80)), "{l:?}");
+    assert_eq!((l.grid, l.block), (Some([3, 16, 1]), [32, 8, 1]), "{l:?}");
     for l in &p.manifest.kernels {
         let threads = l.threads_known.unwrap();
         let grid = l.grid.unwrap();
-        assert!(grid[0] * l.block[0] >= threads && (grid[0] - 1) * l.block[0] < threads.max(1), "{l:?}");
-        assert_eq!(l.block[0] % 32, 0, "{l:?}");
+        let (cols, rows) = match l.cols_known {
+            Some(c) => (c, threads / c),
+            None => (threads, 1),
+        };
+        assert!(grid[0] * l.block[0] >= cols && (grid[0] - 1) * l.block[0] < cols.max(1), "{l:?}");
+        assert!(grid[1] * l.block[1] >= rows && (grid[1] - 1) * l.block[1] < rows.max(1), "{l:?}");
+        assert_eq!(l.block[0] * l.block[1] % 32, 0, "{l:?}");
     }
     // Symbolic batch: the threads are an expression of the buffers' dims, the grid open.
     let mut g = GraphBuilder::new("sym");
@@ -189,30 +198,34 @@ fn gpu_manifest_matches_the_model() {
 fn run_as_gpu(m: &Module, inputs: Vec<Tensor>) -> (Vec<Tensor>, usize, u64) {
     let arch = GpuArch::new(Family::Cuda, None).unwrap();
     let schedule = gpu::schedule();
-    let mut launches: HashMap<kiln_ir::ir::OpId, (Rc<NativeKernel>, u64)> = HashMap::new();
+    let mut launches: HashMap<kiln_ir::ir::OpId, (Rc<NativeKernel>, u64, gpu::KernelLaunch)> = HashMap::new();
     let mut compiled: HashMap<String, Rc<NativeKernel>> = HashMap::new();
     for (o, name) in kiln_targets::native::launched_kernels(m) {
         let Ok(k) = gpu::lower(m, o, &name, &schedule) else { continue };
         let launch = gpu::launch_of(&k, &arch, &name, "", None);
         let grid = launch.grid.expect("known shapes");
-        let threads = grid[0] * grid[1] * grid[2] * launch.block[0];
+        let threads = grid.iter().chain(&launch.block).product::<u64>();
         let key = format!("{:?}", kiln_ir::kernel::Kernel { name: String::new(), ..k.clone() });
         let native = compiled.entry(key).or_insert_with(|| Rc::new(NativeKernel::compile(k).unwrap())).clone();
-        launches.insert(o, (native, threads));
+        launches.insert(o, (native, threads, launch));
     }
-    let largest = launches.values().map(|(_, t)| *t).max().unwrap_or(0);
+    let largest = launches.values().map(|(_, t, _)| *t).max().unwrap_or(0);
     let omitted = Tensor::from_f32(&[0], vec![]);
     let over = |o: kiln_ir::ir::OpId, operands: &[Option<&Tensor>]| {
-        let (native, threads) = launches.get(&o)?;
+        let (native, threads, launch) = launches.get(&o)?;
         let refs: Vec<&Tensor> = operands.iter().map(|t| t.unwrap_or(&omitted)).collect();
-        Some(native.run_as_gpu(&refs, *threads).map_err(|e| kiln_ir::graph::OpError(e.to_string())).and_then(
-            |(outs, extent)| {
-                if extent > *threads as i64 {
-                    return Err(kiln_ir::graph::OpError(format!("grid of {threads} threads < extent {extent}")));
-                }
-                Ok(outs.into_iter().map(Rc::new).collect())
-            },
-        ))
+        let run = match (launch.cols_known, launch.grid) {
+            (Some(cols), Some(g)) => {
+                native.run_as_gpu_2d(&refs, [g[0], g[1]], [launch.block[0], launch.block[1]], cols as i64)
+            }
+            _ => native.run_as_gpu(&refs, *threads),
+        };
+        Some(run.map_err(|e| kiln_ir::graph::OpError(e.to_string())).and_then(|(outs, extent)| {
+            if extent > *threads as i64 {
+                return Err(kiln_ir::graph::OpError(format!("grid of {threads} threads < extent {extent}")));
+            }
+            Ok(outs.into_iter().map(Rc::new).collect())
+        }))
     };
     let (outs, _) = kiln_ir::interp::run_custom(m, inputs, &mut |_, _| {}, &over).unwrap();
     (outs, launches.len(), largest)
@@ -230,7 +243,8 @@ fn assert_matches(name: &str, got: &[Tensor], want: &[Tensor], rtol: f32, atol: 
 
 /// The launch contract emulated on the host: each kernel's body run once per thread of its
 /// manifest's grid (thread t on iteration t of the shared loop, threads past it idle) gives the
-/// reference interpreter's outputs: the snapshot models and two light CNNs with random weights.
+/// reference interpreter's outputs: the snapshot models, two light CNNs with random weights and
+/// the GPT-2 block (its MatMuls a thread per output element on 2-D grids).
 #[test]
 fn gpu_launches_emulated_on_the_host_match_the_reference() {
     println!("| model | kernels | largest launch (threads) |");
@@ -242,8 +256,10 @@ fn gpu_launches_emulated_on_the_host_match_the_reference() {
         assert_matches(name, &got, &want, 1e-4, 1e-5);
         println!("| {name} | {kernels} | {largest} |");
     }
-    for name in ["light_squeezenet", "light_shufflenet"] {
-        let dir = data_dir().join("light-random").join(name);
+    for (group, name) in
+        [("light-random", "light_squeezenet"), ("light-random", "light_shufflenet"), ("transformers", "gpt2_block")]
+    {
+        let dir = data_dir().join(group).join(name);
         let m =
             kiln::load_model(&dir.join("model.onnx")).unwrap_or_else(|e| panic!("{name}: {e} (run scripts/setup.sh)"));
         let m = fused(m, "cuda");

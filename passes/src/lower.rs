@@ -424,6 +424,18 @@ impl Lowering<'_> {
                 return Err(format!("{t} reduces from axis {first}, the kernel's rows end at axis {}", self.rows));
             }
         }
+        // A MatMul or Gemm element a kernel reads twice (an epilogue such as GELU) is the same
+        // reduction each time, which `share_reductions` then binds once.
+        let at: Vec<Idx> = idx.iter().map(|i| i.clone().simplify()).collect();
+        if matches!(t, "MatMul" | "Gemm") {
+            if let Some((.., v)) = self.windows.borrow().iter().find(|(p, i, _)| *p == o && *i == at) {
+                return Ok(v.clone());
+            }
+        }
+        let remember = |v: Val| -> LowerResult<Val> {
+            self.windows.borrow_mut().push((o, at.clone(), v.clone()));
+            Ok(v)
+        };
         let out = self.shape(v)?.to_vec();
         let x = |i: usize| op.operands.get(i).copied().flatten().ok_or_else(|| format!("{t}: operand {i} is missing"));
         let operand = |i: usize| -> LowerResult<Val> {
@@ -719,7 +731,12 @@ impl Lowering<'_> {
                 let mut ib = self.broadcast(batch, &out[..r - 2], &sb[..sb.len() - 2])?;
                 ib.extend([Idx::Var(k), j]);
                 let body = Val::Bin(BinOp::Mul, Box::new(self.value(a, &ia)?), Box::new(self.value(bm, &ib)?));
-                Ok(Val::Reduce { op: RedOp::Sum, var: k, extent: self.dim(&sa[sa.len() - 1])?, body: Box::new(body) })
+                remember(Val::Reduce {
+                    op: RedOp::Sum,
+                    var: k,
+                    extent: self.dim(&sa[sa.len() - 1])?,
+                    body: Box::new(body),
+                })
             }
             "Gemm" => {
                 // alpha · op(A)·op(B) + beta · C, A and B 2-D.
@@ -743,7 +760,7 @@ impl Lowering<'_> {
                     let c = Val::Bin(BinOp::Mul, Box::new(Val::Const(beta)), Box::new(operand(2)?));
                     y = Val::Bin(BinOp::Add, Box::new(y), Box::new(c));
                 }
-                Ok(y)
+                remember(y)
             }
             "Expand" => {
                 let a = x(0)?;

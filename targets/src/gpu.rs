@@ -3,7 +3,8 @@
 //!
 //! Each kernel the `cpu` path lowers becomes a `gpu.func` kernel in a `gpu.module`
 //! ([`native::to_gpu_func`]: the same scf/memref/arith/vector body, its shared parallel loop
-//! mapped to a one-dimensional grid, one iteration per thread, threads past the extent idle).
+//! mapped to a one-dimensional grid, one iteration per thread, threads past the extent idle;
+//! a flattened `rows × cols` loop to a two-dimensional one, [`grid_cols`]).
 //! MLIR lowers the module with `convert-gpu-to-nvvm` or `convert-gpu-to-rocdl` to the LLVM
 //! dialect; its functions are translated to LLVM IR, verified, optimized at `-O3` for the
 //! chip and compiled by LLVM's NVPTX back end to PTX, or by its AMDGPU back end to AMDGCN
@@ -147,21 +148,29 @@ fn codegen(msg: impl std::fmt::Display) -> TargetError {
 }
 
 /// The schedule GPU kernels are lowered with: each thread is a scalar core with a large
-/// register file, so register tiles of 4-lane vectors (one 16-byte load each), 8 rows; and
-/// row blocks of one tile, so that a MatMul's parallel loop has as many iterations (threads)
-/// as it can.
+/// register file, so register tiles of 4-lane vectors (one 16-byte load each), 8 rows (Conv,
+/// attention); MatMul/Gemm as one reduction per output element (`matmul_per_element`), which
+/// [`flatten`] turns into one thread per output element.
 pub fn schedule() -> Schedule {
     let mut s = Schedule::for_vectors(4, 32);
     s.matmul_row_block = s.matmul_mma_rows as i64;
     s.store_row_terms = true;
     s.whole_matmul = false;
+    s.matmul_per_element = true;
     s
 }
 
-/// Lowers kernel op `o` of `m` for a GPU: [`kiln_passes::lower::lower_with`] with `schedule`,
-/// then [`flatten`].
+/// Lowers kernel op `o` of `m` for a GPU: [`kiln_passes::lower::lower_with`] with `schedule`
+/// (MatMul/Gemm per output element, even with a tuned schedule; the accumulate form where the
+/// per-element one does not apply, e.g. a MatMul of a 1-D operand), then [`flatten`].
 pub fn lower(m: &Module, o: kiln_ir::ir::OpId, name: &str, schedule: &Schedule) -> Result<Kernel, String> {
-    kiln_passes::lower::lower_with(m, o, name, schedule).map(flatten)
+    let per_element = Schedule { matmul_per_element: true, ..schedule.clone() };
+    kiln_passes::lower::lower_with(m, o, name, &per_element)
+        .or_else(|_| {
+            let accumulate = Schedule { matmul_per_element: false, ..schedule.clone() };
+            kiln_passes::lower::lower_with(m, o, name, &accumulate)
+        })
+        .map(flatten)
 }
 
 /// More threads for a GPU: the sequential loops directly inside the kernel's shared parallel
@@ -464,10 +473,17 @@ pub struct KernelLaunch {
     pub threads_known: Option<u64>,
     /// Whether the threads split the kernel's work (else one thread runs it whole).
     pub parallel: bool,
-    /// Grid and block (x, y, z); the grid is `ceil(threads / block.x)` blocks, `None` while
-    /// the threads depend on a symbolic dim.
+    /// Grid and block (x, y, z); the grid is `ceil(threads / block.x)` blocks, or with
+    /// `cols` `ceil(cols / block.x) × ceil(threads / cols / block.y)`; `None` while the
+    /// threads depend on a symbolic dim.
     pub grid: Option<[u64; 3]>,
     pub block: [u64; 3],
+    /// For a two-dimensional grid (a flattened loop of `rows × cols` iterations, a MatMul's
+    /// output elements): the columns (the expression, and its value when known); thread
+    /// (`col`, `row`) with `col = block_id.x · block_dim.x + thread_id.x < cols` runs
+    /// iteration `row · cols + col`.
+    pub cols: Option<String>,
+    pub cols_known: Option<u64>,
     /// Shared memory per block (static; kiln's kernels use none yet).
     pub shared_bytes: u64,
     /// Each thread's local buffers (on its stack): bytes when known, else the expressions.
@@ -526,6 +542,17 @@ pub fn static_idx(i: &Idx, k: &Kernel) -> Option<i64> {
     })
 }
 
+/// The columns of `k`'s two-dimensional grid: the last factor of its shared parallel loop's
+/// extent when that is a product (a loop [`flatten`] merged, one iteration per output
+/// element: `rows × cols`, row-major) when its value is known; `None` for a
+/// one-dimensional grid.
+pub fn grid_cols(k: &Kernel) -> Option<&Idx> {
+    match native::gpu_launch_extent(k)? {
+        Idx::Mul(_, cols) if static_idx(cols, k).is_some() => Some(cols),
+        _ => None,
+    }
+}
+
 /// The launch of kernel `k` (compiled as `function` in `file`).
 pub fn launch_of(k: &Kernel, arch: &GpuArch, function: &str, file: &str, object: Option<String>) -> KernelLaunch {
     let extent = native::gpu_launch_extent(k);
@@ -533,14 +560,24 @@ pub fn launch_of(k: &Kernel, arch: &GpuArch, function: &str, file: &str, object:
         Some(e) => (e.to_string(), static_idx(e, k).map(|n| n.max(0) as u64)),
         None => ("1".to_string(), Some(1)),
     };
-    let (grid, block) = match threads_known {
-        Some(n) => {
-            let block = BLOCK.min(n.div_ceil(arch.warp()).max(1) * arch.warp());
-            (Some([n.div_ceil(block).max(1), 1, 1]), block)
+    let cols = grid_cols(k);
+    let cols_known = cols.and_then(|c| static_idx(c, k)).map(|n| n.max(0) as u64);
+    let (grid, block) = match (threads_known, cols, cols_known) {
+        // Rows of `block.x` threads (a warp, fewer for narrow rows), `BLOCK` threads a block.
+        (_, Some(_), c) => {
+            let bx = arch.warp().min(c.map_or(u64::MAX, |c| c.max(1).next_power_of_two()));
+            let rows = threads_known.zip(c).map(|(n, c)| n.checked_div(c).unwrap_or(0));
+            let by = (BLOCK / bx).min(rows.map_or(u64::MAX, |r| r.max(1).next_power_of_two()));
+            let grid = rows.zip(c).map(|(r, c)| [c.div_ceil(bx).max(1), r.div_ceil(by).max(1), 1]);
+            (grid, [bx, by, 1])
         }
-        None => (None, BLOCK),
+        (Some(n), None, _) => {
+            let block = BLOCK.min(n.div_ceil(arch.warp()).max(1) * arch.warp());
+            (Some([n.div_ceil(block).max(1), 1, 1]), [block, 1, 1])
+        }
+        (None, None, _) => (None, [BLOCK, 1, 1]),
     };
-    let block = if extent.is_none() { 1 } else { block };
+    let block = if extent.is_none() { [1, 1, 1] } else { block };
     let args: Vec<ArgLayout> = k
         .buffers
         .iter()
@@ -580,7 +617,9 @@ pub fn launch_of(k: &Kernel, arch: &GpuArch, function: &str, file: &str, object:
         threads_known,
         parallel: extent.is_some(),
         grid: if extent.is_none() { Some([1, 1, 1]) } else { grid },
-        block: [block, 1, 1],
+        block,
+        cols: cols.map(|c| c.to_string()),
+        cols_known,
         shared_bytes: 0,
         local_bytes: local_sizes.iter().map(|n| n.map(|n| 4 * n.max(0) as u64)).sum(),
         locals: k
@@ -624,7 +663,7 @@ pub fn compile_model(m: &Module, arch: &GpuArch, tuned: &crate::Tuned) -> Result
                 let f = match by_body.get(&key) {
                     Some(&f) => f,
                     None => {
-                        let code = compile_funcs(&native::to_gpu_func(&k, options), arch)
+                        let code = compile_funcs(&native::to_gpu_func(&k, options, grid_cols(&k)), arch)
                             .map_err(|e| codegen(format!("kernel {name} (node '{}'): {e}", op.node_name())))?;
                         functions.push((k.name.clone(), code));
                         by_body.insert(key, functions.len() - 1);
@@ -657,7 +696,7 @@ pub fn compile_model(m: &Module, arch: &GpuArch, tuned: &crate::Tuned) -> Result
 /// The `gpu.func` kernels of `m`'s kernels for `arch` (what `kiln compile --emit mlir`
 /// prints for cuda and rocm), a comment for each host kernel.
 pub fn gpu_mlir(m: &Module, arch: &GpuArch, tuned: &crate::Tuned) -> String {
-    stage_text(m, tuned, |k| native::to_gpu_func(k, mlir_options(arch)))
+    stage_text(m, tuned, |k| native::to_gpu_func(k, mlir_options(arch), grid_cols(k)))
 }
 
 /// `m`'s kernels in the kernel dialect as the GPU schedule lowers them (`kiln compile --emit
@@ -746,8 +785,18 @@ impl GpuProgram {
                 .iter()
                 .filter(|l| &l.function == name)
                 .map(|l| match l.grid {
+                    Some(g) if l.cols.is_some() => format!(
+                        "{} (grid {}x{}x{}, block {}x{}, {} columns)",
+                        l.name,
+                        g[0],
+                        g[1],
+                        g[2],
+                        l.block[0],
+                        l.block[1],
+                        l.cols_known.unwrap_or_default()
+                    ),
                     Some(g) => format!("{} (grid {}x{}x{}, block {})", l.name, g[0], g[1], g[2], l.block[0]),
-                    None => format!("{} (threads {}, block {})", l.name, l.threads, l.block[0]),
+                    None => format!("{} (threads {}, block {}x{})", l.name, l.threads, l.block[0], l.block[1]),
                 })
                 .collect();
             text.push_str(&format!("{c} ==== {name}: {}\n", users.join(", ")));

@@ -853,8 +853,12 @@ pub fn to_mlir_with(k: &Kernel, options: MlirOptions) -> String {
 /// `block_id.x · block_dim.x + thread_id.x` runs its iteration `lo` (`lo..min(lo + 1,
 /// extent)`: threads past the extent run none), the loops around it whole. A kernel without
 /// one runs whole in every thread it is launched with (one: [`gpu_launch_extent`] says so).
+/// With `cols` (a divisor of the extent: the loop enumerates `rows × cols` row-major, as a
+/// flattened loop does) the grid is two-dimensional instead: the thread at column
+/// `block_id.x · block_dim.x + thread_id.x` (below `cols`) and row `block_id.y · block_dim.y +
+/// thread_id.y` runs iteration `row · cols + col`.
 /// Local buffers live on each thread's stack (`memref.alloca`).
-pub fn to_gpu_func(k: &Kernel, options: MlirOptions) -> String {
+pub fn to_gpu_func(k: &Kernel, options: MlirOptions, cols: Option<&Idx>) -> String {
     let params: Vec<String> = k
         .buffers
         .iter()
@@ -869,13 +873,33 @@ pub fn to_gpu_func(k: &Kernel, options: MlirOptions) -> String {
     e.line(0, "%gpu_block_dim = gpu.block_dim x");
     e.line(0, "%gpu_thread = gpu.thread_id x");
     e.line(0, "%gpu_base = arith.muli %gpu_block, %gpu_block_dim : index");
-    e.line(0, "%lo = arith.addi %gpu_base, %gpu_thread : index");
+    let cols = cols.filter(|_| shared.is_some());
+    match cols {
+        Some(c) => {
+            e.line(0, "%gpu_col = arith.addi %gpu_base, %gpu_thread : index");
+            e.line(0, "%gpu_block_y = gpu.block_id y");
+            e.line(0, "%gpu_block_dim_y = gpu.block_dim y");
+            e.line(0, "%gpu_thread_y = gpu.thread_id y");
+            e.line(0, "%gpu_base_y = arith.muli %gpu_block_y, %gpu_block_dim_y : index");
+            e.line(0, "%gpu_row = arith.addi %gpu_base_y, %gpu_thread_y : index");
+            let c = e.idx(0, c);
+            e.line(0, &format!("%gpu_row_base = arith.muli %gpu_row, {c} : index"));
+            e.line(0, "%lo = arith.addi %gpu_row_base, %gpu_col : index");
+            e.line(0, &format!("%gpu_in_row = arith.cmpi slt, %gpu_col, {c} : index"));
+        }
+        None => e.line(0, "%lo = arith.addi %gpu_base, %gpu_thread : index"),
+    }
     e.line(0, "%gpu_one = arith.constant 1 : index");
     e.line(0, "%gpu_next = arith.addi %lo, %gpu_one : index");
+    if cols.is_some() {
+        // A column past the row's end runs nothing.
+        e.line(0, "%gpu_end = arith.select %gpu_in_row, %gpu_next, %lo : index");
+    }
     match shared {
         Some((_, _, extent)) => {
             let x = e.idx(0, extent);
-            e.line(0, &format!("%hi = arith.minsi %gpu_next, {x} : index"));
+            let end = if cols.is_some() { "%gpu_end" } else { "%gpu_next" };
+            e.line(0, &format!("%hi = arith.minsi {end}, {x} : index"));
         }
         None => e.line(0, "%hi = arith.addi %gpu_next, %gpu_one : index"),
     }
@@ -1305,6 +1329,29 @@ impl NativeKernel {
         let l = Launch::new(&self.kernel, operands, self.heavy)?;
         let extent = l.extent;
         let mut ranges = (0..threads as i64).map(|t| (t, (t + 1).min(extent)));
+        Ok((self.backend.launch_ranges(0, &l, &mut ranges)?, extent))
+    }
+
+    /// [`NativeKernel::run_as_gpu`] for a two-dimensional launch ([`to_gpu_func`] with
+    /// `cols`): `grid` × `block` threads (x, y), the one at column `col` and row `row` running
+    /// `row · cols + col..` one iteration when `col < cols` (none past the extent), block by
+    /// block, thread by thread.
+    pub fn run_as_gpu_2d(
+        &self,
+        operands: &[&Tensor],
+        grid: [u64; 2],
+        block: [u64; 2],
+        cols: i64,
+    ) -> Result<(Vec<Tensor>, i64), TargetError> {
+        let l = Launch::new(&self.kernel, operands, self.heavy)?;
+        let extent = l.extent;
+        let (gx, gy, bx, by) = (grid[0] as i64, grid[1] as i64, block[0] as i64, block[1] as i64);
+        let mut ranges = (0..gy * gx * by * bx).map(|t| {
+            let (blk, thr) = (t / (by * bx), t % (by * bx));
+            let (row, col) = ((blk / gx) * by + thr / bx, (blk % gx) * bx + thr % bx);
+            let lo = row * cols + col;
+            (lo, if col < cols { (lo + 1).min(extent) } else { lo })
+        });
         Ok((self.backend.launch_ranges(0, &l, &mut ranges)?, extent))
     }
 }

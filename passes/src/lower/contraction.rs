@@ -127,6 +127,9 @@ pub(super) fn lower(p: &Parts) -> LowerResult<Option<Kernel>> {
         p.ops.iter().copied().filter(|&o| matches!(p.m.op(o).op_type(), "Conv" | "MatMul" | "Gemm")).collect();
     let [anchor] = anchors[..] else { return Ok(None) };
     let t = p.m.op(anchor).op_type();
+    if t != "Conv" && p.sched.matmul_per_element {
+        return Ok(None);
+    }
     let built = Builder::new(p, anchor).and_then(|bd| match t {
         "Conv" => bd.conv().map(Some),
         _ => bd.matmul(),

@@ -59,6 +59,8 @@ pub struct KernelInfo {
     /// shapes then: `threads` is the kernel's parallel extent).
     pub grid: Option<[u32; 3]>,
     pub block: [u32; 3],
+    /// The columns of a two-dimensional grid (the manifest's `cols_known`).
+    pub cols: Option<u64>,
     /// Buffers: (rank, is input, f32: else one byte per element, a bool tensor).
     pub args: Vec<(usize, bool, bool)>,
     pub local_bytes: Option<u64>,
@@ -123,6 +125,7 @@ pub fn read_manifest(dir: &Path) -> Result<Vec<KernelInfo>, Error> {
                 file: s("file")?,
                 grid: three(&k["grid"]),
                 block: three(&k["block"]).ok_or_else(|| bad("block"))?,
+                cols: k["cols_known"].as_u64(),
                 args,
                 local_bytes: k["local_bytes"].as_u64(),
             })
@@ -310,7 +313,14 @@ impl CudaKernels {
             let mut params: Vec<*mut c_void> = words.iter_mut().map(|w| w as *mut u64 as *mut c_void).collect();
             let grid = match (k.grid, threads) {
                 (Some(g), _) => g,
-                (None, Some(t)) => [t.div_ceil(k.block[0] as u64).max(1) as u32, 1, 1],
+                (None, Some(t)) => match k.cols {
+                    Some(c) if c > 0 => [
+                        c.div_ceil(k.block[0] as u64).max(1) as u32,
+                        (t / c).div_ceil(k.block[1] as u64).max(1) as u32,
+                        1,
+                    ],
+                    _ => [t.div_ceil(k.block[0] as u64).max(1) as u32, 1, 1],
+                },
                 (None, None) => return Err(err(format!("kernel {}: an open grid needs the thread count", k.name))),
             };
             // SAFETY: `params` points at one value per kernel parameter, as the PTX entry
