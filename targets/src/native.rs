@@ -1126,7 +1126,27 @@ impl JitBackend {
     }
 }
 
+/// One memref descriptor per input of `l`, over the tensor's own data: f32, or bools as one
+/// byte per element, 0 or 1 (the kernel reads them as `i8`).
+fn input_memrefs(l: &Launch) -> Result<Vec<MemRef>, TargetError> {
+    l.inputs
+        .iter()
+        .map(|t| match &t.data {
+            Data::F32(d) => Ok(MemRef::new(d.as_ptr(), d.len(), &t.shape)),
+            Data::Bool(d) => Ok(MemRef::new(d.as_ptr().cast(), d.len(), &t.shape)),
+            _ => Err(TargetError::Codegen(format!("kernel {}: a {} buffer", l.kernel.name, t.dtype()))),
+        })
+        .collect()
+}
+
 impl JitBackend {
+    /// The compiled function `function` of `l`'s kernel.
+    fn entry(&self, function: usize, l: &Launch) -> Result<Entry, TargetError> {
+        self.entries.get(function).copied().ok_or_else(|| {
+            TargetError::Codegen(format!("kernel {}: no function {function} (a kiln bug)", l.kernel.name))
+        })
+    }
+
     /// Runs function `function` for `launch` once per `(lo, hi)` range of its shared parallel
     /// loop, one call after another, into outputs first filled with NaN (elements no call
     /// stores stay NaN): a GPU launch's threads emulated on the host, each thread's range as
@@ -1137,21 +1157,9 @@ impl JitBackend {
         l: &Launch,
         ranges: &mut dyn Iterator<Item = (i64, i64)>,
     ) -> Result<Vec<Tensor>, TargetError> {
-        let k = l.kernel;
-        let entry = *self
-            .entries
-            .get(function)
-            .ok_or_else(|| TargetError::Codegen(format!("kernel {}: no function {function} (a kiln bug)", k.name)))?;
+        let entry = self.entry(function, l)?;
         let mut outs: Vec<Vec<f32>> = l.outputs.iter().map(|shape| vec![f32::NAN; shape.iter().product()]).collect();
-        let mut args: Vec<MemRef> = l
-            .inputs
-            .iter()
-            .map(|t| match &t.data {
-                Data::F32(d) => Ok(MemRef::new(d.as_ptr(), d.len(), &t.shape)),
-                Data::Bool(d) => Ok(MemRef::new(d.as_ptr().cast(), d.len(), &t.shape)),
-                _ => Err(TargetError::Codegen(format!("kernel {}: a {} buffer", k.name, t.dtype()))),
-            })
-            .collect::<Result<_, _>>()?;
+        let mut args = input_memrefs(l)?;
         for (o, s) in outs.iter_mut().zip(&l.outputs) {
             args.push(MemRef::of(o, s));
         }
@@ -1171,11 +1179,7 @@ impl JitBackend {
 
 impl Backend for JitBackend {
     fn launch(&self, function: usize, l: &Launch) -> Result<Vec<Tensor>, TargetError> {
-        let k = l.kernel;
-        let entry = *self
-            .entries
-            .get(function)
-            .ok_or_else(|| TargetError::Codegen(format!("kernel {}: no function {function} (a kiln bug)", k.name)))?;
+        let entry = self.entry(function, l)?;
         let mut outs: Vec<Vec<f32>> = l
             .outputs
             .iter()
@@ -1183,16 +1187,7 @@ impl Backend for JitBackend {
             // contract), before anything reads them.
             .map(|shape| Vec::with_capacity(shape.iter().product()))
             .collect();
-        let mut args: Vec<MemRef> = l
-            .inputs
-            .iter()
-            .map(|t| match &t.data {
-                Data::F32(d) => Ok(MemRef::new(d.as_ptr(), d.len(), &t.shape)),
-                // One byte per element, 0 or 1: the kernel reads it as `i8`.
-                Data::Bool(d) => Ok(MemRef::new(d.as_ptr().cast(), d.len(), &t.shape)),
-                _ => Err(TargetError::Codegen(format!("kernel {}: a {} buffer", k.name, t.dtype()))),
-            })
-            .collect::<Result<_, _>>()?;
+        let mut args = input_memrefs(l)?;
         for (o, s) in outs.iter_mut().zip(&l.outputs) {
             args.push(MemRef::new(o.as_mut_ptr(), s.iter().product(), s));
         }
