@@ -28,6 +28,7 @@
 
 use super::super::affine;
 use super::super::{Gen, R};
+use crate::config::NpuConfig;
 use crate::isa::{Instr, Pipe, VBinOp};
 use kiln_ir::kernel::{Idx, Im2col, Mma, Stmt, Val};
 
@@ -97,6 +98,51 @@ struct Route {
     bl: usize,
     /// The accumulator's level.
     lc: usize,
+}
+
+/// Scratchpad space a blocking needs, in elements per memory level (each buffer aligned as
+/// its level requires), against what each level holds; the vector level (`v`) offers only
+/// what the kernel's own buffers leave free.
+struct Need<'c> {
+    cfg: &'c NpuConfig,
+    v: usize,
+    free_ub: u64,
+    elems: Vec<u64>,
+}
+
+impl<'c> Need<'c> {
+    fn new(gen: &Gen<'c>) -> Need<'c> {
+        let free_ub = gen.ub.cap.saturating_sub(gen.ub.top.next_multiple_of(gen.ub.align));
+        Need { cfg: gen.cfg, v: gen.vl as usize, free_ub, elems: vec![0; gen.cfg.levels.len()] }
+    }
+
+    /// `slots` buffers of `size` elements at level `l`.
+    fn put(&mut self, l: usize, slots: u64, size: u64) {
+        self.elems[l] += slots * size.next_multiple_of(self.cfg.align_elems(l));
+    }
+
+    /// What every blocking of a `bm × bn` output with `kc`-deep steps holds near the matrix
+    /// unit: A's double-buffered copy at the unit's level (when not staged there already),
+    /// the accumulators, and their vector-level copy and results.
+    fn unit_operands(&mut self, r: &Route, bm: u64, bn: u64, kc: u64) {
+        let v = self.v;
+        if r.al != r.ah {
+            self.put(r.al, 2, bm * kc);
+        }
+        self.put(r.lc, 2, bm * bn);
+        if r.lc != v {
+            self.put(v, 1, bm * bn);
+        }
+        self.put(v, 2, bm * bn);
+    }
+
+    /// Whether every level holds what it needs (global memory, level 0, is never a staging place).
+    fn fits(&self) -> bool {
+        self.elems.iter().enumerate().all(|(l, &x)| {
+            let cap = if l == self.v { self.free_ub } else { self.cfg.capacity_elems(l) };
+            x == 0 || (l != 0 && x <= cap)
+        })
+    }
 }
 
 impl Gen<'_> {
@@ -330,10 +376,8 @@ impl Gen<'_> {
     /// The best blocking that fits, by the estimated load of the busiest pipe.
     fn gemm_blocking(&self, r: &Route, m: u64, n: u64, k: u64) -> Option<Blocking> {
         let mu = self.cfg.matrix.as_ref()?;
-        let v = self.vl as usize;
         let (tm, tn, tk) = (mu.m as u64, mu.n as u64, mu.k as u64);
         let mut best: Option<(f64, Blocking)> = None;
-        let free_ub = self.ub.cap.saturating_sub(self.ub.top.next_multiple_of(self.ub.align));
         for a_resident in [true, false] {
             for bm in (1..=32).map(|i| i * tm).filter(|&x| x < m + tm) {
                 for bn in (1..=32).map(|i| i * tn).filter(|&x| x < n + tn) {
@@ -341,35 +385,20 @@ impl Gen<'_> {
                         for panels in [2, 1] {
                             for stream_slots in [2, 3, 4] {
                                 let blk = Blocking { bm, bn, kc, a_resident, panels, stream_slots };
-                                // Space per level.
-                                let mut need = vec![0u64; self.cfg.levels.len()];
-                                let mut put = |l: usize, slots: u64, size: u64| {
-                                    need[l] += slots * size.next_multiple_of(self.cfg.align_elems(l));
-                                };
+                                let mut need = Need::new(self);
                                 let nk = k.div_ceil(kc);
                                 let (res_l, str_l, res_sz, str_sz) = if a_resident {
                                     (r.ah, r.bh, bm * kc, kc * bn)
                                 } else {
                                     (r.bh, r.ah, kc * bn, bm * kc)
                                 };
-                                put(res_l, panels * nk, res_sz);
-                                put(str_l, stream_slots, str_sz);
-                                if r.al != r.ah {
-                                    put(r.al, 2, bm * kc);
-                                }
+                                need.put(res_l, panels * nk, res_sz);
+                                need.put(str_l, stream_slots, str_sz);
                                 if r.bl != r.bh {
-                                    put(r.bl, 2, kc * bn);
+                                    need.put(r.bl, 2, kc * bn);
                                 }
-                                put(r.lc, 2, bm * bn);
-                                if r.lc != v {
-                                    put(v, 1, bm * bn);
-                                }
-                                put(v, 2, bm * bn);
-                                let fits = need.iter().enumerate().all(|(l, &x)| {
-                                    let cap = if l == v { free_ub } else { self.cfg.capacity_elems(l) };
-                                    x == 0 || (l != 0 && x <= cap)
-                                });
-                                if !fits {
+                                need.unit_operands(r, bm, bn, kc);
+                                if !need.fits() {
                                     continue;
                                 }
                                 let cost = self.gemm_cost(r, &blk, m, n, k);
@@ -873,10 +902,8 @@ impl Gen<'_> {
     /// channels, blocks of whole output rows, K-chunks of whole input channels).
     fn conv_blocking(&self, r: &Route, g: &Im2col, x: i64, m: u64) -> Option<(Blocking, ConvPlan)> {
         let mu = self.cfg.matrix.as_ref()?;
-        let v = self.vl as usize;
         let taps = (g.kh * g.kw) as u64;
         let (cin, oh, ow) = (g.cin as u64, g.oh as u64, g.ow as u64);
-        let free_ub = self.ub.cap.saturating_sub(self.ub.top.next_multiple_of(self.ub.align));
         let mut best: Option<(f64, Blocking, ConvPlan)> = None;
         let mut ccs: Vec<u64> = [1, 2, 4, 8, 16, 32, 64, 128, 256].into_iter().filter(|&c| c < cin).collect();
         ccs.push(cin);
@@ -888,27 +915,13 @@ impl Gen<'_> {
                         let blk = Blocking { bm, bn, kc, a_resident: true, panels, stream_slots: 2 };
                         let cv = ConvPlan { g: g.clone(), x, rows, cc };
                         let nk = cin.div_ceil(cc);
-                        let mut need = vec![0u64; self.cfg.levels.len()];
-                        let mut put = |l: usize, slots: u64, size: u64| {
-                            need[l] += slots * size.next_multiple_of(self.cfg.align_elems(l));
-                        };
-                        put(r.ah, panels * nk, bm * kc);
-                        put(r.bh, 2, cv.strip_elems());
-                        put(r.bh, 1, cv.wp());
-                        if r.al != r.ah {
-                            put(r.al, 2, bm * kc);
-                        }
-                        put(r.bl, 2, kc * bn);
-                        put(r.lc, 2, bm * bn);
-                        if r.lc != v {
-                            put(v, 1, bm * bn);
-                        }
-                        put(v, 2, bm * bn);
-                        let fits = need.iter().enumerate().all(|(l, &x)| {
-                            let cap = if l == v { free_ub } else { self.cfg.capacity_elems(l) };
-                            x == 0 || (l != 0 && x <= cap)
-                        });
-                        if !fits {
+                        let mut need = Need::new(self);
+                        need.put(r.ah, panels * nk, bm * kc);
+                        need.put(r.bh, 2, cv.strip_elems());
+                        need.put(r.bh, 1, cv.wp());
+                        need.put(r.bl, 2, kc * bn);
+                        need.unit_operands(r, bm, bn, kc);
+                        if !need.fits() {
                             continue;
                         }
                         let cost = self.conv_cost(r, &blk, &cv, m);
