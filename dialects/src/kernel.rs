@@ -267,12 +267,22 @@ pub struct Mma {
 impl Idx {
     /// Whether loop variable `var` occurs in `self`.
     pub fn uses(&self, var: usize) -> bool {
+        self.any_var(&|v| v == var)
+    }
+
+    /// Whether any loop variable occurs in `self` (else its value depends on dims only).
+    pub fn has_vars(&self) -> bool {
+        self.any_var(&|_| true)
+    }
+
+    /// Whether a loop variable for which `pred` holds occurs in `self`.
+    pub fn any_var(&self, pred: &dyn Fn(usize) -> bool) -> bool {
         use Idx::*;
         match self {
-            Var(v) => *v == var,
+            Var(v) => pred(*v),
             Const(_) | Dim { .. } => false,
             Add(a, b) | Sub(a, b) | Mul(a, b) | Div(a, b) | Rem(a, b) | ZeroIfOne(a, b) | Min(a, b) | Max(a, b) => {
-                a.uses(var) || b.uses(var)
+                a.any_var(pred) || b.any_var(pred)
             }
         }
     }
@@ -311,6 +321,22 @@ impl Idx {
 }
 
 impl Val {
+    /// Whether loop variable `var` occurs in any index or extent of `self`.
+    pub fn uses(&self, var: usize) -> bool {
+        match self {
+            Val::Const(_) | Val::Scalar(_) => false,
+            Val::Load { index, .. } => index.iter().any(|i| i.uses(var)),
+            Val::FromIdx(i) => i.uses(var),
+            Val::Un(_, a) => a.uses(var),
+            Val::Bin(_, a, b) => a.uses(var) || b.uses(var),
+            Val::Reduce { extent, body, .. } => extent.uses(var) || body.uses(var),
+            Val::IfLess { lhs, rhs, then, other } | Val::Select { lhs, rhs, then, other } => {
+                lhs.uses(var) || rhs.uses(var) || then.uses(var) || other.uses(var)
+            }
+            Val::Where { cond, then, other } => cond.uses(var) || then.uses(var) || other.uses(var),
+        }
+    }
+
     /// `self` with loop variable `var` replaced by `by` in every index.
     pub fn subst(&self, var: usize, by: &Idx) -> Val {
         let s = |x: &Val| Box::new(x.subst(var, by));

@@ -121,22 +121,6 @@ pub fn fold_kernel(k: &Kernel, shapes: &[Vec<usize>]) -> Kernel {
     Kernel { body: k.body.iter().map(|s| map_stmt(s, &f)).collect(), ..k.clone() }
 }
 
-/// Whether `i` mentions loop variable `v`.
-pub fn mentions(i: &Idx, v: usize) -> bool {
-    match i {
-        Idx::Var(x) => *x == v,
-        Idx::Const(_) | Idx::Dim { .. } => false,
-        Idx::Add(a, b)
-        | Idx::Sub(a, b)
-        | Idx::Mul(a, b)
-        | Idx::Div(a, b)
-        | Idx::Rem(a, b)
-        | Idx::ZeroIfOne(a, b)
-        | Idx::Min(a, b)
-        | Idx::Max(a, b) => mentions(a, v) || mentions(b, v),
-    }
-}
-
 /// The inclusive range of `e`'s values, given exclusive upper bounds of the variables (each
 /// variable runs from 0); `None` when unbounded.
 pub fn range(e: &Idx, vars: &HashMap<usize, i64>) -> Option<(i64, i64)> {
@@ -226,7 +210,7 @@ impl Lin {
 
     /// Whether an atom mentions `v` (then the form is not affine in `v`).
     pub fn opaque_in(&self, v: usize) -> bool {
-        self.atoms.iter().any(|(a, _)| mentions(a, v))
+        self.atoms.iter().any(|(a, _)| a.uses(v))
     }
 
     fn add(mut self, o: Lin, sign: i64) -> Lin {

@@ -54,7 +54,7 @@ pub fn split(m: &Mma) -> Option<Vec<Mma>> {
             .iter()
             .map(|i| {
                 let i = i.subst(kx, &by);
-                if affine::mentions(&i, tap) {
+                if i.uses(tap) {
                     unclamp(&i).simplify()
                 } else {
                     i.simplify()

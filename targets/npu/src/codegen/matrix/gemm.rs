@@ -165,8 +165,8 @@ impl Gen<'_> {
         let [Stmt::For { var: jv, extent: Idx::Const(ej), body, .. }] = body.as_slice() else { return Ok(None) };
         let [Stmt::Store { buf, index, value }] = body.as_slice() else { return Ok(None) };
         // A value per row (a Conv's per-channel bias) instead of per column.
-        let per_row = val_uses(value, *rv);
-        if *buf != m.c.0 || (per_row && val_uses(value, *jv)) || val_loads(value, *buf) {
+        let per_row = value.uses(*rv);
+        if *buf != m.c.0 || (per_row && value.uses(*jv)) || val_loads(value, *buf) {
             return Ok(None);
         }
         let Some(p) = self.gemm_plan(m) else { return Ok(None) };
@@ -1095,26 +1095,6 @@ fn init_body(init: &Stmt) -> Stmt {
         Stmt::For { body, .. } => body[0].clone(),
         s => s.clone(),
     }
-}
-
-/// Whether `v` mentions loop variable `var`.
-fn val_uses(v: &Val, var: usize) -> bool {
-    let mut found = false;
-    visit(v, &mut |x| {
-        if let Val::Load { index, .. } = x {
-            found |= index.iter().any(|i| i.uses(var));
-        }
-        if let Val::FromIdx(i) = x {
-            found |= i.uses(var);
-        }
-        if let Val::Reduce { extent, .. } = x {
-            found |= extent.uses(var);
-        }
-        if let Val::IfLess { lhs, rhs, .. } | Val::Select { lhs, rhs, .. } = x {
-            found |= lhs.uses(var) || rhs.uses(var);
-        }
-    });
-    found
 }
 
 /// Whether `v` loads from buffer `buf`.

@@ -267,13 +267,13 @@ impl Gen<'_> {
         let Some(a) = pat(self, *abuf, aidx, &adims) else { return Ok(None) };
         // B[k][j]: the reduction loops, then the run of columns; B does not depend on the row.
         let Some(mut b) = pat(self, m.b.0, &m.b.1, &m.red) else { return Ok(None) };
-        if affine::mentions(&b.base, m.row) || affine::mentions(&a.base, m.row) {
+        if b.base.uses(m.row) || a.base.uses(m.row) {
             return Ok(None);
         }
         b.dims.push((m.valid.clone(), 1));
         // C[r][j].
         let Some(mut c) = pat(self, m.c.0, &m.c.1, &[(m.row, Idx::Const(m.rows as i64))]) else { return Ok(None) };
-        if red.iter().any(|v| affine::mentions(&c.base, *v)) || affine::mentions(&c.base, m.row) {
+        if red.iter().any(|v| c.base.uses(*v)) || c.base.uses(m.row) {
             return Ok(None);
         }
         let Idx::Const(ccol) = m.c_col else { return Ok(None) };
@@ -337,11 +337,11 @@ impl Gen<'_> {
         let rv = p.row.0;
         let invariant = |pat: &Pattern| {
             rv != ONE
-                && !affine::mentions(&pat.base, rv)
-                && pat.dims.iter().all(|(e, _)| !affine::mentions(e, rv))
-                && p.m.red.iter().all(|(_, e)| !affine::mentions(e, rv))
+                && !pat.base.uses(rv)
+                && pat.dims.iter().all(|(e, _)| !e.uses(rv))
+                && p.m.red.iter().all(|(_, e)| !e.uses(rv))
         };
-        let (a_inv, b_inv) = (invariant(&p.a), invariant(&p.b) && !affine::mentions(&p.m.valid, rv));
+        let (a_inv, b_inv) = (invariant(&p.a), invariant(&p.b) && !p.m.valid.uses(rv));
         let (a_res, b_res) = if p.chunk.is_some() { (false, false) } else { (a_inv, b_inv) };
         // In chunks, an invariant operand may still stay whole in the first level of its route
         // (L1), each chunk moving on from there.

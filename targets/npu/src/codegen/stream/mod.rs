@@ -302,11 +302,7 @@ impl Gen<'_> {
             }
             let (rv, _) = plan.row;
             for a in stores {
-                if rv != ONE_ROW
-                    && a.row_coef == Some(0)
-                    && !affine::mentions(&a.len, rv)
-                    && !affine::mentions(&a.base, rv)
-                    && a.guards.is_empty()
+                if rv != ONE_ROW && a.row_coef == Some(0) && !a.len.uses(rv) && !a.base.uses(rv) && a.guards.is_empty()
                 {
                     let key = a.key();
                     let li = plan.load_keys[&key];
@@ -464,7 +460,7 @@ impl Gen<'_> {
                 self.plan_val(plan, a, ctx, guards)? && self.plan_val(plan, b, ctx, guards)?
             }
             Val::FromIdx(i) => match ctx {
-                Some(c) if c.vars.iter().any(|x| affine::mentions(i, *x)) => {
+                Some(c) if c.vars.iter().any(|x| i.uses(*x)) => {
                     c.vars.len() == 1 && !affine::lin(i, &self.ranges).opaque_in(c.vars[0])
                 }
                 _ => true,
@@ -624,7 +620,7 @@ fn count_vector(v: &Val, ctx: &Ctx, counts: &mut HashMap<String, (usize, usize)>
         }
         _ => return,
     }
-    if ctx.vars.iter().any(|x| val_mentions(v, *x)) {
+    if ctx.vars.iter().any(|x| v.uses(*x)) {
         let e = counts.entry(shared_key(v, ctx)).or_insert((0, nodes(v)));
         e.0 += 1;
     }
@@ -635,22 +631,6 @@ fn nodes(v: &Val) -> usize {
         Val::Un(_, x) => 1 + nodes(x),
         Val::Bin(_, a, b) => 1 + nodes(a) + nodes(b),
         _ => 1,
-    }
-}
-
-/// Whether `v` mentions loop variable `x` in an index.
-fn val_mentions(v: &Val, x: usize) -> bool {
-    match v {
-        Val::Const(_) | Val::Scalar(_) => false,
-        Val::Load { index, .. } => index.iter().any(|i| affine::mentions(i, x)),
-        Val::FromIdx(i) => affine::mentions(i, x),
-        Val::Un(_, a) => val_mentions(a, x),
-        Val::Bin(_, a, b) => val_mentions(a, x) || val_mentions(b, x),
-        Val::Reduce { extent, body, .. } => affine::mentions(extent, x) || val_mentions(body, x),
-        Val::IfLess { lhs, rhs, then, other } | Val::Select { lhs, rhs, then, other } => {
-            affine::mentions(lhs, x) || affine::mentions(rhs, x) || val_mentions(then, x) || val_mentions(other, x)
-        }
-        Val::Where { cond, then, other } => val_mentions(cond, x) || val_mentions(then, x) || val_mentions(other, x),
     }
 }
 

@@ -1,7 +1,7 @@
 //! A stream's sizing, layout in UB, and its tile loop: the DMA parts (MTE2 in, MTE3 out) and
 //! the flags around the vector part.
 
-use super::super::{affine, restore, unsupported, Gen, Op, R};
+use super::super::{restore, unsupported, Gen, Op, R};
 use super::{Emit, Lanes, Mode, Plan, Region, CELLS};
 use crate::isa::{AluOp, Cond, Instr, Pipe};
 use kiln_ir::kernel::Stmt;
@@ -16,8 +16,7 @@ impl Gen<'_> {
         let nrows_max = self.upper(&row_extent).max(1);
         // Loads that do not depend on the row are resident (in strips, only those that do not
         // depend on the strip either).
-        let uniform =
-            |r: &Region| r.acc.row_coef == Some(0) && !affine::mentions(&r.acc.len, row_var) && r.acc.guards.is_empty();
+        let uniform = |r: &Region| r.acc.row_coef == Some(0) && !r.acc.len.uses(row_var) && r.acc.guards.is_empty();
         for r in &mut plan.loads {
             r.resident = uniform(r);
         }
@@ -365,8 +364,7 @@ impl Gen<'_> {
     fn region_dma(&mut self, e: &mut Emit, r: &Region, to_ub: bool, row0: Op, nr: Op, off: Op) -> R<()> {
         let row_var = e.plan.row.0;
         let ub = pin(self.alu_ops(AluOp::Add, off, Op::K(r.addr as i64))?);
-        let uniform =
-            !affine::mentions(&r.acc.len, row_var) && r.acc.guards.iter().all(|g| !affine::mentions(&g.base, row_var));
+        let uniform = !r.acc.len.uses(row_var) && r.acc.guards.iter().all(|g| !g.base.uses(row_var));
         if let (Mode::Rows { .. }, Some(c), true) = (e.mode, r.acc.row_coef, uniform) {
             if r.acc.stride == 1 || r.acc.stride == 0 {
                 // One 2-D copy: `nr` bursts of the row's lanes, `c` apart in global memory,

@@ -306,7 +306,7 @@ impl Gen<'_> {
                 }
             }
             Val::FromIdx(i) => match ctx {
-                Some(c) if c.vars.iter().any(|x| affine::mentions(i, *x)) => {
+                Some(c) if c.vars.iter().any(|x| i.uses(*x)) => {
                     let l = affine::lin(i, &self.ranges);
                     let step = l.coef(c.vars[0]);
                     let start = self.sidx(&l.to_idx(&c.vars))?;
