@@ -264,7 +264,86 @@ pub struct Mma {
     pub c_col: Idx,
 }
 
+/// What [`Idx::eval`] makes of a zero divisor in `/` or `%`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ByZero {
+    /// An error ([`EvalError::ByZero`]): an evaluator that runs the kernel.
+    Fail,
+    /// The value 0: an estimate that walks code whose guarded paths may divide by zero.
+    Zero,
+}
+
+/// Why [`Idx::eval`] has no value.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum EvalError {
+    /// A loop variable without a value.
+    Var(usize),
+    /// A dim without a value (no such buffer or axis, or a symbol).
+    Dim { buf: usize, axis: usize },
+    /// `/` or `%` by zero under [`ByZero::Fail`].
+    ByZero(&'static str),
+}
+
+impl std::fmt::Display for EvalError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            EvalError::Var(v) => write!(f, "loop variable i{v} has no value"),
+            EvalError::Dim { buf, axis } => write!(f, "dim({buf}, {axis}) of no buffer"),
+            EvalError::ByZero(op) => write!(f, "index {op} by zero"),
+        }
+    }
+}
+
+impl std::error::Error for EvalError {}
+
 impl Idx {
+    /// The value of `self` given the loop variables' values (`var`) and the buffers' dims
+    /// (`dim(buf, axis)`), `None` where unknown. Arithmetic wraps; `/` and `%` are Euclidean
+    /// (the same as the unsigned `divui`/`remui` code generators emit, indices being
+    /// non-negative); a zero divisor is handled as `by_zero` says. The one evaluator of the
+    /// interpreters, estimates and launch computations.
+    pub fn eval(
+        &self,
+        var: &dyn Fn(usize) -> Option<i64>,
+        dim: &dyn Fn(usize, usize) -> Option<i64>,
+        by_zero: ByZero,
+    ) -> Result<i64, EvalError> {
+        use Idx::*;
+        let e = |x: &Idx| x.eval(var, dim, by_zero);
+        let divisor = |x: &Idx, op: &'static str| -> Result<Option<i64>, EvalError> {
+            match (e(x)?, by_zero) {
+                (0, ByZero::Fail) => Err(EvalError::ByZero(op)),
+                (0, ByZero::Zero) => Ok(None),
+                (d, _) => Ok(Some(d)),
+            }
+        };
+        Ok(match self {
+            Var(v) => var(*v).ok_or(EvalError::Var(*v))?,
+            Const(c) => *c,
+            Dim { buf, axis } => dim(*buf, *axis).ok_or(EvalError::Dim { buf: *buf, axis: *axis })?,
+            Add(a, b) => e(a)?.wrapping_add(e(b)?),
+            Sub(a, b) => e(a)?.wrapping_sub(e(b)?),
+            Mul(a, b) => e(a)?.wrapping_mul(e(b)?),
+            Div(a, b) => match divisor(b, "division")? {
+                Some(d) => e(a)?.div_euclid(d),
+                None => 0,
+            },
+            Rem(a, b) => match divisor(b, "remainder")? {
+                Some(d) => e(a)?.rem_euclid(d),
+                None => 0,
+            },
+            Min(a, b) => e(a)?.min(e(b)?),
+            Max(a, b) => e(a)?.max(e(b)?),
+            ZeroIfOne(a, b) => {
+                if e(a)? == 1 {
+                    0
+                } else {
+                    e(b)?
+                }
+            }
+        })
+    }
+
     /// Whether loop variable `var` occurs in `self`.
     pub fn uses(&self, var: usize) -> bool {
         self.any_var(&|v| v == var)

@@ -5,7 +5,7 @@
 
 use crate::jit::{Entry, Jit, MemRef};
 use crate::{HostKernel, TargetError};
-use kiln_ir::kernel::{BinOp, Idx, Kernel, Mma, RedOp, Stmt, UnOp, Val};
+use kiln_ir::kernel::{BinOp, ByZero, Idx, Kernel, Mma, RedOp, Stmt, UnOp, Val};
 use kiln_ir::tensor::Data;
 use kiln_ir::{DType, Dim, Tensor};
 use kiln_passes::lower::Schedules;
@@ -974,25 +974,8 @@ const PARALLEL_MIN_ELEMENTS: usize = 1 << 15;
 /// The value of an index expression given the buffers' run-time shapes (outer loop variables
 /// do not occur in the extents this is used for).
 pub(crate) fn eval_idx(i: &Idx, shapes: &[&[usize]]) -> Option<i64> {
-    Some(match i {
-        Idx::Var(_) => return None,
-        Idx::Const(c) => *c,
-        Idx::Dim { buf, axis } => *shapes.get(*buf)?.get(*axis)? as i64,
-        Idx::Add(a, b) => eval_idx(a, shapes)? + eval_idx(b, shapes)?,
-        Idx::Sub(a, b) => eval_idx(a, shapes)? - eval_idx(b, shapes)?,
-        Idx::Mul(a, b) => eval_idx(a, shapes)? * eval_idx(b, shapes)?,
-        Idx::Div(a, b) => eval_idx(a, shapes)?.checked_div(eval_idx(b, shapes)?)?,
-        Idx::Rem(a, b) => eval_idx(a, shapes)?.checked_rem(eval_idx(b, shapes)?)?,
-        Idx::Min(a, b) => eval_idx(a, shapes)?.min(eval_idx(b, shapes)?),
-        Idx::Max(a, b) => eval_idx(a, shapes)?.max(eval_idx(b, shapes)?),
-        Idx::ZeroIfOne(a, b) => {
-            if eval_idx(a, shapes)? == 1 {
-                0
-            } else {
-                eval_idx(b, shapes)?
-            }
-        }
-    })
+    let dim = |buf: usize, axis: usize| shapes.get(buf).and_then(|s| s.get(axis)).map(|&n| n as i64);
+    i.eval(&|_| None, &dim, ByZero::Fail).ok()
 }
 
 /// Whether a statement list has a loop or reduction inside its top-level loop's body (work

@@ -7,7 +7,7 @@
 
 use crate::isa::{VBinOp, VUnOp};
 use crate::{math, NpuError};
-use kiln_ir::kernel::{BinOp, Idx, Kernel, Mma, RedOp, Stmt, UnOp, Val};
+use kiln_ir::kernel::{BinOp, ByZero, Idx, Kernel, Mma, RedOp, Stmt, UnOp, Val};
 
 /// The most loop variables a kernel may number.
 const MAX_VARS: usize = 4096;
@@ -67,42 +67,8 @@ impl Ev {
     }
 
     fn idx(&self, i: &Idx) -> Result<i64, NpuError> {
-        Ok(match i {
-            Idx::Var(v) => self.var(*v),
-            Idx::Const(c) => *c,
-            Idx::Dim { buf, axis } => *self
-                .shapes
-                .get(*buf)
-                .and_then(|s| s.get(*axis))
-                .ok_or_else(|| bad(format!("dim({buf}, {axis}) of no buffer")))?
-                as i64,
-            Idx::Add(a, b) => self.idx(a)?.wrapping_add(self.idx(b)?),
-            Idx::Sub(a, b) => self.idx(a)?.wrapping_sub(self.idx(b)?),
-            Idx::Mul(a, b) => self.idx(a)?.wrapping_mul(self.idx(b)?),
-            Idx::Div(a, b) => {
-                let d = self.idx(b)?;
-                if d == 0 {
-                    return Err(bad("index division by zero"));
-                }
-                self.idx(a)?.div_euclid(d)
-            }
-            Idx::Rem(a, b) => {
-                let d = self.idx(b)?;
-                if d == 0 {
-                    return Err(bad("index remainder by zero"));
-                }
-                self.idx(a)?.rem_euclid(d)
-            }
-            Idx::Min(a, b) => self.idx(a)?.min(self.idx(b)?),
-            Idx::Max(a, b) => self.idx(a)?.max(self.idx(b)?),
-            Idx::ZeroIfOne(a, b) => {
-                if self.idx(a)? == 1 {
-                    0
-                } else {
-                    self.idx(b)?
-                }
-            }
-        })
+        let dim = |buf: usize, axis: usize| self.shapes.get(buf).and_then(|s| s.get(axis)).map(|&n| n as i64);
+        i.eval(&|v| Some(self.var(v)), &dim, ByZero::Fail).map_err(|e| bad(e.to_string()))
     }
 
     /// The row-major flat offset of `index` in buffer `buf`, checked against its size.
