@@ -234,3 +234,175 @@ pub fn write(m: &Module, prog: &GpuProgram, dir: &Path) -> Result<(Plan, Vec<Pat
     std::fs::write(&wb, &weights).map_err(|e| io(&wb, e))?;
     Ok((plan, vec![pj, wb]))
 }
+
+/// A GPU emulated on the host, for running plans where no GPU is: memory is host memory (every
+/// allocation 64-byte aligned and filled with NaN, so that elements no kernel stores show), and
+/// a launch runs the function's kernel (JIT-compiled for the host from the same kernel dialect
+/// the PTX came from) once per thread of its grid, each thread on the iteration its `gpu.func`
+/// computes ([`crate::native::gpu_thread_ranges`]). Every descriptor a launch gets must lie in
+/// an allocation (else an error, not a stray write).
+pub struct EmulatedGpu {
+    backend: crate::native::JitBackend,
+    /// Per function name: its index in `backend`, its kernel, its grid's columns.
+    functions: HashMap<String, (usize, kiln_ir::kernel::Kernel, Option<i64>)>,
+    loaded: std::collections::HashSet<String>,
+    memory: Vec<Box<[u64]>>,
+    /// Launches run and threads emulated.
+    pub launches: usize,
+    pub threads: u64,
+}
+
+fn device_error(e: impl std::fmt::Display) -> kiln_runtime::Error {
+    kiln_runtime::Error(e.to_string())
+}
+
+impl EmulatedGpu {
+    /// The functions of `prog`, compiled for the host.
+    pub fn new(prog: &GpuProgram) -> Result<EmulatedGpu, TargetError> {
+        let mut firsts: Vec<(String, kiln_ir::kernel::Kernel, Option<i64>)> = Vec::new();
+        for (l, k) in prog.manifest.kernels.iter().zip(&prog.kernels) {
+            if !firsts.iter().any(|(f, ..)| *f == l.function) {
+                let cols = l.cols_known.map(|c| c as i64);
+                firsts.push((
+                    l.function.clone(),
+                    kiln_ir::kernel::Kernel { name: l.function.clone(), ..k.clone() },
+                    cols,
+                ));
+            }
+        }
+        let (text, function_of) =
+            crate::native::module_text(firsts.iter().map(|(_, k, _)| k), crate::native::MlirOptions::default());
+        let backend = crate::native::JitBackend::compile(&text, &function_of)?;
+        let functions = firsts.into_iter().enumerate().map(|(i, (f, k, c))| (f, (i, k, c))).collect();
+        Ok(EmulatedGpu { backend, functions, loaded: Default::default(), memory: Vec::new(), launches: 0, threads: 0 })
+    }
+
+    /// The allocation holding `len` bytes at `addr`, as a pointer.
+    fn span(&self, addr: u64, len: usize) -> Result<*mut u8, kiln_runtime::Error> {
+        for m in &self.memory {
+            let base = m.as_ptr() as u64;
+            if addr >= base && addr + len as u64 <= base + 8 * m.len() as u64 {
+                return Ok(addr as *mut u8);
+            }
+        }
+        Err(device_error(format!("{len} bytes at {addr:#x} are outside every allocation")))
+    }
+}
+
+impl kiln_runtime::gpu::Device for EmulatedGpu {
+    fn load(&mut self, dir: &Path, file: &str, function: &str) -> Result<(), kiln_runtime::Error> {
+        if !dir.join(file).is_file() {
+            return Err(device_error(format!("{}: no such code file", dir.join(file).display())));
+        }
+        if !self.functions.contains_key(function) {
+            return Err(device_error(format!("no function {function} in the program")));
+        }
+        self.loaded.insert(function.to_string());
+        Ok(())
+    }
+
+    fn set_stack(&mut self, _: u64) -> Result<(), kiln_runtime::Error> {
+        Ok(())
+    }
+
+    fn alloc(&mut self, bytes: usize) -> Result<u64, kiln_runtime::Error> {
+        // 64-byte aligned (cuMemAlloc gives 256): Box<[u64]> is 8-aligned, so the start moves
+        // up to 56 bytes into a larger block, and the block is trimmed to start there.
+        let words = bytes.div_ceil(8).max(1);
+        let nan = u64::from(f32::NAN.to_bits()) * 0x1_0000_0001;
+        let mut b: Box<[u64]> = vec![nan; words + 8].into_boxed_slice();
+        let skip = (b.as_ptr() as usize).next_multiple_of(64) - b.as_ptr() as usize;
+        let addr = b.as_mut_ptr() as u64 + skip as u64;
+        self.memory.push(b);
+        Ok(addr)
+    }
+
+    fn upload(&mut self, to: u64, data: &[u8]) -> Result<(), kiln_runtime::Error> {
+        let p = self.span(to, data.len())?;
+        // SAFETY: `span` checked that the range lies in one of our allocations.
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), p, data.len()) };
+        Ok(())
+    }
+
+    fn download(&mut self, from: u64, out: &mut [u8]) -> Result<(), kiln_runtime::Error> {
+        let p = self.span(from, out.len())?;
+        // SAFETY: as in `upload`.
+        unsafe { std::ptr::copy_nonoverlapping(p, out.as_mut_ptr(), out.len()) };
+        Ok(())
+    }
+
+    fn launch(
+        &mut self,
+        function: &str,
+        grid: [u32; 3],
+        block: [u32; 3],
+        _shared: u32,
+        params: &[u64],
+    ) -> Result<(), kiln_runtime::Error> {
+        if !self.loaded.contains(function) {
+            return Err(device_error(format!("function {function} was not loaded")));
+        }
+        let (index, k, cols) = &self.functions[function];
+        if grid[2] != 1 || block[2] != 1 {
+            return Err(device_error("a three-dimensional launch (kiln makes none)"));
+        }
+        let mut words: Vec<i64> = params.iter().map(|&w| w as i64).collect();
+        let mut at = 0;
+        let mut shapes: Vec<Vec<usize>> = Vec::new();
+        let mut offsets = Vec::new();
+        for b in &k.buffers {
+            let r = b.shape.len();
+            let d = words
+                .get(at..at + 3 + 2 * r)
+                .ok_or_else(|| device_error(format!("{} parameters, kernel {} takes more", params.len(), k.name)))?;
+            let shape: Vec<usize> = d[3..3 + r].iter().map(|&n| n as usize).collect();
+            let elem = if b.dtype == DType::Bool { 1 } else { 4 };
+            if d[0] != d[1]
+                || d[2] != 0
+                || d[3 + r..]
+                    != *kiln_runtime::gpu::descriptor(0, &shape)[3 + r..].iter().map(|&w| w as i64).collect::<Vec<_>>()
+            {
+                return Err(device_error(format!("buffer {} of {}: not a row-major descriptor", b.name, k.name)));
+            }
+            self.span(d[0] as u64, shape.iter().product::<usize>() * elem)
+                .map_err(|e| device_error(format!("buffer {} of {}: {e}", b.name, k.name)))?;
+            offsets.push(at);
+            shapes.push(shape);
+            at += 3 + 2 * r;
+        }
+        if at != words.len() {
+            return Err(device_error(format!("{} parameters, kernel {} takes {at}", params.len(), k.name)));
+        }
+        let refs: Vec<&[usize]> = shapes.iter().map(Vec::as_slice).collect();
+        let extent = match crate::native::split_loop(k) {
+            Some((_, _, e)) => crate::native::eval_idx(e, &refs)
+                .ok_or_else(|| device_error(format!("kernel {}: the extent {e} is not computable", k.name)))?,
+            None => 0,
+        };
+        let (g, b) = ([grid[0] as u64, grid[1] as u64], [block[0] as u64, block[1] as u64]);
+        let covered = match cols {
+            Some(c) => g[0] * b[0] >= *c as u64 && (g[1] * b[1]) as i64 * c >= extent,
+            None => (g[0] * g[1] * b[0] * b[1]) as i64 >= extent,
+        };
+        if !covered {
+            return Err(device_error(format!(
+                "kernel {}: grid {g:?} × block {b:?} does not cover its {extent} iterations",
+                k.name
+            )));
+        }
+        let base = words.as_mut_ptr();
+        // SAFETY: offsets are within `words` (checked above).
+        let mut descriptors: Vec<*mut i64> = offsets.iter().map(|&o| unsafe { base.add(o) }).collect();
+        let mut ranges = crate::native::gpu_thread_ranges(g, b, *cols, extent);
+        // SAFETY: each descriptor is row-major over memory inside one of our allocations of its
+        // size (checked above), with the buffer's rank; the function is the kernel's.
+        unsafe { self.backend.call_ranges(*index, &mut descriptors, &mut ranges) }.map_err(device_error)?;
+        self.launches += 1;
+        self.threads += g[0] * g[1] * b[0] * b[1];
+        Ok(())
+    }
+
+    fn synchronize(&mut self) -> Result<(), kiln_runtime::Error> {
+        Ok(())
+    }
+}
