@@ -66,8 +66,12 @@ fn parse() -> Result<Args, String> {
     Ok(a)
 }
 
+/// Says what is wrong on stderr (and with `--json` as `{"ok": false, "rc", "error"}` on stdout).
 fn fail(code: u8, msg: &str) -> ExitCode {
     eprintln!("kiln-gpu-run: {msg}");
+    if std::env::args().any(|a| a == "--json") {
+        println!("{}", serde_json::json!({"ok": false, "rc": code, "error": msg}));
+    }
     ExitCode::from(code)
 }
 
@@ -133,6 +137,8 @@ fn main() -> ExitCode {
     let median = sorted.get(sorted.len() / 2).copied();
     if a.json {
         let v = serde_json::json!({
+            "rc": if bad.is_empty() { 0 } else { 1 },
+            "error": if bad.is_empty() { None } else { Some(bad.join("; ")) },
             "dir": a.dir.display().to_string(),
             "launches": plan.launches.len(),
             "checked": !expect.is_empty(),
@@ -153,7 +159,8 @@ fn main() -> ExitCode {
         }
     }
     if !bad.is_empty() {
-        return fail(1, &bad.join("; "));
+        eprintln!("kiln-gpu-run: {}", bad.join("; "));
+        return ExitCode::from(1);
     }
     ExitCode::SUCCESS
 }
