@@ -21,7 +21,7 @@ mkdir -p "$out/bin"
 cp "$target/release/kiln-gpu-run" "$out/bin/kiln-gpu-run"
 strip "$out/bin/kiln-gpu-run"
 echo "kiln-gpu-run: $(stat -c %s "$out/bin/kiln-gpu-run") bytes stripped"
-python=${PYTHON:-$PWD/.venv/bin/python}
+python=${PYTHON:-${PYO3_PYTHON:-$PWD/.venv/bin/python}}
 [ -x "$python" ] || python=python3
 KILN_BIN="$target/release/kiln" "$python" scripts/gpu_prepare.py "$out"
 echo "$out: $(du -sb "$out" | cut -f1) bytes ($(du -sh "$out" | cut -f1))"

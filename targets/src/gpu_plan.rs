@@ -357,11 +357,8 @@ impl kiln_runtime::gpu::Device for EmulatedGpu {
                 .ok_or_else(|| device_error(format!("{} parameters, kernel {} takes more", params.len(), k.name)))?;
             let shape: Vec<usize> = d[3..3 + r].iter().map(|&n| n as usize).collect();
             let elem = if b.dtype == DType::Bool { 1 } else { 4 };
-            if d[0] != d[1]
-                || d[2] != 0
-                || d[3 + r..]
-                    != *kiln_runtime::gpu::descriptor(0, &shape)[3 + r..].iter().map(|&w| w as i64).collect::<Vec<_>>()
-            {
+            let row_major = kiln_runtime::gpu::descriptor(d[0] as u64, &shape);
+            if d.iter().zip(&row_major).any(|(&w, &want)| w as u64 != want) {
                 return Err(device_error(format!("buffer {} of {}: not a row-major descriptor", b.name, k.name)));
             }
             self.span(d[0] as u64, shape.iter().product::<usize>() * elem)

@@ -95,17 +95,17 @@ pub fn read_plan(dir: &Path) -> Result<Plan, Error> {
         )));
     }
     let bad = |what: String| Error(format!("{}: {what}", path.display()));
-    for l in &plan.launches {
-        for a in &l.args {
-            let inside = match a.at {
-                Place::Input { index } => index < plan.inputs.len(),
-                Place::Output { index } => index < plan.outputs.len(),
-                Place::Weight { offset } => offset + a.bytes() <= plan.weight_bytes,
-                Place::Arena { offset } => offset + a.bytes() <= plan.arena_bytes,
-            };
-            if !inside {
-                return Err(bad(format!("kernel {}: an argument at {:?} outside its memory", l.kernel, a.at)));
-            }
+    let ports = plan.inputs.iter().chain(&plan.outputs).map(|p| (p.name.as_str(), &p.buffer));
+    let args = plan.launches.iter().flat_map(|l| l.args.iter().map(|a| (l.kernel.as_str(), a)));
+    for (owner, a) in ports.chain(args) {
+        let inside = match a.at {
+            Place::Input { index } => plan.inputs.get(index).is_some_and(|p| a.bytes() <= p.buffer.bytes()),
+            Place::Output { index } => plan.outputs.get(index).is_some_and(|p| a.bytes() <= p.buffer.bytes()),
+            Place::Weight { offset } => offset + a.bytes() <= plan.weight_bytes,
+            Place::Arena { offset } => offset + a.bytes() <= plan.arena_bytes,
+        };
+        if !inside {
+            return Err(bad(format!("{owner}: a buffer of {} bytes at {:?} outside its memory", a.bytes(), a.at)));
         }
     }
     Ok(plan)

@@ -176,3 +176,33 @@ pub fn mismatch(got: &Array, want: &Array, rtol: f32, atol: f32) -> Option<Strin
         w[i]
     ))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn npy_round_trips_f32_and_bool_and_names_the_worst_element() {
+        let dir = std::env::temp_dir().join(format!("kiln-npy-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let a = Array::f32(&[2, 3], vec![0.0, 1.5, -2.0, 3.25, f32::NAN, 1e-9]);
+        write(&dir.join("a.npy"), &a).unwrap();
+        let back = read(&dir.join("a.npy")).unwrap();
+        assert_eq!(back.shape, a.shape);
+        assert_eq!(mismatch(&back, &a, 0.0, 0.0), None);
+        let b = Array { shape: vec![4], data: Elements::Bool(vec![1, 0, 0, 1]) };
+        write(&dir.join("b.npy"), &b).unwrap();
+        assert_eq!(read(&dir.join("b.npy")).unwrap(), b);
+        let mut c = a.clone();
+        if let Elements::F32(v) = &mut c.data {
+            v[3] = 3.5;
+            v[1] = 1.5001;
+        }
+        let why = mismatch(&c, &a, 1e-3, 1e-4).expect("a mismatch");
+        assert!(why.contains("1 of 6") && why.contains("[1, 0]") && why.contains("3.5 vs 3.25"), "{why}");
+        assert!(mismatch(&b, &a, 1e-3, 1e-4).unwrap().contains("shape"));
+        std::fs::write(dir.join("bad.npy"), b"\x93NUMPY\x01\x00\x10\x00{'descr': '<f8'}").unwrap();
+        assert!(read(&dir.join("bad.npy")).unwrap_err().0.contains("bad.npy"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
