@@ -574,8 +574,8 @@ fn gpu_run_binary() -> PathBuf {
 
 /// `kiln-gpu-run` on a compiled GEMM: a wrong input shape is refused naming the input; then,
 /// without a CUDA driver, it exits 3 saying so (the test prints NOT RUN: it never passes as if a
-/// GPU had run); with one, the outputs must match ref's. A model with host kernels is refused
-/// naming them.
+/// GPU had run); with one, the outputs must match ref's. A model with a host kernel compiles
+/// with a plan marked not runnable, which the runner refuses naming the kernel, node and op.
 #[test]
 fn gpu_run_cli_refuses_clearly_and_runs_where_a_driver_exists() {
     let dir = temp_dir("gpu-run-cli");
@@ -607,18 +607,22 @@ fn gpu_run_cli_refuses_clearly_and_runs_where_a_driver_exists() {
         }
         c => panic!("kiln-gpu-run exited {c:?}: {err}"),
     }
-    // A plan kiln marked not runnable: refused with kiln's reason.
-    let host_dir = dir.join("host");
-    std::fs::create_dir_all(&host_dir).unwrap();
-    let mut plan: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(plan_dir.join("plan.json")).unwrap()).unwrap();
-    plan["runnable"] = false.into();
-    plan["why_not"] = "1 kernels run on the host (not lowered for the GPU yet): k9_topk (node 'n9', TopK): why".into();
-    std::fs::write(host_dir.join("plan.json"), plan.to_string()).unwrap();
+    // A model with a host kernel (ArgMax's int64 result): its kernels compile, its plan says
+    // it is not runnable naming the kernel, node and op, and the runner refuses it so.
+    let model = data_dir().join("node/test_argmax_default_axis_example/model.onnx");
+    let host_dir = dir.join("argmax");
+    let o = kiln(&["compile", model.to_str().unwrap(), "--target", "cuda", "-o", host_dir.to_str().unwrap()]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success() && out.contains("plan: not runnable"), "{out}");
+    let plan: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(host_dir.join("plan.json")).unwrap()).unwrap();
+    assert_eq!(plan["runnable"], false);
+    let why = plan["why_not"].as_str().unwrap();
+    assert!(why.contains("k0_argmax (node '', ArgMax): int64 results are not lowered yet"), "{why}");
     let o = run(&[host_dir.to_str().unwrap(), "--input", &p("x.npy")]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(2), "{err}");
-    assert!(err.contains("not runnable") && err.contains("k9_topk (node 'n9', TopK)"), "{err}");
+    assert!(err.contains("not runnable") && err.contains("k0_argmax (node '', ArgMax)"), "{err}");
 }
 
 /// The CUDA device itself: without a driver, opening it is the clear error (NOT RUN printed);
