@@ -291,8 +291,8 @@ pub fn compile_for(m: &Module, name: &str, dir: &Path, target: &AotTarget) -> Re
         }
     }
     let positions: Vec<(usize, kiln_ir::ir::OpId)> = kernels.iter().map(|(p, o, _)| (*p, *o)).collect();
-    let MemoryPlan { storage, weights, arena_bytes, .. } = &plan_memory(m, &positions)?;
-    let (weights, arena_bytes) = (weights, *arena_bytes);
+    let memory = plan_memory(m, &positions)?;
+    let (storage, weights, arena_bytes) = (&memory.storage, &memory.weights, memory.arena_bytes);
     let root = |v: ValueId| plan_root(storage, v);
     let place = |v: ValueId| -> Result<String, TargetError> {
         Ok(match storage.get(&root(v)) {
@@ -454,7 +454,7 @@ pub fn compile_for(m: &Module, name: &str, dir: &Path, target: &AotTarget) -> Re
     let weights_path = dir.join(format!("{entry}.weights"));
     write(&header_path, header.as_bytes())?;
     write(&driver_path, c_src.as_bytes())?;
-    write(&weights_path, &weights)?;
+    write(&weights_path, weights)?;
     let tm = target.code.machine()?;
     let kernels_obj = dir.join(format!("{entry}.kernels.o"));
     {
