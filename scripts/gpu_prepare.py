@@ -71,6 +71,29 @@ def prepare(case: Path, dest: Path) -> dict:
     return r
 
 
+def ptxas_check() -> dict:
+    """Assembles every distinct prepared PTX file for sm_90 (the H100/H200 the device tool lends)
+    with NVIDIA's ptxas where it is installed ($KILN_PTXAS, .venv's, or on the PATH)."""
+    ptxas = os.environ.get("KILN_PTXAS") or shutil.which("ptxas")
+    if not ptxas:
+        venv = Path(sys.executable).parent.parent
+        found = sorted(venv.glob("lib/python*/site-packages/nvidia/cuda_nvcc/bin/ptxas"))
+        ptxas = str(found[0]) if found else None
+    if not ptxas:
+        return {"status": "NOT RUN: no ptxas"}
+    seen, failed = set(), []
+    for f in sorted(OUT.glob("*/*/*.ptx")):
+        text = f.read_text()
+        key = text.replace(f.stem, "")
+        if key in seen:
+            continue
+        seen.add(key)
+        c = subprocess.run([ptxas, "-arch=sm_90", str(f), "-o", os.devnull], capture_output=True, text=True)
+        if c.returncode != 0:
+            failed.append(f"{f}: {c.stderr.strip()[:300]}")
+    return {"ptxas": ptxas, "arch": "sm_90", "distinct_modules": len(seen), "failed": failed}
+
+
 def main() -> None:
     shutil.rmtree(OUT / "node", ignore_errors=True)
     shutil.rmtree(OUT / "cnn", ignore_errors=True)
@@ -103,6 +126,7 @@ def main() -> None:
             key = "host kernels" if "on the host" in r["why"] else (r["why"].split(":")[0][:60] if not m else "dtype/shape")
             reasons[key] = reasons.get(key, 0) + 1
     summary = {
+        "ptxas": ptxas_check(),
         "node_tests": len(node),
         "node_status": counts,
         "not_runnable_reasons": reasons,
