@@ -24,7 +24,7 @@ check() { # kind dir repeat
     for f in $(ls "$dir"/input_*.npy 2>/dev/null | sort -V); do args+=("$f"); done
     args+=(--expect)
     for f in $(ls "$dir"/expect_*.npy | sort -V); do args+=("$f"); done
-    line=$(timeout 120 "$run" "${args[@]}" 2>>"$log")
+    line=$(timeout "${GPU_CASE_TIMEOUT:-60}" "$run" "${args[@]}" 2>>"$log")
     rc=$?
     if [ -z "$line" ]; then
         line="{\"ok\":false,\"rc\":$rc,\"error\":\"no result: crashed, killed or timed out (exit $rc)\"}"
@@ -32,8 +32,10 @@ check() { # kind dir repeat
     echo "{\"kind\":\"$kind\",\"name\":\"$name\",\"result\":$line}" >>"$lines"
 }
 start=$(date +%s)
-for d in "$prep"/node/*/; do check node "${d%/}" 0; done
+# The CNNs first (few, timed), then the node tests; each result line is appended as it comes,
+# so a run cut short still leaves RESULTS/cases.jsonl.
 for d in "$prep"/cnn/*/; do [ -d "$d" ] && check cnn "${d%/}" "$repeat"; done
+for d in "$prep"/node/*/; do check node "${d%/}" 0; done
 count() { grep "\"kind\":\"$1\"" "$lines" | grep -c "$2"; }
 node_total=$(grep -c '"kind":"node"' "$lines")
 node_pass=$(count node '"ok":true')

@@ -216,11 +216,6 @@ impl<D: Device> Executor<D> {
         }
     }
 
-    /// Checks `inputs` against the plan's (count, shape, element type), naming the input.
-    pub fn check_inputs(plan: &Plan, inputs: &[Array]) -> Result<(), Error> {
-        check_inputs(plan, inputs)
-    }
-
     /// Uploads the inputs.
     pub fn upload(&mut self, inputs: &[Array]) -> Result<(), Error> {
         check_inputs(&self.plan, inputs)?;
@@ -271,7 +266,8 @@ impl<D: Device> Executor<D> {
     }
 }
 
-fn check_inputs(plan: &Plan, inputs: &[Array]) -> Result<(), Error> {
+/// Checks `inputs` against the plan's (count, shape, element type), naming the input.
+pub fn check_inputs(plan: &Plan, inputs: &[Array]) -> Result<(), Error> {
     if inputs.len() != plan.inputs.len() {
         let names: Vec<&str> = plan.inputs.iter().map(|p| p.name.as_str()).collect();
         return Err(Error(format!(

@@ -7,7 +7,7 @@
 //! 3 no CUDA driver or a CUDA error. Errors name what is wrong on stderr.
 
 use kiln_runtime::cuda::CudaDevice;
-use kiln_runtime::gpu::{read_plan, Executor};
+use kiln_runtime::gpu::{check_inputs, read_plan, Executor};
 use kiln_runtime::npy;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -94,7 +94,7 @@ fn main() -> ExitCode {
         (Ok(i), Ok(e)) => (i, e),
         (Err(e), _) | (_, Err(e)) => return fail(2, &e.0),
     };
-    if let Err(e) = Executor::<CudaDevice>::check_inputs(&plan, &inputs) {
+    if let Err(e) = check_inputs(&plan, &inputs) {
         return fail(2, &e.0);
     }
     if !expect.is_empty() && expect.len() != plan.outputs.len() {
