@@ -52,7 +52,7 @@ def prepare(case: Path, dest: Path) -> dict:
         t = onnx.TensorProto()
         t.ParseFromString(p.read_bytes())
         a = numpy_helper.to_array(t)
-        np.save(dest / f"input_{i}.npy", np.ascontiguousarray(a))
+        np.save(dest / f"input_{i}.npy", np.array(a, order="C"))  # keeps 0-d arrays 0-d
     ref = dest / "ref"
     c = subprocess.run([KILN, "run", str(case / "model.onnx"), "--target", "ref", "--output-dir", str(ref), "--npy"]
                        + [x for p in inputs for x in ("--input", str(p))], capture_output=True, text=True)
