@@ -648,3 +648,54 @@ fn gpu_cuda_device_runs_plans_where_a_driver_exists() {
         println!("ran {name} on the GPU: matches ref");
     }
 }
+
+/// `dir`'s files `PREFIX_<i>.npy`, in index order.
+fn numbered_npy(dir: &std::path::Path, prefix: &str) -> Vec<Array> {
+    let mut files: Vec<(usize, PathBuf)> = std::fs::read_dir(dir)
+        .unwrap()
+        .filter_map(|e| {
+            let p = e.unwrap().path();
+            let i = p.file_name()?.to_str()?.strip_prefix(prefix)?.strip_suffix(".npy")?.parse().ok()?;
+            Some((i, p))
+        })
+        .collect();
+    files.sort();
+    files.iter().map(|(_, p)| npy::read(p).unwrap_or_else(|e| panic!("{e}"))).collect()
+}
+
+/// What `scripts/gpu_prepare.sh` prepared (in `$KILN_GPU_PREPARED`), run as
+/// `scripts/gpu_check.sh` runs it on a GPU but on the emulated GPU: each plan directory as
+/// written, its `input_<i>.npy`, `ref`'s `expect_<i>.npy`, rtol 1e-3, atol 1e-4 (the functions
+/// recompiled from the same model for the emulation).
+#[test]
+#[ignore = "needs a directory from scripts/gpu_prepare.sh in $KILN_GPU_PREPARED"]
+fn gpu_prepared_cases_pass_on_the_emulated_gpu() {
+    let prep =
+        PathBuf::from(std::env::var("KILN_GPU_PREPARED").expect("KILN_GPU_PREPARED: a gpu_prepare.sh directory"));
+    let (mut passed, mut failed) = (0, Vec::new());
+    for (kind, models) in [("cnn", data_dir().join("light-random")), ("node", data_dir().join("node"))] {
+        let mut dirs: Vec<PathBuf> = std::fs::read_dir(prep.join(kind)).unwrap().map(|e| e.unwrap().path()).collect();
+        dirs.sort();
+        for dir in dirs {
+            let name = dir.file_name().unwrap().to_string_lossy().into_owned();
+            let m = fused(kiln::load_model(&models.join(&name).join("model.onnx")).unwrap(), "cuda");
+            let p = program(&m, Family::Cuda, "sm_80");
+            let outcome = (|| {
+                let mut ex = Executor::new(EmulatedGpu::new(&p).map_err(|e| e.to_string())?, &dir).map_err(|e| e.0)?;
+                let outs = ex.run(&numbered_npy(&dir, "input_")).map_err(|e| e.0)?;
+                for (i, (o, w)) in outs.iter().zip(numbered_npy(&dir, "expect_")).enumerate() {
+                    if let Some(why) = npy::mismatch(o, &w, 1e-3, 1e-4) {
+                        return Err(format!("output {i}: {why}"));
+                    }
+                }
+                Ok(())
+            })();
+            match outcome {
+                Ok(()) => passed += 1,
+                Err(e) => failed.push(format!("{kind} {name}: {e}")),
+            }
+        }
+    }
+    println!("prepared cases on the emulated GPU: {passed} of {} pass", passed + failed.len());
+    assert!(failed.is_empty(), "{} failed:\n{}", failed.len(), failed.join("\n"));
+}
