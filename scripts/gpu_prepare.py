@@ -94,6 +94,23 @@ def ptxas_check() -> dict:
     return {"ptxas": ptxas, "arch": "sm_90", "distinct_modules": len(seen), "failed": failed}
 
 
+def params_check() -> dict:
+    """Every prepared launch passes as many 64-bit values as its PTX entry declares parameters
+    (one memref descriptor per buffer: 3 + 2 * rank)."""
+    checked, wrong = 0, []
+    for plan_file in sorted(OUT.glob("*/*/plan.json")):
+        plan = json.loads(plan_file.read_text())
+        for l in plan["launches"]:
+            ptx = (plan_file.parent / l["file"]).read_text()
+            m = re.search(r"\.entry\s+" + re.escape(l["function"]) + r"\s*\((.*?)\)", ptx, re.S)
+            declared = len(re.findall(r"\.param\b", m.group(1))) if m else -1
+            passed = sum(3 + 2 * len(a["shape"]) for a in l["args"])
+            checked += 1
+            if declared != passed:
+                wrong.append(f"{plan_file.parent.name} {l['kernel']}: PTX declares {declared}, the plan passes {passed}")
+    return {"launches": checked, "wrong": wrong}
+
+
 def main() -> None:
     shutil.rmtree(OUT / "node", ignore_errors=True)
     shutil.rmtree(OUT / "cnn", ignore_errors=True)
@@ -127,6 +144,7 @@ def main() -> None:
             reasons[key] = reasons.get(key, 0) + 1
     summary = {
         "ptxas": ptxas_check(),
+        "params": params_check(),
         "node_tests": len(node),
         "node_status": counts,
         "not_runnable_reasons": reasons,
