@@ -86,6 +86,9 @@ fn main() -> ExitCode {
     };
     // Everything that needs no GPU first: the plan, the inputs, the expected outputs.
     let plan = match read_plan(&a.dir) {
+        Ok(p) if p.target != "cuda" => {
+            return fail(2, &format!("{}: a {} plan; kiln-gpu-run runs cuda plans", a.dir.display(), p.target))
+        }
         Ok(p) => p,
         Err(e) => return fail(2, &e.0),
     };
