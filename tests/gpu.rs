@@ -4,11 +4,16 @@
 //! contract (grid, bounds check, argument order) checked by running each kernel's threads on
 //! the host against the reference interpreter.
 //!
-//! No GPU runs here: nothing in this file executes code on a GPU.
+//! Whole-model plans (`plan.json`) run on the emulated GPU (`gpu_plan::EmulatedGpu`) and through
+//! `kiln-gpu-run`. Nothing here runs on a GPU unless a CUDA driver is present: those parts print
+//! `NOT RUN` otherwise.
 
 use crate::common::*;
 use kiln::{Attr, DType, Dim, GraphBuilder, Module, Tensor, TensorType};
+use kiln_runtime::gpu::Executor;
+use kiln_runtime::npy::{self, Array, Elements};
 use kiln_targets::gpu::{self, Family, GpuArch, GpuProgram};
+use kiln_targets::gpu_plan::EmulatedGpu;
 use kiln_targets::native::NativeKernel;
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -420,66 +425,277 @@ fn gpu_cli_compiles_to_a_directory() {
     assert_eq!(o.status.code(), Some(2));
 }
 
-/// `kiln-runtime`'s CUDA launcher on a compiled directory: the manifest reads back (always);
-/// where a CUDA driver exists, every kernel of the GEMM and Softmax models runs on GPU 0 and
-/// matches the reference interpreter. Without a driver the test says `NOT RUN` for that part
-/// and checks the error is the clear one: it does not claim a GPU run.
+fn to_array(t: &Tensor) -> Array {
+    match t.dtype() {
+        DType::Bool => {
+            Array { shape: t.shape.clone(), data: Elements::Bool(t.to_bool().into_iter().map(u8::from).collect()) }
+        }
+        _ => Array::f32(&t.shape, t.as_f32().expect("an f32 tensor").to_vec()),
+    }
+}
+
+fn from_array(a: &Array) -> Tensor {
+    match &a.data {
+        Elements::F32(v) => Tensor::from_f32(&a.shape, v.clone()),
+        Elements::Bool(v) => Tensor::from_bool(&a.shape, v.iter().map(|&b| b != 0).collect()),
+    }
+}
+
+/// What [`run_plan`] did.
+struct PlanRun {
+    outputs: Vec<Tensor>,
+    launches: usize,
+    threads: u64,
+    arena: usize,
+    weights: usize,
+}
+
+/// Runs the plan in `dir` (written by `kiln compile --target cuda -o DIR`, or by
+/// [`write_program`]) whole on the emulated GPU, whose functions come from `prog` (the same
+/// compile of fused `m`).
+fn run_plan(prog: &GpuProgram, dir: &std::path::Path, inputs: &[Tensor]) -> Result<PlanRun, String> {
+    let device = EmulatedGpu::new(prog).map_err(|e| e.to_string())?;
+    let mut ex = Executor::new(device, dir).map_err(|e| e.0)?;
+    let ins: Vec<Array> = inputs.iter().map(to_array).collect();
+    let outs = ex.run(&ins).map_err(|e| e.0)?;
+    let plan = ex.plan();
+    Ok(PlanRun {
+        outputs: outs.iter().map(from_array).collect(),
+        launches: ex.device.launches,
+        threads: ex.device.threads,
+        arena: plan.arena_bytes,
+        weights: plan.weight_bytes,
+    })
+}
+
+/// `fused` compiled for cuda (sm_80) through the public API into `dir`: kernels, manifest, plan.
+fn write_program(fused: &Module, dir: &std::path::Path) -> GpuProgram {
+    let p = program(fused, Family::Cuda, "sm_80");
+    p.write(dir).unwrap();
+    let (plan, _) = kiln_targets::gpu_plan::write(fused, &p, dir).unwrap();
+    assert!(plan.runnable, "{}: {:?}", dir.display(), plan.why_not);
+    p
+}
+
+/// Whole models compiled for cuda with `-o DIR` run from their plans (every launch in order
+/// over the planned arena, weights uploaded once) on the emulated GPU, each launch thread by
+/// thread over its grid, and match the reference interpreter: the snapshot models (through
+/// the API), SqueezeNet and the GPT-2 block (through `kiln compile`).
 #[test]
-fn gpu_cuda_runtime_launches_kernels_where_a_driver_exists() {
-    use kiln_runtime::cuda::{read_manifest, CudaKernels, NO_DRIVER};
+fn gpu_plans_run_whole_models_on_the_emulated_gpu() {
+    println!("| model | launches | threads emulated | arena bytes | weight bytes |");
+    let row = |name: &str, r: &PlanRun| {
+        println!("| {name} | {} | {} | {} | {} |", r.launches, r.threads, r.arena, r.weights);
+    };
+    for (name, m, inputs) in models() {
+        let m = fused(m, "cuda");
+        let want = kiln_ir::interp::run(&m, inputs.clone()).unwrap();
+        let dir = temp_dir(&format!("gpu-plan-{name}"));
+        let p = write_program(&m, &dir);
+        let r = run_plan(&p, &dir, &inputs).unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(r.launches, p.manifest.kernels.len(), "{name}");
+        assert_matches(name, &r.outputs, &want, 1e-4, 1e-5);
+        row(name, &r);
+    }
+    for (group, name) in [("light-random", "light_squeezenet"), ("transformers", "gpt2_block")] {
+        let src = data_dir().join(group).join(name);
+        let dir = temp_dir(&format!("gpu-plan-{name}"));
+        let model = src.join("model.onnx");
+        let o = kiln(&["compile", model.to_str().unwrap(), "--target", "cuda", "-o", dir.to_str().unwrap()]);
+        assert!(o.status.success(), "{name}: {}", String::from_utf8_lossy(&o.stderr));
+        assert!(String::from_utf8_lossy(&o.stdout).contains("plan: "), "{name}");
+        let m = fused(kiln::load_model(&model).unwrap(), "cuda");
+        let p = program(&m, Family::Cuda, "sm_80");
+        let input = vec![kiln_onnx::read_tensor_file(&src.join("test_data_set_0/input_0.pb")).unwrap()];
+        let want = kiln_ir::interp::run(&m, input.clone()).unwrap();
+        let r = run_plan(&p, &dir, &input).unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_matches(name, &r.outputs, &want, 1e-3, 1e-5);
+        row(name, &r);
+    }
+}
+
+/// Every 4th ONNX node test whose cuda plan is runnable (every `$KILN_GPU_NODE_STEP`th), run
+/// whole on the emulated GPU, against the reference interpreter (every one must pass).
+#[test]
+fn gpu_node_test_plans_run_on_the_emulated_gpu() {
+    let cases_dir = data_dir().join("node");
+    assert!(cases_dir.is_dir(), "{}: no node tests (run scripts/setup.sh)", cases_dir.display());
+    let (mut runnable, mut not_runnable, mut failed) = (0, 0, Vec::new());
+    let step = std::env::var("KILN_GPU_NODE_STEP").ok().and_then(|s| s.parse().ok()).unwrap_or(4);
+    for case in kiln_onnx::testcase::list_cases(&cases_dir).iter().step_by(step) {
+        let Ok(m) = case.load_model() else { continue };
+        let Ok(c) = kiln::compile_with(m, "cuda", &kiln::Options::default()) else { continue };
+        let m = c.module();
+        let p = program(m, Family::Cuda, "sm_80");
+        let (plan, _) = kiln_targets::gpu_plan::plan(m, &p);
+        if !plan.runnable || plan.launches.is_empty() {
+            not_runnable += 1;
+            continue;
+        }
+        let Ok(sets) = case.data_sets() else { continue };
+        let Some(set) = sets.first() else { continue };
+        let dir = temp_dir(&format!("gpu-node-{}", case.name));
+        p.write(&dir).unwrap();
+        kiln_targets::gpu_plan::write(m, &p, &dir).unwrap();
+        runnable += 1;
+        let want = match kiln_ir::interp::run(m, set.inputs.clone()) {
+            Ok(w) => w,
+            Err(e) => panic!("{}: ref: {e}", case.name),
+        };
+        let outcome = run_plan(&p, &dir, &set.inputs).and_then(|r| {
+            r.outputs.iter().zip(&want).try_for_each(|(g, w)| kiln_onnx::testcase::compare(g, w, 1e-4, 1e-5))
+        });
+        if let Err(e) = outcome {
+            failed.push(format!("{}: {e}", case.name));
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    println!(
+        "emulated GPU, every {step}th node test: {} of {runnable} runnable plans match ref ({not_runnable} not runnable or without launches)",
+        runnable - failed.len()
+    );
+    assert!(runnable * step >= 160, "only {runnable} runnable node-test plans in the sample");
+    assert!(failed.is_empty(), "{} failed:\n{}", failed.len(), failed.join("\n"));
+}
+
+/// The `kiln-gpu-run` binary built beside `kiln` (built here if missing).
+fn gpu_run_binary() -> PathBuf {
+    let exe = PathBuf::from(env!("CARGO_BIN_EXE_kiln")).with_file_name("kiln-gpu-run");
+    if !exe.is_file() {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let ok = std::process::Command::new(cargo)
+            .args(["build", "--release", "-p", "kiln-runtime", "--bin", "kiln-gpu-run"])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok && exe.is_file(), "could not build {}", exe.display());
+    }
+    exe
+}
+
+/// `kiln-gpu-run` on a compiled GEMM: a wrong input shape is refused naming the input; then,
+/// without a CUDA driver, it exits 3 saying so (the test prints NOT RUN: it never passes as if a
+/// GPU had run); with one, the outputs must match ref's. A model with a host kernel compiles
+/// with a plan marked not runnable, which the runner refuses naming the kernel, node and op.
+#[test]
+fn gpu_run_cli_refuses_clearly_and_runs_where_a_driver_exists() {
+    let dir = temp_dir("gpu-run-cli");
+    let m = fused(gemm(), "cuda");
+    let plan_dir = dir.join("gemm");
+    write_program(&m, &plan_dir);
+    let x = f32s(&[128, 96], 7);
+    let want = kiln_ir::interp::run(&m, vec![x.clone()]).unwrap();
+    npy::write(&dir.join("x.npy"), &to_array(&x)).unwrap();
+    npy::write(&dir.join("want.npy"), &to_array(&want[0])).unwrap();
+    npy::write(&dir.join("bad.npy"), &Array::f32(&[96, 128], vec![0.0; 96 * 128])).unwrap();
+    let exe = gpu_run_binary();
+    let run = |args: &[&str]| std::process::Command::new(&exe).args(args).output().unwrap();
+    let p = |f: &str| dir.join(f).to_str().unwrap().to_string();
+    let o = run(&[&p("gemm"), "--input", &p("bad.npy")]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(err.contains("input 'x'") && err.contains("[128, 96]"), "{err}");
+    let o = run(&[&p("gemm"), "--input", &p("x.npy"), "--expect", &p("want.npy"), "--output-dir", &p("out"), "--json"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    match o.status.code() {
+        Some(3) if err.contains(kiln_runtime::cuda::NO_DRIVER) => {
+            println!("NOT RUN: kiln-gpu-run on a GPU: {}", err.trim())
+        }
+        Some(0) => {
+            let got = npy::read(&dir.join("out/output_0.npy")).unwrap();
+            assert_matches("gemm on the GPU", &[from_array(&got)], &want, 1e-4, 1e-5);
+            println!("ran on the GPU: {}", String::from_utf8_lossy(&o.stdout).trim());
+        }
+        c => panic!("kiln-gpu-run exited {c:?}: {err}"),
+    }
+    // A model with a host kernel (ArgMax's int64 result): its kernels compile, its plan says
+    // it is not runnable naming the kernel, node and op, and the runner refuses it so.
+    let model = data_dir().join("node/test_argmax_default_axis_example/model.onnx");
+    let host_dir = dir.join("argmax");
+    let o = kiln(&["compile", model.to_str().unwrap(), "--target", "cuda", "-o", host_dir.to_str().unwrap()]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success() && out.contains("plan: not runnable"), "{out}");
+    let plan: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(host_dir.join("plan.json")).unwrap()).unwrap();
+    assert_eq!(plan["runnable"], false);
+    let why = plan["why_not"].as_str().unwrap();
+    assert!(why.contains("k0_argmax (node '', ArgMax): int64 results are not lowered yet"), "{why}");
+    let o = run(&[host_dir.to_str().unwrap(), "--input", &p("x.npy")]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(err.contains("not runnable") && err.contains("k0_argmax (node '', ArgMax)"), "{err}");
+}
+
+/// The CUDA device itself: without a driver, opening it is the clear error (NOT RUN printed);
+/// with one, the GEMM and Softmax plans run on GPU 0 and match ref.
+#[test]
+fn gpu_cuda_device_runs_plans_where_a_driver_exists() {
     for (name, m, inputs) in models().into_iter().filter(|(n, ..)| ["gemm", "softmax"].contains(n)) {
         let m = fused(m, "cuda");
-        let dir = temp_dir(&format!("gpu-runtime-{name}"));
-        let p = program(&m, Family::Cuda, "sm_80");
-        p.write(&dir).unwrap();
-        let kernels = read_manifest(&dir).unwrap();
-        assert_eq!(kernels.len(), p.manifest.kernels.len(), "{name}");
-        for (k, l) in kernels.iter().zip(&p.manifest.kernels) {
-            assert_eq!((&k.name, &k.function, k.block[0] as u64), (&l.name, &l.function, l.block[0]));
-            assert_eq!(k.args.len(), l.args.len());
-        }
-        let cuda = match CudaKernels::load(&dir) {
-            Ok(c) => c,
+        let dir = temp_dir(&format!("gpu-cuda-{name}"));
+        write_program(&m, &dir);
+        let device = match kiln_runtime::cuda::CudaDevice::open() {
+            Ok(d) => d,
             Err(e) => {
-                assert!(e.0.starts_with(NO_DRIVER), "{name}: {e}");
-                println!("NOT RUN: {name} on a GPU: {e} (the manifest was checked; no kernel ran on a GPU)");
+                assert!(e.0.starts_with(kiln_runtime::cuda::NO_DRIVER), "{name}: {e}");
+                println!("NOT RUN: {name} on a GPU: {e} (the plan was written; nothing ran on a GPU)");
                 continue;
             }
         };
-        // Each kernel on the inputs the interpreter gave its op.
-        let mut seen = Vec::new();
-        kiln_ir::interp::run_observed(&m, inputs.clone(), &mut |o, outs| seen.push((o, outs.to_vec()))).unwrap();
-        let mut env: HashMap<kiln_ir::ir::ValueId, Rc<Tensor>> = HashMap::new();
-        for (&v, t) in m.inputs().iter().zip(&inputs) {
-            env.insert(v, Rc::new(t.clone()));
-        }
-        let launched = kiln_targets::native::launched_kernels(&m);
-        let mut index = 0;
-        for (o, outs) in seen {
-            let op = m.op(o);
-            if launched.iter().any(|(l, _)| *l == o) && index < p.kernels.len() {
-                let k = &p.kernels[index];
-                let ins: Vec<(&[f32], &[usize])> = k
-                    .operands
-                    .iter()
-                    .map(|&i| {
-                        let t = &env[&op.operands[i].unwrap()];
-                        (t.as_f32().unwrap(), t.shape.as_slice())
-                    })
-                    .collect();
-                let shapes: Vec<Vec<usize>> = outs.iter().map(|t| t.shape.clone()).collect();
-                let got = cuda.launch(index, &ins, &shapes, None).unwrap();
-                for (g, w) in got.iter().zip(&outs) {
-                    let g = Tensor::from_f32(&w.shape, g.clone());
-                    assert_matches(name, &[g], &[(**w).clone()], 1e-4, 1e-5);
-                }
-                println!("ran {} on the GPU: matches ref", k.name);
-                index += 1;
-            }
-            for (&r, t) in op.results.iter().zip(&outs) {
-                env.insert(r, t.clone());
-            }
-        }
-        assert_eq!(index, p.kernels.len(), "{name}: every kernel ran");
+        let mut ex = Executor::new(device, &dir).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let got = ex.run(&inputs.iter().map(to_array).collect::<Vec<_>>()).unwrap();
+        let want = kiln_ir::interp::run(&m, inputs).unwrap();
+        assert_matches(name, &got.iter().map(from_array).collect::<Vec<_>>(), &want, 1e-4, 1e-5);
+        println!("ran {name} on the GPU: matches ref");
     }
+}
+
+/// `dir`'s files `PREFIX_<i>.npy`, in index order.
+fn numbered_npy(dir: &std::path::Path, prefix: &str) -> Vec<Array> {
+    let mut files: Vec<(usize, PathBuf)> = std::fs::read_dir(dir)
+        .unwrap()
+        .filter_map(|e| {
+            let p = e.unwrap().path();
+            let i = p.file_name()?.to_str()?.strip_prefix(prefix)?.strip_suffix(".npy")?.parse().ok()?;
+            Some((i, p))
+        })
+        .collect();
+    files.sort();
+    files.iter().map(|(_, p)| npy::read(p).unwrap_or_else(|e| panic!("{e}"))).collect()
+}
+
+/// What `scripts/gpu_prepare.sh` prepared (in `$KILN_GPU_PREPARED`), run as
+/// `scripts/gpu_check.sh` runs it on a GPU but on the emulated GPU: each plan directory as
+/// written, its `input_<i>.npy`, `ref`'s `expect_<i>.npy`, rtol 1e-3, atol 1e-4 (the functions
+/// recompiled from the same model for the emulation).
+#[test]
+#[ignore = "needs a directory from scripts/gpu_prepare.sh in $KILN_GPU_PREPARED"]
+fn gpu_prepared_cases_pass_on_the_emulated_gpu() {
+    let prep =
+        PathBuf::from(std::env::var("KILN_GPU_PREPARED").expect("KILN_GPU_PREPARED: a gpu_prepare.sh directory"));
+    let (mut passed, mut failed) = (0, Vec::new());
+    for (kind, models) in [("cnn", data_dir().join("light-random")), ("node", data_dir().join("node"))] {
+        let mut dirs: Vec<PathBuf> = std::fs::read_dir(prep.join(kind)).unwrap().map(|e| e.unwrap().path()).collect();
+        dirs.sort();
+        for dir in dirs {
+            let name = dir.file_name().unwrap().to_string_lossy().into_owned();
+            let m = fused(kiln::load_model(&models.join(&name).join("model.onnx")).unwrap(), "cuda");
+            let p = program(&m, Family::Cuda, "sm_80");
+            let outcome = (|| {
+                let mut ex = Executor::new(EmulatedGpu::new(&p).map_err(|e| e.to_string())?, &dir).map_err(|e| e.0)?;
+                let outs = ex.run(&numbered_npy(&dir, "input_")).map_err(|e| e.0)?;
+                for (i, (o, w)) in outs.iter().zip(numbered_npy(&dir, "expect_")).enumerate() {
+                    if let Some(why) = npy::mismatch(o, &w, 1e-3, 1e-4) {
+                        return Err(format!("output {i}: {why}"));
+                    }
+                }
+                Ok(())
+            })();
+            match outcome {
+                Ok(()) => passed += 1,
+                Err(e) => failed.push(format!("{kind} {name}: {e}")),
+            }
+        }
+    }
+    println!("prepared cases on the emulated GPU: {passed} of {} pass", passed + failed.len());
+    assert!(failed.is_empty(), "{} failed:\n{}", failed.len(), failed.join("\n"));
 }

@@ -565,7 +565,17 @@ fn compile(
             for h in &program.manifest.host_kernels {
                 println!("host kernel {} (node '{}', {}): {}", h.name, h.node, h.op, h.why);
             }
-            for p in written {
+            let (plan, plan_files) = kiln_targets::gpu_plan::write(c.module(), &program, dir)?;
+            match &plan.why_not {
+                None => println!(
+                    "plan: {} launches, arena {} bytes, weights {} bytes (runnable by kiln-gpu-run)",
+                    plan.launches.len(),
+                    plan.arena_bytes,
+                    plan.weight_bytes
+                ),
+                Some(why) => println!("plan: not runnable: {why}"),
+            }
+            for p in written.into_iter().chain(plan_files) {
                 println!("wrote {}", p.display());
             }
             return Ok(());

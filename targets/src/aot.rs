@@ -31,13 +31,15 @@ fn err(msg: impl std::fmt::Display) -> TargetError {
 
 /// Where a tensor lives at run time.
 #[derive(Clone, Copy, Debug, PartialEq)]
-enum Storage {
+pub(crate) enum Storage {
     Input(usize),
     Output(usize),
     /// Byte offset into the embedded weights.
     Weight(usize),
     /// Byte offset into the arena.
     Arena(usize),
+    /// A view of another value: its storage.
+    View(ValueId),
 }
 
 /// What [`compile`] wrote.
@@ -63,7 +65,7 @@ pub fn c_name(s: &str) -> String {
     n
 }
 
-fn static_shape(m: &Module, v: ValueId) -> Result<Vec<usize>, TargetError> {
+pub(crate) fn static_shape(m: &Module, v: ValueId) -> Result<Vec<usize>, TargetError> {
     m.value(v).ty.static_shape().ok_or_else(|| {
         err(format!(
             "AOT needs static shapes: {} is {} (compile a model with fixed sizes)",
@@ -103,6 +105,107 @@ fn plan(tensors: &[(usize, usize, usize)]) -> (Vec<usize>, usize) {
         placed.push(i);
     }
     (offsets, total)
+}
+
+/// Where every tensor kernels touch lives when a model's kernels run in program order over one
+/// arena (the cpu AOT driver, a GPU plan): graph inputs and outputs in the caller's buffers,
+/// constants in one weights blob, views aliasing their operand, every other kernel result at an
+/// arena offset planned from its live range ([`plan`]).
+pub(crate) struct MemoryPlan {
+    /// Each stored value (views map to the value they alias: [`plan_root`]).
+    pub storage: HashMap<ValueId, Storage>,
+    /// The weights blob (f32 little-endian, bools one byte each), each tensor 64-byte aligned.
+    pub weights: Vec<u8>,
+    pub arena_bytes: usize,
+}
+
+/// What `v` is stored as: itself, or for a view ([`Storage::View`]) the value it aliases.
+pub(crate) fn plan_root(storage: &HashMap<ValueId, Storage>, mut v: ValueId) -> ValueId {
+    while let Some(Storage::View(b)) = storage.get(&v) {
+        v = *b;
+    }
+    v
+}
+
+/// Plans the storage of fused module `m` whose ops at `kernels` (op positions in the body, and
+/// the op) run as kernels. f32 and bool tensors (one byte per element) are placed; shapes must
+/// be static.
+pub(crate) fn plan_memory(m: &Module, kernels: &[(usize, kiln_ir::ir::OpId)]) -> Result<MemoryPlan, TargetError> {
+    let ops = &m.body.ops;
+    let placed = |d: DType| d == DType::F32 || d == DType::Bool;
+    let mut storage: HashMap<ValueId, Storage> = HashMap::new();
+    let mut weights: Vec<u8> = Vec::new();
+    for &o in ops {
+        let op = m.op(o);
+        match classify(m, o) {
+            OpClass::Constant => {
+                if let (Some(Attr::Tensor(t)), Some(&r)) = (op.attrs.get("value"), op.results.first()) {
+                    if placed(t.dtype()) {
+                        let at = weights.len().div_ceil(64) * 64;
+                        weights.resize(at, 0);
+                        weights.extend(t.data.to_le_bytes());
+                        storage.insert(r, Storage::Weight(at));
+                    }
+                }
+            }
+            OpClass::View => {
+                let (Some(Some(a)), Some(&r)) = (op.operands.first(), op.results.first()) else { continue };
+                if placed(m.value(r).ty.dtype) {
+                    storage.insert(r, Storage::View(*a));
+                }
+            }
+            _ => {}
+        }
+    }
+    for (i, &v) in m.inputs().iter().enumerate() {
+        static_shape(m, v)?;
+        storage.insert(v, Storage::Input(i));
+    }
+    let outputs: Vec<ValueId> = m.outputs().to_vec();
+    for &v in &outputs {
+        static_shape(m, v)?;
+    }
+    // Kernel results that are graph outputs (not views of them) are written in place.
+    for (j, &v) in outputs.iter().enumerate() {
+        if matches!(m.value(v).def, ValueDef::OpResult(..)) && !storage.contains_key(&v) {
+            storage.insert(v, Storage::Output(j));
+        }
+    }
+    // Live ranges of the other kernel results.
+    let mut range: HashMap<ValueId, (usize, usize)> = HashMap::new();
+    for (pos, o) in kernels {
+        for &r in &m.op(*o).results {
+            if !storage.contains_key(&r) {
+                range.insert(r, (*pos, *pos));
+            }
+        }
+    }
+    let touch = |v: ValueId, pos: usize, range: &mut HashMap<ValueId, (usize, usize)>| {
+        if let Some(r) = range.get_mut(&plan_root(&storage, v)) {
+            r.1 = r.1.max(pos);
+        }
+    };
+    for (pos, &o) in ops.iter().enumerate() {
+        for v in m.op(o).operands.iter().flatten() {
+            touch(*v, pos, &mut range);
+        }
+    }
+    for &v in &outputs {
+        touch(v, ops.len(), &mut range);
+    }
+    let mut arena_vals: Vec<ValueId> = range.keys().copied().collect();
+    arena_vals.sort();
+    let mut sized = Vec::new();
+    for &v in &arena_vals {
+        let n: usize = static_shape(m, v)?.iter().product();
+        let (a, b) = range[&v];
+        sized.push((n * m.value(v).ty.dtype.size_bytes(), a, b));
+    }
+    let (offsets, arena_bytes) = plan(&sized);
+    for (v, off) in arena_vals.iter().zip(offsets) {
+        storage.insert(*v, Storage::Arena(off));
+    }
+    Ok(MemoryPlan { storage, weights, arena_bytes })
 }
 
 fn shape_list(s: &[usize]) -> String {
@@ -150,45 +253,23 @@ pub fn compile_for(m: &Module, name: &str, dir: &Path, target: &AotTarget) -> Re
     let cc = || target.cc.clone();
     let entry = c_name(name);
     let ops = m.body.ops.clone();
-    // Storage and live ranges (in op positions) of every f32 value kernels touch.
-    let mut storage: HashMap<ValueId, Storage> = HashMap::new();
-    let mut base: HashMap<ValueId, ValueId> = HashMap::new(); // view → the value it aliases
-    let mut weights: Vec<u8> = Vec::new();
     let mut kernels = Vec::new(); // (op position, op, kernel)
     let mut host = Vec::new();
     let names: HashMap<kiln_ir::ir::OpId, String> = launched_kernels(m).into_iter().collect();
     for (pos, &o) in ops.iter().enumerate() {
         let op = m.op(o);
-        match classify(m, o) {
-            OpClass::Constant => {
-                if let (Some(Attr::Tensor(t)), Some(&r)) = (op.attrs.get("value"), op.results.first()) {
-                    if t.dtype() == DType::F32 {
-                        let at = weights.len().div_ceil(64) * 64;
-                        weights.resize(at, 0);
-                        weights.extend(t.as_f32().expect("f32").iter().flat_map(|x| x.to_le_bytes()));
-                        storage.insert(r, Storage::Weight(at));
-                    }
-                }
-            }
-            OpClass::Host => {}
-            OpClass::View => {
-                let (Some(Some(a)), Some(&r)) = (op.operands.first(), op.results.first()) else { continue };
-                if m.value(r).ty.dtype == DType::F32 {
-                    base.insert(r, *a);
-                }
-            }
-            _ => {
-                let kname = &names[&o];
-                match kiln_passes::lower::lower_with(m, o, kname, &target.schedule) {
-                    Ok(k) if k.buffers.iter().any(|b| b.dtype != DType::F32) => host.push(format!(
-                        "{kname} (node '{}', {}): reads a non-f32 tensor (AOT passes f32 tensors only)",
-                        op.node_name(),
-                        op.op_type()
-                    )),
-                    Ok(k) => kernels.push((pos, o, k)),
-                    Err(why) => host.push(format!("{kname} (node '{}', {}): {why}", op.node_name(), op.op_type())),
-                }
-            }
+        if matches!(classify(m, o), OpClass::Constant | OpClass::Host | OpClass::View) {
+            continue;
+        }
+        let kname = &names[&o];
+        match kiln_passes::lower::lower_with(m, o, kname, &target.schedule) {
+            Ok(k) if k.buffers.iter().any(|b| b.dtype != DType::F32) => host.push(format!(
+                "{kname} (node '{}', {}): reads a non-f32 tensor (AOT passes f32 tensors only)",
+                op.node_name(),
+                op.op_type()
+            )),
+            Ok(k) => kernels.push((pos, o, k)),
+            Err(why) => host.push(format!("{kname} (node '{}', {}): {why}", op.node_name(), op.op_type())),
         }
     }
     if !host.is_empty() {
@@ -198,74 +279,30 @@ pub fn compile_for(m: &Module, name: &str, dir: &Path, target: &AotTarget) -> Re
             host.join("; ")
         )));
     }
-    for (i, &v) in m.inputs().iter().enumerate() {
+    for &v in m.inputs() {
         if m.value(v).ty.dtype != DType::F32 {
             return Err(err(format!("AOT takes f32 inputs only; {} is {}", m.value_label(v), m.value(v).ty)));
         }
-        static_shape(m, v)?;
-        storage.insert(v, Storage::Input(i));
     }
     let outputs: Vec<ValueId> = m.outputs().to_vec();
     for &v in &outputs {
         if m.value(v).ty.dtype != DType::F32 {
             return Err(err(format!("AOT gives f32 outputs only; {} is {}", m.value_label(v), m.value(v).ty)));
         }
-        static_shape(m, v)?;
     }
-    let root = |mut v: ValueId| {
-        while let Some(&b) = base.get(&v) {
-            v = b;
-        }
-        v
-    };
-    // Kernel results that are graph outputs (not views of them) are written in place.
-    for (j, &v) in outputs.iter().enumerate() {
-        if matches!(m.value(v).def, ValueDef::OpResult(..)) && !base.contains_key(&v) && !storage.contains_key(&v) {
-            storage.entry(v).or_insert(Storage::Output(j));
-        }
-    }
-    // Live ranges of the other kernel results.
-    let mut range: HashMap<ValueId, (usize, usize)> = HashMap::new();
-    for (pos, o, _) in &kernels {
-        for &r in &m.op(*o).results {
-            if !storage.contains_key(&r) {
-                range.insert(r, (*pos, *pos));
-            }
-        }
-    }
-    let touch = |v: ValueId, pos: usize, range: &mut HashMap<ValueId, (usize, usize)>| {
-        if let Some(r) = range.get_mut(&root(v)) {
-            r.1 = r.1.max(pos);
-        }
-    };
-    for (pos, &o) in ops.iter().enumerate() {
-        for v in m.op(o).operands.iter().flatten() {
-            touch(*v, pos, &mut range);
-        }
-    }
-    for &v in &outputs {
-        touch(v, ops.len(), &mut range);
-    }
-    let mut arena_vals: Vec<ValueId> = range.keys().copied().collect();
-    arena_vals.sort();
-    let mut sized = Vec::new();
-    for &v in &arena_vals {
-        let n: usize = static_shape(m, v)?.iter().product();
-        let (a, b) = range[&v];
-        sized.push((n * 4, a, b));
-    }
-    let (offsets, arena_bytes) = plan(&sized);
-    for (v, off) in arena_vals.iter().zip(offsets) {
-        storage.insert(*v, Storage::Arena(off));
-    }
+    let positions: Vec<(usize, kiln_ir::ir::OpId)> = kernels.iter().map(|(p, o, _)| (*p, *o)).collect();
+    let memory = plan_memory(m, &positions)?;
+    let (storage, weights, arena_bytes) = (&memory.storage, &memory.weights, memory.arena_bytes);
+    let root = |v: ValueId| plan_root(storage, v);
     let place = |v: ValueId| -> Result<String, TargetError> {
-        let r = root(v);
-        Ok(match storage.get(&r) {
+        Ok(match storage.get(&root(v)) {
             Some(Storage::Input(i)) => format!("(float *)inputs[{i}]"),
             Some(Storage::Output(j)) => format!("outputs[{j}]"),
             Some(Storage::Weight(off)) => format!("(float *)(kiln_weights_{entry} + {off})"),
             Some(Storage::Arena(off)) => format!("(float *)((char *)arena + {off})"),
-            None => return Err(err(format!("AOT: no storage for {} (a kiln bug)", m.value_label(v)))),
+            Some(Storage::View(_)) | None => {
+                return Err(err(format!("AOT: no storage for {} (a kiln bug)", m.value_label(v))))
+            }
         })
     };
 
@@ -417,7 +454,7 @@ pub fn compile_for(m: &Module, name: &str, dir: &Path, target: &AotTarget) -> Re
     let weights_path = dir.join(format!("{entry}.weights"));
     write(&header_path, header.as_bytes())?;
     write(&driver_path, c_src.as_bytes())?;
-    write(&weights_path, &weights)?;
+    write(&weights_path, weights)?;
     let tm = target.code.machine()?;
     let kernels_obj = dir.join(format!("{entry}.kernels.o"));
     {

@@ -1140,24 +1140,71 @@ impl JitBackend {
         l: &Launch,
         ranges: &mut dyn Iterator<Item = (i64, i64)>,
     ) -> Result<Vec<Tensor>, TargetError> {
-        let entry = self.entry(function, l)?;
+        self.entry(function, l)?;
         let mut outs: Vec<Vec<f32>> = l.outputs.iter().map(|shape| vec![f32::NAN; shape.iter().product()]).collect();
         let mut args = input_memrefs(l)?;
         for (o, s) in outs.iter_mut().zip(&l.outputs) {
             args.push(MemRef::of(o, s));
         }
         let mut ptrs: Vec<*mut i64> = args.iter_mut().map(MemRef::as_mut_ptr).collect();
-        for (mut lo, mut hi) in ranges {
-            let mut packed: Vec<*mut ()> = ptrs.iter_mut().map(|p| p as *mut *mut i64 as *mut ()).collect();
-            packed.push(&mut lo as *mut i64 as *mut ());
-            packed.push(&mut hi as *mut i64 as *mut ());
-            // SAFETY: as in `launch`: the function was generated from this kernel (one memref
-            // per buffer, then the range); a range past the loop's extent runs no iteration.
-            unsafe { (entry.0)(packed.as_mut_ptr()) };
-        }
+        // SAFETY: as in `launch`: the function was generated from this kernel (one memref per
+        // buffer over live data of its shape, then the range).
+        unsafe { self.call_ranges(function, &mut ptrs, ranges)? };
         drop(args);
         Ok(outs.into_iter().zip(&l.outputs).map(|(o, s)| Tensor::from_f32(s, o)).collect())
     }
+
+    /// Calls function `function` once per `(lo, hi)` range of its shared parallel loop on the
+    /// memref descriptors `descriptors` (one per buffer); a range past the loop's extent runs
+    /// no iteration.
+    ///
+    /// # Safety
+    /// Each descriptor must describe live memory of its sizes and strides, of the element type
+    /// and rank of the function's buffer in that position, writable for output buffers.
+    pub unsafe fn call_ranges(
+        &self,
+        function: usize,
+        descriptors: &mut [*mut i64],
+        ranges: &mut dyn Iterator<Item = (i64, i64)>,
+    ) -> Result<(), TargetError> {
+        let entry = *self
+            .entries
+            .get(function)
+            .ok_or_else(|| TargetError::Codegen(format!("no function {function} (a kiln bug)")))?;
+        for (mut lo, mut hi) in ranges {
+            let mut packed: Vec<*mut ()> = descriptors.iter_mut().map(|p| p as *mut *mut i64 as *mut ()).collect();
+            packed.push(&mut lo as *mut i64 as *mut ());
+            packed.push(&mut hi as *mut i64 as *mut ());
+            // SAFETY: the caller's descriptors fit the function (one per buffer, then the range).
+            unsafe { (entry.0)(packed.as_mut_ptr()) };
+        }
+        Ok(())
+    }
+}
+
+/// The `(lo, hi)` range of the shared parallel loop (of `extent` iterations) each thread of a
+/// GPU launch of `grid` × `block` threads (x, y) runs, block by block, thread by thread: for a
+/// one-dimensional launch thread `t` runs `t..min(t + 1, extent)`; for a two-dimensional one
+/// ([`to_gpu_func`] with `cols`) the thread at column `col` and row `row` runs `row · cols +
+/// col` when `col < cols`. Ranges past the extent are empty.
+pub fn gpu_thread_ranges(
+    grid: [u64; 2],
+    block: [u64; 2],
+    cols: Option<i64>,
+    extent: i64,
+) -> impl Iterator<Item = (i64, i64)> {
+    let (gx, gy, bx, by) = (grid[0] as i64, grid[1] as i64, block[0] as i64, block[1] as i64);
+    (0..gy * gx * by * bx).map(move |t| {
+        let (blk, thr) = (t / (by * bx), t % (by * bx));
+        match cols {
+            Some(cols) => {
+                let (row, col) = ((blk / gx) * by + thr / bx, (blk % gx) * bx + thr % bx);
+                let lo = row * cols + col;
+                (lo, if col < cols { (lo + 1).min(extent) } else { lo })
+            }
+            None => (t, (t + 1).min(extent)),
+        }
+    })
 }
 
 impl Backend for JitBackend {
@@ -1306,7 +1353,7 @@ impl NativeKernel {
     pub fn run_as_gpu(&self, operands: &[&Tensor], threads: u64) -> Result<(Vec<Tensor>, i64), TargetError> {
         let l = Launch::new(&self.kernel, operands, self.heavy)?;
         let extent = l.extent;
-        let mut ranges = (0..threads as i64).map(|t| (t, (t + 1).min(extent)));
+        let mut ranges = gpu_thread_ranges([threads, 1], [1, 1], None, extent);
         Ok((self.backend.launch_ranges(0, &l, &mut ranges)?, extent))
     }
 
@@ -1323,13 +1370,7 @@ impl NativeKernel {
     ) -> Result<(Vec<Tensor>, i64), TargetError> {
         let l = Launch::new(&self.kernel, operands, self.heavy)?;
         let extent = l.extent;
-        let (gx, gy, bx, by) = (grid[0] as i64, grid[1] as i64, block[0] as i64, block[1] as i64);
-        let mut ranges = (0..gy * gx * by * bx).map(|t| {
-            let (blk, thr) = (t / (by * bx), t % (by * bx));
-            let (row, col) = ((blk / gx) * by + thr / bx, (blk % gx) * bx + thr % bx);
-            let lo = row * cols + col;
-            (lo, if col < cols { (lo + 1).min(extent) } else { lo })
-        });
+        let mut ranges = gpu_thread_ranges(grid, block, Some(cols), extent);
         Ok((self.backend.launch_ranges(0, &l, &mut ranges)?, extent))
     }
 }

@@ -1,6 +1,8 @@
 //! Runs a model kiln compiled ahead of time, with nothing but the system's dynamic loader:
 //! `kiln compile MODEL --target cpu -o DIR` writes `DIR/lib<name>.so`; [`Model::open`] loads
 //! it and [`Model::run`] calls its entry point. This crate links no LLVM or MLIR.
+//! Models compiled for `cuda` (`-o DIR` writes `DIR/plan.json`) run through [`gpu::Executor`]
+//! on the CUDA driver ([`cuda::CudaDevice`]); the `kiln-gpu-run` binary wraps that.
 //!
 //! ```no_run
 //! let model = kiln_runtime::Model::open("out/libmodel.so".as_ref())?;
@@ -10,6 +12,8 @@
 //! ```
 
 pub mod cuda;
+pub mod gpu;
+pub mod npy;
 
 use std::ffi::{c_char, c_int, c_void, CStr, CString};
 use std::path::Path;

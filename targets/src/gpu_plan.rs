@@ -1,0 +1,405 @@
+//! The whole-model program of a GPU compile (`kiln compile MODEL --target cuda|rocm -o DIR`
+//! writes it as `DIR/plan.json` and `DIR/weights.bin` beside the kernels and
+//! `manifest.json`): the kernel launches in program order, each buffer argument bound to a graph
+//! input, a graph output, a weight (a byte offset into `weights.bin`) or an arena offset, with
+//! its static shape and element type, and the arena's size. The memory plan is the cpu AOT's
+//! ([`crate::aot::plan_memory`]: views alias their operand, intermediates share one arena by
+//! live range, graph outputs written in place). `kiln-runtime`'s executor runs it on any
+//! [`kiln_runtime::gpu::Device`].
+//!
+//! Scope as the cpu AOT: static shapes, f32 and bool tensors. A model with host kernels (or
+//! symbolic shapes, or other dtypes at its edges) still compiles its kernels; its plan says it
+//! is not runnable and why, naming each host kernel with its node and op, and runners refuse it
+//! with that message.
+
+use crate::aot::{plan_memory, plan_root, static_shape, Storage};
+use crate::gpu::GpuProgram;
+use crate::TargetError;
+use kiln_ir::ir::{OpId, ValueId};
+use kiln_ir::{DType, Module};
+use serde::Serialize;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+/// The plan's format tag (`kiln-runtime` checks it).
+pub const FORMAT: &str = "kiln-gpu-plan/1";
+
+/// Where a buffer lives.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum Place {
+    Input {
+        index: usize,
+    },
+    Output {
+        index: usize,
+    },
+    /// Byte offset into `weights.bin`.
+    Weight {
+        offset: usize,
+    },
+    /// Byte offset into the arena.
+    Arena {
+        offset: usize,
+    },
+}
+
+/// A buffer: where, its shape and element type (`f32`, or `i8` for a bool tensor).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct PlanBuffer {
+    pub at: Place,
+    pub shape: Vec<usize>,
+    pub dtype: &'static str,
+}
+
+/// A graph input or output: its name and buffer.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct PlanPort {
+    pub name: String,
+    #[serde(flatten)]
+    pub buffer: PlanBuffer,
+}
+
+/// One kernel launch: the manifest's kernel, its function and file, grid and block, and one
+/// buffer per kernel parameter descriptor (the manifest's `args`, in order).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct PlanLaunch {
+    pub kernel: String,
+    pub node: String,
+    pub op: String,
+    pub function: String,
+    pub file: String,
+    pub grid: [u64; 3],
+    pub block: [u64; 3],
+    pub shared_bytes: u64,
+    pub args: Vec<PlanBuffer>,
+}
+
+/// `plan.json`.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Plan {
+    pub format: &'static str,
+    pub target: &'static str,
+    pub arch: String,
+    /// Whether the runtime can run the whole model; else `why_not` says why.
+    pub runnable: bool,
+    pub why_not: Option<String>,
+    pub inputs: Vec<PlanPort>,
+    pub outputs: Vec<PlanPort>,
+    pub arena_bytes: usize,
+    /// The weights' file (in the plan's directory) and its size.
+    pub weights: &'static str,
+    pub weight_bytes: usize,
+    /// The largest per-thread local memory of any launch (the stack the driver must give).
+    pub stack_bytes: u64,
+    pub launches: Vec<PlanLaunch>,
+}
+
+fn dtype_name(d: DType) -> Option<&'static str> {
+    match d {
+        DType::F32 => Some("f32"),
+        DType::Bool => Some("i8"),
+        _ => None,
+    }
+}
+
+/// The plan of `prog` (compiled from fused module `m`) and the weights it reads.
+pub fn plan(m: &Module, prog: &GpuProgram) -> (Plan, Vec<u8>) {
+    let mut p = Plan {
+        format: FORMAT,
+        target: prog.arch.family.name(),
+        arch: prog.arch.chip.clone(),
+        runnable: false,
+        why_not: None,
+        inputs: Vec::new(),
+        outputs: Vec::new(),
+        arena_bytes: 0,
+        weights: "weights.bin",
+        weight_bytes: 0,
+        stack_bytes: 0,
+        launches: Vec::new(),
+    };
+    match fill(m, prog, &mut p) {
+        Ok(weights) => {
+            p.runnable = true;
+            p.weight_bytes = weights.len();
+            (p, weights)
+        }
+        Err(why) => {
+            p.why_not = Some(why);
+            p.launches.clear();
+            (p, Vec::new())
+        }
+    }
+}
+
+fn fill(m: &Module, prog: &GpuProgram, p: &mut Plan) -> Result<Vec<u8>, String> {
+    let host = &prog.manifest.host_kernels;
+    if !host.is_empty() {
+        let list: Vec<String> =
+            host.iter().map(|h| format!("{} (node '{}', {}): {}", h.name, h.node, h.op, h.why)).collect();
+        return Err(format!(
+            "{} kernels run on the host (not lowered for the GPU yet): {}",
+            host.len(),
+            list.join("; ")
+        ));
+    }
+    let text = |e: TargetError| e.to_string();
+    let dtype = |v: ValueId| {
+        let t = &m.value(v).ty;
+        dtype_name(t.dtype)
+            .ok_or_else(|| format!("{} is {} (the GPU runtime passes f32 and bool tensors)", m.value_label(v), t))
+    };
+    let position: HashMap<OpId, usize> = m.body.ops.iter().enumerate().map(|(i, &o)| (o, i)).collect();
+    let ops: HashMap<String, OpId> =
+        crate::native::launched_kernels(m).into_iter().map(|(o, name)| (name, o)).collect();
+    let mut kernel_ops = Vec::new();
+    for l in &prog.manifest.kernels {
+        let o = *ops.get(&l.name).ok_or_else(|| format!("kernel {} is no op of the model (a kiln bug)", l.name))?;
+        kernel_ops.push((position[&o], o));
+    }
+    let memory = plan_memory(m, &kernel_ops).map_err(text)?;
+    let place = |v: ValueId| -> Result<Place, String> {
+        Ok(match memory.storage.get(&plan_root(&memory.storage, v)) {
+            Some(Storage::Input(index)) => Place::Input { index: *index },
+            Some(Storage::Output(index)) => Place::Output { index: *index },
+            Some(Storage::Weight(offset)) => Place::Weight { offset: *offset },
+            Some(Storage::Arena(offset)) => Place::Arena { offset: *offset },
+            Some(Storage::View(_)) | None => {
+                return Err(format!("{} ({}) has no place in device memory", m.value_label(v), m.value(v).ty))
+            }
+        })
+    };
+    let buffer = |v: ValueId| -> Result<PlanBuffer, String> {
+        Ok(PlanBuffer { at: place(v)?, shape: static_shape(m, v).map_err(text)?, dtype: dtype(v)? })
+    };
+    let port = |v: ValueId| -> Result<PlanPort, String> { Ok(PlanPort { name: m.value_label(v), buffer: buffer(v)? }) };
+    p.inputs = m.inputs().iter().map(|&v| port(v)).collect::<Result<_, _>>()?;
+    p.outputs = m.outputs().iter().map(|&v| port(v)).collect::<Result<_, _>>()?;
+    for ((l, k), (_, o)) in prog.manifest.kernels.iter().zip(&prog.kernels).zip(&kernel_ops) {
+        let op = m.op(*o);
+        let grid = l.grid.ok_or_else(|| format!("kernel {}: its grid is not known at compile time", l.name))?;
+        let mut args = Vec::new();
+        for (bi, b) in k.buffers.iter().enumerate() {
+            let v = if bi < k.inputs {
+                op.operands.get(k.operands[bi]).copied().flatten()
+            } else {
+                op.results.get(bi - k.inputs).copied()
+            }
+            .ok_or_else(|| format!("kernel {}: buffer {} binds no value (a kiln bug)", l.name, b.name))?;
+            let a = buffer(v)?;
+            if a.shape.len() != b.shape.len() {
+                return Err(format!(
+                    "kernel {}: buffer {} has rank {}, its value {} (a kiln bug)",
+                    l.name,
+                    b.name,
+                    b.shape.len(),
+                    a.shape.len()
+                ));
+            }
+            args.push(a);
+        }
+        p.stack_bytes = p.stack_bytes.max(l.local_bytes.unwrap_or(0));
+        p.launches.push(PlanLaunch {
+            kernel: l.name.clone(),
+            node: l.node.clone(),
+            op: l.op.clone(),
+            function: l.function.clone(),
+            file: l.file.clone(),
+            grid,
+            block: l.block,
+            shared_bytes: l.shared_bytes,
+            args,
+        });
+    }
+    p.arena_bytes = memory.arena_bytes;
+    Ok(memory.weights)
+}
+
+impl Plan {
+    pub fn json(&self) -> String {
+        serde_json::to_string_pretty(self).expect("the plan serializes")
+    }
+}
+
+/// Writes the plan of `prog` (compiled from fused `m`) as `dir/plan.json` and its weights as
+/// `dir/weights.bin`; returns the plan and the paths written.
+pub fn write(m: &Module, prog: &GpuProgram, dir: &Path) -> Result<(Plan, Vec<PathBuf>), TargetError> {
+    let io = |p: &Path, e: std::io::Error| TargetError::Config(format!("{}: {e}", p.display()));
+    std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
+    let (plan, weights) = plan(m, prog);
+    let pj = dir.join("plan.json");
+    std::fs::write(&pj, plan.json()).map_err(|e| io(&pj, e))?;
+    let wb = dir.join(plan.weights);
+    std::fs::write(&wb, &weights).map_err(|e| io(&wb, e))?;
+    Ok((plan, vec![pj, wb]))
+}
+
+/// A GPU emulated on the host, for running plans where no GPU is: memory is host memory (every
+/// allocation 64-byte aligned and filled with NaN, so that elements no kernel stores show), and
+/// a launch runs the function's kernel (JIT-compiled for the host from the same kernel dialect
+/// the PTX came from) once per thread of its grid, each thread on the iteration its `gpu.func`
+/// computes ([`crate::native::gpu_thread_ranges`]). Every descriptor a launch gets must lie in
+/// an allocation (else an error, not a stray write).
+pub struct EmulatedGpu {
+    backend: crate::native::JitBackend,
+    /// Per function name: its index in `backend`, its kernel, its grid's columns.
+    functions: HashMap<String, (usize, kiln_ir::kernel::Kernel, Option<i64>)>,
+    loaded: std::collections::HashSet<String>,
+    memory: Vec<Box<[u64]>>,
+    /// Launches run and threads emulated.
+    pub launches: usize,
+    pub threads: u64,
+}
+
+fn device_error(e: impl std::fmt::Display) -> kiln_runtime::Error {
+    kiln_runtime::Error(e.to_string())
+}
+
+impl EmulatedGpu {
+    /// The functions of `prog`, compiled for the host.
+    pub fn new(prog: &GpuProgram) -> Result<EmulatedGpu, TargetError> {
+        let mut firsts: Vec<(String, kiln_ir::kernel::Kernel, Option<i64>)> = Vec::new();
+        for (l, k) in prog.manifest.kernels.iter().zip(&prog.kernels) {
+            if !firsts.iter().any(|(f, ..)| *f == l.function) {
+                let cols = l.cols_known.map(|c| c as i64);
+                firsts.push((
+                    l.function.clone(),
+                    kiln_ir::kernel::Kernel { name: l.function.clone(), ..k.clone() },
+                    cols,
+                ));
+            }
+        }
+        let (text, function_of) =
+            crate::native::module_text(firsts.iter().map(|(_, k, _)| k), crate::native::MlirOptions::default());
+        let backend = crate::native::JitBackend::compile(&text, &function_of)?;
+        let functions = firsts.into_iter().enumerate().map(|(i, (f, k, c))| (f, (i, k, c))).collect();
+        Ok(EmulatedGpu { backend, functions, loaded: Default::default(), memory: Vec::new(), launches: 0, threads: 0 })
+    }
+
+    /// The allocation holding `len` bytes at `addr`, as a pointer.
+    fn span(&self, addr: u64, len: usize) -> Result<*mut u8, kiln_runtime::Error> {
+        for m in &self.memory {
+            let base = m.as_ptr() as u64;
+            if addr >= base && addr + len as u64 <= base + 8 * m.len() as u64 {
+                return Ok(addr as *mut u8);
+            }
+        }
+        Err(device_error(format!("{len} bytes at {addr:#x} are outside every allocation")))
+    }
+}
+
+impl kiln_runtime::gpu::Device for EmulatedGpu {
+    fn load(&mut self, dir: &Path, file: &str, function: &str) -> Result<(), kiln_runtime::Error> {
+        if !dir.join(file).is_file() {
+            return Err(device_error(format!("{}: no such code file", dir.join(file).display())));
+        }
+        if !self.functions.contains_key(function) {
+            return Err(device_error(format!("no function {function} in the program")));
+        }
+        self.loaded.insert(function.to_string());
+        Ok(())
+    }
+
+    fn set_stack(&mut self, _: u64) -> Result<(), kiln_runtime::Error> {
+        Ok(())
+    }
+
+    fn alloc(&mut self, bytes: usize) -> Result<u64, kiln_runtime::Error> {
+        // 64-byte aligned (cuMemAlloc gives 256): Box<[u64]> is 8-aligned, so the start moves
+        // up to 56 bytes into a larger block, and the block is trimmed to start there.
+        let words = bytes.div_ceil(8).max(1);
+        let nan = u64::from(f32::NAN.to_bits()) * 0x1_0000_0001;
+        let mut b: Box<[u64]> = vec![nan; words + 8].into_boxed_slice();
+        let skip = (b.as_ptr() as usize).next_multiple_of(64) - b.as_ptr() as usize;
+        let addr = b.as_mut_ptr() as u64 + skip as u64;
+        self.memory.push(b);
+        Ok(addr)
+    }
+
+    fn upload(&mut self, to: u64, data: &[u8]) -> Result<(), kiln_runtime::Error> {
+        let p = self.span(to, data.len())?;
+        // SAFETY: `span` checked that the range lies in one of our allocations.
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), p, data.len()) };
+        Ok(())
+    }
+
+    fn download(&mut self, from: u64, out: &mut [u8]) -> Result<(), kiln_runtime::Error> {
+        let p = self.span(from, out.len())?;
+        // SAFETY: as in `upload`.
+        unsafe { std::ptr::copy_nonoverlapping(p, out.as_mut_ptr(), out.len()) };
+        Ok(())
+    }
+
+    fn launch(
+        &mut self,
+        function: &str,
+        grid: [u32; 3],
+        block: [u32; 3],
+        _shared: u32,
+        params: &[u64],
+    ) -> Result<(), kiln_runtime::Error> {
+        if !self.loaded.contains(function) {
+            return Err(device_error(format!("function {function} was not loaded")));
+        }
+        let (index, k, cols) = &self.functions[function];
+        if grid[2] != 1 || block[2] != 1 {
+            return Err(device_error("a three-dimensional launch (kiln makes none)"));
+        }
+        let mut words: Vec<i64> = params.iter().map(|&w| w as i64).collect();
+        let mut at = 0;
+        let mut shapes: Vec<Vec<usize>> = Vec::new();
+        let mut offsets = Vec::new();
+        for b in &k.buffers {
+            let r = b.shape.len();
+            let d = words
+                .get(at..at + 3 + 2 * r)
+                .ok_or_else(|| device_error(format!("{} parameters, kernel {} takes more", params.len(), k.name)))?;
+            let shape: Vec<usize> = d[3..3 + r].iter().map(|&n| n as usize).collect();
+            let elem = if b.dtype == DType::Bool { 1 } else { 4 };
+            let row_major = kiln_runtime::gpu::descriptor(d[0] as u64, &shape);
+            if d.iter().zip(&row_major).any(|(&w, &want)| w as u64 != want) {
+                return Err(device_error(format!("buffer {} of {}: not a row-major descriptor", b.name, k.name)));
+            }
+            self.span(d[0] as u64, shape.iter().product::<usize>() * elem)
+                .map_err(|e| device_error(format!("buffer {} of {}: {e}", b.name, k.name)))?;
+            offsets.push(at);
+            shapes.push(shape);
+            at += 3 + 2 * r;
+        }
+        if at != words.len() {
+            return Err(device_error(format!("{} parameters, kernel {} takes {at}", params.len(), k.name)));
+        }
+        let refs: Vec<&[usize]> = shapes.iter().map(Vec::as_slice).collect();
+        let extent = match crate::native::split_loop(k) {
+            Some((_, _, e)) => crate::native::eval_idx(e, &refs)
+                .ok_or_else(|| device_error(format!("kernel {}: the extent {e} is not computable", k.name)))?,
+            None => 0,
+        };
+        let (g, b) = ([grid[0] as u64, grid[1] as u64], [block[0] as u64, block[1] as u64]);
+        let covered = match cols {
+            Some(c) => g[0] * b[0] >= *c as u64 && (g[1] * b[1]) as i64 * c >= extent,
+            None => (g[0] * g[1] * b[0] * b[1]) as i64 >= extent,
+        };
+        if !covered {
+            return Err(device_error(format!(
+                "kernel {}: grid {g:?} × block {b:?} does not cover its {extent} iterations",
+                k.name
+            )));
+        }
+        let base = words.as_mut_ptr();
+        // SAFETY: offsets are within `words` (checked above).
+        let mut descriptors: Vec<*mut i64> = offsets.iter().map(|&o| unsafe { base.add(o) }).collect();
+        let mut ranges = crate::native::gpu_thread_ranges(g, b, *cols, extent);
+        // SAFETY: each descriptor is row-major over memory inside one of our allocations of its
+        // size (checked above), with the buffer's rank; the function is the kernel's.
+        unsafe { self.backend.call_ranges(*index, &mut descriptors, &mut ranges) }.map_err(device_error)?;
+        self.launches += 1;
+        self.threads += g[0] * g[1] * b[0] * b[1];
+        Ok(())
+    }
+
+    fn synchronize(&mut self) -> Result<(), kiln_runtime::Error> {
+        Ok(())
+    }
+}
