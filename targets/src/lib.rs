@@ -11,6 +11,7 @@ pub mod aot;
 pub mod cpu;
 pub mod descriptions;
 pub mod gpu;
+pub mod gpu_tile;
 pub mod jit;
 pub mod llvm;
 pub mod native;
