@@ -209,9 +209,9 @@ fn gpu_manifest_matches_the_model() {
 /// one host call per thread of `grid × block` ([`NativeKernel::run_as_gpu`]), outputs
 /// pre-filled with NaN so that elements no thread stores show. Returns the outputs, the kernels
 /// run that way and the largest launch (threads).
-fn run_as_gpu(m: &Module, inputs: Vec<Tensor>) -> (Vec<Tensor>, usize, u64) {
-    let (outs, kernels, largest, _) = run_as_gpu_on(m, inputs, &GpuArch::new(Family::Cuda, None).unwrap());
-    (outs, kernels, largest)
+fn run_as_gpu(m: &Module, inputs: Vec<Tensor>) -> (Vec<Tensor>, usize, u64, usize) {
+    let (outs, kernels, largest, tiled) = run_as_gpu_on(m, inputs, &GpuArch::new(Family::Cuda, None).unwrap());
+    (outs, kernels, largest, tiled.len())
 }
 
 /// [`run_as_gpu`] for `arch`; also returns the launches of block-tiled GEMMs, which run
@@ -281,14 +281,14 @@ fn assert_matches(name: &str, got: &[Tensor], want: &[Tensor], rtol: f32, atol: 
 /// the GPT-2 block (its MatMuls a thread per output element on 2-D grids).
 #[test]
 fn gpu_launches_emulated_on_the_host_match_the_reference() {
-    println!("| model | kernels | largest launch (threads) |");
+    println!("| model | kernels | block-tiled GEMMs | largest launch (threads) |");
     for (name, m, inputs) in models() {
         let m = fused(m, "cuda");
         let want = kiln_ir::interp::run(&m, inputs.clone()).unwrap();
-        let (got, kernels, largest) = run_as_gpu(&m, inputs);
+        let (got, kernels, largest, tiled) = run_as_gpu(&m, inputs);
         assert!(kernels >= 1, "{name}");
         assert_matches(name, &got, &want, 1e-4, 1e-5);
-        println!("| {name} | {kernels} | {largest} |");
+        println!("| {name} | {kernels} | {tiled} | {largest} |");
     }
     for (group, name) in
         [("light-random", "light_squeezenet"), ("light-random", "light_shufflenet"), ("transformers", "gpt2_block")]
@@ -299,9 +299,12 @@ fn gpu_launches_emulated_on_the_host_match_the_reference() {
         let m = fused(m, "cuda");
         let input = vec![kiln_onnx::read_tensor_file(&dir.join("test_data_set_0/input_0.pb")).unwrap()];
         let want = kiln_ir::interp::run(&m, input.clone()).unwrap();
-        let (got, kernels, largest) = run_as_gpu(&m, input);
+        let (got, kernels, largest, tiled) = run_as_gpu(&m, input);
         assert_matches(name, &got, &want, 1e-3, 1e-5);
-        println!("| {name} | {kernels} | {largest} |");
+        println!("| {name} | {kernels} | {tiled} | {largest} |");
+        if name == "gpt2_block" {
+            assert!(tiled >= 4, "gpt2_block: {tiled} block-tiled GEMMs");
+        }
     }
 }
 

@@ -193,6 +193,27 @@ fn val_uses(v: &Val, var: usize) -> bool {
     map_val(v, &|i| (!i.uses(var)).then(|| i.clone())).is_none()
 }
 
+/// `v` with `Let` slot `slot` replaced by the value it binds.
+fn replace_scalar(v: &Val, slot: usize, by: &Val) -> Val {
+    let b = |x: &Val| Box::new(replace_scalar(x, slot, by));
+    match v {
+        Val::Scalar(s) if *s == slot => by.clone(),
+        Val::Const(_) | Val::Scalar(_) | Val::Load { .. } | Val::FromIdx(_) => v.clone(),
+        Val::Un(op, x) => Val::Un(*op, b(x)),
+        Val::Bin(op, x, y) => Val::Bin(*op, b(x), b(y)),
+        Val::Reduce { op, var, extent, body } => {
+            Val::Reduce { op: *op, var: *var, extent: extent.clone(), body: b(body) }
+        }
+        Val::IfLess { lhs, rhs, then, other } => {
+            Val::IfLess { lhs: lhs.clone(), rhs: rhs.clone(), then: b(then), other: b(other) }
+        }
+        Val::Select { lhs, rhs, then, other } => {
+            Val::Select { lhs: lhs.clone(), rhs: rhs.clone(), then: b(then), other: b(other) }
+        }
+        Val::Where { cond, then, other } => Val::Where { cond: b(cond), then: b(then), other: b(other) },
+    }
+}
+
 /// `v` with its reductions taken out: each becomes `Val::Scalar(ACC)` and is pushed on `out`.
 fn take_reductions(v: &Val, out: &mut Vec<Val>) -> Val {
     let mut b = |x: &Val| Box::new(take_reductions(x, out));
@@ -223,10 +244,10 @@ fn take_reductions(v: &Val, out: &mut Vec<Val>) -> Val {
     }
 }
 
-/// The flattened variable `v` over `batch × m × n` rewritten into [`BATCH`], [`ROW`] and
-/// [`COL`] where the lowering's forms show them (`v % n`, `v / n % m`, `v / n / m`, `v / n`);
-/// `None` where `v` is left.
-fn unflatten(i: &Idx, v: usize, m: i64, n: i64, batched: bool) -> Option<Idx> {
+/// The flattened variable `v` over `b × m × n` rewritten into [`ROW`], [`COL`] and `inner`
+/// (its batch index, an expression of [`BATCH`]) where the lowering's forms show them
+/// (`v % n`, `v / n % m`, `v / n / m`, `v / n`); `None` where `v` is left.
+fn unflatten(i: &Idx, v: usize, m: i64, n: i64, inner: &Idx) -> Option<Idx> {
     let is = |x: &Idx, c: i64| *x == Idx::Const(c);
     let var = Idx::Var(v);
     // `v / n` (the flat row over the batch), which is `v` itself when `n` is 1 (the lowering's
@@ -235,15 +256,8 @@ fn unflatten(i: &Idx, v: usize, m: i64, n: i64, batched: bool) -> Option<Idx> {
     let out = map_idx(i, &mut |x| {
         Some(match x {
             Idx::Rem(a, b) if q(a) && is(b, m) => Some(Idx::Var(ROW)),
-            Idx::Div(a, b) if q(a) && is(b, m) => Some(Idx::Var(BATCH)),
-            x if q(x) => Some(if batched {
-                Idx::Add(
-                    Box::new(Idx::Mul(Box::new(Idx::Var(BATCH)), Box::new(Idx::Const(m)))),
-                    Box::new(Idx::Var(ROW)),
-                )
-            } else {
-                Idx::Var(ROW)
-            }),
+            Idx::Div(a, b) if q(a) && is(b, m) => Some(inner.clone()),
+            x if q(x) => Some(add(mul(inner.clone(), m), Idx::Var(ROW)).simplify()),
             Idx::Rem(a, b) if **a == var && is(b, n) => Some(Idx::Var(COL)),
             _ => None,
         })
@@ -263,8 +277,29 @@ pub fn recognize(k: &Kernel, arch: &GpuArch) -> Result<Option<TiledGemm>, Target
 }
 
 fn read_back(k: &Kernel) -> Option<TiledGemm> {
-    let [Stmt::For { parallel: true, var, body, .. }] = k.body.as_slice() else { return None };
-    let [Stmt::Store { buf: out, index, value }] = body.as_slice() else { return None };
+    // Sequential loops around the parallel one (leading batch dims the lowering kept).
+    let mut outer: Vec<(usize, &Idx)> = Vec::new();
+    let mut stmts = k.body.as_slice();
+    let (var, body) = loop {
+        match stmts {
+            [Stmt::For { parallel: false, var, extent, body }] => {
+                outer.push((*var, extent));
+                stmts = body;
+            }
+            [Stmt::For { parallel: true, var, body, .. }] => break (var, body),
+            _ => return None,
+        }
+    };
+    // `Let`s then one `Store` (a reduction bound once and used twice, as by a fused GELU).
+    let (Some(Stmt::Store { buf: out, index, value }), lets) = (body.last(), &body[..body.len().saturating_sub(1)])
+    else {
+        return None;
+    };
+    let mut value = value.clone();
+    for s in lets.iter().rev() {
+        let Stmt::Let { slot, value: bound } = s else { return None };
+        value = replace_scalar(&value, *slot, bound);
+    }
     if !k.locals.is_empty() || k.buffers.iter().any(|b| b.shape.iter().any(|d| matches!(d, Dim::Sym(_)))) {
         return None;
     }
@@ -281,10 +316,40 @@ fn read_back(k: &Kernel) -> Option<TiledGemm> {
         return None;
     }
     let (m, n, batch) = (shape[r - 2], shape[r - 1], shape[..r - 2].iter().product::<u64>());
-    let rw = |i: &Idx| concrete(i, k).and_then(|i| unflatten(&i, *var, m as i64, n as i64, r > 2));
+    // Outer loop `o_i` is digit i of the batch index over the outer extents, the parallel
+    // loop's own batch (`inner`) the rest.
+    let extents: Vec<i64> = outer
+        .iter()
+        .map(|(_, e)| match concrete(e, k) {
+            Some(Idx::Const(c)) if c > 0 => Some(c),
+            _ => None,
+        })
+        .collect::<Option<_>>()?;
+    let outer_total: i64 = extents.iter().product();
+    if batch as i64 % outer_total != 0 {
+        return None;
+    }
+    let inner_batch = batch as i64 / outer_total;
+    let inner = match (inner_batch, outer_total) {
+        (1, _) => Idx::Const(0),
+        (_, 1) => Idx::Var(BATCH),
+        _ => Idx::Rem(Box::new(Idx::Var(BATCH)), c(inner_batch)),
+    };
+    let mut digits: Vec<(usize, Idx)> = Vec::new();
+    let mut below = inner_batch;
+    for ((o, _), e) in outer.iter().zip(&extents).rev() {
+        digits.push((*o, Idx::Rem(Box::new(Idx::Div(Box::new(Idx::Var(BATCH)), c(below))), c(*e)).simplify()));
+        below *= e;
+    }
+    let rw = |i: &Idx| {
+        let i = digits.iter().fold(concrete(i, k)?, |i, (o, by)| i.subst(*o, by));
+        unflatten(&i, *var, m as i64, n as i64, &inner)
+    };
     let index: Vec<Idx> = index.iter().map(rw).collect::<Option<_>>()?;
     let mut reductions = Vec::new();
-    let epilogue = map_val(&take_reductions(value, &mut reductions), &rw)?;
+    let epilogue = map_val(&take_reductions(&value, &mut reductions), &rw)?;
+    // A reduction used twice is one accumulator.
+    reductions.dedup();
     let [Val::Reduce { op: RedOp::Sum, var: kvar, extent, body }] = reductions.as_slice() else { return None };
     let Idx::Const(kk) = concrete(extent, k)? else { return None };
     let Val::Bin(BinOp::Mul, x, y) = &**body else { return None };
