@@ -719,7 +719,9 @@ fn gpu_descriptions_per_chip() {
 #[test]
 #[ignore]
 fn gpu_tiled_gemm_numbers() {
-    println!("| GEMM | chip | loads/FMA before → after | blocks × threads | tile | shared B | roofline µs (before → after) |");
+    println!(
+        "| GEMM | chip | loads/FMA before → after | blocks × threads | warps/SM | tile | shared B | roofline µs (before → after) |"
+    );
     for (m, k, n) in [(128u64, 768u64, 768u64), (128, 768, 3072), (1024, 1024, 1024)] {
         let model = fused(matmul_model(&[m, k], &[k, n]), "cuda");
         for (family, chip) in [(Family::Cuda, "sm_80"), (Family::Cuda, "sm_90"), (Family::Rocm, "gfx90a")] {
@@ -736,8 +738,10 @@ fn gpu_tiled_gemm_numbers() {
             let out = (m * n * 4) as f64;
             let t_before = compute.max((2.0 * fmas * 4.0 + out) / bw) * 1e6;
             let t_after = compute.max((g.global_loads() as f64 * 4.0 + out) / bw) * 1e6;
+            // Warps resident per SM/CU if the grid spreads evenly (the roofline assumes enough).
+            let warps = (g.blocks() * g.tile.threads().div_ceil(arch.warp())) as f64 / d.cores as f64;
             println!(
-                "| {m}×{k}·{k}×{n} | {chip} | 2 → {after:.3} | {} × {} | {}x{}x{} | {} | {t_before:.1} → {t_after:.1} |",
+                "| {m}×{k}·{k}×{n} | {chip} | 2 → {after:.3} | {} × {} | {warps:.1} | {}x{}x{} | {} | {t_before:.1} → {t_after:.1} |",
                 g.blocks(),
                 g.tile.threads(),
                 g.tile.tm,

@@ -668,7 +668,7 @@ fn load_phase(e: &mut Emitter, g: &TiledGemm, tv: usize, sa: &str, sa_ty: &str, 
             let fg = add(mul(var(block), tf as i64), f.clone());
             let mut checks = vec![(&kg, g.k as i64), (&fg, fext as i64)];
             let last = (gi.clone(), (groups) as i64);
-            if groups % t.threads() != 0 {
+            if !groups.is_multiple_of(t.threads()) {
                 checks.push((&last.0, last.1));
             }
             let index: Vec<Idx> =
@@ -703,7 +703,8 @@ fn load_phase(e: &mut Emitter, g: &TiledGemm, tv: usize, sa: &str, sa_ty: &str, 
             }
             e.line(d, "}");
             // Past the tile (a partial last round of groups): nothing to store.
-            let inside = if groups % t.threads() != 0 { Some(in_bounds(e, d, &[(&last.0, last.1)])) } else { None };
+            let inside =
+                if !groups.is_multiple_of(t.threads()) { Some(in_bounds(e, d, &[(&last.0, last.1)])) } else { None };
             if let Some(inside) = &inside {
                 e.line(d, &format!("scf.if {inside} {{"));
             }
