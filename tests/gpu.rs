@@ -14,6 +14,7 @@ use kiln_runtime::gpu::Executor;
 use kiln_runtime::npy::{self, Array, Elements};
 use kiln_targets::gpu::{self, Family, GpuArch, GpuProgram};
 use kiln_targets::gpu_plan::EmulatedGpu;
+use kiln_targets::gpu_tile;
 use kiln_targets::native::NativeKernel;
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -169,13 +170,26 @@ fn gpu_manifest_matches_the_model() {
     let f = k["function"].as_str().unwrap();
     let code = &p.functions.iter().find(|(n, _)| n == f).unwrap().1.asm;
     assert!(code.contains(&format!("{f}_param_25")) && !code.contains(&format!("{f}_param_26")), "{code}");
-    // The Gemm: a thread per output element on a 2-D grid (x over the 80 columns).
+    // The Gemm: block-tiled from sm_80's description: 4×4 outputs a thread, 16×16 threads
+    // halved (columns first) while the grid has fewer blocks than the 108 SMs, down to a warp:
+    // 32×16 tiles, 5×4 blocks of 32 threads, the a and b tiles (16 deep) in shared memory.
     let l = &p.manifest.kernels[0];
-    assert_eq!((l.threads_known, l.cols_known), (Some(128 * 80), Some(80)), "{l:?}");
-    assert_eq!((l.grid, l.block), (Some([3, 16, 1]), [32, 8, 1]), "{l:?}");
+    let tile = l.tile.expect("a tiled GEMM");
+    assert_eq!((tile.tm, tile.tn, tile.tk, tile.rm, tile.rn), (32, 16, 16, 4, 4), "{l:?}");
+    assert_eq!((l.grid, l.block, l.cols_known), (Some([5, 4, 1]), [32, 1, 1], None), "{l:?}");
+    assert_eq!(l.shared_bytes, 4 * 16 * (32 + 16));
+    assert_eq!(k["shared_bytes"], 4 * 16 * (32 + 16));
+    assert_eq!(k["tile"]["tm"], 32);
     for l in &p.manifest.kernels {
-        let threads = l.threads_known.unwrap();
         let grid = l.grid.unwrap();
+        if let Some(t) = l.tile {
+            let shape: Vec<u64> = l.args.last().unwrap().shape.iter().map(|d| d.parse().unwrap()).collect();
+            let (m, n) = (shape[shape.len() - 2], shape[shape.len() - 1]);
+            assert!(grid[0] * t.tn >= n && (grid[0] - 1) * t.tn < n && grid[1] * t.tm >= m, "{l:?}");
+            assert_eq!(l.block, [t.tx() * t.ty(), 1, 1]);
+            continue;
+        }
+        let threads = l.threads_known.unwrap();
         let (cols, rows) = match l.cols_known {
             Some(c) => (c, threads / c),
             None => (threads, 1),
@@ -200,25 +214,45 @@ fn gpu_manifest_matches_the_model() {
 /// one host call per thread of `grid × block` ([`NativeKernel::run_as_gpu`]), outputs
 /// pre-filled with NaN so that elements no thread stores show. Returns the outputs, the kernels
 /// run that way and the largest launch (threads).
-fn run_as_gpu(m: &Module, inputs: Vec<Tensor>) -> (Vec<Tensor>, usize, u64) {
-    let arch = GpuArch::new(Family::Cuda, None).unwrap();
+fn run_as_gpu(m: &Module, inputs: Vec<Tensor>) -> (Vec<Tensor>, usize, u64, usize) {
+    let (outs, kernels, largest, tiled) = run_as_gpu_on(m, inputs, &GpuArch::new(Family::Cuda, None).unwrap());
+    (outs, kernels, largest, tiled.len())
+}
+
+/// [`run_as_gpu`] for `arch`; also returns the launches of block-tiled GEMMs, which run
+/// block by block, each block's threads phase by phase ([`gpu_tile::HostTiled`]).
+fn run_as_gpu_on(m: &Module, inputs: Vec<Tensor>, arch: &GpuArch) -> (Vec<Tensor>, usize, u64, Vec<gpu::KernelLaunch>) {
     let schedule = gpu::schedule();
     let mut launches: HashMap<kiln_ir::ir::OpId, (Rc<NativeKernel>, u64, gpu::KernelLaunch)> = HashMap::new();
+    let mut tiled: HashMap<kiln_ir::ir::OpId, Rc<gpu_tile::HostTiled>> = HashMap::new();
     let mut compiled: HashMap<String, Rc<NativeKernel>> = HashMap::new();
     for (o, name) in kiln_targets::native::launched_kernels(m) {
         let Ok(k) = gpu::lower(m, o, &name, &schedule) else { continue };
-        let launch = gpu::launch_of(&k, &arch, &name, "", None);
+        let launch = gpu::launch_of(&k, arch, &name, "", None);
         let grid = launch.grid.expect("known shapes");
         let threads = grid.iter().chain(&launch.block).product::<u64>();
+        if let Some(g) = gpu_tile::recognize(&k, arch).unwrap() {
+            assert_eq!(launch.tile, Some(g.tile));
+            tiled.insert(o, Rc::new(gpu_tile::HostTiled::compile(k.clone(), g).unwrap()));
+        }
         let key = format!("{:?}", kiln_ir::kernel::Kernel { name: String::new(), ..k.clone() });
         let native = compiled.entry(key).or_insert_with(|| Rc::new(NativeKernel::compile(k).unwrap())).clone();
         launches.insert(o, (native, threads, launch));
     }
     let largest = launches.values().map(|(_, t, _)| *t).max().unwrap_or(0);
+    let tiled_launches: Vec<gpu::KernelLaunch> =
+        launches.iter().filter(|(o, _)| tiled.contains_key(o)).map(|(_, (_, _, l))| l.clone()).collect();
     let omitted = Tensor::from_f32(&[0], vec![]);
     let over = |o: kiln_ir::ir::OpId, operands: &[Option<&Tensor>]| {
         let (native, threads, launch) = launches.get(&o)?;
         let refs: Vec<&Tensor> = operands.iter().map(|t| t.unwrap_or(&omitted)).collect();
+        if let Some(t) = tiled.get(&o) {
+            return Some(
+                t.run(&refs)
+                    .map(|outs| outs.into_iter().map(Rc::new).collect())
+                    .map_err(|e| kiln_ir::graph::OpError(e.to_string())),
+            );
+        }
         let run = match (launch.cols_known, launch.grid) {
             (Some(cols), Some(g)) => {
                 native.run_as_gpu_2d(&refs, [g[0], g[1]], [launch.block[0], launch.block[1]], cols as i64)
@@ -233,7 +267,7 @@ fn run_as_gpu(m: &Module, inputs: Vec<Tensor>) -> (Vec<Tensor>, usize, u64) {
         }))
     };
     let (outs, _) = kiln_ir::interp::run_custom(m, inputs, &mut |_, _| {}, &over).unwrap();
-    (outs, launches.len(), largest)
+    (outs, launches.len(), largest, tiled_launches)
 }
 
 fn assert_matches(name: &str, got: &[Tensor], want: &[Tensor], rtol: f32, atol: f32) {
@@ -252,14 +286,14 @@ fn assert_matches(name: &str, got: &[Tensor], want: &[Tensor], rtol: f32, atol: 
 /// the GPT-2 block (its MatMuls a thread per output element on 2-D grids).
 #[test]
 fn gpu_launches_emulated_on_the_host_match_the_reference() {
-    println!("| model | kernels | largest launch (threads) |");
+    println!("| model | kernels | block-tiled GEMMs | largest launch (threads) |");
     for (name, m, inputs) in models() {
         let m = fused(m, "cuda");
         let want = kiln_ir::interp::run(&m, inputs.clone()).unwrap();
-        let (got, kernels, largest) = run_as_gpu(&m, inputs);
+        let (got, kernels, largest, tiled) = run_as_gpu(&m, inputs);
         assert!(kernels >= 1, "{name}");
         assert_matches(name, &got, &want, 1e-4, 1e-5);
-        println!("| {name} | {kernels} | {largest} |");
+        println!("| {name} | {kernels} | {tiled} | {largest} |");
     }
     for (group, name) in
         [("light-random", "light_squeezenet"), ("light-random", "light_shufflenet"), ("transformers", "gpt2_block")]
@@ -270,9 +304,12 @@ fn gpu_launches_emulated_on_the_host_match_the_reference() {
         let m = fused(m, "cuda");
         let input = vec![kiln_onnx::read_tensor_file(&dir.join("test_data_set_0/input_0.pb")).unwrap()];
         let want = kiln_ir::interp::run(&m, input.clone()).unwrap();
-        let (got, kernels, largest) = run_as_gpu(&m, input);
+        let (got, kernels, largest, tiled) = run_as_gpu(&m, input);
         assert_matches(name, &got, &want, 1e-3, 1e-5);
-        println!("| {name} | {kernels} | {largest} |");
+        println!("| {name} | {kernels} | {tiled} | {largest} |");
+        if name == "gpt2_block" {
+            assert!(tiled >= 4, "gpt2_block: {tiled} block-tiled GEMMs");
+        }
     }
 }
 
@@ -698,4 +735,236 @@ fn gpu_prepared_cases_pass_on_the_emulated_gpu() {
     }
     println!("prepared cases on the emulated GPU: {passed} of {} pass", passed + failed.len());
     assert!(failed.is_empty(), "{} failed:\n{}", failed.len(), failed.join("\n"));
+}
+
+/// A MatMul of `a` (M×K, or batched) and a constant `b`, or a Gemm with `attrs` and a bias.
+fn matmul_model(a: &[u64], b: &[u64]) -> Module {
+    let mut g = GraphBuilder::new("matmul");
+    let x = g.input("x", f32_type(a)).unwrap();
+    let b: Vec<usize> = b.iter().map(|&d| d as usize).collect();
+    let w = g.constant("w", f32s(&b, 3));
+    let y = g.op("MatMul", &[x, w]).unwrap();
+    g.output(y, "y").unwrap();
+    g.finish().unwrap()
+}
+
+fn gemm_model(a: &[u64], b: &[u64], bias: &[usize], attrs: Vec<(&'static str, Attr)>) -> Module {
+    let mut g = GraphBuilder::new("gemm");
+    let x = g.input("x", f32_type(a)).unwrap();
+    let b: Vec<usize> = b.iter().map(|&d| d as usize).collect();
+    let w = g.constant("w", f32s(&b, 3));
+    let c = g.constant("c", f32s(bias, 4));
+    let y = g.op_with("Gemm", &[x, w, c], attrs).unwrap();
+    g.output(y, "y").unwrap();
+    g.finish().unwrap()
+}
+
+/// The GEMM shapes the tiled kernel is checked on: edges in every dimension (1×1×1, sizes
+/// no tile divides), vector-loadable and scalar operands, batches, Gemm's transposes and bias.
+fn tiled_cases() -> Vec<(&'static str, Module, Vec<Tensor>)> {
+    let one = |s: &[u64], seed| f32s(&s.iter().map(|&d| d as usize).collect::<Vec<_>>(), seed);
+    vec![
+        ("matmul 1x1x1", matmul_model(&[1, 1], &[1, 1]), vec![one(&[1, 1], 5)]),
+        ("matmul 17x45 * 45x33", matmul_model(&[17, 45], &[45, 33]), vec![one(&[17, 45], 5)]),
+        ("matmul 128x96 * 96x80", matmul_model(&[128, 96], &[96, 80]), vec![one(&[128, 96], 5)]),
+        ("matmul 1024 x 64 * 64x256", matmul_model(&[1024, 64], &[64, 256]), vec![one(&[1024, 64], 5)]),
+        ("matmul batched 3x17x20 * 3x20x12", matmul_model(&[3, 17, 20], &[3, 20, 12]), vec![one(&[3, 17, 20], 5)]),
+        ("matmul broadcast 2x3x8x16 * 16x12", matmul_model(&[2, 3, 8, 16], &[16, 12]), vec![one(&[2, 3, 8, 16], 5)]),
+        (
+            "gemm transB bias 37x64 * (24x64)T + 24",
+            gemm_model(&[37, 64], &[24, 64], &[24], vec![("transB", Attr::Int(1))]),
+            vec![one(&[37, 64], 5)],
+        ),
+        (
+            "gemm transA alpha beta (20x9)T * 20x7 + 9x7",
+            gemm_model(
+                &[20, 9],
+                &[20, 7],
+                &[9, 7],
+                vec![("transA", Attr::Int(1)), ("alpha", Attr::Float(0.5)), ("beta", Attr::Float(2.0))],
+            ),
+            vec![one(&[20, 9], 5)],
+        ),
+    ]
+}
+
+/// The block-tiled GEMM's schedule run on the host (blocks one after another, each phase a
+/// loop over the block's threads, the barrier the boundary between phases; outputs prefilled
+/// with NaN) gives the reference interpreter's results, for the tile every chip's description
+/// picks.
+#[test]
+fn gpu_tiled_gemm_emulated_on_the_host_matches_the_reference() {
+    println!("| case | chip | grid | block | tile | shared bytes |");
+    for (name, m, inputs) in tiled_cases() {
+        let m = fused(m, "cuda");
+        let want = kiln_ir::interp::run(&m, inputs.clone()).unwrap();
+        for (family, chip) in [(Family::Cuda, "sm_80"), (Family::Cuda, "sm_90"), (Family::Rocm, "gfx906")] {
+            let arch = GpuArch::new(family, Some(chip)).unwrap();
+            let (got, _, _, tiled) = run_as_gpu_on(&m, inputs.clone(), &arch);
+            assert_eq!(tiled.len(), 1, "{name} {chip}: not tiled");
+            assert_matches(name, &got, &want, 1e-4, 1e-5);
+            let l = &tiled[0];
+            let t = l.tile.unwrap();
+            println!(
+                "| {name} | {chip} | {:?} | {} | {}x{}x{} | {} |",
+                l.grid.unwrap(),
+                l.block[0],
+                t.tm,
+                t.tn,
+                t.tk,
+                l.shared_bytes
+            );
+        }
+    }
+}
+
+/// The tiled kernel's code: PTX with shared memory, `bar.sync` and 16-byte global loads
+/// (assembled by ptxas for sm_80 and sm_90), AMDGCN objects with LDS accesses and
+/// `s_barrier` for every gfx.
+#[test]
+fn gpu_tiled_gemm_code_uses_shared_memory_and_barriers() {
+    let ptxas = ptxas();
+    let dir = temp_dir("gpu-tiled");
+    for (name, m, _) in tiled_cases() {
+        let m = fused(m, "cuda");
+        let vector = name.contains("128x96") || name.contains("1024");
+        for chip in gpu::CUDA_ARCHS {
+            let p = program(&m, Family::Cuda, chip);
+            assert!(p.manifest.kernels.iter().any(|l| l.tile.is_some()), "{name} {chip}: not tiled");
+            for (f, code) in &p.functions {
+                let ptx = &code.asm;
+                let file = dir.join(format!("{f}_{chip}.ptx"));
+                std::fs::write(&file, ptx).unwrap();
+                assert!(ptx.contains(".shared") && ptx.contains("bar.sync"), "{name} {chip} {f}:\n{ptx}");
+                assert!(ptx.contains("ld.shared."), "{name} {chip} {f}: no shared loads");
+                if vector {
+                    // (Smaller shapes' micro-tiles have lanes LLVM proves dead and narrows.)
+                    assert!(
+                        ptx.contains("ld.shared.v4."),
+                        "{name} {chip} {f}: no vector shared loads ({})",
+                        file.display()
+                    );
+                    assert!(
+                        ptx.contains("ld.global.v4.") || ptx.contains("ld.global.nc.v4."),
+                        "{name} {chip} {f}: no vector global loads"
+                    );
+                }
+                let Some(ptxas) = &ptxas else { panic!("NOT RUN: ptxas not found: run scripts/setup.sh") };
+                let out = std::process::Command::new(ptxas)
+                    .args([
+                        &format!("-arch={chip}"),
+                        file.to_str().unwrap(),
+                        "-o",
+                        dir.join("k.cubin").to_str().unwrap(),
+                    ])
+                    .output()
+                    .unwrap();
+                assert!(out.status.success(), "{name} {chip}: ptxas: {}", String::from_utf8_lossy(&out.stderr));
+            }
+        }
+        for chip in gpu::ROCM_ARCHS {
+            let p = program(&m, Family::Rocm, chip);
+            for (f, code) in &p.functions {
+                let s = &code.asm;
+                assert!(s.contains("s_barrier"), "{name} {chip} {f}: no s_barrier");
+                assert!(s.contains("ds_write") || s.contains("ds_store"), "{name} {chip} {f}: no LDS stores");
+                assert!(s.contains("ds_read") || s.contains("ds_load"), "{name} {chip} {f}: no LDS loads");
+                assert!(s.contains(".amdhsa_group_segment_fixed_size"), "{name} {chip} {f}");
+                let o = code.object.as_ref().unwrap();
+                assert!(o.starts_with(b"\x7fELF") && u16::from_le_bytes([o[18], o[19]]) == 224);
+            }
+        }
+    }
+}
+
+/// Each chip's description: its GPU limits, the block size derived from them, and JSON
+/// descriptions written before the GPU limits existed still load; a tile the description
+/// cannot hold is an error.
+#[test]
+fn gpu_descriptions_per_chip() {
+    use kiln_ir::machine::MachineDescription;
+    println!("| chip | SMs/CUs | GHz | f32 TFLOP/s | GB/s | warp | block | shared/block (static) | regs/SM |");
+    for chip in gpu::CUDA_ARCHS.iter().chain(gpu::ROCM_ARCHS) {
+        let family = if chip.starts_with("sm_") { Family::Cuda } else { Family::Rocm };
+        let arch = GpuArch::new(family, Some(chip)).unwrap();
+        let d = arch.description();
+        let l = d.gpu.clone().unwrap();
+        assert_eq!(arch.block_threads(), 256, "{chip}");
+        assert_eq!(l.warp, if family == Family::Cuda { 32 } else { 64 });
+        let json = serde_json::to_string(&d).unwrap();
+        assert_eq!(serde_json::from_str::<MachineDescription>(&json).unwrap(), d);
+        println!(
+            "| {chip} | {} | {} | {} | {} | {} | {} | {} ({}) | {} |",
+            d.cores,
+            d.clock_ghz,
+            d.vector_gflops / 1000.0,
+            d.levels[0].bandwidth_gbps,
+            l.warp,
+            l.max_threads_per_block,
+            l.shared_bytes_per_block,
+            l.static_shared_bytes_per_block,
+            l.registers_per_sm
+        );
+        // The target's description is the chip's (the cost model prices fusion with it).
+        let t = kiln_targets::lookup_gpu(
+            family.name(),
+            &kiln_targets::TargetOptions { gpu_arch: Some(chip.to_string()), ..Default::default() },
+        )
+        .unwrap();
+        assert_eq!(kiln_targets::Target::machine(&t), d);
+    }
+    assert_eq!(GpuArch::new(Family::Cuda, Some("sm_90")).unwrap().description().cores, 132);
+    // Without the field (a description from before it, the CPU's): loads, no GPU limits.
+    let cpu = kiln_targets::descriptions::Described::cpu();
+    let json = serde_json::to_string(&kiln_targets::Target::machine(&cpu)).unwrap();
+    assert!(!json.contains("\"gpu\""));
+    assert_eq!(serde_json::from_str::<MachineDescription>(&json).unwrap().gpu, None);
+    // A description whose static shared memory cannot hold a tile: an error naming it.
+    let mut d = GpuArch::new(Family::Cuda, None).unwrap().description();
+    d.gpu.as_mut().unwrap().static_shared_bytes_per_block = 1024;
+    let e = gpu_tile::choose_tile(1, 1024, 1024, &d).unwrap_err().to_string();
+    assert!(e.contains("shared memory") && e.contains("1024"), "{e}");
+    d.gpu = None;
+    assert!(gpu_tile::choose_tile(1, 64, 64, &d).is_err());
+}
+
+/// The closing note's numbers (printed, not asserted): per GEMM shape and chip, global-memory
+/// loads per multiply-add before (a thread per output element: 2) and after tiling, the
+/// launch, shared bytes, and a roofline time from the description (f32 FMA peak; HBM
+/// bandwidth for the tiles' loads, as if no cache served them, plus the output).
+#[test]
+#[ignore]
+fn gpu_tiled_gemm_numbers() {
+    println!(
+        "| GEMM | chip | loads/FMA before → after | blocks × threads | warps/SM | tile | shared B | roofline µs (before → after) |"
+    );
+    for (m, k, n) in [(128u64, 768u64, 768u64), (128, 768, 3072), (1024, 1024, 1024)] {
+        let model = fused(matmul_model(&[m, k], &[k, n]), "cuda");
+        for (family, chip) in [(Family::Cuda, "sm_80"), (Family::Cuda, "sm_90"), (Family::Rocm, "gfx90a")] {
+            let arch = GpuArch::new(family, Some(chip)).unwrap();
+            let d = arch.description();
+            let schedule = gpu::schedule();
+            let (o, name) = kiln_targets::native::launched_kernels(&model)[0].clone();
+            let kernel = gpu::lower(&model, o, &name, &schedule).unwrap();
+            let g = gpu_tile::recognize(&kernel, &arch).unwrap().expect("tiled");
+            let fmas = g.fmas() as f64;
+            let after = g.global_loads() as f64 / fmas;
+            let bw = d.levels[0].bandwidth_gbps * 1e9;
+            let compute = 2.0 * fmas / (d.vector_gflops * 1e9);
+            let out = (m * n * 4) as f64;
+            let t_before = compute.max((2.0 * fmas * 4.0 + out) / bw) * 1e6;
+            let t_after = compute.max((g.global_loads() as f64 * 4.0 + out) / bw) * 1e6;
+            // Warps resident per SM/CU if the grid spreads evenly (the roofline assumes enough).
+            let warps = (g.blocks() * g.tile.threads().div_ceil(arch.warp())) as f64 / d.cores as f64;
+            println!(
+                "| {m}×{k}·{k}×{n} | {chip} | 2 → {after:.3} | {} × {} | {warps:.1} | {}x{}x{} | {} | {t_before:.1} → {t_after:.1} |",
+                g.blocks(),
+                g.tile.threads(),
+                g.tile.tm,
+                g.tile.tn,
+                g.tile.tk,
+                g.tile.shared_bytes()
+            );
+        }
+    }
 }

@@ -46,6 +46,29 @@ pub struct MachineDescription {
     /// CPU, a launch on a GPU, a task dispatch on an NPU).
     #[serde(default)]
     pub launch_us: f64,
+    /// A GPU's execution limits (absent for CPUs and NPUs; descriptions without the field
+    /// still load).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpu: Option<GpuLimits>,
+}
+
+/// What GPU code generation needs beyond the memory levels and peaks: the SIMT width, block
+/// limits and the register file.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct GpuLimits {
+    /// Threads that execute in lockstep: a warp (32) or a wavefront (64).
+    pub warp: u32,
+    /// Most threads one block (workgroup) may have.
+    pub max_threads_per_block: u32,
+    /// Most shared memory (LDS) one block may use, opt-in included, in bytes.
+    pub shared_bytes_per_block: u64,
+    /// Most statically allocated shared memory one block may use without opting in (48 KiB
+    /// on NVIDIA; the whole LDS on AMD), in bytes: the limit for kiln's static `.shared`.
+    pub static_shared_bytes_per_block: u64,
+    /// 32-bit registers per SM / CU.
+    pub registers_per_sm: u32,
+    /// Most 32-bit registers one thread may use.
+    pub max_registers_per_thread: u32,
 }
 
 fn default_vector_registers() -> u32 {
@@ -62,6 +85,9 @@ impl MachineDescription {
     pub fn stable_hash(&self) -> u64 {
         // FNV-1a over the JSON form: stable across runs and platforms.
         let json = serde_json_like(self);
+        // Descriptions without GPU limits hash as before the field existed (tuning records
+        // keyed by them stay valid).
+        let json = json.replace(", gpu: None", "");
         let mut h: u64 = 0xcbf29ce484222325;
         for b in json.bytes() {
             h ^= b as u64;

@@ -191,6 +191,7 @@ mod tests {
             matrix_shape: vec![],
             matrix_gflops: 0.0,
             launch_us: 1.0,
+            gpu: None,
         }
     }
 

@@ -17,10 +17,11 @@
 //! needed to compile.
 
 use crate::descriptions::Described;
+use crate::gpu_tile::{self, GemmTile};
 use crate::native::{self, MlirOptions};
 use crate::{HostKernel, Target, TargetError};
-use kiln_ir::kernel::{Idx, Kernel, Stmt, Val};
-use kiln_ir::machine::MachineDescription;
+use kiln_ir::kernel::{ByZero, Idx, Kernel, Stmt, Val};
+use kiln_ir::machine::{GpuLimits, MachineDescription};
 use kiln_ir::{DType, Dim, Module, Tensor};
 use kiln_passes::lower::{Schedule, Schedules};
 use std::collections::HashMap;
@@ -30,9 +31,6 @@ use std::path::{Path, PathBuf};
 pub const CUDA_ARCHS: &[&str] = &["sm_80", "sm_90"];
 /// AMD chips `rocm` compiles for (the first is the default; gfx906 stands in for Hygon DCU).
 pub const ROCM_ARCHS: &[&str] = &["gfx90a", "gfx906", "gfx942"];
-
-/// Threads per block when the grid is larger (8 warps, 4 wavefronts).
-pub const BLOCK: u64 = 256;
 
 /// The GPU family.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
@@ -76,12 +74,26 @@ impl GpuArch {
         }
     }
 
+    /// The chip's machine description ([`crate::descriptions::gpu_machine`]).
+    pub fn description(&self) -> MachineDescription {
+        crate::descriptions::gpu_machine(&self.chip).expect("every known chip is described")
+    }
+
+    /// The chip's GPU limits (warp, block, shared memory, registers) from its description.
+    pub fn limits(&self) -> GpuLimits {
+        self.description().gpu.expect("a GPU description has GPU limits")
+    }
+
     /// Threads that execute in lockstep (a warp, a wavefront).
     pub fn warp(&self) -> u64 {
-        match (self.family, self.chip.as_str()) {
-            (Family::Cuda, _) => 32,
-            (Family::Rocm, _) => 64,
-        }
+        self.limits().warp as u64
+    }
+
+    /// Threads per block of a launch larger than one block: a quarter of the most a block may
+    /// have (so that several blocks share an SM/CU), in whole warps: 256 on every listed
+    /// chip (8 warps, 4 wavefronts).
+    pub fn block_threads(&self) -> u64 {
+        block_threads(&self.limits())
     }
 
     /// The kernel code's file extension.
@@ -132,6 +144,13 @@ expand-strided-metadata,lower-affine,{to_target},reconcile-unrealized-casts))"
             )
             .ok_or_else(|| codegen(format!("LLVM has no target machine for {} ({})", self.triple(), self.chip)))
     }
+}
+
+/// Threads per block of a launch larger than one block, for a chip with `limits`
+/// ([`GpuArch::block_threads`]).
+pub fn block_threads(limits: &GpuLimits) -> u64 {
+    let warp = limits.warp.max(1) as u64;
+    (limits.max_threads_per_block as u64 / 4 / warp).max(1) * warp
 }
 
 impl Family {
@@ -193,7 +212,7 @@ fn flatten_chain(body: &mut [Stmt], inputs: usize, buffers: usize) {
     match only {
         Stmt::For { parallel: true, var, extent, body } => {
             while let [Stmt::For { var: inner, extent: inner_extent, body: inner_body, .. }] = body.as_slice() {
-                if has_var(inner_extent) || !independent(inner_body, *inner, inputs, buffers) {
+                if inner_extent.has_vars() || !independent(inner_body, *inner, inputs, buffers) {
                     break;
                 }
                 // A variable no lowering uses, for the merged loop while substituting.
@@ -211,21 +230,6 @@ fn flatten_chain(body: &mut [Stmt], inputs: usize, buffers: usize) {
         }
         Stmt::For { parallel: false, body, .. } => flatten_chain(body, inputs, buffers),
         _ => {}
-    }
-}
-
-fn has_var(i: &Idx) -> bool {
-    match i {
-        Idx::Var(_) => true,
-        Idx::Const(_) | Idx::Dim { .. } => false,
-        Idx::Add(a, b)
-        | Idx::Sub(a, b)
-        | Idx::Mul(a, b)
-        | Idx::Div(a, b)
-        | Idx::Rem(a, b)
-        | Idx::ZeroIfOne(a, b)
-        | Idx::Min(a, b)
-        | Idx::Max(a, b) => has_var(a) || has_var(b),
     }
 }
 
@@ -426,6 +430,14 @@ fn optimize<'c>(
             f.add_attribute(AttributeLoc::Param(i), noalias);
         }
     }
+    // Shared memory (address space 3) is read and written 16 bytes at a time.
+    let mut global = module.get_first_global();
+    while let Some(g) = global {
+        if g.as_pointer_value().get_type().get_address_space() == inkwell::AddressSpace::from(3u16) {
+            g.set_alignment(16);
+        }
+        global = g.get_next_global();
+    }
     module.verify().map_err(|e| codegen(format!("the GPU LLVM module does not verify (a kiln bug): {e}")))?;
     module
         .run_passes("default<O3>", tm, PassBuilderOptions::create())
@@ -484,8 +496,12 @@ pub struct KernelLaunch {
     /// iteration `row · cols + col`.
     pub cols: Option<String>,
     pub cols_known: Option<u64>,
-    /// Shared memory per block (static; kiln's kernels use none yet).
+    /// Static shared memory per block, in bytes (a tiled GEMM's `a` and `b` tiles; checked
+    /// against the description's limit).
     pub shared_bytes: u64,
+    /// A block-tiled MatMul/Gemm's tile ([`gpu_tile`]): a block of `tx·ty` threads (1-D)
+    /// computes `tm × tn` outputs, K in `tk` steps through shared memory.
+    pub tile: Option<GemmTile>,
     /// Each thread's local buffers (on its stack): bytes when known, else the expressions.
     pub local_bytes: Option<u64>,
     pub locals: Vec<String>,
@@ -517,29 +533,11 @@ pub struct HostKernelEntry {
 
 /// The value of `i` when every dim it reads is known.
 pub fn static_idx(i: &Idx, k: &Kernel) -> Option<i64> {
-    let s = |x: &Idx| static_idx(x, k);
-    Some(match i {
-        Idx::Var(_) => return None,
-        Idx::Const(c) => *c,
-        Idx::Dim { buf, axis } => match k.buffers.get(*buf)?.shape.get(*axis)? {
-            Dim::Known(n) => *n as i64,
-            Dim::Sym(_) => return None,
-        },
-        Idx::Add(a, b) => s(a)? + s(b)?,
-        Idx::Sub(a, b) => s(a)? - s(b)?,
-        Idx::Mul(a, b) => s(a)? * s(b)?,
-        Idx::Div(a, b) => s(a)?.checked_div(s(b)?)?,
-        Idx::Rem(a, b) => s(a)?.checked_rem(s(b)?)?,
-        Idx::Min(a, b) => s(a)?.min(s(b)?),
-        Idx::Max(a, b) => s(a)?.max(s(b)?),
-        Idx::ZeroIfOne(a, b) => {
-            if s(a)? == 1 {
-                0
-            } else {
-                s(b)?
-            }
-        }
-    })
+    let dim = |buf: usize, axis: usize| match k.buffers.get(buf)?.shape.get(axis)? {
+        Dim::Known(n) => Some(*n as i64),
+        Dim::Sym(_) => None,
+    };
+    i.eval(&|_| None, &dim, ByZero::Fail).ok()
 }
 
 /// The columns of `k`'s two-dimensional grid: the last factor of its shared parallel loop's
@@ -562,20 +560,21 @@ pub fn launch_of(k: &Kernel, arch: &GpuArch, function: &str, file: &str, object:
     };
     let cols = grid_cols(k);
     let cols_known = cols.and_then(|c| static_idx(c, k)).map(|n| n.max(0) as u64);
+    let block_threads = arch.block_threads();
     let (grid, block) = match (threads_known, cols, cols_known) {
-        // Rows of `block.x` threads (a warp, fewer for narrow rows), `BLOCK` threads a block.
+        // Rows of `block.x` threads (a warp, fewer for narrow rows), `block_threads` a block.
         (_, Some(_), c) => {
             let bx = arch.warp().min(c.map_or(u64::MAX, |c| c.max(1).next_power_of_two()));
             let rows = threads_known.zip(c).map(|(n, c)| n.checked_div(c).unwrap_or(0));
-            let by = (BLOCK / bx).min(rows.map_or(u64::MAX, |r| r.max(1).next_power_of_two()));
+            let by = (block_threads / bx).min(rows.map_or(u64::MAX, |r| r.max(1).next_power_of_two()));
             let grid = rows.zip(c).map(|(r, c)| [c.div_ceil(bx).max(1), r.div_ceil(by).max(1), 1]);
             (grid, [bx, by, 1])
         }
         (Some(n), None, _) => {
-            let block = BLOCK.min(n.div_ceil(arch.warp()).max(1) * arch.warp());
+            let block = block_threads.min(n.div_ceil(arch.warp()).max(1) * arch.warp());
             (Some([n.div_ceil(block).max(1), 1, 1]), [block, 1, 1])
         }
-        (None, None, _) => (None, [BLOCK, 1, 1]),
+        (None, None, _) => (None, [block_threads, 1, 1]),
     };
     let block = if extent.is_none() { [1, 1, 1] } else { block };
     let args: Vec<ArgLayout> = k
@@ -606,7 +605,7 @@ pub fn launch_of(k: &Kernel, arch: &GpuArch, function: &str, file: &str, object:
         .collect();
     let local_sizes: Vec<Option<i64>> =
         k.locals.iter().map(|l| l.size.iter().map(|d| static_idx(d, k)).product::<Option<i64>>()).collect();
-    KernelLaunch {
+    let launch = KernelLaunch {
         name: k.name.clone(),
         node: String::new(),
         op: String::new(),
@@ -621,6 +620,7 @@ pub fn launch_of(k: &Kernel, arch: &GpuArch, function: &str, file: &str, object:
         cols: cols.map(|c| c.to_string()),
         cols_known,
         shared_bytes: 0,
+        tile: None,
         local_bytes: local_sizes.iter().map(|n| n.map(|n| 4 * n.max(0) as u64)).sum(),
         locals: k
             .locals
@@ -632,6 +632,28 @@ pub fn launch_of(k: &Kernel, arch: &GpuArch, function: &str, file: &str, object:
             .collect(),
         params: args.iter().map(|a| a.params).sum(),
         args,
+    };
+    match gpu_tile::recognize(k, arch) {
+        Ok(Some(g)) => tiled_launch(launch, &g),
+        _ => launch,
+    }
+}
+
+/// `l` for the block-tiled GEMM `g`: its grid, a one-dimensional block of the tile's threads,
+/// its shared memory.
+fn tiled_launch(l: KernelLaunch, g: &gpu_tile::TiledGemm) -> KernelLaunch {
+    let threads = g.blocks() * g.tile.threads();
+    KernelLaunch {
+        threads: threads.to_string(),
+        threads_known: Some(threads),
+        parallel: true,
+        grid: Some(g.grid()),
+        block: [g.tile.threads(), 1, 1],
+        cols: None,
+        cols_known: None,
+        shared_bytes: g.tile.shared_bytes(),
+        tile: Some(g.tile),
+        ..l
     }
 }
 
@@ -663,7 +685,13 @@ pub fn compile_model(m: &Module, arch: &GpuArch, tuned: &crate::Tuned) -> Result
                 let f = match by_body.get(&key) {
                     Some(&f) => f,
                     None => {
-                        let code = compile_funcs(&native::to_gpu_func(&k, options, grid_cols(&k)), arch)
+                        let tiled = gpu_tile::recognize(&k, arch)
+                            .map_err(|e| codegen(format!("kernel {name} (node '{}'): {e}", op.node_name())))?;
+                        let text = match &tiled {
+                            Some(g) => gpu_tile::emit(&k, g, options, true),
+                            None => native::to_gpu_func(&k, options, grid_cols(&k)),
+                        };
+                        let code = compile_funcs(&text, arch)
                             .map_err(|e| codegen(format!("kernel {name} (node '{}'): {e}", op.node_name())))?;
                         functions.push((k.name.clone(), code));
                         by_body.insert(key, functions.len() - 1);
@@ -696,7 +724,11 @@ pub fn compile_model(m: &Module, arch: &GpuArch, tuned: &crate::Tuned) -> Result
 /// The `gpu.func` kernels of `m`'s kernels for `arch` (what `kiln compile --emit mlir`
 /// prints for cuda and rocm), a comment for each host kernel.
 pub fn gpu_mlir(m: &Module, arch: &GpuArch, tuned: &crate::Tuned) -> String {
-    stage_text(m, tuned, |k| native::to_gpu_func(k, mlir_options(arch), grid_cols(k)))
+    stage_text(m, tuned, |k| match gpu_tile::recognize(k, arch) {
+        Ok(Some(g)) => gpu_tile::emit(k, &g, mlir_options(arch), true),
+        Ok(None) => native::to_gpu_func(k, mlir_options(arch), grid_cols(k)),
+        Err(e) => format!("// {}: {e}\n", k.name),
+    })
 }
 
 /// `m`'s kernels in the kernel dialect as the GPU schedule lowers them (`kiln compile --emit
@@ -795,7 +827,13 @@ impl GpuProgram {
                         l.block[1],
                         l.cols_known.unwrap_or_default()
                     ),
-                    Some(g) => format!("{} (grid {}x{}x{}, block {})", l.name, g[0], g[1], g[2], l.block[0]),
+                    Some(g) => match l.tile {
+                        Some(t) => format!(
+                            "{} (grid {}x{}x{}, block {}, tile {}x{}x{}, {} shared bytes)",
+                            l.name, g[0], g[1], g[2], l.block[0], t.tm, t.tn, t.tk, l.shared_bytes
+                        ),
+                        None => format!("{} (grid {}x{}x{}, block {})", l.name, g[0], g[1], g[2], l.block[0]),
+                    },
                     None => format!("{} (threads {}, block {}x{})", l.name, l.threads, l.block[0], l.block[1]),
                 })
                 .collect();
@@ -817,6 +855,7 @@ pub struct Gpu {
     pub arch: GpuArch,
     pub tuned: crate::Tuned,
     described: Described,
+    machine: MachineDescription,
 }
 
 impl Gpu {
@@ -825,7 +864,8 @@ impl Gpu {
             Family::Cuda => Described::cuda(),
             Family::Rocm => Described::rocm(),
         };
-        Gpu { arch, tuned, described }
+        let machine = arch.description();
+        Gpu { arch, tuned, described, machine }
     }
 
     /// Compiles a fused graph for this target's chip.
@@ -843,8 +883,9 @@ impl Target for Gpu {
         self.described.summary()
     }
 
+    /// The chip's description (`--gpu-arch`): the cost model and fusion price plans with it.
     fn machine(&self) -> MachineDescription {
-        self.described.machine()
+        self.machine.clone()
     }
 
     fn can_run(&self) -> bool {

@@ -245,6 +245,9 @@ pub struct EmulatedGpu {
     backend: crate::native::JitBackend,
     /// Per function name: its index in `backend`, its kernel, its grid's columns.
     functions: HashMap<String, (usize, kiln_ir::kernel::Kernel, Option<i64>)>,
+    /// Block-tiled GEMMs ([`crate::gpu_tile`]): their block-synchronous host build, run block
+    /// by block, each block's threads phase by phase.
+    tiled: HashMap<String, crate::gpu_tile::HostTiled>,
     loaded: std::collections::HashSet<String>,
     memory: Vec<Box<[u64]>>,
     /// Launches run and threads emulated.
@@ -260,7 +263,15 @@ impl EmulatedGpu {
     /// The functions of `prog`, compiled for the host.
     pub fn new(prog: &GpuProgram) -> Result<EmulatedGpu, TargetError> {
         let mut firsts: Vec<(String, kiln_ir::kernel::Kernel, Option<i64>)> = Vec::new();
+        let mut tiled = HashMap::new();
         for (l, k) in prog.manifest.kernels.iter().zip(&prog.kernels) {
+            if l.tile.is_some() && !tiled.contains_key(&l.function) {
+                let gemm = crate::gpu_tile::recognize(k, &prog.arch)?.ok_or_else(|| {
+                    TargetError::Codegen(format!("kernel {}: tiled in the manifest, not a tiled GEMM", l.name))
+                })?;
+                let k = kiln_ir::kernel::Kernel { name: l.function.clone(), ..k.clone() };
+                tiled.insert(l.function.clone(), crate::gpu_tile::HostTiled::compile(k, gemm)?);
+            }
             if !firsts.iter().any(|(f, ..)| *f == l.function) {
                 let cols = l.cols_known.map(|c| c as i64);
                 firsts.push((
@@ -274,7 +285,15 @@ impl EmulatedGpu {
             crate::native::module_text(firsts.iter().map(|(_, k, _)| k), crate::native::MlirOptions::default());
         let backend = crate::native::JitBackend::compile(&text, &function_of)?;
         let functions = firsts.into_iter().enumerate().map(|(i, (f, k, c))| (f, (i, k, c))).collect();
-        Ok(EmulatedGpu { backend, functions, loaded: Default::default(), memory: Vec::new(), launches: 0, threads: 0 })
+        Ok(EmulatedGpu {
+            backend,
+            functions,
+            tiled,
+            loaded: Default::default(),
+            memory: Vec::new(),
+            launches: 0,
+            threads: 0,
+        })
     }
 
     /// The allocation holding `len` bytes at `addr`, as a pointer.
@@ -343,7 +362,17 @@ impl kiln_runtime::gpu::Device for EmulatedGpu {
             return Err(device_error(format!("function {function} was not loaded")));
         }
         let (index, k, cols) = &self.functions[function];
-        if grid[2] != 1 || block[2] != 1 {
+        let tiled = self.tiled.get(function);
+        if let Some(t) = tiled {
+            let g = t.gemm();
+            let want = (g.grid().map(|x| x as u32), [g.tile.threads() as u32, 1, 1]);
+            if (grid, block) != want {
+                return Err(device_error(format!(
+                    "kernel {}: launched on grid {grid:?} × block {block:?}, its tiles need {:?} × {:?}",
+                    k.name, want.0, want.1
+                )));
+            }
+        } else if grid[2] != 1 || block[2] != 1 {
             return Err(device_error("a three-dimensional launch (kiln makes none)"));
         }
         let mut words: Vec<i64> = params.iter().map(|&w| w as i64).collect();
@@ -370,6 +399,16 @@ impl kiln_runtime::gpu::Device for EmulatedGpu {
         if at != words.len() {
             return Err(device_error(format!("{} parameters, kernel {} takes {at}", params.len(), k.name)));
         }
+        let base = words.as_mut_ptr();
+        // SAFETY: offsets are within `words` (checked above).
+        let mut descriptors: Vec<*mut i64> = offsets.iter().map(|&o| unsafe { base.add(o) }).collect();
+        if let Some(t) = tiled {
+            // SAFETY: as below; the function is the tiled kernel's host build.
+            unsafe { t.call_blocks(&mut descriptors) }.map_err(device_error)?;
+            self.launches += 1;
+            self.threads += grid.iter().chain(&block).map(|&x| x as u64).product::<u64>();
+            return Ok(());
+        }
         let refs: Vec<&[usize]> = shapes.iter().map(Vec::as_slice).collect();
         let extent = match crate::native::split_loop(k) {
             Some((_, _, e)) => crate::native::eval_idx(e, &refs)
@@ -387,9 +426,6 @@ impl kiln_runtime::gpu::Device for EmulatedGpu {
                 k.name
             )));
         }
-        let base = words.as_mut_ptr();
-        // SAFETY: offsets are within `words` (checked above).
-        let mut descriptors: Vec<*mut i64> = offsets.iter().map(|&o| unsafe { base.add(o) }).collect();
         let mut ranges = crate::native::gpu_thread_ranges(g, b, *cols, extent);
         // SAFETY: each descriptor is row-major over memory inside one of our allocations of its
         // size (checked above), with the buffer's rank; the function is the kernel's.

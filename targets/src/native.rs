@@ -49,29 +49,44 @@ fn f32_literal(v: f64) -> String {
     }
 }
 
-struct Emitter<'k> {
+/// Emits a kernel's statements and values as MLIR text (the GPU GEMM tiling in
+/// [`crate::gpu_tile`] uses it for loads, index math and epilogues).
+pub(crate) struct Emitter<'k> {
     k: &'k Kernel,
-    out: String,
+    pub(crate) out: String,
     next: usize,
     /// The SSA value each `Let` slot names.
-    slots: HashMap<usize, String>,
+    pub(crate) slots: HashMap<usize, String>,
     /// The depth of the parallel loops that run over `%lo..%hi` (one thread's share) rather
     /// than their whole extent ([`split_loop`]).
     split: Option<usize>,
     options: MlirOptions,
 }
 
-impl Emitter<'_> {
-    fn fresh(&mut self) -> String {
+impl<'k> Emitter<'k> {
+    /// An emitter for `k`'s values with no shared parallel loop.
+    pub(crate) fn new(k: &'k Kernel, options: MlirOptions) -> Emitter<'k> {
+        Emitter { k, out: String::new(), next: 0, slots: HashMap::new(), split: None, options }
+    }
+
+    pub(crate) fn kernel(&self) -> &'k Kernel {
+        self.k
+    }
+
+    pub(crate) fn options(&self) -> MlirOptions {
+        self.options
+    }
+
+    pub(crate) fn fresh(&mut self) -> String {
         self.next += 1;
         format!("%t{}", self.next)
     }
 
-    fn line(&mut self, depth: usize, text: &str) {
+    pub(crate) fn line(&mut self, depth: usize, text: &str) {
         let _ = writeln!(self.out, "{}{text}", "  ".repeat(depth + 1));
     }
 
-    fn idx(&mut self, depth: usize, i: &Idx) -> String {
+    pub(crate) fn idx(&mut self, depth: usize, i: &Idx) -> String {
         let (op, a, b) = match i {
             Idx::Var(v) => return format!("%i{v}"),
             Idx::Const(c) => {
@@ -309,7 +324,7 @@ impl Emitter<'_> {
         }
     }
 
-    fn constant(&mut self, depth: usize, v: f64) -> String {
+    pub(crate) fn constant(&mut self, depth: usize, v: f64) -> String {
         let t = self.fresh();
         self.line(depth, &format!("{t} = arith.constant {} : f32", f32_literal(v)));
         t
@@ -567,7 +582,7 @@ impl Emitter<'_> {
         self.select_cmp(depth, "oeq", &b, 0.0, &one_f, &y)
     }
 
-    fn val(&mut self, depth: usize, v: &Val) -> String {
+    pub(crate) fn val(&mut self, depth: usize, v: &Val) -> String {
         match v {
             Val::Const(c) => self.constant(depth, *c),
             Val::Load { buf, index } => {

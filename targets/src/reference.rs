@@ -34,6 +34,7 @@ impl Target for Reference {
             matrix_shape: vec![],
             matrix_gflops: 0.0,
             launch_us: 0.5,
+            gpu: None,
         }
     }
 

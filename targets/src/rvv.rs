@@ -117,6 +117,7 @@ impl Target for Rvv {
             matrix_shape: vec![],
             matrix_gflops: 0.0,
             launch_us: 2.0,
+            gpu: None,
         }
     }
 

@@ -175,6 +175,7 @@ pub(crate) fn machine() -> MachineDescription {
         matrix_shape: vec![],
         matrix_gflops: 0.0,
         launch_us: 2.0,
+        gpu: None,
     }
 }
 

@@ -417,6 +417,7 @@ impl NpuConfig {
             matrix_shape: self.matrix.as_ref().map_or(vec![], |m| vec![m.m, m.n, m.k]),
             matrix_gflops: self.matrix.as_ref().map_or(0.0, |m| cores * m.f32_rate() as f64 * 2.0 * self.clock_ghz),
             launch_us: self.launch_us,
+            gpu: None,
         }
     }
 }
