@@ -992,7 +992,9 @@ fn tune(
         let sum = |f: &dyn Fn(&kiln::tune::KernelReport) -> Option<f64>| -> f64 {
             report.kernels.iter().filter_map(|k| Some(f(k)? * k.instances as f64)).sum()
         };
-        whole = Some((sum(&|k| k.default_cost), sum(&|k| k.best_cost.or(k.default_cost))));
+        if report.kernels.iter().all(|k| k.default_cost.is_some()) {
+            whole = Some((sum(&|k| k.default_cost), sum(&|k| k.best_cost.or(k.default_cost))));
+        }
     } else if bench_model {
         let d: HashMap<String, usize> = t.dims.clone();
         let inputs: Vec<Tensor> = c

@@ -559,10 +559,12 @@ trait Measure {
     /// What [`Measure::measure`] returns.
     fn unit(&self) -> Unit;
     /// Checks the candidate chosen as best once more where measuring did not run its code
-    /// on the machine (rvv: under qemu against the reference). An error: a wrong result.
-    fn check_best(&self, k: &Kernel) -> Result<(), String> {
+    /// on the machine (rvv: under qemu against the reference): `Some(why)` when it is wrong
+    /// (or its code cannot be built); an error when the check cannot run at all (no qemu),
+    /// which says nothing of the candidate.
+    fn check_best(&self, k: &Kernel) -> Result<Option<String>, kiln_targets::TargetError> {
         let _ = k;
-        Ok(())
+        Ok(None)
     }
     /// Measures `ks` again together: `rounds` rounds, each measuring every kernel once in a
     /// rotated order (interleaved, so that a slow spell of the machine falls on all of them),
@@ -868,11 +870,25 @@ impl Measure for RvvMeasure {
         Unit::EstCycles
     }
 
-    fn check_best(&self, k: &Kernel) -> Result<(), String> {
-        let rk = kiln_targets::rvv::RvvKernel::compile(k.clone(), self.vlen).map_err(|e| format!("rvv: {e}"))?;
+    fn check_best(&self, k: &Kernel) -> Result<Option<String>, kiln_targets::TargetError> {
+        use kiln_targets::TargetError;
+        // A tool that cannot be started says nothing of the candidate; a runner that fails
+        // running it (a crash) does.
+        let tool = |e: TargetError| match e {
+            TargetError::Tool { ref why, .. } if why.starts_with("not found") || why.starts_with("cannot be started") => {
+                Err(e)
+            }
+            e => Ok(Some(format!("rvv: {e}"))),
+        };
+        let rk = match kiln_targets::rvv::RvvKernel::compile(k.clone(), self.vlen) {
+            Ok(rk) => rk,
+            Err(e) => return tool(e),
+        };
         let refs: Vec<&Tensor> = self.cpu.operands.iter().collect();
-        let out = rk.run(&refs).map_err(|e| format!("rvv under qemu: {e}"))?;
-        check_outputs(&out, &self.cpu.reference).map_err(|e| format!("under qemu: {e}"))
+        match rk.run(&refs) {
+            Ok(out) => Ok(check_outputs(&out, &self.cpu.reference).err().map(|e| format!("under qemu: {e}"))),
+            Err(e) => tool(e),
+        }
     }
 }
 
@@ -1191,9 +1207,9 @@ pub fn tune(
                 break;
             };
             let Ok(k) = kiln_passes::lower::lower_with(m, o, &name, &points[i].0) else { break };
-            match measurer.check_best(&k) {
-                Ok(()) => break,
-                Err(why) => {
+            match measurer.check_best(&k)? {
+                None => break,
+                Some(why) => {
                     db.append(&Record {
                         workload: key.clone(),
                         target: target.clone(),
