@@ -179,7 +179,8 @@ enum Cmd {
         no_model_bench: bool,
         /// Tune nothing: measure again the schedules listed in FILE (a JSON array of
         /// `{"workload": key, "knobs": {...}}`), all of a workload together in interleaved
-        /// rounds, and print `{"costs": [...]}` (median over rounds; null: failed).
+        /// rounds, and print `{"costs": [...], "estimates": [...]}` (median over rounds; null:
+        /// failed; `--rounds 0`: estimates only).
         #[arg(long)]
         remeasure: Option<PathBuf>,
         /// Rounds of `--remeasure`.
@@ -948,7 +949,11 @@ fn remeasure_cmd(
         wanted.into_iter().map(|w| (w.workload, w.knobs)).collect();
     let costs = kiln::tune::remeasure(&c, &pairs, rounds, dims)?;
     let clock = (target == "cpu").then(|| kiln::tune::Clock::for_threads(kiln_targets::native::threads()).name());
-    println!("{}", serde_json::json!({"target": target, "rounds": rounds, "clock": clock, "costs": costs}));
+    let (costs, estimates): (Vec<Option<f64>>, Vec<Option<f64>>) = costs.into_iter().unzip();
+    println!(
+        "{}",
+        serde_json::json!({"target": target, "rounds": rounds, "clock": clock, "costs": costs, "estimates": estimates})
+    );
     Ok(())
 }
 

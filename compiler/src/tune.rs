@@ -897,19 +897,20 @@ impl Measure for RvvMeasure {
 /// workload once, in a rotated order) and the median over rounds ([`Measure`]'s protocol:
 /// cpu kernels timed warm; npu simulated and rvv estimated once, being deterministic). What
 /// a fair comparison of schedules chosen by different searches needs: each search's choice
-/// was the minimum of noisy single measurements. `None`: the workload is not in the model,
-/// or the schedule does not lower or fails.
+/// was the minimum of noisy single measurements. Per schedule: its cost and its static
+/// estimate; `None`: the workload is not in the model, or the schedule does not lower or
+/// fails (costs: also `rounds == 0`, which only estimates).
 pub fn remeasure(
     c: &CompiledModel,
     wanted: &[(String, Schedule)],
     rounds: usize,
     dims: &HashMap<String, usize>,
-) -> Result<Vec<Option<f64>>, Error> {
+) -> Result<Vec<(Option<f64>, Option<f64>)>, Error> {
     let target = c.target().name().to_string();
     check_target(&target)?;
     let m = c.module();
     let machine = c.target().machine();
-    let mut out = vec![None; wanted.len()];
+    let mut out = vec![(None, None); wanted.len()];
     let mut done: HashSet<String> = HashSet::new();
     let mut order: Vec<String> = Vec::new();
     for (o, name) in kiln_targets::native::launched_kernels(m) {
@@ -936,9 +937,14 @@ pub fn remeasure(
                 at.push(i);
             }
         }
-        MEASUREMENTS.fetch_add(kernels.len() as u64, Ordering::Relaxed);
-        for (i, r) in at.into_iter().zip(measurer.measure_interleaved(&kernels, rounds)) {
-            out[i] = r.ok();
+        let costs = if rounds == 0 {
+            vec![Err(String::new()); kernels.len()]
+        } else {
+            MEASUREMENTS.fetch_add(kernels.len() as u64, Ordering::Relaxed);
+            measurer.measure_interleaved(&kernels, rounds)
+        };
+        for ((i, r), k) in at.into_iter().zip(costs).zip(&kernels) {
+            out[i] = (r.ok(), measurer.estimate(k).ok().and_then(|e| e.first().copied()));
         }
     }
     Ok(out)
