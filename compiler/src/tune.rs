@@ -875,7 +875,9 @@ impl Measure for RvvMeasure {
         // A tool that cannot be started says nothing of the candidate; a runner that fails
         // running it (a crash) does.
         let tool = |e: TargetError| match e {
-            TargetError::Tool { ref why, .. } if why.starts_with("not found") || why.starts_with("cannot be started") => {
+            TargetError::Tool { ref why, .. }
+                if why.starts_with("not found") || why.starts_with("cannot be started") =>
+            {
                 Err(e)
             }
             e => Ok(Some(format!("rvv: {e}"))),
