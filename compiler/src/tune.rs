@@ -1088,10 +1088,10 @@ pub fn tune(
         for r in previous.iter().filter(|r| r.workload == key && r.target == target && r.target_hash == hash) {
             if let Ok(k) = kiln_passes::lower::lower_with(m, o, &name, &r.knobs) {
                 let id = kernel_id(&k);
-                if seen.contains_key(&id) {
+                if let Some(v) = seen.get_mut(&id) {
                     // A later failure of a recorded kernel (rvv: its check under qemu) wins.
                     if !r.result.ok {
-                        seen.insert(id, None);
+                        *v = None;
                         for p in points.iter_mut().filter(|p| p.0 == r.knobs) {
                             p.1 = None;
                         }
@@ -1204,16 +1204,13 @@ pub fn tune(
         // Targets whose cost is not a run of the code (rvv: an estimate) check the best
         // candidate's code on the machine itself; a wrong one is recorded as failed and the
         // next best is checked.
-        loop {
-            let Some(i) = points
-                .iter()
-                .enumerate()
-                .filter_map(|(i, (_, c))| c.map(|c| (i, c)))
-                .min_by(|a, b| a.1.total_cmp(&b.1))
-                .map(|(i, _)| i)
-            else {
-                break;
-            };
+        while let Some(i) = points
+            .iter()
+            .enumerate()
+            .filter_map(|(i, (_, c))| c.map(|c| (i, c)))
+            .min_by(|a, b| a.1.total_cmp(&b.1))
+            .map(|(i, _)| i)
+        {
             let Ok(k) = kiln_passes::lower::lower_with(m, o, &name, &points[i].0) else { break };
             match measurer.check_best(&k)? {
                 None => break,
