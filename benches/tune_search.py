@@ -310,7 +310,7 @@ def main():
                     row += " - | - | - |"
             lines.append(row)
         m = main_run.get("model")
-        if m:
+        if m and target != "rvv":
             lines += ["", f"Whole model (run, median of 20+ runs, best of two rounds): default {fmt(m['default'])}, "
                           f"tuned {fmt(m['tuned'])} {m['unit']}: **{m['default'] / m['tuned']:.2f}×**."]
         if wsum[1] > 0:
