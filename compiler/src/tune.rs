@@ -42,18 +42,27 @@ use kiln_ir::kernel::Kernel;
 use kiln_ir::{DType, Dim, Module, Tensor};
 use kiln_passes::lower::{fnv1a, workload_key, Schedule};
 use serde::{Deserialize, Serialize};
+use std::cell::Cell;
 use std::collections::{HashMap, HashSet};
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-/// Measurements made in this process (what a compile with a database must not add to).
-static MEASUREMENTS: AtomicU64 = AtomicU64::new(0);
+thread_local! {
+    /// Measurements made by this thread (what a compile with a database must not add to).
+    /// Per thread: measuring happens on the thread that calls [`tune`] / [`remeasure`], and
+    /// a count per thread is not disturbed by tuning runs on other threads (tests in one
+    /// process).
+    static MEASUREMENTS: Cell<u64> = const { Cell::new(0) };
+}
 
-/// Number of candidate measurements made by this process so far.
+fn count_measurements(n: u64) {
+    MEASUREMENTS.with(|m| m.set(m.get() + n));
+}
+
+/// Number of candidate measurements made by this thread so far.
 pub fn measurements() -> u64 {
-    MEASUREMENTS.load(Ordering::Relaxed)
+    MEASUREMENTS.with(Cell::get)
 }
 
 /// How candidates are chosen.
@@ -942,7 +951,7 @@ pub fn remeasure(
         let costs = if rounds == 0 {
             vec![Err(String::new()); kernels.len()]
         } else {
-            MEASUREMENTS.fetch_add(kernels.len() as u64, Ordering::Relaxed);
+            count_measurements(kernels.len() as u64);
             measurer.measure_interleaved(&kernels, rounds)
         };
         for ((i, r), k) in at.into_iter().zip(costs).zip(&kernels) {
@@ -1161,7 +1170,7 @@ pub fn tune(
                 continue;
             }
             dry = 0;
-            MEASUREMENTS.fetch_add(1, Ordering::Relaxed);
+            count_measurements(1);
             let r = measurer.measure(&k);
             let outcome = outcome(&r, measurer.unit());
             db.append(&Record {
