@@ -300,3 +300,224 @@ fn learned_search_on_npu_is_reproducible_and_beats_random_search_in_half_the_tri
     let (learned_half, random_all) = (total(&a, trials / 2), total(&random, trials));
     assert!(learned_half > 0.0 && learned_half <= random_all, "learned {learned_half} vs random {random_all}");
 }
+
+#[test]
+fn cpu_records_name_their_clock_and_remeasure_measures_given_schedules_again() {
+    let dir = temp_dir("tune-clock");
+    let db = dir.join("db.jsonl");
+    let model = gpt2();
+    let out = kiln(&[
+        "tune",
+        model.to_str().unwrap(),
+        "--target",
+        "cpu",
+        "--threads",
+        "1",
+        "--tuning-db",
+        db.to_str().unwrap(),
+        "--trials",
+        "2",
+        "--strategy",
+        "random",
+        "--no-model-bench",
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    // One thread: the thread's CPU time, recorded in every record and the report.
+    assert_eq!(report["clock"], "thread_cpu", "{report}");
+    let rs = records(&db);
+    assert!(!rs.is_empty());
+    for r in &rs {
+        assert!(r.result.ok && r.result.median_ms.unwrap() > 0.0, "{r:?}");
+        assert_eq!(r.result.clock.as_deref(), Some("thread_cpu"), "{r:?}");
+        assert!(!r.result.estimate);
+    }
+    // A record written before the clock field still reads (as a wall-clock record), and
+    // the database still applies.
+    let mut old: serde_json::Value = serde_json::to_value(&rs[0]).unwrap();
+    old["result"].as_object_mut().unwrap().remove("clock");
+    let mut text = std::fs::read_to_string(&db).unwrap();
+    text.push_str(&format!("{old}\n"));
+    std::fs::write(&db, text).unwrap();
+    let all = records(&db);
+    assert_eq!(all.len(), rs.len() + 1);
+    assert_eq!(all.last().unwrap().result.clock, None);
+    assert!(!kiln::tune::best_of(&all, "cpu", &rs[0].target_hash).is_empty());
+    // Each kernel's trial knobs are reported, in the order measured.
+    let k = &report["kernels"][1];
+    assert_eq!(k["trial_knobs"].as_array().unwrap().len(), k["costs"].as_array().unwrap().len(), "{k}");
+    // --remeasure: the recorded schedules, and one of an unknown workload.
+    let mut want: Vec<serde_json::Value> =
+        rs.iter().map(|r| serde_json::json!({"workload": r.workload, "knobs": r.knobs})).collect();
+    want.push(serde_json::json!({"workload": "no-such-workload", "knobs": rs[0].knobs}));
+    let wf = dir.join("want.json");
+    std::fs::write(&wf, serde_json::to_string(&want).unwrap()).unwrap();
+    let args = |rounds: &str| {
+        let mut a: Vec<String> = ["tune", model.to_str().unwrap(), "--target", "cpu", "--threads", "1", "--tuning-db"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        a.extend([db.display().to_string(), "--remeasure".into(), wf.display().to_string()]);
+        a.extend(["--rounds".into(), rounds.into()]);
+        a
+    };
+    let run = |rounds: &str| -> serde_json::Value {
+        let a = args(rounds);
+        let o = kiln(&a.iter().map(|s| s.as_str()).collect::<Vec<_>>());
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        serde_json::from_slice(&o.stdout).unwrap()
+    };
+    let v = run("2");
+    let costs = v["costs"].as_array().unwrap();
+    let ests = v["estimates"].as_array().unwrap();
+    assert_eq!(costs.len(), want.len());
+    for (c, e) in costs.iter().zip(ests).take(rs.len()) {
+        assert!(c.as_f64().unwrap() > 0.0 && e.as_f64().unwrap() > 0.0, "{v}");
+    }
+    assert!(costs[rs.len()].is_null() && ests[rs.len()].is_null(), "{v}");
+    assert_eq!(v["clock"], "thread_cpu");
+    // No database record is added by re-measuring.
+    assert_eq!(records(&db).len(), rs.len() + 1);
+    // Rounds 0: estimates only.
+    let v0 = run("0");
+    assert!(v0["costs"].as_array().unwrap().iter().all(|c| c.is_null()), "{v0}");
+    assert_eq!(v0["estimates"], v["estimates"]);
+    // A file that is not a list of schedules is a clear error.
+    std::fs::write(&wf, "{\"workload\": 1}").unwrap();
+    let a = args("1");
+    let o = kiln(&a.iter().map(|s| s.as_str()).collect::<Vec<_>>());
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("expected a JSON array"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+#[test]
+fn the_cpu_estimate_prices_cache_traffic_of_matmul_tiles() {
+    use kiln::tune::estimate::{kernel_cost, kernel_cost_on, Cache, Host};
+    let mut g = kiln::GraphBuilder::new("matmul");
+    let x = g
+        .input("x", kiln::TensorType::new(kiln::DType::F32, vec![kiln_ir::Dim::Known(256), kiln_ir::Dim::Known(1024)]))
+        .unwrap();
+    let w = g.constant("w", kiln::Tensor::from_f32(&[1024, 1024], values(1024 * 1024, 3)));
+    let y = g.op("MatMul", &[x, w]).unwrap();
+    g.output(y, "y").unwrap();
+    let m = kiln::Compiler::new("cpu").lower(&g.finish().unwrap()).unwrap();
+    let module = m.module();
+    let (o, name) = kiln_targets::native::launched_kernels(module).into_iter().next().unwrap();
+    let shapes = [vec![256, 1024], vec![1024, 1024], vec![256, 1024]];
+    let cache = |name: &str, kib: f64, fill: f64| Cache {
+        name: name.into(),
+        capacity_bytes: kib * 1024.0,
+        fill_bytes_per_cycle: fill,
+    };
+    let host = Host {
+        lanes: 16,
+        registers: 32,
+        caches: vec![cache("l1", 32.0, 64.0), cache("l2", 512.0, 32.0), cache("l3", 8192.0, 8.0)],
+    };
+    let cost = |row_block: i64, tile_n: i64, tile_k: i64| {
+        let s = kiln_passes::lower::Schedule {
+            matmul_row_block: row_block,
+            matmul_tile_n: tile_n,
+            matmul_tile_k: tile_k,
+            whole_matmul: false,
+            ..kiln_passes::lower::Schedule::for_vectors(16, 32)
+        };
+        let k = kiln_passes::lower::lower_with(module, o, &name, &s).unwrap();
+        (kernel_cost_on(&k, &shapes, &host).unwrap(), kernel_cost(&k, &shapes, 16, 32).unwrap())
+    };
+    // B panel tile_k × tile_n: 128 × 512 floats (256 KiB) fits the 512 KiB L2; 512 × 1024
+    // (2 MiB) does not, so more of it is brought into L2 again for every row block.
+    let (fits, fits_plain) = cost(64, 512, 128);
+    let (spills, _) = cost(64, 1024, 512);
+    assert!(spills.traffic[1] > 2.0 * fits.traffic[1], "{fits:?}\n{spills:?}");
+    assert!(fits.memory > 0.0 && fits.cycles > fits.compute, "{fits:?}");
+    // Without caches, the instructions alone (what the estimate was before).
+    assert_eq!((fits_plain.memory, fits_plain.traffic), (0.0, [0.0; 3]));
+    assert!((fits_plain.cycles - fits.compute).abs() < 1e-6 * fits.compute, "{fits_plain:?} {fits:?}");
+    // Smaller row blocks bring each B panel into L2 more often; the whole MatMul (6 MiB)
+    // fits the 8 MiB L3 and comes from memory once either way.
+    let (small_rows, _) = cost(16, 512, 128);
+    assert!(small_rows.traffic[1] > 2.0 * fits.traffic[1], "{small_rows:?}\n{fits:?}");
+    assert_eq!(small_rows.traffic[2], fits.traffic[2]);
+    // A, B, C and the packed B panel (tile_k × the register tile's 32 columns), once.
+    assert_eq!(fits.traffic[2], 4.0 * (256.0 * 1024.0 + 1024.0 * 1024.0 + 256.0 * 1024.0 + 128.0 * 32.0));
+    // The host's description: its caches fastest first, filled at the next level's bandwidth.
+    let h = Host::from_machine(&kiln_targets::lookup("cpu").unwrap().machine(), 16);
+    assert_eq!(h.caches.iter().map(|c| c.name.as_str()).collect::<Vec<_>>(), ["l1", "l2", "l3"]);
+    assert!(h.caches.windows(2).all(|w| w[0].capacity_bytes < w[1].capacity_bytes));
+}
+
+/// `kiln tune` of the GPT-2 block on rvv with `qemu` as the emulator.
+fn tune_rvv(db: &Path, qemu: Option<&Path>, trials: &str) -> std::process::Output {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"));
+    cmd.args(["tune", gpt2().to_str().unwrap(), "--target", "rvv", "--tuning-db", db.to_str().unwrap()]);
+    cmd.args(["--trials", trials]);
+    if let Some(q) = qemu {
+        cmd.env("KILN_QEMU_RISCV64", q);
+    }
+    cmd.output().unwrap()
+}
+
+#[test]
+fn tuning_on_rvv_records_estimates_and_never_chooses_a_schedule_wrong_under_qemu() {
+    let dir = temp_dir("tune-rvv");
+    let db = dir.join("db.jsonl");
+    let out = tune_rvv(&db, None, "3");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // Printed and recorded as estimates, not measurements.
+    assert!(
+        text.contains("costs are ESTIMATES") && text.contains("est. cycles") && text.contains("an estimate"),
+        "{text}"
+    );
+    let rs = records(&db);
+    assert!(!rs.is_empty());
+    for r in &rs {
+        assert_eq!(r.target, "rvv");
+        assert!(r.result.ok && r.result.estimate, "{r:?}");
+        assert!(r.result.est_cycles.unwrap() > 0.0 && r.result.median_ms.is_none(), "{r:?}");
+    }
+    let line = std::fs::read_to_string(&db).unwrap();
+    assert!(line.lines().next().unwrap().contains("\"estimate\":true"), "{line}");
+    // Some workload's best differs from the default (the estimate sees the knobs), and a
+    // compile with the database applies it (rvv, deterministic).
+    let best = kiln::tune::best_of(&rs, "rvv", &rs[0].target_hash);
+    assert!(!best.is_empty());
+    // An emulator that runs nothing: every chosen candidate's check fails, each is recorded as
+    // failed (the next best is checked then), and none is ever chosen.
+    let fake = dir.join("fake-qemu");
+    std::fs::write(&fake, "#!/bin/sh\nexit 3\n").unwrap();
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let bad = dir.join("bad.jsonl");
+    let out = tune_rvv(&bad, Some(&fake), "2");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let rs = records(&bad);
+    let failed: Vec<&Record> = rs.iter().filter(|r| !r.result.ok).collect();
+    let ok: Vec<&Record> = rs.iter().filter(|r| r.result.ok).collect();
+    assert!(!ok.is_empty());
+    assert_eq!(failed.len(), ok.len(), "each estimated candidate was checked and failed");
+    assert!(failed.iter().all(|r| r.result.error.as_deref().unwrap_or("").contains("rvv")), "{failed:?}");
+    assert!(kiln::tune::best_of(&rs, "rvv", &rs[0].target_hash).is_empty());
+    // A resumed run keeps them failed and checks nothing again.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(["tune", gpt2().to_str().unwrap(), "--target", "rvv", "--tuning-db", bad.to_str().unwrap()])
+        .args(["--trials", "2", "--resume"])
+        .env("KILN_QEMU_RISCV64", &fake)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(records(&bad).len(), rs.len());
+    // No emulator at all is an error, not a failed candidate.
+    let out = tune_rvv(&dir.join("none.jsonl"), Some(&dir.join("no-such-qemu")), "1");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not found"), "{}", String::from_utf8_lossy(&out.stderr));
+}

@@ -177,6 +177,15 @@ enum Cmd {
         /// Do not measure the whole model before and after.
         #[arg(long)]
         no_model_bench: bool,
+        /// Tune nothing: measure again the schedules listed in FILE (a JSON array of
+        /// `{"workload": key, "knobs": {...}}`), all of a workload together in interleaved
+        /// rounds, and print `{"costs": [...], "estimates": [...]}` (median over rounds; null:
+        /// failed; `--rounds 0`: estimates only).
+        #[arg(long)]
+        remeasure: Option<PathBuf>,
+        /// Rounds of `--remeasure`.
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
     },
     /// List the targets and the toolchain kiln links.
     Targets,
@@ -287,9 +296,15 @@ fn dispatch(cmd: Cmd) -> Result<(), Error> {
             threads,
             json,
             no_model_bench,
+            remeasure,
+            rounds,
         } => {
             npu.apply()?;
             kiln_targets::native::set_threads(threads);
+            if let Some(file) = remeasure {
+                let opts = options(no_fusion, &dims, &target, None, None)?;
+                return remeasure_cmd(&model, &target, &opts, &file, rounds, &parse_dims(&dims)?);
+            }
             let opts = options(no_fusion, &dims, &target, None, None)?;
             let strategy = strategy.parse().map_err(Error::Usage)?;
             let t = kiln::tune::TuneOptions {
@@ -919,6 +934,39 @@ fn model_cost(c: &kiln::CompiledModel, inputs: &[Tensor], iters: usize) -> Resul
     Ok(times[times.len() / 2])
 }
 
+/// `kiln tune --remeasure FILE`: the listed schedules measured again together.
+fn remeasure_cmd(
+    model: &Path,
+    target: &str,
+    opts: &kiln::Options,
+    file: &Path,
+    rounds: usize,
+    dims: &HashMap<String, usize>,
+) -> Result<(), Error> {
+    let text = std::fs::read_to_string(file)
+        .map_err(|e| Error::Io { path: file.display().to_string(), msg: e.to_string() })?;
+    #[derive(serde::Deserialize)]
+    struct Want {
+        workload: String,
+        knobs: kiln_passes::lower::Schedule,
+    }
+    let wanted: Vec<Want> = serde_json::from_str(&text).map_err(|e| Error::Io {
+        path: file.display().to_string(),
+        msg: format!("expected a JSON array of {{\"workload\": key, \"knobs\": {{...}}}}: {e}"),
+    })?;
+    let c = kiln::compile_with(kiln::load_model(model)?, target, opts)?;
+    let pairs: Vec<(String, kiln_passes::lower::Schedule)> =
+        wanted.into_iter().map(|w| (w.workload, w.knobs)).collect();
+    let costs = kiln::tune::remeasure(&c, &pairs, rounds, dims)?;
+    let clock = (target == "cpu").then(|| kiln::tune::Clock::for_threads(kiln_targets::native::threads()).name());
+    let (costs, estimates): (Vec<Option<f64>>, Vec<Option<f64>>) = costs.into_iter().unzip();
+    println!(
+        "{}",
+        serde_json::json!({"target": target, "rounds": rounds, "clock": clock, "costs": costs, "estimates": estimates})
+    );
+    Ok(())
+}
+
 /// `kiln tune`: tunes every kernel, then prints a table of per-kernel and whole-model speedups.
 fn tune(
     model: &Path,
@@ -954,7 +1002,15 @@ fn tune(
     bar.finish_and_clear();
     // The whole model with the default schedules and with the database's best.
     let mut whole = None;
-    if bench_model {
+    if target == "rvv" {
+        // Estimates, not runs (qemu's time is not the chip's): the kernels' sum.
+        let sum = |f: &dyn Fn(&kiln::tune::KernelReport) -> Option<f64>| -> f64 {
+            report.kernels.iter().filter_map(|k| Some(f(k)? * k.instances as f64)).sum()
+        };
+        if report.kernels.iter().all(|k| k.default_cost.is_some()) {
+            whole = Some((sum(&|k| k.default_cost), sum(&|k| k.best_cost.or(k.default_cost))));
+        }
+    } else if bench_model {
         let d: HashMap<String, usize> = t.dims.clone();
         let inputs: Vec<Tensor> = c
             .inputs()
@@ -972,7 +1028,11 @@ fn tune(
         let (a2, b2) = (model_cost(default, &inputs, 20)?, model_cost(&tuned, &inputs, 20)?);
         whole = Some((a.min(a2), b.min(b2)));
     }
-    let unit = if target == "npu" { "cycles" } else { "ms" };
+    let unit = match target {
+        "npu" => "cycles",
+        "rvv" => "est. cycles",
+        _ => "ms",
+    };
     if json {
         let mut v = kiln::tune::report_json(&report);
         v["strategy"] = serde_json::json!(format!("{:?}", t.strategy).to_lowercase());
@@ -992,6 +1052,15 @@ fn tune(
             String::new()
         }
     );
+    if target == "rvv" {
+        println!(
+            "costs are ESTIMATES (est. cycles of the generated code: instructions by class and cache \
+             traffic at rvv's VLEN), not measurements; each kernel's best was checked under qemu"
+        );
+    }
+    if let Some(clock) = report.clock {
+        println!("cpu times: warm median, {clock} clock");
+    }
     println!(
         "{:<24} {:>4} {:>7} {:>7} {:>12} {:>12} {:>8}",
         "kernel", "x", "trials", "failed", "default", "best", "speedup"
@@ -1022,6 +1091,12 @@ fn tune(
     if let Some((a, b)) = whole {
         if unit == "ms" {
             println!("whole model (ms): default {a:.4}, tuned {b:.4}: {:.2}x", a / b);
+        } else if target == "rvv" {
+            println!(
+                "whole model (estimated cycles, the kernels' sum; an estimate, not a measurement): \
+                 default {a:.0}, tuned {b:.0}: {:.2}x",
+                a / b
+            );
         } else {
             println!("whole model (cycles): default {a:.0}, tuned {b:.0}: {:.2}x", a / b);
         }

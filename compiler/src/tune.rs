@@ -42,18 +42,27 @@ use kiln_ir::kernel::Kernel;
 use kiln_ir::{DType, Dim, Module, Tensor};
 use kiln_passes::lower::{fnv1a, workload_key, Schedule};
 use serde::{Deserialize, Serialize};
+use std::cell::Cell;
 use std::collections::{HashMap, HashSet};
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-/// Measurements made in this process (what a compile with a database must not add to).
-static MEASUREMENTS: AtomicU64 = AtomicU64::new(0);
+thread_local! {
+    /// Measurements made by this thread (what a compile with a database must not add to).
+    /// Per thread: measuring happens on the thread that calls [`tune`] / [`remeasure`], and
+    /// a count per thread is not disturbed by tuning runs on other threads (tests in one
+    /// process).
+    static MEASUREMENTS: Cell<u64> = const { Cell::new(0) };
+}
 
-/// Number of candidate measurements made by this process so far.
+fn count_measurements(n: u64) {
+    MEASUREMENTS.with(|m| m.set(m.get() + n));
+}
+
+/// Number of candidate measurements made by this thread so far.
 pub fn measurements() -> u64 {
-    MEASUREMENTS.load(Ordering::Relaxed)
+    MEASUREMENTS.with(Cell::get)
 }
 
 /// How candidates are chosen.
@@ -122,7 +131,8 @@ pub struct Record {
     pub time: String,
 }
 
-/// A measurement's result: `median_ms` (cpu) or `sim_cycles` (npu) when `ok`.
+/// A measurement's result when `ok`: `median_ms` (cpu), `sim_cycles` (npu) or `est_cycles`
+/// (rvv: a static estimate, not a measurement; `estimate` is then true).
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct Outcome {
     pub ok: bool,
@@ -130,6 +140,17 @@ pub struct Outcome {
     pub median_ms: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub sim_cycles: Option<u64>,
+    /// Estimated cycles of the generated code (rvv): instructions by class over the loop nest
+    /// and cache traffic ([`estimate`]).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub est_cycles: Option<f64>,
+    /// The cost is a static estimate, not a measurement.
+    #[serde(skip_serializing_if = "std::ops::Not::not", default)]
+    pub estimate: bool,
+    /// The clock `median_ms` was read from (cpu): `thread_cpu` (the measuring thread's CPU
+    /// time, one thread) or `wall`. Records written before this field: wall.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub clock: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub error: Option<String>,
 }
@@ -139,8 +160,90 @@ impl Outcome {
         if !self.ok {
             return None;
         }
-        self.median_ms.or(self.sim_cycles.map(|c| c as f64))
+        self.median_ms.or(self.sim_cycles.map(|c| c as f64)).or(self.est_cycles)
     }
+
+    fn failed(error: String) -> Outcome {
+        Outcome {
+            ok: false,
+            median_ms: None,
+            sim_cycles: None,
+            est_cycles: None,
+            estimate: false,
+            clock: None,
+            error: Some(error),
+        }
+    }
+}
+
+/// The clock a cpu measurement reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Clock {
+    /// CPU time of the measuring thread (`CLOCK_THREAD_CPUTIME_ID`): time other processes
+    /// take on a shared machine is not counted. Valid when the kernel runs on this thread
+    /// alone (one thread).
+    ThreadCpu,
+    /// Wall time (several threads: the workers' time is not the caller's).
+    Wall,
+}
+
+impl Clock {
+    /// Thread CPU time for one thread (where the OS has it), wall time otherwise.
+    pub fn for_threads(threads: usize) -> Clock {
+        if threads <= 1 && thread_cpu_ns().is_some() {
+            Clock::ThreadCpu
+        } else {
+            Clock::Wall
+        }
+    }
+
+    /// The name recorded in [`Outcome::clock`].
+    pub fn name(self) -> &'static str {
+        match self {
+            Clock::ThreadCpu => "thread_cpu",
+            Clock::Wall => "wall",
+        }
+    }
+
+    /// Milliseconds `f` takes on this clock.
+    fn time<E>(self, f: impl FnOnce() -> Result<(), E>) -> Result<f64, E> {
+        match self {
+            Clock::ThreadCpu => {
+                let a = thread_cpu_ns().unwrap_or(0);
+                f()?;
+                Ok(thread_cpu_ns().unwrap_or(0).saturating_sub(a) as f64 * 1e-6)
+            }
+            Clock::Wall => {
+                let t = Instant::now();
+                f()?;
+                Ok(t.elapsed().as_secs_f64() * 1e3)
+            }
+        }
+    }
+}
+
+/// This thread's CPU time in nanoseconds (Linux: `clock_gettime(CLOCK_THREAD_CPUTIME_ID)`).
+#[cfg(target_os = "linux")]
+fn thread_cpu_ns() -> Option<u64> {
+    #[repr(C)]
+    struct Timespec {
+        tv_sec: i64,
+        tv_nsec: i64,
+    }
+    extern "C" {
+        fn clock_gettime(clock: i32, tp: *mut Timespec) -> i32;
+    }
+    const CLOCK_THREAD_CPUTIME_ID: i32 = 3;
+    let mut ts = Timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: `ts` is a valid, writable timespec (64-bit time_t and long on Linux's 64-bit
+    // ABIs, the only ones kiln builds for).
+    let rc = unsafe { clock_gettime(CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    (rc == 0).then(|| ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64)
+}
+
+#[cfg(not(target_os = "linux"))]
+fn thread_cpu_ns() -> Option<u64> {
+    None
 }
 
 /// What tuning did for one workload.
@@ -163,6 +266,10 @@ pub struct KernelReport {
     /// Each of this run's measurements: its cost (`None`: failed) and, for the learned
     /// strategy, the static estimate's ratio to the default's (`None`: no estimate).
     pub measured: Vec<(Option<f64>, Option<f64>)>,
+    /// Per measurement, the estimate of the instructions alone (no cache traffic) relative
+    /// to the default's, and the candidate's knobs.
+    pub estimates_compute: Vec<Option<f64>>,
+    pub knobs: Vec<Schedule>,
     /// Why the workload was not tuned, if it was not.
     pub skipped: Option<String>,
 }
@@ -178,6 +285,8 @@ pub struct TuneReport {
     pub previous: usize,
     pub unreadable: usize,
     pub stopped_by_budget: bool,
+    /// The clock cpu times were read from (`thread_cpu` or `wall`; `None` elsewhere).
+    pub clock: Option<&'static str>,
 }
 
 /// Hash of the target's machine description: records apply to the same machine only.
@@ -209,10 +318,19 @@ pub fn read_db(path: &Path) -> Result<(Vec<Record>, usize), Error> {
 }
 
 /// The best schedule per workload among `records` of `target` on the machine `hash`
-/// (ties: the earliest record).
+/// (ties: the earliest record; schedules with a failed record are never chosen).
 pub fn best_of(records: &[Record], target: &str, hash: &str) -> HashMap<String, Schedule> {
     let mut best: HashMap<String, (f64, Schedule)> = HashMap::new();
-    for r in records.iter().filter(|r| r.target == target && r.target_hash == hash) {
+    let mine = || records.iter().filter(|r| r.target == target && r.target_hash == hash);
+    // A schedule that failed once (rvv: wrong under qemu after its estimate) is never chosen.
+    let failed: HashSet<(&str, String)> = mine()
+        .filter(|r| !r.result.ok)
+        .map(|r| (r.workload.as_str(), serde_json::to_string(&r.knobs).unwrap_or_default()))
+        .collect();
+    for r in mine() {
+        if failed.contains(&(r.workload.as_str(), serde_json::to_string(&r.knobs).unwrap_or_default())) {
+            continue;
+        }
         if let Some(c) = r.result.cost() {
             match best.get(&r.workload) {
                 Some((b, _)) if *b <= c => {}
@@ -447,15 +565,57 @@ trait Measure {
     /// work; cpu: [`estimate::KernelCost`]'s counts). An error: the candidate cannot be
     /// built for the machine (it would fail if measured).
     fn estimate(&self, k: &Kernel) -> Result<Vec<f64>, String>;
+    /// What [`Measure::measure`] returns.
+    fn unit(&self) -> Unit;
+    /// Checks the candidate chosen as best once more where measuring did not run its code
+    /// on the machine (rvv: under qemu against the reference): `Some(why)` when it is wrong
+    /// (or its code cannot be built); an error when the check cannot run at all (no qemu),
+    /// which says nothing of the candidate.
+    fn check_best(&self, k: &Kernel) -> Result<Option<String>, kiln_targets::TargetError> {
+        let _ = k;
+        Ok(None)
+    }
+    /// Measures `ks` again together: `rounds` rounds, each measuring every kernel once in a
+    /// rotated order (interleaved, so that a slow spell of the machine falls on all of them),
+    /// and per kernel the median over the rounds. Deterministic measurers measure once.
+    fn measure_interleaved(&self, ks: &[Kernel], rounds: usize) -> Vec<Result<f64, String>> {
+        let _ = rounds;
+        ks.iter().map(|k| self.measure(k)).collect()
+    }
 }
 
-/// A measurement as recorded: `cost` is simulated cycles when `in_cycles` (npu), else ms.
-fn outcome(r: &Result<f64, String>, in_cycles: bool) -> Outcome {
-    match r {
-        Ok(c) if in_cycles => Outcome { ok: true, median_ms: None, sim_cycles: Some(*c as u64), error: None },
-        Ok(ms) => Outcome { ok: true, median_ms: Some(*ms), sim_cycles: None, error: None },
-        Err(e) => Outcome { ok: false, median_ms: None, sim_cycles: None, error: Some(e.clone()) },
+/// What a measurer's cost is.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Unit {
+    /// Milliseconds on a clock (cpu).
+    Ms(Clock),
+    /// Simulated cycles (npu).
+    SimCycles,
+    /// Statically estimated cycles (rvv).
+    EstCycles,
+}
+
+/// A measurement as recorded.
+fn outcome(r: &Result<f64, String>, unit: Unit) -> Outcome {
+    let mut o = match r {
+        Ok(_) => Outcome::failed(String::new()),
+        Err(e) => return Outcome::failed(e.clone()),
+    };
+    let c = *r.as_ref().expect("ok above");
+    o.ok = true;
+    o.error = None;
+    match unit {
+        Unit::Ms(clock) => {
+            o.median_ms = Some(c);
+            o.clock = Some(clock.name().to_string());
+        }
+        Unit::SimCycles => o.sim_cycles = Some(c as u64),
+        Unit::EstCycles => {
+            o.est_cycles = Some(c);
+            o.estimate = true;
+        }
     }
+    o
 }
 
 fn close(got: &[f32], want: &[f32]) -> Result<(), String> {
@@ -471,12 +631,12 @@ fn close(got: &[f32], want: &[f32]) -> Result<(), String> {
     Ok(())
 }
 
-/// `cpu`: wall time of the kernel JIT-compiled alone.
+/// `cpu`: time of the kernel JIT-compiled alone (thread CPU time on one thread, else wall).
 struct CpuMeasure {
     operands: Vec<Tensor>,
     reference: Vec<Tensor>,
-    lanes: usize,
-    registers: usize,
+    host: estimate::Host,
+    clock: Clock,
 }
 
 impl CpuMeasure {
@@ -486,48 +646,105 @@ impl CpuMeasure {
         default: &Kernel,
         dims: &HashMap<String, usize>,
         seed: u64,
-        sched: &Schedule,
-        registers: usize,
+        host: estimate::Host,
     ) -> Result<CpuMeasure, String> {
         let operands = operand_tensors(m, o, dims, seed)?;
         let k = kiln_targets::native::NativeKernel::compile(default.clone()).map_err(|e| e.to_string())?;
         let refs: Vec<&Tensor> = operands.iter().collect();
         let reference = k.run(&refs).map_err(|e| e.to_string())?;
-        Ok(CpuMeasure { operands, reference, lanes: sched.lanes, registers })
+        let clock = Clock::for_threads(kiln_targets::native::threads());
+        Ok(CpuMeasure { operands, reference, host, clock })
     }
-}
 
-impl Measure for CpuMeasure {
-    fn measure(&self, k: &Kernel) -> Result<f64, String> {
+    /// `k` compiled, run once and checked against the default schedule's outputs.
+    fn checked(&self, k: &Kernel) -> Result<kiln_targets::native::NativeKernel, String> {
         let nk = kiln_targets::native::NativeKernel::compile(k.clone()).map_err(|e| e.to_string())?;
         let refs: Vec<&Tensor> = self.operands.iter().collect();
         let out = nk.run(&refs).map_err(|e| e.to_string())?;
-        for (g, w) in out.iter().zip(&self.reference) {
-            match (g.as_f32(), w.as_f32()) {
-                (Some(g), Some(w)) => close(g, w)?,
-                _ if g == w => {}
-                _ => return Err("wrong result".into()),
-            }
-        }
+        check_outputs(&out, &self.reference)?;
+        Ok(nk)
+    }
+
+    /// The median time of warm runs: 2 warm-up runs, then at least 7 and 30 ms of runs.
+    fn time(&self, nk: &kiln_targets::native::NativeKernel) -> Result<f64, String> {
+        let refs: Vec<&Tensor> = self.operands.iter().collect();
         for _ in 0..2 {
             nk.run(&refs).map_err(|e| e.to_string())?;
         }
         let mut times = Vec::new();
         let start = Instant::now();
         while times.len() < 7 || (start.elapsed() < Duration::from_millis(30) && times.len() < 10_000) {
-            let t = Instant::now();
-            nk.run(&refs).map_err(|e| e.to_string())?;
-            times.push(t.elapsed().as_secs_f64() * 1e3);
+            times.push(self.clock.time(|| nk.run(&refs).map(|_| ()).map_err(|e| e.to_string()))?);
         }
-        times.sort_by(f64::total_cmp);
-        Ok(times[times.len() / 2])
+        Ok(median(&mut times))
     }
 
-    fn estimate(&self, k: &Kernel) -> Result<Vec<f64>, String> {
+    /// The estimate's input: `k`'s buffers' shapes on the operands.
+    fn shapes(&self, k: &Kernel) -> Result<Vec<Vec<usize>>, String> {
         let inputs: Vec<&Tensor> = k.operands.iter().map(|&j| &self.operands[j]).collect();
         let mut shapes: Vec<Vec<usize>> = inputs.iter().map(|t| t.shape.clone()).collect();
         shapes.extend(kiln_targets::native::kernel_output_shapes(k, &inputs).map_err(|e| e.to_string())?);
-        Ok(estimate::kernel_cost(k, &shapes, self.lanes, self.registers)?.to_vec())
+        Ok(shapes)
+    }
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn check_outputs(out: &[Tensor], reference: &[Tensor]) -> Result<(), String> {
+    if out.len() != reference.len() {
+        return Err(format!("{} outputs, expected {}", out.len(), reference.len()));
+    }
+    for (g, w) in out.iter().zip(reference) {
+        match (g.as_f32(), w.as_f32()) {
+            (Some(g), Some(w)) => close(g, w)?,
+            _ if g == w => {}
+            _ => return Err("wrong result".into()),
+        }
+    }
+    Ok(())
+}
+
+impl Measure for CpuMeasure {
+    fn measure(&self, k: &Kernel) -> Result<f64, String> {
+        let nk = self.checked(k)?;
+        self.time(&nk)
+    }
+
+    fn estimate(&self, k: &Kernel) -> Result<Vec<f64>, String> {
+        Ok(estimate::kernel_cost_on(k, &self.shapes(k)?, &self.host)?.to_vec())
+    }
+
+    fn unit(&self) -> Unit {
+        Unit::Ms(self.clock)
+    }
+
+    fn measure_interleaved(&self, ks: &[Kernel], rounds: usize) -> Vec<Result<f64, String>> {
+        let built: Vec<Result<kiln_targets::native::NativeKernel, String>> =
+            ks.iter().map(|k| self.checked(k)).collect();
+        let mut times: Vec<Vec<f64>> = vec![Vec::new(); ks.len()];
+        let mut errors: Vec<Option<String>> = vec![None; ks.len()];
+        for r in 0..rounds.max(1) {
+            for j in 0..ks.len() {
+                let i = (j + r) % ks.len();
+                if let (Ok(nk), None) = (&built[i], &errors[i]) {
+                    match self.time(nk) {
+                        Ok(t) => times[i].push(t),
+                        Err(e) => errors[i] = Some(e),
+                    }
+                }
+            }
+        }
+        built
+            .into_iter()
+            .zip(times.iter_mut().zip(errors))
+            .map(|(b, (t, e))| match (b, e) {
+                (Err(e), _) | (_, Some(e)) => Err(e),
+                (Ok(_), None) => Ok(median(t)),
+            })
+            .collect()
     }
 }
 
@@ -585,6 +802,10 @@ impl Measure for NpuMeasure {
         Ok(stats.cycles as f64)
     }
 
+    fn unit(&self) -> Unit {
+        Unit::SimCycles
+    }
+
     fn estimate(&self, k: &Kernel) -> Result<Vec<f64>, String> {
         let p = kiln_npu::compile(k, &self.shapes, &self.cfg).map_err(|e| e.to_string())?;
         let e = kiln_npu::estimate::estimate_with(&p, &self.cfg, 50_000_000).map_err(|e| e.to_string())?;
@@ -592,6 +813,152 @@ impl Measure for NpuMeasure {
         v.extend(e.busy.iter().map(|&b| b as f64));
         Ok(v)
     }
+}
+
+/// The targets `kiln tune` searches, and how it measures on each.
+fn check_target(target: &str) -> Result<(), Error> {
+    if matches!(target, "cpu" | "npu" | "rvv") {
+        return Ok(());
+    }
+    Err(Error::Usage(format!(
+        "kiln tune measures on cpu (thread CPU or wall time), npu (simulated cycles) and rvv (a static \
+         estimate of the generated code, checked under qemu), not '{target}'"
+    )))
+}
+
+fn unit_name(target: &str) -> &'static str {
+    match target {
+        "npu" => "cycles",
+        "rvv" => "est. cycles",
+        _ => "ms",
+    }
+}
+
+/// The measurer of one workload on `target`.
+fn make_measurer(
+    target: &str,
+    m: &Module,
+    o: OpId,
+    default: &Kernel,
+    dims: &HashMap<String, usize>,
+    seed: u64,
+    machine: &kiln_ir::machine::MachineDescription,
+) -> Result<Box<dyn Measure>, String> {
+    let lanes = Schedule::for_machine(machine).lanes;
+    let host = estimate::Host::from_machine(machine, lanes);
+    Ok(match target {
+        "npu" => Box::new(NpuMeasure::new(m, o, default, dims, seed)?),
+        "rvv" => {
+            Box::new(RvvMeasure { cpu: CpuMeasure::new(m, o, default, dims, seed, host)?, vlen: machine.vector_bits })
+        }
+        _ => Box::new(CpuMeasure::new(m, o, default, dims, seed, host)?),
+    })
+}
+
+/// `rvv`: no measurement (qemu's time is not the chip's). The cost is the static estimate of
+/// the kernel for rvv's description (its VLEN's lanes, 32 vector registers, its caches),
+/// reported as an estimate. Every candidate's results are checked on the host first (the
+/// same kernel-dialect kernel, JIT-compiled), and the best one's riscv64 code under qemu
+/// ([`Measure::check_best`]).
+struct RvvMeasure {
+    cpu: CpuMeasure,
+    vlen: u32,
+}
+
+impl Measure for RvvMeasure {
+    fn measure(&self, k: &Kernel) -> Result<f64, String> {
+        self.cpu.checked(k)?;
+        Ok(self.estimate(k)?[0])
+    }
+
+    fn estimate(&self, k: &Kernel) -> Result<Vec<f64>, String> {
+        self.cpu.estimate(k)
+    }
+
+    fn unit(&self) -> Unit {
+        Unit::EstCycles
+    }
+
+    fn check_best(&self, k: &Kernel) -> Result<Option<String>, kiln_targets::TargetError> {
+        use kiln_targets::TargetError;
+        // A tool that cannot be started says nothing of the candidate; a runner that fails
+        // running it (a crash) does.
+        let tool = |e: TargetError| match e {
+            TargetError::Tool { ref why, .. }
+                if why.starts_with("not found") || why.starts_with("cannot be started") =>
+            {
+                Err(e)
+            }
+            e => Ok(Some(format!("rvv: {e}"))),
+        };
+        let rk = match kiln_targets::rvv::RvvKernel::compile(k.clone(), self.vlen) {
+            Ok(rk) => rk,
+            Err(e) => return tool(e),
+        };
+        let refs: Vec<&Tensor> = self.cpu.operands.iter().collect();
+        match rk.run(&refs) {
+            Ok(out) => Ok(check_outputs(&out, &self.cpu.reference).err().map(|e| format!("under qemu: {e}"))),
+            Err(e) => tool(e),
+        }
+    }
+}
+
+/// Measures given schedules of workloads of compiled model `c` again, all together:
+/// `rounds` interleaved rounds per workload (each round measures every schedule of the
+/// workload once, in a rotated order) and the median over rounds ([`Measure`]'s protocol:
+/// cpu kernels timed warm; npu simulated and rvv estimated once, being deterministic). What
+/// a fair comparison of schedules chosen by different searches needs: each search's choice
+/// was the minimum of noisy single measurements. Per schedule: its cost and its static
+/// estimate; `None`: the workload is not in the model, or the schedule does not lower or
+/// fails (costs: also `rounds == 0`, which only estimates).
+pub fn remeasure(
+    c: &CompiledModel,
+    wanted: &[(String, Schedule)],
+    rounds: usize,
+    dims: &HashMap<String, usize>,
+) -> Result<Vec<(Option<f64>, Option<f64>)>, Error> {
+    let target = c.target().name().to_string();
+    check_target(&target)?;
+    let m = c.module();
+    let machine = c.target().machine();
+    let mut out = vec![(None, None); wanted.len()];
+    let mut done: HashSet<String> = HashSet::new();
+    let mut order: Vec<String> = Vec::new();
+    for (o, name) in kiln_targets::native::launched_kernels(m) {
+        let key = workload_key(m, o);
+        if !order.contains(&key) {
+            order.push(key.clone());
+        }
+        if !done.insert(key.clone()) {
+            continue;
+        }
+        let idx: Vec<usize> = (0..wanted.len()).filter(|&i| wanted[i].0 == key).collect();
+        if idx.is_empty() {
+            continue;
+        }
+        let base = Schedule::for_machine(&machine);
+        let Ok(default) = kiln_passes::lower::lower_with(m, o, &name, &base) else { continue };
+        let seed = (order.len() as u64 - 1).wrapping_mul(0x9e37_79b9);
+        let Ok(measurer) = make_measurer(&target, m, o, &default, dims, seed, &machine) else { continue };
+        let mut kernels = Vec::new();
+        let mut at = Vec::new();
+        for &i in &idx {
+            if let Ok(k) = kiln_passes::lower::lower_with(m, o, &name, &wanted[i].1) {
+                kernels.push(k);
+                at.push(i);
+            }
+        }
+        let costs = if rounds == 0 {
+            vec![Err(String::new()); kernels.len()]
+        } else {
+            count_measurements(kernels.len() as u64);
+            measurer.measure_interleaved(&kernels, rounds)
+        };
+        for ((i, r), k) in at.into_iter().zip(costs).zip(&kernels) {
+            out[i] = (r.ok(), measurer.estimate(k).ok().and_then(|e| e.first().copied()));
+        }
+    }
+    Ok(out)
 }
 
 /// The operands of kernel op `o`: constants as they are, other values seeded random data of
@@ -649,12 +1016,7 @@ pub fn tune(
     progress: &mut dyn FnMut(&KernelReport, usize),
 ) -> Result<TuneReport, Error> {
     let target = c.target().name().to_string();
-    if !matches!(target.as_str(), "cpu" | "npu") {
-        return Err(Error::Usage(format!(
-            "kiln tune measures on cpu (wall time) and npu (simulated cycles), not '{target}' \
-             (rvv under qemu needs a static cost model, not built yet)"
-        )));
-    }
+    check_target(&target)?;
     let m = c.module();
     let hash = target_hash(c.target());
     let machine = c.target().machine();
@@ -676,6 +1038,7 @@ pub fn tune(
         previous: n_previous,
         unreadable,
         stopped_by_budget: false,
+        clock: (target == "cpu").then(|| Clock::for_threads(kiln_targets::native::threads()).name()),
     };
     // Workloads in program order, each once.
     let mut order: Vec<(String, OpId, String, usize)> = Vec::new();
@@ -688,13 +1051,13 @@ pub fn tune(
     }
     // The learned search's model, shared by every workload of the run.
     let mut learner = Learner::default();
-    let n_est = if target == "npu" { 8 } else { 7 };
+    let n_est = if target == "npu" { 8 } else { estimate::KernelCost::LEN };
     for (wi, (key, o, name, instances)) in order.into_iter().enumerate() {
         let mut kr = KernelReport {
             kernel: name.clone(),
             instances,
             workload: key.clone(),
-            unit: if target == "npu" { "cycles" } else { "ms" },
+            unit: unit_name(&target),
             default_cost: None,
             best_cost: None,
             best: base.clone(),
@@ -702,6 +1065,8 @@ pub fn tune(
             failed: 0,
             best_so_far: Vec::new(),
             measured: Vec::new(),
+            estimates_compute: Vec::new(),
+            knobs: Vec::new(),
             skipped: None,
         };
         let default_kernel = match kiln_passes::lower::lower_with(m, o, &name, &base) {
@@ -714,25 +1079,12 @@ pub fn tune(
         };
         let default_id = kernel_id(&default_kernel);
         let seed = opts.seed ^ (wi as u64).wrapping_mul(0x9e37_79b9);
-        let measurer: Box<dyn Measure> = match target.as_str() {
-            "npu" => match NpuMeasure::new(m, o, &default_kernel, &opts.dims, seed) {
-                Ok(x) => Box::new(x),
-                Err(why) => {
-                    kr.skipped = Some(why);
-                    report.kernels.push(kr);
-                    continue;
-                }
-            },
-            _ => {
-                match CpuMeasure::new(m, o, &default_kernel, &opts.dims, seed, &base, machine.vector_registers as usize)
-                {
-                    Ok(x) => Box::new(x),
-                    Err(why) => {
-                        kr.skipped = Some(why);
-                        report.kernels.push(kr);
-                        continue;
-                    }
-                }
+        let measurer = match make_measurer(&target, m, o, &default_kernel, &opts.dims, seed, &machine) {
+            Ok(x) => x,
+            Err(why) => {
+                kr.skipped = Some(why);
+                report.kernels.push(kr);
+                continue;
             }
         };
         space.find_active(
@@ -745,7 +1097,14 @@ pub fn tune(
         for r in previous.iter().filter(|r| r.workload == key && r.target == target && r.target_hash == hash) {
             if let Ok(k) = kiln_passes::lower::lower_with(m, o, &name, &r.knobs) {
                 let id = kernel_id(&k);
-                if seen.contains_key(&id) {
+                if let Some(v) = seen.get_mut(&id) {
+                    // A later failure of a recorded kernel (rvv: its check under qemu) wins.
+                    if !r.result.ok {
+                        *v = None;
+                        for p in points.iter_mut().filter(|p| p.0 == r.knobs) {
+                            p.1 = None;
+                        }
+                    }
                     continue;
                 }
                 seen.insert(id, r.result.cost());
@@ -811,9 +1170,9 @@ pub fn tune(
                 continue;
             }
             dry = 0;
-            MEASUREMENTS.fetch_add(1, Ordering::Relaxed);
+            count_measurements(1);
             let r = measurer.measure(&k);
-            let outcome = outcome(&r, target == "npu");
+            let outcome = outcome(&r, measurer.unit());
             db.append(&Record {
                 workload: key.clone(),
                 target: target.clone(),
@@ -827,15 +1186,21 @@ pub fn tune(
             measured_here += 1;
             let cost = outcome.cost();
             seen.insert(id, cost);
-            let mut est = None;
             if opts.strategy == Strategy::Learned {
                 pool.add(cand.clone(), &space, &lower, &*measurer);
-                if pool.default_est.is_some() {
-                    est = pool.ids.get(&kernel_id(&k)).and_then(|&i| pool.cands[i].x.as_ref()).map(|x| x[0].exp());
-                }
                 pool.feed(&seen, &default_id, &mut learner, &mut local, &mut fed);
             }
-            kr.measured.push((cost, est));
+            // The static estimate of every measured candidate (both strategies), relative to
+            // the default's: the total, and the instructions alone.
+            let est = match (&pool.default_est, measurer.estimate(&k)) {
+                (Some(d), Ok(e)) if d.len() >= 2 && e.len() >= 2 => {
+                    Some((e[0] / d[0].max(1e-12), e[1] / d[1].max(1e-12)))
+                }
+                _ => None,
+            };
+            kr.measured.push((cost, est.map(|e| e.0)));
+            kr.estimates_compute.push(est.map(|e| e.1));
+            kr.knobs.push(cand.clone());
             points.push((cand, cost));
             kr.trials += 1;
             if cost.is_none() {
@@ -844,6 +1209,36 @@ pub fn tune(
             let best = points.iter().filter_map(|p| p.1).fold(f64::INFINITY, f64::min);
             kr.best_so_far.push(best);
             progress(&kr, opts.trials);
+        }
+        // Targets whose cost is not a run of the code (rvv: an estimate) check the best
+        // candidate's code on the machine itself; a wrong one is recorded as failed and the
+        // next best is checked.
+        while let Some(i) = points
+            .iter()
+            .enumerate()
+            .filter_map(|(i, (_, c))| c.map(|c| (i, c)))
+            .min_by(|a, b| a.1.total_cmp(&b.1))
+            .map(|(i, _)| i)
+        {
+            let Ok(k) = kiln_passes::lower::lower_with(m, o, &name, &points[i].0) else { break };
+            match measurer.check_best(&k)? {
+                None => break,
+                Some(why) => {
+                    db.append(&Record {
+                        workload: key.clone(),
+                        target: target.clone(),
+                        target_hash: hash.clone(),
+                        knobs: points[i].0.clone(),
+                        result: Outcome::failed(why),
+                        kiln_version: env!("CARGO_PKG_VERSION").to_string(),
+                        time: now_iso(),
+                    })?;
+                    report.measured += 1;
+                    points[i].1 = None;
+                    seen.insert(kernel_id(&k), None);
+                    kr.failed += 1;
+                }
+            }
         }
         // Default and best, from everything known.
         kr.default_cost = seen.get(&default_id).copied().flatten();
@@ -1069,11 +1464,12 @@ pub fn report_json(r: &TuneReport) -> serde_json::Value {
                 "best_so_far": k.best_so_far, "knobs": k.best, "skipped": k.skipped,
                 "costs": k.measured.iter().map(|m| m.0).collect::<Vec<_>>(),
                 "estimates": k.measured.iter().map(|m| m.1).collect::<Vec<_>>(),
+                "estimates_compute": k.estimates_compute, "trial_knobs": k.knobs,
             })
         })
         .collect();
     serde_json::json!({
-        "target": r.target, "measured": r.measured, "previous_records": r.previous,
+        "target": r.target, "measured": r.measured, "clock": r.clock, "estimated": r.target == "rvv", "previous_records": r.previous,
         "unreadable_lines": r.unreadable, "stopped_by_budget": r.stopped_by_budget, "kernels": kernels,
     })
 }

@@ -397,3 +397,25 @@ fn write_f32s(w: &mut impl Write, d: &[f32]) -> std::io::Result<()> {
     }
     Ok(())
 }
+
+/// One kernel compiled for rvv on its own and run under qemu (what `kiln tune --target rvv`
+/// checks a candidate schedule with against the reference).
+pub struct RvvKernel {
+    kernel: kiln_ir::kernel::Kernel,
+    runner: Runner,
+}
+
+impl RvvKernel {
+    /// Generates riscv64 code at `vlen` for `kernel` and links its runner.
+    pub fn compile(kernel: kiln_ir::kernel::Kernel, vlen: u32) -> Result<RvvKernel, TargetError> {
+        check_vlen(vlen).map_err(|why| TargetError::Codegen(format!("rvv: {why}")))?;
+        let mlir = crate::native::to_mlir_with(&kernel, MlirOptions::for_code(&CodeTarget::riscv64(vlen)));
+        let runner = Runner::build(&mlir, std::slice::from_ref(&kernel.name), vlen)?;
+        Ok(RvvKernel { kernel, runner })
+    }
+
+    /// Runs the kernel under qemu on the graph op's `operands` (as [`crate::native::NativeKernel::run`]).
+    pub fn run(&self, operands: &[&Tensor]) -> Result<Vec<Tensor>, TargetError> {
+        self.runner.launch(0, &Launch::new(&self.kernel, operands, false)?)
+    }
+}
