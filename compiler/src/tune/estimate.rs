@@ -23,7 +23,7 @@
 //! The weights are throughputs of a modern x86-64 core (two loads, two FMAs, one store per
 //! cycle); the tuner's learned model corrects them from measurements.
 
-use kiln_ir::kernel::{BinOp, Idx, Kernel, Mma, Stmt, UnOp, Val};
+use kiln_ir::kernel::{BinOp, ByZero, Idx, Kernel, Mma, Stmt, UnOp, Val};
 
 /// Counts by instruction class, and their weighted total ([`KernelCost::cycles`]).
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -135,7 +135,7 @@ pub fn kernel_cost_on(k: &Kernel, shapes: &[Vec<usize>], host: &Host) -> Result<
     }
     let mut all = shapes.to_vec();
     for l in &k.locals {
-        let mut w = Walk::new(&all, host);
+        let w = Walk::new(&all, host);
         let size = l.size.iter().map(|i| w.idx(i).map(|v| v.max(0) as usize)).collect::<Result<Vec<_>, _>>()?;
         all.push(size);
     }
@@ -414,45 +414,11 @@ impl Walk<'_> {
         &mut self.vars[v]
     }
 
-    fn idx(&mut self, i: &Idx) -> Result<i64, String> {
-        Ok(match i {
-            Idx::Var(v) => *self.var(*v),
-            Idx::Const(c) => *c,
-            Idx::Dim { buf, axis } => *self
-                .shapes
-                .get(*buf)
-                .and_then(|s| s.get(*axis))
-                .ok_or_else(|| format!("dim({buf}, {axis}) of no buffer"))?
-                as i64,
-            Idx::Add(a, b) => self.idx(a)?.wrapping_add(self.idx(b)?),
-            Idx::Sub(a, b) => self.idx(a)?.wrapping_sub(self.idx(b)?),
-            Idx::Mul(a, b) => self.idx(a)?.wrapping_mul(self.idx(b)?),
-            Idx::Div(a, b) => {
-                let d = self.idx(b)?;
-                if d == 0 {
-                    0
-                } else {
-                    self.idx(a)?.div_euclid(d)
-                }
-            }
-            Idx::Rem(a, b) => {
-                let d = self.idx(b)?;
-                if d == 0 {
-                    0
-                } else {
-                    self.idx(a)?.rem_euclid(d)
-                }
-            }
-            Idx::Min(a, b) => self.idx(a)?.min(self.idx(b)?),
-            Idx::Max(a, b) => self.idx(a)?.max(self.idx(b)?),
-            Idx::ZeroIfOne(a, b) => {
-                if self.idx(a)? == 1 {
-                    0
-                } else {
-                    self.idx(b)?
-                }
-            }
-        })
+    fn idx(&self, i: &Idx) -> Result<i64, String> {
+        // Guarded paths may divide by a zero extent: such a term counts 0.
+        let var = |v: usize| Some(self.vars.get(v).copied().unwrap_or(0));
+        let dim = |buf: usize, axis: usize| self.shapes.get(buf).and_then(|s| s.get(axis)).map(|&n| n as i64);
+        i.eval(&var, &dim, ByZero::Zero).map_err(|e| e.to_string())
     }
 
     fn visit(&mut self) -> Result<(), String> {
