@@ -36,9 +36,13 @@ start=$(date +%s)
 # so a run cut short still leaves RESULTS/cases.jsonl.
 for d in "$prep"/cnn/*/; do [ -d "$d" ] && check cnn "${d%/}" "$repeat"; done
 for d in "$prep"/node/*/; do check node "${d%/}" 0; done
+# Node tests whose plans are host steps only (the runner's interpreter path, no launch).
+for d in "$prep"/node-host/*/; do [ -d "$d" ] && check node-host "${d%/}" 0; done
 count() { grep "\"kind\":\"$1\"" "$lines" | grep -c "$2"; }
 node_total=$(grep -c '"kind":"node"' "$lines")
 node_pass=$(count node '"ok":true')
+host_total=$(grep -c '"kind":"node-host"' "$lines")
+host_pass=$(count node-host '"ok":true')
 cnn_total=$(grep -c '"kind":"cnn"' "$lines")
 cnn_pass=$(count cnn '"ok":true')
 no_driver=$(grep -c 'no CUDA driver' "$lines")
@@ -47,6 +51,7 @@ rate=$(awk -v p="$node_pass" -v t="$node_total" 'BEGIN { if (t > 0) printf "%.4f
     echo "{"
     echo " \"seconds\": $(($(date +%s) - start)),"
     echo " \"node_tests_run\": $node_total, \"node_tests_passed\": $node_pass, \"node_pass_rate\": $rate,"
+    echo " \"host_only_node_tests_run\": $host_total, \"host_only_node_tests_passed\": $host_pass,"
     echo " \"cnns_run\": $cnn_total, \"cnns_passed\": $cnn_pass,"
     echo " \"cases_without_cuda_driver\": $no_driver,"
     echo " \"rtol\": $rtol, \"atol\": $atol,"
@@ -55,7 +60,7 @@ rate=$(awk -v p="$node_pass" -v t="$node_total" 'BEGIN { if (t > 0) printf "%.4f
     echo " ]"
     echo "}"
 } >"$results/gpu_check.json"
-echo "node tests: $node_pass / $node_total passed (rate $rate); CNNs: $cnn_pass / $cnn_total passed"
+echo "node tests: $node_pass / $node_total passed (rate $rate); host-only node tests: $host_pass / $host_total; CNNs: $cnn_pass / $cnn_total passed"
 [ "$no_driver" -gt 0 ] && echo "NOT RUN on a GPU: $no_driver cases found no CUDA driver (see $results/gpu_check.json)"
 grep '"kind":"cnn"' "$lines"
 echo "wrote $results/gpu_check.json"
