@@ -88,7 +88,7 @@ impl Array {
     /// The array as a kiln-ir tensor (`None` when its bytes are not whole elements).
     pub fn to_tensor(&self) -> Option<Tensor> {
         let data = Data::from_le_bytes(self.element_type(), &self.bytes())?;
-        (data.len() == self.len()).then(|| Tensor::new(self.shape.clone().into(), data))
+        (data.len() == self.len()).then(|| Tensor::new(self.shape.clone(), data))
     }
 
     /// A kiln-ir tensor as an array (strings have no bytes: an empty array of their shape).
