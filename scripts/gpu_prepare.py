@@ -18,6 +18,8 @@ DATA = Path(os.environ["KILN_ONNX_DATA"])
 OUT = Path(sys.argv[1])
 BUDGET = int(float(os.environ.get("GPU_PREPARE_BUDGET_MIB", "56")) * 2**20)
 JOBS = int(os.environ.get("GPU_PREPARE_JOBS", "2"))
+# The plan's element types (MLIR names) that kiln-gpu-run reads and writes as .npy.
+NPY_DTYPES = {"f32", "f64", "f16", "i8", "i16", "i32", "i64", "ui8", "ui16", "ui32", "ui64", "i1"}
 
 
 def size(p: Path) -> int:
@@ -35,11 +37,23 @@ def prepare(case: Path, dest: Path) -> dict:
         r["why"] = (c.stderr.strip().splitlines() or ["?"])[-1][:300]
         return r
     plan = json.loads((dest / "plan.json").read_text())
-    if not plan["runnable"] or not plan["launches"]:
+    if not plan["runnable"]:
         shutil.rmtree(dest, ignore_errors=True)
-        r["status"] = "not_runnable" if not plan["runnable"] else "no_launches"
+        r["status"] = "not_runnable"
         r["why"] = (plan.get("why_not") or "")[:300]
         return r
+    edges = [p["dtype"] for p in plan["inputs"] + plan["outputs"] if p["dtype"] not in NPY_DTYPES]
+    if edges:
+        shutil.rmtree(dest, ignore_errors=True)
+        r["status"] = "edge_dtype"
+        r["why"] = f"inputs or outputs of types .npy cannot hold: {sorted(set(edges))}"
+        return r
+    if not plan["launches"] and dest.parent.name == "node":
+        # Host steps only: kept apart (node-host/), they check the runner, not the GPU.
+        host = dest.parent.parent / "node-host" / dest.name
+        shutil.rmtree(host, ignore_errors=True)
+        dest.rename(host)
+        dest = host
     # Kiln's manifest and the plan are enough to run: the per-kernel manifest stays for reading.
     data = case / "test_data_set_0"
     inputs = sorted(data.glob("input_*.pb"), key=lambda p: int(re.findall(r"\d+", p.name)[-1]))
@@ -65,8 +79,9 @@ def prepare(case: Path, dest: Path) -> dict:
     for i, p in enumerate(outs):
         p.rename(dest / f"expect_{i}.npy")
     shutil.rmtree(ref)
-    r["status"] = "prepared"
+    r["status"] = "prepared" if plan["launches"] else "prepared_host_only"
     r["launches"] = len(plan["launches"])
+    r["host_steps"] = len(plan.get("host_steps", []))
     r["bytes"] = size(dest)
     return r
 
@@ -112,10 +127,9 @@ def params_check() -> dict:
 
 
 def main() -> None:
-    shutil.rmtree(OUT / "node", ignore_errors=True)
-    shutil.rmtree(OUT / "cnn", ignore_errors=True)
-    (OUT / "node").mkdir(parents=True, exist_ok=True)
-    (OUT / "cnn").mkdir(parents=True, exist_ok=True)
+    for kind in ("node", "node-host", "cnn"):
+        shutil.rmtree(OUT / kind, ignore_errors=True)
+        (OUT / kind).mkdir(parents=True, exist_ok=True)
     cases = sorted(p for p in (DATA / "node").iterdir() if (p / "model.onnx").is_file())
     with ThreadPoolExecutor(JOBS) as pool:
         node = list(pool.map(lambda c: prepare(c, OUT / "node" / c.name), cases))
@@ -139,14 +153,17 @@ def main() -> None:
     reasons = {}
     for r in node:
         if r["status"] == "not_runnable":
-            m = re.search(r"\((?:node '[^']*', )?([A-Za-z]+)\)|is (\S+) \(the GPU runtime", r["why"])
-            key = "host kernels" if "on the host" in r["why"] else (r["why"].split(":")[0][:60] if not m else "dtype/shape")
+            why = r["why"]
+            key = ("string tensors" if "no string tensors" in why else
+                   "symbolic shapes" if "needs static shapes" in why else
+                   re.sub(r"^host step \S+ \(node '[^']*', ", "host step (", why)[:80])
             reasons[key] = reasons.get(key, 0) + 1
     summary = {
         "ptxas": ptxas_check(),
         "params": params_check(),
         "node_tests": len(node),
         "node_status": counts,
+        "node_with_host_steps": sum(1 for r in node if r.get("host_steps")),
         "not_runnable_reasons": reasons,
         "cnn": cnn,
         "bytes": size(OUT),

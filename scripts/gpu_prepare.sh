@@ -6,6 +6,7 @@
 # OUTDIR/node/NAME/         each ONNX node test whose cuda plan is runnable: kernels (PTX),
 #                           manifest.json, plan.json, weights.bin, input_<i>.npy and
 #                           expect_<i>.npy (the outputs of `kiln run --target ref`)
+# OUTDIR/node-host/NAME/    node tests whose plans are host steps only (no launch), the same way
 # OUTDIR/cnn/NAME/          the light CNNs (random weights) the same way, smallest first while
 #                           OUTDIR stays under $GPU_PREPARE_BUDGET_MIB (default 56) MiB
 # OUTDIR/prepare.json       counts: node tests compiled, runnable, prepared; why not; sizes

@@ -11,7 +11,7 @@
 use crate::common::*;
 use kiln::{Attr, DType, Dim, GraphBuilder, Module, Tensor, TensorType};
 use kiln_runtime::gpu::Executor;
-use kiln_runtime::npy::{self, Array, Elements};
+use kiln_runtime::npy::{self, Array};
 use kiln_targets::gpu::{self, Family, GpuArch, GpuProgram};
 use kiln_targets::gpu_plan::EmulatedGpu;
 use kiln_targets::gpu_tile;
@@ -463,19 +463,11 @@ fn gpu_cli_compiles_to_a_directory() {
 }
 
 fn to_array(t: &Tensor) -> Array {
-    match t.dtype() {
-        DType::Bool => {
-            Array { shape: t.shape.clone(), data: Elements::Bool(t.to_bool().into_iter().map(u8::from).collect()) }
-        }
-        _ => Array::f32(&t.shape, t.as_f32().expect("an f32 tensor").to_vec()),
-    }
+    Array::from_tensor(t)
 }
 
 fn from_array(a: &Array) -> Tensor {
-    match &a.data {
-        Elements::F32(v) => Tensor::from_f32(&a.shape, v.clone()),
-        Elements::Bool(v) => Tensor::from_bool(&a.shape, v.iter().map(|&b| b != 0).collect()),
-    }
+    a.to_tensor().expect("whole elements")
 }
 
 /// What [`run_plan`] did.
@@ -551,13 +543,14 @@ fn gpu_plans_run_whole_models_on_the_emulated_gpu() {
     }
 }
 
-/// Every 4th ONNX node test whose cuda plan is runnable (every `$KILN_GPU_NODE_STEP`th), run
-/// whole on the emulated GPU, against the reference interpreter (every one must pass).
+/// Every 4th ONNX node test whose cuda plan is runnable (every `$KILN_GPU_NODE_STEP`th), host
+/// steps included (some plans are host steps only), run whole on the emulated GPU, against the reference interpreter (every one
+/// must pass).
 #[test]
 fn gpu_node_test_plans_run_on_the_emulated_gpu() {
     let cases_dir = data_dir().join("node");
     assert!(cases_dir.is_dir(), "{}: no node tests (run scripts/setup.sh)", cases_dir.display());
-    let (mut runnable, mut not_runnable, mut failed) = (0, 0, Vec::new());
+    let (mut runnable, mut not_runnable, mut failed, mut with_host, mut host_only) = (0, 0, Vec::new(), 0, 0);
     let step = std::env::var("KILN_GPU_NODE_STEP").ok().and_then(|s| s.parse().ok()).unwrap_or(4);
     for case in kiln_onnx::testcase::list_cases(&cases_dir).iter().step_by(step) {
         let Ok(m) = case.load_model() else { continue };
@@ -565,16 +558,18 @@ fn gpu_node_test_plans_run_on_the_emulated_gpu() {
         let m = c.module();
         let p = program(m, Family::Cuda, "sm_80");
         let (plan, _) = kiln_targets::gpu_plan::plan(m, &p);
-        if !plan.runnable || plan.launches.is_empty() {
+        if !plan.runnable {
             not_runnable += 1;
             continue;
         }
+        host_only += usize::from(plan.launches.is_empty());
         let Ok(sets) = case.data_sets() else { continue };
         let Some(set) = sets.first() else { continue };
         let dir = temp_dir(&format!("gpu-node-{}", case.name));
         p.write(&dir).unwrap();
         kiln_targets::gpu_plan::write(m, &p, &dir).unwrap();
         runnable += 1;
+        with_host += usize::from(!plan.host_steps.is_empty());
         let want = match kiln_ir::interp::run(m, set.inputs.clone()) {
             Ok(w) => w,
             Err(e) => panic!("{}: ref: {e}", case.name),
@@ -588,9 +583,10 @@ fn gpu_node_test_plans_run_on_the_emulated_gpu() {
         let _ = std::fs::remove_dir_all(&dir);
     }
     println!(
-        "emulated GPU, every {step}th node test: {} of {runnable} runnable plans match ref ({not_runnable} not runnable or without launches)",
+        "emulated GPU, every {step}th node test: {} of {runnable} runnable plans match ref ({with_host} with host steps, {host_only} of them without launches; {not_runnable} not runnable)",
         runnable - failed.len()
     );
+    assert!(with_host * step >= 400, "only {with_host} node-test plans with host steps in the sample");
     assert!(runnable * step >= 160, "only {runnable} runnable node-test plans in the sample");
     assert!(failed.is_empty(), "{} failed:\n{}", failed.len(), failed.join("\n"));
 }
@@ -644,10 +640,10 @@ fn gpu_run_cli_refuses_clearly_and_runs_where_a_driver_exists() {
         }
         c => panic!("kiln-gpu-run exited {c:?}: {err}"),
     }
-    // A model with a host kernel (ArgMax's int64 result): its kernels compile, its plan says
-    // it is not runnable naming the kernel, node and op, and the runner refuses it so.
-    let model = data_dir().join("node/test_argmax_default_axis_example/model.onnx");
-    let host_dir = dir.join("argmax");
+    // A model with string tensors: its plan says it is not runnable naming the value, and the
+    // runner refuses it so.
+    let model = data_dir().join("node/test_equal_string/model.onnx");
+    let host_dir = dir.join("strings");
     let o = kiln(&["compile", model.to_str().unwrap(), "--target", "cuda", "-o", host_dir.to_str().unwrap()]);
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(o.status.success() && out.contains("plan: not runnable"), "{out}");
@@ -655,11 +651,11 @@ fn gpu_run_cli_refuses_clearly_and_runs_where_a_driver_exists() {
         serde_json::from_str(&std::fs::read_to_string(host_dir.join("plan.json")).unwrap()).unwrap();
     assert_eq!(plan["runnable"], false);
     let why = plan["why_not"].as_str().unwrap();
-    assert!(why.contains("k0_argmax (node '', ArgMax): int64 results are not lowered yet"), "{why}");
+    assert!(why.contains("is tensor<2x!kiln.string>") && why.contains("no string tensors"), "{why}");
     let o = run(&[host_dir.to_str().unwrap(), "--input", &p("x.npy")]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(2), "{err}");
-    assert!(err.contains("not runnable") && err.contains("k0_argmax (node '', ArgMax)"), "{err}");
+    assert!(err.contains("not runnable") && err.contains("no string tensors"), "{err}");
 }
 
 /// The CUDA device itself: without a driver, opening it is the clear error (NOT RUN printed);
@@ -710,8 +706,10 @@ fn gpu_prepared_cases_pass_on_the_emulated_gpu() {
     let prep =
         PathBuf::from(std::env::var("KILN_GPU_PREPARED").expect("KILN_GPU_PREPARED: a gpu_prepare.sh directory"));
     let (mut passed, mut failed) = (0, Vec::new());
-    for (kind, models) in [("cnn", data_dir().join("light-random")), ("node", data_dir().join("node"))] {
-        let mut dirs: Vec<PathBuf> = std::fs::read_dir(prep.join(kind)).unwrap().map(|e| e.unwrap().path()).collect();
+    let node = data_dir().join("node");
+    for (kind, models) in [("cnn", data_dir().join("light-random")), ("node", node.clone()), ("node-host", node)] {
+        let Ok(listing) = std::fs::read_dir(prep.join(kind)) else { continue };
+        let mut dirs: Vec<PathBuf> = listing.map(|e| e.unwrap().path()).collect();
         dirs.sort();
         for dir in dirs {
             let name = dir.file_name().unwrap().to_string_lossy().into_owned();
@@ -967,4 +965,147 @@ fn gpu_tiled_gemm_numbers() {
             );
         }
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Host steps in GPU plans: ops the GPU does not run (host kernels, host shape arithmetic) run
+// between launches on kiln-ir's reference interpreter, with tensors of any byte-sized element
+// type between and at the edges.
+
+/// Models mixing GPU kernels and host kernels: ArgMax (int64) after a MatMul, a Cast chain
+/// through int32 and f16, an int64 Gather index path (an int64 graph input and an ArgMax result
+/// indexing a table), with their inputs.
+fn host_step_models() -> Vec<(&'static str, Module, Vec<Tensor>)> {
+    let i64_type = |dims: &[u64]| TensorType::new(DType::I64, dims.iter().map(|&d| Dim::Known(d)).collect());
+    let mut out = Vec::new();
+    let mut g = GraphBuilder::new("matmul_argmax");
+    let x = g.input("x", f32_type(&[16, 32])).unwrap();
+    let w = g.constant("w", f32s(&[32, 24], 5));
+    let y = g.op("MatMul", &[x, w]).unwrap();
+    let r = g.op("Relu", &[y]).unwrap();
+    let a = g.op_with("ArgMax", &[r], [("axis", Attr::Int(1)), ("keepdims", Attr::Int(0))]).unwrap();
+    g.output(a, "index").unwrap();
+    g.output(r, "relu").unwrap();
+    out.push(("matmul_argmax", g.finish().unwrap(), vec![f32s(&[16, 32], 1)]));
+
+    let mut g = GraphBuilder::new("cast_chain");
+    let x = g.input("x", f32_type(&[8, 40])).unwrap();
+    let w = g.constant("w", f32s(&[40, 40], 6));
+    let s = g.op("MatMul", &[x, w]).unwrap();
+    let k = g.constant("k", Tensor::scalar_f32(5.0));
+    let m = g.op("Mul", &[s, k]).unwrap();
+    let i = g.op_with("Cast", &[m], [("to", Attr::Int(DType::I32.onnx_code() as i64))]).unwrap();
+    let h = g.op_with("Cast", &[i], [("to", Attr::Int(DType::F16.onnx_code() as i64))]).unwrap();
+    let f = g.op_with("Cast", &[h], [("to", Attr::Int(DType::F32.onnx_code() as i64))]).unwrap();
+    let t = g.op_with("Softmax", &[f], [("axis", Attr::Int(-1))]).unwrap();
+    g.output(t, "y").unwrap();
+    g.output(h, "half").unwrap();
+    out.push(("cast_chain", g.finish().unwrap(), vec![f32s(&[8, 40], 2)]));
+
+    let mut g = GraphBuilder::new("gather_index");
+    let x = g.input("x", f32_type(&[6, 10])).unwrap();
+    let ids = g.input("ids", i64_type(&[5])).unwrap();
+    let table = g.constant("table", f32s(&[10, 12], 3));
+    let a = g.op_with("ArgMax", &[x], [("axis", Attr::Int(1)), ("keepdims", Attr::Int(0))]).unwrap();
+    let rows = g.op_with("Gather", &[table, a], [("axis", Attr::Int(0))]).unwrap();
+    let more = g.op_with("Gather", &[table, ids], [("axis", Attr::Int(0))]).unwrap();
+    let e = g.op("Exp", &[rows]).unwrap();
+    let n = g.op("Neg", &[more]).unwrap();
+    g.output(e, "rows").unwrap();
+    g.output(n, "more").unwrap();
+    out.push((
+        "gather_index",
+        g.finish().unwrap(),
+        vec![f32s(&[6, 10], 4), Tensor::from_i64(&[5], vec![9, 0, 3, 3, 7])],
+    ));
+    out
+}
+
+#[test]
+fn gpu_host_steps_run_between_launches_on_the_emulated_gpu() {
+    println!("| model | launches | host steps | host ops |");
+    for (name, m, inputs) in host_step_models() {
+        let m = fused(m, "cuda");
+        let want = kiln_ir::interp::run(&m, inputs.clone()).unwrap();
+        let dir = temp_dir(&format!("gpu-host-{name}"));
+        let p = write_program(&m, &dir);
+        let plan = kiln_runtime::gpu::read_plan(&dir).unwrap();
+        assert!(!plan.launches.is_empty() && !plan.host_steps.is_empty(), "{name}: {plan:?}");
+        // Each host step's module text reads back into the same text (attributes, constants).
+        for h in &plan.host_steps {
+            let back = kiln_ir::parser::parse_module(&h.module).unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert_eq!(kiln_ir::printer::print_module(&back, Default::default()), h.module, "{name}");
+            assert_eq!(back.inputs().len(), h.inputs.len(), "{name} {}", h.kernel);
+        }
+        let r = run_plan(&p, &dir, &inputs).unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(r.launches, plan.launches.len(), "{name}");
+        assert_eq!(r.outputs.len(), want.len());
+        for (i, (g, w)) in r.outputs.iter().zip(&want).enumerate() {
+            assert_eq!(g.dtype(), w.dtype(), "{name} output {i}");
+            kiln_onnx::testcase::compare(g, w, 1e-4, 1e-5).unwrap_or_else(|e| panic!("{name} output {i}: {e}"));
+        }
+        let ops: Vec<&str> = plan.host_steps.iter().map(|h| h.op.as_str()).collect();
+        println!("| {name} | {} | {} | {} |", r.launches, plan.host_steps.len(), ops.join(" "));
+    }
+    // The ArgMax step carries its attributes into its module.
+    let (_, m, _) = host_step_models().remove(0);
+    let m = fused(m, "cuda");
+    let (plan, _) = kiln_targets::gpu_plan::plan(&m, &program(&m, Family::Cuda, "sm_80"));
+    let argmax = plan.host_steps.iter().find(|h| h.op == "ArgMax").expect("an ArgMax host step");
+    assert!(argmax.module.contains("axis = 1") && argmax.module.contains("keepdims = 0"), "{}", argmax.module);
+    assert_eq!(argmax.outputs[0].dtype, "i64");
+}
+
+/// What the runtime still cannot hold is refused with the value named: a string tensor, and a
+/// plan whose buffer has an element type this runtime does not know.
+#[test]
+fn gpu_plans_refuse_what_they_cannot_hold() {
+    let mut g = GraphBuilder::new("strings");
+    let x = g.input("x", TensorType::new(DType::String, vec![Dim::Known(2)])).unwrap();
+    let y = g.op("Identity", &[x]).unwrap();
+    let z = g.op_with("Cast", &[y], [("to", Attr::Int(DType::F32.onnx_code() as i64))]).unwrap();
+    let r = g.op("Relu", &[z]).unwrap();
+    g.output(r, "y").unwrap();
+    let m = fused(g.finish().unwrap(), "cuda");
+    let (plan, _) = kiln_targets::gpu_plan::plan(&m, &program(&m, Family::Cuda, "sm_80"));
+    assert!(!plan.runnable);
+    let why = plan.why_not.unwrap();
+    assert!(why.contains("x is") && why.contains("no string tensors"), "{why}");
+
+    let m = fused(host_step_models().remove(0).1, "cuda");
+    let dir = temp_dir("gpu-host-bad-dtype");
+    write_program(&m, &dir);
+    let text = std::fs::read_to_string(dir.join("plan.json")).unwrap();
+    std::fs::write(dir.join("plan.json"), text.replacen("\"i64\"", "\"c64\"", 1)).unwrap();
+    let e = kiln_runtime::gpu::read_plan(&dir).unwrap_err().0;
+    assert!(e.contains("element type c64") && e.contains("plan.json"), "{e}");
+}
+
+/// `.npy` files of the element types node tests have at their edges round-trip, and ints
+/// compare exactly.
+#[test]
+fn gpu_npy_reads_and_writes_node_test_element_types() {
+    let dir = temp_dir("gpu-npy-dtypes");
+    let n = 6;
+    let tensors = vec![
+        Tensor::from_f64(DType::F64, &[2, 3], (0..n).map(|i| i as f64 / 3.0).collect()),
+        Tensor::from_f64(DType::F16, &[2, 3], (0..n).map(|i| i as f64 / 4.0).collect()),
+        Tensor::from_i64_as(DType::I8, &[n], (0..n as i64).map(|i| i - 3).collect()),
+        Tensor::from_i64_as(DType::I16, &[n], (0..n as i64).map(|i| i * 1000).collect()),
+        Tensor::from_i64_as(DType::I32, &[n], (0..n as i64).map(|i| -i * 100_000).collect()),
+        Tensor::from_i64(&[3, 2], (0..n as i64).map(|i| i << 40).collect()),
+        Tensor::from_i64_as(DType::U8, &[n], (0..n as i64).map(|i| 250 - i).collect()),
+        Tensor::from_bool(&[n], (0..n).map(|i| i % 2 == 0).collect()),
+        Tensor::from_f32(&[], vec![1.5]),
+    ];
+    for (i, t) in tensors.iter().enumerate() {
+        let f = dir.join(format!("t{i}.npy"));
+        npy::write(&f, &to_array(t)).unwrap();
+        let back = npy::read(&f).unwrap();
+        assert_eq!(from_array(&back), *t, "{}", t.dtype());
+        assert_eq!(npy::mismatch(&back, &to_array(t), 0.0, 0.0), None);
+    }
+    let a = to_array(&Tensor::from_i64(&[2], vec![1000, 7]));
+    let b = to_array(&Tensor::from_i64(&[2], vec![1001, 7]));
+    assert!(npy::mismatch(&a, &b, 1e-3, 1e-4).is_some_and(|w| w.contains("1 of 2")));
 }

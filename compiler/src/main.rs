@@ -583,8 +583,9 @@ fn compile(
             let (plan, plan_files) = kiln_targets::gpu_plan::write(c.module(), &program, dir)?;
             match &plan.why_not {
                 None => println!(
-                    "plan: {} launches, arena {} bytes, weights {} bytes (runnable by kiln-gpu-run)",
+                    "plan: {} launches, {} host steps, arena {} bytes, weights {} bytes (runnable by kiln-gpu-run)",
                     plan.launches.len(),
+                    plan.host_steps.len(),
                     plan.arena_bytes,
                     plan.weight_bytes
                 ),

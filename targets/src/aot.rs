@@ -131,8 +131,17 @@ pub(crate) fn plan_root(storage: &HashMap<ValueId, Storage>, mut v: ValueId) -> 
 /// the op) run as kernels. f32 and bool tensors (one byte per element) are placed; shapes must
 /// be static.
 pub(crate) fn plan_memory(m: &Module, kernels: &[(usize, kiln_ir::ir::OpId)]) -> Result<MemoryPlan, TargetError> {
+    plan_memory_placing(m, kernels, &|d| d == DType::F32 || d == DType::Bool)
+}
+
+/// [`plan_memory`] placing the constants and views of the element types `placed` accepts (a GPU
+/// plan with host steps places every type with a byte size).
+pub(crate) fn plan_memory_placing(
+    m: &Module,
+    kernels: &[(usize, kiln_ir::ir::OpId)],
+    placed: &dyn Fn(DType) -> bool,
+) -> Result<MemoryPlan, TargetError> {
     let ops = &m.body.ops;
-    let placed = |d: DType| d == DType::F32 || d == DType::Bool;
     let mut storage: HashMap<ValueId, Storage> = HashMap::new();
     let mut weights: Vec<u8> = Vec::new();
     for &o in ops {

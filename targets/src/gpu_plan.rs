@@ -7,22 +7,28 @@
 //! live range, graph outputs written in place). `kiln-runtime`'s executor runs it on any
 //! [`kiln_runtime::gpu::Device`].
 //!
-//! Scope as the cpu AOT: static shapes, f32 and bool tensors. A model with host kernels (or
-//! symbolic shapes, or other dtypes at its edges) still compiles its kernels; its plan says it
-//! is not runnable and why, naming each host kernel with its node and op, and runners refuse it
-//! with that message.
+//! Host steps: every op the GPU does not run (a host kernel the kernel dialect does not cover,
+//! host shape arithmetic) is a step that carries the op as a one-op kiln-ir module in MLIR
+//! generic text (small constant operands inside it), its operands and results bound like
+//! launch arguments; the runtime downloads the operands, runs the module on kiln-ir's
+//! reference interpreter and uploads the results. Tensors of every element type with a byte
+//! size may live between and at the edges (named as in MLIR: `f32`, `i64`, `i1` for bool, ...);
+//! GPU kernels see only f32 and bool. Scope: static shapes; string tensors only inside host
+//! steps. A plan that cannot hold a model says it is not runnable and why.
 
-use crate::aot::{plan_memory, plan_root, static_shape, Storage};
+use crate::aot::{plan_memory_placing, plan_root, static_shape, Storage};
 use crate::gpu::GpuProgram;
 use crate::TargetError;
-use kiln_ir::ir::{OpId, ValueId};
+use kiln_ir::attr::{Attr, Attrs};
+use kiln_ir::ir::{Block, OpData, OpId, ValueDef, ValueId};
 use kiln_ir::{DType, Module};
+use kiln_passes::fusion::{classify, OpClass};
 use serde::Serialize;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 /// The plan's format tag (`kiln-runtime` checks it).
-pub const FORMAT: &str = "kiln-gpu-plan/1";
+pub const FORMAT: &str = "kiln-gpu-plan/2";
 
 /// Where a buffer lives.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize)]
@@ -44,7 +50,7 @@ pub enum Place {
     },
 }
 
-/// A buffer: where, its shape and element type (`f32`, or `i8` for a bool tensor).
+/// A buffer: where, its shape and element type (MLIR's name: `f32`, `i64`, `i1` for bool, ...).
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct PlanBuffer {
     pub at: Place,
@@ -75,6 +81,22 @@ pub struct PlanLaunch {
     pub args: Vec<PlanBuffer>,
 }
 
+/// An op run on the host between launches: kiln-ir's reference interpreter runs `module` (one
+/// op in MLIR generic text, small constant operands inside) on the `inputs` downloaded from the
+/// device, in the module's input order, and its results are uploaded to `outputs`.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct PlanHostStep {
+    pub kernel: String,
+    pub node: String,
+    pub op: String,
+    /// Runs before launch `before` (after every launch when it is the launch count), after the
+    /// host steps listed earlier.
+    pub before: usize,
+    pub module: String,
+    pub inputs: Vec<PlanBuffer>,
+    pub outputs: Vec<PlanBuffer>,
+}
+
 /// `plan.json`.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Plan {
@@ -93,15 +115,19 @@ pub struct Plan {
     /// The largest per-thread local memory of any launch (the stack the driver must give).
     pub stack_bytes: u64,
     pub launches: Vec<PlanLaunch>,
+    /// Host steps in program order.
+    pub host_steps: Vec<PlanHostStep>,
 }
 
+/// The plan's name of an element type: MLIR's, for every type with a byte per element or more
+/// (the float8 and sub-byte types one byte each, as kiln-ir's tensors hold them).
 fn dtype_name(d: DType) -> Option<&'static str> {
-    match d {
-        DType::F32 => Some("f32"),
-        DType::Bool => Some("i8"),
-        _ => None,
-    }
+    (d != DType::String).then(|| d.mlir_name())
 }
+
+/// Constants with at most this many elements that host steps read travel inside the step's
+/// module (the larger ones are weights).
+const INLINE_CONSTANT: usize = 4096;
 
 /// The plan of `prog` (compiled from fused module `m`) and the weights it reads.
 pub fn plan(m: &Module, prog: &GpuProgram) -> (Plan, Vec<u8>) {
@@ -118,6 +144,7 @@ pub fn plan(m: &Module, prog: &GpuProgram) -> (Plan, Vec<u8>) {
         weight_bytes: 0,
         stack_bytes: 0,
         launches: Vec::new(),
+        host_steps: Vec::new(),
     };
     match fill(m, prog, &mut p) {
         Ok(weights) => {
@@ -128,27 +155,18 @@ pub fn plan(m: &Module, prog: &GpuProgram) -> (Plan, Vec<u8>) {
         Err(why) => {
             p.why_not = Some(why);
             p.launches.clear();
+            p.host_steps.clear();
             (p, Vec::new())
         }
     }
 }
 
 fn fill(m: &Module, prog: &GpuProgram, p: &mut Plan) -> Result<Vec<u8>, String> {
-    let host = &prog.manifest.host_kernels;
-    if !host.is_empty() {
-        let list: Vec<String> =
-            host.iter().map(|h| format!("{} (node '{}', {}): {}", h.name, h.node, h.op, h.why)).collect();
-        return Err(format!(
-            "{} kernels run on the host (not lowered for the GPU yet): {}",
-            host.len(),
-            list.join("; ")
-        ));
-    }
     let text = |e: TargetError| e.to_string();
     let dtype = |v: ValueId| {
         let t = &m.value(v).ty;
         dtype_name(t.dtype)
-            .ok_or_else(|| format!("{} is {} (the GPU runtime passes f32 and bool tensors)", m.value_label(v), t))
+            .ok_or_else(|| format!("{} is {} (the GPU runtime holds no string tensors)", m.value_label(v), t))
     };
     let position: HashMap<OpId, usize> = m.body.ops.iter().enumerate().map(|(i, &o)| (o, i)).collect();
     let ops: HashMap<String, OpId> =
@@ -158,7 +176,20 @@ fn fill(m: &Module, prog: &GpuProgram, p: &mut Plan) -> Result<Vec<u8>, String> 
         let o = *ops.get(&l.name).ok_or_else(|| format!("kernel {} is no op of the model (a kiln bug)", l.name))?;
         kernel_ops.push((position[&o], o));
     }
-    let memory = plan_memory(m, &kernel_ops).map_err(text)?;
+    // Every other op but constants and views runs on the host, in program order.
+    let on_gpu: std::collections::HashSet<OpId> = kernel_ops.iter().map(|&(_, o)| o).collect();
+    let names: HashMap<OpId, String> = ops.iter().map(|(n, &o)| (o, n.clone())).collect();
+    let host_ops: Vec<(usize, OpId)> = m
+        .body
+        .ops
+        .iter()
+        .enumerate()
+        .filter(|&(_, o)| !on_gpu.contains(o) && !matches!(classify(m, *o), OpClass::Constant | OpClass::View))
+        .map(|(i, &o)| (i, o))
+        .collect();
+    let mut all_ops: Vec<(usize, OpId)> = kernel_ops.iter().chain(&host_ops).copied().collect();
+    all_ops.sort();
+    let memory = plan_memory_placing(m, &all_ops, &|d| dtype_name(d).is_some()).map_err(text)?;
     let place = |v: ValueId| -> Result<Place, String> {
         Ok(match memory.storage.get(&plan_root(&memory.storage, v)) {
             Some(Storage::Input(index)) => Place::Input { index: *index },
@@ -197,6 +228,12 @@ fn fill(m: &Module, prog: &GpuProgram, p: &mut Plan) -> Result<Vec<u8>, String> 
                     a.shape.len()
                 ));
             }
+            if a.dtype != "f32" && a.dtype != "i1" {
+                return Err(format!(
+                    "kernel {}: buffer {} is {} (GPU kernels take f32 and bool tensors)",
+                    l.name, b.name, a.dtype
+                ));
+            }
             args.push(a);
         }
         p.stack_bytes = p.stack_bytes.max(l.local_bytes.unwrap_or(0));
@@ -212,8 +249,103 @@ fn fill(m: &Module, prog: &GpuProgram, p: &mut Plan) -> Result<Vec<u8>, String> 
             args,
         });
     }
+    for &(pos, o) in &host_ops {
+        let op = m.op(o);
+        let kernel = names.get(&o).cloned().unwrap_or_else(|| format!("host{pos}_{}", op.op_type()));
+        let at = |e: String| format!("host step {kernel} (node '{}', {}): {e}", op.node_name(), op.op_type());
+        let (module, inputs) = host_module(m, o).map_err(at)?;
+        p.host_steps.push(PlanHostStep {
+            before: kernel_ops.iter().filter(|&&(kp, _)| kp < pos).count(),
+            node: op.node_name().to_string(),
+            op: op.op_type().to_string(),
+            module,
+            inputs: inputs.iter().map(|&v| buffer(v)).collect::<Result<_, _>>().map_err(at)?,
+            outputs: op.results.iter().map(|&v| buffer(v)).collect::<Result<_, _>>().map_err(at)?,
+            kernel,
+        });
+    }
     p.arena_bytes = memory.arena_bytes;
     Ok(memory.weights)
+}
+
+/// The values a block (and the regions inside it) defines, and the values it uses, in order.
+fn scan_block(m: &Module, b: &Block, defined: &mut std::collections::HashSet<ValueId>, used: &mut Vec<ValueId>) {
+    defined.extend(b.args.iter().copied());
+    for &o in &b.ops {
+        let op = m.op(o);
+        used.extend(op.operands.iter().flatten().copied());
+        defined.extend(op.results.iter().copied());
+        for r in &op.regions {
+            for inner in &r.blocks {
+                scan_block(m, inner, defined, used);
+            }
+        }
+    }
+    used.extend(b.yields.iter().copied());
+}
+
+/// Top-level op `o` of `m` as a module of its own in MLIR generic text: its operands (and the
+/// outer values its regions capture) become the module's inputs, in the returned order, except
+/// small constants, which travel inside; its results are the outputs. The text must read back
+/// to a module that prints the same (attributes and constants included).
+fn host_module(m: &Module, o: OpId) -> Result<(String, Vec<ValueId>), String> {
+    let op = m.op(o);
+    let mut defined = std::collections::HashSet::new();
+    let mut used: Vec<ValueId> = op.operands.iter().flatten().copied().collect();
+    for r in &op.regions {
+        for b in &r.blocks {
+            scan_block(m, b, &mut defined, &mut used);
+        }
+    }
+    let placeholder = || OpData {
+        name: String::new(),
+        operands: Vec::new(),
+        results: Vec::new(),
+        attrs: Attrs::default(),
+        regions: Vec::new(),
+    };
+    let mut one = Module {
+        name: format!("host_{}", op.op_type()),
+        values: m.values.clone(),
+        ops: (0..m.ops.len()).map(|_| placeholder()).collect(),
+        body: Block::default(),
+        attrs: m.attrs.clone(),
+    };
+    let mut inputs = Vec::new();
+    for v in used {
+        if defined.contains(&v) || inputs.contains(&v) || one.body.ops.iter().any(|c| m.op(*c).results.contains(&v)) {
+            continue;
+        }
+        if let ValueDef::OpResult(c, _) = m.value(v).def {
+            let small = matches!(m.op(c).attrs.get("value"), Some(Attr::Tensor(t)) if t.len() <= INLINE_CONSTANT);
+            if classify(m, c) == OpClass::Constant && m.op(c).regions.is_empty() && small {
+                one.ops[c.0 as usize] = m.op(c).clone();
+                one.body.ops.push(c);
+                continue;
+            }
+        }
+        one.value_mut(v).def = ValueDef::BlockArg;
+        one.body.args.push(v);
+        inputs.push(v);
+    }
+    let mut copy = vec![o];
+    while let Some(c) = copy.pop() {
+        let d = m.op(c).clone();
+        for r in &d.regions {
+            for b in &r.blocks {
+                m.walk_block(b, &mut |n, _| copy.push(n));
+            }
+        }
+        one.ops[c.0 as usize] = d;
+    }
+    one.body.ops.push(o);
+    one.body.yields = op.results.clone();
+    let text = kiln_ir::printer::print_module(&one, Default::default());
+    let back = kiln_ir::parser::parse_module(&text).map_err(|e| format!("its module text does not parse: {e}"))?;
+    if kiln_ir::printer::print_module(&back, Default::default()) != text {
+        return Err("its module text does not read back the same".into());
+    }
+    Ok((text, inputs))
 }
 
 impl Plan {

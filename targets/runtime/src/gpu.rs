@@ -3,15 +3,18 @@
 //! input, a graph output, a weight in `DIR/weights.bin` or an arena offset) and executes it on
 //! a [`Device`]: the CUDA driver ([`crate::cuda::CudaDevice`]) or, in kiln's tests, the host
 //! emulation of GPU launches. The weights are uploaded once; a run uploads the inputs, launches
-//! every kernel, synchronizes and downloads the outputs.
+//! every kernel, synchronizes and downloads the outputs. Host steps (ops the GPU does not run)
+//! run between launches on kiln-ir's reference interpreter: their operands downloaded, their
+//! results uploaded.
 
 use crate::npy::Array;
 use crate::Error;
+use kiln_ir::{DType, Module, Tensor};
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
 
 /// The plan format this runtime reads.
-pub const FORMAT: &str = "kiln-gpu-plan/1";
+pub const FORMAT: &str = "kiln-gpu-plan/2";
 
 /// Where a buffer lives.
 #[derive(Clone, Copy, Debug, PartialEq, Deserialize)]
@@ -27,13 +30,17 @@ pub enum Place {
 pub struct Buffer {
     pub at: Place,
     pub shape: Vec<usize>,
-    /// `f32`, or `i8` for a bool tensor (one byte per element).
+    /// MLIR's name of the element type: `f32`, `i64`, `i1` (bool, one byte per element), ...
     pub dtype: String,
 }
 
 impl Buffer {
     pub fn bytes(&self) -> usize {
-        self.shape.iter().product::<usize>() * if self.dtype == "f32" { 4 } else { 1 }
+        self.shape.iter().product::<usize>() * self.element_type().map_or(4, DType::size_bytes)
+    }
+
+    pub fn element_type(&self) -> Option<DType> {
+        DType::from_mlir_name(&self.dtype).filter(|&d| d != DType::String)
     }
 }
 
@@ -57,6 +64,19 @@ pub struct Launch {
     pub args: Vec<Buffer>,
 }
 
+/// An op run on the host: `module` (one op, MLIR generic text) on kiln-ir's interpreter, its
+/// inputs downloaded, its results uploaded; before launch `before`.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+pub struct HostStep {
+    pub kernel: String,
+    pub node: String,
+    pub op: String,
+    pub before: usize,
+    pub module: String,
+    pub inputs: Vec<Buffer>,
+    pub outputs: Vec<Buffer>,
+}
+
 /// `plan.json`, as kiln writes it.
 #[derive(Clone, Debug, PartialEq, Deserialize)]
 pub struct Plan {
@@ -72,6 +92,8 @@ pub struct Plan {
     pub weight_bytes: usize,
     pub stack_bytes: u64,
     pub launches: Vec<Launch>,
+    #[serde(default)]
+    pub host_steps: Vec<HostStep>,
 }
 
 /// Reads `dir/plan.json`; a plan of another format, or one kiln marked not runnable, is an
@@ -97,7 +119,11 @@ pub fn read_plan(dir: &Path) -> Result<Plan, Error> {
     let bad = |what: String| Error(format!("{}: {what}", path.display()));
     let ports = plan.inputs.iter().chain(&plan.outputs).map(|p| (p.name.as_str(), &p.buffer));
     let args = plan.launches.iter().flat_map(|l| l.args.iter().map(|a| (l.kernel.as_str(), a)));
-    for (owner, a) in ports.chain(args) {
+    let steps = plan.host_steps.iter().flat_map(|h| h.inputs.iter().chain(&h.outputs).map(|a| (h.kernel.as_str(), a)));
+    for (owner, a) in ports.chain(args).chain(steps) {
+        if a.element_type().is_none() {
+            return Err(bad(format!("{owner}: element type {} (this runtime holds no such tensors)", a.dtype)));
+        }
         let inside = match a.at {
             Place::Input { index } => plan.inputs.get(index).is_some_and(|p| a.bytes() <= p.buffer.bytes()),
             Place::Output { index } => plan.outputs.get(index).is_some_and(|p| a.bytes() <= p.buffer.bytes()),
@@ -106,6 +132,11 @@ pub fn read_plan(dir: &Path) -> Result<Plan, Error> {
         };
         if !inside {
             return Err(bad(format!("{owner}: a buffer of {} bytes at {:?} outside its memory", a.bytes(), a.at)));
+        }
+    }
+    for h in &plan.host_steps {
+        if h.before > plan.launches.len() {
+            return Err(bad(format!("host step {}: before launch {}, of {}", h.kernel, h.before, plan.launches.len())));
         }
     }
     Ok(plan)
@@ -157,6 +188,8 @@ pub struct Executor<D: Device> {
     inputs: Vec<u64>,
     outputs: Vec<u64>,
     params: Vec<Vec<u64>>,
+    /// Each host step's module, parsed.
+    host: Vec<Module>,
     weights: u64,
     arena: u64,
 }
@@ -193,7 +226,15 @@ impl<D: Device> Executor<D> {
             plan.inputs.iter().map(|p| device.alloc(p.buffer.bytes().max(64))).collect::<Result<Vec<_>, _>>()?;
         let outputs =
             plan.outputs.iter().map(|p| device.alloc(p.buffer.bytes().max(64))).collect::<Result<Vec<_>, _>>()?;
-        let mut me = Executor { device, plan, inputs, outputs, params: Vec::new(), weights, arena };
+        let host = plan
+            .host_steps
+            .iter()
+            .map(|h| {
+                kiln_ir::parser::parse_module(&h.module)
+                    .map_err(|e| Error(format!("host step {} (node '{}', {}): {e}", h.kernel, h.node, h.op)))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut me = Executor { device, plan, inputs, outputs, params: Vec::new(), host, weights, arena };
         me.params = me
             .plan
             .launches
@@ -225,14 +266,55 @@ impl<D: Device> Executor<D> {
         Ok(())
     }
 
-    /// Launches every kernel in order and waits for them.
+    /// Launches every kernel in order, running the host steps between them, and waits for them.
     pub fn launch_all(&mut self) -> Result<(), Error> {
-        for (l, p) in self.plan.launches.iter().zip(&self.params) {
-            self.device
-                .launch(&l.function, l.grid, l.block, l.shared_bytes, p)
-                .map_err(|e| Error(format!("kernel {} (node '{}', {}): {e}", l.kernel, l.node, l.op)))?;
+        let mut step = 0;
+        for i in 0..=self.plan.launches.len() {
+            while step < self.plan.host_steps.len() && self.plan.host_steps[step].before <= i {
+                if let Err(e) = self.host_step(step) {
+                    let h = &self.plan.host_steps[step];
+                    return Err(Error(format!("host step {} (node '{}', {}): {}", h.kernel, h.node, h.op, e.0)));
+                }
+                step += 1;
+            }
+            if let (Some(l), Some(p)) = (self.plan.launches.get(i), self.params.get(i)) {
+                self.device
+                    .launch(&l.function, l.grid, l.block, l.shared_bytes, p)
+                    .map_err(|e| Error(format!("kernel {} (node '{}', {}): {e}", l.kernel, l.node, l.op)))?;
+            }
         }
         self.device.synchronize()
+    }
+
+    /// Runs host step `i`: waits for the launches before it, downloads its inputs, runs its
+    /// module on kiln-ir's interpreter and uploads the results.
+    fn host_step(&mut self, i: usize) -> Result<(), Error> {
+        self.device.synchronize()?;
+        let h = &self.plan.host_steps[i];
+        let mut inputs = Vec::new();
+        for b in &h.inputs {
+            let mut raw = vec![0u8; b.bytes()];
+            self.device.download(self.address(b.at), &mut raw)?;
+            let a = Array::from_bytes(&b.shape, &b.dtype, &raw);
+            inputs.push(a.to_tensor().ok_or_else(|| Error(format!("a {} input of {} bytes", b.dtype, raw.len())))?);
+        }
+        let results: Vec<Tensor> = kiln_ir::interp::run(&self.host[i], inputs).map_err(|e| Error(e.to_string()))?;
+        if results.len() != h.outputs.len() {
+            return Err(Error(format!("{} results, the plan binds {}", results.len(), h.outputs.len())));
+        }
+        for (j, (t, b)) in results.iter().zip(&h.outputs).enumerate() {
+            if t.shape != b.shape || t.dtype().mlir_name() != b.dtype {
+                return Err(Error(format!(
+                    "result {j} is {} {:?}, the plan says {} {:?}",
+                    t.dtype().mlir_name(),
+                    t.shape,
+                    b.dtype,
+                    b.shape
+                )));
+            }
+            self.device.upload(self.address(b.at), &t.data.to_le_bytes())?;
+        }
+        Ok(())
     }
 
     /// Downloads the outputs.

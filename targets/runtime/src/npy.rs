@@ -1,14 +1,17 @@
-//! A minimal `.npy` reader and writer: little-endian `f4` and `b1` (bool) arrays, C order,
-//! format versions 1 to 3.
+//! A minimal `.npy` reader and writer: little-endian float (f2, f4, f8), signed and unsigned
+//! integer (1 to 8 bytes) and bool arrays, C order, format versions 1 to 3.
 
 use crate::Error;
+use kiln_ir::{DType, Data, Tensor};
 use std::path::Path;
 
-/// Elements of an array: f32, or bools as one byte each (0 or 1).
+/// Elements of an array: f32, bools as one byte each (0 or 1), or any other element type as
+/// kiln-ir's little-endian bytes.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Elements {
     F32(Vec<f32>),
     Bool(Vec<u8>),
+    Raw(DType, Vec<u8>),
 }
 
 /// A row-major array.
@@ -18,24 +21,42 @@ pub struct Array {
     pub data: Elements,
 }
 
+/// `.npy` element types and kiln's names of them (MLIR's, as plans name them).
+const DESCRS: [(&str, DType); 12] = [
+    ("<f4", DType::F32),
+    ("<f8", DType::F64),
+    ("<f2", DType::F16),
+    ("|i1", DType::I8),
+    ("<i2", DType::I16),
+    ("<i4", DType::I32),
+    ("<i8", DType::I64),
+    ("|u1", DType::U8),
+    ("<u2", DType::U16),
+    ("<u4", DType::U32),
+    ("<u8", DType::U64),
+    ("|b1", DType::Bool),
+];
+
 impl Array {
     pub fn f32(shape: &[usize], v: Vec<f32>) -> Array {
         Array { shape: shape.to_vec(), data: Elements::F32(v) }
     }
 
-    /// `f32` or `i8` (bool), as kiln's plans name element types.
+    /// The element type as kiln's plans name it (MLIR's name: `f32`, `i64`, `i1` for bool).
     pub fn dtype(&self) -> &'static str {
-        match self.data {
-            Elements::F32(_) => "f32",
-            Elements::Bool(_) => "i8",
+        self.element_type().mlir_name()
+    }
+
+    pub fn element_type(&self) -> DType {
+        match &self.data {
+            Elements::F32(_) => DType::F32,
+            Elements::Bool(_) => DType::Bool,
+            Elements::Raw(d, _) => *d,
         }
     }
 
     pub fn len(&self) -> usize {
-        match &self.data {
-            Elements::F32(v) => v.len(),
-            Elements::Bool(v) => v.len(),
-        }
+        self.shape.iter().product()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -47,17 +68,32 @@ impl Array {
         match &self.data {
             Elements::F32(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
             Elements::Bool(v) => v.clone(),
+            Elements::Raw(_, v) => v.clone(),
         }
     }
 
-    /// An array of `shape` and element type `dtype` (`f32` or `i8`) from little-endian bytes.
+    /// An array of `shape` and element type `dtype` (a plan's name: `f32`, `i1`, `i64`, ...)
+    /// from little-endian bytes.
     pub fn from_bytes(shape: &[usize], dtype: &str, raw: &[u8]) -> Array {
-        let data = if dtype == "f32" {
-            Elements::F32(raw.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
-        } else {
-            Elements::Bool(raw.to_vec())
+        let data = match DType::from_mlir_name(dtype) {
+            Some(DType::F32) | None => {
+                Elements::F32(raw.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
+            }
+            Some(DType::Bool) => Elements::Bool(raw.to_vec()),
+            Some(d) => Elements::Raw(d, raw.to_vec()),
         };
         Array { shape: shape.to_vec(), data }
+    }
+
+    /// The array as a kiln-ir tensor (`None` when its bytes are not whole elements).
+    pub fn to_tensor(&self) -> Option<Tensor> {
+        let data = Data::from_le_bytes(self.element_type(), &self.bytes())?;
+        (data.len() == self.len()).then(|| Tensor::new(self.shape.clone(), data))
+    }
+
+    /// A kiln-ir tensor as an array (strings have no bytes: an empty array of their shape).
+    pub fn from_tensor(t: &Tensor) -> Array {
+        Array::from_bytes(&t.shape, t.dtype().mlir_name(), &t.data.to_le_bytes())
     }
 }
 
@@ -73,7 +109,7 @@ fn field<'a>(header: &'a str, key: &str) -> Option<&'a str> {
     Some(rest[..end].trim())
 }
 
-/// Reads an `.npy` array of `<f4` or `|b1` elements.
+/// Reads an `.npy` array of one of the element types in [`DESCRS`].
 pub fn read(path: &Path) -> Result<Array, Error> {
     let raw = std::fs::read(path).map_err(|e| Error(format!("{}: {e}", path.display())))?;
     if raw.len() < 10 || &raw[..6] != b"\x93NUMPY" {
@@ -100,22 +136,23 @@ pub fn read(path: &Path) -> Result<Array, Error> {
         .collect::<Result<_, _>>()?;
     let n: usize = shape.iter().product();
     let body = &raw[start + len..];
-    let (dtype, size) = match descr {
-        "<f4" => ("f32", 4),
-        "|b1" => ("i8", 1),
-        d => return Err(bad(path, format!("element type {d} (kiln-gpu-run reads <f4 and |b1)"))),
+    let descr = if descr.len() == 3 && descr.ends_with('1') { format!("|{}", &descr[1..]) } else { descr.to_string() };
+    let Some(&(_, dtype)) = DESCRS.iter().find(|(d, _)| *d == descr) else {
+        let known: Vec<&str> = DESCRS.iter().map(|(d, _)| *d).collect();
+        return Err(bad(path, format!("element type {descr} (kiln-gpu-run reads {})", known.join(" "))));
     };
+    let size = dtype.size_bytes();
     if body.len() != n * size {
         return Err(bad(path, format!("{} data bytes for shape {shape:?}, expected {}", body.len(), n * size)));
     }
-    Ok(Array::from_bytes(&shape, dtype, body))
+    Ok(Array::from_bytes(&shape, dtype.mlir_name(), body))
 }
 
 /// Writes `a` as an `.npy` file (version 1).
 pub fn write(path: &Path, a: &Array) -> Result<(), Error> {
-    let descr = match a.data {
-        Elements::F32(_) => "<f4",
-        Elements::Bool(_) => "|b1",
+    let t = a.element_type();
+    let Some(&(descr, _)) = DESCRS.iter().find(|(_, d)| *d == t) else {
+        return Err(Error(format!("{}: .npy has no element type {t}", path.display())));
     };
     let dims: Vec<String> = a.shape.iter().map(|d| d.to_string()).collect();
     let shape = if dims.len() == 1 { format!("({},)", dims[0]) } else { format!("({})", dims.join(", ")) };
@@ -138,20 +175,23 @@ pub fn mismatch(got: &Array, want: &Array, rtol: f32, atol: f32) -> Option<Strin
     if got.shape != want.shape {
         return Some(format!("shape {:?}, expected {:?}", got.shape, want.shape));
     }
-    let (g, w): (Vec<f32>, Vec<f32>) = match (&got.data, &want.data) {
-        (Elements::F32(g), Elements::F32(w)) => (g.clone(), w.clone()),
-        (Elements::Bool(g), Elements::Bool(w)) => {
-            (g.iter().map(|&b| b as f32).collect(), w.iter().map(|&b| b as f32).collect())
-        }
-        _ => return Some(format!("element type {}, expected {}", got.dtype(), want.dtype())),
+    if got.element_type() != want.element_type() {
+        return Some(format!("element type {}, expected {}", got.dtype(), want.dtype()));
+    }
+    let values = |a: &Array| a.to_tensor().map(|t| t.to_f64());
+    let (Some(g), Some(w)) = (values(got), values(want)) else {
+        return Some(format!("{} bytes do not hold {:?} {} elements", got.bytes().len(), got.shape, got.dtype()));
     };
-    let mut worst: Option<(usize, f32)> = None;
+    // Integers and bools match exactly.
+    let exact = !got.element_type().is_float();
+    let (rtol, atol) = if exact { (0.0, 0.0) } else { (f64::from(rtol), f64::from(atol)) };
+    let mut worst: Option<(usize, f64)> = None;
     let mut bad = 0;
     for (i, (x, y)) in g.iter().zip(&w).enumerate() {
         let excess = if x.is_nan() && y.is_nan() || x == y {
             0.0
         } else if x.is_nan() || y.is_nan() || x.is_infinite() || y.is_infinite() {
-            f32::INFINITY
+            f64::INFINITY
         } else {
             (x - y).abs() - (atol + rtol * y.abs())
         };

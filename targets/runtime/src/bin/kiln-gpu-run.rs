@@ -1,7 +1,8 @@
 //! `kiln-gpu-run DIR --input X.npy... [--output-dir OUT] [--expect Y.npy... --rtol R --atol A]
 //! [--repeat N] [--json]`: runs a model compiled by `kiln compile MODEL --target cuda -o DIR` on
 //! GPU 0 through the CUDA driver, writes its outputs as `OUT/output_<i>.npy`, checks them
-//! against expected outputs and times `N` more runs.
+//! against expected outputs and times `N` more runs. The plan's host steps (ops the GPU does not
+//! run) run on this machine's CPU with kiln-ir's reference interpreter between launches.
 //!
 //! Exit status: 0 ran (and matched), 1 an output differs, 2 bad usage or files (plan, inputs),
 //! 3 no CUDA driver or a CUDA error. Errors name what is wrong on stderr.
