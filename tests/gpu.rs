@@ -591,17 +591,16 @@ fn gpu_node_test_plans_run_on_the_emulated_gpu() {
     assert!(failed.is_empty(), "{} failed:\n{}", failed.len(), failed.join("\n"));
 }
 
-/// The `kiln-gpu-run` binary built beside `kiln` (built here if missing).
+/// The `kiln-gpu-run` binary built beside `kiln` (built here, a no-op when it is up to date:
+/// `cargo test -p kiln` alone would leave a stale one from an older plan format).
 fn gpu_run_binary() -> PathBuf {
     let exe = PathBuf::from(env!("CARGO_BIN_EXE_kiln")).with_file_name("kiln-gpu-run");
-    if !exe.is_file() {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let ok = std::process::Command::new(cargo)
-            .args(["build", "--release", "-p", "kiln-runtime", "--bin", "kiln-gpu-run"])
-            .status()
-            .is_ok_and(|s| s.success());
-        assert!(ok && exe.is_file(), "could not build {}", exe.display());
-    }
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let ok = std::process::Command::new(cargo)
+        .args(["build", "--release", "-p", "kiln-runtime", "--bin", "kiln-gpu-run"])
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(ok && exe.is_file(), "could not build {}", exe.display());
     exe
 }
 
