@@ -521,3 +521,30 @@ fn tuning_on_rvv_records_estimates_and_never_chooses_a_schedule_wrong_under_qemu
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("not found"), "{}", String::from_utf8_lossy(&out.stderr));
 }
+
+/// `kiln tune --rvv-vlen`: the estimates are for that VLEN (its description, so its records'
+/// target hash differs from the default 256's); on another target the flag is refused.
+#[test]
+fn tune_takes_the_rvv_vlen_and_refuses_it_elsewhere() {
+    let dir = temp_dir("tune-rvv-vlen");
+    let db = dir.join("db.jsonl");
+    let model = gpt2();
+    let out = kiln(&[
+        "tune",
+        model.to_str().unwrap(),
+        "--target",
+        "cpu",
+        "--rvv-vlen",
+        "128",
+        "--tuning-db",
+        db.to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("--rvv-vlen applies to --target rvv"), "{err}");
+    assert!(!db.exists(), "a refused run writes no database");
+    let hash = |vlen: u32| {
+        let t = kiln_targets::TargetOptions { rvv_vlen: vlen, ..Default::default() };
+        kiln::tune::target_hash(&*kiln_targets::lookup_with("rvv", &t).unwrap())
+    };
+    assert_ne!(hash(128), hash(256), "records of different VLENs must not mix");
+}

@@ -169,6 +169,10 @@ enum Cmd {
         no_fusion: bool,
         #[command(flatten)]
         npu: NpuArgs,
+        /// rvv: the vector register length in bits the estimates are for (128, 256, 512 or
+        /// 1024; default 256).
+        #[arg(long, value_parser = parse_vlen)]
+        rvv_vlen: Option<u32>,
         #[arg(long)]
         threads: Option<usize>,
         /// Print the report as one JSON object (kernels with best-so-far per trial).
@@ -293,6 +297,7 @@ fn dispatch(cmd: Cmd) -> Result<(), Error> {
             dims,
             no_fusion,
             npu,
+            rvv_vlen,
             threads,
             json,
             no_model_bench,
@@ -302,10 +307,10 @@ fn dispatch(cmd: Cmd) -> Result<(), Error> {
             npu.apply()?;
             kiln_targets::native::set_threads(threads);
             if let Some(file) = remeasure {
-                let opts = options(no_fusion, &dims, &target, None, None)?;
+                let opts = options(no_fusion, &dims, &target, rvv_vlen, None)?;
                 return remeasure_cmd(&model, &target, &opts, &file, rounds, &parse_dims(&dims)?);
             }
-            let opts = options(no_fusion, &dims, &target, None, None)?;
+            let opts = options(no_fusion, &dims, &target, rvv_vlen, None)?;
             let strategy = strategy.parse().map_err(Error::Usage)?;
             let t = kiln::tune::TuneOptions {
                 db: tuning_db,

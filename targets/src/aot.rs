@@ -68,7 +68,7 @@ pub fn c_name(s: &str) -> String {
 pub(crate) fn static_shape(m: &Module, v: ValueId) -> Result<Vec<usize>, TargetError> {
     m.value(v).ty.static_shape().ok_or_else(|| {
         err(format!(
-            "AOT needs static shapes: {} is {} (compile a model with fixed sizes)",
+            "ahead-of-time compilation (cpu/rvv libraries, GPU plans) needs static shapes: {} is {} (compile a model with fixed sizes)",
             m.value_label(v),
             m.value(v).ty
         ))
