@@ -11,7 +11,9 @@ For each (model, target) below, and each seed, both strategies tune from an empt
    below the default): how many trials the learned search needs to reach the best that random
    search has after all T trials, against T; and the mean best-so-far (relative to the
    default) after 1, 2, 4, ... trials for each strategy.
-   - raw: best-so-far = the min of the single (noisy) measurements so far, as the runs saw it.
+   - raw: best-so-far as the runs saw it: the cost of the kernel each would choose then (cpu:
+     its median over its measurements; a candidate close to the best so far is measured again
+     with it, interleaved, `kiln tune --confirm-rounds`).
    - re-measured (cpu): the value at trial t is the cost of the kernel the strategy would
      choose at t (its argmin so far), measured again for all strategies and seeds together
      (`kiln tune --remeasure`: per workload, all those kernels in interleaved rounds, the
@@ -63,12 +65,23 @@ def run(kiln, path, target, flags, strategy, seed, trials, bench_model):
 
 
 def chosen(k, t):
-    """Index of the measurement a run would choose after its first t trials (its min so far)."""
+    """Index of the trial whose kernel a run would choose after its first t trials: what the
+    run reports (`chosen`: the cheapest by the median of its measurements, confirmations
+    included), else (older reports) the min of the single measurements so far."""
+    if "chosen" in k:
+        c = k["chosen"][:t]
+        return c[-1] if c else None
     best = None
     for i, c in enumerate(k.get("costs", [])[:t]):
         if c is not None and (best is None or c < k["costs"][best]):
             best = i
     return best
+
+
+def repeats(r):
+    """`, N of them repeats`: measurements repeated to confirm a candidate (cpu)."""
+    n = sum(k.get("repeats", 0) for k in r["kernels"])
+    return f", {n} of them repeats to confirm candidates" if n else ""
 
 
 def remeasure(kiln, path, target, flags, runs, trials, rounds):
@@ -280,15 +293,17 @@ def main():
         unit = {"cpu": "ms", "npu": "cycles", "rvv": "estimated cycles"}[target]
         lines += [f"## {name}", "",
                   f"Load average (1 min) {load0[0]:.1f} at the start, {load1[0]:.1f} at the end. "
-                  f"Tuning took {main_run['wall_s']:.0f} s for {main_run['measured']} measurements (learned, seed 0); "
-                  f"random search, seed 0: {runs['random'][0]['wall_s']:.0f} s for {runs['random'][0]['measured']}."
+                  f"Tuning took {main_run['wall_s']:.0f} s for {main_run['measured']} measurements (learned, seed 0"
+                  f"{repeats(main_run)}); random search, seed 0: {runs['random'][0]['wall_s']:.0f} s for "
+                  f"{runs['random'][0]['measured']}{repeats(runs['random'][0])}."
                   + (f" cpu clock: {main_run.get('clock')}; re-measurement: {args.rounds} interleaved rounds." if target == "cpu" else "")
                   + (" Costs are static estimates of the generated code (not measurements); each workload's best "
                      "was checked under qemu against the reference." if target == "rvv" else ""), ""]
         fmt = (lambda v: f"{v:.4f}") if target == "cpu" else (lambda v: f"{v:,.0f}")
         if target == "cpu":
-            lines += [f"Per kernel ({unit}), learned seed 0: raw = as measured during the run (default, and the min of "
-                      "the run's measurements); re-measured = the same two kernels measured again together.", "",
+            lines += [f"Per kernel ({unit}), learned seed 0: raw = as the run saw it (the default's and the chosen "
+                      "kernel's median of their measurements); re-measured = the same two kernels measured again "
+                      "together.", "",
                       "| kernel | × | trials | raw default | raw tuned | raw speedup | re-measured default | re-measured tuned | re-measured speedup |",
                       "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
         else:
@@ -327,7 +342,8 @@ def main():
         if not reach:
             lines += ["Search: no workload where random search found a gain over the default.", ""]
             continue
-        what = "raw (each run's min of single measurements)" if target == "cpu" else "exact (deterministic costs)"
+        what = ("raw (as the runs saw it: each run's chosen kernel, the median of its measurements)"
+                if target == "cpu" else "exact (deterministic costs)")
         l1, within, ns = reach_lines(reach, curves, T, what)
         lines += [f"Search: {len(reach)} (workload, seed) pairs where random search found a gain.", ""] + l1 + [""]
         row = {"name": name, "raw": (within, len(reach), statistics.median(ns))}

@@ -177,16 +177,47 @@ fn tuning_on_cpu_checks_candidates_and_the_api_reports_best_so_far() {
     let db = dir.join("db.jsonl");
     let model = kiln::load_model(&data_dir().join("transformers/gpt2_block/model.onnx")).unwrap();
     let c = kiln::Compiler::new("cpu").lower(&model).unwrap();
-    let opts = TuneOptions { db: db.clone(), trials: 4, strategy: Strategy::Random, seed: 7, ..TuneOptions::default() };
+    // Every candidate is confirmed against the best so far (an infinite margin), so the
+    // repeats are known in advance.
+    let opts = TuneOptions {
+        db: db.clone(),
+        trials: 4,
+        strategy: Strategy::Random,
+        seed: 7,
+        confirm_rounds: 2,
+        confirm_margin: f64::INFINITY,
+        ..TuneOptions::default()
+    };
     let mut calls = 0;
     let report = kiln::tune::tune(&c, &opts, &mut |_, _| calls += 1).unwrap();
-    assert_eq!(calls, report.measured);
-    assert_eq!(records(&db).len(), report.measured);
+    let trials: usize = report.kernels.iter().map(|k| k.measured.len()).sum();
+    assert_eq!(calls, trials, "one progress call per trial");
+    let rs = records(&db);
+    assert_eq!(rs.len(), report.measured);
+    let repeats: usize = report.kernels.iter().map(|k| k.repeats).sum();
+    assert_eq!(report.measured, trials + repeats);
+    let best = kiln::tune::best_of(&rs, "cpu", &rs[0].target_hash);
     for k in &report.kernels {
         assert!(k.skipped.is_none(), "{}: {:?}", k.kernel, k.skipped);
         assert_eq!(k.failed, 0, "{}: a candidate failed", k.kernel);
-        assert!(k.best_so_far.windows(2).all(|w| w[1] <= w[0]), "{:?}", k.best_so_far);
+        // Each trial after the first: 2 rounds of the candidate and of the best so far.
+        assert_eq!(k.repeats, 4 * k.measured.len().saturating_sub(1), "{}", k.kernel);
+        assert_eq!(k.chosen.len(), k.best_so_far.len());
+        assert_eq!(k.best_so_far.last().copied(), k.best_cost, "{}", k.kernel);
         assert!(k.best_cost.unwrap() <= k.default_cost.unwrap());
+        // The cost of the chosen kernel is the median of its records, and the database
+        // chooses the same schedule.
+        let mut mine: Vec<f64> = rs
+            .iter()
+            .filter(|r| r.workload == k.workload && r.knobs == k.best)
+            .map(|r| r.result.median_ms.unwrap())
+            .collect();
+        mine.sort_by(f64::total_cmp);
+        let n = mine.len();
+        let median = if n % 2 == 1 { mine[n / 2] } else { (mine[n / 2 - 1] + mine[n / 2]) / 2.0 };
+        // (within a JSON round trip's last bit)
+        assert!((median - k.best_cost.unwrap()).abs() <= 1e-12 * median, "{}: {mine:?}", k.kernel);
+        assert_eq!(best[&k.workload], k.best, "{}", k.kernel);
     }
     // The compiled model with the database runs and matches the default one.
     let x = |n| kiln::Tensor::from_f32(&[1, 128, 256], values(128 * 256, n));

@@ -190,6 +190,14 @@ enum Cmd {
         /// Rounds of `--remeasure`.
         #[arg(long, default_value_t = 5)]
         rounds: usize,
+        /// cpu: a candidate measured within `--confirm-margin` of the best so far is measured
+        /// again with that best, interleaved, this many rounds each (0: never); a kernel's
+        /// cost is the median of its measurements.
+        #[arg(long, default_value_t = 2)]
+        confirm_rounds: usize,
+        /// The margin of `--confirm-rounds`, relative to the best so far.
+        #[arg(long, default_value_t = 0.05)]
+        confirm_margin: f64,
     },
     /// List the targets and the toolchain kiln links.
     Targets,
@@ -303,6 +311,8 @@ fn dispatch(cmd: Cmd) -> Result<(), Error> {
             no_model_bench,
             remeasure,
             rounds,
+            confirm_rounds,
+            confirm_margin,
         } => {
             npu.apply()?;
             kiln_targets::native::set_threads(threads);
@@ -320,6 +330,8 @@ fn dispatch(cmd: Cmd) -> Result<(), Error> {
                 strategy,
                 seed,
                 dims: parse_dims(&dims)?,
+                confirm_rounds,
+                confirm_margin,
             };
             tune(&model, &target, &opts, &t, json, !no_model_bench)
         }
@@ -1065,7 +1077,11 @@ fn tune(
         );
     }
     if let Some(clock) = report.clock {
-        println!("cpu times: warm median, {clock} clock");
+        let repeats: usize = report.kernels.iter().map(|k| k.repeats).sum();
+        println!(
+            "cpu times: warm median, {clock} clock; a kernel's cost is the median of its measurements \
+             ({repeats} repeated to confirm candidates against the best so far)"
+        );
     }
     println!(
         "{:<24} {:>4} {:>7} {:>7} {:>12} {:>12} {:>8}",

@@ -101,6 +101,14 @@ pub struct TuneOptions {
     pub seed: u64,
     /// Sizes of symbolic dims for measuring (`--dim`); unbound ones are 1.
     pub dims: HashMap<String, usize>,
+    /// Noisy measurements (cpu): a candidate whose first measurement comes within
+    /// `confirm_margin` of the best so far is measured again together with that best,
+    /// interleaved, this many rounds each (0: never). A kernel's cost is the median of all its
+    /// measurements, so one lucky reading does not make a kernel the best (the winner's
+    /// curse). Deterministic targets (npu, rvv) never repeat a measurement.
+    pub confirm_rounds: usize,
+    /// The margin of `confirm_rounds`, relative to the best so far (0.05: within 5 %).
+    pub confirm_margin: f64,
 }
 
 impl Default for TuneOptions {
@@ -113,11 +121,15 @@ impl Default for TuneOptions {
             strategy: Strategy::Learned,
             seed: 0,
             dims: HashMap::new(),
+            confirm_rounds: 2,
+            confirm_margin: 0.05,
         }
     }
 }
 
-/// One measurement, as a line of the tuning database.
+/// One measurement, as a line of the tuning database. A kernel measured more than once (cpu:
+/// confirmations, [`TuneOptions::confirm_rounds`]) has a record per measurement; its cost is
+/// their median.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct Record {
     pub workload: String,
@@ -258,13 +270,20 @@ pub struct KernelReport {
     pub default_cost: Option<f64>,
     pub best_cost: Option<f64>,
     pub best: Schedule,
-    /// Measurements for this workload in the database (this run's and earlier ones).
+    /// Distinct kernels measured for this workload (this run's and the database's earlier
+    /// ones), and how many of them failed.
     pub trials: usize,
     pub failed: usize,
-    /// Best cost after each of this run's measurements, in order.
+    /// After each of this run's trials, in order: the cost of the kernel chosen then (the
+    /// cheapest by its median measurement; confirmations can raise it, so not monotone on cpu).
     pub best_so_far: Vec<f64>,
-    /// Each of this run's measurements: its cost (`None`: failed) and, for the learned
-    /// strategy, the static estimate's ratio to the default's (`None`: no estimate).
+    /// After each trial, which of this run's trials measured the kernel chosen then (an index
+    /// into `measured`; `None`: a kernel of the database's earlier records).
+    pub chosen: Vec<Option<usize>>,
+    /// Measurements repeated to confirm a candidate against the best so far (not trials).
+    pub repeats: usize,
+    /// Each of this run's trials (a new kernel's first measurement): its cost (`None`: failed)
+    /// and the static estimate's ratio to the default's (`None`: no estimate).
     pub measured: Vec<(Option<f64>, Option<f64>)>,
     /// Per measurement, the estimate of the instructions alone (no cache traffic) relative
     /// to the default's, and the candidate's knobs.
@@ -317,30 +336,83 @@ pub fn read_db(path: &Path) -> Result<(Vec<Record>, usize), Error> {
     Ok((records, bad))
 }
 
-/// The best schedule per workload among `records` of `target` on the machine `hash`
-/// (ties: the earliest record; schedules with a failed record are never chosen).
+/// The best schedule per workload among `records` of `target` on the machine `hash`: per
+/// schedule the median of its measurements, the cheapest chosen (ties: the schedule recorded
+/// first; a schedule with a failed record is never chosen).
 pub fn best_of(records: &[Record], target: &str, hash: &str) -> HashMap<String, Schedule> {
-    let mut best: HashMap<String, (f64, Schedule)> = HashMap::new();
-    let mine = || records.iter().filter(|r| r.target == target && r.target_hash == hash);
-    // A schedule that failed once (rvv: wrong under qemu after its estimate) is never chosen.
-    let failed: HashSet<(&str, String)> = mine()
-        .filter(|r| !r.result.ok)
-        .map(|r| (r.workload.as_str(), serde_json::to_string(&r.knobs).unwrap_or_default()))
-        .collect();
-    for r in mine() {
-        if failed.contains(&(r.workload.as_str(), serde_json::to_string(&r.knobs).unwrap_or_default())) {
-            continue;
+    // (workload, knobs as JSON) → the schedule, its costs (`None`: failed once), first record.
+    let mut groups: HashMap<(&str, String), (&Schedule, Option<Vec<f64>>, usize)> = HashMap::new();
+    for (i, r) in records.iter().enumerate().filter(|(_, r)| r.target == target && r.target_hash == hash) {
+        let key = (r.workload.as_str(), serde_json::to_string(&r.knobs).unwrap_or_default());
+        let g = groups.entry(key).or_insert((&r.knobs, Some(Vec::new()), i));
+        match (g.1.as_mut(), r.result.cost()) {
+            (Some(v), Some(c)) => v.push(c),
+            _ => g.1 = None,
         }
-        if let Some(c) = r.result.cost() {
-            match best.get(&r.workload) {
-                Some((b, _)) if *b <= c => {}
-                _ => {
-                    best.insert(r.workload.clone(), (c, r.knobs.clone()));
-                }
+    }
+    let mut best: HashMap<String, (f64, usize, Schedule)> = HashMap::new();
+    for ((workload, _), (knobs, costs, first)) in groups {
+        let Some(c) = costs.as_deref().filter(|v| !v.is_empty()).map(center) else { continue };
+        match best.get(workload) {
+            Some(&(b, bi, _)) if b < c || (b == c && bi < first) => {}
+            _ => {
+                best.insert(workload.to_string(), (c, first, knobs.clone()));
             }
         }
     }
-    best.into_iter().map(|(k, (_, s))| (k, s)).collect()
+    best.into_iter().map(|(k, (_, _, s))| (k, s)).collect()
+}
+
+/// The median of measurements (the mean of the middle two of an even count).
+fn center(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+/// What a tuning run knows of one workload's kernels (by kernel identity): every measurement
+/// of each, its cost (their median; `None`: a measurement failed, and the kernel is never
+/// chosen), and the distinct kernels in the order they were first measured.
+#[derive(Default)]
+struct Known {
+    samples: HashMap<String, Option<Vec<f64>>>,
+    cost: HashMap<String, Option<f64>>,
+    /// The first schedule measured for each kernel, and the kernel's identity.
+    points: Vec<(Schedule, String)>,
+}
+
+impl Known {
+    /// Adds a measurement of kernel `id` (schedule `s`); true if the kernel is new.
+    fn add(&mut self, s: &Schedule, id: &str, c: Option<f64>) -> bool {
+        let new = !self.samples.contains_key(id);
+        if new {
+            self.points.push((s.clone(), id.to_string()));
+        }
+        let e = self.samples.entry(id.to_string()).or_insert_with(|| Some(Vec::new()));
+        match (e.as_mut(), c) {
+            (Some(v), Some(c)) => v.push(c),
+            _ => *e = None,
+        }
+        self.cost.insert(id.to_string(), e.as_deref().map(center));
+        new
+    }
+
+    fn cost_of(&self, i: usize) -> Option<f64> {
+        self.cost.get(&self.points[i].1).copied().flatten()
+    }
+
+    /// The cheapest kernel (ties: the first measured), but for kernel `except`.
+    fn best(&self, except: Option<&str>) -> Option<(usize, f64)> {
+        (0..self.points.len())
+            .filter(|&i| Some(self.points[i].1.as_str()) != except)
+            .filter_map(|i| self.cost_of(i).map(|c| (i, c)))
+            .min_by(|a, b| a.1.total_cmp(&b.1).then(a.0.cmp(&b.0)))
+    }
 }
 
 /// The best known schedule per workload for `target` (as configured now), from database
@@ -576,11 +648,19 @@ trait Measure {
         Ok(None)
     }
     /// Measures `ks` again together: `rounds` rounds, each measuring every kernel once in a
-    /// rotated order (interleaved, so that a slow spell of the machine falls on all of them),
-    /// and per kernel the median over the rounds. Deterministic measurers measure once.
-    fn measure_interleaved(&self, ks: &[Kernel], rounds: usize) -> Vec<Result<f64, String>> {
+    /// rotated order (interleaved, so that a slow spell of the machine falls on all of them);
+    /// per kernel its measurements in round order. Deterministic measurers measure once.
+    fn measure_rounds(&self, ks: &[Kernel], rounds: usize) -> Vec<Result<Vec<f64>, String>> {
         let _ = rounds;
-        ks.iter().map(|k| self.measure(k)).collect()
+        ks.iter().map(|k| self.measure(k).map(|c| vec![c])).collect()
+    }
+    /// [`Measure::measure_rounds`], per kernel the median over the rounds.
+    fn measure_interleaved(&self, ks: &[Kernel], rounds: usize) -> Vec<Result<f64, String>> {
+        self.measure_rounds(ks, rounds).into_iter().map(|r| r.map(|v| center(&v))).collect()
+    }
+    /// Whether measuring the same kernel twice can give different costs (cpu time).
+    fn noisy(&self) -> bool {
+        false
     }
 }
 
@@ -721,7 +801,11 @@ impl Measure for CpuMeasure {
         Unit::Ms(self.clock)
     }
 
-    fn measure_interleaved(&self, ks: &[Kernel], rounds: usize) -> Vec<Result<f64, String>> {
+    fn noisy(&self) -> bool {
+        true
+    }
+
+    fn measure_rounds(&self, ks: &[Kernel], rounds: usize) -> Vec<Result<Vec<f64>, String>> {
         let built: Vec<Result<kiln_targets::native::NativeKernel, String>> =
             ks.iter().map(|k| self.checked(k)).collect();
         let mut times: Vec<Vec<f64>> = vec![Vec::new(); ks.len()];
@@ -742,7 +826,7 @@ impl Measure for CpuMeasure {
             .zip(times.iter_mut().zip(errors))
             .map(|(b, (t, e))| match (b, e) {
                 (Err(e), _) | (_, Some(e)) => Err(e),
-                (Ok(_), None) => Ok(median(t)),
+                (Ok(_), None) => Ok(std::mem::take(t)),
             })
             .collect()
     }
@@ -1064,6 +1148,8 @@ pub fn tune(
             trials: 0,
             failed: 0,
             best_so_far: Vec::new(),
+            chosen: Vec::new(),
+            repeats: 0,
             measured: Vec::new(),
             estimates_compute: Vec::new(),
             knobs: Vec::new(),
@@ -1092,27 +1178,15 @@ pub fn tune(
             &mut Rng(seed ^ 0xac71),
         );
         // What the database knows of this workload on this machine.
-        let mut seen: HashMap<String, Option<f64>> = HashMap::new();
-        let mut points: Vec<(Schedule, Option<f64>)> = Vec::new();
+        let mut known = Known::default();
         for r in previous.iter().filter(|r| r.workload == key && r.target == target && r.target_hash == hash) {
             if let Ok(k) = kiln_passes::lower::lower_with(m, o, &name, &r.knobs) {
-                let id = kernel_id(&k);
-                if let Some(v) = seen.get_mut(&id) {
-                    // A later failure of a recorded kernel (rvv: its check under qemu) wins.
-                    if !r.result.ok {
-                        *v = None;
-                        for p in points.iter_mut().filter(|p| p.0 == r.knobs) {
-                            p.1 = None;
-                        }
-                    }
-                    continue;
-                }
-                seen.insert(id, r.result.cost());
+                // A later failure of a recorded kernel (rvv: its check under qemu) wins.
+                known.add(&r.knobs, &kernel_id(&k), r.result.cost());
             }
-            points.push((r.knobs.clone(), r.result.cost()));
         }
-        kr.trials = points.len();
-        kr.failed = points.iter().filter(|p| p.1.is_none()).count();
+        kr.trials = known.points.len();
+        kr.failed = (0..known.points.len()).filter(|&i| known.cost_of(i).is_none()).count();
         // The learned search's candidates: the default and what the database knows first.
         let lower = |s: &Schedule| kiln_passes::lower::lower_with(m, o, &name, s).ok();
         let mut pool = Pool {
@@ -1125,30 +1199,38 @@ pub fn tune(
         let mut fed: HashSet<String> = HashSet::new();
         if opts.strategy == Strategy::Learned {
             pool.add(base.clone(), &space, &lower, &*measurer);
-            for (s, _) in &points {
+            for (s, _) in &known.points {
                 pool.add(s.clone(), &space, &lower, &*measurer);
             }
+            pool.feed(&known.cost, &default_id, &mut learner, &mut local, &mut fed);
         }
-        if opts.strategy == Strategy::Learned {
-            pool.feed(&seen, &default_id, &mut learner, &mut local, &mut fed);
-        }
-        let budget_left = if opts.resume { opts.trials.saturating_sub(points.len()) } else { opts.trials };
+        let budget_left = if opts.resume { opts.trials.saturating_sub(known.points.len()) } else { opts.trials };
+        let n_before = known.points.len();
         let mut rng = Rng(seed);
         let mut measured_here = 0;
         let mut dry = 0;
+        let record = |knobs: &Schedule, result: Outcome| Record {
+            workload: key.clone(),
+            target: target.clone(),
+            target_hash: hash.clone(),
+            knobs: knobs.clone(),
+            result,
+            kiln_version: env!("CARGO_PKG_VERSION").to_string(),
+            time: now_iso(),
+        };
         while measured_here < budget_left {
             if opts.budget.is_some_and(|b| start.elapsed() >= b) {
                 report.stopped_by_budget = true;
                 break;
             }
             // The next candidate: the default first, then by strategy.
-            let cand = if !seen.contains_key(&default_id) {
+            let cand = if !known.cost.contains_key(&default_id) {
                 base.clone()
             } else {
                 match opts.strategy {
                     Strategy::Random => space.random(&mut rng),
                     Strategy::Learned => {
-                        next_learned(&space, &mut pool, &learner, &local, &seen, &mut rng, &lower, &*measurer)
+                        next_learned(&space, &mut pool, &learner, &local, &known.cost, &mut rng, &lower, &*measurer)
                             .unwrap_or_else(|| space.random(&mut rng))
                     }
                 }
@@ -1161,7 +1243,7 @@ pub fn tune(
                 continue;
             };
             let id = kernel_id(&k);
-            if seen.contains_key(&id) {
+            if known.cost.contains_key(&id) {
                 // The same kernel as a measured candidate: no new point.
                 dry += 1;
                 if dry > 500 {
@@ -1172,23 +1254,39 @@ pub fn tune(
             dry = 0;
             count_measurements(1);
             let r = measurer.measure(&k);
-            let outcome = outcome(&r, measurer.unit());
-            db.append(&Record {
-                workload: key.clone(),
-                target: target.clone(),
-                target_hash: hash.clone(),
-                knobs: cand.clone(),
-                result: outcome.clone(),
-                kiln_version: env!("CARGO_PKG_VERSION").to_string(),
-                time: now_iso(),
-            })?;
+            let first = outcome(&r, measurer.unit());
+            let cost = first.cost();
+            db.append(&record(&cand, first))?;
             report.measured += 1;
             measured_here += 1;
-            let cost = outcome.cost();
-            seen.insert(id, cost);
+            known.add(&cand, &id, cost);
+            // Noisy costs: a candidate close to the best so far is measured again with it,
+            // interleaved, before either counts as the better one.
+            if let (Some(c), true) = (cost, opts.confirm_rounds > 0 && measurer.noisy()) {
+                if let Some((bi, _)) = known.best(Some(&id)).filter(|&(_, bc)| c < bc * (1.0 + opts.confirm_margin)) {
+                    let (bs, bid) = known.points[bi].clone();
+                    if let Some(bk) = lower(&bs) {
+                        count_measurements(2);
+                        let rs = measurer.measure_rounds(&[bk, k.clone()], opts.confirm_rounds);
+                        for ((s, kid), r) in [(&bs, &bid), (&cand, &id)].into_iter().zip(rs) {
+                            let runs = match r {
+                                Ok(v) => v.into_iter().map(Ok).collect(),
+                                Err(e) => vec![Err(e)],
+                            };
+                            for r in runs {
+                                let o = outcome(&r, measurer.unit());
+                                db.append(&record(s, o.clone()))?;
+                                report.measured += 1;
+                                kr.repeats += 1;
+                                known.add(s, kid, o.cost());
+                            }
+                        }
+                    }
+                }
+            }
             if opts.strategy == Strategy::Learned {
                 pool.add(cand.clone(), &space, &lower, &*measurer);
-                pool.feed(&seen, &default_id, &mut learner, &mut local, &mut fed);
+                pool.feed(&known.cost, &default_id, &mut learner, &mut local, &mut fed);
             }
             // The static estimate of every measured candidate (both strategies), relative to
             // the default's: the total, and the instructions alone.
@@ -1200,50 +1298,35 @@ pub fn tune(
             };
             kr.measured.push((cost, est.map(|e| e.0)));
             kr.estimates_compute.push(est.map(|e| e.1));
-            kr.knobs.push(cand.clone());
-            points.push((cand, cost));
+            kr.knobs.push(cand);
             kr.trials += 1;
-            if cost.is_none() {
-                kr.failed += 1;
-            }
-            let best = points.iter().filter_map(|p| p.1).fold(f64::INFINITY, f64::min);
-            kr.best_so_far.push(best);
+            kr.failed = (0..known.points.len()).filter(|&i| known.cost_of(i).is_none()).count();
+            let best = known.best(None);
+            kr.best_so_far.push(best.map_or(f64::INFINITY, |b| b.1));
+            // This run's trials are the kernels measured after the database's.
+            kr.chosen.push(best.and_then(|b| b.0.checked_sub(n_before)));
             progress(&kr, opts.trials);
         }
         // Targets whose cost is not a run of the code (rvv: an estimate) check the best
         // candidate's code on the machine itself; a wrong one is recorded as failed and the
         // next best is checked.
-        while let Some(i) = points
-            .iter()
-            .enumerate()
-            .filter_map(|(i, (_, c))| c.map(|c| (i, c)))
-            .min_by(|a, b| a.1.total_cmp(&b.1))
-            .map(|(i, _)| i)
-        {
-            let Ok(k) = kiln_passes::lower::lower_with(m, o, &name, &points[i].0) else { break };
+        while let Some((i, _)) = known.best(None) {
+            let (s, id) = known.points[i].clone();
+            let Some(k) = lower(&s) else { break };
             match measurer.check_best(&k)? {
                 None => break,
                 Some(why) => {
-                    db.append(&Record {
-                        workload: key.clone(),
-                        target: target.clone(),
-                        target_hash: hash.clone(),
-                        knobs: points[i].0.clone(),
-                        result: Outcome::failed(why),
-                        kiln_version: env!("CARGO_PKG_VERSION").to_string(),
-                        time: now_iso(),
-                    })?;
+                    db.append(&record(&s, Outcome::failed(why)))?;
                     report.measured += 1;
-                    points[i].1 = None;
-                    seen.insert(kernel_id(&k), None);
-                    kr.failed += 1;
+                    known.add(&s, &id, None);
+                    kr.failed = (0..known.points.len()).filter(|&i| known.cost_of(i).is_none()).count();
                 }
             }
         }
         // Default and best, from everything known.
-        kr.default_cost = seen.get(&default_id).copied().flatten();
-        if let Some((s, c)) = points.iter().filter_map(|(s, c)| c.map(|c| (s, c))).min_by(|a, b| a.1.total_cmp(&b.1)) {
-            kr.best = s.clone();
+        kr.default_cost = known.cost.get(&default_id).copied().flatten();
+        if let Some((i, c)) = known.best(None) {
+            kr.best = known.points[i].0.clone();
             kr.best_cost = Some(c);
         }
         report.kernels.push(kr);
@@ -1461,7 +1544,8 @@ pub fn report_json(r: &TuneReport) -> serde_json::Value {
             serde_json::json!({
                 "kernel": k.kernel, "instances": k.instances, "workload": k.workload, "unit": k.unit,
                 "default": k.default_cost, "best": k.best_cost, "trials": k.trials, "failed": k.failed,
-                "best_so_far": k.best_so_far, "knobs": k.best, "skipped": k.skipped,
+                "best_so_far": k.best_so_far, "chosen": k.chosen, "repeats": k.repeats,
+                "knobs": k.best, "skipped": k.skipped,
                 "costs": k.measured.iter().map(|m| m.0).collect::<Vec<_>>(),
                 "estimates": k.measured.iter().map(|m| m.1).collect::<Vec<_>>(),
                 "estimates_compute": k.estimates_compute, "trial_knobs": k.knobs,
@@ -1472,4 +1556,75 @@ pub fn report_json(r: &TuneReport) -> serde_json::Value {
         "target": r.target, "measured": r.measured, "clock": r.clock, "estimated": r.target == "rvv", "previous_records": r.previous,
         "unreadable_lines": r.unreadable, "stopped_by_budget": r.stopped_by_budget, "kernels": kernels,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(workload: &str, knobs: &Schedule, cost: Option<f64>) -> Record {
+        Record {
+            workload: workload.into(),
+            target: "cpu".into(),
+            target_hash: "h".into(),
+            knobs: knobs.clone(),
+            result: match cost {
+                Some(c) => outcome(&Ok(c), Unit::Ms(Clock::Wall)),
+                None => Outcome::failed("wrong result".into()),
+            },
+            kiln_version: "0".into(),
+            time: String::new(),
+        }
+    }
+
+    #[test]
+    fn center_is_the_median_and_the_mean_of_the_middle_two() {
+        assert_eq!(center(&[3.0]), 3.0);
+        assert_eq!(center(&[5.0, 1.0, 3.0]), 3.0);
+        assert_eq!(center(&[4.0, 1.0, 2.0, 10.0]), 3.0);
+    }
+
+    #[test]
+    fn best_of_takes_each_schedules_median_not_its_luckiest_measurement() {
+        let a = Schedule::for_machine(&kiln_targets::lookup("cpu").unwrap().machine());
+        let b = Schedule { matmul_tile_k: a.matmul_tile_k * 2, ..a.clone() };
+        let c = Schedule { matmul_tile_k: a.matmul_tile_k * 4, ..a.clone() };
+        // `a` read 1.0 once (lucky) but 3.0 twice; `b` 2.0 throughout; `c` was cheapest but
+        // failed once; another machine's record and another workload's are not counted.
+        let mut rs = vec![
+            rec("w", &a, Some(1.0)),
+            rec("w", &b, Some(2.0)),
+            rec("w", &a, Some(3.0)),
+            rec("w", &c, Some(0.5)),
+            rec("w", &a, Some(3.0)),
+            rec("w", &b, Some(2.1)),
+            rec("w", &c, None),
+            rec("v", &c, Some(0.1)),
+        ];
+        rs.push(Record { target_hash: "other".into(), ..rec("w", &c, Some(0.01)) });
+        let best = best_of(&rs, "cpu", "h");
+        assert_eq!(best["w"], b);
+        assert_eq!(best["v"], c);
+        // Ties: the schedule recorded first.
+        let tie = best_of(&[rec("w", &b, Some(2.0)), rec("w", &a, Some(2.0))], "cpu", "h");
+        assert_eq!(tie["w"], b);
+    }
+
+    #[test]
+    fn known_costs_are_medians_and_a_failure_is_final() {
+        let s = Schedule::for_machine(&kiln_targets::lookup("cpu").unwrap().machine());
+        let mut k = Known::default();
+        assert!(k.add(&s, "a", Some(1.0)));
+        assert!(k.add(&s, "b", Some(2.0)));
+        assert_eq!(k.best(None), Some((0, 1.0)));
+        assert!(!k.add(&s, "a", Some(3.0)));
+        assert!(!k.add(&s, "a", Some(3.5)));
+        assert_eq!(k.best(None), Some((1, 2.0)));
+        assert_eq!(k.best(Some("b")), Some((0, 3.0)));
+        k.add(&s, "b", None);
+        k.add(&s, "b", Some(0.1));
+        assert_eq!(k.cost_of(1), None);
+        assert_eq!(k.best(None), Some((0, 3.0)));
+        assert_eq!(k.points.len(), 2);
+    }
 }

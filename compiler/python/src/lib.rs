@@ -307,6 +307,7 @@ fn tune_bytes(
         strategy,
         seed,
         dims: dims.into_iter().collect(),
+        ..Default::default()
     };
     py.detach(move || {
         let m = kiln::load_model_bytes(&model_bytes, &name)?;
