@@ -1192,6 +1192,7 @@ pub fn tune(
         let mut pool = Pool {
             cands: Vec::new(),
             ids: HashMap::new(),
+            proposed: HashSet::new(),
             default_est: measurer.estimate(&default_kernel).ok(),
             n_est,
         };
@@ -1350,6 +1351,9 @@ struct Cand {
 struct Pool {
     cands: Vec<Cand>,
     ids: HashMap<String, usize>,
+    /// Every schedule proposed so far (as JSON): a schedule proposed again is not lowered,
+    /// identified and estimated again (most proposals of a small space are repeats).
+    proposed: HashSet<String>,
     /// The default kernel's estimate (`None`: the target has none for it; ranking then uses
     /// the knobs alone).
     default_est: Option<Vec<f64>>,
@@ -1377,6 +1381,9 @@ fn features(space: &Space, s: &Schedule, est: Option<&[f64]>, default_est: Optio
 impl Pool {
     /// Adds `s` if it lowers to a kernel not in the pool yet, estimating it.
     fn add(&mut self, s: Schedule, space: &Space, lower: &dyn Fn(&Schedule) -> Option<Kernel>, measurer: &dyn Measure) {
+        if !self.proposed.insert(serde_json::to_string(&s).unwrap_or_default()) {
+            return;
+        }
         let Some(k) = lower(&s) else { return };
         let id = kernel_id(&k);
         if self.ids.contains_key(&id) {
