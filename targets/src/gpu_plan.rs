@@ -5,7 +5,8 @@
 //! its static shape and element type, and the arena's size. The memory plan is the cpu AOT's
 //! ([`crate::aot::plan_memory`]: views alias their operand, intermediates share one arena by
 //! live range, graph outputs written in place). `kiln-runtime`'s executor runs it on any
-//! [`kiln_runtime::gpu::Device`].
+//! [`kiln_runtime::gpu::Device`]. The schema is kiln-runtime's ([`kiln_runtime::gpu::Plan`] and
+//! the types in it, re-exported here): one definition for this writer and the runtime's reader.
 //!
 //! Host steps: every op the GPU does not run (a host kernel the kernel dialect does not cover,
 //! host shape arithmetic) is a step that carries the op as a one-op kiln-ir module in MLIR
