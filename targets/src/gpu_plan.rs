@@ -493,3 +493,17 @@ impl kiln_runtime::gpu::Device for EmulatedGpu {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn launch_dims_fit_the_drivers_32_bits_or_are_refused() {
+        let max = u64::from(u32::MAX);
+        assert_eq!(driver_dims([5, 4, 1]), Some([5, 4, 1]));
+        assert_eq!(driver_dims([max, 1, 1]), Some([u32::MAX, 1, 1]));
+        assert_eq!(driver_dims([1, max + 1, 1]), None);
+        assert_eq!(driver_dims([1 << 40]), None);
+    }
+}
