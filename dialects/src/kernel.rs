@@ -382,20 +382,50 @@ impl Idx {
 
     /// `self` with loop variable `var` replaced by `by`.
     pub fn subst(&self, var: usize, by: &Idx) -> Idx {
+        self.map(&mut |i| if i == Idx::Var(var) { by.clone() } else { i })
+    }
+
+    /// `self` with each direct operand `x` replaced by `f(x)` (a leaf is cloned), `f`'s first
+    /// error returned. The one node-by-node rebuild of an index: [`Idx::map`] builds on it, and
+    /// so can rewrites that go top-down (replacing a node before its operands are seen).
+    pub fn try_map_operands<E>(&self, f: &mut dyn FnMut(&Idx) -> Result<Idx, E>) -> Result<Idx, E> {
         use Idx::*;
-        let s = |x: &Idx| Box::new(x.subst(var, by));
-        match self {
-            Var(v) if *v == var => by.clone(),
+        let mut two = |a: &Idx, b: &Idx| -> Result<(Box<Idx>, Box<Idx>), E> { Ok((Box::new(f(a)?), Box::new(f(b)?))) };
+        Ok(match self {
             Var(_) | Const(_) | Dim { .. } => self.clone(),
-            Add(a, b) => Add(s(a), s(b)),
-            Sub(a, b) => Sub(s(a), s(b)),
-            Mul(a, b) => Mul(s(a), s(b)),
-            Div(a, b) => Div(s(a), s(b)),
-            Rem(a, b) => Rem(s(a), s(b)),
-            ZeroIfOne(a, b) => ZeroIfOne(s(a), s(b)),
-            Min(a, b) => Min(s(a), s(b)),
-            Max(a, b) => Max(s(a), s(b)),
-        }
+            Add(a, b) => two(a, b).map(|(a, b)| Add(a, b))?,
+            Sub(a, b) => two(a, b).map(|(a, b)| Sub(a, b))?,
+            Mul(a, b) => two(a, b).map(|(a, b)| Mul(a, b))?,
+            Div(a, b) => two(a, b).map(|(a, b)| Div(a, b))?,
+            Rem(a, b) => two(a, b).map(|(a, b)| Rem(a, b))?,
+            ZeroIfOne(a, b) => two(a, b).map(|(a, b)| ZeroIfOne(a, b))?,
+            Min(a, b) => two(a, b).map(|(a, b)| Min(a, b))?,
+            Max(a, b) => two(a, b).map(|(a, b)| Max(a, b))?,
+        })
+    }
+
+    /// [`Idx::try_map_operands`] with an `f` that cannot fail.
+    pub fn map_operands(&self, f: &mut dyn FnMut(&Idx) -> Idx) -> Idx {
+        infallible(self.try_map_operands(&mut |x| Ok(f(x))))
+    }
+
+    /// Bottom-up map: every node rebuilt from its mapped operands, then passed to `f` (so `f`
+    /// sees each node once, its operands already mapped; what `f` returns is not visited again).
+    pub fn map(&self, f: &mut dyn FnMut(Idx) -> Idx) -> Idx {
+        infallible(self.try_map(&mut |x| Ok(f(x))))
+    }
+
+    /// [`Idx::map`] with a fallible `f`: its first error (operands left to right).
+    pub fn try_map<E>(&self, f: &mut dyn FnMut(Idx) -> Result<Idx, E>) -> Result<Idx, E> {
+        let node = self.try_map_operands(&mut |x| x.try_map(f))?;
+        f(node)
+    }
+}
+
+fn infallible<T>(r: Result<T, std::convert::Infallible>) -> T {
+    match r {
+        Ok(t) => t,
+        Err(never) => match never {},
     }
 }
 
@@ -418,25 +448,63 @@ impl Val {
 
     /// `self` with loop variable `var` replaced by `by` in every index.
     pub fn subst(&self, var: usize, by: &Idx) -> Val {
-        let s = |x: &Val| Box::new(x.subst(var, by));
-        let ix = |i: &[Idx]| i.iter().map(|i| i.subst(var, by)).collect();
-        match self {
+        self.map_idx(&mut |i| i.subst(var, by))
+    }
+
+    /// `self` with each direct value operand `x` replaced by `fv(x)` and each index it holds (a
+    /// load's indices, a reduction's extent, a comparison's sides, `FromIdx`'s) by `fi(i)`,
+    /// the first error returned. Parts are visited in field order (a reduction's extent before
+    /// its body, a comparison's indices before its branches). The one node-by-node rebuild of
+    /// a value: [`Val::map`] and [`Val::map_idx`] build on it, and so can top-down rewrites.
+    pub fn try_map_parts<E>(
+        &self,
+        fv: &mut dyn FnMut(&Val) -> Result<Val, E>,
+        fi: &mut dyn FnMut(&Idx) -> Result<Idx, E>,
+    ) -> Result<Val, E> {
+        let mut b = |x: &Val| fv(x).map(Box::new);
+        Ok(match self {
             Val::Const(_) | Val::Scalar(_) => self.clone(),
-            Val::Load { buf, index } => Val::Load { buf: *buf, index: ix(index) },
-            Val::Un(op, x) => Val::Un(*op, s(x)),
-            Val::Bin(op, x, y) => Val::Bin(*op, s(x), s(y)),
-            Val::FromIdx(i) => Val::FromIdx(i.subst(var, by)),
-            Val::Reduce { op, var: v, extent, body } => {
-                Val::Reduce { op: *op, var: *v, extent: extent.subst(var, by), body: s(body) }
+            Val::Load { buf, index } => Val::Load { buf: *buf, index: index.iter().map(fi).collect::<Result<_, _>>()? },
+            Val::Un(op, x) => Val::Un(*op, b(x)?),
+            Val::Bin(op, x, y) => Val::Bin(*op, b(x)?, b(y)?),
+            Val::FromIdx(i) => Val::FromIdx(fi(i)?),
+            Val::Reduce { op, var, extent, body } => {
+                Val::Reduce { op: *op, var: *var, extent: fi(extent)?, body: b(body)? }
             }
             Val::IfLess { lhs, rhs, then, other } => {
-                Val::IfLess { lhs: lhs.subst(var, by), rhs: rhs.subst(var, by), then: s(then), other: s(other) }
+                Val::IfLess { lhs: fi(lhs)?, rhs: fi(rhs)?, then: b(then)?, other: b(other)? }
             }
             Val::Select { lhs, rhs, then, other } => {
-                Val::Select { lhs: lhs.subst(var, by), rhs: rhs.subst(var, by), then: s(then), other: s(other) }
+                Val::Select { lhs: fi(lhs)?, rhs: fi(rhs)?, then: b(then)?, other: b(other)? }
             }
-            Val::Where { cond, then, other } => Val::Where { cond: s(cond), then: s(then), other: s(other) },
-        }
+            Val::Where { cond, then, other } => Val::Where { cond: b(cond)?, then: b(then)?, other: b(other)? },
+        })
+    }
+
+    /// [`Val::try_map_parts`] with functions that cannot fail.
+    pub fn map_parts(&self, fv: &mut dyn FnMut(&Val) -> Val, fi: &mut dyn FnMut(&Idx) -> Idx) -> Val {
+        infallible(self.try_map_parts(&mut |x| Ok(fv(x)), &mut |i| Ok(fi(i))))
+    }
+
+    /// Bottom-up map of the value nodes (indices kept): every node rebuilt from its mapped
+    /// operands, then passed to `f`; what `f` returns is not visited again.
+    pub fn map(&self, f: &mut dyn FnMut(Val) -> Val) -> Val {
+        let node = self.map_parts(&mut |x| x.map(f), &mut Idx::clone);
+        f(node)
+    }
+
+    /// `self` with every index expression it holds, at any depth (loads' indices, extents,
+    /// comparisons' sides, `FromIdx`'s), replaced by `f` of it (whole: `f` is not applied to
+    /// the nodes inside an index; use [`Idx::map`] in `f` for that).
+    pub fn map_idx(&self, f: &mut dyn FnMut(&Idx) -> Idx) -> Val {
+        infallible(self.try_map_idx(&mut |i| Ok(f(i))))
+    }
+
+    /// [`Val::map_idx`] with a fallible `f`: its first error.
+    pub fn try_map_idx<E>(&self, f: &mut dyn FnMut(&Idx) -> Result<Idx, E>) -> Result<Val, E> {
+        // Both closures need `f`: the value operands reach it through the recursion.
+        let f = std::cell::RefCell::new(f);
+        self.try_map_parts(&mut |x| x.try_map_idx(*f.borrow_mut()), &mut |i| (f.borrow_mut())(i))
     }
 }
 
@@ -608,6 +676,172 @@ mod tests {
 
     fn b(i: Idx) -> Box<Idx> {
         Box::new(i)
+    }
+
+    fn var(v: usize) -> Idx {
+        Idx::Var(v)
+    }
+
+    /// `(i0 + 2) * dim(%1, 0)`, and a value holding indices in every place one can be.
+    fn sample() -> (Idx, Val) {
+        let i = Idx::Mul(b(Idx::Add(b(var(0)), b(Idx::Const(2)))), b(Idx::Dim { buf: 1, axis: 0 }));
+        let load = |ix: Vec<Idx>| Box::new(Val::Load { buf: 0, index: ix });
+        let v = Val::Where {
+            cond: Box::new(Val::IfLess {
+                lhs: var(0),
+                rhs: i.clone(),
+                then: load(vec![var(0), var(1)]),
+                other: Box::new(Val::Un(UnOp::Neg, Box::new(Val::Scalar(3)))),
+            }),
+            then: Box::new(Val::Reduce { op: RedOp::Sum, var: 1, extent: i.clone(), body: load(vec![var(1)]) }),
+            other: Box::new(Val::Bin(
+                BinOp::Add,
+                Box::new(Val::FromIdx(var(0))),
+                Box::new(Val::Select {
+                    lhs: var(1),
+                    rhs: Idx::Const(4),
+                    then: load(vec![]),
+                    other: Box::new(Val::Const(1.0)),
+                }),
+            )),
+        };
+        (i, v)
+    }
+
+    #[test]
+    fn idx_map_is_bottom_up_and_visits_every_node_once() {
+        let (i, _) = sample();
+        let mut seen = Vec::new();
+        let out = i.map(&mut |x| {
+            seen.push(x.to_string());
+            match x {
+                Idx::Var(0) => Idx::Const(5),
+                Idx::Dim { .. } => Idx::Const(3),
+                x => x,
+            }
+        });
+        // Operands before their node, each node once, the node seen with mapped operands.
+        assert_eq!(seen, ["i0", "2", "(5 + 2)", "dim(%1, 0)", "((5 + 2) * 3)"]);
+        assert_eq!(out.simplify(), Idx::Const(21));
+        // Not visited again: a `Var(0)` that `f` introduces stays.
+        assert_eq!(
+            var(0).map(&mut |x| if x == var(0) { Idx::Add(b(var(0)), b(var(0))) } else { x }).to_string(),
+            "(i0 + i0)"
+        );
+    }
+
+    #[test]
+    fn idx_try_map_returns_the_first_error() {
+        let (i, _) = sample();
+        let dims = |x: Idx| match x {
+            Idx::Dim { buf, .. } => Err(buf),
+            Idx::Var(v) if v > 0 => Err(100 + v),
+            x => Ok(x),
+        };
+        assert_eq!(i.try_map(&mut |x| dims(x)), Err(1));
+        assert_eq!(Idx::Add(b(var(2)), b(Idx::Dim { buf: 1, axis: 0 })).try_map(&mut |x| dims(x)), Err(102));
+        assert_eq!(var(0).try_map(&mut |x| dims(x)), Ok(var(0)));
+    }
+
+    #[test]
+    fn idx_map_operands_is_one_level() {
+        let (i, _) = sample();
+        let out = i.map_operands(&mut |x| Idx::Const(x.has_vars() as i64));
+        assert_eq!(out, Idx::Mul(b(Idx::Const(1)), b(Idx::Const(0))));
+        assert_eq!(var(3).map_operands(&mut |_| Idx::Const(0)), var(3));
+    }
+
+    #[test]
+    fn idx_subst_replaces_the_variable_only() {
+        let (i, _) = sample();
+        assert_eq!(i.subst(0, &var(7)).to_string(), "((i7 + 2) * dim(%1, 0))");
+        assert_eq!(i.subst(1, &var(7)), i);
+    }
+
+    #[test]
+    fn val_map_idx_reaches_every_index_and_keeps_the_rest() {
+        let (_, v) = sample();
+        let mut n = 0;
+        let out = v.map_idx(&mut |i| {
+            n += 1;
+            i.subst(0, &Idx::Const(9))
+        });
+        // IfLess's two, the load's two, the extent, the reduced load's one, FromIdx, Select's two.
+        assert_eq!(n, 9);
+        assert!(!out.uses(0) && out.uses(1), "{out}");
+        assert_eq!(out, v.subst(0, &Idx::Const(9)));
+        // Everything but indices is kept.
+        assert_eq!(v.map_idx(&mut Idx::clone), v);
+        assert_eq!(out.to_string(), v.to_string().replace("i0", "9"));
+    }
+
+    #[test]
+    fn val_try_map_idx_stops_at_the_first_error() {
+        let (_, v) = sample();
+        let mut seen = 0;
+        let r = v.try_map_idx(&mut |i| {
+            seen += 1;
+            if i.uses(1) {
+                Err(i.to_string())
+            } else {
+                Ok(i.clone())
+            }
+        });
+        // IfLess's lhs and rhs, then the load's `i0`, then its `i1`.
+        assert_eq!((r, seen), (Err("i1".to_string()), 4));
+    }
+
+    #[test]
+    fn val_map_is_bottom_up_over_values() {
+        let (_, v) = sample();
+        let mut kinds = Vec::new();
+        let out = v.map(&mut |x| {
+            kinds.push(match &x {
+                Val::Load { .. } => "load",
+                Val::Scalar(_) => "scalar",
+                Val::Const(_) => "const",
+                Val::Un(..) | Val::Bin(..) => "op",
+                Val::FromIdx(_) => "idx",
+                Val::Reduce { .. } => "reduce",
+                Val::IfLess { .. } | Val::Select { .. } | Val::Where { .. } => "branch",
+            });
+            match x {
+                Val::Scalar(3) => Val::Const(2.0),
+                x => x,
+            }
+        });
+        assert_eq!(
+            kinds,
+            ["load", "scalar", "op", "branch", "load", "reduce", "idx", "load", "const", "branch", "op", "branch"]
+        );
+        assert_eq!(out.to_string(), v.to_string().replace("%s3", "2e0"), "{v}");
+    }
+
+    #[test]
+    fn val_map_parts_is_one_level_in_field_order() {
+        let (_, v) = sample();
+        let Val::Where { cond, .. } = &v else { panic!("{v}") };
+        let order = std::cell::RefCell::new(Vec::new());
+        let out = cond.map_parts(
+            &mut |x| {
+                order.borrow_mut().push(format!("val {x}"));
+                Val::Const(0.0)
+            },
+            &mut |i| {
+                order.borrow_mut().push(format!("idx {i}"));
+                Idx::Const(1)
+            },
+        );
+        assert_eq!(order.into_inner(), ["idx i0", "idx ((i0 + 2) * dim(%1, 0))", "val %0[i0, i1]", "val neg(%s3)"]);
+        assert_eq!(
+            out,
+            Val::IfLess {
+                lhs: Idx::Const(1),
+                rhs: Idx::Const(1),
+                then: Box::new(Val::Const(0.0)),
+                other: Box::new(Val::Const(0.0))
+            }
+        );
     }
 
     #[test]

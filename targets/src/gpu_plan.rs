@@ -5,7 +5,8 @@
 //! its static shape and element type, and the arena's size. The memory plan is the cpu AOT's
 //! ([`crate::aot::plan_memory`]: views alias their operand, intermediates share one arena by
 //! live range, graph outputs written in place). `kiln-runtime`'s executor runs it on any
-//! [`kiln_runtime::gpu::Device`].
+//! [`kiln_runtime::gpu::Device`]. The schema is kiln-runtime's ([`kiln_runtime::gpu::Plan`] and
+//! the types in it, re-exported here): one definition for this writer and the runtime's reader.
 //!
 //! Host steps: every op the GPU does not run (a host kernel the kernel dialect does not cover,
 //! host shape arithmetic) is a step that carries the op as a one-op kiln-ir module in MLIR
@@ -23,106 +24,24 @@ use kiln_ir::attr::{Attr, Attrs};
 use kiln_ir::ir::{Block, OpData, OpId, ValueDef, ValueId};
 use kiln_ir::{DType, Module};
 use kiln_passes::fusion::{classify, OpClass};
-use serde::Serialize;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-/// The plan's format tag (`kiln-runtime` checks it).
-pub const FORMAT: &str = "kiln-gpu-plan/2";
-
-/// Where a buffer lives.
-#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
-#[serde(tag = "kind", rename_all = "lowercase")]
-pub enum Place {
-    Input {
-        index: usize,
-    },
-    Output {
-        index: usize,
-    },
-    /// Byte offset into `weights.bin`.
-    Weight {
-        offset: usize,
-    },
-    /// Byte offset into the arena.
-    Arena {
-        offset: usize,
-    },
-}
-
-/// A buffer: where, its shape and element type (MLIR's name: `f32`, `i64`, `i1` for bool, ...).
-#[derive(Clone, Debug, PartialEq, Serialize)]
-pub struct PlanBuffer {
-    pub at: Place,
-    pub shape: Vec<usize>,
-    pub dtype: &'static str,
-}
-
-/// A graph input or output: its name and buffer.
-#[derive(Clone, Debug, PartialEq, Serialize)]
-pub struct PlanPort {
-    pub name: String,
-    #[serde(flatten)]
-    pub buffer: PlanBuffer,
-}
-
-/// One kernel launch: the manifest's kernel, its function and file, grid and block, and one
-/// buffer per kernel parameter descriptor (the manifest's `args`, in order).
-#[derive(Clone, Debug, PartialEq, Serialize)]
-pub struct PlanLaunch {
-    pub kernel: String,
-    pub node: String,
-    pub op: String,
-    pub function: String,
-    pub file: String,
-    pub grid: [u64; 3],
-    pub block: [u64; 3],
-    pub shared_bytes: u64,
-    pub args: Vec<PlanBuffer>,
-}
-
-/// An op run on the host between launches: kiln-ir's reference interpreter runs `module` (one
-/// op in MLIR generic text, small constant operands inside) on the `inputs` downloaded from the
-/// device, in the module's input order, and its results are uploaded to `outputs`.
-#[derive(Clone, Debug, PartialEq, Serialize)]
-pub struct PlanHostStep {
-    pub kernel: String,
-    pub node: String,
-    pub op: String,
-    /// Runs before launch `before` (after every launch when it is the launch count), after the
-    /// host steps listed earlier.
-    pub before: usize,
-    pub module: String,
-    pub inputs: Vec<PlanBuffer>,
-    pub outputs: Vec<PlanBuffer>,
-}
-
-/// `plan.json`.
-#[derive(Clone, Debug, PartialEq, Serialize)]
-pub struct Plan {
-    pub format: &'static str,
-    pub target: &'static str,
-    pub arch: String,
-    /// Whether the runtime can run the whole model; else `why_not` says why.
-    pub runnable: bool,
-    pub why_not: Option<String>,
-    pub inputs: Vec<PlanPort>,
-    pub outputs: Vec<PlanPort>,
-    pub arena_bytes: usize,
-    /// The weights' file (in the plan's directory) and its size.
-    pub weights: &'static str,
-    pub weight_bytes: usize,
-    /// The largest per-thread local memory of any launch (the stack the driver must give).
-    pub stack_bytes: u64,
-    pub launches: Vec<PlanLaunch>,
-    /// Host steps in program order.
-    pub host_steps: Vec<PlanHostStep>,
-}
+pub use kiln_runtime::gpu::{Buffer, HostStep, Launch, Place, Plan, Port, FORMAT};
 
 /// The plan's name of an element type: MLIR's, for every type with a byte per element or more
 /// (the float8 and sub-byte types one byte each, as kiln-ir's tensors hold them).
 fn dtype_name(d: DType) -> Option<&'static str> {
     (d != DType::String).then(|| d.mlir_name())
+}
+
+/// `x` in the driver's 32-bit launch dimensions, if it fits.
+fn driver_dims<const N: usize>(x: [u64; N]) -> Option<[u32; N]> {
+    let mut out = [0; N];
+    for (o, &n) in out.iter_mut().zip(&x) {
+        *o = u32::try_from(n).ok()?;
+    }
+    Some(out)
 }
 
 /// Constants with at most this many elements that host steps read travel inside the step's
@@ -132,15 +51,15 @@ const INLINE_CONSTANT: usize = 4096;
 /// The plan of `prog` (compiled from fused module `m`) and the weights it reads.
 pub fn plan(m: &Module, prog: &GpuProgram) -> (Plan, Vec<u8>) {
     let mut p = Plan {
-        format: FORMAT,
-        target: prog.arch.family.name(),
+        format: FORMAT.to_string(),
+        target: prog.arch.family.name().to_string(),
         arch: prog.arch.chip.clone(),
         runnable: false,
         why_not: None,
         inputs: Vec::new(),
         outputs: Vec::new(),
         arena_bytes: 0,
-        weights: "weights.bin",
+        weights: "weights.bin".to_string(),
         weight_bytes: 0,
         stack_bytes: 0,
         launches: Vec::new(),
@@ -201,15 +120,24 @@ fn fill(m: &Module, prog: &GpuProgram, p: &mut Plan) -> Result<Vec<u8>, String> 
             }
         })
     };
-    let buffer = |v: ValueId| -> Result<PlanBuffer, String> {
-        Ok(PlanBuffer { at: place(v)?, shape: static_shape(m, v).map_err(text)?, dtype: dtype(v)? })
+    let buffer = |v: ValueId| -> Result<Buffer, String> {
+        Ok(Buffer { at: place(v)?, shape: static_shape(m, v).map_err(text)?, dtype: dtype(v)?.to_string() })
     };
-    let port = |v: ValueId| -> Result<PlanPort, String> { Ok(PlanPort { name: m.value_label(v), buffer: buffer(v)? }) };
+    let port = |v: ValueId| -> Result<Port, String> { Ok(Port { name: m.value_label(v), buffer: buffer(v)? }) };
     p.inputs = m.inputs().iter().map(|&v| port(v)).collect::<Result<_, _>>()?;
     p.outputs = m.outputs().iter().map(|&v| port(v)).collect::<Result<_, _>>()?;
     for ((l, k), (_, o)) in prog.manifest.kernels.iter().zip(&prog.kernels).zip(&kernel_ops) {
         let op = m.op(*o);
         let grid = l.grid.ok_or_else(|| format!("kernel {}: its grid is not known at compile time", l.name))?;
+        let (Some(grid), Some(block), Some([shared_bytes])) =
+            (driver_dims(grid), driver_dims(l.block), driver_dims([l.shared_bytes]))
+        else {
+            return Err(format!(
+                "kernel {}: grid {grid:?}, block {:?} or {} bytes of shared memory exceed the driver's 32-bit launch \
+                 dimensions",
+                l.name, l.block, l.shared_bytes
+            ));
+        };
         let mut args = Vec::new();
         for (bi, b) in k.buffers.iter().enumerate() {
             let v = if bi < k.inputs {
@@ -237,15 +165,15 @@ fn fill(m: &Module, prog: &GpuProgram, p: &mut Plan) -> Result<Vec<u8>, String> 
             args.push(a);
         }
         p.stack_bytes = p.stack_bytes.max(l.local_bytes.unwrap_or(0));
-        p.launches.push(PlanLaunch {
+        p.launches.push(Launch {
             kernel: l.name.clone(),
             node: l.node.clone(),
             op: l.op.clone(),
             function: l.function.clone(),
             file: l.file.clone(),
             grid,
-            block: l.block,
-            shared_bytes: l.shared_bytes,
+            block,
+            shared_bytes,
             args,
         });
     }
@@ -254,7 +182,7 @@ fn fill(m: &Module, prog: &GpuProgram, p: &mut Plan) -> Result<Vec<u8>, String> 
         let kernel = names.get(&o).cloned().unwrap_or_else(|| format!("host{pos}_{}", op.op_type()));
         let at = |e: String| format!("host step {kernel} (node '{}', {}): {e}", op.node_name(), op.op_type());
         let (module, inputs) = host_module(m, o).map_err(at)?;
-        p.host_steps.push(PlanHostStep {
+        p.host_steps.push(HostStep {
             before: kernel_ops.iter().filter(|&&(kp, _)| kp < pos).count(),
             node: op.node_name().to_string(),
             op: op.op_type().to_string(),
@@ -348,12 +276,6 @@ fn host_module(m: &Module, o: OpId) -> Result<(String, Vec<ValueId>), String> {
     Ok((text, inputs))
 }
 
-impl Plan {
-    pub fn json(&self) -> String {
-        serde_json::to_string_pretty(self).expect("the plan serializes")
-    }
-}
-
 /// Writes the plan of `prog` (compiled from fused `m`) as `dir/plan.json` and its weights as
 /// `dir/weights.bin`; returns the plan and the paths written.
 pub fn write(m: &Module, prog: &GpuProgram, dir: &Path) -> Result<(Plan, Vec<PathBuf>), TargetError> {
@@ -362,7 +284,7 @@ pub fn write(m: &Module, prog: &GpuProgram, dir: &Path) -> Result<(Plan, Vec<Pat
     let (plan, weights) = plan(m, prog);
     let pj = dir.join("plan.json");
     std::fs::write(&pj, plan.json()).map_err(|e| io(&pj, e))?;
-    let wb = dir.join(plan.weights);
+    let wb = dir.join(&plan.weights);
     std::fs::write(&wb, &weights).map_err(|e| io(&wb, e))?;
     Ok((plan, vec![pj, wb]))
 }
@@ -569,5 +491,19 @@ impl kiln_runtime::gpu::Device for EmulatedGpu {
 
     fn synchronize(&mut self) -> Result<(), kiln_runtime::Error> {
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn launch_dims_fit_the_drivers_32_bits_or_are_refused() {
+        let max = u64::from(u32::MAX);
+        assert_eq!(driver_dims([5, 4, 1]), Some([5, 4, 1]));
+        assert_eq!(driver_dims([max, 1, 1]), Some([u32::MAX, 1, 1]));
+        assert_eq!(driver_dims([1, max + 1, 1]), None);
+        assert_eq!(driver_dims([1 << 40]), None);
     }
 }

@@ -137,106 +137,38 @@ impl TiledGemm {
 
 /// `i` with every buffer dim replaced by its (known) value, simplified.
 fn concrete(i: &Idx, k: &Kernel) -> Option<Idx> {
-    map_idx(i, &mut |x| match x {
-        Idx::Dim { buf, axis } => match k.buffers.get(*buf)?.shape.get(*axis)? {
-            Dim::Known(n) => Some(Some(Idx::Const(*n as i64))),
-            Dim::Sym(_) => None,
+    i.try_map(&mut |x| match x {
+        Idx::Dim { buf, axis } => match k.buffers.get(buf).and_then(|b| b.shape.get(axis)) {
+            Some(Dim::Known(n)) => Ok(Idx::Const(*n as i64)),
+            _ => Err(()),
         },
-        _ => Some(None),
+        x => Ok(x),
     })
+    .ok()
     .map(Idx::simplify)
 }
 
-/// Rebuilds `i` top-down: `f` returns `Some(Some(new))` to replace a node,
-/// `Some(None)` to descend, `None` to fail.
-fn map_idx(i: &Idx, f: &mut dyn FnMut(&Idx) -> Option<Option<Idx>>) -> Option<Idx> {
-    if let Some(new) = f(i)? {
-        return Some(new);
+/// `i` rewritten top-down: where `f` gives a node a replacement, that (its operands not
+/// visited); else the node with its operands rewritten.
+fn rewrite_top_down(i: &Idx, f: &mut dyn FnMut(&Idx) -> Option<Idx>) -> Idx {
+    match f(i) {
+        Some(new) => new,
+        None => i.map_operands(&mut |x| rewrite_top_down(x, f)),
     }
-    use Idx::*;
-    let mut two = |a: &Idx, b: &Idx| Some((Box::new(map_idx(a, f)?), Box::new(map_idx(b, f)?)));
-    Some(match i {
-        Var(_) | Const(_) | Dim { .. } => i.clone(),
-        Add(a, b) => two(a, b).map(|(a, b)| Add(a, b))?,
-        Sub(a, b) => two(a, b).map(|(a, b)| Sub(a, b))?,
-        Mul(a, b) => two(a, b).map(|(a, b)| Mul(a, b))?,
-        Div(a, b) => two(a, b).map(|(a, b)| Div(a, b))?,
-        Rem(a, b) => two(a, b).map(|(a, b)| Rem(a, b))?,
-        ZeroIfOne(a, b) => two(a, b).map(|(a, b)| ZeroIfOne(a, b))?,
-        Min(a, b) => two(a, b).map(|(a, b)| Min(a, b))?,
-        Max(a, b) => two(a, b).map(|(a, b)| Max(a, b))?,
-    })
-}
-
-/// Every index in `v` mapped by `f` (`None` if any fails).
-fn map_val(v: &Val, f: &dyn Fn(&Idx) -> Option<Idx>) -> Option<Val> {
-    let b = |x: &Val| map_val(x, f).map(Box::new);
-    Some(match v {
-        Val::Const(_) | Val::Scalar(_) => v.clone(),
-        Val::Load { buf, index } => Val::Load { buf: *buf, index: index.iter().map(f).collect::<Option<_>>()? },
-        Val::Un(op, x) => Val::Un(*op, b(x)?),
-        Val::Bin(op, x, y) => Val::Bin(*op, b(x)?, b(y)?),
-        Val::FromIdx(i) => Val::FromIdx(f(i)?),
-        Val::Reduce { op, var, extent, body } => Val::Reduce { op: *op, var: *var, extent: f(extent)?, body: b(body)? },
-        Val::IfLess { lhs, rhs, then, other } => {
-            Val::IfLess { lhs: f(lhs)?, rhs: f(rhs)?, then: b(then)?, other: b(other)? }
-        }
-        Val::Select { lhs, rhs, then, other } => {
-            Val::Select { lhs: f(lhs)?, rhs: f(rhs)?, then: b(then)?, other: b(other)? }
-        }
-        Val::Where { cond, then, other } => Val::Where { cond: b(cond)?, then: b(then)?, other: b(other)? },
-    })
 }
 
 /// `v` with `Let` slot `slot` replaced by the value it binds.
 fn replace_scalar(v: &Val, slot: usize, by: &Val) -> Val {
-    let b = |x: &Val| Box::new(replace_scalar(x, slot, by));
-    match v {
-        Val::Scalar(s) if *s == slot => by.clone(),
-        Val::Const(_) | Val::Scalar(_) | Val::Load { .. } | Val::FromIdx(_) => v.clone(),
-        Val::Un(op, x) => Val::Un(*op, b(x)),
-        Val::Bin(op, x, y) => Val::Bin(*op, b(x), b(y)),
-        Val::Reduce { op, var, extent, body } => {
-            Val::Reduce { op: *op, var: *var, extent: extent.clone(), body: b(body) }
-        }
-        Val::IfLess { lhs, rhs, then, other } => {
-            Val::IfLess { lhs: lhs.clone(), rhs: rhs.clone(), then: b(then), other: b(other) }
-        }
-        Val::Select { lhs, rhs, then, other } => {
-            Val::Select { lhs: lhs.clone(), rhs: rhs.clone(), then: b(then), other: b(other) }
-        }
-        Val::Where { cond, then, other } => Val::Where { cond: b(cond), then: b(then), other: b(other) },
-    }
+    v.map(&mut |x| if x == Val::Scalar(slot) { by.clone() } else { x })
 }
 
 /// `v` with its reductions taken out: each becomes `Val::Scalar(ACC)` and is pushed on `out`.
 fn take_reductions(v: &Val, out: &mut Vec<Val>) -> Val {
-    let mut b = |x: &Val| Box::new(take_reductions(x, out));
-    match v {
-        Val::Reduce { .. } => {
-            out.push(v.clone());
-            Val::Scalar(ACC)
-        }
-        Val::Const(_) | Val::Scalar(_) | Val::Load { .. } | Val::FromIdx(_) => v.clone(),
-        Val::Un(op, x) => Val::Un(*op, b(x)),
-        Val::Bin(op, x, y) => {
-            let x = b(x);
-            Val::Bin(*op, x, b(y))
-        }
-        Val::IfLess { lhs, rhs, then, other } => {
-            let then = b(then);
-            Val::IfLess { lhs: lhs.clone(), rhs: rhs.clone(), then, other: b(other) }
-        }
-        Val::Select { lhs, rhs, then, other } => {
-            let then = b(then);
-            Val::Select { lhs: lhs.clone(), rhs: rhs.clone(), then, other: b(other) }
-        }
-        Val::Where { cond, then, other } => {
-            let cond = b(cond);
-            let then = b(then);
-            Val::Where { cond, then, other: b(other) }
-        }
+    if let Val::Reduce { .. } = v {
+        out.push(v.clone());
+        return Val::Scalar(ACC);
     }
+    v.map_parts(&mut |x| take_reductions(x, out), &mut Idx::clone)
 }
 
 /// The flattened variable `v` over `b × m × n` rewritten into [`ROW`], [`COL`] and `inner`
@@ -248,15 +180,13 @@ fn unflatten(i: &Idx, v: usize, m: i64, n: i64, inner: &Idx) -> Option<Idx> {
     // `v / n` (the flat row over the batch), which is `v` itself when `n` is 1 (the lowering's
     // `v % 1` and `v / 1` simplify away, as `q % 1` and `q / 1` do when `m` is 1).
     let q = |x: &Idx| if n == 1 { *x == var } else { matches!(x, Idx::Div(a, b) if **a == var && is(b, n)) };
-    let out = map_idx(i, &mut |x| {
-        Some(match x {
-            Idx::Rem(a, b) if q(a) && is(b, m) => Some(Idx::Var(ROW)),
-            Idx::Div(a, b) if q(a) && is(b, m) => Some(inner.clone()),
-            x if q(x) => Some(add(mul(inner.clone(), m), Idx::Var(ROW)).simplify()),
-            Idx::Rem(a, b) if **a == var && is(b, n) => Some(Idx::Var(COL)),
-            _ => None,
-        })
-    })?;
+    let out = rewrite_top_down(i, &mut |x| match x {
+        Idx::Rem(a, b) if q(a) && is(b, m) => Some(Idx::Var(ROW)),
+        Idx::Div(a, b) if q(a) && is(b, m) => Some(inner.clone()),
+        x if q(x) => Some(add(mul(inner.clone(), m), Idx::Var(ROW)).simplify()),
+        Idx::Rem(a, b) if **a == var && is(b, n) => Some(Idx::Var(COL)),
+        _ => None,
+    });
     (!out.uses(v)).then_some(out)
 }
 
@@ -342,7 +272,7 @@ fn read_back(k: &Kernel) -> Option<TiledGemm> {
     };
     let index: Vec<Idx> = index.iter().map(rw).collect::<Option<_>>()?;
     let mut reductions = Vec::new();
-    let epilogue = map_val(&take_reductions(&value, &mut reductions), &rw)?;
+    let epilogue = take_reductions(&value, &mut reductions).try_map_idx(&mut |i| rw(i).ok_or(())).ok()?;
     // A reduction used twice is one accumulator.
     reductions.dedup();
     let [Val::Reduce { op: RedOp::Sum, var: kvar, extent, body }] = reductions.as_slice() else { return None };
@@ -819,7 +749,7 @@ fn store_phase(e: &mut Emitter, g: &TiledGemm, tv: usize, accs: &[String]) {
             let ok = in_bounds(e, d, &[(&row, g.m as i64), (&col, g.n as i64)]);
             e.line(d, &format!("scf.if {ok} {{"));
             let put = |x: &Idx| x.subst(ROW, &row).subst(COL, &col).subst(BATCH, &var(BZ));
-            let value = map_val(&g.epilogue, &|x| Some(put(x))).expect("substitution never fails");
+            let value = g.epilogue.map_idx(&mut |x| put(x));
             e.slots.insert(ACC, accs[(i * t.rn + j) as usize].clone());
             let v = e.val(d + 1, &value);
             let ix: Vec<String> = g.index.iter().map(|x| e.idx(d + 1, &put(x))).collect();

@@ -163,42 +163,14 @@ pub fn write_tensor_pb(path: &Path, t: &Tensor, name: &str) -> Result<(), Fronte
     std::fs::write(path, tensor_to_proto(t, name).encode_to_vec()).map_err(|e| FrontendError::io(path, e))
 }
 
-/// Writes a tensor as a `.npy` file (strings are not representable and are refused).
+/// Writes a tensor as a `.npy` file (strings and the types `.npy` lacks are refused); the
+/// format is kiln-runtime's ([`kiln_runtime::npy::encode`]).
 pub fn write_npy(path: &Path, t: &Tensor) -> Result<(), FrontendError> {
-    let descr = match t.dtype() {
-        DType::F16 => "<f2",
-        DType::F32 => "<f4",
-        DType::F64 => "<f8",
-        DType::I8 => "|i1",
-        DType::I16 => "<i2",
-        DType::I32 => "<i4",
-        DType::I64 => "<i8",
-        DType::U8 => "|u1",
-        DType::U16 => "<u2",
-        DType::U32 => "<u4",
-        DType::U64 => "<u8",
-        DType::Bool => "|b1",
-        _ => {
-            return Err(FrontendError::Input {
-                path: path.display().to_string(),
-                msg: format!("a {} tensor cannot be written as .npy", t.dtype()),
-            })
-        }
-    };
-    let shape = match t.shape.len() {
-        1 => format!("({},)", t.shape[0]),
-        _ => format!("({})", t.shape.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", ")),
-    };
-    let mut header = format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape}, }}");
-    while (10 + header.len() + 1) % 64 != 0 {
-        header.push(' ');
-    }
-    header.push('\n');
-    let mut out = b"\x93NUMPY\x01\x00".to_vec();
-    out.extend((header.len() as u16).to_le_bytes());
-    out.extend(header.as_bytes());
-    let proto = tensor_to_proto(t, "");
-    out.extend(proto.raw_data.unwrap_or_default());
+    let raw = tensor_to_proto(t, "").raw_data.unwrap_or_default();
+    let out = kiln_runtime::npy::encode(t.dtype(), &t.shape, &raw).ok_or_else(|| FrontendError::Input {
+        path: path.display().to_string(),
+        msg: format!("a {} tensor cannot be written as .npy", t.dtype()),
+    })?;
     std::fs::write(path, out).map_err(|e| FrontendError::io(path, e))
 }
 
@@ -236,23 +208,9 @@ pub fn read_npy(bytes: &[u8]) -> Result<Tensor, String> {
         .filter(|s| !s.is_empty())
         .map(|s| s.trim_end_matches('L').parse::<usize>().map_err(|_| format!("bad .npy shape '{shape_s}'")))
         .collect::<Result<_, _>>()?;
-    let dtype = match descr {
-        "<f2" => DType::F16,
-        "<f4" => DType::F32,
-        "<f8" => DType::F64,
-        "|i1" | "<i1" => DType::I8,
-        "<i2" => DType::I16,
-        "<i4" => DType::I32,
-        "<i8" => DType::I64,
-        "|u1" | "<u1" => DType::U8,
-        "<u2" => DType::U16,
-        "<u4" => DType::U32,
-        "<u8" => DType::U64,
-        "|b1" => DType::Bool,
-        other => {
-            return Err(format!("unsupported .npy dtype '{other}' (big-endian, object and string arrays are not read)"))
-        }
-    };
+    let dtype = kiln_runtime::npy::descr_type(descr).ok_or_else(|| {
+        format!("unsupported .npy dtype '{descr}' (big-endian, object and string arrays are not read)")
+    })?;
     let mut n: u128 = 1;
     for &d in &shape {
         n = n.saturating_mul(d as u128);

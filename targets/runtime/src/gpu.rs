@@ -10,23 +10,34 @@
 use crate::npy::Array;
 use crate::Error;
 use kiln_ir::{DType, Module, Tensor};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
-/// The plan format this runtime reads.
+/// The plan format: kiln writes it (`kiln_targets::gpu_plan`) and this runtime reads it.
 pub const FORMAT: &str = "kiln-gpu-plan/2";
 
 /// Where a buffer lives.
-#[derive(Clone, Copy, Debug, PartialEq, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "lowercase")]
 pub enum Place {
-    Input { index: usize },
-    Output { index: usize },
-    Weight { offset: usize },
-    Arena { offset: usize },
+    Input {
+        index: usize,
+    },
+    Output {
+        index: usize,
+    },
+    /// Byte offset into `weights.bin`.
+    Weight {
+        offset: usize,
+    },
+    /// Byte offset into the arena.
+    Arena {
+        offset: usize,
+    },
 }
 
-#[derive(Clone, Debug, PartialEq, Deserialize)]
+/// A buffer: where, its static shape and element type.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Buffer {
     pub at: Place,
     pub shape: Vec<usize>,
@@ -44,14 +55,18 @@ impl Buffer {
     }
 }
 
-#[derive(Clone, Debug, PartialEq, Deserialize)]
+/// A graph input or output: its name and buffer.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Port {
     pub name: String,
     #[serde(flatten)]
     pub buffer: Buffer,
 }
 
-#[derive(Clone, Debug, PartialEq, Deserialize)]
+/// One kernel launch: the manifest's kernel, its function and file, grid and block (the
+/// driver's 32-bit widths), and one buffer per kernel parameter descriptor (the manifest's
+/// `args`, in order).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Launch {
     pub kernel: String,
     pub node: String,
@@ -64,36 +79,51 @@ pub struct Launch {
     pub args: Vec<Buffer>,
 }
 
-/// An op run on the host: `module` (one op, MLIR generic text) on kiln-ir's interpreter, its
-/// inputs downloaded, its results uploaded; before launch `before`.
-#[derive(Clone, Debug, PartialEq, Deserialize)]
+/// An op run on the host between launches: kiln-ir's reference interpreter runs `module` (one
+/// op in MLIR generic text, small constant operands inside) on the `inputs` downloaded from the
+/// device, in the module's input order, and its results are uploaded to `outputs`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct HostStep {
     pub kernel: String,
     pub node: String,
     pub op: String,
+    /// Runs before launch `before` (after every launch when it is the launch count), after the
+    /// host steps listed earlier.
     pub before: usize,
     pub module: String,
     pub inputs: Vec<Buffer>,
     pub outputs: Vec<Buffer>,
 }
 
-/// `plan.json`, as kiln writes it.
-#[derive(Clone, Debug, PartialEq, Deserialize)]
+/// `plan.json`: one definition for kiln's writer and this runtime's reader.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Plan {
+    /// [`FORMAT`].
     pub format: String,
     pub target: String,
     pub arch: String,
+    /// Whether the runtime can run the whole model; else `why_not` says why.
     pub runnable: bool,
     pub why_not: Option<String>,
     pub inputs: Vec<Port>,
     pub outputs: Vec<Port>,
     pub arena_bytes: usize,
+    /// The weights' file (in the plan's directory) and its size.
     pub weights: String,
     pub weight_bytes: usize,
+    /// The largest per-thread local memory of any launch (the stack the driver must give).
     pub stack_bytes: u64,
     pub launches: Vec<Launch>,
+    /// Host steps in program order.
     #[serde(default)]
     pub host_steps: Vec<HostStep>,
+}
+
+impl Plan {
+    /// `plan.json`'s text.
+    pub fn json(&self) -> String {
+        serde_json::to_string_pretty(self).expect("a plan serializes")
+    }
 }
 
 /// Reads `dir/plan.json`; a plan of another format, or one kiln marked not runnable, is an

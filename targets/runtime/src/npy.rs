@@ -136,8 +136,7 @@ pub fn read(path: &Path) -> Result<Array, Error> {
         .collect::<Result<_, _>>()?;
     let n: usize = shape.iter().product();
     let body = &raw[start + len..];
-    let descr = if descr.len() == 3 && descr.ends_with('1') { format!("|{}", &descr[1..]) } else { descr.to_string() };
-    let Some(&(_, dtype)) = DESCRS.iter().find(|(d, _)| *d == descr) else {
+    let Some(dtype) = descr_type(descr) else {
         let known: Vec<&str> = DESCRS.iter().map(|(d, _)| *d).collect();
         return Err(bad(path, format!("element type {descr} (kiln-gpu-run reads {})", known.join(" "))));
     };
@@ -148,13 +147,24 @@ pub fn read(path: &Path) -> Result<Array, Error> {
     Ok(Array::from_bytes(&shape, dtype.mlir_name(), body))
 }
 
-/// Writes `a` as an `.npy` file (version 1).
-pub fn write(path: &Path, a: &Array) -> Result<(), Error> {
-    let t = a.element_type();
-    let Some(&(descr, _)) = DESCRS.iter().find(|(_, d)| *d == t) else {
-        return Err(Error(format!("{}: .npy has no element type {t}", path.display())));
-    };
-    let dims: Vec<String> = a.shape.iter().map(|d| d.to_string()).collect();
+/// The `.npy` type descriptor of element type `t` (`<f4`, `|b1`, ...), if `.npy` has one that
+/// kiln reads and writes.
+pub fn descr(t: DType) -> Option<&'static str> {
+    DESCRS.iter().find(|(_, d)| *d == t).map(|(descr, _)| *descr)
+}
+
+/// The element type of `.npy` type descriptor `descr`; a one-byte type may carry either byte
+/// order mark (`<i1` is `|i1`).
+pub fn descr_type(descr: &str) -> Option<DType> {
+    let descr = if descr.len() == 3 && descr.ends_with('1') { format!("|{}", &descr[1..]) } else { descr.to_string() };
+    DESCRS.iter().find(|(d, _)| *d == descr).map(|&(_, t)| t)
+}
+
+/// An `.npy` file (version 1, C order) of element type `t`, `shape` and the elements' `data`
+/// (little-endian bytes, row-major); `None` when `.npy` has no element type `t` ([`descr`]).
+pub fn encode(t: DType, shape: &[usize], data: &[u8]) -> Option<Vec<u8>> {
+    let descr = descr(t)?;
+    let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
     let shape = if dims.len() == 1 { format!("({},)", dims[0]) } else { format!("({})", dims.join(", ")) };
     let mut header = format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape}, }}");
     while (10 + header.len() + 1) % 64 != 0 {
@@ -164,7 +174,15 @@ pub fn write(path: &Path, a: &Array) -> Result<(), Error> {
     let mut out = b"\x93NUMPY\x01\x00".to_vec();
     out.extend((header.len() as u16).to_le_bytes());
     out.extend(header.as_bytes());
-    out.extend(a.bytes());
+    out.extend(data);
+    Some(out)
+}
+
+/// Writes `a` as an `.npy` file (version 1).
+pub fn write(path: &Path, a: &Array) -> Result<(), Error> {
+    let t = a.element_type();
+    let out = encode(t, &a.shape, &a.bytes())
+        .ok_or_else(|| Error(format!("{}: .npy has no element type {t}", path.display())))?;
     std::fs::write(path, out).map_err(|e| Error(format!("{}: {e}", path.display())))
 }
 

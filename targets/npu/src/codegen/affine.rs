@@ -6,45 +6,21 @@ use std::collections::HashMap;
 
 /// `i` with every `Dim` replaced by its size (`shapes`: parameters then locals).
 pub fn fold(i: &Idx, shapes: &[Vec<usize>]) -> Idx {
-    let f = |x: &Idx| Box::new(fold(x, shapes));
-    match i {
-        Idx::Dim { buf, axis } => match shapes.get(*buf).and_then(|s| s.get(*axis)) {
+    i.map(&mut |x| match x {
+        Idx::Dim { buf, axis } => match shapes.get(buf).and_then(|s| s.get(axis)) {
             Some(&n) => Idx::Const(n as i64),
-            None => i.clone(),
+            None => x,
         },
-        Idx::Var(_) | Idx::Const(_) => i.clone(),
-        Idx::Add(a, b) => Idx::Add(f(a), f(b)),
-        Idx::Sub(a, b) => Idx::Sub(f(a), f(b)),
-        Idx::Mul(a, b) => Idx::Mul(f(a), f(b)),
-        Idx::Div(a, b) => Idx::Div(f(a), f(b)),
-        Idx::Rem(a, b) => Idx::Rem(f(a), f(b)),
-        Idx::ZeroIfOne(a, b) => Idx::ZeroIfOne(f(a), f(b)),
-        Idx::Min(a, b) => Idx::Min(f(a), f(b)),
-        Idx::Max(a, b) => Idx::Max(f(a), f(b)),
-    }
+        x => x,
+    })
 }
 
-/// Applies `f` to every index of a value.
+/// Applies `f` to every index of a value (an index that becomes a constant, a constant).
 pub fn map_val(v: &Val, f: &dyn Fn(&Idx) -> Idx) -> Val {
-    let m = |x: &Val| Box::new(map_val(x, f));
-    match v {
-        Val::Const(_) | Val::Scalar(_) => v.clone(),
-        Val::Load { buf, index } => Val::Load { buf: *buf, index: index.iter().map(f).collect() },
-        Val::Un(op, x) => Val::Un(*op, m(x)),
-        Val::Bin(op, a, b) => Val::Bin(*op, m(a), m(b)),
-        Val::FromIdx(i) => match f(i) {
-            Idx::Const(c) => Val::Const(c as f64),
-            i => Val::FromIdx(i),
-        },
-        Val::Reduce { op, var, extent, body } => Val::Reduce { op: *op, var: *var, extent: f(extent), body: m(body) },
-        Val::IfLess { lhs, rhs, then, other } => {
-            Val::IfLess { lhs: f(lhs), rhs: f(rhs), then: m(then), other: m(other) }
-        }
-        Val::Select { lhs, rhs, then, other } => {
-            Val::Select { lhs: f(lhs), rhs: f(rhs), then: m(then), other: m(other) }
-        }
-        Val::Where { cond, then, other } => Val::Where { cond: m(cond), then: m(then), other: m(other) },
-    }
+    v.map_idx(&mut |i| f(i)).map(&mut |x| match x {
+        Val::FromIdx(Idx::Const(c)) => Val::Const(c as f64),
+        x => x,
+    })
 }
 
 /// Applies `f` to every index of a statement.
@@ -74,23 +50,10 @@ pub fn map_stmt(s: &Stmt, f: &dyn Fn(&Idx) -> Idx) -> Stmt {
 
 /// `v` with every buffer number `b` replaced by `map(b)`.
 pub fn remap_val(v: &Val, map: &dyn Fn(usize) -> usize) -> Val {
-    let m = |x: &Val| Box::new(remap_val(x, map));
-    match v {
-        Val::Const(_) | Val::Scalar(_) | Val::FromIdx(_) => v.clone(),
-        Val::Load { buf, index } => Val::Load { buf: map(*buf), index: index.clone() },
-        Val::Un(op, x) => Val::Un(*op, m(x)),
-        Val::Bin(op, a, b) => Val::Bin(*op, m(a), m(b)),
-        Val::Reduce { op, var, extent, body } => {
-            Val::Reduce { op: *op, var: *var, extent: extent.clone(), body: m(body) }
-        }
-        Val::IfLess { lhs, rhs, then, other } => {
-            Val::IfLess { lhs: lhs.clone(), rhs: rhs.clone(), then: m(then), other: m(other) }
-        }
-        Val::Select { lhs, rhs, then, other } => {
-            Val::Select { lhs: lhs.clone(), rhs: rhs.clone(), then: m(then), other: m(other) }
-        }
-        Val::Where { cond, then, other } => Val::Where { cond: m(cond), then: m(then), other: m(other) },
-    }
+    v.map(&mut |x| match x {
+        Val::Load { buf, index } => Val::Load { buf: map(buf), index },
+        x => x,
+    })
 }
 
 /// `s` with every buffer number `b` replaced by `map(b)` (sizes are folded already).

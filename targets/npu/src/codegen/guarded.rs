@@ -113,19 +113,14 @@ fn unclamp(i: &Idx) -> Idx {
     let zero = |x: &Idx| matches!(x, Idx::Const(0));
     match i {
         Idx::Max(a, b) => match (&**a, &**b) {
-            (z, Idx::Min(e, _)) | (Idx::Min(e, _), z) if zero(z) => unclamp(e),
-            _ => Idx::Max(Box::new(unclamp(a)), Box::new(unclamp(b))),
+            (z, Idx::Min(e, _)) | (Idx::Min(e, _), z) if zero(z) => return unclamp(e),
+            _ => {}
         },
         Idx::Min(a, b) => match (&**a, &**b) {
-            (Idx::Max(z, e), _) | (Idx::Max(e, z), _) if zero(z) => unclamp(e),
-            _ => Idx::Min(Box::new(unclamp(a)), Box::new(unclamp(b))),
+            (Idx::Max(z, e), _) | (Idx::Max(e, z), _) if zero(z) => return unclamp(e),
+            _ => {}
         },
-        Idx::Add(a, b) => Idx::Add(Box::new(unclamp(a)), Box::new(unclamp(b))),
-        Idx::Sub(a, b) => Idx::Sub(Box::new(unclamp(a)), Box::new(unclamp(b))),
-        Idx::Mul(a, b) => Idx::Mul(Box::new(unclamp(a)), Box::new(unclamp(b))),
-        Idx::Div(a, b) => Idx::Div(Box::new(unclamp(a)), Box::new(unclamp(b))),
-        Idx::Rem(a, b) => Idx::Rem(Box::new(unclamp(a)), Box::new(unclamp(b))),
-        Idx::ZeroIfOne(a, b) => Idx::ZeroIfOne(Box::new(unclamp(a)), Box::new(unclamp(b))),
-        Idx::Var(_) | Idx::Const(_) | Idx::Dim { .. } => i.clone(),
+        _ => {}
     }
+    i.map_operands(&mut unclamp)
 }

@@ -763,29 +763,15 @@ fn inline_lets(body: &[Stmt]) -> Vec<Stmt> {
 
 /// `v` with the scalars of `bound` replaced by their values.
 fn subst_slots(v: &Val, bound: &[(usize, Val)]) -> Val {
-    let u = |x: &Val| Box::new(subst_slots(x, bound));
-    match v {
-        Val::Scalar(s) => bound.iter().rev().find(|(b, _)| b == s).map_or_else(|| v.clone(), |(_, x)| x.clone()),
-        Val::Const(_) | Val::Load { .. } | Val::FromIdx(_) => v.clone(),
-        Val::Un(op, x) => Val::Un(*op, u(x)),
-        Val::Bin(op, a, b) => Val::Bin(*op, u(a), u(b)),
-        Val::Reduce { op, var, extent, body } => {
-            Val::Reduce { op: *op, var: *var, extent: extent.clone(), body: u(body) }
-        }
-        Val::IfLess { lhs, rhs, then, other } => {
-            Val::IfLess { lhs: lhs.clone(), rhs: rhs.clone(), then: u(then), other: u(other) }
-        }
-        Val::Select { lhs, rhs, then, other } => {
-            Val::Select { lhs: lhs.clone(), rhs: rhs.clone(), then: u(then), other: u(other) }
-        }
-        Val::Where { cond, then, other } => Val::Where { cond: u(cond), then: u(then), other: u(other) },
-    }
+    v.map(&mut |x| match x {
+        Val::Scalar(s) => bound.iter().rev().find(|(b, _)| *b == s).map_or(x, |(_, by)| by.clone()),
+        x => x,
+    })
 }
 
 /// Unrolls the reductions of `v` with few constant taps (all of them when `inside`, else
 /// those nested in another reduction).
 fn unroll_val(v: &Val, inside: bool) -> Val {
-    let u = |x: &Val| Box::new(unroll_val(x, inside));
     match v {
         Val::Reduce { op, var, extent, body } => {
             if inside {
@@ -808,16 +794,7 @@ fn unroll_val(v: &Val, inside: bool) -> Val {
             }
             Val::Reduce { op: *op, var: *var, extent: extent.clone(), body: Box::new(unroll_nested(body, *op)) }
         }
-        Val::Const(_) | Val::Scalar(_) | Val::Load { .. } | Val::FromIdx(_) => v.clone(),
-        Val::Un(op, x) => Val::Un(*op, u(x)),
-        Val::Bin(op, a, b) => Val::Bin(*op, u(a), u(b)),
-        Val::IfLess { lhs, rhs, then, other } => {
-            Val::IfLess { lhs: lhs.clone(), rhs: rhs.clone(), then: u(then), other: u(other) }
-        }
-        Val::Select { lhs, rhs, then, other } => {
-            Val::Select { lhs: lhs.clone(), rhs: rhs.clone(), then: u(then), other: u(other) }
-        }
-        Val::Where { cond, then, other } => Val::Where { cond: u(cond), then: u(then), other: u(other) },
+        _ => v.map_parts(&mut |x| unroll_val(x, inside), &mut Idx::clone),
     }
 }
 
