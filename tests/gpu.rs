@@ -1090,7 +1090,8 @@ fn gpu_tiled_convs_in_whole_models_on_the_emulated_gpu() {
     println!("| model | Convs | tiled Conv launches | launches | plan matches ref |");
     for name in models.split(',') {
         let src = data_dir().join("light-random").join(name);
-        let m = kiln::load_model(&src.join("model.onnx")).unwrap_or_else(|e| panic!("{name}: {e} (run scripts/setup.sh)"));
+        let m =
+            kiln::load_model(&src.join("model.onnx")).unwrap_or_else(|e| panic!("{name}: {e} (run scripts/setup.sh)"));
         let m = fused(m, "cuda");
         let conv_nodes: std::collections::HashSet<String> = kiln_targets::native::launched_kernels(&m)
             .iter()

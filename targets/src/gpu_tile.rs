@@ -5,7 +5,11 @@
 //! loop over `batch × M × N`, storing `epilogue(Σ_k a(row, k) · b(k, col))`). [`recognize`]
 //! reads that form back (the flattened loop variable rewritten into `batch`, `row`, `col`,
 //! the two loads split into the operand that varies with the row and the one that varies
-//! with the column) and picks a [`GemmTile`] from the chip's description. [`emit`] then
+//! with the column) and picks a [`GemmTile`] from the chip's description. A 2-D Conv with one
+//! group, lowered per output element as well, is read back as an implicit GEMM
+//! (`read_back_conv`: rows the output channels, columns the output pixels, batch the images,
+//! K `C·KH·KW`; the input's padding checks become its operand's load guards, so the tile
+//! loads gather the patches, im2col on the fly, with zeros in the padding). [`emit`] then
 //! writes the kernel in block-synchronous form, in one of two mappings of the same schedule:
 //!
 //! - each block computes a `tm × tn` output tile, each of its `tx × ty` threads a `rm × rn`

@@ -1257,7 +1257,7 @@ pub(super) fn conv_attrs(a: &AttrView<'_>, xs: &[Dim], ws: &[Dim]) -> LowerResul
             other => return Err(format!("Conv auto_pad {other} is not known")),
         });
     }
-Ok(ConvAttrs { group, kernel, strides, dilations, pad })
+    Ok(ConvAttrs { group, kernel, strides, dilations, pad })
 }
 
 impl Lowering<'_> {
