@@ -424,7 +424,7 @@ impl Lowering<'_> {
                 return Err(format!("{t} reduces from axis {first}, the kernel's rows end at axis {}", self.rows));
             }
         }
-        // A MatMul or Gemm element a kernel reads twice (an epilogue such as GELU) is the same
+        // A MatMul, Gemm or Conv element a kernel reads twice (an epilogue such as GELU) is the same
         // reduction each time, which `share_reductions` then binds once.
         let at: Vec<Idx> = idx.iter().map(|i| i.clone().simplify()).collect();
         if matches!(t, "MatMul" | "Gemm" | "Conv") {
