@@ -1087,7 +1087,7 @@ fn gpu_tiled_conv_code_uses_shared_memory_and_barriers() {
 #[test]
 fn gpu_tiled_convs_in_whole_models_on_the_emulated_gpu() {
     let models = std::env::var("KILN_GPU_CONV_MODELS").unwrap_or_else(|_| "light_squeezenet,light_resnet50".into());
-    println!("| model | Convs | tiled Conv launches | launches | plan matches ref |");
+    println!("| model | Convs | tiled Conv launches | launches | Conv global loads per FMA (untiled: 2) | plan matches ref |");
     for name in models.split(',') {
         let src = data_dir().join("light-random").join(name);
         let m =
@@ -1103,11 +1103,26 @@ fn gpu_tiled_convs_in_whole_models_on_the_emulated_gpu() {
         let p = write_program(&m, &dir);
         let tiled = p.manifest.kernels.iter().filter(|l| l.tile.is_some() && conv_nodes.contains(&l.node)).count();
         assert_eq!(tiled, conv_nodes.len(), "{name}: Convs not tiled");
+        // Global-memory loads per multiply-add of the tiled Convs (each block's tiles, padding
+        // included), against 2 for a thread per output element.
+        let (mut fmas, mut loads) = (0u64, 0u64);
+        for (l, k) in p.manifest.kernels.iter().zip(&p.kernels) {
+            if conv_nodes.contains(&l.node) {
+                let g = gpu_tile::recognize(k, &p.arch).unwrap().expect("tiled");
+                fmas += g.fmas();
+                loads += g.global_loads();
+            }
+        }
         let input = vec![kiln_onnx::read_tensor_file(&src.join("test_data_set_0/input_0.pb")).unwrap()];
         let want = kiln_ir::interp::run(&m, input.clone()).unwrap();
         let r = run_plan(&p, &dir, &input).unwrap_or_else(|e| panic!("{name}: {e}"));
         assert_matches(name, &r.outputs, &want, 1e-3, 1e-5);
-        println!("| {name} | {} | {tiled} | {} | yes |", conv_nodes.len(), r.launches);
+        println!(
+            "| {name} | {} | {tiled} | {} | {:.3} | yes |",
+            conv_nodes.len(),
+            r.launches,
+            loads as f64 / fmas as f64
+        );
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
