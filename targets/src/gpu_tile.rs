@@ -164,6 +164,15 @@ fn rewrite_top_down(i: &Idx, f: &mut dyn FnMut(&Idx) -> Option<Idx>) -> Idx {
     }
 }
 
+/// [`rewrite_top_down`] with an `f` that can fail: `None` from `f` fails the whole rewrite,
+/// `Some(None)` keeps the node and rewrites its operands.
+fn try_rewrite_top_down(i: &Idx, f: &mut dyn FnMut(&Idx) -> Option<Option<Idx>>) -> Option<Idx> {
+    match f(i)? {
+        Some(new) => Some(new),
+        None => i.try_map_operands(&mut |x| try_rewrite_top_down(x, f).ok_or(())).ok(),
+    }
+}
+
 /// `v` with `Let` slot `slot` replaced by the value it binds.
 fn replace_scalar(v: &Val, slot: usize, by: &Val) -> Val {
     v.map(&mut |x| if x == Val::Scalar(slot) { by.clone() } else { x })
@@ -422,7 +431,7 @@ fn read_back_conv(k: &Kernel) -> Option<TiledGemm> {
     }
     let rw = |i: &Idx| -> Option<Idx> {
         let i = concrete(i, k)?;
-        let out = map_idx(&i, &mut |x| match term(x, &loops) {
+        let out = try_rewrite_top_down(&i, &mut |x| match term(x, &loops) {
             Some((l, d, e)) => {
                 let ext = extents[l];
                 if ext % d != 0 {
@@ -446,7 +455,7 @@ fn read_back_conv(k: &Kernel) -> Option<TiledGemm> {
         return None;
     }
     let mut reductions = Vec::new();
-    let epilogue = map_val(&take_reductions(&value, &mut reductions), &rw)?;
+    let epilogue = take_reductions(&value, &mut reductions).try_map_idx(&mut |i| rw(i).ok_or(())).ok()?;
     reductions.dedup();
     let [Val::Reduce { op: RedOp::Sum, var: kvar, extent, body }] = reductions.as_slice() else { return None };
     let Idx::Const(kk) = concrete(extent, k)? else { return None };
