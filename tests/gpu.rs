@@ -874,6 +874,259 @@ fn gpu_tiled_gemm_code_uses_shared_memory_and_barriers() {
     }
 }
 
+/// A Conv of input `x` (NCHW) and constant weights `w` (MCKhKw) with `attrs`, a bias when
+/// `bias`, a Relu after it when `relu` (fused into the kernel's epilogue).
+fn conv_model(x: &[u64], w: &[u64], bias: bool, relu: bool, attrs: Vec<(&'static str, Attr)>) -> Module {
+    let mut g = GraphBuilder::new("conv");
+    let xi = g.input("x", f32_type(x)).unwrap();
+    let ws: Vec<usize> = w.iter().map(|&d| d as usize).collect();
+    let wc = g.constant("w", f32s(&ws, 3));
+    let mut ins = vec![xi, wc];
+    if bias {
+        ins.push(g.constant("b", f32s(&[ws[0]], 4)));
+    }
+    let mut y = g.op_with("Conv", &ins, attrs).unwrap();
+    if relu {
+        y = g.op("Relu", &[y]).unwrap();
+    }
+    g.output(y, "y").unwrap();
+    g.finish().unwrap()
+}
+
+/// The Conv shapes the implicit-GEMM tiling is checked on: padding on all and on some sides,
+/// stride 2, dilation 2, auto_pad, odd sizes, channel and pixel counts no tile divides, 1×1,
+/// 3×3, 5×3 and 7×7 kernels, batches, bias and a fused Relu.
+fn tiled_conv_cases() -> Vec<(&'static str, Module, Vec<Tensor>)> {
+    let one = |s: &[u64], seed| f32s(&s.iter().map(|&d| d as usize).collect::<Vec<_>>(), seed);
+    let ints = |v: &[i64]| Attr::Ints(v.to_vec());
+    vec![
+        (
+            "conv 3x3 pad 1 all sides, bias, relu: 1x3x9x9 -> 5",
+            conv_model(&[1, 3, 9, 9], &[5, 3, 3, 3], true, true, vec![("pads", ints(&[1, 1, 1, 1]))]),
+            vec![one(&[1, 3, 9, 9], 5)],
+        ),
+        (
+            "conv 3x3 stride 2, pads on some sides: 2x6x11x10 -> 7",
+            conv_model(
+                &[2, 6, 11, 10],
+                &[7, 6, 3, 3],
+                false,
+                false,
+                vec![("pads", ints(&[0, 1, 1, 0])), ("strides", ints(&[2, 2]))],
+            ),
+            vec![one(&[2, 6, 11, 10], 6)],
+        ),
+        (
+            "conv 3x3 dilation 2 pad 2, bias: 1x4x13x13 -> 19",
+            conv_model(
+                &[1, 4, 13, 13],
+                &[19, 4, 3, 3],
+                true,
+                false,
+                vec![("pads", ints(&[2, 2, 2, 2])), ("dilations", ints(&[2, 2]))],
+            ),
+            vec![one(&[1, 4, 13, 13], 7)],
+        ),
+        (
+            "conv 1x1, bias, relu: 1x37x7x7 -> 33",
+            conv_model(&[1, 37, 7, 7], &[33, 37, 1, 1], true, true, vec![]),
+            vec![one(&[1, 37, 7, 7], 8)],
+        ),
+        (
+            "conv 7x7 stride 2 pad 3, bias: 1x3x23x23 -> 16",
+            conv_model(
+                &[1, 3, 23, 23],
+                &[16, 3, 7, 7],
+                true,
+                false,
+                vec![("pads", ints(&[3, 3, 3, 3])), ("strides", ints(&[2, 2]))],
+            ),
+            vec![one(&[1, 3, 23, 23], 9)],
+        ),
+        (
+            "conv 5x3 auto_pad SAME_UPPER stride (2,1): 3x2x8x9 -> 3",
+            conv_model(
+                &[3, 2, 8, 9],
+                &[3, 2, 5, 3],
+                false,
+                false,
+                vec![("auto_pad", Attr::Str("SAME_UPPER".into())), ("strides", ints(&[2, 1]))],
+            ),
+            vec![one(&[3, 2, 8, 9], 10)],
+        ),
+        (
+            "conv 3x3 no padding, 64 channels: 1x64x12x12 -> 64",
+            conv_model(&[1, 64, 12, 12], &[64, 64, 3, 3], true, true, vec![]),
+            vec![one(&[1, 64, 12, 12], 11)],
+        ),
+    ]
+}
+
+/// Convs the tiling does not take, still right in their per-element or accumulate form:
+/// grouped, depthwise, 1-D and 3-D.
+fn untiled_conv_cases() -> Vec<(&'static str, Module, Vec<Tensor>)> {
+    let one = |s: &[u64], seed| f32s(&s.iter().map(|&d| d as usize).collect::<Vec<_>>(), seed);
+    vec![
+        (
+            "conv group 2: 1x4x6x6 -> 6",
+            conv_model(&[1, 4, 6, 6], &[6, 2, 3, 3], true, false, vec![("group", Attr::Int(2))]),
+            vec![one(&[1, 4, 6, 6], 5)],
+        ),
+        (
+            "conv depthwise: 1x5x7x7",
+            conv_model(
+                &[1, 5, 7, 7],
+                &[5, 1, 3, 3],
+                false,
+                true,
+                vec![("group", Attr::Int(5)), ("pads", Attr::Ints(vec![1, 1, 1, 1]))],
+            ),
+            vec![one(&[1, 5, 7, 7], 6)],
+        ),
+        ("conv 1-D: 1x3x17 -> 4", conv_model(&[1, 3, 17], &[4, 3, 5], true, false, vec![]), vec![one(&[1, 3, 17], 7)]),
+        (
+            "conv 3-D: 1x2x5x5x5 -> 3",
+            conv_model(&[1, 2, 5, 5, 5], &[3, 2, 3, 3, 3], false, false, vec![]),
+            vec![one(&[1, 2, 5, 5, 5], 8)],
+        ),
+    ]
+}
+
+/// The implicit-GEMM Conv (output channels × pixels × `C·KH·KW`, input patches gathered into
+/// shared memory with the padding as zeros) run on the host block by block, phase by phase,
+/// gives the reference interpreter's results for every chip's tile; Convs it does not take
+/// run untiled and still match.
+#[test]
+fn gpu_tiled_conv_emulated_on_the_host_matches_the_reference() {
+    println!("| case | chip | grid | block | tile | shared bytes |");
+    for (name, m, inputs) in tiled_conv_cases() {
+        let m = fused(m, "cuda");
+        let want = kiln_ir::interp::run(&m, inputs.clone()).unwrap();
+        for (family, chip) in [(Family::Cuda, "sm_80"), (Family::Cuda, "sm_90"), (Family::Rocm, "gfx906")] {
+            let arch = GpuArch::new(family, Some(chip)).unwrap();
+            let (got, _, _, tiled) = run_as_gpu_on(&m, inputs.clone(), &arch);
+            assert_eq!(tiled.len(), 1, "{name} {chip}: not tiled");
+            assert_matches(name, &got, &want, 1e-4, 1e-5);
+            let l = &tiled[0];
+            let t = l.tile.unwrap();
+            println!(
+                "| {name} | {chip} | {:?} | {} | {}x{}x{} | {} |",
+                l.grid.unwrap(),
+                l.block[0],
+                t.tm,
+                t.tn,
+                t.tk,
+                l.shared_bytes
+            );
+        }
+    }
+    for (name, m, inputs) in untiled_conv_cases() {
+        let m = fused(m, "cuda");
+        let want = kiln_ir::interp::run(&m, inputs.clone()).unwrap();
+        let (got, kernels, _, tiled) = run_as_gpu(&m, inputs);
+        assert_eq!((kernels, tiled), (1, 0), "{name}: tiled");
+        assert_matches(name, &got, &want, 1e-4, 1e-5);
+        println!("| {name} | untiled |");
+    }
+}
+
+/// The tiled Conv's code: PTX with shared-memory stores and loads and `bar.sync` (assembled by
+/// ptxas where it is installed), AMDGCN with LDS accesses and `s_barrier`, for every chip; its
+/// `gpu.func` (kernel IR) as a snapshot.
+#[test]
+fn gpu_tiled_conv_code_uses_shared_memory_and_barriers() {
+    let ptxas = ptxas();
+    let dir = temp_dir("gpu-tiled-conv");
+    for (name, m, _) in tiled_conv_cases() {
+        let m = fused(m, "cuda");
+        for chip in gpu::CUDA_ARCHS {
+            let p = program(&m, Family::Cuda, chip);
+            assert!(p.manifest.kernels.iter().all(|l| l.tile.is_some()), "{name} {chip}: not tiled");
+            for (f, code) in &p.functions {
+                let ptx = &code.asm;
+                let file = dir.join(format!("{f}_{chip}.ptx"));
+                std::fs::write(&file, ptx).unwrap();
+                assert!(ptx.contains(".shared") && ptx.contains("bar.sync"), "{name} {chip} {f}:\n{ptx}");
+                assert!(ptx.contains("ld.shared.") && ptx.contains("st.shared."), "{name} {chip} {f}: no shared loads");
+                let Some(ptxas) = &ptxas else { panic!("NOT RUN: ptxas not found: run scripts/setup.sh") };
+                let out = std::process::Command::new(ptxas)
+                    .args([
+                        &format!("-arch={chip}"),
+                        file.to_str().unwrap(),
+                        "-o",
+                        dir.join("k.cubin").to_str().unwrap(),
+                    ])
+                    .output()
+                    .unwrap();
+                assert!(out.status.success(), "{name} {chip}: ptxas: {}", String::from_utf8_lossy(&out.stderr));
+            }
+        }
+        for chip in gpu::ROCM_ARCHS {
+            let p = program(&m, Family::Rocm, chip);
+            assert!(p.manifest.kernels.iter().all(|l| l.tile.is_some()), "{name} {chip}: not tiled");
+            for (f, code) in &p.functions {
+                let s = &code.asm;
+                assert!(s.contains("s_barrier"), "{name} {chip} {f}: no s_barrier");
+                assert!(s.contains("ds_write") || s.contains("ds_store"), "{name} {chip} {f}: no LDS stores");
+                assert!(s.contains("ds_read") || s.contains("ds_load"), "{name} {chip} {f}: no LDS loads");
+                let o = code.object.as_ref().unwrap();
+                assert!(o.starts_with(b"\x7fELF") && u16::from_le_bytes([o[18], o[19]]) == 224);
+            }
+        }
+    }
+    // The PTX of the 3×3 Conv with padding, bias and a fused Relu (as the GEMM's is).
+    let (_, m, _) = tiled_conv_cases().swap_remove(0);
+    let p = program(&fused(m, "cuda"), Family::Cuda, "sm_80");
+    insta::assert_snapshot!("gpu_tiled_conv_3x3_pad1_relu_sm_80", p.functions[0].1.asm);
+}
+
+/// Whole CNNs compiled for cuda: every Conv (all have one group) is a block-tiled launch in
+/// the plan, and the plan run whole on the emulated GPU (tiled launches block by block) still
+/// matches the reference interpreter. `KILN_GPU_CONV_MODELS` (comma-separated) picks the
+/// models; SqueezeNet and ResNet-50 by default.
+#[test]
+fn gpu_tiled_convs_in_whole_models_on_the_emulated_gpu() {
+    let models = std::env::var("KILN_GPU_CONV_MODELS").unwrap_or_else(|_| "light_squeezenet,light_resnet50".into());
+    println!("| model | Convs | tiled Conv launches | launches | Conv global loads per FMA (untiled: 2) | plan matches ref |");
+    for name in models.split(',') {
+        let src = data_dir().join("light-random").join(name);
+        let m =
+            kiln::load_model(&src.join("model.onnx")).unwrap_or_else(|e| panic!("{name}: {e} (run scripts/setup.sh)"));
+        let m = fused(m, "cuda");
+        let conv_nodes: std::collections::HashSet<String> = kiln_targets::native::launched_kernels(&m)
+            .iter()
+            .map(|(o, _)| m.op(*o))
+            .filter(|op| op.op_type() == "Conv" || matches!(op.attrs.get("anchor"), Some(Attr::Str(a)) if a == "Conv"))
+            .map(|op| op.node_name().to_string())
+            .collect();
+        let dir = temp_dir(&format!("gpu-conv-plan-{name}"));
+        let p = write_program(&m, &dir);
+        let tiled = p.manifest.kernels.iter().filter(|l| l.tile.is_some() && conv_nodes.contains(&l.node)).count();
+        assert_eq!(tiled, conv_nodes.len(), "{name}: Convs not tiled");
+        // Global-memory loads per multiply-add of the tiled Convs (each block's tiles, padding
+        // included), against 2 for a thread per output element.
+        let (mut fmas, mut loads) = (0u64, 0u64);
+        for (l, k) in p.manifest.kernels.iter().zip(&p.kernels) {
+            if conv_nodes.contains(&l.node) {
+                let g = gpu_tile::recognize(k, &p.arch).unwrap().expect("tiled");
+                fmas += g.fmas();
+                loads += g.global_loads();
+            }
+        }
+        let input = vec![kiln_onnx::read_tensor_file(&src.join("test_data_set_0/input_0.pb")).unwrap()];
+        let want = kiln_ir::interp::run(&m, input.clone()).unwrap();
+        let r = run_plan(&p, &dir, &input).unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_matches(name, &r.outputs, &want, 1e-3, 1e-5);
+        println!(
+            "| {name} | {} | {tiled} | {} | {:.3} | yes |",
+            conv_nodes.len(),
+            r.launches,
+            loads as f64 / fmas as f64
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
 /// Each chip's description: its GPU limits, the block size derived from them, and JSON
 /// descriptions written before the GPU limits existed still load; a tile the description
 /// cannot hold is an error.

@@ -424,10 +424,10 @@ impl Lowering<'_> {
                 return Err(format!("{t} reduces from axis {first}, the kernel's rows end at axis {}", self.rows));
             }
         }
-        // A MatMul or Gemm element a kernel reads twice (an epilogue such as GELU) is the same
+        // A MatMul, Gemm or Conv element a kernel reads twice (an epilogue such as GELU) is the same
         // reduction each time, which `share_reductions` then binds once.
         let at: Vec<Idx> = idx.iter().map(|i| i.clone().simplify()).collect();
-        if matches!(t, "MatMul" | "Gemm") {
+        if matches!(t, "MatMul" | "Gemm" | "Conv") {
             if let Some((.., v)) = self.windows.borrow().iter().find(|(p, i, _)| *p == o && *i == at) {
                 return Ok(v.clone());
             }
@@ -738,6 +738,7 @@ impl Lowering<'_> {
                     body: Box::new(body),
                 })
             }
+            "Conv" => remember(self.conv_element(o, &at)?),
             "Gemm" => {
                 // alpha · op(A)·op(B) + beta · C, A and B 2-D.
                 let (a, bm) = (x(0)?, x(1)?);

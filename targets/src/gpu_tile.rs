@@ -5,7 +5,11 @@
 //! loop over `batch × M × N`, storing `epilogue(Σ_k a(row, k) · b(k, col))`). [`recognize`]
 //! reads that form back (the flattened loop variable rewritten into `batch`, `row`, `col`,
 //! the two loads split into the operand that varies with the row and the one that varies
-//! with the column) and picks a [`GemmTile`] from the chip's description. [`emit`] then
+//! with the column) and picks a [`GemmTile`] from the chip's description. A 2-D Conv with one
+//! group, lowered per output element as well, is read back as an implicit GEMM
+//! (`read_back_conv`: rows the output channels, columns the output pixels, batch the images,
+//! K `C·KH·KW`; the input's padding checks become its operand's load guards, so the tile
+//! loads gather the patches, im2col on the fly, with zeros in the padding). [`emit`] then
 //! writes the kernel in block-synchronous form, in one of two mappings of the same schedule:
 //!
 //! - each block computes a `tm × tn` output tile, each of its `tx × ty` threads a `rm × rn`
@@ -94,6 +98,9 @@ pub struct Operand {
     pub vector_along: Option<usize>,
     /// The variable consecutive threads walk when loading scalars (the contiguous one).
     pub fast: usize,
+    /// Loaded only where every `expr < bound` (signed), zero elsewhere: a Conv's input
+    /// padding (im2col on the fly); empty for a MatMul/Gemm.
+    pub guards: Vec<(Idx, i64)>,
 }
 
 /// A MatMul/Gemm kernel in per-element form, read back for tiling.
@@ -157,6 +164,15 @@ fn rewrite_top_down(i: &Idx, f: &mut dyn FnMut(&Idx) -> Option<Idx>) -> Idx {
     }
 }
 
+/// [`rewrite_top_down`] with an `f` that can fail: `None` from `f` fails the whole rewrite,
+/// `Some(None)` keeps the node and rewrites its operands.
+fn try_rewrite_top_down(i: &Idx, f: &mut dyn FnMut(&Idx) -> Option<Option<Idx>>) -> Option<Idx> {
+    match f(i)? {
+        Some(new) => Some(new),
+        None => i.try_map_operands(&mut |x| try_rewrite_top_down(x, f).ok_or(())).ok(),
+    }
+}
+
 /// `v` with `Let` slot `slot` replaced by the value it binds.
 fn replace_scalar(v: &Val, slot: usize, by: &Val) -> Val {
     v.map(&mut |x| if x == Val::Scalar(slot) { by.clone() } else { x })
@@ -194,7 +210,7 @@ fn unflatten(i: &Idx, v: usize, m: i64, n: i64, inner: &Idx) -> Option<Idx> {
 /// `Ok(None)` when it is not one (or a shape is not known). An error when the tile the
 /// description allows does not fit it (never a silent over-subscription).
 pub fn recognize(k: &Kernel, arch: &GpuArch) -> Result<Option<TiledGemm>, TargetError> {
-    let Some(mut g) = read_back(k) else { return Ok(None) };
+    let Some(mut g) = read_back(k).or_else(|| read_back_conv(k)) else { return Ok(None) };
     g.tile = choose_tile(g.batch, g.m, g.n, &arch.description())?;
     g.a.vector_along = vector_axis(k, &g.a, g.kvar, ROW, g.k, g.m, g.tile.tk, g.tile.tm);
     g.b.vector_along = vector_axis(k, &g.b, g.kvar, COL, g.k, g.n, g.tile.tk, g.tile.tn);
@@ -301,7 +317,7 @@ fn read_back(k: &Kernel) -> Option<TiledGemm> {
             Some(Idx::Var(v)) if *v == *kvar => *kvar,
             _ => free,
         };
-        Operand { buf, index, vector_along: None, fast }
+        Operand { buf, index, vector_along: None, fast, guards: Vec::new() }
     };
     Some(TiledGemm {
         batch,
@@ -311,6 +327,182 @@ fn read_back(k: &Kernel) -> Option<TiledGemm> {
         kvar: *kvar,
         a: operand(a, ROW),
         b: operand(b, COL),
+        out: *out,
+        index,
+        epilogue,
+        tile: GemmTile { tm: 0, tn: 0, tk: 0, rm: 0, rn: 0 },
+    })
+}
+
+/// Reads kernel `k` back as a 2-D Conv with one group in per-element form (the GPU schedule's
+/// `Lowering::conv_element`: sequential loops over the image `n` and output channel `m`, a
+/// parallel one over the output pixels `p` of `OH·OW`, storing `epilogue(Σ_k w[m, k…] ·
+/// guarded(x[n, k…, p…]))`) as an implicit GEMM: rows the output channels ([`ROW`], operand
+/// `a` the weights, contiguous along `k`), columns the pixels ([`COL`], operand `b` the input
+/// patches gathered on the fly, the padding checks its [`Operand::guards`]), batch the images.
+fn read_back_conv(k: &Kernel) -> Option<TiledGemm> {
+    // Sequential loops, then the parallel one (the lowering and `gpu::flatten` merge the
+    // output's axes in various ways), then `Let`s and one `Store`.
+    let mut loops: Vec<(usize, &Idx)> = Vec::new();
+    let mut stmts = k.body.as_slice();
+    let body = loop {
+        match stmts {
+            [Stmt::For { parallel: false, var, extent, body }] => {
+                loops.push((*var, extent));
+                stmts = body;
+            }
+            [Stmt::For { parallel: true, var, extent, body }] => {
+                loops.push((*var, extent));
+                break body;
+            }
+            _ => return None,
+        }
+    };
+    let (Some(Stmt::Store { buf: out, index, value }), lets) = (body.last(), &body[..body.len().saturating_sub(1)])
+    else {
+        return None;
+    };
+    let mut value = value.clone();
+    for s in lets.iter().rev() {
+        let Stmt::Let { slot, value: bound } = s else { return None };
+        value = replace_scalar(&value, *slot, bound);
+    }
+    if !k.locals.is_empty() || k.buffers.iter().any(|b| b.shape.iter().any(|d| matches!(d, Dim::Sym(_)))) {
+        return None;
+    }
+    let shape: Vec<u64> = k.buffers[*out]
+        .shape
+        .iter()
+        .map(|d| match d {
+            Dim::Known(n) => *n,
+            Dim::Sym(_) => 0,
+        })
+        .collect();
+    let [n, m, oh, ow] = shape[..] else { return None };
+    let extents: Vec<i64> = loops
+        .iter()
+        .map(|(_, e)| match concrete(e, k) {
+            Some(Idx::Const(c)) if c > 0 => Some(c),
+            _ => None,
+        })
+        .collect::<Option<_>>()?;
+    if extents.iter().product::<i64>() as u64 != n * m * oh * ow {
+        return None;
+    }
+    // The loops walk the output in row-major order: loop i is `L / inner_i % extent_i` of
+    // the linear output position `L`. A digit term `v / D % E` of a loop variable is then
+    // `L / D' % E'`, which (where it starts and ends on the output's axis boundaries) is
+    // the axes it spans: the pixel `COL` (`oh = COL / OW`, `ow = COL % OW`), the channel `ROW`,
+    // the image `BATCH`.
+    let (ow_, oh_, m_) = (ow as i64, oh as i64, m as i64);
+    let bounds = [1, ow_, ow_ * oh_, ow_ * oh_ * m_, ow_ * oh_ * m_ * n as i64];
+    let digits = [
+        Idx::Rem(Box::new(var(COL)), c(ow_)).simplify(),
+        Idx::Div(Box::new(var(COL)), c(ow_)).simplify(),
+        var(ROW),
+        var(BATCH),
+    ];
+    let inner: Vec<i64> = (0..loops.len()).map(|i| extents[i + 1..].iter().product()).collect();
+    let span = |d: i64, e: i64| -> Option<Idx> {
+        let j = bounds.iter().position(|&b| b == d)?;
+        let j2 = (j + 1..5).find(|&j2| bounds[j2] == d * e)?;
+        if (j, j2) == (0, 2) {
+            return Some(var(COL));
+        }
+        let mut x = Idx::Const(0);
+        for a in (j..j2).rev() {
+            x = add(mul(x, bounds[a + 1] / bounds[a]), digits[a].clone());
+        }
+        Some(x.simplify())
+    };
+    fn term(x: &Idx, loops: &[(usize, &Idx)]) -> Option<(usize, i64, Option<i64>)> {
+        match x {
+            Idx::Var(v) => loops.iter().position(|(l, _)| l == v).map(|i| (i, 1, None)),
+            Idx::Div(a, b) => match (term(a, loops)?, &**b) {
+                ((i, d, None), Idx::Const(q)) if *q > 0 => Some((i, d * q, None)),
+                _ => None,
+            },
+            Idx::Rem(a, b) => match (term(a, loops)?, &**b) {
+                ((i, d, None), Idx::Const(e)) if *e > 0 => Some((i, d, Some(*e))),
+                _ => None,
+            },
+            _ => None,
+        }
+    }
+    let rw = |i: &Idx| -> Option<Idx> {
+        let i = concrete(i, k)?;
+        let out = try_rewrite_top_down(&i, &mut |x| match term(x, &loops) {
+            Some((l, d, e)) => {
+                let ext = extents[l];
+                if ext % d != 0 {
+                    return None;
+                }
+                let e = match e {
+                    Some(e) if e < ext / d && (ext / d) % e != 0 => return None,
+                    Some(e) => e.min(ext / d),
+                    None => ext / d,
+                };
+                Some(Some(span(inner[l] * d, e)?))
+            }
+            None => Some(None),
+        })?
+        .simplify();
+        (!loops.iter().any(|(v, _)| out.uses(*v))).then_some(out)
+    };
+    let index: Vec<Idx> = index.iter().map(rw).collect::<Option<_>>()?;
+    let want = [var(BATCH), var(ROW), digits[1].clone(), digits[0].clone()];
+    if index != want {
+        return None;
+    }
+    let mut reductions = Vec::new();
+    let epilogue = take_reductions(&value, &mut reductions).try_map_idx(&mut |i| rw(i).ok_or(())).ok()?;
+    reductions.dedup();
+    let [Val::Reduce { op: RedOp::Sum, var: kvar, extent, body }] = reductions.as_slice() else { return None };
+    let Idx::Const(kk) = concrete(extent, k)? else { return None };
+    let Val::Bin(BinOp::Mul, wv, xv) = &**body else { return None };
+    let load = |v: &Val| match v {
+        Val::Load { buf, index } if *buf < k.inputs && k.buffers[*buf].dtype == DType::F32 => {
+            Some((*buf, index.iter().map(rw).collect::<Option<Vec<Idx>>>()?))
+        }
+        _ => None,
+    };
+    // The input's padding checks around its load: `lhs < rhs ? x : 0` and `lhs < rhs ? 0 : x`.
+    let mut guards = Vec::new();
+    let mut x = &**xv;
+    loop {
+        match x {
+            Val::IfLess { lhs, rhs, then, other } if **other == Val::Const(0.0) => {
+                guards.push((Idx::Sub(Box::new(rw(lhs)?), Box::new(rw(rhs)?)).simplify(), 0));
+                x = then;
+            }
+            Val::IfLess { lhs, rhs, then, other } if **then == Val::Const(0.0) => {
+                guards.push((Idx::Sub(Box::new(rw(rhs)?), Box::new(rw(lhs)?)).simplify(), 1));
+                x = other;
+            }
+            _ => break,
+        }
+    }
+    let (w, x) = (load(wv)?, load(x)?);
+    let uses = |ix: &[Idx], v: usize| ix.iter().any(|i| i.uses(v));
+    let guarded = guards.iter().any(|(i, _)| i.uses(ROW));
+    if kk < 1
+        || uses(&w.1, COL)
+        || uses(&w.1, BATCH)
+        || uses(&x.1, ROW)
+        || guarded
+        || epilogue.uses(*kvar)
+        || uses(&index, *kvar)
+    {
+        return None;
+    }
+    Some(TiledGemm {
+        batch: n,
+        m,
+        n: oh * ow,
+        k: kk as u64,
+        kvar: *kvar,
+        a: Operand { buf: w.0, index: w.1, vector_along: None, fast: *kvar, guards: Vec::new() },
+        b: Operand { buf: x.0, index: x.1, vector_along: None, fast: COL, guards },
         out: *out,
         index,
         epilogue,
@@ -591,13 +783,15 @@ fn load_phase(e: &mut Emitter, g: &TiledGemm, tv: usize, sa: &str, sa_ty: &str, 
             };
             let kg = add(var(K0), kk.clone());
             let fg = add(mul(var(block), tf as i64), f.clone());
+            let at = |i: &Idx| i.subst(g.kvar, &kg).subst(free, &fg).subst(BATCH, &var(BZ));
+            let guards: Vec<(Idx, i64)> = x.guards.iter().map(|(i, b)| (at(i).simplify(), *b)).collect();
             let mut checks = vec![(&kg, g.k as i64), (&fg, fext as i64)];
             let last = (gi.clone(), (groups) as i64);
             if !groups.is_multiple_of(t.threads()) {
                 checks.push((&last.0, last.1));
             }
-            let index: Vec<Idx> =
-                x.index.iter().map(|i| i.subst(g.kvar, &kg).subst(free, &fg).subst(BATCH, &var(BZ))).collect();
+            checks.extend(guards.iter().map(|(i, b)| (i, *b)));
+            let index: Vec<Idx> = x.index.iter().map(at).collect();
             let ok = in_bounds(e, d, &checks);
             let vty = if lanes > 1 { format!("vector<{lanes}xf32>") } else { "f32".into() };
             let v = e.fresh();

@@ -127,7 +127,9 @@ pub(super) fn lower(p: &Parts) -> LowerResult<Option<Kernel>> {
         p.ops.iter().copied().filter(|&o| matches!(p.m.op(o).op_type(), "Conv" | "MatMul" | "Gemm")).collect();
     let [anchor] = anchors[..] else { return Ok(None) };
     let t = p.m.op(anchor).op_type();
-    if t != "Conv" && p.sched.matmul_per_element {
+    // Per element (the GPU schedule): MatMul, Gemm and 2-D Convs with one group lower in the
+    // inline-reduction form (`Lowering::conv_element`); other Convs keep the accumulate form.
+    if p.sched.matmul_per_element && (t != "Conv" || per_element_conv(p.m, anchor)) {
         return Ok(None);
     }
     let built = Builder::new(p, anchor).and_then(|bd| match t {
@@ -294,55 +296,7 @@ impl<'p, 'm> Builder<'p, 'm> {
             return Err(format!("Conv of rank {r} is not lowered (1 to 3 spatial dims)"));
         }
         let sp = r - 2;
-        let a = self.attrs();
-        let e = |x: kiln_ir::graph::OpError| x.0;
-        let group = a.int("group", 1).map_err(e)?;
-        if group < 1 {
-            return Err("Conv with a group below 1".into());
-        }
-        let kernel: Vec<i64> = ws[2..]
-            .iter()
-            .map(|d| d.known().map(|k| k as i64).ok_or("Conv with a symbolic kernel size"))
-            .collect::<Result<_, _>>()?;
-        if let Some(ks) = a.ints("kernel_shape").map_err(e)? {
-            if ks != kernel {
-                return Err("Conv kernel_shape differs from W's spatial dims".into());
-            }
-        }
-        let spatial = |name: &str, n: usize, fill: i64| -> LowerResult<Vec<i64>> {
-            let v = a.ints(name).map_err(e)?.unwrap_or_else(|| vec![fill; n]);
-            if v.len() != n || v.iter().any(|&x| x < 0) {
-                return Err(format!("Conv attribute {name} {v:?} is not {n} non-negative values"));
-            }
-            Ok(v)
-        };
-        let strides = spatial("strides", sp, 1)?;
-        let dilations = spatial("dilations", sp, 1)?;
-        let pads = spatial("pads", 2 * sp, 0)?;
-        if strides.contains(&0) || dilations.contains(&0) {
-            return Err("Conv with a zero stride or dilation".into());
-        }
-        let auto_pad = a.string("auto_pad", "NOTSET").map_err(e)?;
-        // Begin padding per spatial axis (the output's extent comes from its buffer).
-        let mut pad = Vec::new();
-        for d in 0..sp {
-            pad.push(match auto_pad.as_str() {
-                "NOTSET" => pads[d],
-                "VALID" => 0,
-                "SAME_UPPER" | "SAME_LOWER" => {
-                    let len = xs[2 + d].known().ok_or("Conv with auto_pad SAME over a symbolic spatial dim")? as i64;
-                    let ek = (kernel[d] - 1) * dilations[d] + 1;
-                    let out = (len + strides[d] - 1) / strides[d];
-                    let total = ((out.max(1) - 1) * strides[d] + ek - len).max(0);
-                    if auto_pad == "SAME_UPPER" {
-                        total / 2
-                    } else {
-                        total - total / 2
-                    }
-                }
-                other => return Err(format!("Conv auto_pad {other} is not known")),
-            });
-        }
+        let ConvAttrs { group, kernel, strides, dilations, pad } = conv_attrs(&self.attrs(), &xs, &ws)?;
         let dim = |d: &Dim| lw.dim(d);
         let (n, m, cg) = (dim(&ys[0])?, dim(&ys[1])?, dim(&ws[1])?);
         let out_dims: Vec<Idx> = ys[2..].iter().map(dim).collect::<Result<_, _>>()?;
@@ -1240,4 +1194,132 @@ fn reads_only_at(v: &Val, buf: usize, at: &[Idx]) -> bool {
             reads_only_at(cond, buf, at) && reads_only_at(then, buf, at) && reads_only_at(other, buf, at)
         }
     }
+}
+
+/// A Conv's attributes, checked: group, kernel size, strides, dilations and the begin padding
+/// per spatial axis (from `pads` or `auto_pad`).
+pub(super) struct ConvAttrs {
+    pub group: i64,
+    pub kernel: Vec<i64>,
+    pub strides: Vec<i64>,
+    pub dilations: Vec<i64>,
+    pub pad: Vec<i64>,
+}
+
+/// Reads a Conv's attributes for input shape `xs` and weight shape `ws` (same rank).
+pub(super) fn conv_attrs(a: &AttrView<'_>, xs: &[Dim], ws: &[Dim]) -> LowerResult<ConvAttrs> {
+    let sp = xs.len() - 2;
+    let e = |x: kiln_ir::graph::OpError| x.0;
+    let group = a.int("group", 1).map_err(e)?;
+    if group < 1 {
+        return Err("Conv with a group below 1".into());
+    }
+    let kernel: Vec<i64> = ws[2..]
+        .iter()
+        .map(|d| d.known().map(|k| k as i64).ok_or("Conv with a symbolic kernel size"))
+        .collect::<Result<_, _>>()?;
+    if let Some(ks) = a.ints("kernel_shape").map_err(e)? {
+        if ks != kernel {
+            return Err("Conv kernel_shape differs from W's spatial dims".into());
+        }
+    }
+    let spatial = |name: &str, n: usize, fill: i64| -> LowerResult<Vec<i64>> {
+        let v = a.ints(name).map_err(e)?.unwrap_or_else(|| vec![fill; n]);
+        if v.len() != n || v.iter().any(|&x| x < 0) {
+            return Err(format!("Conv attribute {name} {v:?} is not {n} non-negative values"));
+        }
+        Ok(v)
+    };
+    let strides = spatial("strides", sp, 1)?;
+    let dilations = spatial("dilations", sp, 1)?;
+    let pads = spatial("pads", 2 * sp, 0)?;
+    if strides.contains(&0) || dilations.contains(&0) {
+        return Err("Conv with a zero stride or dilation".into());
+    }
+    let auto_pad = a.string("auto_pad", "NOTSET").map_err(e)?;
+    // Begin padding per spatial axis (the output's extent comes from its buffer).
+    let mut pad = Vec::new();
+    for d in 0..sp {
+        pad.push(match auto_pad.as_str() {
+            "NOTSET" => pads[d],
+            "VALID" => 0,
+            "SAME_UPPER" | "SAME_LOWER" => {
+                let len = xs[2 + d].known().ok_or("Conv with auto_pad SAME over a symbolic spatial dim")? as i64;
+                let ek = (kernel[d] - 1) * dilations[d] + 1;
+                let out = (len + strides[d] - 1) / strides[d];
+                let total = ((out.max(1) - 1) * strides[d] + ek - len).max(0);
+                if auto_pad == "SAME_UPPER" {
+                    total / 2
+                } else {
+                    total - total / 2
+                }
+            }
+            other => return Err(format!("Conv auto_pad {other} is not known")),
+        });
+    }
+    Ok(ConvAttrs { group, kernel, strides, dilations, pad })
+}
+
+impl Lowering<'_> {
+    /// Element `idx` (`[n, m, oh, ow]`) of a 2-D Conv with one group, in per-element form (the
+    /// GPU schedule, `Schedule::matmul_per_element`): `Σ_k w[m, c, kh, kw] · x[n, c, ih, iw]`
+    /// over `k = (c·KH + kh)·KW + kw` (an implicit GEMM's reduction), `ih = oh·sh − ph + kh·dh`
+    /// (likewise `iw`), the input zero in the padding; plus `bias[m]`. An error for any other
+    /// Conv (grouped, depthwise, 1-D, 3-D), which the caller lowers in accumulate form.
+    pub(super) fn conv_element(&self, o: OpId, idx: &[Idx]) -> LowerResult<Val> {
+        let op = self.m.op(o);
+        let operand = |i: usize| op.operands.get(i).copied().flatten();
+        let (x, w) = (operand(0).ok_or("Conv without X")?, operand(1).ok_or("Conv without W")?);
+        let (xs, ws) = (self.shape(x)?.to_vec(), self.shape(w)?.to_vec());
+        if xs.len() != 4 || ws.len() != 4 || idx.len() != 4 {
+            return Err("a per-element Conv is 2-D only".into());
+        }
+        let ConvAttrs { group, kernel, strides, dilations, pad } = conv_attrs(&AttrView(&op.attrs), &xs, &ws)?;
+        if group != 1 {
+            return Err("a per-element Conv has one group".into());
+        }
+        let (kh, kw) = (kernel[0], kernel[1]);
+        let k = self.fresh_var();
+        let taps = kh * kw;
+        let ch = if taps == 1 { Idx::Var(k) } else { div(Idx::Var(k), c(taps)) };
+        let th = rem(div(Idx::Var(k), c(kw)), c(kh));
+        let tw = rem(Idx::Var(k), c(kw));
+        let mut at = vec![idx[0].clone(), ch.clone()];
+        let mut guards = Vec::new();
+        for (d, t) in [th, tw].into_iter().enumerate() {
+            let i = add(sub(mul(idx[2 + d].clone(), c(strides[d])), c(pad[d])), mul(t, c(dilations[d]))).simplify();
+            // In bounds for every output without a check: no begin padding and the last
+            // output's last tap inside the input.
+            let len = xs[2 + d].known().map(|n| n as i64);
+            let out = self.shape(op.results[0])?.get(2 + d).and_then(|d| d.known()).map(|n| n as i64);
+            let inside = match (len, out) {
+                (Some(len), Some(out)) => pad[d] == 0 && (out - 1) * strides[d] + (kernel[d] - 1) * dilations[d] < len,
+                _ => false,
+            };
+            if !inside {
+                guards.push((i.clone(), self.dim(&xs[2 + d])?));
+            }
+            at.push(i);
+        }
+        let mut xv = self.value(x, &at)?;
+        for (i, len) in guards.into_iter().rev() {
+            // Signed compares (`i` is negative in the begin padding); the load runs in bounds only.
+            let below = Val::IfLess { lhs: i.clone(), rhs: len, then: Box::new(xv), other: Box::new(Val::Const(0.0)) };
+            xv = Val::IfLess { lhs: i, rhs: c(0), then: Box::new(Val::Const(0.0)), other: Box::new(below) };
+        }
+        let wv = self.value(w, &[idx[1].clone(), ch, rem(div(Idx::Var(k), c(kw)), c(kh)), rem(Idx::Var(k), c(kw))])?;
+        let extent = mul(self.dim(&ws[1])?, c(taps)).simplify();
+        let sum = Val::Reduce { op: kiln_ir::kernel::RedOp::Sum, var: k, extent, body: Box::new(fmul(wv, xv)) };
+        Ok(match operand(2) {
+            Some(bias) => fadd(sum, self.value(bias, &[idx[1].clone()])?),
+            None => sum,
+        })
+    }
+}
+
+/// Whether Conv `o` has the per-element form ([`Lowering::conv_element`]): 2-D, one group.
+fn per_element_conv(m: &Module, o: OpId) -> bool {
+    let op = m.op(o);
+    let rank = op.operands.first().copied().flatten().and_then(|x| m.value(x).ty.shape.as_ref().map(|s| s.len()));
+    rank == Some(4) && matches!(AttrView(&op.attrs).int("group", 1), Ok(1))
 }
