@@ -235,6 +235,34 @@ fn tuning_on_cpu_checks_candidates_and_the_api_reports_best_so_far() {
 }
 
 #[test]
+fn compiling_candidates_in_parallel_changes_nothing_but_time() {
+    let dir = temp_dir("tune-parallel");
+    let model = kiln::load_model(&gpt2()).unwrap();
+    let c = kiln::Compiler::new("cpu").lower(&model).unwrap();
+    let run = |parallel: bool| {
+        let opts = TuneOptions {
+            db: dir.join(format!("db-{parallel}.jsonl")),
+            trials: 4,
+            strategy: Strategy::Random,
+            seed: 3,
+            confirm_rounds: 0,
+            parallel_compile: parallel,
+            ..TuneOptions::default()
+        };
+        kiln::tune::tune(&c, &opts, &mut |_, _| {}).unwrap()
+    };
+    let (on, off) = (run(true), run(false));
+    // The same candidates in the same order (random search's draws do not depend on times).
+    let knobs = |r: &kiln::tune::TuneReport| r.kernels.iter().map(|k| k.knobs.clone()).collect::<Vec<_>>();
+    assert_eq!(knobs(&on), knobs(&off));
+    assert_eq!(off.compiled_ahead, 0);
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if cores >= 2 {
+        assert!(on.compiled_ahead > 0, "nothing was compiled ahead on {cores} cores");
+    }
+}
+
+#[test]
 fn the_cpu_estimate_counts_vectors_and_spilled_register_tiles() {
     use kiln::tune::estimate::kernel_cost;
     use kiln_ir::kernel::{Buffer, Idx, Kernel, Knobs, Level, Stmt, UnOp, Val};

@@ -198,6 +198,10 @@ enum Cmd {
         /// The margin of `--confirm-rounds`, relative to the best so far.
         #[arg(long, default_value_t = 0.05)]
         confirm_margin: f64,
+        /// Compile candidates one at a time (by default the next one compiles in parallel with
+        /// the one about to be timed, before it is timed; the search is the same).
+        #[arg(long)]
+        no_parallel_compile: bool,
     },
     /// List the targets and the toolchain kiln links.
     Targets,
@@ -313,6 +317,7 @@ fn dispatch(cmd: Cmd) -> Result<(), Error> {
             rounds,
             confirm_rounds,
             confirm_margin,
+            no_parallel_compile,
         } => {
             npu.apply()?;
             kiln_targets::native::set_threads(threads);
@@ -332,6 +337,7 @@ fn dispatch(cmd: Cmd) -> Result<(), Error> {
                 dims: parse_dims(&dims)?,
                 confirm_rounds,
                 confirm_margin,
+                parallel_compile: !no_parallel_compile,
             };
             tune(&model, &target, &opts, &t, json, !no_model_bench)
         }
@@ -1082,6 +1088,9 @@ fn tune(
             "cpu times: warm median, {clock} clock; a kernel's cost is the median of its measurements \
              ({repeats} repeated to confirm candidates against the best so far)"
         );
+        if report.compiled_ahead > 0 {
+            println!("{} candidate(s) compiled in parallel ahead of their turn", report.compiled_ahead);
+        }
     }
     println!(
         "{:<24} {:>4} {:>7} {:>7} {:>12} {:>12} {:>8}",

@@ -109,6 +109,10 @@ pub struct TuneOptions {
     pub confirm_rounds: usize,
     /// The margin of `confirm_rounds`, relative to the best so far (0.05: within 5 %).
     pub confirm_margin: f64,
+    /// cpu and rvv: compile (and check) the next candidate in parallel with the one about to
+    /// be timed, one thread per core, before timing it ([`Measure::prepare`]). The search is
+    /// the same either way (the same candidates in the same order); only its wall time differs.
+    pub parallel_compile: bool,
 }
 
 impl Default for TuneOptions {
@@ -123,6 +127,7 @@ impl Default for TuneOptions {
             dims: HashMap::new(),
             confirm_rounds: 2,
             confirm_margin: 0.05,
+            parallel_compile: true,
         }
     }
 }
@@ -306,6 +311,8 @@ pub struct TuneReport {
     pub stopped_by_budget: bool,
     /// The clock cpu times were read from (`thread_cpu` or `wall`; `None` elsewhere).
     pub clock: Option<&'static str>,
+    /// Candidates compiled in parallel ahead of their measurement ([`TuneOptions::parallel_compile`]).
+    pub compiled_ahead: usize,
 }
 
 /// Hash of the target's machine description: records apply to the same machine only.
@@ -662,6 +669,16 @@ trait Measure {
     fn noisy(&self) -> bool {
         false
     }
+    /// Gets the kernels of `ks` ready to measure, in parallel where that pays (cpu: JIT
+    /// compilation and the output check, one thread per core), so that compiling never runs
+    /// while a kernel is timed. Only a speed-up: measuring a kernel not prepared builds it.
+    fn prepare(&self, ks: &[Kernel]) {
+        let _ = ks;
+    }
+    /// How many kernels [`Measure::prepare`] compiled in parallel so far.
+    fn prepared(&self) -> usize {
+        0
+    }
 }
 
 /// What a measurer's cost is.
@@ -717,6 +734,23 @@ struct CpuMeasure {
     reference: Vec<Tensor>,
     host: estimate::Host,
     clock: Clock,
+    /// Kernels compiled and checked already (by [`Measure::prepare`], or measured lately), by
+    /// their text, oldest first; at most [`CpuMeasure::KEEP`].
+    built: std::cell::RefCell<Vec<(String, std::rc::Rc<Built>)>>,
+    /// Kernels compiled by [`Measure::prepare`] (in parallel).
+    prepared: std::cell::Cell<usize>,
+}
+
+/// A candidate JIT-compiled, run once and checked against the reference, or why not.
+type Built = Result<kiln_targets::native::NativeKernel, String>;
+
+/// `k` compiled, run once on `operands` and checked against `reference`.
+fn compile_checked(k: &Kernel, operands: &[Tensor], reference: &[Tensor]) -> Built {
+    let nk = kiln_targets::native::NativeKernel::compile(k.clone()).map_err(|e| e.to_string())?;
+    let refs: Vec<&Tensor> = operands.iter().collect();
+    let out = nk.run(&refs).map_err(|e| e.to_string())?;
+    check_outputs(&out, reference)?;
+    Ok(nk)
 }
 
 impl CpuMeasure {
@@ -733,16 +767,47 @@ impl CpuMeasure {
         let refs: Vec<&Tensor> = operands.iter().collect();
         let reference = k.run(&refs).map_err(|e| e.to_string())?;
         let clock = Clock::for_threads(kiln_targets::native::threads());
-        Ok(CpuMeasure { operands, reference, host, clock })
+        // The default's kernel is built and checked (it made the reference).
+        let built = vec![(format!("{default:?}"), std::rc::Rc::new(Ok(k)))];
+        Ok(CpuMeasure {
+            operands,
+            reference,
+            host,
+            clock,
+            built: std::cell::RefCell::new(built),
+            prepared: std::cell::Cell::new(0),
+        })
     }
 
-    /// `k` compiled, run once and checked against the default schedule's outputs.
-    fn checked(&self, k: &Kernel) -> Result<kiln_targets::native::NativeKernel, String> {
-        let nk = kiln_targets::native::NativeKernel::compile(k.clone()).map_err(|e| e.to_string())?;
-        let refs: Vec<&Tensor> = self.operands.iter().collect();
-        let out = nk.run(&refs).map_err(|e| e.to_string())?;
-        check_outputs(&out, &self.reference)?;
-        Ok(nk)
+    /// Compiled kernels kept for measuring again (the best so far is confirmed against often).
+    const KEEP: usize = 8;
+
+    /// `k` compiled, run once and checked against the default schedule's outputs: kept from
+    /// [`Measure::prepare`] or an earlier call, else compiled now.
+    fn checked(&self, k: &Kernel) -> std::rc::Rc<Built> {
+        let key = format!("{k:?}");
+        let mut built = self.built.borrow_mut();
+        let b = match built.iter().position(|(x, _)| *x == key) {
+            Some(i) => built.remove(i).1,
+            None => std::rc::Rc::new(compile_checked(k, &self.operands, &self.reference)),
+        };
+        built.push((key, b.clone()));
+        if built.len() > Self::KEEP {
+            built.remove(0);
+        }
+        b
+    }
+
+    /// [`CpuMeasure::checked`]'s kernel, or its error.
+    fn with_checked<T>(
+        &self,
+        k: &Kernel,
+        f: impl FnOnce(&kiln_targets::native::NativeKernel) -> Result<T, String>,
+    ) -> Result<T, String> {
+        match &*self.checked(k) {
+            Ok(nk) => f(nk),
+            Err(e) => Err(e.clone()),
+        }
     }
 
     /// The median time of warm runs: 2 warm-up runs, then at least 7 and 30 ms of runs.
@@ -789,8 +854,42 @@ fn check_outputs(out: &[Tensor], reference: &[Tensor]) -> Result<(), String> {
 
 impl Measure for CpuMeasure {
     fn measure(&self, k: &Kernel) -> Result<f64, String> {
-        let nk = self.checked(k)?;
-        self.time(&nk)
+        self.with_checked(k, |nk| self.time(nk))
+    }
+
+    /// Compiles and checks the kernels of `ks` not built yet, in parallel (one thread per
+    /// core): nothing is being timed meanwhile, and the measurements that follow find them
+    /// built.
+    fn prepare(&self, ks: &[Kernel]) {
+        let have: HashSet<String> = self.built.borrow().iter().map(|(x, _)| x.clone()).collect();
+        let mut todo: Vec<(String, &Kernel)> = Vec::new();
+        for k in ks {
+            let key = format!("{k:?}");
+            if !have.contains(&key) && !todo.iter().any(|(x, _)| *x == key) {
+                todo.push((key, k));
+            }
+        }
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        if todo.len() < 2 || cores < 2 {
+            return; // nothing to overlap: built when measured
+        }
+        todo.truncate(cores.min(Self::KEEP / 2));
+        let (operands, reference) = (&self.operands, &self.reference);
+        let done: Vec<(String, Built)> = std::thread::scope(|sc| {
+            let hs: Vec<_> = todo
+                .into_iter()
+                .map(|(key, k)| sc.spawn(move || (key, compile_checked(k, operands, reference))))
+                .collect();
+            hs.into_iter().filter_map(|h| h.join().ok()).collect()
+        });
+        self.prepared.set(self.prepared.get() + done.len());
+        let mut built = self.built.borrow_mut();
+        for (key, b) in done {
+            built.push((key, std::rc::Rc::new(b)));
+        }
+        while built.len() > Self::KEEP {
+            built.remove(0);
+        }
     }
 
     fn estimate(&self, k: &Kernel) -> Result<Vec<f64>, String> {
@@ -805,15 +904,18 @@ impl Measure for CpuMeasure {
         true
     }
 
+    fn prepared(&self) -> usize {
+        self.prepared.get()
+    }
+
     fn measure_rounds(&self, ks: &[Kernel], rounds: usize) -> Vec<Result<Vec<f64>, String>> {
-        let built: Vec<Result<kiln_targets::native::NativeKernel, String>> =
-            ks.iter().map(|k| self.checked(k)).collect();
+        let built: Vec<std::rc::Rc<Built>> = ks.iter().map(|k| self.checked(k)).collect();
         let mut times: Vec<Vec<f64>> = vec![Vec::new(); ks.len()];
         let mut errors: Vec<Option<String>> = vec![None; ks.len()];
         for r in 0..rounds.max(1) {
             for j in 0..ks.len() {
                 let i = (j + r) % ks.len();
-                if let (Ok(nk), None) = (&built[i], &errors[i]) {
+                if let (Ok(nk), None) = (&*built[i], &errors[i]) {
                     match self.time(nk) {
                         Ok(t) => times[i].push(t),
                         Err(e) => errors[i] = Some(e),
@@ -824,8 +926,9 @@ impl Measure for CpuMeasure {
         built
             .into_iter()
             .zip(times.iter_mut().zip(errors))
-            .map(|(b, (t, e))| match (b, e) {
-                (Err(e), _) | (_, Some(e)) => Err(e),
+            .map(|(b, (t, e))| match (&*b, e) {
+                (Err(e), _) => Err(e.clone()),
+                (_, Some(e)) => Err(e),
                 (Ok(_), None) => Ok(std::mem::take(t)),
             })
             .collect()
@@ -951,8 +1054,16 @@ struct RvvMeasure {
 
 impl Measure for RvvMeasure {
     fn measure(&self, k: &Kernel) -> Result<f64, String> {
-        self.cpu.checked(k)?;
+        self.cpu.with_checked(k, |_| Ok(()))?;
         Ok(self.estimate(k)?[0])
+    }
+
+    fn prepare(&self, ks: &[Kernel]) {
+        self.cpu.prepare(ks);
+    }
+
+    fn prepared(&self) -> usize {
+        self.cpu.prepared()
     }
 
     fn estimate(&self, k: &Kernel) -> Result<Vec<f64>, String> {
@@ -1123,6 +1234,7 @@ pub fn tune(
         unreadable,
         stopped_by_budget: false,
         clock: (target == "cpu").then(|| Clock::for_threads(kiln_targets::native::threads()).name()),
+        compiled_ahead: 0,
     };
     // Workloads in program order, each once.
     let mut order: Vec<(String, OpId, String, usize)> = Vec::new();
@@ -1208,6 +1320,10 @@ pub fn tune(
         let budget_left = if opts.resume { opts.trials.saturating_sub(known.points.len()) } else { opts.trials };
         let n_before = known.points.len();
         let mut rng = Rng(seed);
+        // Random draws made ahead of their turn (to compile them early), used in order.
+        let mut pending: std::collections::VecDeque<Schedule> = std::collections::VecDeque::new();
+        // The learned search's runners-up of its last ranking.
+        let mut ahead: Vec<Schedule> = Vec::new();
         let mut measured_here = 0;
         let mut dry = 0;
         let record = |knobs: &Schedule, result: Outcome| Record {
@@ -1229,10 +1345,24 @@ pub fn tune(
                 base.clone()
             } else {
                 match opts.strategy {
-                    Strategy::Random => space.random(&mut rng),
+                    Strategy::Random => pending.pop_front().unwrap_or_else(|| space.random(&mut rng)),
                     Strategy::Learned => {
-                        next_learned(&space, &mut pool, &learner, &local, &known.cost, &mut rng, &lower, &*measurer)
-                            .unwrap_or_else(|| space.random(&mut rng))
+                        let mut top = next_learned(
+                            &space,
+                            &mut pool,
+                            &learner,
+                            &local,
+                            &known.cost,
+                            &mut rng,
+                            &lower,
+                            &*measurer,
+                        );
+                        if top.is_empty() {
+                            space.random(&mut rng)
+                        } else {
+                            ahead = top.split_off(1);
+                            top.remove(0)
+                        }
                     }
                 }
             };
@@ -1253,6 +1383,28 @@ pub fn tune(
                 continue;
             }
             dry = 0;
+            // The candidates after this one, compiled with it before it is timed.
+            let mut batch = vec![k.clone()];
+            match opts.strategy {
+                Strategy::Learned => batch.extend(ahead.drain(..).filter_map(|s| lower(&s))),
+                Strategy::Random => {
+                    // Random search's next new kernel (its draws kept for their turn).
+                    for _ in 0..64 {
+                        let s = space.random(&mut rng);
+                        pending.push_back(s.clone());
+                        if let Some(nk) = lower(&s) {
+                            let nid = kernel_id(&nk);
+                            if nid != id && !known.cost.contains_key(&nid) {
+                                batch.push(nk);
+                                break;
+                            }
+                        }
+                    }
+                }
+            }
+            if opts.parallel_compile {
+                measurer.prepare(&batch);
+            }
             count_measurements(1);
             let r = measurer.measure(&k);
             let first = outcome(&r, measurer.unit());
@@ -1324,6 +1476,7 @@ pub fn tune(
                 }
             }
         }
+        report.compiled_ahead += measurer.prepared();
         // Default and best, from everything known.
         kr.default_cost = known.cost.get(&default_id).copied().flatten();
         if let Some((i, c)) = known.best(None) {
@@ -1337,6 +1490,11 @@ pub fn tune(
     }
     Ok(report)
 }
+
+/// Candidates compiled together before the first of them is timed ([`Measure::prepare`]):
+/// the one measured now and the next the search would measure (learned: the runner-up of the
+/// model's ranking; random: its next draw).
+const AHEAD: usize = 2;
 
 /// A candidate of the learned search: a schedule, its kernel's identity, and its features
 /// relative to the workload's default (`None`: the target cannot build it).
@@ -1491,7 +1649,9 @@ fn ridge(points: &[(Vec<f64>, f64)], lambda: f64) -> Option<Vec<f64>> {
 
 /// The learned strategy's next candidate: the pool grows by mutations of the best measured
 /// and the best predicted candidates and by random points (an evolutionary step), then the
-/// unmeasured candidate the model predicts cheapest is measured. The model: the static
+/// unmeasured candidate the model predicts cheapest is measured. Returns the [`AHEAD`]
+/// unmeasured candidates predicted cheapest, best first (the next ones are compiled with the
+/// first, [`Measure::prepare`]). The model: the static
 /// estimate, corrected by the run's shared [`Learner`] and by a ridge fit of this workload's
 /// own residuals once it has a few measurements.
 #[allow(clippy::too_many_arguments)]
@@ -1504,7 +1664,7 @@ fn next_learned(
     rng: &mut Rng,
     lower: &dyn Fn(&Schedule) -> Option<Kernel>,
     measurer: &dyn Measure,
-) -> Option<Schedule> {
+) -> Vec<Schedule> {
     let local_w = if local.len() >= 3 {
         let resid: Vec<(Vec<f64>, f64)> = local.iter().map(|(x, y)| (x.clone(), y - learner.predict(x))).collect();
         ridge(&resid, 2.0)
@@ -1539,7 +1699,7 @@ fn next_learned(
     for s in fresh {
         pool.add(s, space, lower, measurer);
     }
-    rank(pool, false).first().map(|&i| pool.cands[i].sched.clone())
+    rank(pool, false).into_iter().take(AHEAD).map(|i| pool.cands[i].sched.clone()).collect()
 }
 
 /// A report as JSON (what `kiln tune --json` prints, without the whole-model figures).
@@ -1560,7 +1720,7 @@ pub fn report_json(r: &TuneReport) -> serde_json::Value {
         })
         .collect();
     serde_json::json!({
-        "target": r.target, "measured": r.measured, "clock": r.clock, "estimated": r.target == "rvv", "previous_records": r.previous,
+        "target": r.target, "measured": r.measured, "clock": r.clock, "compiled_ahead": r.compiled_ahead, "estimated": r.target == "rvv", "previous_records": r.previous,
         "unreadable_lines": r.unreadable, "stopped_by_budget": r.stopped_by_budget, "kernels": kernels,
     })
 }
