@@ -785,14 +785,11 @@ fn tiled_cases() -> Vec<(&'static str, Module, Vec<Tensor>)> {
     ]
 }
 
-/// The block-tiled GEMM's schedule run on the host (blocks one after another, each phase a
-/// loop over the block's threads, the barrier the boundary between phases; outputs prefilled
-/// with NaN) gives the reference interpreter's results, for the tile every chip's description
-/// picks.
-#[test]
-fn gpu_tiled_gemm_emulated_on_the_host_matches_the_reference() {
+/// Each case (one contraction the GPU tiles) run as the tiled launch on the host for every
+/// chip's tile (sm_80, sm_90, gfx906) against the reference interpreter; prints each tile.
+fn check_tiled_emulation(cases: Vec<(&'static str, Module, Vec<Tensor>)>) {
     println!("| case | chip | grid | block | tile | shared bytes |");
-    for (name, m, inputs) in tiled_cases() {
+    for (name, m, inputs) in cases {
         let m = fused(m, "cuda");
         let want = kiln_ir::interp::run(&m, inputs.clone()).unwrap();
         for (family, chip) in [(Family::Cuda, "sm_80"), (Family::Cuda, "sm_90"), (Family::Rocm, "gfx906")] {
@@ -813,6 +810,15 @@ fn gpu_tiled_gemm_emulated_on_the_host_matches_the_reference() {
             );
         }
     }
+}
+
+/// The block-tiled GEMM's schedule run on the host (blocks one after another, each phase a
+/// loop over the block's threads, the barrier the boundary between phases; outputs prefilled
+/// with NaN) gives the reference interpreter's results, for the tile every chip's description
+/// picks.
+#[test]
+fn gpu_tiled_gemm_emulated_on_the_host_matches_the_reference() {
+    check_tiled_emulation(tiled_cases());
 }
 
 /// The tiled kernel's code: PTX with shared memory, `bar.sync` and 16-byte global loads
@@ -998,28 +1004,7 @@ fn untiled_conv_cases() -> Vec<(&'static str, Module, Vec<Tensor>)> {
 /// run untiled and still match.
 #[test]
 fn gpu_tiled_conv_emulated_on_the_host_matches_the_reference() {
-    println!("| case | chip | grid | block | tile | shared bytes |");
-    for (name, m, inputs) in tiled_conv_cases() {
-        let m = fused(m, "cuda");
-        let want = kiln_ir::interp::run(&m, inputs.clone()).unwrap();
-        for (family, chip) in [(Family::Cuda, "sm_80"), (Family::Cuda, "sm_90"), (Family::Rocm, "gfx906")] {
-            let arch = GpuArch::new(family, Some(chip)).unwrap();
-            let (got, _, _, tiled) = run_as_gpu_on(&m, inputs.clone(), &arch);
-            assert_eq!(tiled.len(), 1, "{name} {chip}: not tiled");
-            assert_matches(name, &got, &want, 1e-4, 1e-5);
-            let l = &tiled[0];
-            let t = l.tile.unwrap();
-            println!(
-                "| {name} | {chip} | {:?} | {} | {}x{}x{} | {} |",
-                l.grid.unwrap(),
-                l.block[0],
-                t.tm,
-                t.tn,
-                t.tk,
-                l.shared_bytes
-            );
-        }
-    }
+    check_tiled_emulation(tiled_conv_cases());
     for (name, m, inputs) in untiled_conv_cases() {
         let m = fused(m, "cuda");
         let want = kiln_ir::interp::run(&m, inputs.clone()).unwrap();

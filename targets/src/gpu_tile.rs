@@ -217,21 +217,11 @@ pub fn recognize(k: &Kernel, arch: &GpuArch) -> Result<Option<TiledGemm>, Target
     Ok(Some(g))
 }
 
-fn read_back(k: &Kernel) -> Option<TiledGemm> {
-    // Sequential loops around the parallel one (leading batch dims the lowering kept).
-    let mut outer: Vec<(usize, &Idx)> = Vec::new();
-    let mut stmts = k.body.as_slice();
-    let (var, body) = loop {
-        match stmts {
-            [Stmt::For { parallel: false, var, extent, body }] => {
-                outer.push((*var, extent));
-                stmts = body;
-            }
-            [Stmt::For { parallel: true, var, body, .. }] => break (var, body),
-            _ => return None,
-        }
-    };
-    // `Let`s then one `Store` (a reduction bound once and used twice, as by a fused GELU).
+/// The innermost body of a per-element kernel: `Let`s then one `Store` (a reduction bound once
+/// and used twice, as by a fused GELU). Returns the stored buffer, its index, the stored value
+/// with the `Let`s substituted, and the buffer's shape; `None` for any other body, a kernel
+/// with locals, or a symbolic shape.
+fn store_of<'k>(k: &'k Kernel, body: &'k [Stmt]) -> Option<(&'k usize, &'k Vec<Idx>, Val, Vec<u64>)> {
     let (Some(Stmt::Store { buf: out, index, value }), lets) = (body.last(), &body[..body.len().saturating_sub(1)])
     else {
         return None;
@@ -252,6 +242,24 @@ fn read_back(k: &Kernel) -> Option<TiledGemm> {
             Dim::Sym(_) => 0,
         })
         .collect();
+    Some((out, index, value, shape))
+}
+
+fn read_back(k: &Kernel) -> Option<TiledGemm> {
+    // Sequential loops around the parallel one (leading batch dims the lowering kept).
+    let mut outer: Vec<(usize, &Idx)> = Vec::new();
+    let mut stmts = k.body.as_slice();
+    let (var, body) = loop {
+        match stmts {
+            [Stmt::For { parallel: false, var, extent, body }] => {
+                outer.push((*var, extent));
+                stmts = body;
+            }
+            [Stmt::For { parallel: true, var, body, .. }] => break (var, body),
+            _ => return None,
+        }
+    };
+    let (out, index, value, shape) = store_of(k, body)?;
     let r = shape.len();
     if r < 2 || shape.contains(&0) {
         return None;
@@ -358,26 +366,7 @@ fn read_back_conv(k: &Kernel) -> Option<TiledGemm> {
             _ => return None,
         }
     };
-    let (Some(Stmt::Store { buf: out, index, value }), lets) = (body.last(), &body[..body.len().saturating_sub(1)])
-    else {
-        return None;
-    };
-    let mut value = value.clone();
-    for s in lets.iter().rev() {
-        let Stmt::Let { slot, value: bound } = s else { return None };
-        value = replace_scalar(&value, *slot, bound);
-    }
-    if !k.locals.is_empty() || k.buffers.iter().any(|b| b.shape.iter().any(|d| matches!(d, Dim::Sym(_)))) {
-        return None;
-    }
-    let shape: Vec<u64> = k.buffers[*out]
-        .shape
-        .iter()
-        .map(|d| match d {
-            Dim::Known(n) => *n,
-            Dim::Sym(_) => 0,
-        })
-        .collect();
+    let (out, index, value, shape) = store_of(k, body)?;
     let [n, m, oh, ow] = shape[..] else { return None };
     let extents: Vec<i64> = loops
         .iter()
