@@ -155,17 +155,9 @@ fn concrete(i: &Idx, k: &Kernel) -> Option<Idx> {
     .map(Idx::simplify)
 }
 
-/// `i` rewritten top-down: where `f` gives a node a replacement, that (its operands not
-/// visited); else the node with its operands rewritten.
-fn rewrite_top_down(i: &Idx, f: &mut dyn FnMut(&Idx) -> Option<Idx>) -> Idx {
-    match f(i) {
-        Some(new) => new,
-        None => i.map_operands(&mut |x| rewrite_top_down(x, f)),
-    }
-}
-
-/// [`rewrite_top_down`] with an `f` that can fail: `None` from `f` fails the whole rewrite,
-/// `Some(None)` keeps the node and rewrites its operands.
+/// `i` rewritten top-down: where `f` gives a node a replacement (`Some(Some(new))`), that (its
+/// operands not visited); where it gives `Some(None)`, the node with its operands rewritten;
+/// `None` from `f` fails the whole rewrite.
 fn try_rewrite_top_down(i: &Idx, f: &mut dyn FnMut(&Idx) -> Option<Option<Idx>>) -> Option<Idx> {
     match f(i)? {
         Some(new) => Some(new),
@@ -196,13 +188,15 @@ fn unflatten(i: &Idx, v: usize, m: i64, n: i64, inner: &Idx) -> Option<Idx> {
     // `v / n` (the flat row over the batch), which is `v` itself when `n` is 1 (the lowering's
     // `v % 1` and `v / 1` simplify away, as `q % 1` and `q / 1` do when `m` is 1).
     let q = |x: &Idx| if n == 1 { *x == var } else { matches!(x, Idx::Div(a, b) if **a == var && is(b, n)) };
-    let out = rewrite_top_down(i, &mut |x| match x {
-        Idx::Rem(a, b) if q(a) && is(b, m) => Some(Idx::Var(ROW)),
-        Idx::Div(a, b) if q(a) && is(b, m) => Some(inner.clone()),
-        x if q(x) => Some(add(mul(inner.clone(), m), Idx::Var(ROW)).simplify()),
-        Idx::Rem(a, b) if **a == var && is(b, n) => Some(Idx::Var(COL)),
-        _ => None,
-    });
+    let out = try_rewrite_top_down(i, &mut |x| {
+        Some(match x {
+            Idx::Rem(a, b) if q(a) && is(b, m) => Some(Idx::Var(ROW)),
+            Idx::Div(a, b) if q(a) && is(b, m) => Some(inner.clone()),
+            x if q(x) => Some(add(mul(inner.clone(), m), Idx::Var(ROW)).simplify()),
+            Idx::Rem(a, b) if **a == var && is(b, n) => Some(Idx::Var(COL)),
+            _ => None,
+        })
+    })?;
     (!out.uses(v)).then_some(out)
 }
 
@@ -243,6 +237,39 @@ fn store_of<'k>(k: &'k Kernel, body: &'k [Stmt]) -> Option<(&'k usize, &'k Vec<I
         })
         .collect();
     Some((out, index, value, shape))
+}
+
+/// A per-element kernel's stored value read as one sum of products: `epilogue(Σ_kvar x·y)`.
+struct Product {
+    /// The value with the reduction replaced by `Val::Scalar(ACC)`, its indices rewritten.
+    epilogue: Val,
+    kvar: usize,
+    /// The reduction's extent (constant).
+    kk: i64,
+    x: Val,
+    y: Val,
+}
+
+/// `value` as [`Product`] (a reduction used twice is one accumulator), its indices rewritten by
+/// `rw`; `None` when it is not one sum of products of constant extent.
+fn product(k: &Kernel, value: &Val, rw: &dyn Fn(&Idx) -> Option<Idx>) -> Option<Product> {
+    let mut reductions = Vec::new();
+    let epilogue = take_reductions(value, &mut reductions).try_map_idx(&mut |i| rw(i).ok_or(())).ok()?;
+    reductions.dedup();
+    let [Val::Reduce { op: RedOp::Sum, var: kvar, extent, body }] = reductions.as_slice() else { return None };
+    let Idx::Const(kk) = concrete(extent, k)? else { return None };
+    let Val::Bin(BinOp::Mul, x, y) = &**body else { return None };
+    Some(Product { epilogue, kvar: *kvar, kk, x: (**x).clone(), y: (**y).clone() })
+}
+
+/// A load of an f32 input buffer of `k`: the buffer and its index rewritten by `rw`.
+fn input_load(k: &Kernel, v: &Val, rw: &dyn Fn(&Idx) -> Option<Idx>) -> Option<(usize, Vec<Idx>)> {
+    match v {
+        Val::Load { buf, index } if *buf < k.inputs && k.buffers[*buf].dtype == DType::F32 => {
+            Some((*buf, index.iter().map(rw).collect::<Option<Vec<Idx>>>()?))
+        }
+        _ => None,
+    }
 }
 
 fn read_back(k: &Kernel) -> Option<TiledGemm> {
@@ -295,20 +322,8 @@ fn read_back(k: &Kernel) -> Option<TiledGemm> {
         unflatten(&i, *var, m as i64, n as i64, &inner)
     };
     let index: Vec<Idx> = index.iter().map(rw).collect::<Option<_>>()?;
-    let mut reductions = Vec::new();
-    let epilogue = take_reductions(&value, &mut reductions).try_map_idx(&mut |i| rw(i).ok_or(())).ok()?;
-    // A reduction used twice is one accumulator.
-    reductions.dedup();
-    let [Val::Reduce { op: RedOp::Sum, var: kvar, extent, body }] = reductions.as_slice() else { return None };
-    let Idx::Const(kk) = concrete(extent, k)? else { return None };
-    let Val::Bin(BinOp::Mul, x, y) = &**body else { return None };
-    let load = |v: &Val| match v {
-        Val::Load { buf, index } if *buf < k.inputs && k.buffers[*buf].dtype == DType::F32 => {
-            Some((*buf, index.iter().map(rw).collect::<Option<Vec<Idx>>>()?))
-        }
-        _ => None,
-    };
-    let (x, y) = (load(x)?, load(y)?);
+    let Product { epilogue, kvar, kk, x, y } = product(k, &value, &rw)?;
+    let (x, y) = (input_load(k, &x, &rw)?, input_load(k, &y, &rw)?);
     let uses = |ix: &[Idx], v: usize| ix.iter().any(|i| i.uses(v));
     let (a, b) = if !uses(&x.1, COL) && !uses(&y.1, ROW) {
         (x, y)
@@ -317,12 +332,12 @@ fn read_back(k: &Kernel) -> Option<TiledGemm> {
     } else {
         return None;
     };
-    if kk < 1 || epilogue.uses(*kvar) || uses(&index, *kvar) {
+    if kk < 1 || epilogue.uses(kvar) || uses(&index, kvar) {
         return None;
     }
     let operand = |(buf, index): (usize, Vec<Idx>), free: usize| {
         let fast = match index.last() {
-            Some(Idx::Var(v)) if *v == *kvar => *kvar,
+            Some(Idx::Var(v)) if *v == kvar => kvar,
             _ => free,
         };
         Operand { buf, index, vector_along: None, fast, guards: Vec::new() }
@@ -332,7 +347,7 @@ fn read_back(k: &Kernel) -> Option<TiledGemm> {
         m,
         n,
         k: kk as u64,
-        kvar: *kvar,
+        kvar,
         a: operand(a, ROW),
         b: operand(b, COL),
         out: *out,
@@ -443,21 +458,10 @@ fn read_back_conv(k: &Kernel) -> Option<TiledGemm> {
     if index != want {
         return None;
     }
-    let mut reductions = Vec::new();
-    let epilogue = take_reductions(&value, &mut reductions).try_map_idx(&mut |i| rw(i).ok_or(())).ok()?;
-    reductions.dedup();
-    let [Val::Reduce { op: RedOp::Sum, var: kvar, extent, body }] = reductions.as_slice() else { return None };
-    let Idx::Const(kk) = concrete(extent, k)? else { return None };
-    let Val::Bin(BinOp::Mul, wv, xv) = &**body else { return None };
-    let load = |v: &Val| match v {
-        Val::Load { buf, index } if *buf < k.inputs && k.buffers[*buf].dtype == DType::F32 => {
-            Some((*buf, index.iter().map(rw).collect::<Option<Vec<Idx>>>()?))
-        }
-        _ => None,
-    };
+    let Product { epilogue, kvar, kk, x: wv, y: xv } = product(k, &value, &rw)?;
     // The input's padding checks around its load: `lhs < rhs ? x : 0` and `lhs < rhs ? 0 : x`.
     let mut guards = Vec::new();
-    let mut x = &**xv;
+    let mut x = &xv;
     loop {
         match x {
             Val::IfLess { lhs, rhs, then, other } if **other == Val::Const(0.0) => {
@@ -471,7 +475,7 @@ fn read_back_conv(k: &Kernel) -> Option<TiledGemm> {
             _ => break,
         }
     }
-    let (w, x) = (load(wv)?, load(x)?);
+    let (w, x) = (input_load(k, &wv, &rw)?, input_load(k, x, &rw)?);
     let uses = |ix: &[Idx], v: usize| ix.iter().any(|i| i.uses(v));
     let guarded = guards.iter().any(|(i, _)| i.uses(ROW));
     if kk < 1
@@ -479,8 +483,8 @@ fn read_back_conv(k: &Kernel) -> Option<TiledGemm> {
         || uses(&w.1, BATCH)
         || uses(&x.1, ROW)
         || guarded
-        || epilogue.uses(*kvar)
-        || uses(&index, *kvar)
+        || epilogue.uses(kvar)
+        || uses(&index, kvar)
     {
         return None;
     }
@@ -489,8 +493,8 @@ fn read_back_conv(k: &Kernel) -> Option<TiledGemm> {
         m,
         n: oh * ow,
         k: kk as u64,
-        kvar: *kvar,
-        a: Operand { buf: w.0, index: w.1, vector_along: None, fast: *kvar, guards: Vec::new() },
+        kvar,
+        a: Operand { buf: w.0, index: w.1, vector_along: None, fast: kvar, guards: Vec::new() },
         b: Operand { buf: x.0, index: x.1, vector_along: None, fast: COL, guards },
         out: *out,
         index,
