@@ -409,6 +409,11 @@ impl Known {
         new
     }
 
+    /// How many of the kernels failed.
+    fn failed(&self) -> usize {
+        self.cost.values().filter(|c| c.is_none()).count()
+    }
+
     fn cost_of(&self, i: usize) -> Option<f64> {
         self.cost.get(&self.points[i].1).copied().flatten()
     }
@@ -735,7 +740,7 @@ struct CpuMeasure {
     host: estimate::Host,
     clock: Clock,
     /// Kernels compiled and checked already (by [`Measure::prepare`], or measured lately), by
-    /// their text, oldest first; at most [`CpuMeasure::KEEP`].
+    /// [`kernel_id`], oldest first; at most [`CpuMeasure::KEEP`].
     built: std::cell::RefCell<Vec<(String, std::rc::Rc<Built>)>>,
     /// Kernels compiled by [`Measure::prepare`] (in parallel).
     prepared: std::cell::Cell<usize>,
@@ -768,7 +773,7 @@ impl CpuMeasure {
         let reference = k.run(&refs).map_err(|e| e.to_string())?;
         let clock = Clock::for_threads(kiln_targets::native::threads());
         // The default's kernel is built and checked (it made the reference).
-        let built = vec![(format!("{default:?}"), std::rc::Rc::new(Ok(k)))];
+        let built = vec![(kernel_id(default), std::rc::Rc::new(Ok(k)))];
         Ok(CpuMeasure {
             operands,
             reference,
@@ -785,7 +790,7 @@ impl CpuMeasure {
     /// `k` compiled, run once and checked against the default schedule's outputs: kept from
     /// [`Measure::prepare`] or an earlier call, else compiled now.
     fn checked(&self, k: &Kernel) -> std::rc::Rc<Built> {
-        let key = format!("{k:?}");
+        let key = kernel_id(k);
         let mut built = self.built.borrow_mut();
         let b = match built.iter().position(|(x, _)| *x == key) {
             Some(i) => built.remove(i).1,
@@ -864,7 +869,7 @@ impl Measure for CpuMeasure {
         let have: HashSet<String> = self.built.borrow().iter().map(|(x, _)| x.clone()).collect();
         let mut todo: Vec<(String, &Kernel)> = Vec::new();
         for k in ks {
-            let key = format!("{k:?}");
+            let key = kernel_id(k);
             if !have.contains(&key) && !todo.iter().any(|(x, _)| *x == key) {
                 todo.push((key, k));
             }
@@ -1298,7 +1303,7 @@ pub fn tune(
             }
         }
         kr.trials = known.points.len();
-        kr.failed = (0..known.points.len()).filter(|&i| known.cost_of(i).is_none()).count();
+        kr.failed = known.failed();
         // The learned search's candidates: the default and what the database knows first.
         let lower = |s: &Schedule| kiln_passes::lower::lower_with(m, o, &name, s).ok();
         let mut pool = Pool {
@@ -1453,7 +1458,7 @@ pub fn tune(
             kr.estimates_compute.push(est.map(|e| e.1));
             kr.knobs.push(cand);
             kr.trials += 1;
-            kr.failed = (0..known.points.len()).filter(|&i| known.cost_of(i).is_none()).count();
+            kr.failed = known.failed();
             let best = known.best(None);
             kr.best_so_far.push(best.map_or(f64::INFINITY, |b| b.1));
             // This run's trials are the kernels measured after the database's.
@@ -1472,7 +1477,7 @@ pub fn tune(
                     db.append(&record(&s, Outcome::failed(why)))?;
                     report.measured += 1;
                     known.add(&s, &id, None);
-                    kr.failed = (0..known.points.len()).filter(|&i| known.cost_of(i).is_none()).count();
+                    kr.failed = known.failed();
                 }
             }
         }
