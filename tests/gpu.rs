@@ -786,13 +786,17 @@ fn tiled_cases() -> Vec<(&'static str, Module, Vec<Tensor>)> {
 }
 
 /// Each case (one contraction the GPU tiles) run as the tiled launch on the host for every
-/// chip's tile (sm_80, sm_90, gfx906) against the reference interpreter; prints each tile.
+/// chip's tile (sm_80, sm_90: 3xTF32 `mma.sync` where the output holds one instruction's;
+/// gfx906: none; gfx90a: `v_mfma_f32_16x16x4f32`) against the reference interpreter; prints
+/// each tile.
 fn check_tiled_emulation(cases: Vec<(&'static str, Module, Vec<Tensor>)>) {
-    println!("| case | chip | grid | block | tile | shared bytes |");
+    println!("| case | chip | grid | block | tile | matrix unit | shared bytes |");
     for (name, m, inputs) in cases {
         let m = fused(m, "cuda");
         let want = kiln_ir::interp::run(&m, inputs.clone()).unwrap();
-        for (family, chip) in [(Family::Cuda, "sm_80"), (Family::Cuda, "sm_90"), (Family::Rocm, "gfx906")] {
+        for (family, chip) in
+            [(Family::Cuda, "sm_80"), (Family::Cuda, "sm_90"), (Family::Rocm, "gfx906"), (Family::Rocm, "gfx90a")]
+        {
             let arch = GpuArch::new(family, Some(chip)).unwrap();
             let (got, _, _, tiled) = run_as_gpu_on(&m, inputs.clone(), &arch);
             assert_eq!(tiled.len(), 1, "{name} {chip}: not tiled");
@@ -800,12 +804,13 @@ fn check_tiled_emulation(cases: Vec<(&'static str, Module, Vec<Tensor>)>) {
             let l = &tiled[0];
             let t = l.tile.unwrap();
             println!(
-                "| {name} | {chip} | {:?} | {} | {}x{}x{} | {} |",
+                "| {name} | {chip} | {:?} | {} | {}x{}x{} | {:?} | {} |",
                 l.grid.unwrap(),
                 l.block[0],
                 t.tm,
                 t.tn,
                 t.tk,
+                t.mma,
                 l.shared_bytes
             );
         }
@@ -834,19 +839,25 @@ fn gpu_tiled_gemm_code_uses_shared_memory_and_barriers() {
         for chip in gpu::CUDA_ARCHS {
             let p = program(&m, Family::Cuda, chip);
             assert!(p.manifest.kernels.iter().any(|l| l.tile.is_some()), "{name} {chip}: not tiled");
+            let mma = p.manifest.kernels.iter().any(|l| l.tile.is_some_and(|t| t.mma.is_some()));
             for (f, code) in &p.functions {
                 let ptx = &code.asm;
                 let file = dir.join(format!("{f}_{chip}.ptx"));
                 std::fs::write(&file, ptx).unwrap();
                 assert!(ptx.contains(".shared") && ptx.contains("bar.sync"), "{name} {chip} {f}:\n{ptx}");
                 assert!(ptx.contains("ld.shared."), "{name} {chip} {f}: no shared loads");
-                if vector {
+                // Three tensor-core products (3xTF32) for each of a warp's instruction tiles.
+                let mmas = ptx.matches("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32").count();
+                assert_eq!(mmas > 0 && mmas % 3 == 0, mma, "{name} {chip} {f}: {mmas} mma.sync");
+                if vector && !mma {
                     // (Smaller shapes' micro-tiles have lanes LLVM proves dead and narrows.)
                     assert!(
                         ptx.contains("ld.shared.v4."),
                         "{name} {chip} {f}: no vector shared loads ({})",
                         file.display()
                     );
+                }
+                if vector {
                     assert!(
                         ptx.contains("ld.global.v4.") || ptx.contains("ld.global.nc.v4."),
                         "{name} {chip} {f}: no vector global loads"
@@ -867,8 +878,11 @@ fn gpu_tiled_gemm_code_uses_shared_memory_and_barriers() {
         }
         for chip in gpu::ROCM_ARCHS {
             let p = program(&m, Family::Rocm, chip);
+            let mma = p.manifest.kernels.iter().any(|l| l.tile.is_some_and(|t| t.mma.is_some()));
+            assert!(!mma || *chip != "gfx906", "{name}: gfx906 has no matrix unit");
             for (f, code) in &p.functions {
                 let s = &code.asm;
+                assert_eq!(s.contains("v_mfma_f32_16x16x4"), mma, "{name} {chip} {f}");
                 assert!(s.contains("s_barrier"), "{name} {chip} {f}: no s_barrier");
                 assert!(s.contains("ds_write") || s.contains("ds_store"), "{name} {chip} {f}: no LDS stores");
                 assert!(s.contains("ds_read") || s.contains("ds_load"), "{name} {chip} {f}: no LDS loads");

@@ -50,13 +50,19 @@ const T_LOAD: usize = (1 << 22) + 11;
 const T_COMP: usize = (1 << 22) + 12;
 const T_STORE: usize = (1 << 22) + 13;
 const T_GPU: usize = (1 << 22) + 14;
+/// The matrix-unit tile's instruction-`k` steps within a K step, and the host emulation's
+/// lanes and warps.
+const KS: usize = (1 << 22) + 15;
+const LANE: usize = (1 << 22) + 16;
+const WARP: usize = (1 << 22) + 17;
 /// The `Let` slot standing for the accumulator in the epilogue.
 const ACC: usize = 1 << 22;
 
 /// Lanes of a vectorized global load (16 bytes).
 const LANES: u64 = 4;
 
-/// A block tile: `tm × tn` outputs a block, `rm × rn` a thread, K in steps of `tk`.
+/// A block tile: `tm × tn` outputs a block, `rm × rn` a thread (a warp with [`GemmTile::mma`]),
+/// K in steps of `tk`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct GemmTile {
     pub tm: u64,
@@ -64,10 +70,14 @@ pub struct GemmTile {
     pub tk: u64,
     pub rm: u64,
     pub rn: u64,
+    /// The matrix unit's warp-wide products compute the tile: each warp its `rm × rn` part, as
+    /// `rm/m × rn/n` of the instruction's `m × n` products per `k` step.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mma: Option<MatrixInst>,
 }
 
 impl GemmTile {
-    /// Threads along the tile's columns and rows.
+    /// Threads (warps with [`GemmTile::mma`]) along the tile's columns and rows.
     pub fn tx(&self) -> u64 {
         self.tn / self.rn
     }
@@ -75,16 +85,146 @@ impl GemmTile {
         self.tm / self.rm
     }
     pub fn threads(&self) -> u64 {
-        self.tx() * self.ty()
+        self.tx() * self.ty() * self.mma.map_or(1, |i| i.lanes())
+    }
+    /// Words of padding after each `k` row of the shared tiles: with the matrix unit, lanes
+    /// reading the same row at different `k` then fall in different banks.
+    pub fn pad(&self) -> u64 {
+        self.mma.map_or(0, |i| i.pad())
     }
     /// Shared memory a block stages per K step: the `a` and `b` tiles, f32.
     pub fn shared_bytes(&self) -> u64 {
-        4 * self.tk * (self.tm + self.tn)
+        4 * self.tk * (self.tm + self.tn + 2 * self.pad())
     }
-    /// 32-bit registers a thread needs at least: accumulators, one step's operands, and
-    /// about 16 for addresses and loop state.
+    /// 32-bit registers a thread needs at least: accumulators, one step's operands (fragments),
+    /// and about 16 for addresses and loop state.
     pub fn registers_per_thread(&self) -> u64 {
-        self.rm * self.rn + self.rm + self.rn + 16
+        match self.mma {
+            Some(i) => {
+                let [m, n, _] = i.shape();
+                let (mi, ni) = (self.rm / m, self.rn / n);
+                let [a, b, c] = i.regs();
+                mi * ni * c + i.parts() * (mi * a + ni * b) + 16
+            }
+            None => self.rm * self.rn + self.rm + self.rn + 16,
+        }
+    }
+    /// The accumulators a thread holds.
+    pub fn accumulators(&self) -> u64 {
+        match self.mma {
+            Some(i) => {
+                let [m, n, _] = i.shape();
+                (self.rm / m) * (self.rn / n) * i.regs()[2]
+            }
+            None => self.rm * self.rn,
+        }
+    }
+}
+
+/// A matrix-unit instruction: a warp-wide `m × n × k` product whose operands and accumulators
+/// are spread over the lanes' registers ("fragments"), lane `l`'s register `r` holding the
+/// element at `a_at`, `b_at`, `c_at`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MatrixInst {
+    /// NVIDIA `mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32` (sm_80 and later). TF32
+    /// keeps 10 bits of mantissa, so each f32 operand is split into a TF32 `hi` and the TF32 of
+    /// its remainder `lo`, and the product is `hi·lo + lo·hi + hi·hi`, three instructions
+    /// ("3xTF32"): f32 accuracy (only `lo·lo`, below f32's last bit, is left out).
+    MmaTf32x3,
+    /// AMD `v_mfma_f32_16x16x4f32` (CDNA: gfx90a, gfx942), f32 operands, a 64-lane wavefront.
+    MfmaF32,
+}
+
+impl MatrixInst {
+    /// The instruction for a chip's matrix unit as its description gives it (`matrix_shape`,
+    /// warp), if kiln has one.
+    pub fn for_machine(d: &MachineDescription) -> Option<MatrixInst> {
+        let warp = d.gpu.as_ref()?.warp;
+        match (d.matrix_shape.as_slice(), warp) {
+            ([16, 8, 8], 32) => Some(MatrixInst::MmaTf32x3),
+            ([16, 16, 4], 64) => Some(MatrixInst::MfmaF32),
+            _ => None,
+        }
+    }
+    /// `[m, n, k]`.
+    pub fn shape(self) -> [u64; 3] {
+        match self {
+            MatrixInst::MmaTf32x3 => [16, 8, 8],
+            MatrixInst::MfmaF32 => [16, 16, 4],
+        }
+    }
+    /// Lanes that execute it together.
+    pub fn lanes(self) -> u64 {
+        match self {
+            MatrixInst::MmaTf32x3 => 32,
+            MatrixInst::MfmaF32 => 64,
+        }
+    }
+    /// Registers a lane holds of `a`, `b` and the accumulator.
+    pub fn regs(self) -> [u64; 3] {
+        match self {
+            MatrixInst::MmaTf32x3 => [4, 2, 4],
+            MatrixInst::MfmaF32 => [1, 1, 4],
+        }
+    }
+    /// Parts each f32 operand is split into (`hi`, `lo` for 3xTF32).
+    pub fn parts(self) -> u64 {
+        match self {
+            MatrixInst::MmaTf32x3 => 2,
+            MatrixInst::MfmaF32 => 1,
+        }
+    }
+    /// The instructions of one product, as (part of `a`, part of `b`), in issue order: the
+    /// small terms first.
+    pub fn products(self) -> &'static [(u64, u64)] {
+        match self {
+            MatrixInst::MmaTf32x3 => &[(0, 1), (1, 0), (0, 0)],
+            MatrixInst::MfmaF32 => &[(0, 0)],
+        }
+    }
+    /// Shared-tile row padding (words) that spreads a fragment load over the banks.
+    fn pad(self) -> u64 {
+        match self {
+            MatrixInst::MmaTf32x3 => 8,
+            MatrixInst::MfmaF32 => 16,
+        }
+    }
+    /// (row, k) of `a` in lane `lane`'s register `r` (PTX ISA "Matrix Fragments for
+    /// mma.m16n8k8", .tf32; AMD CDNA ISA, `v_mfma_f32_16x16x4f32`).
+    pub fn a_at(self, lane: &Idx, r: u64) -> (Idx, Idx) {
+        let r = r as i64;
+        match self {
+            MatrixInst::MmaTf32x3 => (
+                add(Idx::Div(Box::new(lane.clone()), c(4)), Idx::Const(8 * (r % 2))),
+                add(Idx::Rem(Box::new(lane.clone()), c(4)), Idx::Const(4 * (r / 2))),
+            ),
+            MatrixInst::MfmaF32 => (Idx::Rem(Box::new(lane.clone()), c(16)), Idx::Div(Box::new(lane.clone()), c(16))),
+        }
+    }
+    /// (k, col) of `b` in lane `lane`'s register `r`.
+    pub fn b_at(self, lane: &Idx, r: u64) -> (Idx, Idx) {
+        let r = r as i64;
+        match self {
+            MatrixInst::MmaTf32x3 => (
+                add(Idx::Rem(Box::new(lane.clone()), c(4)), Idx::Const(4 * r)),
+                Idx::Div(Box::new(lane.clone()), c(4)),
+            ),
+            MatrixInst::MfmaF32 => (Idx::Div(Box::new(lane.clone()), c(16)), Idx::Rem(Box::new(lane.clone()), c(16))),
+        }
+    }
+    /// (row, col) of the accumulator in lane `lane`'s register `r`.
+    pub fn c_at(self, lane: &Idx, r: u64) -> (Idx, Idx) {
+        let r = r as i64;
+        match self {
+            MatrixInst::MmaTf32x3 => (
+                add(Idx::Div(Box::new(lane.clone()), c(4)), Idx::Const(8 * (r / 2))),
+                add(mul(Idx::Rem(Box::new(lane.clone()), c(4)), 2), Idx::Const(r % 2)),
+            ),
+            MatrixInst::MfmaF32 => {
+                (add(mul(Idx::Div(Box::new(lane.clone()), c(16)), 4), Idx::Const(r)), Idx::Rem(Box::new(lane.clone()), c(16)))
+            }
+        }
     }
 }
 
@@ -353,7 +493,7 @@ fn read_back(k: &Kernel) -> Option<TiledGemm> {
         out: *out,
         index,
         epilogue,
-        tile: GemmTile { tm: 0, tn: 0, tk: 0, rm: 0, rn: 0 },
+        tile: GemmTile { tm: 0, tn: 0, tk: 0, rm: 0, rn: 0, mma: None },
     })
 }
 
@@ -499,7 +639,7 @@ fn read_back_conv(k: &Kernel) -> Option<TiledGemm> {
         out: *out,
         index,
         epilogue,
-        tile: GemmTile { tm: 0, tn: 0, tk: 0, rm: 0, rn: 0 },
+        tile: GemmTile { tm: 0, tn: 0, tk: 0, rm: 0, rn: 0, mma: None },
     })
 }
 
@@ -531,28 +671,75 @@ fn vector_axis(
     (alone && rows % LANES == 0 && ext % LANES == 0 && tile % LANES == 0).then_some(*v)
 }
 
-/// The tile for a `batch × m × n` output on `arch`: `rm × rn = 4 × 4` register micro-tiles,
-/// `tk = 16`; up to the chip's block size of threads (16 × 16 where it is 256), halved (the
-/// larger side first) while the grid has fewer blocks than the chip has SMs/CUs and a block
-/// keeps at least a warp. Checked against the description: threads per block, static shared memory
-/// per block, registers per SM.
+/// The tile for a `batch × m × n` output on `arch`. Where the description has a matrix unit
+/// kiln drives ([`MatrixInst::for_machine`]) and the output is at least one instruction's
+/// `m × n`, the matrix-unit tile ([`mma_tile`]). Otherwise `rm × rn = 4 × 4` register
+/// micro-tiles, `tk = 16`; up to the chip's block size of threads (16 × 16 where it is 256),
+/// halved (the larger side first) while the grid has fewer blocks than the chip has SMs/CUs
+/// and a block keeps at least a warp. Checked against the description: threads per block,
+/// static shared memory per block, registers per SM.
 pub fn choose_tile(batch: u64, m: u64, n: u64, d: &MachineDescription) -> Result<GemmTile, TargetError> {
     let limits =
         d.gpu.as_ref().ok_or_else(|| TargetError::Config(format!("{}: the description has no GPU limits", d.name)))?;
     let (rm, rn, tk) = (4, 4, 16);
-    let threads = crate::gpu::block_threads(limits);
-    let mut tx = n.div_ceil(rn).next_power_of_two().min(16);
-    let mut ty = m.div_ceil(rm).next_power_of_two().min((threads / tx).max(1)).min(16);
-    let blocks = |tx: u64, ty: u64| n.div_ceil(tx * rn) * m.div_ceil(ty * rm) * batch;
     let warp = limits.warp.max(1) as u64;
-    while blocks(tx, ty) < d.cores as u64 && tx * ty / 2 >= warp {
-        if tx >= ty {
-            tx /= 2;
+    let blocks = |tm: u64, tn: u64| n.div_ceil(tn) * m.div_ceil(tm) * batch;
+    let mma = MatrixInst::for_machine(d).filter(|i| m >= i.shape()[0] && n >= i.shape()[1]);
+    let tile = match mma {
+        Some(inst) => mma_tile(inst, m, n, d.cores as u64, &blocks),
+        None => {
+            let threads = crate::gpu::block_threads(limits);
+            let mut tx = n.div_ceil(rn).next_power_of_two().min(16);
+            let mut ty = m.div_ceil(rm).next_power_of_two().min((threads / tx).max(1)).min(16);
+            while blocks(ty * rm, tx * rn) < d.cores as u64 && tx * ty / 2 >= warp {
+                if tx >= ty {
+                    tx /= 2;
+                } else {
+                    ty /= 2;
+                }
+            }
+            GemmTile { tm: ty * rm, tn: tx * rn, tk, rm, rn, mma: None }
+        }
+    };
+    check_tile(tile, d)
+}
+
+/// The matrix-unit tile: 2 × 2 warps of 32 × 32 outputs each, made smaller (warps first,
+/// then each warp's products) while a side is twice what the output needs, then while the
+/// grid has fewer blocks than the chip has SMs/CUs.
+fn mma_tile(inst: MatrixInst, m: u64, n: u64, cores: u64, blocks: &dyn Fn(u64, u64) -> u64) -> GemmTile {
+    let [im, inn, _] = inst.shape();
+    let (mut wm, mut wn, mut mi, mut ni) = (2, 2, 32 / im, 32 / inn);
+    let shrink = |w: &mut u64, p: &mut u64| {
+        if *w > 1 {
+            *w /= 2;
+            true
+        } else if *p > 1 {
+            *p /= 2;
+            true
         } else {
-            ty /= 2;
+            false
+        }
+    };
+    while wm * mi * im > m.next_power_of_two().max(im) && shrink(&mut wm, &mut mi) {}
+    while wn * ni * inn > n.next_power_of_two().max(inn) && shrink(&mut wn, &mut ni) {}
+    while blocks(wm * mi * im, wn * ni * inn) < cores {
+        let rows = wm * mi * im >= wn * ni * inn;
+        if !(if rows { shrink(&mut wm, &mut mi) } else { shrink(&mut wn, &mut ni) })
+            && !(if rows { shrink(&mut wn, &mut ni) } else { shrink(&mut wm, &mut mi) })
+        {
+            break;
         }
     }
-    let tile = GemmTile { tm: ty * rm, tn: tx * rn, tk, rm, rn };
+    let (rm, rn) = (mi * im, ni * inn);
+    GemmTile { tm: wm * rm, tn: wn * rn, tk: 16, rm, rn, mma: Some(inst) }
+}
+
+/// `tile` checked against description `d`: threads per block, static shared memory per block,
+/// registers per SM and per thread.
+fn check_tile(tile: GemmTile, d: &MachineDescription) -> Result<GemmTile, TargetError> {
+    let limits =
+        d.gpu.as_ref().ok_or_else(|| TargetError::Config(format!("{}: the description has no GPU limits", d.name)))?;
     let over = |what: &str, need: u64, have: u64| {
         TargetError::Config(format!(
             "{}: a {}x{}x{} GEMM tile needs {need} {what}, the description allows {have}",
@@ -599,8 +786,8 @@ fn memref(r: usize) -> String {
 pub fn emit(k: &Kernel, g: &TiledGemm, options: MlirOptions, gpu: bool) -> String {
     let t = g.tile;
     let shared_space = if gpu { ", 3" } else { "" };
-    let sa_ty = format!("memref<{}x{}xf32{shared_space}>", t.tk, t.tm);
-    let sb_ty = format!("memref<{}x{}xf32{shared_space}>", t.tk, t.tn);
+    let sa_ty = format!("memref<{}x{}xf32{shared_space}>", t.tk, t.tm + t.pad());
+    let sb_ty = format!("memref<{}x{}xf32{shared_space}>", t.tk, t.tn + t.pad());
     let mut e = Emitter::new(k, MlirOptions { gpu, ..options });
     let params: Vec<String> = k
         .buffers
@@ -628,7 +815,7 @@ pub fn emit(k: &Kernel, g: &TiledGemm, options: MlirOptions, gpu: bool) -> Strin
             }
         }
     }
-    let n_acc = (t.rm * t.rn) as usize;
+    let n_acc = t.accumulators() as usize;
     let zero = e.constant(0, 0.0);
     let (c0, c1) = (e.idx(0, &Idx::Const(0)), e.idx(0, &Idx::Const(1)));
     let kext = e.idx(0, &Idx::Const(g.k as i64));
@@ -651,7 +838,10 @@ pub fn emit(k: &Kernel, g: &TiledGemm, options: MlirOptions, gpu: bool) -> Strin
         load_phase(&mut e, g, T_GPU, "%sa", &sa_ty, "%sb", &sb_ty, true);
         e.line(1, "gpu.barrier");
         let accs: Vec<String> = (0..n_acc).map(|i| format!("%x{i}")).collect();
-        let r = compute_phase(&mut e, g, T_GPU, "%sa", &sa_ty, "%sb", &sb_ty, &accs);
+        let r = match t.mma {
+            Some(inst) => mma_phase_gpu(&mut e, g, inst, ("%sa", &sa_ty), ("%sb", &sb_ty), &accs),
+            None => compute_phase(&mut e, g, T_GPU, "%sa", &sa_ty, "%sb", &sb_ty, &accs),
+        };
         e.line(1, "gpu.barrier");
         e.line(1, &format!("scf.yield {} : {f32s}", r.join(", ")));
         e.line(0, "}");
@@ -668,6 +858,9 @@ pub fn emit(k: &Kernel, g: &TiledGemm, options: MlirOptions, gpu: bool) -> Strin
         e.line(0, &format!("%sa = memref.alloc() : {sa_ty}"));
         e.line(0, &format!("%sb = memref.alloc() : {sb_ty}"));
         e.line(0, &format!("%accs = memref.alloc() : memref<{threads}x{n_acc}xf32>"));
+        if let Some(inst) = t.mma {
+            e.line(0, &format!("%frags = memref.alloc() : {}", frags_type(&t, inst)));
+        }
         let ixs: Vec<String> = (0..n_acc).map(|i| e.idx(0, &Idx::Const(i as i64))).collect();
         e.line(0, &format!("scf.for %blk = %lo to %hi step {c1} {{"));
         let (gx, gy) = (e.idx(1, &Idx::Const(gx as i64)), e.idx(1, &Idx::Const(gy as i64)));
@@ -687,21 +880,25 @@ pub fn emit(k: &Kernel, g: &TiledGemm, options: MlirOptions, gpu: bool) -> Strin
         e.line(2, &format!("scf.for %i{T_LOAD} = {c0} to {tn} step {c1} {{"));
         load_phase(&mut e, g, T_LOAD, "%sa", &sa_ty, "%sb", &sb_ty, false);
         e.line(2, "}");
-        // Thread loop: each thread's micro-tile over the step.
-        e.line(2, &format!("scf.for %i{T_COMP} = {c0} to {tn} step {c1} {{"));
-        let accs: Vec<String> = ixs
-            .iter()
-            .map(|ix| {
-                let a = e.fresh();
-                e.line(3, &format!("{a} = memref.load %accs[%i{T_COMP}, {ix}] : memref<{threads}x{n_acc}xf32>"));
-                a
-            })
-            .collect();
-        let r = compute_phase(&mut e, g, T_COMP, "%sa", &sa_ty, "%sb", &sb_ty, &accs);
-        for (v, ix) in r.iter().zip(&ixs) {
-            e.line(3, &format!("memref.store {v}, %accs[%i{T_COMP}, {ix}] : memref<{threads}x{n_acc}xf32>"));
+        if let Some(inst) = t.mma {
+            mma_phase_host(&mut e, g, inst, ("%sa", &sa_ty), ("%sb", &sb_ty), &format!("memref<{threads}x{n_acc}xf32>"));
+        } else {
+            // Thread loop: each thread's micro-tile over the step.
+            e.line(2, &format!("scf.for %i{T_COMP} = {c0} to {tn} step {c1} {{"));
+            let accs: Vec<String> = ixs
+                .iter()
+                .map(|ix| {
+                    let a = e.fresh();
+                    e.line(3, &format!("{a} = memref.load %accs[%i{T_COMP}, {ix}] : memref<{threads}x{n_acc}xf32>"));
+                    a
+                })
+                .collect();
+            let r = compute_phase(&mut e, g, T_COMP, "%sa", &sa_ty, "%sb", &sb_ty, &accs);
+            for (v, ix) in r.iter().zip(&ixs) {
+                e.line(3, &format!("memref.store {v}, %accs[%i{T_COMP}, {ix}] : memref<{threads}x{n_acc}xf32>"));
+            }
+            e.line(2, "}");
         }
-        e.line(2, "}");
         e.line(1, "}");
         // Thread loop: epilogue and stores.
         e.line(1, &format!("scf.for %i{T_STORE} = {c0} to {tn} step {c1} {{"));
@@ -719,11 +916,18 @@ pub fn emit(k: &Kernel, g: &TiledGemm, options: MlirOptions, gpu: bool) -> Strin
         e.line(0, &format!("memref.dealloc %sa : {sa_ty}"));
         e.line(0, &format!("memref.dealloc %sb : {sb_ty}"));
         e.line(0, &format!("memref.dealloc %accs : memref<{threads}x{n_acc}xf32>"));
+        if let Some(inst) = t.mma {
+            e.line(0, &format!("memref.dealloc %frags : {}", frags_type(&t, inst)));
+        }
         let mut params = params;
         params.push("%lo: index".into());
         params.push("%hi: index".into());
+        let emulated = match t.mma {
+            Some(inst) => mma_emulation(k, g, inst),
+            None => String::new(),
+        };
         format!(
-            "func.func @{}({}) attributes {{ llvm.emit_c_interface }} {{\n{}  return\n}}\n",
+            "func.func @{}({}) attributes {{ llvm.emit_c_interface }} {{\n{}  return\n}}\n{emulated}",
             k.name,
             params.join(", "),
             e.out
@@ -918,32 +1122,376 @@ fn compute_phase(
     (0..n).map(|i| format!("{res}#{i}")).collect()
 }
 
-/// Thread `tv`'s outputs: the epilogue on each accumulator of its micro-tile, stored where
+/// Where thread `tv`'s accumulators sit in the block's `tm × tn` tile (row, col), in their
+/// order: its `rm × rn` micro-tile row-major, or with the matrix unit the accumulator
+/// fragments of its warp's products, (row tile, column tile, register) order.
+fn acc_positions(t: &GemmTile, tv: usize) -> Vec<(Idx, Idx)> {
+    let mut out = Vec::new();
+    match t.mma {
+        None => {
+            for i in 0..t.rm {
+                for j in 0..t.rn {
+                    out.push((
+                        add(mul(Idx::Div(Box::new(var(tv)), c(t.tx() as i64)), t.rm as i64), Idx::Const(i as i64)),
+                        add(mul(Idx::Rem(Box::new(var(tv)), c(t.tx() as i64)), t.rn as i64), Idx::Const(j as i64)),
+                    ));
+                }
+            }
+        }
+        Some(inst) => {
+            let [im, inn, _] = inst.shape();
+            let lane = Idx::Rem(Box::new(var(tv)), c(inst.lanes() as i64));
+            let (row0, col0) = warp_origin(t, &Idx::Div(Box::new(var(tv)), c(inst.lanes() as i64)));
+            for i in 0..t.rm / im {
+                for j in 0..t.rn / inn {
+                    for r in 0..inst.regs()[2] {
+                        let (row, col) = inst.c_at(&lane, r);
+                        out.push((
+                            add(add(row0.clone(), Idx::Const((i * im) as i64)), row),
+                            add(add(col0.clone(), Idx::Const((j * inn) as i64)), col),
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The first row and column of warp `warp`'s part of the block tile (warps row-major,
+/// [`GemmTile::tx`] of them along the columns).
+fn warp_origin(t: &GemmTile, warp: &Idx) -> (Idx, Idx) {
+    (
+        mul(Idx::Div(Box::new(warp.clone()), c(t.tx() as i64)), t.rm as i64),
+        mul(Idx::Rem(Box::new(warp.clone()), c(t.tx() as i64)), t.rn as i64),
+    )
+}
+
+/// Thread `tv`'s outputs: the epilogue on each accumulator ([`acc_positions`]), stored where
 /// the row and column are inside the output.
 fn store_phase(e: &mut Emitter, g: &TiledGemm, tv: usize, accs: &[String]) {
     let t = g.tile;
     let d = 2;
-    for i in 0..t.rm {
-        for j in 0..t.rn {
-            let row = add(
-                add(mul(var(BY), t.tm as i64), mul(Idx::Div(Box::new(var(tv)), c(t.tx() as i64)), t.rm as i64)),
-                Idx::Const(i as i64),
-            );
-            let col = add(
-                add(mul(var(BX), t.tn as i64), mul(Idx::Rem(Box::new(var(tv)), c(t.tx() as i64)), t.rn as i64)),
-                Idx::Const(j as i64),
-            );
-            let ok = in_bounds(e, d, &[(&row, g.m as i64), (&col, g.n as i64)]);
-            e.line(d, &format!("scf.if {ok} {{"));
-            let put = |x: &Idx| x.subst(ROW, &row).subst(COL, &col).subst(BATCH, &var(BZ));
-            let value = g.epilogue.map_idx(&mut |x| put(x));
-            e.slots.insert(ACC, accs[(i * t.rn + j) as usize].clone());
-            let v = e.val(d + 1, &value);
-            let ix: Vec<String> = g.index.iter().map(|x| e.idx(d + 1, &put(x))).collect();
-            e.line(d + 1, &format!("memref.store {v}, %b{}[{}] : {}", g.out, ix.join(", "), memref(ix.len())));
-            e.line(d, "}");
+    for ((r, cl), acc) in acc_positions(&t, tv).into_iter().zip(accs) {
+        let row = add(mul(var(BY), t.tm as i64), r).simplify();
+        let col = add(mul(var(BX), t.tn as i64), cl).simplify();
+        let ok = in_bounds(e, d, &[(&row, g.m as i64), (&col, g.n as i64)]);
+        e.line(d, &format!("scf.if {ok} {{"));
+        let put = |x: &Idx| x.subst(ROW, &row).subst(COL, &col).subst(BATCH, &var(BZ));
+        let value = g.epilogue.map_idx(&mut |x| put(x));
+        e.slots.insert(ACC, acc.clone());
+        let v = e.val(d + 1, &value);
+        let ix: Vec<String> = g.index.iter().map(|x| e.idx(d + 1, &put(x))).collect();
+        e.line(d + 1, &format!("memref.store {v}, %b{}[{}] : {}", g.out, ix.join(", "), memref(ix.len())));
+        e.line(d, "}");
+    }
+}
+
+/// The host emulation's per-thread fragment registers: `threads × fragments`.
+fn frags_type(t: &GemmTile, inst: MatrixInst) -> String {
+    let [im, inn, _] = inst.shape();
+    let [ar, br, _] = inst.regs();
+    let n = inst.parts() * (t.rm / im * ar + t.rn / inn * br);
+    format!("memref<{}x{n}xf32>", t.threads())
+}
+
+/// Where the fragments of `a`'s row tile `i`, part `p` start among a thread's fragments, and
+/// those of `b`'s column tile `j`, part `p`.
+fn frag_offsets(t: &GemmTile, inst: MatrixInst, i: u64, pa: u64, j: u64, pb: u64) -> (u64, u64) {
+    let [im, _, _] = inst.shape();
+    let [ar, br, _] = inst.regs();
+    let parts = inst.parts();
+    ((i * parts + pa) * ar, (t.rm / im) * parts * ar + (j * parts + pb) * br)
+}
+
+/// `x` as the instruction takes it: the TF32 `hi` and `lo` of 3xTF32 (`hi` = `x` rounded to
+/// TF32, to nearest with ties away from zero, as `cvt.rna.tf32.f32`; `lo` = `x − hi` (exact)
+/// rounded likewise; NaN kept), or `x` itself.
+fn split_operand(e: &mut Emitter, d: usize, inst: MatrixInst, x: &str) -> Vec<String> {
+    match inst {
+        MatrixInst::MfmaF32 => vec![x.to_string()],
+        MatrixInst::MmaTf32x3 => {
+            let tf32 = |e: &mut Emitter, x: &str| {
+                let (b, h, m, s, a, r, n, o) =
+                    (e.fresh(), e.fresh(), e.fresh(), e.fresh(), e.fresh(), e.fresh(), e.fresh(), e.fresh());
+                e.line(d, &format!("{b} = arith.bitcast {x} : f32 to i32"));
+                e.line(d, &format!("{h} = arith.constant 4096 : i32"));
+                e.line(d, &format!("{m} = arith.constant -8192 : i32"));
+                e.line(d, &format!("{s} = arith.addi {b}, {h} : i32"));
+                e.line(d, &format!("{a} = arith.andi {s}, {m} : i32"));
+                e.line(d, &format!("{r} = arith.bitcast {a} : i32 to f32"));
+                e.line(d, &format!("{n} = arith.cmpf uno, {x}, {x} : f32"));
+                e.line(d, &format!("{o} = arith.select {n}, {x}, {r} : f32"));
+                o
+            };
+            let hi = tf32(e, x);
+            let rest = e.fresh();
+            e.line(d, &format!("{rest} = arith.subf {x}, {hi} : f32"));
+            let lo = tf32(e, &rest);
+            vec![hi, lo]
         }
     }
+}
+
+/// Thread `tv`'s fragments for the instruction `k` step at `%i{KS}` of the shared tiles: `a`'s
+/// then `b`'s, each in (row or column tile, part, register) order ([`frag_offsets`]).
+fn fragments(
+    e: &mut Emitter,
+    g: &TiledGemm,
+    inst: MatrixInst,
+    tv: usize,
+    d: usize,
+    (sa, sa_ty): (&str, &str),
+    (sb, sb_ty): (&str, &str),
+) -> Vec<String> {
+    let t = g.tile;
+    let [im, inn, _] = inst.shape();
+    let [ar, br, _] = inst.regs();
+    let lane = Idx::Rem(Box::new(var(tv)), c(inst.lanes() as i64));
+    let (row0, col0) = warp_origin(&t, &Idx::Div(Box::new(var(tv)), c(inst.lanes() as i64)));
+    let mut out = Vec::new();
+    for is_a in [true, false] {
+        let (s, s_ty, tiles, regs, origin, ext) =
+            if is_a { (sa, sa_ty, t.rm / im, ar, &row0, im) } else { (sb, sb_ty, t.rn / inn, br, &col0, inn) };
+        for i in 0..tiles {
+            let mut parts: Vec<Vec<String>> = vec![Vec::new(); inst.parts() as usize];
+            for r in 0..regs {
+                let (k, f) = if is_a {
+                    let (row, k) = inst.a_at(&lane, r);
+                    (k, row)
+                } else {
+                    inst.b_at(&lane, r)
+                };
+                let kk = e.idx(d, &add(var(KS), k).simplify());
+                let ff = e.idx(d, &add(add(origin.clone(), Idx::Const((i * ext) as i64)), f).simplify());
+                let v = e.fresh();
+                e.line(d, &format!("{v} = memref.load {s}[{kk}, {ff}] : {s_ty}"));
+                for (p, x) in split_operand(e, d, inst, &v).into_iter().enumerate() {
+                    parts[p].push(x);
+                }
+            }
+            out.extend(parts.into_iter().flatten());
+        }
+    }
+    out
+}
+
+/// Each (row tile, column tile, instruction of the product) of a warp's part, in order: the
+/// fragment offsets of its `a` and `b` and of its accumulators.
+fn mma_issues(t: &GemmTile, inst: MatrixInst) -> Vec<(u64, u64, u64)> {
+    let [im, inn, _] = inst.shape();
+    let cr = inst.regs()[2];
+    let mut out = Vec::new();
+    for i in 0..t.rm / im {
+        for j in 0..t.rn / inn {
+            for &(pa, pb) in inst.products() {
+                let (ao, bo) = frag_offsets(t, inst, i, pa, j, pb);
+                out.push((ao, bo, (i * (t.rn / inn) + j) * cr));
+            }
+        }
+    }
+    out
+}
+
+/// The instruction on the GPU: `a`, `b` fragments and accumulators `c` in, the new
+/// accumulators out.
+fn mma_op(e: &mut Emitter, d: usize, inst: MatrixInst, a: &[String], b: &[String], acc: &[String]) -> Vec<String> {
+    match inst {
+        MatrixInst::MmaTf32x3 => {
+            let ints = |e: &mut Emitter, xs: &[String]| -> Vec<String> {
+                xs.iter()
+                    .map(|x| {
+                        let i = e.fresh();
+                        e.line(d, &format!("{i} = arith.bitcast {x} : f32 to i32"));
+                        i
+                    })
+                    .collect()
+            };
+            let (ai, bi) = (ints(e, a), ints(e, b));
+            let r = e.fresh();
+            let st = "!llvm.struct<(f32, f32, f32, f32)>";
+            e.line(
+                d,
+                &format!(
+                    "{r} = nvvm.mma.sync A[{}] B[{}] C[{}] {{layoutA = #nvvm.mma_layout<row>, layoutB = #nvvm.mma_layout<col>, \
+multiplicandAPtxType = #nvvm.mma_type<tf32>, multiplicandBPtxType = #nvvm.mma_type<tf32>, \
+shape = #nvvm.shape<m = 16, n = 8, k = 8>}} : (i32, i32, f32) -> {st}",
+                    ai.join(", "),
+                    bi.join(", "),
+                    acc.join(", ")
+                ),
+            );
+            (0..4)
+                .map(|i| {
+                    let x = e.fresh();
+                    e.line(d, &format!("{x} = llvm.extractvalue {r}[{i}] : {st}"));
+                    x
+                })
+                .collect()
+        }
+        MatrixInst::MfmaF32 => {
+            let (cv, z, r) = (e.fresh(), e.fresh(), e.fresh());
+            e.line(d, &format!("{cv} = vector.from_elements {} : vector<4xf32>", acc.join(", ")));
+            e.line(d, &format!("{z} = arith.constant 0 : i32"));
+            e.line(
+                d,
+                &format!(
+                    "{r} = rocdl.mfma.f32.16x16x4f32 {}, {}, {cv}, {z}, {z}, {z} : (f32, f32, vector<4xf32>, i32, i32, i32) -> vector<4xf32>",
+                    a[0], b[0]
+                ),
+            );
+            (0..4)
+                .map(|i| {
+                    let x = e.fresh();
+                    e.line(d, &format!("{x} = vector.extract {r}[{i}] : f32 from vector<4xf32>"));
+                    x
+                })
+                .collect()
+        }
+    }
+}
+
+/// The GPU thread's products over one K step: for each instruction `k` step, its fragments
+/// from the shared tiles, then its warp's instructions; returns the new accumulators.
+fn mma_phase_gpu(
+    e: &mut Emitter,
+    g: &TiledGemm,
+    inst: MatrixInst,
+    sa: (&str, &str),
+    sb: (&str, &str),
+    accs: &[String],
+) -> Vec<String> {
+    let t = g.tile;
+    let d = 1;
+    let n = accs.len();
+    let [ar, br, cr] = inst.regs().map(|x| x as usize);
+    let (lo, hi, step) =
+        (e.idx(d, &Idx::Const(0)), e.idx(d, &Idx::Const(t.tk as i64)), e.idx(d, &Idx::Const(inst.shape()[2] as i64)));
+    let res = e.fresh();
+    let args: Vec<String> = (0..n).map(|_| e.fresh()).collect();
+    let inits: Vec<String> = args.iter().zip(accs).map(|(a, x)| format!("{a} = {x}")).collect();
+    let f32s = vec!["f32"; n].join(", ");
+    e.line(
+        d,
+        &format!("{res}:{n} = scf.for %i{KS} = {lo} to {hi} step {step} iter_args({}) -> ({f32s}) {{", inits.join(", ")),
+    );
+    let frags = fragments(e, g, inst, T_GPU, d + 1, sa, sb);
+    let mut acc = args;
+    for (ao, bo, co) in mma_issues(&t, inst) {
+        let (ao, bo, co) = (ao as usize, bo as usize, co as usize);
+        let out = mma_op(e, d + 1, inst, &frags[ao..ao + ar], &frags[bo..bo + br], &acc[co..co + cr]);
+        acc.splice(co..co + cr, out);
+    }
+    e.line(d + 1, &format!("scf.yield {} : {f32s}", acc.join(", ")));
+    e.line(d, "}");
+    (0..n).map(|i| format!("{res}#{i}")).collect()
+}
+
+/// The host emulation's products over one K step: per instruction `k` step, a thread loop
+/// writing each thread's fragments (the same loads as [`mma_phase_gpu`]) to `%frags`, then a
+/// warp loop calling the instruction's emulation ([`mma_emulation`]) on them and `%accs`.
+fn mma_phase_host(e: &mut Emitter, g: &TiledGemm, inst: MatrixInst, sa: (&str, &str), sb: (&str, &str), acc_ty: &str) {
+    let t = g.tile;
+    let d = 2;
+    let ft = frags_type(&t, inst);
+    let (c0, c1) = (e.idx(d, &Idx::Const(0)), e.idx(d, &Idx::Const(1)));
+    let (tk, ik) = (e.idx(d, &Idx::Const(t.tk as i64)), e.idx(d, &Idx::Const(inst.shape()[2] as i64)));
+    let (threads, warps) = (e.idx(d, &Idx::Const(t.threads() as i64)), e.idx(d, &Idx::Const((t.tx() * t.ty()) as i64)));
+    e.line(d, &format!("scf.for %i{KS} = {c0} to {tk} step {ik} {{"));
+    e.line(d + 1, &format!("scf.for %i{T_COMP} = {c0} to {threads} step {c1} {{"));
+    let frags = fragments(e, g, inst, T_COMP, d + 2, sa, sb);
+    for (q, f) in frags.iter().enumerate() {
+        let q = e.idx(d + 2, &Idx::Const(q as i64));
+        e.line(d + 2, &format!("memref.store {f}, %frags[%i{T_COMP}, {q}] : {ft}"));
+    }
+    e.line(d + 1, "}");
+    e.line(d + 1, &format!("scf.for %i{WARP} = {c0} to {warps} step {c1} {{"));
+    let t0 = e.idx(d + 2, &mul(var(WARP), inst.lanes() as i64));
+    for (ao, bo, co) in mma_issues(&t, inst) {
+        let [ao, bo, co] = [ao, bo, co].map(|x| e.idx(d + 2, &Idx::Const(x as i64)));
+        e.line(
+            d + 2,
+            &format!(
+                "func.call @{}_mma(%frags, %accs, {t0}, {ao}, {bo}, {co}) : ({ft}, {acc_ty}, index, index, index, index) -> ()",
+                e.kernel().name
+            ),
+        );
+    }
+    e.line(d + 1, "}");
+    e.line(d, "}");
+}
+
+/// The instruction as the host emulation runs it, `@<kernel>_mma(frags, accs, t0, ao, bo, co)`:
+/// one warp's (threads `t0..t0 + lanes`) product `D = A·B + C`, each lane's fragments at `ao`
+/// (`a`), `bo` (`b`) and accumulators at `co`, placed in the `m × k` and `k × n` matrices by the
+/// instruction's lane layout ([`MatrixInst::a_at`], `b_at`, `c_at`); TF32 operands keep their
+/// top 19 bits (the unit ignores the rest); each result summed over `k` in order in f32.
+fn mma_emulation(k: &Kernel, g: &TiledGemm, inst: MatrixInst) -> String {
+    let t = g.tile;
+    let mut e = Emitter::new(k, MlirOptions::default());
+    let ft = frags_type(&t, inst);
+    let acc_ty = format!("memref<{}x{}xf32>", t.threads(), t.accumulators());
+    let [im, inn, ik] = inst.shape();
+    let [ar, br, cr] = inst.regs();
+    let (mat_a, mat_b) = (format!("memref<{im}x{ik}xf32>"), format!("memref<{ik}x{inn}xf32>"));
+    let lane = var(LANE);
+    let (c0, c1, lanes) = (e.idx(0, &Idx::Const(0)), e.idx(0, &Idx::Const(1)), e.idx(0, &Idx::Const(inst.lanes() as i64)));
+    e.line(0, &format!("%ma = memref.alloca() : {mat_a}"));
+    e.line(0, &format!("%mb = memref.alloca() : {mat_b}"));
+    // Scatter the lanes' fragments into the matrices.
+    e.line(0, &format!("scf.for %i{LANE} = {c0} to {lanes} step {c1} {{"));
+    let tl = e.fresh();
+    e.line(1, &format!("{tl} = arith.addi %t0, %i{LANE} : index"));
+    for (regs, base, mat, ty) in [(ar, "%ao", "%ma", &mat_a), (br, "%bo", "%mb", &mat_b)] {
+        for r in 0..regs {
+            let (x, y) = if mat == "%ma" { inst.a_at(&lane, r) } else { inst.b_at(&lane, r) };
+            let q = e.fresh();
+            let rc = e.idx(1, &Idx::Const(r as i64));
+            e.line(1, &format!("{q} = arith.addi {base}, {rc} : index"));
+            let v = e.fresh();
+            e.line(1, &format!("{v} = memref.load %fr[{tl}, {q}] : {ft}"));
+            let v = match inst {
+                MatrixInst::MmaTf32x3 => {
+                    let (b, m, a, f) = (e.fresh(), e.fresh(), e.fresh(), e.fresh());
+                    e.line(1, &format!("{b} = arith.bitcast {v} : f32 to i32"));
+                    e.line(1, &format!("{m} = arith.constant -8192 : i32"));
+                    e.line(1, &format!("{a} = arith.andi {b}, {m} : i32"));
+                    e.line(1, &format!("{f} = arith.bitcast {a} : i32 to f32"));
+                    f
+                }
+                MatrixInst::MfmaF32 => v,
+            };
+            let (x, y) = (e.idx(1, &x.simplify()), e.idx(1, &y.simplify()));
+            e.line(1, &format!("memref.store {v}, {mat}[{x}, {y}] : {ty}"));
+        }
+    }
+    e.line(0, "}");
+    // Each lane's accumulators: C + Σ_k A[row, k]·B[k, col].
+    e.line(0, &format!("scf.for %i{LANE} = {c0} to {lanes} step {c1} {{"));
+    let tl = e.fresh();
+    e.line(1, &format!("{tl} = arith.addi %t0, %i{LANE} : index"));
+    let kend = e.idx(1, &Idx::Const(ik as i64));
+    for r in 0..cr {
+        let (row, col) = inst.c_at(&lane, r);
+        let (row, col) = (e.idx(1, &row.simplify()), e.idx(1, &col.simplify()));
+        let (q, rc, x) = (e.fresh(), e.idx(1, &Idx::Const(r as i64)), e.fresh());
+        e.line(1, &format!("{q} = arith.addi %co, {rc} : index"));
+        e.line(1, &format!("{x} = memref.load %ac[{tl}, {q}] : {acc_ty}"));
+        let (s, kv, sum, a, b, p, y) = (e.fresh(), e.fresh(), e.fresh(), e.fresh(), e.fresh(), e.fresh(), e.fresh());
+        e.line(1, &format!("{s} = scf.for {kv} = {c0} to {kend} step {c1} iter_args({sum} = {x}) -> (f32) {{"));
+        e.line(2, &format!("{a} = memref.load %ma[{row}, {kv}] : {mat_a}"));
+        e.line(2, &format!("{b} = memref.load %mb[{kv}, {col}] : {mat_b}"));
+        e.line(2, &format!("{p} = arith.mulf {a}, {b} : f32"));
+        e.line(2, &format!("{y} = arith.addf {sum}, {p} : f32"));
+        e.line(2, &format!("scf.yield {y} : f32"));
+        e.line(1, "}");
+        e.line(1, &format!("memref.store {s}, %ac[{tl}, {q}] : {acc_ty}"));
+    }
+    e.line(0, "}");
+    format!(
+        "func.func private @{}_mma(%fr: {ft}, %ac: {acc_ty}, %t0: index, %ao: index, %bo: index, %co: index) {{\n{}  return\n}}\n",
+        k.name, e.out
+    )
 }
 
 /// A tiled GEMM compiled for the host emulation ([`emit`] with `gpu: false`).
