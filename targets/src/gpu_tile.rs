@@ -1532,3 +1532,87 @@ impl HostTiled {
         self.backend.launch_ranges(0, &l, &mut (0..blocks).map(|b| (b, b + 1)))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kiln_ir::kernel::ByZero;
+
+    fn at(f: impl Fn(&Idx, u64) -> (Idx, Idx), lane: i64, r: u64) -> (i64, i64) {
+        let (x, y) = f(&Idx::Const(lane), r);
+        let ev = |i: &Idx| i.eval(&|_| None, &|_, _| None, ByZero::Fail).unwrap();
+        (ev(&x), ev(&y))
+    }
+
+    /// Entries of the PTX ISA's m16n8k8 .tf32 fragment tables (groupID = lane >> 2,
+    /// threadID_in_group = lane % 4) and of CDNA's v_mfma_f32_16x16x4f32 layout.
+    #[test]
+    fn fragment_layouts_are_the_isas() {
+        let i = MatrixInst::MmaTf32x3;
+        // a0..a3 of lane 5 (group 1, thread 1): rows 1, 9, 1, 9; columns 1, 1, 5, 5.
+        let a: Vec<_> = (0..4).map(|r| at(|l, r| i.a_at(l, r), 5, r)).collect();
+        assert_eq!(a, vec![(1, 1), (9, 1), (1, 5), (9, 5)]);
+        // b0, b1 of lane 5: rows (k) 1 and 5, column 1.
+        assert_eq!((at(|l, r| i.b_at(l, r), 5, 0), at(|l, r| i.b_at(l, r), 5, 1)), ((1, 1), (5, 1)));
+        // c0..c3 of lane 31 (group 7, thread 3): rows 7, 7, 15, 15; columns 6, 7, 6, 7.
+        let c: Vec<_> = (0..4).map(|r| at(|l, r| i.c_at(l, r), 31, r)).collect();
+        assert_eq!(c, vec![(7, 6), (7, 7), (15, 6), (15, 7)]);
+        let i = MatrixInst::MfmaF32;
+        // Lane 17: a[1][1], b[1][1]; its accumulators rows 4..8 of column 1.
+        assert_eq!((at(|l, r| i.a_at(l, r), 17, 0), at(|l, r| i.b_at(l, r), 17, 0)), ((1, 1), (1, 1)));
+        let c: Vec<_> = (0..4).map(|r| at(|l, r| i.c_at(l, r), 17, r)).collect();
+        assert_eq!(c, vec![(4, 1), (5, 1), (6, 1), (7, 1)]);
+        assert_eq!(at(|l, r| i.a_at(l, r), 63, 0), (15, 3));
+    }
+
+    /// Each layout puts every element of its matrix in exactly one (lane, register).
+    #[test]
+    fn fragment_layouts_cover_each_matrix_once() {
+        for i in [MatrixInst::MmaTf32x3, MatrixInst::MfmaF32] {
+            let [m, n, k] = i.shape().map(|x| x as i64);
+            let [ar, br, cr] = i.regs();
+            type At = fn(MatrixInst, &Idx, u64) -> (Idx, Idx);
+            for (f, regs, rows, cols) in [
+                (MatrixInst::a_at as At, ar, m, k),
+                (MatrixInst::b_at as At, br, k, n),
+                (MatrixInst::c_at as At, cr, m, n),
+            ] {
+                let mut seen = std::collections::HashSet::new();
+                for lane in 0..i.lanes() as i64 {
+                    for r in 0..regs {
+                        let (x, y) = at(|l, r| f(i, l, r), lane, r);
+                        assert!((0..rows).contains(&x) && (0..cols).contains(&y), "{i:?} lane {lane} reg {r}");
+                        assert!(seen.insert((x, y)), "{i:?}: ({x}, {y}) twice");
+                    }
+                }
+                assert_eq!(seen.len() as i64, rows * cols, "{i:?}");
+            }
+        }
+    }
+
+    /// Chips with a matrix unit kiln drives get matrix-unit tiles (when the output holds one
+    /// instruction's), checked against their limits; gfx906 has none.
+    #[test]
+    fn matrix_unit_tiles_follow_the_description() {
+        for (chip, want) in [
+            ("sm_80", Some(MatrixInst::MmaTf32x3)),
+            ("sm_90", Some(MatrixInst::MmaTf32x3)),
+            ("gfx906", None),
+            ("gfx90a", Some(MatrixInst::MfmaF32)),
+            ("gfx942", Some(MatrixInst::MfmaF32)),
+        ] {
+            let d = crate::descriptions::gpu_machine(chip).unwrap();
+            let t = choose_tile(1, 4096, 4096, &d).unwrap();
+            assert_eq!(t.mma, want, "{chip}");
+            if let Some(i) = want {
+                let [m, n, k] = i.shape();
+                assert_eq!((t.tm, t.tn, t.rm, t.rn, t.tk % k), (64, 64, 32, 32, 0), "{chip}");
+                assert_eq!(t.threads(), 4 * i.lanes(), "{chip}");
+                assert_eq!(t.accumulators(), (32 / m) * (32 / n) * i.regs()[2], "{chip}");
+                // Too small for one instruction: the scalar tile.
+                assert_eq!(choose_tile(1, m - 1, 64, &d).unwrap().mma, None, "{chip}");
+                assert_eq!(choose_tile(1, 64, n - 1, &d).unwrap().mma, None, "{chip}");
+            }
+        }
+    }
+}
