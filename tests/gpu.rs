@@ -1187,11 +1187,13 @@ fn gpu_descriptions_per_chip() {
 #[ignore]
 fn gpu_tiled_gemm_numbers() {
     println!(
-        "| GEMM | chip | loads/FMA before → after | blocks × threads | warps/SM | tile | shared B | roofline µs (before → after) |"
+        "| GEMM | chip | loads/FMA before → after | blocks × threads | warps/SM | tile | matrix unit | shared B | roofline µs (before → after) |"
     );
     for (m, k, n) in [(128u64, 768u64, 768u64), (128, 768, 3072), (1024, 1024, 1024)] {
         let model = fused(matmul_model(&[m, k], &[k, n]), "cuda");
-        for (family, chip) in [(Family::Cuda, "sm_80"), (Family::Cuda, "sm_90"), (Family::Rocm, "gfx90a")] {
+        for (family, chip) in
+            [(Family::Cuda, "sm_80"), (Family::Cuda, "sm_90"), (Family::Rocm, "gfx906"), (Family::Rocm, "gfx90a")]
+        {
             let arch = GpuArch::new(family, Some(chip)).unwrap();
             let d = arch.description();
             let schedule = gpu::schedule();
@@ -1201,19 +1203,25 @@ fn gpu_tiled_gemm_numbers() {
             let fmas = g.fmas() as f64;
             let after = g.global_loads() as f64 / fmas;
             let bw = d.levels[0].bandwidth_gbps * 1e9;
-            let compute = 2.0 * fmas / (d.vector_gflops * 1e9);
+            // The matrix unit's rate for its tiles (3xTF32 issues three products per FMA).
+            let compute_before = 2.0 * fmas / (d.vector_gflops * 1e9);
+            let compute = match g.tile.mma {
+                Some(i) => 2.0 * fmas * i.products().len() as f64 / (d.matrix_gflops * 1e9),
+                None => compute_before,
+            };
             let out = (m * n * 4) as f64;
-            let t_before = compute.max((2.0 * fmas * 4.0 + out) / bw) * 1e6;
+            let t_before = compute_before.max((2.0 * fmas * 4.0 + out) / bw) * 1e6;
             let t_after = compute.max((g.global_loads() as f64 * 4.0 + out) / bw) * 1e6;
             // Warps resident per SM/CU if the grid spreads evenly (the roofline assumes enough).
             let warps = (g.blocks() * g.tile.threads().div_ceil(arch.warp())) as f64 / d.cores as f64;
             println!(
-                "| {m}×{k}·{k}×{n} | {chip} | 2 → {after:.3} | {} × {} | {warps:.1} | {}x{}x{} | {} | {t_before:.1} → {t_after:.1} |",
+                "| {m}×{k}·{k}×{n} | {chip} | 2 → {after:.3} | {} × {} | {warps:.1} | {}x{}x{} | {:?} | {} | {t_before:.1} → {t_after:.1} |",
                 g.blocks(),
                 g.tile.threads(),
                 g.tile.tm,
                 g.tile.tn,
                 g.tile.tk,
+                g.tile.mma,
                 g.tile.shared_bytes()
             );
         }
