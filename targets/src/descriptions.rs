@@ -103,12 +103,15 @@ fn amd(vgprs_per_lane: u32) -> GpuLimits {
 /// sheets and whitepapers); levels are global memory (capacity, HBM bandwidth), L2, and the
 /// shared memory / LDS of one block (capacity: the most a block may use; bandwidth: 128 bytes
 /// a clock per SM/CU). `vector_gflops` is the f32 FMA peak (2 FLOPs), `matrix_gflops` the
-/// matrix unit's f32-input peak (TF32 on NVIDIA, MFMA f32 on AMD).
+/// matrix unit's rate for f32 products as kiln issues them: on NVIDIA a third of the TF32 peak
+/// (3xTF32, three instructions a product, [`crate::gpu_tile::MatrixInst::MmaTf32x3`]), on AMD
+/// the MFMA f32 peak.
 pub fn gpu_machine(chip: &str) -> Option<MachineDescription> {
     let smem_gbps = |units: f64, ghz: f64| units * 128.0 * ghz;
     Some(match chip {
         // A100 SXM4 80 GB: 108 SMs at 1.41 GHz boost, 2039 GB/s HBM2e, 40 MB L2, up to 164 KB
-        // shared per SM (163 KiB a block opt-in, 48 KiB static), 19.5 TFLOP/s f32, 156 TF32.
+        // shared per SM (163 KiB a block opt-in, 48 KiB static), 19.5 TFLOP/s f32, 156 TF32 (52 as
+        // 3xTF32).
         "sm_80" => MachineDescription {
             name: "cuda-sm_80".into(),
             clock_ghz: 1.41,
@@ -122,12 +125,13 @@ pub fn gpu_machine(chip: &str) -> Option<MachineDescription> {
             vector_bits: 1024,
             vector_registers: 64,
             matrix_shape: vec![16, 8, 8],
-            matrix_gflops: 156000.0,
+            matrix_gflops: 52000.0,
             launch_us: 4.0,
             gpu: Some(nvidia(163)),
         },
         // H100 SXM5 80 GB: 132 SMs at 1.98 GHz boost, 3350 GB/s HBM3, 50 MB L2, 227 KiB shared
-        // a block (opt-in), 67 TFLOP/s f32, 495 TF32 (dense).
+        // a block (opt-in), 67 TFLOP/s f32, 495 TF32 (dense; 165 as
+        // 3xTF32).
         "sm_90" => MachineDescription {
             name: "cuda-sm_90".into(),
             clock_ghz: 1.98,
@@ -141,7 +145,7 @@ pub fn gpu_machine(chip: &str) -> Option<MachineDescription> {
             vector_bits: 1024,
             vector_registers: 64,
             matrix_shape: vec![16, 8, 8],
-            matrix_gflops: 494700.0,
+            matrix_gflops: 164900.0,
             launch_us: 3.0,
             gpu: Some(nvidia(227)),
         },

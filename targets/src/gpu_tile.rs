@@ -206,10 +206,9 @@ impl MatrixInst {
     pub fn b_at(self, lane: &Idx, r: u64) -> (Idx, Idx) {
         let r = r as i64;
         match self {
-            MatrixInst::MmaTf32x3 => (
-                add(Idx::Rem(Box::new(lane.clone()), c(4)), Idx::Const(4 * r)),
-                Idx::Div(Box::new(lane.clone()), c(4)),
-            ),
+            MatrixInst::MmaTf32x3 => {
+                (add(Idx::Rem(Box::new(lane.clone()), c(4)), Idx::Const(4 * r)), Idx::Div(Box::new(lane.clone()), c(4)))
+            }
             MatrixInst::MfmaF32 => (Idx::Div(Box::new(lane.clone()), c(16)), Idx::Rem(Box::new(lane.clone()), c(16))),
         }
     }
@@ -221,9 +220,10 @@ impl MatrixInst {
                 add(Idx::Div(Box::new(lane.clone()), c(4)), Idx::Const(8 * (r / 2))),
                 add(mul(Idx::Rem(Box::new(lane.clone()), c(4)), 2), Idx::Const(r % 2)),
             ),
-            MatrixInst::MfmaF32 => {
-                (add(mul(Idx::Div(Box::new(lane.clone()), c(16)), 4), Idx::Const(r)), Idx::Rem(Box::new(lane.clone()), c(16)))
-            }
+            MatrixInst::MfmaF32 => (
+                add(mul(Idx::Div(Box::new(lane.clone()), c(16)), 4), Idx::Const(r)),
+                Idx::Rem(Box::new(lane.clone()), c(16)),
+            ),
         }
     }
 }
@@ -881,7 +881,14 @@ pub fn emit(k: &Kernel, g: &TiledGemm, options: MlirOptions, gpu: bool) -> Strin
         load_phase(&mut e, g, T_LOAD, "%sa", &sa_ty, "%sb", &sb_ty, false);
         e.line(2, "}");
         if let Some(inst) = t.mma {
-            mma_phase_host(&mut e, g, inst, ("%sa", &sa_ty), ("%sb", &sb_ty), &format!("memref<{threads}x{n_acc}xf32>"));
+            mma_phase_host(
+                &mut e,
+                g,
+                inst,
+                ("%sa", &sa_ty),
+                ("%sb", &sb_ty),
+                &format!("memref<{threads}x{n_acc}xf32>"),
+            );
         } else {
             // Thread loop: each thread's micro-tile over the step.
             e.line(2, &format!("scf.for %i{T_COMP} = {c0} to {tn} step {c1} {{"));
@@ -1373,7 +1380,10 @@ fn mma_phase_gpu(
     let f32s = vec!["f32"; n].join(", ");
     e.line(
         d,
-        &format!("{res}:{n} = scf.for %i{KS} = {lo} to {hi} step {step} iter_args({}) -> ({f32s}) {{", inits.join(", ")),
+        &format!(
+            "{res}:{n} = scf.for %i{KS} = {lo} to {hi} step {step} iter_args({}) -> ({f32s}) {{",
+            inits.join(", ")
+        ),
     );
     let frags = fragments(e, g, inst, T_GPU, d + 1, sa, sb);
     let mut acc = args;
@@ -1435,7 +1445,8 @@ fn mma_emulation(k: &Kernel, g: &TiledGemm, inst: MatrixInst) -> String {
     let [ar, br, cr] = inst.regs();
     let (mat_a, mat_b) = (format!("memref<{im}x{ik}xf32>"), format!("memref<{ik}x{inn}xf32>"));
     let lane = var(LANE);
-    let (c0, c1, lanes) = (e.idx(0, &Idx::Const(0)), e.idx(0, &Idx::Const(1)), e.idx(0, &Idx::Const(inst.lanes() as i64)));
+    let (c0, c1, lanes) =
+        (e.idx(0, &Idx::Const(0)), e.idx(0, &Idx::Const(1)), e.idx(0, &Idx::Const(inst.lanes() as i64)));
     e.line(0, &format!("%ma = memref.alloca() : {mat_a}"));
     e.line(0, &format!("%mb = memref.alloca() : {mat_b}"));
     // Scatter the lanes' fragments into the matrices.
