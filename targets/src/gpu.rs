@@ -167,16 +167,18 @@ fn codegen(msg: impl std::fmt::Display) -> TargetError {
 }
 
 /// The schedule GPU kernels are lowered with: each thread is a scalar core with a large
-/// register file, so register tiles of 4-lane vectors (one 16-byte load each), 8 rows (Conv,
-/// attention); MatMul/Gemm and 2-D Convs with one group as one reduction per output element
+/// register file, so register tiles of 4-lane vectors (one 16-byte load each), 8 rows (Conv);
+/// MatMul/Gemm and 2-D Convs with one group as one reduction per output element
 /// (`matmul_per_element`), which [`flatten`] turns into one thread per output element (and
-/// [`gpu_tile`] reads back and tiles).
+/// [`gpu_tile`] reads back and tiles); attention a thread per query with an online softmax
+/// (`attention_per_query`).
 pub fn schedule() -> Schedule {
     let mut s = Schedule::for_vectors(4, 32);
     s.matmul_row_block = s.matmul_mma_rows as i64;
     s.store_row_terms = true;
     s.whole_matmul = false;
     s.matmul_per_element = true;
+    s.attention_per_query = true;
     s
 }
 
@@ -184,10 +186,10 @@ pub fn schedule() -> Schedule {
 /// (MatMul/Gemm per output element, even with a tuned schedule; the accumulate form where the
 /// per-element one does not apply, e.g. a MatMul of a 1-D operand), then [`flatten`].
 pub fn lower(m: &Module, o: kiln_ir::ir::OpId, name: &str, schedule: &Schedule) -> Result<Kernel, String> {
-    let per_element = Schedule { matmul_per_element: true, ..schedule.clone() };
+    let per_element = Schedule { matmul_per_element: true, attention_per_query: true, ..schedule.clone() };
     kiln_passes::lower::lower_with(m, o, name, &per_element)
         .or_else(|_| {
-            let accumulate = Schedule { matmul_per_element: false, ..schedule.clone() };
+            let accumulate = Schedule { matmul_per_element: false, attention_per_query: true, ..schedule.clone() };
             kiln_passes::lower::lower_with(m, o, name, &accumulate)
         })
         .map(flatten)

@@ -11,6 +11,13 @@
 //!   and its later keys are zeroed;
 //! - `out = P·V` on register tiles (rows are queries, columns the head dim, keys reduced) when
 //!   V's rows are contiguous runs of a buffer, else a per-key loop with the head dim innermost.
+//!
+//! With `Schedule::attention_per_query` (the GPU schedule) the parallel loop runs over batch ×
+//! heads × queries instead, and each iteration walks its keys once: the score `q·k` (head dim
+//! reduced), scaled and masked; the running max `m` (from the lowest finite value, so masked
+//! `-inf` scores add `exp(-inf) = 0` and never NaN) and sum `l`, rescaled by `exp(m_old − m)`
+//! with the output row `acc` (a local of the head dim) as the max grows; then `acc / l` (`l`
+//! floored, so a row masked out entirely gives zeros, as the reference does).
 
 use super::{b, LowerResult, Lowering};
 use kiln_ir::graph::AttrView;
@@ -58,7 +65,9 @@ pub(super) fn body(lw: &Lowering, att: OpId, out_buf: usize, locals_at: usize) -
     let (hq, hkv) = (lw.dim(&qs[1])?, lw.dim(&ks[1])?);
     let (s, t, d, dv) = (lw.dim(&qs[2])?, lw.dim(&ks[2])?, lw.dim(&qs[3])?, lw.dim(&vs[3])?);
     let heads = Idx::Mul(b(lw.dim(&qs[0])?), b(hq.clone()));
-    let bh = Idx::Var(0);
+    let per_query = lw.sched.attention_per_query;
+    // Per query, the parallel variable is `bh · S + i`.
+    let bh = if per_query { Idx::Div(b(Idx::Var(0)), b(s.clone())) } else { Idx::Var(0) };
     let batch = Idx::Div(b(bh.clone()), b(hq.clone()));
     let head = Idx::Rem(b(bh), b(hq.clone()));
     // Grouped-query attention: query head h reads key/value head h / (Hq / Hkv).
@@ -125,6 +134,76 @@ pub(super) fn body(lw: &Lowering, att: OpId, out_buf: usize, locals_at: usize) -
         }
         Ok(score)
     };
+    if per_query {
+        let locals = vec![
+            Local { name: "state".into(), size: vec![Idx::Const(2)] },
+            Local { name: "acc".into(), size: vec![dv.clone()] },
+        ];
+        let (state, acc) = (locals_at, locals_at + 1);
+        let i = Idx::Rem(b(Idx::Var(0)), b(s.clone()));
+        let (j, z, e) = (Idx::Var(1), Idx::Var(2), lw.fresh_var());
+        let st = |x: i64| Val::Load { buf: state, index: vec![Idx::Const(x)] };
+        let set = |x: i64, value: Val| Stmt::Store { buf: state, index: vec![Idx::Const(x)], value };
+        let a = |z: &Idx| Val::Load { buf: acc, index: vec![z.clone()] };
+        let bin = |op: BinOp, x: Val, y: Val| Val::Bin(op, Box::new(x), Box::new(y));
+        let exp = |x: Val| Val::Un(UnOp::Exp, Box::new(x));
+        let dot = Val::Reduce {
+            op: RedOp::Sum,
+            var: e,
+            extent: d.clone(),
+            body: Box::new(bin(
+                BinOp::Mul,
+                lw.value(q, &[batch.clone(), head.clone(), i.clone(), Idx::Var(e)])?,
+                lw.value(k, &[batch.clone(), kv_head.clone(), j.clone(), Idx::Var(e)])?,
+            )),
+        };
+        let kend = if causal { Idx::Add(b(i.clone()), b(Idx::Const(1))) } else { t.clone() };
+        // A statement per element of the output row: unrolled when the head dim is known and
+        // at most 128 (every `acc` index a constant, so a GPU back end keeps the row in
+        // registers), else a loop (variable 2).
+        let per_z = |f: &dyn Fn(Idx) -> LowerResult<Stmt>| -> LowerResult<Vec<Stmt>> {
+            match dv.clone().simplify() {
+                Idx::Const(n) if n <= 128 => (0..n).map(|x| f(Idx::Const(x))).collect(),
+                n => Ok(vec![for_(2, n, vec![f(z.clone())?])]),
+            }
+        };
+        let (score, m_new, corr, p, inv) = (0, 1, 2, 3, 4);
+        let key = vec![
+            Stmt::Let { slot: score, value: scale_mask(&i, j.clone(), dot)? },
+            Stmt::Let { slot: m_new, value: bin(BinOp::Max, st(0), Val::Scalar(score)) },
+            Stmt::Let { slot: corr, value: exp(bin(BinOp::Sub, st(0), Val::Scalar(m_new))) },
+            Stmt::Let { slot: p, value: exp(bin(BinOp::Sub, Val::Scalar(score), Val::Scalar(m_new))) },
+            set(1, bin(BinOp::Add, bin(BinOp::Mul, st(1), Val::Scalar(corr)), Val::Scalar(p))),
+        ];
+        let mut key = key;
+        key.extend(per_z(&|z| {
+            Ok(Stmt::Store {
+                buf: acc,
+                index: vec![z.clone()],
+                value: bin(
+                    BinOp::Add,
+                    bin(BinOp::Mul, a(&z), Val::Scalar(corr)),
+                    bin(BinOp::Mul, Val::Scalar(p), lw.value(v, &[batch.clone(), kv_head.clone(), j.clone(), z])?),
+                ),
+            })
+        })?);
+        key.push(set(0, Val::Scalar(m_new)));
+        let mut body = vec![set(0, Val::Const(f32::MIN as f64)), set(1, Val::Const(0.0))];
+        body.extend(per_z(&|z| Ok(Stmt::Store { buf: acc, index: vec![z], value: Val::Const(0.0) }))?);
+        body.push(for_(1, kend, key));
+        body.push(Stmt::Let {
+            slot: inv,
+            value: Val::Un(UnOp::Recip, Box::new(bin(BinOp::Max, st(1), Val::Const(f32::MIN_POSITIVE as f64)))),
+        });
+        body.extend(per_z(&|z| {
+            Ok(Stmt::Store {
+                buf: out_buf,
+                index: vec![batch.clone(), head.clone(), i.clone(), z.clone()],
+                value: bin(BinOp::Mul, a(&z), Val::Scalar(inv)),
+            })
+        })?);
+        return Ok((locals, vec![for_par(Idx::Mul(b(heads), b(s)), body)]));
+    }
     // A block of `rows` queries from `i0` (loop variables from 2; `ROW` stands for a tile's row).
     let block = |i0: Idx, rows: usize| -> LowerResult<Vec<Stmt>> {
         let row_i = |r: Idx| Idx::Add(b(i0.clone()), b(r));

@@ -46,6 +46,12 @@ pub struct Schedule {
     /// and each a scalar core (`targets::gpu` maps one output element to a thread).
     #[serde(default)]
     pub matmul_per_element: bool,
+    /// Attention with one parallel iteration per query (batch × heads × queries), its keys
+    /// walked once with an online softmax (a running max and sum, the output row rescaled as
+    /// the max grows), instead of one per head over query blocks on register tiles: for GPUs,
+    /// where a head per thread leaves the chip idle.
+    #[serde(default)]
+    pub attention_per_query: bool,
 }
 
 impl Default for Schedule {
@@ -75,6 +81,7 @@ impl Schedule {
             store_row_terms: true,
             whole_matmul: false,
             matmul_per_element: false,
+            attention_per_query: false,
         }
     }
 
