@@ -1372,3 +1372,57 @@ fn gpu_npy_reads_and_writes_node_test_element_types() {
     let b = to_array(&Tensor::from_i64(&[2], vec![1001, 7]));
     assert!(npy::mismatch(&a, &b, 1e-3, 1e-4).is_some_and(|w| w.contains("1 of 2")));
 }
+
+/// Attention on the GPU runs a thread per query (batch × heads × queries) with an online
+/// softmax: grouped-query heads, a boolean mask with a row masked out entirely (zeros, as the
+/// reference gives), an additive mask, and causal attention with more keys than queries match
+/// the reference interpreter as their launches run; the output row stays in registers (no
+/// local memory in the PTX at a head dim of 64), and the PTX assembles.
+#[test]
+fn gpu_attention_runs_a_thread_per_query() {
+    let ptxas = ptxas();
+    let dir = temp_dir("gpu-attention");
+    let (b, hq, hkv, s, t, d) = (2usize, 8usize, 2usize, 24usize, 40usize, 64usize);
+    let mask: Vec<bool> = (0..s * t).map(|x| x / t != 5 && (x * 7) % 5 != 0).collect();
+    let cases: Vec<(&str, Vec<Tensor>, Vec<(&'static str, Attr)>)> = vec![
+        ("gqa bool mask", vec![Tensor::from_bool(&[s, t], mask)], vec![]),
+        ("additive mask", vec![f32s(&[s, t], 4)], vec![]),
+        ("causal", vec![], vec![("is_causal", Attr::Int(1))]),
+    ];
+    for (name, extra, attrs) in cases {
+        let mut g = GraphBuilder::new("attention").opset(23).unwrap();
+        let (sq, kv_heads) = if name == "causal" { (t, hq) } else { (s, hkv) };
+        let q = g.input("q", f32_type(&[b as u64, hq as u64, sq as u64, d as u64])).unwrap();
+        let k = g.input("k", f32_type(&[b as u64, kv_heads as u64, t as u64, d as u64])).unwrap();
+        let v = g.input("v", f32_type(&[b as u64, kv_heads as u64, t as u64, d as u64])).unwrap();
+        let mut ins = vec![q, k, v];
+        for m in &extra {
+            ins.push(g.constant("mask", m.clone()));
+        }
+        let y = g.op_with("Attention", &ins, attrs).unwrap();
+        g.output(y, "y").unwrap();
+        let m = fused(g.finish().unwrap(), "cuda");
+        let inputs = vec![f32s(&[b, hq, sq, d], 1), f32s(&[b, kv_heads, t, d], 2), f32s(&[b, kv_heads, t, d], 3)];
+        let want = kiln_ir::interp::run(&m, inputs.clone()).unwrap();
+        let arch = GpuArch::new(Family::Cuda, Some("sm_80")).unwrap();
+        let (got, kernels, _, _) = run_as_gpu_on(&m, inputs, &arch);
+        assert_eq!(kernels, 1, "{name}");
+        assert_matches(name, &got, &want, 1e-4, 1e-5);
+        let p = program(&m, Family::Cuda, "sm_80");
+        let threads = p.manifest.kernels[0].threads_known;
+        assert_eq!(threads, Some((b * hq * sq) as u64), "{name}: one thread per query");
+        let ptx = &p.functions[0].1.asm;
+        assert!(!ptx.contains(".local"), "{name}: the output row spilled to local memory");
+        let file = dir.join("attention.ptx");
+        std::fs::write(&file, ptx).unwrap();
+        let Some(ptxas) = &ptxas else { panic!("NOT RUN: ptxas not found: run scripts/setup.sh") };
+        let out = std::process::Command::new(ptxas)
+            .args(["-arch=sm_80", "-v", file.to_str().unwrap(), "-o", dir.join("a.cubin").to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{name}: ptxas: {}", String::from_utf8_lossy(&out.stderr));
+        let info = String::from_utf8_lossy(&out.stderr);
+        assert!(info.contains("0 bytes spill stores"), "{name}: {info}");
+        println!("{name}: {}", info.lines().filter(|l| l.contains("registers")).collect::<Vec<_>>().join(" "));
+    }
+}
