@@ -1082,8 +1082,8 @@ fn gpu_tiled_conv_code_uses_shared_memory_and_barriers() {
 fn conv_vector_operands(k: &kiln_ir::kernel::Kernel, g: &gpu_tile::TiledGemm) -> (bool, bool) {
     let dims = |buf: usize| -> Vec<u64> { k.buffers[buf].shape.iter().map(|d| d.known().unwrap()).collect() };
     let (w, x, y) = (dims(g.a.buf), dims(g.b.buf), dims(g.out));
-    let weights = w[1] * w[2] * w[3] % 4 == 0 && g.tile.tk % 4 == 0;
-    let input = w[2..] == [1, 1] && x[2..] == y[2..] && x[2] * x[3] % 4 == 0 && g.tile.tn % 4 == 0;
+    let weights = (w[1] * w[2] * w[3]).is_multiple_of(4) && g.tile.tk.is_multiple_of(4);
+    let input = w[2..] == [1, 1] && x[2..] == y[2..] && (x[2] * x[3]).is_multiple_of(4) && g.tile.tn.is_multiple_of(4);
     (weights, input)
 }
 
