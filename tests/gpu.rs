@@ -1153,6 +1153,61 @@ fn gpu_tiled_convs_in_whole_models_on_the_emulated_gpu() {
     }
 }
 
+/// Grouped and depthwise Convs (AlexNet's, ShuffleNet's) lower per output element on the GPU
+/// as one-group Convs do: a thread per output element (the kernel's output elements, counted
+/// from its shape), each thread's local buffers (the plan's stack) within what the chip's
+/// registers hold (4 bytes × its registers per thread), where the accumulate form gave a
+/// thread a whole channel block and a local panel of its weights (AlexNet: 221,184 bytes a
+/// thread, 8 to 12 threads a Conv). Their numerics: `untiled_conv_cases`.
+#[test]
+fn gpu_grouped_convs_take_a_thread_per_output_and_no_stack() {
+    println!("| model | grouped Convs | their threads | plan stack bytes (bound) |");
+    for name in ["light_bvlc_alexnet", "light_shufflenet", "light_squeezenet"] {
+        let src = data_dir().join("light-random").join(name);
+        let m =
+            kiln::load_model(&src.join("model.onnx")).unwrap_or_else(|e| panic!("{name}: {e} (run scripts/setup.sh)"));
+        let grouped = m
+            .body
+            .ops
+            .iter()
+            .filter(|&&o| {
+                m.op(o).op_type() == "Conv" && matches!(m.op(o).attrs.get("group"), Some(Attr::Int(g)) if *g > 1)
+            })
+            .count();
+        let m = fused(m, "cuda");
+        let conv_nodes: std::collections::HashSet<String> = kiln_targets::native::launched_kernels(&m)
+            .iter()
+            .map(|(o, _)| m.op(*o))
+            .filter(|op| op.op_type() == "Conv" || matches!(op.attrs.get("anchor"), Some(Attr::Str(a)) if a == "Conv"))
+            .map(|op| op.node_name().to_string())
+            .collect();
+        let p = program(&m, Family::Cuda, "sm_80");
+        let (plan, _) = kiln_targets::gpu_plan::plan(&m, &p);
+        assert!(plan.runnable, "{name}: {:?}", plan.why_not);
+        let bound = 4 * p.arch.limits().max_registers_per_thread as u64;
+        let (mut launched, mut threads) = (0, 0);
+        for l in p.manifest.kernels.iter() {
+            assert!(l.local_bytes.unwrap_or(0) <= bound, "{name} {}: {:?} local bytes", l.name, l.locals);
+            // A grouped Conv's kernel: the input's channels (operand 0) are not the weights'
+            // (operand 1: `C / G`).
+            if conv_nodes.contains(&l.node) && l.args[0].shape[1] != l.args[1].shape[1] {
+                launched += 1;
+                let outputs: u64 = l
+                    .args
+                    .iter()
+                    .filter(|a| a.role == "output")
+                    .map(|a| a.shape.iter().map(|d| d.parse::<u64>().unwrap()).product::<u64>())
+                    .sum();
+                assert_eq!(l.threads_known, Some(outputs), "{name} {}: threads", l.name);
+                threads += outputs;
+            }
+        }
+        assert_eq!(launched, grouped, "{name}: grouped Convs' kernels");
+        assert!(plan.stack_bytes <= bound, "{name}: {} stack bytes", plan.stack_bytes);
+        println!("| {name} | {grouped} | {threads} | {} ({bound}) |", plan.stack_bytes);
+    }
+}
+
 /// Each chip's description: its GPU limits, the block size derived from them, and JSON
 /// descriptions written before the GPU limits existed still load; a tile the description
 /// cannot hold is an error.
