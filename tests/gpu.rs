@@ -977,6 +977,11 @@ fn tiled_conv_cases() -> Vec<(&'static str, Module, Vec<Tensor>)> {
             vec![one(&[3, 2, 8, 9], 10)],
         ),
         (
+            "conv 1x1, 2 images of 6x6, bias: 2x8x6x6 -> 12 (weights and input loaded as vectors)",
+            conv_model(&[2, 8, 6, 6], &[12, 8, 1, 1], true, false, vec![]),
+            vec![one(&[2, 8, 6, 6], 12)],
+        ),
+        (
             "conv 3x3 no padding, 64 channels: 1x64x12x12 -> 64",
             conv_model(&[1, 64, 12, 12], &[64, 64, 3, 3], true, true, vec![]),
             vec![one(&[1, 64, 12, 12], 11)],
@@ -1043,12 +1048,17 @@ fn gpu_tiled_conv_code_uses_shared_memory_and_barriers() {
         for chip in gpu::CUDA_ARCHS {
             let p = program(&m, Family::Cuda, chip);
             assert!(p.manifest.kernels.iter().all(|l| l.tile.is_some()), "{name} {chip}: not tiled");
+            let g = gpu_tile::recognize(&p.kernels[0], &p.arch).unwrap().expect("tiled");
+            let want = conv_vector_operands(&p.kernels[0], &g);
+            assert_eq!((g.a.vector_along.is_some(), g.b.vector_along.is_some()), want, "{name} {chip}: vector loads");
             for (f, code) in &p.functions {
                 let ptx = &code.asm;
                 let file = dir.join(format!("{f}_{chip}.ptx"));
                 std::fs::write(&file, ptx).unwrap();
                 assert!(ptx.contains(".shared") && ptx.contains("bar.sync"), "{name} {chip} {f}:\n{ptx}");
                 assert!(ptx.contains("ld.shared.") && ptx.contains("st.shared."), "{name} {chip} {f}: no shared loads");
+                let (_, v4) = ptx_global_loads(ptx);
+                assert_eq!(v4 > 0, want.0 || want.1, "{name} {chip} {f}: {v4} vector global loads");
                 let Some(ptxas) = &ptxas else { panic!("NOT RUN: ptxas not found: run scripts/setup.sh") };
                 let out = std::process::Command::new(ptxas)
                     .args([
@@ -1081,6 +1091,25 @@ fn gpu_tiled_conv_code_uses_shared_memory_and_barriers() {
     insta::assert_snapshot!("gpu_tiled_conv_3x3_pad1_relu_sm_80", p.functions[0].1.asm);
 }
 
+/// Which operands of a tiled Conv (`k` read back as `g`) are to be loaded 4 lanes at a time:
+/// the weights where a row (`C·KH·KW`, the K extent) and the K step are whole 4-groups; the
+/// input where the Conv is 1×1 with the output's pixels the input's (stride 1, no padding, for
+/// the shapes checked here) and `H·W` and the tile's columns are whole 4-groups.
+fn conv_vector_operands(k: &kiln_ir::kernel::Kernel, g: &gpu_tile::TiledGemm) -> (bool, bool) {
+    let dims = |buf: usize| -> Vec<u64> { k.buffers[buf].shape.iter().map(|d| d.known().unwrap()).collect() };
+    let (w, x, y) = (dims(g.a.buf), dims(g.b.buf), dims(g.out));
+    let weights = (w[1] * w[2] * w[3]).is_multiple_of(4) && g.tile.tk.is_multiple_of(4);
+    let input = w[2..] == [1, 1] && x[2..] == y[2..] && (x[2] * x[3]).is_multiple_of(4) && g.tile.tn.is_multiple_of(4);
+    (weights, input)
+}
+
+/// The global-memory load instructions of PTX text: (scalar, 4-lane vector).
+fn ptx_global_loads(ptx: &str) -> (usize, usize) {
+    let loads: Vec<&str> = ptx.lines().map(str::trim).filter(|l| l.starts_with("ld.global.")).collect();
+    let v4 = loads.iter().filter(|l| l.contains(".v4.")).count();
+    (loads.len() - v4, v4)
+}
+
 /// Whole CNNs compiled for cuda: every Conv (all have one group) is a block-tiled launch in
 /// the plan, and the plan run whole on the emulated GPU (tiled launches block by block) still
 /// matches the reference interpreter. `KILN_GPU_CONV_MODELS` (comma-separated) picks the
@@ -1088,7 +1117,10 @@ fn gpu_tiled_conv_code_uses_shared_memory_and_barriers() {
 #[test]
 fn gpu_tiled_convs_in_whole_models_on_the_emulated_gpu() {
     let models = std::env::var("KILN_GPU_CONV_MODELS").unwrap_or_else(|_| "light_squeezenet,light_resnet50".into());
-    println!("| model | Convs | tiled Conv launches | launches | Conv global loads per FMA (untiled: 2) | plan matches ref |");
+    println!(
+        "| model | Convs | tiled Conv launches | launches | Conv global loads per FMA (untiled: 2) \
+         | Conv ld.global in PTX: scalar, v4 | inputs loaded as v4 | plan matches ref |"
+    );
     for name in models.split(',') {
         let src = data_dir().join("light-random").join(name);
         let m =
@@ -1106,12 +1138,21 @@ fn gpu_tiled_convs_in_whole_models_on_the_emulated_gpu() {
         assert_eq!(tiled, conv_nodes.len(), "{name}: Convs not tiled");
         // Global-memory loads per multiply-add of the tiled Convs (each block's tiles, padding
         // included), against 2 for a thread per output element.
-        let (mut fmas, mut loads) = (0u64, 0u64);
+        // And the global load instructions of their PTX (scalar, 4-lane), the weights loaded as
+        // vectors wherever a row is whole 4-groups, the input of the 1×1 stride-1 Convs over
+        // whole 4-groups of pixels.
+        let (mut fmas, mut loads, mut scalar, mut v4, mut vector_x) = (0u64, 0u64, 0, 0, 0);
         for (l, k) in p.manifest.kernels.iter().zip(&p.kernels) {
             if conv_nodes.contains(&l.node) {
                 let g = gpu_tile::recognize(k, &p.arch).unwrap().expect("tiled");
                 fmas += g.fmas();
                 loads += g.global_loads();
+                let want = conv_vector_operands(k, &g);
+                assert_eq!((g.a.vector_along.is_some(), g.b.vector_along.is_some()), want, "{name} {}", l.name);
+                vector_x += usize::from(want.1);
+                let ptx = &p.functions.iter().find(|(f, _)| *f == l.function).unwrap().1.asm;
+                let (s, v) = ptx_global_loads(ptx);
+                (scalar, v4) = (scalar + s, v4 + v);
             }
         }
         let input = vec![kiln_onnx::read_tensor_file(&src.join("test_data_set_0/input_0.pb")).unwrap()];
@@ -1119,12 +1160,67 @@ fn gpu_tiled_convs_in_whole_models_on_the_emulated_gpu() {
         let r = run_plan(&p, &dir, &input).unwrap_or_else(|e| panic!("{name}: {e}"));
         assert_matches(name, &r.outputs, &want, 1e-3, 1e-5);
         println!(
-            "| {name} | {} | {tiled} | {} | {:.3} | yes |",
+            "| {name} | {} | {tiled} | {} | {:.3} | {scalar}, {v4} | {vector_x} | yes |",
             conv_nodes.len(),
             r.launches,
             loads as f64 / fmas as f64
         );
         let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
+/// Grouped and depthwise Convs (AlexNet's, ShuffleNet's) lower per output element on the GPU
+/// as one-group Convs do: a thread per output element (the kernel's output elements, counted
+/// from its shape), each thread's local buffers (the plan's stack) within what the chip's
+/// registers hold (4 bytes × its registers per thread), where the accumulate form gave a
+/// thread a whole channel block and a local panel of its weights (AlexNet: 221,184 bytes a
+/// thread, 8 to 12 threads a Conv). Their numerics: `untiled_conv_cases`.
+#[test]
+fn gpu_grouped_convs_take_a_thread_per_output_and_no_stack() {
+    println!("| model | grouped Convs | their threads | plan stack bytes (bound) |");
+    for name in ["light_bvlc_alexnet", "light_shufflenet", "light_squeezenet"] {
+        let src = data_dir().join("light-random").join(name);
+        let m =
+            kiln::load_model(&src.join("model.onnx")).unwrap_or_else(|e| panic!("{name}: {e} (run scripts/setup.sh)"));
+        let grouped = m
+            .body
+            .ops
+            .iter()
+            .filter(|&&o| {
+                m.op(o).op_type() == "Conv" && matches!(m.op(o).attrs.get("group"), Some(Attr::Int(g)) if *g > 1)
+            })
+            .count();
+        let m = fused(m, "cuda");
+        let conv_nodes: std::collections::HashSet<String> = kiln_targets::native::launched_kernels(&m)
+            .iter()
+            .map(|(o, _)| m.op(*o))
+            .filter(|op| op.op_type() == "Conv" || matches!(op.attrs.get("anchor"), Some(Attr::Str(a)) if a == "Conv"))
+            .map(|op| op.node_name().to_string())
+            .collect();
+        let p = program(&m, Family::Cuda, "sm_80");
+        let (plan, _) = kiln_targets::gpu_plan::plan(&m, &p);
+        assert!(plan.runnable, "{name}: {:?}", plan.why_not);
+        let bound = 4 * p.arch.limits().max_registers_per_thread as u64;
+        let (mut launched, mut threads) = (0, 0);
+        for l in p.manifest.kernels.iter() {
+            assert!(l.local_bytes.unwrap_or(0) <= bound, "{name} {}: {:?} local bytes", l.name, l.locals);
+            // A grouped Conv's kernel: the input's channels (operand 0) are not the weights'
+            // (operand 1: `C / G`).
+            if conv_nodes.contains(&l.node) && l.args[0].shape[1] != l.args[1].shape[1] {
+                launched += 1;
+                let outputs: u64 = l
+                    .args
+                    .iter()
+                    .filter(|a| a.role == "output")
+                    .map(|a| a.shape.iter().map(|d| d.parse::<u64>().unwrap()).product::<u64>())
+                    .sum();
+                assert_eq!(l.threads_known, Some(outputs), "{name} {}: threads", l.name);
+                threads += outputs;
+            }
+        }
+        assert_eq!(launched, grouped, "{name}: grouped Convs' kernels");
+        assert!(plan.stack_bytes <= bound, "{name}: {} stack bytes", plan.stack_bytes);
+        println!("| {name} | {grouped} | {threads} | {} ({bound}) |", plan.stack_bytes);
     }
 }
 

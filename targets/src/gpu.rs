@@ -168,10 +168,10 @@ fn codegen(msg: impl std::fmt::Display) -> TargetError {
 
 /// The schedule GPU kernels are lowered with: each thread is a scalar core with a large
 /// register file, so register tiles of 4-lane vectors (one 16-byte load each), 8 rows (Conv);
-/// MatMul/Gemm and 2-D Convs with one group as one reduction per output element
+/// MatMul/Gemm and 2-D Convs (any group) as one reduction per output element
 /// (`matmul_per_element`), which [`flatten`] turns into one thread per output element (and
-/// [`gpu_tile`] reads back and tiles); attention a thread per query with an online softmax
-/// (`attention_per_query`).
+/// [`gpu_tile`] reads back and tiles: MatMul/Gemm, one-group Convs); attention a thread per
+/// query with an online softmax (`attention_per_query`).
 pub fn schedule() -> Schedule {
     let mut s = Schedule::for_vectors(4, 32);
     s.matmul_row_block = s.matmul_mma_rows as i64;

@@ -643,9 +643,12 @@ fn read_back_conv(k: &Kernel) -> Option<TiledGemm> {
     })
 }
 
-/// The axis (`kvar` or `free`) along which `x` can be loaded [`LANES`] at a time: its last
-/// index is that variable alone (no other index uses it), the buffer's rows and the axis's
-/// extent and tile are multiples of [`LANES`] (so an aligned group never straddles an edge).
+/// The axis (`kvar` or `free`, tried in that order) along which `x` can be loaded [`LANES`]
+/// at a time: its row-major offset is that variable plus a base that is a multiple of
+/// [`LANES`] ([`contiguous_base`]: the last index alone over rows of a multiple of [`LANES`],
+/// or a Conv's `w[m, c, kh, kw]` over `k = (c·KH + kh)·KW + kw`, or a 1×1 Conv's input over
+/// the pixels), no load guard depends on it, and its extent and tile are multiples of
+/// [`LANES`] (so an aligned group never straddles an edge, and starts 16-byte aligned).
 #[allow(clippy::too_many_arguments)]
 fn vector_axis(
     k: &Kernel,
@@ -657,18 +660,175 @@ fn vector_axis(
     tk: u64,
     tf: u64,
 ) -> Option<usize> {
-    let Some(Idx::Var(v)) = x.index.last() else { return None };
-    let (ext, tile) = match *v {
-        v if v == kvar => (kext, tk),
-        v if v == free => (fext, tf),
-        _ => return None,
-    };
-    let rows = match k.buffers[x.buf].shape.last()? {
-        Dim::Known(d) => *d,
-        Dim::Sym(_) => return None,
-    };
-    let alone = x.index[..x.index.len() - 1].iter().all(|i| !i.uses(*v));
-    (alone && rows % LANES == 0 && ext % LANES == 0 && tile % LANES == 0).then_some(*v)
+    let dims = known_dims(k, x.buf)?;
+    [(kvar, kext, tk), (free, fext, tf)].into_iter().find_map(|(v, ext, tile)| {
+        let fits = ext % LANES == 0 && tile % LANES == 0 && !x.guards.iter().any(|(i, _)| i.uses(v));
+        (fits && contiguous_base(&dims, &x.index, v).is_some()).then_some(v)
+    })
+}
+
+/// The dims of buffer `buf` of `k`, all known (else `None`).
+fn known_dims(k: &Kernel, buf: usize) -> Option<Vec<i64>> {
+    k.buffers[buf]
+        .shape
+        .iter()
+        .map(|d| match d {
+            Dim::Known(n) => Some(*n as i64),
+            Dim::Sym(_) => None,
+        })
+        .collect()
+}
+
+/// `base` where the row-major offset of `index` into a buffer of `dims` is `var + base` for
+/// every (non-negative) value of the variables, `base` free of `var` and a multiple of
+/// [`LANES`] whatever its variables' values: then [`LANES`] consecutive values of `var` from
+/// a multiple of [`LANES`] read one aligned group of consecutive elements. Decided on the
+/// offset's [`Linear`] form.
+fn contiguous_base(dims: &[i64], index: &[Idx], var: usize) -> Option<Idx> {
+    if dims.len() != index.len() {
+        return None;
+    }
+    let mut off = Linear::default();
+    let mut stride = 1;
+    for (i, d) in index.iter().zip(dims).rev() {
+        off = off.plus(Linear::of(i).scaled(stride));
+        stride *= d;
+    }
+    let unit = Atom::Digit { var, d: 1, e: None };
+    let lanes = LANES as i64;
+    let mut base = Idx::Const(off.constant);
+    let mut found = false;
+    for (atom, coef) in &off.terms {
+        if *atom == unit && *coef == 1 {
+            found = true;
+        } else if atom.uses(var) || coef % lanes != 0 {
+            return None;
+        } else {
+            base = add(base, Idx::Mul(Box::new(atom.idx()), c(*coef)));
+        }
+    }
+    (found && off.constant % lanes == 0).then(|| base.simplify())
+}
+
+/// A term's atom in [`Linear`] form: a digit `(v / d) % e` of loop variable `v` (`e` `None`:
+/// no remainder, `v / d` itself), or any other index, opaque.
+#[derive(Clone, Debug, PartialEq)]
+enum Atom {
+    Digit { var: usize, d: i64, e: Option<i64> },
+    Other(Idx),
+}
+
+impl Atom {
+    fn uses(&self, v: usize) -> bool {
+        match self {
+            Atom::Digit { var, .. } => *var == v,
+            Atom::Other(i) => i.uses(v),
+        }
+    }
+
+    fn idx(&self) -> Idx {
+        match self {
+            Atom::Digit { var, d, e } => {
+                let q = Idx::Div(Box::new(Idx::Var(*var)), c(*d));
+                match e {
+                    Some(e) => Idx::Rem(Box::new(q), c(*e)),
+                    None => q,
+                }
+                .simplify()
+            }
+            Atom::Other(i) => i.clone(),
+        }
+    }
+}
+
+/// An index as `Σ coef·atom + constant` over non-negative loop variables, the digits of one
+/// variable that recombine merged (`c·((v/d)%e) + c·e·((v/(d·e))%f) = c·((v/d)%(e·f))`, so a
+/// variable split into digits and flattened back is the variable again). Reads `/` and `%` of
+/// a digit by a constant (`(v/d)/q = v/(d·q)`; `((v/d)%e)/q = (v/(d·q))%(e/q)` and
+/// `((v/d)%e)%q = (v/d)%q` where `q` divides `e`); anything else is an opaque atom.
+#[derive(Clone, Debug, Default, PartialEq)]
+struct Linear {
+    terms: Vec<(Atom, i64)>,
+    constant: i64,
+}
+
+impl Linear {
+    fn atom(a: Atom) -> Linear {
+        Linear { terms: vec![(a, 1)], constant: 0 }
+    }
+
+    fn of(i: &Idx) -> Linear {
+        // `x` as one digit `(v/d)%e` with coefficient 1.
+        let digit = |x: &Idx| match Linear::of(x) {
+            Linear { terms, constant: 0 } => match terms.as_slice() {
+                [(Atom::Digit { var, d, e }, 1)] => Some((*var, *d, *e)),
+                _ => None,
+            },
+            _ => None,
+        };
+        let other = || Linear::atom(Atom::Other(i.clone()));
+        match i {
+            Idx::Const(c) => Linear { terms: Vec::new(), constant: *c },
+            Idx::Var(v) => Linear::atom(Atom::Digit { var: *v, d: 1, e: None }),
+            Idx::Add(a, b) => Linear::of(a).plus(Linear::of(b)),
+            Idx::Sub(a, b) => Linear::of(a).plus(Linear::of(b).scaled(-1)),
+            Idx::Mul(a, b) => match (&**a, &**b) {
+                (x, Idx::Const(k)) | (Idx::Const(k), x) => Linear::of(x).scaled(*k),
+                _ => other(),
+            },
+            Idx::Div(a, q) => match (digit(a), &**q) {
+                (Some((var, d, None)), Idx::Const(q)) if *q > 0 => Linear::atom(Atom::Digit { var, d: d * q, e: None }),
+                (Some((var, d, Some(e))), Idx::Const(q)) if *q > 0 && e % q == 0 => {
+                    Linear::atom(Atom::Digit { var, d: d * q, e: Some(e / q) })
+                }
+                _ => other(),
+            },
+            Idx::Rem(a, q) => match (digit(a), &**q) {
+                (Some((var, d, e)), Idx::Const(q)) if *q > 0 && e.is_none_or(|e| e % q == 0) => {
+                    Linear::atom(Atom::Digit { var, d, e: Some(*q) })
+                }
+                _ => other(),
+            },
+            _ => other(),
+        }
+    }
+
+    fn scaled(mut self, k: i64) -> Linear {
+        self.constant *= k;
+        for (_, coef) in &mut self.terms {
+            *coef *= k;
+        }
+        self.terms.retain(|(_, coef)| *coef != 0);
+        self
+    }
+
+    /// `self + o`, like atoms collected and digits merged.
+    fn plus(mut self, o: Linear) -> Linear {
+        self.constant += o.constant;
+        for (atom, coef) in o.terms {
+            match self.terms.iter_mut().find(|(a, _)| *a == atom) {
+                Some((_, c)) => *c += coef,
+                None => self.terms.push((atom, coef)),
+            }
+        }
+        self.terms.retain(|(_, coef)| *coef != 0);
+        // `c·((v/d)%e) + c·e·((v/(d·e))%f)` → `c·((v/d)%(e·f))`, until none is left.
+        'merge: loop {
+            for i in 0..self.terms.len() {
+                let (Atom::Digit { var, d, e: Some(e) }, coef) = self.terms[i] else { continue };
+                let high = |(a, k): &(Atom, i64)| {
+                    matches!(a, Atom::Digit { var: v, d: dh, .. } if *v == var && *dh == d * e) && *k == coef * e
+                };
+                if let Some(j) = self.terms.iter().position(high) {
+                    let (Atom::Digit { e: f, .. }, _) = self.terms.remove(j) else { unreachable!() };
+                    let i = if j < i { i - 1 } else { i };
+                    self.terms[i].0 = Atom::Digit { var, d, e: f.map(|f| e * f) };
+                    continue 'merge;
+                }
+            }
+            break self;
+        }
+    }
 }
 
 /// The tile for a `batch × m × n` output on `arch`. Where the description has a matrix unit
@@ -1001,13 +1161,11 @@ fn load_phase(e: &mut Emitter, g: &TiledGemm, tv: usize, sa: &str, sa_ty: &str, 
             let v = e.fresh();
             e.line(d, &format!("{v} = scf.if {ok} -> ({vty}) {{"));
             if lanes > 1 {
-                // The row-major offset (the buffer's dims are constants).
-                let dims: Vec<i64> = k_dims(e, x.buf);
-                let mut off = index[0].clone();
-                for (axis, i) in index.iter().enumerate().skip(1) {
-                    off = add(mul(off, dims[axis]), i.clone());
-                }
-                let off = e.idx(d + 1, &off.simplify());
+                // The row-major offset, `along + base` (`vector_axis` checked that form).
+                let dims = known_dims(e.kernel(), x.buf).expect("known dims (store_of checked)");
+                let base = contiguous_base(&dims, &x.index, along).expect("a vector operand's offset");
+                let first = if along == g.kvar { &kg } else { &fg };
+                let off = e.idx(d + 1, &add(at(&base), first.clone()).simplify());
                 let flat = if dims.len() > 1 { format!("%f{}", x.buf) } else { format!("%b{}", x.buf) };
                 let align = if gpu { " {alignment = 16}" } else { "" };
                 let l = e.fresh();
@@ -1053,18 +1211,6 @@ fn load_phase(e: &mut Emitter, g: &TiledGemm, tv: usize, sa: &str, sa_ty: &str, 
             }
         }
     }
-}
-
-/// The dims of buffer `buf` (known: [`recognize`] checked).
-fn k_dims(e: &Emitter, buf: usize) -> Vec<i64> {
-    e.kernel().buffers[buf]
-        .shape
-        .iter()
-        .map(|d| match d {
-            Dim::Known(n) => *n as i64,
-            Dim::Sym(_) => 0,
-        })
-        .collect()
 }
 
 /// Thread `tv`'s micro-tile over one K step: `acc[i][j] += sa[kk][r0 + i] · sb[kk][c0 + j]`
@@ -1625,5 +1771,73 @@ mod tests {
                 assert_eq!(choose_tile(1, 64, n - 1, &d).unwrap().mma, None, "{chip}");
             }
         }
+    }
+
+    fn div(a: Idx, q: i64) -> Idx {
+        Idx::Div(Box::new(a), c(q))
+    }
+    fn rem(a: Idx, q: i64) -> Idx {
+        Idx::Rem(Box::new(a), c(q))
+    }
+    const K: usize = 7;
+
+    /// A Conv's weight index `w[m, k / (KH·KW), k / KW % KH, k % KW]` (as `conv_element`
+    /// writes it), for a `kh × kw` kernel.
+    fn weight_index(kh: i64, kw: i64) -> Vec<Idx> {
+        vec![var(ROW), div(var(K), kh * kw), rem(div(var(K), kw), kh), rem(var(K), kw)]
+    }
+
+    #[test]
+    fn digits_flattened_back_are_the_variable() {
+        // k % 3 + (k / 3 % 3)·3 + (k / 9)·9 = k, in any order of the terms.
+        let parts = [rem(var(K), 3), mul(rem(div(var(K), 3), 3), 3), mul(div(var(K), 9), 9)];
+        for order in [[0, 1, 2], [2, 1, 0], [1, 2, 0]] {
+            let i = add(add(parts[order[0]].clone(), parts[order[1]].clone()), parts[order[2]].clone());
+            assert_eq!(Linear::of(&i), Linear::of(&var(K)), "{order:?}");
+        }
+        // Digits that do not line up stay apart: (k / 9)·3 is not the high digit of k % 3.
+        let i = add(add(rem(var(K), 3), mul(rem(div(var(K), 3), 3), 3)), mul(div(var(K), 9), 3));
+        assert_ne!(Linear::of(&i), Linear::of(&var(K)));
+        // (k / 3 % 6) / 2 = k / 6 % 3.
+        let l = Linear::of(&div(rem(div(var(K), 3), 6), 2));
+        assert_eq!(l, Linear::atom(Atom::Digit { var: K, d: 6, e: Some(3) }));
+    }
+
+    #[test]
+    fn conv_weights_are_contiguous_along_k_where_a_row_is_whole_groups() {
+        // 3×3 over 4 channels: rows of 36, so the base is the row's start, a multiple of 4.
+        let base = contiguous_base(&[8, 4, 3, 3], &weight_index(3, 3), K).unwrap();
+        assert_eq!(base, mul(var(ROW), 36));
+        // 1×3 and 1×1 kernels (the lowering's `k / 3 % 1` folds to 0).
+        assert_eq!(contiguous_base(&[8, 4, 1, 3], &weight_index(1, 3), K), Some(mul(var(ROW), 12)));
+        let one = vec![var(ROW), var(K), Idx::Const(0), Idx::Const(0)];
+        assert_eq!(contiguous_base(&[8, 16, 1, 1], &one, K), Some(mul(var(ROW), 16)));
+        // Rows of 27 (3 channels) start unaligned; along the row variable it is not contiguous.
+        assert_eq!(contiguous_base(&[8, 3, 3, 3], &weight_index(3, 3), K), None);
+        assert_eq!(contiguous_base(&[8, 4, 3, 3], &weight_index(3, 3), ROW), None);
+    }
+
+    #[test]
+    fn inputs_of_1x1_stride_1_convs_are_contiguous_along_the_pixels() {
+        // x[n, k, p / OW, p % OW] over a 6×6 image: offset n·C·36 + k·36 + p.
+        let ow = 6;
+        let x = |s: i64| vec![var(BATCH), var(K), mul(div(var(COL), ow), s), mul(rem(var(COL), ow), s)];
+        let base = contiguous_base(&[2, 5, 6, 6], &x(1), COL);
+        assert_eq!(base, Some(add(mul(var(K), 36), mul(var(BATCH), 180))));
+        // Along k it is strided; stride 2 (a 12×12 input) skips pixels; 7×7 rows are unaligned.
+        assert_eq!(contiguous_base(&[2, 5, 6, 6], &x(1), K), None);
+        assert_eq!(contiguous_base(&[2, 5, 12, 12], &x(2), COL), None);
+        let x7 = vec![var(BATCH), var(K), div(var(COL), 7), rem(var(COL), 7)];
+        assert_eq!(contiguous_base(&[1, 4, 7, 7], &x7, COL), None);
+    }
+
+    #[test]
+    fn matmul_operands_are_contiguous_along_their_last_index() {
+        let a = vec![var(BATCH), var(ROW), var(K)];
+        assert_eq!(contiguous_base(&[3, 5, 8], &a, K), Some(add(mul(var(ROW), 8), mul(var(BATCH), 40))));
+        assert_eq!(contiguous_base(&[3, 5, 6], &a, K), None);
+        assert_eq!(contiguous_base(&[3, 5, 8], &a, ROW), None);
+        // The variable in another index as well (a diagonal) is not contiguous.
+        assert_eq!(contiguous_base(&[8, 8], &[var(K), var(K)], K), None);
     }
 }

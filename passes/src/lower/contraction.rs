@@ -127,7 +127,7 @@ pub(super) fn lower(p: &Parts) -> LowerResult<Option<Kernel>> {
         p.ops.iter().copied().filter(|&o| matches!(p.m.op(o).op_type(), "Conv" | "MatMul" | "Gemm")).collect();
     let [anchor] = anchors[..] else { return Ok(None) };
     let t = p.m.op(anchor).op_type();
-    // Per element (the GPU schedule): MatMul, Gemm and 2-D Convs with one group lower in the
+    // Per element (the GPU schedule): MatMul, Gemm and 2-D Convs (any group) lower in the
     // inline-reduction form (`Lowering::conv_element`); other Convs keep the accumulate form.
     if p.sched.matmul_per_element && (t != "Conv" || per_element_conv(p.m, anchor)) {
         return Ok(None);
@@ -1261,11 +1261,12 @@ pub(super) fn conv_attrs(a: &AttrView<'_>, xs: &[Dim], ws: &[Dim]) -> LowerResul
 }
 
 impl Lowering<'_> {
-    /// Element `idx` (`[n, m, oh, ow]`) of a 2-D Conv with one group, in per-element form (the
-    /// GPU schedule, `Schedule::matmul_per_element`): `Σ_k w[m, c, kh, kw] · x[n, c, ih, iw]`
-    /// over `k = (c·KH + kh)·KW + kw` (an implicit GEMM's reduction), `ih = oh·sh − ph + kh·dh`
-    /// (likewise `iw`), the input zero in the padding; plus `bias[m]`. An error for any other
-    /// Conv (grouped, depthwise, 1-D, 3-D), which the caller lowers in accumulate form.
+    /// Element `idx` (`[n, m, oh, ow]`) of a 2-D Conv in per-element form (the GPU schedule,
+    /// `Schedule::matmul_per_element`): `Σ_k w[m, c, kh, kw] · x[n, c, ih, iw]` over
+    /// `k = (c·KH + kh)·KW + kw` (an implicit GEMM's reduction), `ih = oh·sh − ph + kh·dh`
+    /// (likewise `iw`), the input zero in the padding; plus `bias[m]`. With `G` groups the
+    /// input's channel is `(m / (M/G))·(C/G) + c` (depthwise: `m / (M/C)`). An error for any
+    /// other Conv (1-D, 3-D), which the caller lowers in accumulate form.
     pub(super) fn conv_element(&self, o: OpId, idx: &[Idx]) -> LowerResult<Val> {
         let op = self.m.op(o);
         let operand = |i: usize| op.operands.get(i).copied().flatten();
@@ -1275,16 +1276,20 @@ impl Lowering<'_> {
             return Err("a per-element Conv is 2-D only".into());
         }
         let ConvAttrs { group, kernel, strides, dilations, pad } = conv_attrs(&AttrView(&op.attrs), &xs, &ws)?;
-        if group != 1 {
-            return Err("a per-element Conv has one group".into());
-        }
         let (kh, kw) = (kernel[0], kernel[1]);
         let k = self.fresh_var();
         let taps = kh * kw;
         let ch = if taps == 1 { Idx::Var(k) } else { div(Idx::Var(k), c(taps)) };
         let th = rem(div(Idx::Var(k), c(kw)), c(kh));
         let tw = rem(Idx::Var(k), c(kw));
-        let mut at = vec![idx[0].clone(), ch.clone()];
+        // The input's channel: the group's first (output channel m is in group m / (M/G)) plus c.
+        let xch = if group == 1 {
+            ch.clone()
+        } else {
+            let per_group = div(self.dim(&ws[0])?, c(group));
+            add(mul(div(idx[1].clone(), per_group), self.dim(&ws[1])?), ch.clone()).simplify()
+        };
+        let mut at = vec![idx[0].clone(), xch];
         let mut guards = Vec::new();
         for (d, t) in [th, tw].into_iter().enumerate() {
             let i = add(sub(mul(idx[2 + d].clone(), c(strides[d])), c(pad[d])), mul(t, c(dilations[d]))).simplify();
@@ -1317,9 +1322,10 @@ impl Lowering<'_> {
     }
 }
 
-/// Whether Conv `o` has the per-element form ([`Lowering::conv_element`]): 2-D, one group.
+/// Whether Conv `o` has the per-element form ([`Lowering::conv_element`]): 2-D, any number of
+/// groups.
 fn per_element_conv(m: &Module, o: OpId) -> bool {
     let op = m.op(o);
     let rank = op.operands.first().copied().flatten().and_then(|x| m.value(x).ty.shape.as_ref().map(|s| s.len()));
-    rank == Some(4) && matches!(AttrView(&op.attrs).int("group", 1), Ok(1))
+    rank == Some(4) && matches!(AttrView(&op.attrs).int("group", 1), Ok(g) if g >= 1)
 }

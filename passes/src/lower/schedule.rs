@@ -41,7 +41,7 @@ pub struct Schedule {
     /// tiles and reduction steps). On for machines with a matrix unit and software-managed
     /// memory; never for register-tile code generators (cpu, rvv).
     pub whole_matmul: bool,
-    /// MatMul/Gemm, and 2-D Convs with one group, as one reduction per output element (the
+    /// MatMul/Gemm, and 2-D Convs (any group), as one reduction per output element (the
     /// inline form, every output element independent) instead of the accumulate form: for GPUs, whose threads are many
     /// and each a scalar core (`targets::gpu` maps one output element to a thread).
     #[serde(default)]
