@@ -1075,6 +1075,54 @@ fn gpu_tiled_conv_code_uses_shared_memory_and_barriers() {
     insta::assert_snapshot!("gpu_tiled_conv_3x3_pad1_relu_sm_80", p.functions[0].1.asm);
 }
 
+/// The test of a tiled operand's vector loads (`gpu_tile::contiguous_base`): the row-major
+/// offset of an index is the variable plus a multiple of 4 (its base), read through the
+/// digits a lowering splits a variable into, for a Conv's weights, a 1×1 Conv's input and
+/// MatMul operands; `None` wherever it is not.
+#[test]
+fn gpu_tile_contiguous_offsets() {
+    use gpu_tile::contiguous_base as base;
+    use kiln_ir::kernel::Idx;
+    let v = Idx::Var;
+    let b = |x: Idx| Box::new(x);
+    let (add, mul) = (|x: Idx, y: Idx| Idx::Add(b(x), b(y)), |x: Idx, c: i64| Idx::Mul(b(x), b(Idx::Const(c))));
+    let (div, rem) =
+        (|x: Idx, c: i64| Idx::Div(b(x), b(Idx::Const(c))), |x: Idx, c: i64| Idx::Rem(b(x), b(Idx::Const(c))));
+    // Loop variables: the reduction k, the row, the column, the batch.
+    let (k, row, col, batch) = (1, 2, 3, 4);
+    // k % 3 + (k / 3 % 3)·3 + (k / 9)·9 is k, in any order; with (k / 9)·3 it is not.
+    let parts = [rem(v(k), 3), mul(rem(div(v(k), 3), 3), 3), mul(div(v(k), 9), 9)];
+    for [x, y, z] in [[0, 1, 2], [2, 1, 0], [1, 2, 0]] {
+        let i = add(add(parts[x].clone(), parts[y].clone()), parts[z].clone());
+        assert_eq!(base(&[64], &[i], k), Some(Idx::Const(0)), "{x}{y}{z}");
+    }
+    let off = add(add(rem(v(k), 3), mul(rem(div(v(k), 3), 3), 3)), mul(div(v(k), 9), 3));
+    assert_eq!(base(&[64], &[off], k), None);
+    // A Conv's weights w[m, k / (KH·KW), k / KW % KH, k % KW]: rows of C·KH·KW.
+    let w = |kh: i64, kw: i64| vec![v(row), div(v(k), kh * kw), rem(div(v(k), kw), kh), rem(v(k), kw)];
+    assert_eq!(base(&[8, 4, 3, 3], &w(3, 3), k), Some(mul(v(row), 36)));
+    assert_eq!(base(&[8, 4, 1, 3], &w(1, 3), k), Some(mul(v(row), 12)));
+    let one = vec![v(row), v(k), Idx::Const(0), Idx::Const(0)];
+    assert_eq!(base(&[8, 16, 1, 1], &one, k), Some(mul(v(row), 16)));
+    // Rows of 27 start unaligned; along the row the weights are strided.
+    assert_eq!(base(&[8, 3, 3, 3], &w(3, 3), k), None);
+    assert_eq!(base(&[8, 4, 3, 3], &w(3, 3), row), None);
+    // A 1×1 Conv's input x[n, k, p / OW·s, p % OW·s]: contiguous along the pixels p at stride 1
+    // over 6×6 images; not along k, not at stride 2, not over 7×7 images (unaligned rows).
+    let x = |ow: i64, s: i64| vec![v(batch), v(k), mul(div(v(col), ow), s), mul(rem(v(col), ow), s)];
+    assert_eq!(base(&[2, 5, 6, 6], &x(6, 1), col), Some(add(mul(v(k), 36), mul(v(batch), 180))));
+    assert_eq!(base(&[2, 5, 6, 6], &x(6, 1), k), None);
+    assert_eq!(base(&[2, 5, 12, 12], &x(6, 2), col), None);
+    assert_eq!(base(&[1, 4, 7, 7], &x(7, 1), col), None);
+    // MatMul's a[batch, row, k]: along its last index where rows are whole 4-groups.
+    let a = vec![v(batch), v(row), v(k)];
+    assert_eq!(base(&[3, 5, 8], &a, k), Some(add(mul(v(row), 8), mul(v(batch), 40))));
+    assert_eq!(base(&[3, 5, 6], &a, k), None);
+    assert_eq!(base(&[3, 5, 8], &a, row), None);
+    // The variable in two indices (a diagonal) is not contiguous.
+    assert_eq!(base(&[8, 8], &[v(k), v(k)], k), None);
+}
+
 /// Which operands of a tiled Conv (`k` read back as `g`) are to be loaded 4 lanes at a time:
 /// the weights where a row (`C·KH·KW`, the K extent) and the K step are whole 4-groups; the
 /// input where the Conv is 1×1 with the output's pixels the input's (stride 1, no padding, for

@@ -544,7 +544,7 @@ fn known_dims(k: &Kernel, buf: usize) -> Option<Vec<i64>> {
 /// [`LANES`] whatever its variables' values: then [`LANES`] consecutive values of `var` from
 /// a multiple of [`LANES`] read one aligned group of consecutive elements. Decided on the
 /// offset's [`Linear`] form.
-fn contiguous_base(dims: &[i64], index: &[Idx], var: usize) -> Option<Idx> {
+pub fn contiguous_base(dims: &[i64], index: &[Idx], var: usize) -> Option<Idx> {
     if dims.len() != index.len() {
         return None;
     }
@@ -1128,78 +1128,5 @@ impl HostTiled {
         let l = Launch::new(&self.kernel, operands, true)?;
         let blocks = self.gemm.blocks() as i64;
         self.backend.launch_ranges(0, &l, &mut (0..blocks).map(|b| (b, b + 1)))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn div(a: Idx, q: i64) -> Idx {
-        Idx::Div(Box::new(a), c(q))
-    }
-    fn rem(a: Idx, q: i64) -> Idx {
-        Idx::Rem(Box::new(a), c(q))
-    }
-    const K: usize = 7;
-
-    /// A Conv's weight index `w[m, k / (KH·KW), k / KW % KH, k % KW]` (as `conv_element`
-    /// writes it), for a `kh × kw` kernel.
-    fn weight_index(kh: i64, kw: i64) -> Vec<Idx> {
-        vec![var(ROW), div(var(K), kh * kw), rem(div(var(K), kw), kh), rem(var(K), kw)]
-    }
-
-    #[test]
-    fn digits_flattened_back_are_the_variable() {
-        // k % 3 + (k / 3 % 3)·3 + (k / 9)·9 = k, in any order of the terms.
-        let parts = [rem(var(K), 3), mul(rem(div(var(K), 3), 3), 3), mul(div(var(K), 9), 9)];
-        for order in [[0, 1, 2], [2, 1, 0], [1, 2, 0]] {
-            let i = add(add(parts[order[0]].clone(), parts[order[1]].clone()), parts[order[2]].clone());
-            assert_eq!(Linear::of(&i), Linear::of(&var(K)), "{order:?}");
-        }
-        // Digits that do not line up stay apart: (k / 9)·3 is not the high digit of k % 3.
-        let i = add(add(rem(var(K), 3), mul(rem(div(var(K), 3), 3), 3)), mul(div(var(K), 9), 3));
-        assert_ne!(Linear::of(&i), Linear::of(&var(K)));
-        // (k / 3 % 6) / 2 = k / 6 % 3.
-        let l = Linear::of(&div(rem(div(var(K), 3), 6), 2));
-        assert_eq!(l, Linear::atom(Atom::Digit { var: K, d: 6, e: Some(3) }));
-    }
-
-    #[test]
-    fn conv_weights_are_contiguous_along_k_where_a_row_is_whole_groups() {
-        // 3×3 over 4 channels: rows of 36, so the base is the row's start, a multiple of 4.
-        let base = contiguous_base(&[8, 4, 3, 3], &weight_index(3, 3), K).unwrap();
-        assert_eq!(base, mul(var(ROW), 36));
-        // 1×3 and 1×1 kernels (the lowering's `k / 3 % 1` folds to 0).
-        assert_eq!(contiguous_base(&[8, 4, 1, 3], &weight_index(1, 3), K), Some(mul(var(ROW), 12)));
-        let one = vec![var(ROW), var(K), Idx::Const(0), Idx::Const(0)];
-        assert_eq!(contiguous_base(&[8, 16, 1, 1], &one, K), Some(mul(var(ROW), 16)));
-        // Rows of 27 (3 channels) start unaligned; along the row variable it is not contiguous.
-        assert_eq!(contiguous_base(&[8, 3, 3, 3], &weight_index(3, 3), K), None);
-        assert_eq!(contiguous_base(&[8, 4, 3, 3], &weight_index(3, 3), ROW), None);
-    }
-
-    #[test]
-    fn inputs_of_1x1_stride_1_convs_are_contiguous_along_the_pixels() {
-        // x[n, k, p / OW, p % OW] over a 6×6 image: offset n·C·36 + k·36 + p.
-        let ow = 6;
-        let x = |s: i64| vec![var(BATCH), var(K), mul(div(var(COL), ow), s), mul(rem(var(COL), ow), s)];
-        let base = contiguous_base(&[2, 5, 6, 6], &x(1), COL);
-        assert_eq!(base, Some(add(mul(var(K), 36), mul(var(BATCH), 180))));
-        // Along k it is strided; stride 2 (a 12×12 input) skips pixels; 7×7 rows are unaligned.
-        assert_eq!(contiguous_base(&[2, 5, 6, 6], &x(1), K), None);
-        assert_eq!(contiguous_base(&[2, 5, 12, 12], &x(2), COL), None);
-        let x7 = vec![var(BATCH), var(K), div(var(COL), 7), rem(var(COL), 7)];
-        assert_eq!(contiguous_base(&[1, 4, 7, 7], &x7, COL), None);
-    }
-
-    #[test]
-    fn matmul_operands_are_contiguous_along_their_last_index() {
-        let a = vec![var(BATCH), var(ROW), var(K)];
-        assert_eq!(contiguous_base(&[3, 5, 8], &a, K), Some(add(mul(var(ROW), 8), mul(var(BATCH), 40))));
-        assert_eq!(contiguous_base(&[3, 5, 6], &a, K), None);
-        assert_eq!(contiguous_base(&[3, 5, 8], &a, ROW), None);
-        // The variable in another index as well (a diagonal) is not contiguous.
-        assert_eq!(contiguous_base(&[8, 8], &[var(K), var(K)], K), None);
     }
 }
