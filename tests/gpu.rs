@@ -1091,6 +1091,54 @@ fn gpu_tiled_conv_code_uses_shared_memory_and_barriers() {
     insta::assert_snapshot!("gpu_tiled_conv_3x3_pad1_relu_sm_80", p.functions[0].1.asm);
 }
 
+/// The test of a tiled operand's vector loads (`gpu_tile::contiguous_base`): the row-major
+/// offset of an index is the variable plus a multiple of 4 (its base), read through the
+/// digits a lowering splits a variable into, for a Conv's weights, a 1×1 Conv's input and
+/// MatMul operands; `None` wherever it is not.
+#[test]
+fn gpu_tile_contiguous_offsets() {
+    use gpu_tile::contiguous_base as base;
+    use kiln_ir::kernel::Idx;
+    let v = Idx::Var;
+    let b = |x: Idx| Box::new(x);
+    let (add, mul) = (|x: Idx, y: Idx| Idx::Add(b(x), b(y)), |x: Idx, c: i64| Idx::Mul(b(x), b(Idx::Const(c))));
+    let (div, rem) =
+        (|x: Idx, c: i64| Idx::Div(b(x), b(Idx::Const(c))), |x: Idx, c: i64| Idx::Rem(b(x), b(Idx::Const(c))));
+    // Loop variables: the reduction k, the row, the column, the batch.
+    let (k, row, col, batch) = (1, 2, 3, 4);
+    // k % 3 + (k / 3 % 3)·3 + (k / 9)·9 is k, in any order; with (k / 9)·3 it is not.
+    let parts = [rem(v(k), 3), mul(rem(div(v(k), 3), 3), 3), mul(div(v(k), 9), 9)];
+    for [x, y, z] in [[0, 1, 2], [2, 1, 0], [1, 2, 0]] {
+        let i = add(add(parts[x].clone(), parts[y].clone()), parts[z].clone());
+        assert_eq!(base(&[64], &[i], k), Some(Idx::Const(0)), "{x}{y}{z}");
+    }
+    let off = add(add(rem(v(k), 3), mul(rem(div(v(k), 3), 3), 3)), mul(div(v(k), 9), 3));
+    assert_eq!(base(&[64], &[off], k), None);
+    // A Conv's weights w[m, k / (KH·KW), k / KW % KH, k % KW]: rows of C·KH·KW.
+    let w = |kh: i64, kw: i64| vec![v(row), div(v(k), kh * kw), rem(div(v(k), kw), kh), rem(v(k), kw)];
+    assert_eq!(base(&[8, 4, 3, 3], &w(3, 3), k), Some(mul(v(row), 36)));
+    assert_eq!(base(&[8, 4, 1, 3], &w(1, 3), k), Some(mul(v(row), 12)));
+    let one = vec![v(row), v(k), Idx::Const(0), Idx::Const(0)];
+    assert_eq!(base(&[8, 16, 1, 1], &one, k), Some(mul(v(row), 16)));
+    // Rows of 27 start unaligned; along the row the weights are strided.
+    assert_eq!(base(&[8, 3, 3, 3], &w(3, 3), k), None);
+    assert_eq!(base(&[8, 4, 3, 3], &w(3, 3), row), None);
+    // A 1×1 Conv's input x[n, k, p / OW·s, p % OW·s]: contiguous along the pixels p at stride 1
+    // over 6×6 images; not along k, not at stride 2, not over 7×7 images (unaligned rows).
+    let x = |ow: i64, s: i64| vec![v(batch), v(k), mul(div(v(col), ow), s), mul(rem(v(col), ow), s)];
+    assert_eq!(base(&[2, 5, 6, 6], &x(6, 1), col), Some(add(mul(v(k), 36), mul(v(batch), 180))));
+    assert_eq!(base(&[2, 5, 6, 6], &x(6, 1), k), None);
+    assert_eq!(base(&[2, 5, 12, 12], &x(6, 2), col), None);
+    assert_eq!(base(&[1, 4, 7, 7], &x(7, 1), col), None);
+    // MatMul's a[batch, row, k]: along its last index where rows are whole 4-groups.
+    let a = vec![v(batch), v(row), v(k)];
+    assert_eq!(base(&[3, 5, 8], &a, k), Some(add(mul(v(row), 8), mul(v(batch), 40))));
+    assert_eq!(base(&[3, 5, 6], &a, k), None);
+    assert_eq!(base(&[3, 5, 8], &a, row), None);
+    // The variable in two indices (a diagonal) is not contiguous.
+    assert_eq!(base(&[8, 8], &[v(k), v(k)], k), None);
+}
+
 /// Which operands of a tiled Conv (`k` read back as `g`) are to be loaded 4 lanes at a time:
 /// the weights where a row (`C·KH·KW`, the K extent) and the K step are whole 4-groups; the
 /// input where the Conv is 1×1 with the output's pixels the input's (stride 1, no padding, for
@@ -1520,5 +1568,87 @@ fn gpu_attention_runs_a_thread_per_query() {
         let info = String::from_utf8_lossy(&out.stderr);
         assert!(info.contains("0 bytes spill stores"), "{name}: {info}");
         println!("{name}: {}", info.lines().filter(|l| l.contains("registers")).collect::<Vec<_>>().join(" "));
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The matrix unit's fragment layouts (gpu_tile::MatrixInst).
+
+use kiln_ir::kernel::{ByZero, Idx};
+use kiln_targets::gpu_tile::{choose_tile, MatrixInst};
+
+fn frag_at(f: impl Fn(&Idx, u64) -> (Idx, Idx), lane: i64, r: u64) -> (i64, i64) {
+    let (x, y) = f(&Idx::Const(lane), r);
+    let ev = |i: &Idx| i.eval(&|_| None, &|_, _| None, ByZero::Fail).unwrap();
+    (ev(&x), ev(&y))
+}
+
+/// Entries of the PTX ISA's m16n8k8 .tf32 fragment tables (groupID = lane >> 2,
+/// threadID_in_group = lane % 4) and of CDNA's v_mfma_f32_16x16x4f32 layout.
+#[test]
+fn fragment_layouts_are_the_isas() {
+    let i = MatrixInst::MmaTf32x3;
+    // a0..a3 of lane 5 (group 1, thread 1): rows 1, 9, 1, 9; columns 1, 1, 5, 5.
+    let a: Vec<_> = (0..4).map(|r| frag_at(|l, r| i.a_at(l, r), 5, r)).collect();
+    assert_eq!(a, vec![(1, 1), (9, 1), (1, 5), (9, 5)]);
+    // b0, b1 of lane 5: rows (k) 1 and 5, column 1.
+    assert_eq!((frag_at(|l, r| i.b_at(l, r), 5, 0), frag_at(|l, r| i.b_at(l, r), 5, 1)), ((1, 1), (5, 1)));
+    // c0..c3 of lane 31 (group 7, thread 3): rows 7, 7, 15, 15; columns 6, 7, 6, 7.
+    let c: Vec<_> = (0..4).map(|r| frag_at(|l, r| i.c_at(l, r), 31, r)).collect();
+    assert_eq!(c, vec![(7, 6), (7, 7), (15, 6), (15, 7)]);
+    let i = MatrixInst::MfmaF32;
+    // Lane 17: a[1][1], b[1][1]; its accumulators rows 4..8 of column 1.
+    assert_eq!((frag_at(|l, r| i.a_at(l, r), 17, 0), frag_at(|l, r| i.b_at(l, r), 17, 0)), ((1, 1), (1, 1)));
+    let c: Vec<_> = (0..4).map(|r| frag_at(|l, r| i.c_at(l, r), 17, r)).collect();
+    assert_eq!(c, vec![(4, 1), (5, 1), (6, 1), (7, 1)]);
+    assert_eq!(frag_at(|l, r| i.a_at(l, r), 63, 0), (15, 3));
+}
+
+/// Each layout puts every element of its matrix in exactly one (lane, register).
+#[test]
+fn fragment_layouts_cover_each_matrix_once() {
+    for i in [MatrixInst::MmaTf32x3, MatrixInst::MfmaF32] {
+        let [m, n, k] = i.shape().map(|x| x as i64);
+        let [ar, br, cr] = i.regs();
+        type At = fn(MatrixInst, &Idx, u64) -> (Idx, Idx);
+        for (f, regs, rows, cols) in
+            [(MatrixInst::a_at as At, ar, m, k), (MatrixInst::b_at as At, br, k, n), (MatrixInst::c_at as At, cr, m, n)]
+        {
+            let mut seen = std::collections::HashSet::new();
+            for lane in 0..i.lanes() as i64 {
+                for r in 0..regs {
+                    let (x, y) = frag_at(|l, r| f(i, l, r), lane, r);
+                    assert!((0..rows).contains(&x) && (0..cols).contains(&y), "{i:?} lane {lane} reg {r}");
+                    assert!(seen.insert((x, y)), "{i:?}: ({x}, {y}) twice");
+                }
+            }
+            assert_eq!(seen.len() as i64, rows * cols, "{i:?}");
+        }
+    }
+}
+
+/// Chips with a matrix unit kiln drives get matrix-unit tiles (when the output holds one
+/// instruction's), checked against their limits; gfx906 has none.
+#[test]
+fn matrix_unit_tiles_follow_the_description() {
+    for (chip, want) in [
+        ("sm_80", Some(MatrixInst::MmaTf32x3)),
+        ("sm_90", Some(MatrixInst::MmaTf32x3)),
+        ("gfx906", None),
+        ("gfx90a", Some(MatrixInst::MfmaF32)),
+        ("gfx942", Some(MatrixInst::MfmaF32)),
+    ] {
+        let d = kiln_targets::descriptions::gpu_machine(chip).unwrap();
+        let t = choose_tile(1, 4096, 4096, &d).unwrap();
+        assert_eq!(t.mma, want, "{chip}");
+        if let Some(i) = want {
+            let [m, n, k] = i.shape();
+            assert_eq!((t.tm, t.tn, t.rm, t.rn, t.tk % k), (64, 64, 32, 32, 0), "{chip}");
+            assert_eq!(t.threads(), 4 * i.lanes(), "{chip}");
+            assert_eq!(t.accumulators(), (32 / m) * (32 / n) * i.regs()[2], "{chip}");
+            // Too small for one instruction: the scalar tile.
+            assert_eq!(choose_tile(1, m - 1, 64, &d).unwrap().mma, None, "{chip}");
+            assert_eq!(choose_tile(1, 64, n - 1, &d).unwrap().mma, None, "{chip}");
+        }
     }
 }
