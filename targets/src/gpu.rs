@@ -17,6 +17,7 @@
 //! needed to compile.
 
 use crate::descriptions::Described;
+use crate::gpu_rows;
 use crate::gpu_tile::{self, GemmTile};
 use crate::native::{self, MlirOptions};
 use crate::{HostKernel, Target, TargetError};
@@ -505,6 +506,10 @@ pub struct KernelLaunch {
     /// A block-tiled MatMul/Gemm's tile ([`gpu_tile`]): a block of `tx·ty` threads (1-D)
     /// computes `tm × tn` outputs, K in `tk` steps through shared memory.
     pub tile: Option<GemmTile>,
+    /// A row kernel run a block per row ([`gpu_rows`]): the block's threads (`block.x`) share
+    /// each of the row's reductions through shared memory and split its column loops.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub row_block: Option<u64>,
     /// Each thread's local buffers (on its stack): bytes when known, else the expressions.
     pub local_bytes: Option<u64>,
     pub locals: Vec<String>,
@@ -624,6 +629,7 @@ pub fn launch_of(k: &Kernel, arch: &GpuArch, function: &str, file: &str, object:
         cols_known,
         shared_bytes: 0,
         tile: None,
+        row_block: None,
         local_bytes: local_sizes.iter().map(|n| n.map(|n| 4 * n.max(0) as u64)).sum(),
         locals: k
             .locals
@@ -638,7 +644,21 @@ pub fn launch_of(k: &Kernel, arch: &GpuArch, function: &str, file: &str, object:
     };
     match gpu_tile::recognize(k, arch) {
         Ok(Some(g)) => tiled_launch(launch, &g),
-        _ => launch,
+        _ => match gpu_rows::recognize(k, arch) {
+            Some(r) => KernelLaunch {
+                threads: (r.rows * r.threads).to_string(),
+                threads_known: Some(r.rows * r.threads),
+                parallel: true,
+                grid: Some(r.grid()),
+                block: [r.threads, 1, 1],
+                cols: None,
+                cols_known: None,
+                shared_bytes: r.shared_bytes(),
+                row_block: Some(r.threads),
+                ..launch
+            },
+            None => launch,
+        },
     }
 }
 
@@ -690,9 +710,10 @@ pub fn compile_model(m: &Module, arch: &GpuArch, tuned: &crate::Tuned) -> Result
                     None => {
                         let tiled = gpu_tile::recognize(&k, arch)
                             .map_err(|e| codegen(format!("kernel {name} (node '{}'): {e}", op.node_name())))?;
-                        let text = match &tiled {
-                            Some(g) => gpu_tile::emit(&k, g, options, true),
-                            None => native::to_gpu_func(&k, options, grid_cols(&k)),
+                        let text = match (&tiled, gpu_rows::recognize(&k, arch)) {
+                            (Some(g), _) => gpu_tile::emit(&k, g, options, true),
+                            (None, Some(r)) => gpu_rows::emit(&k, &r, options, true),
+                            (None, None) => native::to_gpu_func(&k, options, grid_cols(&k)),
                         };
                         let code = compile_funcs(&text, arch)
                             .map_err(|e| codegen(format!("kernel {name} (node '{}'): {e}", op.node_name())))?;
@@ -729,7 +750,10 @@ pub fn compile_model(m: &Module, arch: &GpuArch, tuned: &crate::Tuned) -> Result
 pub fn gpu_mlir(m: &Module, arch: &GpuArch, tuned: &crate::Tuned) -> String {
     stage_text(m, tuned, |k| match gpu_tile::recognize(k, arch) {
         Ok(Some(g)) => gpu_tile::emit(k, &g, mlir_options(arch), true),
-        Ok(None) => native::to_gpu_func(k, mlir_options(arch), grid_cols(k)),
+        Ok(None) => match gpu_rows::recognize(k, arch) {
+            Some(r) => gpu_rows::emit(k, &r, mlir_options(arch), true),
+            None => native::to_gpu_func(k, mlir_options(arch), grid_cols(k)),
+        },
         Err(e) => format!("// {}: {e}\n", k.name),
     })
 }
@@ -834,6 +858,10 @@ impl GpuProgram {
                         Some(t) => format!(
                             "{} (grid {}x{}x{}, block {}, tile {}x{}x{}, {} shared bytes)",
                             l.name, g[0], g[1], g[2], l.block[0], t.tm, t.tn, t.tk, l.shared_bytes
+                        ),
+                        None if l.row_block.is_some() => format!(
+                            "{} (grid {}x{}x{}, block {}, a block per row, {} shared bytes)",
+                            l.name, g[0], g[1], g[2], l.block[0], l.shared_bytes
                         ),
                         None => format!("{} (grid {}x{}x{}, block {})", l.name, g[0], g[1], g[2], l.block[0]),
                     },

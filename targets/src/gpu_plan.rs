@@ -302,6 +302,8 @@ pub struct EmulatedGpu {
     /// Block-tiled GEMMs ([`crate::gpu_tile`]): their block-synchronous host build, run block
     /// by block, each block's threads phase by phase.
     tiled: HashMap<String, crate::gpu_tile::HostTiled>,
+    /// Row kernels ([`crate::gpu_rows`]): their host build, block by block likewise.
+    rows: HashMap<String, crate::gpu_rows::HostRows>,
     loaded: std::collections::HashSet<String>,
     memory: Vec<Box<[u64]>>,
     /// Launches run and threads emulated.
@@ -318,7 +320,18 @@ impl EmulatedGpu {
     pub fn new(prog: &GpuProgram) -> Result<EmulatedGpu, TargetError> {
         let mut firsts: Vec<(String, kiln_ir::kernel::Kernel, Option<i64>)> = Vec::new();
         let mut tiled = HashMap::new();
+        let mut rows = HashMap::new();
         for (l, k) in prog.manifest.kernels.iter().zip(&prog.kernels) {
+            if l.row_block.is_some() && !rows.contains_key(&l.function) {
+                let r = crate::gpu_rows::recognize(k, &prog.arch).ok_or_else(|| {
+                    TargetError::Codegen(format!(
+                        "kernel {}: a block per row in the manifest, not a row kernel",
+                        l.name
+                    ))
+                })?;
+                let k = kiln_ir::kernel::Kernel { name: l.function.clone(), ..k.clone() };
+                rows.insert(l.function.clone(), crate::gpu_rows::HostRows::compile(k, r)?);
+            }
             if l.tile.is_some() && !tiled.contains_key(&l.function) {
                 let gemm = crate::gpu_tile::recognize(k, &prog.arch)?.ok_or_else(|| {
                     TargetError::Codegen(format!("kernel {}: tiled in the manifest, not a tiled GEMM", l.name))
@@ -343,6 +356,7 @@ impl EmulatedGpu {
             backend,
             functions,
             tiled,
+            rows,
             loaded: Default::default(),
             memory: Vec::new(),
             launches: 0,
@@ -417,12 +431,17 @@ impl kiln_runtime::gpu::Device for EmulatedGpu {
         }
         let (index, k, cols) = &self.functions[function];
         let tiled = self.tiled.get(function);
-        if let Some(t) = tiled {
-            let g = t.gemm();
-            let want = (g.grid().map(|x| x as u32), [g.tile.threads() as u32, 1, 1]);
+        let rows = self.rows.get(function);
+        let blocked = match (tiled, rows) {
+            (Some(t), _) => Some((t.gemm().grid(), t.gemm().tile.threads())),
+            (None, Some(r)) => Some((r.rows().grid(), r.rows().threads)),
+            (None, None) => None,
+        };
+        if let Some((g, threads)) = blocked {
+            let want = (g.map(|x| x as u32), [threads as u32, 1, 1]);
             if (grid, block) != want {
                 return Err(device_error(format!(
-                    "kernel {}: launched on grid {grid:?} × block {block:?}, its tiles need {:?} × {:?}",
+                    "kernel {}: launched on grid {grid:?} × block {block:?}, its blocks need {:?} × {:?}",
                     k.name, want.0, want.1
                 )));
             }
@@ -456,9 +475,14 @@ impl kiln_runtime::gpu::Device for EmulatedGpu {
         let base = words.as_mut_ptr();
         // SAFETY: offsets are within `words` (checked above).
         let mut descriptors: Vec<*mut i64> = offsets.iter().map(|&o| unsafe { base.add(o) }).collect();
-        if let Some(t) = tiled {
-            // SAFETY: as below; the function is the tiled kernel's host build.
-            unsafe { t.call_blocks(&mut descriptors) }.map_err(device_error)?;
+        if blocked.is_some() {
+            // SAFETY: as below; the function is the tiled or row kernel's host build.
+            match (tiled, rows) {
+                (Some(t), _) => unsafe { t.call_blocks(&mut descriptors) },
+                (None, Some(r)) => unsafe { r.call_blocks(&mut descriptors) },
+                (None, None) => unreachable!("blocked"),
+            }
+            .map_err(device_error)?;
             self.launches += 1;
             self.threads += grid.iter().chain(&block).map(|&x| x as u64).product::<u64>();
             return Ok(());

@@ -12,6 +12,7 @@ pub mod cpu;
 pub mod descriptions;
 pub mod gpu;
 pub mod gpu_plan;
+pub mod gpu_rows;
 pub mod gpu_tile;
 pub mod jit;
 pub mod llvm;

@@ -729,7 +729,7 @@ impl<'k> Emitter<'k> {
         }
     }
 
-    fn stmts(&mut self, depth: usize, body: &[Stmt]) {
+    pub(crate) fn stmts(&mut self, depth: usize, body: &[Stmt]) {
         for s in body {
             match s {
                 Stmt::For { var, extent, body, parallel } => {

@@ -1,0 +1,373 @@
+//! Row kernels for the GPU targets, a block per row: the memory-bound chains whose every
+//! iteration of the parallel loop reduces a row (LayerNorm, Softmax, RMSNorm, a reduction
+//! over the last axis, their fused epilogues).
+//!
+//! The cpu lowering gives them one parallel iteration per row, holding `Let`s with reductions
+//! over the row and loops over its columns:
+//!
+//! ```text
+//! parallel r in 0..R {
+//!     %s0 = f(reduce(j in 0..C: x[r, j]))
+//!     for c in 0..C { y[r, c] = g(%s0, x[r, c]) }
+//!     ...
+//! }
+//! ```
+//!
+//! On a GPU a thread per row leaves the chip idle (a 128-row LayerNorm is 4 warps) and its
+//! loads uncoalesced (a warp reads 32 rows apart). [`recognize`] takes such a kernel and
+//! [`emit`] writes it with a block of [`RowKernel::threads`] threads per row, cooperating,
+//! statement by statement, with a barrier after each:
+//! - a `Let`'s reductions: thread `t` reduces columns `t, t + T, t + 2T, …` into a partial,
+//!   stores it to shared memory, and the partials are combined by a tree (`T/2`, `T/4`, …, 1
+//!   threads, a barrier between levels); every thread then reads the total and computes the
+//!   `Let`'s value (the same in every thread);
+//! - a loop over the columns: thread `t` runs iterations `t, t + T, …` (consecutive threads,
+//!   consecutive columns: coalesced);
+//! - any other statement (a store of the row's result): thread 0.
+//!
+//! As for [`crate::gpu_tile`], the schedule is written in two mappings of the same text: a
+//! `gpu.func` on a grid of `R` blocks (`gpu: true`), and the host emulation (`gpu: false`), a
+//! function over blocks `%lo..%hi` whose phases are loops over the block's threads, a barrier
+//! the end of one. The partial sums, the tree and each thread's columns are the same, so the
+//! host numerics are the GPU's.
+
+use crate::gpu::GpuArch;
+use crate::native::{Emitter, JitBackend, Launch, MlirOptions};
+use crate::TargetError;
+use kiln_ir::kernel::{Idx, Kernel, RedOp, Stmt, Val};
+use kiln_ir::{Dim, Tensor};
+
+/// The thread variable (one on the GPU; a loop of its own per phase on the host).
+const TID: usize = (1 << 22) + 40;
+/// The `Let` slots standing for a statement's reductions (taken out of its value).
+const TOTAL: usize = (1 << 22) + 41;
+
+/// A row kernel read for a block per row.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RowKernel {
+    /// Rows: the parallel loop's extent (blocks).
+    pub rows: u64,
+    /// Threads a block (a power of two, a whole number of warps).
+    pub threads: u64,
+    /// The parallel loop's variable (the block's row).
+    pub var: usize,
+    /// The row's statements.
+    pub body: Vec<Stmt>,
+}
+
+impl RowKernel {
+    pub fn grid(&self) -> [u64; 3] {
+        [self.rows, 1, 1]
+    }
+    /// Shared memory a block uses: one partial per thread.
+    pub fn shared_bytes(&self) -> u64 {
+        4 * self.threads
+    }
+}
+
+/// Kernel `k` as a row kernel for `arch`, if it is one: known shapes, no locals, one parallel
+/// loop whose body has a `Let` with a reduction, whose loops over the columns have
+/// independent iterations (each stores only elements indexed by its variable, and reads an
+/// element it stores only where it stores it), with no loop nested in them.
+pub fn recognize(k: &Kernel, arch: &GpuArch) -> Option<RowKernel> {
+    if !k.locals.is_empty() || k.buffers.iter().any(|b| b.shape.iter().any(|d| matches!(d, Dim::Sym(_)))) {
+        return None;
+    }
+    let [Stmt::For { var, extent, parallel: true, body }] = k.body.as_slice() else { return None };
+    let rows = crate::native::eval_idx(extent, &shapes(k).iter().map(Vec::as_slice).collect::<Vec<_>>())?;
+    let mut widest = 0i64;
+    let mut reduces = false;
+    for s in body {
+        match s {
+            Stmt::Let { value, .. } => {
+                let mut rs = Vec::new();
+                take_reductions(value, &mut rs);
+                for r in &rs {
+                    let Val::Reduce { extent, .. } = r else { continue };
+                    widest = widest.max(known(k, extent)?);
+                    reduces = true;
+                }
+            }
+            Stmt::For { var: c, extent, parallel: false, body } => {
+                if !columns_independent(body, *c, k.inputs) {
+                    return None;
+                }
+                widest = widest.max(known(k, extent)?);
+            }
+            Stmt::Store { .. } => {}
+            _ => return None,
+        }
+    }
+    if !reduces || rows <= 0 {
+        return None;
+    }
+    let warp = arch.warp();
+    let threads = (widest.max(1) as u64).next_power_of_two().clamp(warp, arch.block_threads().max(warp));
+    Some(RowKernel { rows: rows as u64, threads, var: *var, body: body.clone() })
+}
+
+fn shapes(k: &Kernel) -> Vec<Vec<usize>> {
+    k.buffers
+        .iter()
+        .map(|b| {
+            b.shape
+                .iter()
+                .map(|d| match d {
+                    Dim::Known(n) => *n as usize,
+                    Dim::Sym(_) => 0,
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// The value of `i` (known shapes; `None` where it uses a loop variable).
+fn known(k: &Kernel, i: &Idx) -> Option<i64> {
+    crate::native::eval_idx(i, &shapes(k).iter().map(Vec::as_slice).collect::<Vec<_>>())
+}
+
+/// Whether the iterations of column loop `c` over `body` (`Let`s and `Store`s only) may run
+/// on different threads: every store is to an output and indexed by `c`, and every load of a
+/// buffer the loop stores reads an element the same iteration stores.
+fn columns_independent(body: &[Stmt], c: usize, inputs: usize) -> bool {
+    let mut stored: Vec<(usize, &Vec<Idx>)> = Vec::new();
+    for s in body {
+        match s {
+            Stmt::Store { buf, index, .. } if *buf >= inputs && index.contains(&Idx::Var(c)) => {
+                stored.push((*buf, index))
+            }
+            Stmt::Store { .. } => return false,
+            Stmt::Let { .. } => {}
+            _ => return false,
+        }
+    }
+    body.iter().all(|s| match s {
+        Stmt::Store { value, .. } | Stmt::Let { value, .. } => loads_ok(value, &stored),
+        _ => false,
+    })
+}
+
+fn loads_ok(v: &Val, stored: &[(usize, &Vec<Idx>)]) -> bool {
+    let mut ok = true;
+    v.map_parts(
+        &mut |x| {
+            if let Val::Load { buf, index } = x {
+                if stored.iter().any(|(b, _)| b == buf) && !stored.iter().any(|(b, i)| b == buf && *i == index) {
+                    ok = false;
+                }
+            }
+            ok &= loads_ok(x, stored);
+            x.clone()
+        },
+        &mut Idx::clone,
+    );
+    if let Val::Load { buf, index } = v {
+        if stored.iter().any(|(b, _)| b == buf) && !stored.iter().any(|(b, i)| b == buf && *i == index) {
+            ok = false;
+        }
+    }
+    ok
+}
+
+/// `v` with its outermost reductions taken out: the `n`-th becomes `Val::Scalar(TOTAL + n)`
+/// (counting from `out`'s length) and is pushed on `out`.
+fn take_reductions(v: &Val, out: &mut Vec<Val>) -> Val {
+    if let Val::Reduce { .. } = v {
+        out.push(v.clone());
+        return Val::Scalar(TOTAL + out.len() - 1);
+    }
+    v.map_parts(&mut |x| take_reductions(x, out), &mut Idx::clone)
+}
+
+fn memref(r: usize) -> String {
+    format!("memref<{}f32>", "?x".repeat(r))
+}
+
+/// The row kernel as a `gpu.func` (`gpu`) or the host emulation's `func.func` over blocks
+/// `%lo..%hi` (see the module's documentation).
+pub fn emit(k: &Kernel, rk: &RowKernel, options: MlirOptions, gpu: bool) -> String {
+    let mut e = Emitter::new(k, MlirOptions { gpu, ..options });
+    let t = rk.threads;
+    let red_ty = if gpu { format!("memref<{t}xf32, 3>") } else { format!("memref<{t}xf32>") };
+    let params: Vec<String> = k
+        .buffers
+        .iter()
+        .enumerate()
+        .map(|(i, b)| {
+            let noalias = if gpu { "" } else { " {llvm.noalias}" };
+            let ty = if b.dtype == kiln_ir::DType::Bool {
+                format!("memref<{}i8>", "?x".repeat(b.shape.len()))
+            } else {
+                memref(b.shape.len())
+            };
+            format!("%b{i}: {ty}{noalias}")
+        })
+        .collect();
+    let (c0, c1) = (e.idx(0, &Idx::Const(0)), e.idx(0, &Idx::Const(1)));
+    let threads = e.idx(0, &Idx::Const(t as i64));
+    let depth = if gpu {
+        e.line(0, &format!("%i{} = gpu.block_id x", rk.var));
+        e.line(0, &format!("%i{TID} = gpu.thread_id x"));
+        0
+    } else {
+        e.line(0, &format!("%red = memref.alloc() : {red_ty}"));
+        e.line(0, &format!("scf.for %i{} = %lo to %hi step {c1} {{", rk.var));
+        1
+    };
+    // A phase: `f` run by every thread (on the host, a loop over them), then a barrier.
+    let phase = |e: &mut Emitter, n: &str, f: &mut dyn FnMut(&mut Emitter, usize)| {
+        if gpu {
+            f(e, depth);
+            e.line(depth, "gpu.barrier");
+        } else {
+            e.line(depth, &format!("scf.for %i{TID} = {c0} to {n} step {c1} {{"));
+            f(e, depth + 1);
+            e.line(depth, "}");
+        }
+    };
+    for s in &rk.body {
+        match s {
+            Stmt::Let { slot, value } => {
+                let mut rs = Vec::new();
+                let rest = take_reductions(value, &mut rs);
+                for (n, r) in rs.iter().enumerate() {
+                    let Val::Reduce { op, var, extent, body } = r else { unreachable!("taken reductions") };
+                    let (init, combine) = match op {
+                        RedOp::Sum => (0.0, "arith.addf"),
+                        RedOp::Max => (f64::NEG_INFINITY, "arith.maximumf"),
+                        RedOp::Min => (f64::INFINITY, "arith.minimumf"),
+                    };
+                    // Each thread's partial over its columns, into shared memory.
+                    phase(&mut e, &threads, &mut |e, d| {
+                        let (init, ext, step) =
+                            (e.constant(d, init), e.idx(d, extent), e.idx(d, &Idx::Const(t as i64)));
+                        let (p, acc) = (e.fresh(), e.fresh());
+                        e.line(
+                            d,
+                            &format!(
+                                "{p} = scf.for %i{var} = %i{TID} to {ext} step {step} iter_args({acc} = {init}) -> (f32) {{"
+                            ),
+                        );
+                        let v = e.val(d + 1, body);
+                        let x = e.fresh();
+                        e.line(d + 1, &format!("{x} = {combine} {acc}, {v} : f32"));
+                        e.line(d + 1, &format!("scf.yield {x} : f32"));
+                        e.line(d, "}");
+                        e.line(d, &format!("memref.store {p}, %red[%i{TID}] : {red_ty}"));
+                    });
+                    // The tree: `half` threads combine their partial with the one `half` on.
+                    let mut half = t / 2;
+                    while half > 0 {
+                        let h = e.idx(depth, &Idx::Const(half as i64));
+                        if gpu {
+                            let inside = e.fresh();
+                            e.line(depth, &format!("{inside} = arith.cmpi ult, %i{TID}, {h} : index"));
+                            e.line(depth, &format!("scf.if {inside} {{"));
+                        } else {
+                            e.line(depth, &format!("scf.for %i{TID} = {c0} to {h} step {c1} {{"));
+                        }
+                        let d = depth + 1;
+                        let (a, o, b, x) = (e.fresh(), e.fresh(), e.fresh(), e.fresh());
+                        e.line(d, &format!("{a} = memref.load %red[%i{TID}] : {red_ty}"));
+                        e.line(d, &format!("{o} = arith.addi %i{TID}, {h} : index"));
+                        e.line(d, &format!("{b} = memref.load %red[{o}] : {red_ty}"));
+                        e.line(d, &format!("{x} = {combine} {a}, {b} : f32"));
+                        e.line(d, &format!("memref.store {x}, %red[%i{TID}] : {red_ty}"));
+                        e.line(depth, "}");
+                        if gpu {
+                            e.line(depth, "gpu.barrier");
+                        }
+                        half /= 2;
+                    }
+                    let total = e.fresh();
+                    e.line(depth, &format!("{total} = memref.load %red[{c0}] : {red_ty}"));
+                    if gpu {
+                        // Every thread has read the total before the next partials overwrite it.
+                        e.line(depth, "gpu.barrier");
+                    }
+                    e.slots.insert(TOTAL + n, total);
+                }
+                let v = e.val(depth, &rest);
+                e.slots.insert(*slot, v);
+            }
+            Stmt::For { var, extent, body, .. } => {
+                phase(&mut e, &threads, &mut |e, d| {
+                    let (ext, step) = (e.idx(d, extent), e.idx(d, &Idx::Const(t as i64)));
+                    e.line(d, &format!("scf.for %i{var} = %i{TID} to {ext} step {step} {{"));
+                    e.stmts(d + 1, body);
+                    e.line(d, "}");
+                });
+            }
+            other => {
+                // A store of the row's own: thread 0.
+                if gpu {
+                    let first = e.fresh();
+                    e.line(depth, &format!("{first} = arith.cmpi eq, %i{TID}, {c0} : index"));
+                    e.line(depth, &format!("scf.if {first} {{"));
+                    e.stmts(depth + 1, std::slice::from_ref(other));
+                    e.line(depth, "}");
+                    e.line(depth, "gpu.barrier");
+                } else {
+                    e.stmts(depth, std::slice::from_ref(other));
+                }
+            }
+        }
+    }
+    if gpu {
+        format!(
+            "gpu.func @{}({}) workgroup(%red: {red_ty}) kernel {{\n{}  gpu.return\n}}\n",
+            k.name,
+            params.join(", "),
+            e.out
+        )
+    } else {
+        e.line(0, "}");
+        e.line(0, &format!("memref.dealloc %red : {red_ty}"));
+        let mut params = params;
+        params.push("%lo: index".into());
+        params.push("%hi: index".into());
+        format!(
+            "func.func @{}({}) attributes {{ llvm.emit_c_interface }} {{\n{}  return\n}}\n",
+            k.name,
+            params.join(", "),
+            e.out
+        )
+    }
+}
+
+/// A row kernel compiled for the host emulation ([`emit`] with `gpu: false`).
+pub struct HostRows {
+    kernel: Kernel,
+    rows: RowKernel,
+    backend: JitBackend,
+}
+
+impl HostRows {
+    pub fn compile(kernel: Kernel, rows: RowKernel) -> Result<HostRows, TargetError> {
+        let text = emit(&kernel, &rows, MlirOptions::default(), false);
+        let backend = JitBackend::compile(&text, std::slice::from_ref(&kernel.name))?;
+        Ok(HostRows { kernel, rows, backend })
+    }
+
+    pub fn rows(&self) -> &RowKernel {
+        &self.rows
+    }
+
+    /// Runs the launch over buffers given as strided memref descriptors, block by block.
+    ///
+    /// # Safety
+    /// As [`crate::gpu_tile::HostTiled::call_blocks`].
+    pub unsafe fn call_blocks(&self, descriptors: &mut [*mut i64]) -> Result<(), TargetError> {
+        let blocks = self.rows.rows as i64;
+        // SAFETY: the caller's guarantee; function 0 is this kernel.
+        unsafe { self.backend.call_ranges(0, descriptors, &mut (0..blocks).map(|b| (b, b + 1))) }
+    }
+
+    /// Runs the launch as the GPU would, block by block, each block's threads phase by phase,
+    /// into outputs first filled with NaN.
+    pub fn run(&self, operands: &[&Tensor]) -> Result<Vec<Tensor>, TargetError> {
+        let l = Launch::new(&self.kernel, operands, true)?;
+        let blocks = self.rows.rows as i64;
+        self.backend.launch_ranges(0, &l, &mut (0..blocks).map(|b| (b, b + 1)))
+    }
+}
