@@ -1662,3 +1662,77 @@ fn matrix_unit_tiles_follow_the_description() {
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Row kernels a block per row (gpu_rows).
+
+/// Row kernels run a block per row: LayerNorm over rows wider than a block (1000 columns,
+/// 256 threads: four strided columns a thread, the last partial), Softmax (a max and a sum
+/// reduction, the output read back) over rows narrower than a warp, a mean over the last axis
+/// (the row's result stored by one thread), and LayerNorm with a fused GELU epilogue; each is
+/// a block per row in the manifest, matches the reference interpreter as its blocks run on the
+/// host, and its PTX assembles (sm_80; gfx90a objects build).
+#[test]
+fn gpu_row_kernels_run_a_block_per_row() {
+    let ptxas = ptxas();
+    let dir = temp_dir("gpu-rows");
+    let ln = |rows: u64, cols: u64, gelu: bool| {
+        let mut g = GraphBuilder::new("ln");
+        let x = g.input("x", f32_type(&[rows, cols])).unwrap();
+        let s = g.constant("s", f32s(&[cols as usize], 1));
+        let b = g.constant("b", f32s(&[cols as usize], 2));
+        let mut y = g.op_with("LayerNormalization", &[x, s, b], [("axis", Attr::Int(-1))]).unwrap();
+        if gelu {
+            y = g.op("Gelu", &[y]).unwrap();
+        }
+        g.output(y, "y").unwrap();
+        g.finish().unwrap()
+    };
+    let softmax = |rows: u64, cols: u64| {
+        let mut g = GraphBuilder::new("softmax");
+        let x = g.input("x", f32_type(&[rows, cols])).unwrap();
+        let y = g.op_with("Softmax", &[x], [("axis", Attr::Int(-1))]).unwrap();
+        g.output(y, "y").unwrap();
+        g.finish().unwrap()
+    };
+    let mean = {
+        let mut g = GraphBuilder::new("mean");
+        let x = g.input("x", f32_type(&[6, 300])).unwrap();
+        let axes = g.constant("axes", Tensor::from_i64(&[1], vec![-1]));
+        let y = g.op_with("ReduceMean", &[x, axes], [("keepdims", Attr::Int(1))]).unwrap();
+        g.output(y, "y").unwrap();
+        g.finish().unwrap()
+    };
+    let cases: Vec<(&str, Module, Vec<usize>, u64)> = vec![
+        ("layernorm 5x1000", ln(5, 1000, false), vec![5, 1000], 256),
+        ("layernorm+gelu 16x768", ln(16, 768, true), vec![16, 768], 256),
+        ("softmax 3x20", softmax(3, 20), vec![3, 20], 32),
+        ("reducemean 6x300", mean, vec![6, 300], 256),
+    ];
+    for (name, m, shape, threads) in cases {
+        let m = fused(m, "cuda");
+        let inputs = vec![f32s(&shape, 9)];
+        let want = kiln_ir::interp::run(&m, inputs.clone()).unwrap();
+        for (family, chip) in [(Family::Cuda, "sm_80"), (Family::Rocm, "gfx90a")] {
+            let arch = GpuArch::new(family, Some(chip)).unwrap();
+            let (got, kernels, _, _) = run_as_gpu_on(&m, inputs.clone(), &arch);
+            assert_eq!(kernels, 1, "{name}: one kernel");
+            assert_matches(name, &got, &want, 1e-4, 1e-5);
+            let p = program(&m, family, chip);
+            let l = &p.manifest.kernels[0];
+            let block = if family == Family::Rocm { threads.max(64) } else { threads };
+            assert_eq!(l.row_block, Some(block), "{name} {chip}: {l:?}");
+            assert_eq!((l.grid, l.block, l.shared_bytes), (Some([shape[0] as u64, 1, 1]), [block, 1, 1], 4 * block));
+            if family == Family::Cuda {
+                let file = dir.join("rows.ptx");
+                std::fs::write(&file, &p.functions[0].1.asm).unwrap();
+                let Some(ptxas) = &ptxas else { panic!("NOT RUN: ptxas not found: run scripts/setup.sh") };
+                let out = std::process::Command::new(ptxas)
+                    .args(["-arch=sm_80", file.to_str().unwrap(), "-o", dir.join("r.cubin").to_str().unwrap()])
+                    .output()
+                    .unwrap();
+                assert!(out.status.success(), "{name}: ptxas: {}", String::from_utf8_lossy(&out.stderr));
+            }
+        }
+    }
+}
