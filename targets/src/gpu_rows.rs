@@ -68,7 +68,10 @@ impl RowKernel {
 /// Kernel `k` as a row kernel for `arch`, if it is one: known shapes, no locals, one parallel
 /// loop whose body has a `Let` with a reduction, whose loops over the columns have
 /// independent iterations (each stores only elements indexed by its variable, and reads an
-/// element it stores only where it stores it), with no loop nested in them.
+/// element it stores only where it stores it), with no loop nested in them; not when its rows
+/// are narrower than a warp and enough to fill the chip with a thread per row. The block is
+/// the row's width rounded up to a power of two, at least a warp, at most the chip's block
+/// size ([`GpuArch::block_threads`]).
 pub fn recognize(k: &Kernel, arch: &GpuArch) -> Option<RowKernel> {
     if !k.locals.is_empty() || k.buffers.iter().any(|b| b.shape.iter().any(|d| matches!(d, Dim::Sym(_)))) {
         return None;
@@ -102,6 +105,11 @@ pub fn recognize(k: &Kernel, arch: &GpuArch) -> Option<RowKernel> {
         return None;
     }
     let warp = arch.warp();
+    // Rows narrower than a warp, enough of them to fill the chip a thread each (256 a
+    // SM/CU): a thread per row wastes no lanes.
+    if (widest as u64) < warp && rows as u64 >= 256 * arch.description().cores as u64 {
+        return None;
+    }
     let threads = (widest.max(1) as u64).next_power_of_two().clamp(warp, arch.block_threads().max(warp));
     Some(RowKernel { rows: rows as u64, threads, var: *var, body: body.clone() })
 }
