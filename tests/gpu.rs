@@ -1669,16 +1669,19 @@ fn matrix_unit_tiles_follow_the_description() {
 /// Row kernels run a block per row: LayerNorm over rows wider than a block (1000 columns,
 /// 256 threads: four strided columns a thread, the last partial), Softmax (a max and a sum
 /// reduction, the output read back) over rows narrower than a warp, a mean over the last axis
-/// (the row's result stored by one thread), and LayerNorm with a fused GELU epilogue; each is
+/// (the row's result stored by one thread), LayerNorm with a fused GELU epilogue, and a 3-D
+/// LayerNorm (with a batch of one, a loop around the rows' parallel loop, run by every block);
+/// each is
 /// a block per row in the manifest, matches the reference interpreter as its blocks run on the
 /// host, and its PTX assembles (sm_80; gfx90a objects build).
 #[test]
 fn gpu_row_kernels_run_a_block_per_row() {
     let ptxas = ptxas();
     let dir = temp_dir("gpu-rows");
-    let ln = |rows: u64, cols: u64, gelu: bool| {
+    let ln = |shape: &[u64], gelu: bool| {
+        let cols = *shape.last().unwrap();
         let mut g = GraphBuilder::new("ln");
-        let x = g.input("x", f32_type(&[rows, cols])).unwrap();
+        let x = g.input("x", f32_type(shape)).unwrap();
         let s = g.constant("s", f32s(&[cols as usize], 1));
         let b = g.constant("b", f32s(&[cols as usize], 2));
         let mut y = g.op_with("LayerNormalization", &[x, s, b], [("axis", Attr::Int(-1))]).unwrap();
@@ -1704,8 +1707,11 @@ fn gpu_row_kernels_run_a_block_per_row() {
         g.finish().unwrap()
     };
     let cases: Vec<(&str, Module, Vec<usize>, u64)> = vec![
-        ("layernorm 5x1000", ln(5, 1000, false), vec![5, 1000], 256),
-        ("layernorm+gelu 16x768", ln(16, 768, true), vec![16, 768], 256),
+        ("layernorm 5x1000", ln(&[5, 1000], false), vec![5, 1000], 256),
+        ("layernorm+gelu 16x768", ln(&[16, 768], true), vec![16, 768], 256),
+        // A batch loop around the rows (as a 3-D LayerNorm lowers): every block runs it.
+        ("layernorm 1x7x300", ln(&[1, 7, 300], false), vec![1, 7, 300], 256),
+        ("layernorm 2x7x300", ln(&[2, 7, 300], false), vec![2, 7, 300], 256),
         ("softmax 3x20", softmax(3, 20), vec![3, 20], 32),
         ("reducemean 6x300", mean, vec![6, 300], 256),
     ];
@@ -1722,7 +1728,8 @@ fn gpu_row_kernels_run_a_block_per_row() {
             let l = &p.manifest.kernels[0];
             let block = if family == Family::Rocm { threads.max(64) } else { threads };
             assert_eq!(l.row_block, Some(block), "{name} {chip}: {l:?}");
-            assert_eq!((l.grid, l.block, l.shared_bytes), (Some([shape[0] as u64, 1, 1]), [block, 1, 1], 4 * block));
+            let rows = shape[..shape.len() - 1].iter().product::<usize>() as u64;
+            assert_eq!((l.grid, l.block, l.shared_bytes), (Some([rows, 1, 1]), [block, 1, 1], 4 * block));
             if family == Family::Cuda {
                 let file = dir.join("rows.ptx");
                 std::fs::write(&file, &p.functions[0].1.asm).unwrap();

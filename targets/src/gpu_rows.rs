@@ -51,6 +51,9 @@ pub struct RowKernel {
     pub threads: u64,
     /// The parallel loop's variable (the block's row).
     pub var: usize,
+    /// Sequential loops around the parallel one (a batch of one, say), outermost first: every
+    /// block runs them, its row in each.
+    pub outer: Vec<(usize, Idx)>,
     /// The row's statements.
     pub body: Vec<Stmt>,
 }
@@ -76,7 +79,19 @@ pub fn recognize(k: &Kernel, arch: &GpuArch) -> Option<RowKernel> {
     if !k.locals.is_empty() || k.buffers.iter().any(|b| b.shape.iter().any(|d| matches!(d, Dim::Sym(_)))) {
         return None;
     }
-    let [Stmt::For { var, extent, parallel: true, body }] = k.body.as_slice() else { return None };
+    let mut outer = Vec::new();
+    let mut nest = k.body.as_slice();
+    let (var, extent, body) = loop {
+        match nest {
+            [Stmt::For { var, extent, parallel: true, body }] => break (var, extent, body),
+            [Stmt::For { var, extent, parallel: false, body }] => {
+                known(k, extent)?;
+                outer.push((*var, extent.clone()));
+                nest = body;
+            }
+            _ => return None,
+        }
+    };
     let rows = crate::native::eval_idx(extent, &shapes(k).iter().map(Vec::as_slice).collect::<Vec<_>>())?;
     let mut widest = 0i64;
     let mut reduces = false;
@@ -111,7 +126,7 @@ pub fn recognize(k: &Kernel, arch: &GpuArch) -> Option<RowKernel> {
         return None;
     }
     let threads = (widest.max(1) as u64).next_power_of_two().clamp(warp, arch.block_threads().max(warp));
-    Some(RowKernel { rows: rows as u64, threads, var: *var, body: body.clone() })
+    Some(RowKernel { rows: rows as u64, threads, var: *var, outer, body: body.clone() })
 }
 
 fn shapes(k: &Kernel) -> Vec<Vec<usize>> {
@@ -213,7 +228,7 @@ pub fn emit(k: &Kernel, rk: &RowKernel, options: MlirOptions, gpu: bool) -> Stri
         .collect();
     let (c0, c1) = (e.idx(0, &Idx::Const(0)), e.idx(0, &Idx::Const(1)));
     let threads = e.idx(0, &Idx::Const(t as i64));
-    let depth = if gpu {
+    let base = if gpu {
         e.line(0, &format!("%i{} = gpu.block_id x", rk.var));
         e.line(0, &format!("%i{TID} = gpu.thread_id x"));
         0
@@ -222,6 +237,13 @@ pub fn emit(k: &Kernel, rk: &RowKernel, options: MlirOptions, gpu: bool) -> Stri
         e.line(0, &format!("scf.for %i{} = %lo to %hi step {c1} {{", rk.var));
         1
     };
+    // The sequential loops around the rows, in every thread (the same trip counts: the
+    // barriers inside are reached by all).
+    for (n, (v, ext)) in rk.outer.iter().enumerate() {
+        let ext = e.idx(base + n, ext);
+        e.line(base + n, &format!("scf.for %i{v} = {c0} to {ext} step {c1} {{"));
+    }
+    let depth = base + rk.outer.len();
     // A phase: `f` run by every thread (on the host, a loop over them), then a barrier.
     let phase = |e: &mut Emitter, n: &str, f: &mut dyn FnMut(&mut Emitter, usize)| {
         if gpu {
@@ -320,6 +342,9 @@ pub fn emit(k: &Kernel, rk: &RowKernel, options: MlirOptions, gpu: bool) -> Stri
                 }
             }
         }
+    }
+    for n in (0..rk.outer.len()).rev() {
+        e.line(base + n, "}");
     }
     if gpu {
         format!(
