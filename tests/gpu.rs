@@ -1184,12 +1184,7 @@ fn gpu_tiled_convs_in_whole_models_on_the_emulated_gpu() {
         let m =
             kiln::load_model(&src.join("model.onnx")).unwrap_or_else(|e| panic!("{name}: {e} (run scripts/setup.sh)"));
         let m = fused(m, "cuda");
-        let conv_nodes: std::collections::HashSet<String> = kiln_targets::native::launched_kernels(&m)
-            .iter()
-            .map(|(o, _)| m.op(*o))
-            .filter(|op| op.op_type() == "Conv" || matches!(op.attrs.get("anchor"), Some(Attr::Str(a)) if a == "Conv"))
-            .map(|op| op.node_name().to_string())
-            .collect();
+        let conv_nodes = conv_kernel_nodes(&m);
         let dir = temp_dir(&format!("gpu-conv-plan-{name}"));
         let p = write_program(&m, &dir);
         let tiled = p.manifest.kernels.iter().filter(|l| l.tile.is_some() && conv_nodes.contains(&l.node)).count();
@@ -1249,12 +1244,7 @@ fn gpu_grouped_convs_take_a_thread_per_output_and_no_stack() {
             })
             .count();
         let m = fused(m, "cuda");
-        let conv_nodes: std::collections::HashSet<String> = kiln_targets::native::launched_kernels(&m)
-            .iter()
-            .map(|(o, _)| m.op(*o))
-            .filter(|op| op.op_type() == "Conv" || matches!(op.attrs.get("anchor"), Some(Attr::Str(a)) if a == "Conv"))
-            .map(|op| op.node_name().to_string())
-            .collect();
+        let conv_nodes = conv_kernel_nodes(&m);
         let p = program(&m, Family::Cuda, "sm_80");
         let (plan, _) = kiln_targets::gpu_plan::plan(&m, &p);
         assert!(plan.runnable, "{name}: {:?}", plan.why_not);
@@ -1742,4 +1732,14 @@ fn gpu_row_kernels_run_a_block_per_row() {
             }
         }
     }
+}
+
+/// The nodes of `m`'s kernels that are Convs (alone or anchoring a fused group).
+fn conv_kernel_nodes(m: &Module) -> std::collections::HashSet<String> {
+    kiln_targets::native::launched_kernels(m)
+        .iter()
+        .map(|(o, _)| m.op(*o))
+        .filter(|op| op.op_type() == "Conv" || matches!(op.attrs.get("anchor"), Some(Attr::Str(a)) if a == "Conv"))
+        .map(|op| op.node_name().to_string())
+        .collect()
 }

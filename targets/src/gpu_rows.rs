@@ -32,10 +32,10 @@
 //! host numerics are the GPU's.
 
 use crate::gpu::GpuArch;
-use crate::native::{Emitter, JitBackend, Launch, MlirOptions};
+use crate::native::{Emitter, HostBlocks, HostBuilt, MlirOptions};
 use crate::TargetError;
 use kiln_ir::kernel::{Idx, Kernel, RedOp, Stmt, Val};
-use kiln_ir::{Dim, Tensor};
+use kiln_ir::Dim;
 
 /// The thread variable (one on the GPU; a loop of its own per phase on the host).
 const TID: usize = (1 << 22) + 40;
@@ -202,30 +202,13 @@ fn take_reductions(v: &Val, out: &mut Vec<Val>) -> Val {
     v.map_parts(&mut |x| take_reductions(x, out), &mut Idx::clone)
 }
 
-fn memref(r: usize) -> String {
-    format!("memref<{}f32>", "?x".repeat(r))
-}
-
 /// The row kernel as a `gpu.func` (`gpu`) or the host emulation's `func.func` over blocks
 /// `%lo..%hi` (see the module's documentation).
 pub fn emit(k: &Kernel, rk: &RowKernel, options: MlirOptions, gpu: bool) -> String {
     let mut e = Emitter::new(k, MlirOptions { gpu, ..options });
     let t = rk.threads;
     let red_ty = if gpu { format!("memref<{t}xf32, 3>") } else { format!("memref<{t}xf32>") };
-    let params: Vec<String> = k
-        .buffers
-        .iter()
-        .enumerate()
-        .map(|(i, b)| {
-            let noalias = if gpu { "" } else { " {llvm.noalias}" };
-            let ty = if b.dtype == kiln_ir::DType::Bool {
-                format!("memref<{}i8>", "?x".repeat(b.shape.len()))
-            } else {
-                memref(b.shape.len())
-            };
-            format!("%b{i}: {ty}{noalias}")
-        })
-        .collect();
+    let params = crate::native::block_params(k, gpu);
     let (c0, c1) = (e.idx(0, &Idx::Const(0)), e.idx(0, &Idx::Const(1)));
     let threads = e.idx(0, &Idx::Const(t as i64));
     let base = if gpu {
@@ -369,38 +352,16 @@ pub fn emit(k: &Kernel, rk: &RowKernel, options: MlirOptions, gpu: bool) -> Stri
 }
 
 /// A row kernel compiled for the host emulation ([`emit`] with `gpu: false`).
-pub struct HostRows {
-    kernel: Kernel,
-    rows: RowKernel,
-    backend: JitBackend,
-}
+pub type HostRows = HostBuilt<RowKernel>;
 
 impl HostRows {
     pub fn compile(kernel: Kernel, rows: RowKernel) -> Result<HostRows, TargetError> {
         let text = emit(&kernel, &rows, MlirOptions::default(), false);
-        let backend = JitBackend::compile(&text, std::slice::from_ref(&kernel.name))?;
-        Ok(HostRows { kernel, rows, backend })
+        let blocks = HostBlocks::compile(kernel, &text, rows.rows)?;
+        Ok(HostBuilt::new(rows, blocks))
     }
 
     pub fn rows(&self) -> &RowKernel {
-        &self.rows
-    }
-
-    /// Runs the launch over buffers given as strided memref descriptors, block by block.
-    ///
-    /// # Safety
-    /// As [`crate::gpu_tile::HostTiled::call_blocks`].
-    pub unsafe fn call_blocks(&self, descriptors: &mut [*mut i64]) -> Result<(), TargetError> {
-        let blocks = self.rows.rows as i64;
-        // SAFETY: the caller's guarantee; function 0 is this kernel.
-        unsafe { self.backend.call_ranges(0, descriptors, &mut (0..blocks).map(|b| (b, b + 1))) }
-    }
-
-    /// Runs the launch as the GPU would, block by block, each block's threads phase by phase,
-    /// into outputs first filled with NaN.
-    pub fn run(&self, operands: &[&Tensor]) -> Result<Vec<Tensor>, TargetError> {
-        let l = Launch::new(&self.kernel, operands, true)?;
-        let blocks = self.rows.rows as i64;
-        self.backend.launch_ranges(0, &l, &mut (0..blocks).map(|b| (b, b + 1)))
+        self.schedule()
     }
 }

@@ -29,11 +29,11 @@
 //!   element: the host numerics are the schedule's.
 
 use crate::gpu::GpuArch;
-use crate::native::{Emitter, JitBackend, Launch, MlirOptions};
+use crate::native::{Emitter, HostBlocks, HostBuilt, MlirOptions};
 use crate::TargetError;
 use kiln_ir::kernel::{BinOp, Idx, Kernel, RedOp, Stmt, Val};
 use kiln_ir::machine::MachineDescription;
-use kiln_ir::{DType, Dim, Tensor};
+use kiln_ir::{DType, Dim};
 
 /// Loop variables of the tiled form (far above any a lowering uses).
 const ROW: usize = (1 << 22) + 1;
@@ -949,15 +949,7 @@ pub fn emit(k: &Kernel, g: &TiledGemm, options: MlirOptions, gpu: bool) -> Strin
     let sa_ty = format!("memref<{}x{}xf32{shared_space}>", t.tk, t.tm + t.pad());
     let sb_ty = format!("memref<{}x{}xf32{shared_space}>", t.tk, t.tn + t.pad());
     let mut e = Emitter::new(k, MlirOptions { gpu, ..options });
-    let params: Vec<String> = k
-        .buffers
-        .iter()
-        .enumerate()
-        .map(|(i, b)| {
-            let noalias = if gpu { "" } else { " {llvm.noalias}" };
-            format!("%b{i}: {}{noalias}", memref(b.shape.len()))
-        })
-        .collect();
+    let params = crate::native::block_params(k, gpu);
     // One-dimensional views of the operands loaded as vectors.
     for x in [&g.a, &g.b] {
         let r = k.buffers[x.buf].shape.len();
@@ -1652,40 +1644,16 @@ fn mma_emulation(k: &Kernel, g: &TiledGemm, inst: MatrixInst) -> String {
 }
 
 /// A tiled GEMM compiled for the host emulation ([`emit`] with `gpu: false`).
-pub struct HostTiled {
-    kernel: Kernel,
-    gemm: TiledGemm,
-    backend: JitBackend,
-}
+pub type HostTiled = HostBuilt<TiledGemm>;
 
 impl HostTiled {
     pub fn compile(kernel: Kernel, gemm: TiledGemm) -> Result<HostTiled, TargetError> {
         let text = emit(&kernel, &gemm, MlirOptions::default(), false);
-        let backend = JitBackend::compile(&text, std::slice::from_ref(&kernel.name))?;
-        Ok(HostTiled { kernel, gemm, backend })
+        let blocks = HostBlocks::compile(kernel, &text, gemm.blocks())?;
+        Ok(HostBuilt::new(gemm, blocks))
     }
 
     pub fn gemm(&self) -> &TiledGemm {
-        &self.gemm
-    }
-
-    /// Runs the launch over buffers given as strided memref descriptors (as a GPU launch
-    /// receives them), block by block.
-    ///
-    /// # Safety
-    /// `descriptors` are the kernel's buffers in order, each a valid descriptor of its rank
-    /// over memory of its size.
-    pub unsafe fn call_blocks(&self, descriptors: &mut [*mut i64]) -> Result<(), TargetError> {
-        let blocks = self.gemm.blocks() as i64;
-        // SAFETY: the caller's guarantee; function 0 is this kernel.
-        unsafe { self.backend.call_ranges(0, descriptors, &mut (0..blocks).map(|b| (b, b + 1))) }
-    }
-
-    /// Runs the launch as the GPU would, block by block (x fastest, then y, then z), each
-    /// block's threads phase by phase, into outputs first filled with NaN.
-    pub fn run(&self, operands: &[&Tensor]) -> Result<Vec<Tensor>, TargetError> {
-        let l = Launch::new(&self.kernel, operands, true)?;
-        let blocks = self.gemm.blocks() as i64;
-        self.backend.launch_ranges(0, &l, &mut (0..blocks).map(|b| (b, b + 1)))
+        self.schedule()
     }
 }

@@ -1197,6 +1197,75 @@ impl JitBackend {
     }
 }
 
+/// A block-synchronous GPU kernel built for the host: the host mapping of a GEMM tile
+/// ([`crate::gpu_tile`]) or a row kernel ([`crate::gpu_rows`]), a function over blocks
+/// `%lo..%hi` whose phases are loops over each block's threads, run one block at a time.
+pub struct HostBlocks {
+    kernel: Kernel,
+    blocks: i64,
+    backend: JitBackend,
+}
+
+/// The parameters of a block-synchronous kernel's function ([`crate::gpu_tile`],
+/// [`crate::gpu_rows`]): a memref per buffer, `noalias` in the host mapping.
+pub(crate) fn block_params(k: &Kernel, gpu: bool) -> Vec<String> {
+    let noalias = if gpu { "" } else { " {llvm.noalias}" };
+    k.buffers
+        .iter()
+        .enumerate()
+        .map(|(i, b)| format!("%b{i}: {}{noalias}", memref_of(b.shape.len(), elem_type(b.dtype))))
+        .collect()
+}
+
+/// A schedule `S` and its host build ([`HostBlocks`], which it dereferences to).
+pub struct HostBuilt<S> {
+    schedule: S,
+    blocks: HostBlocks,
+}
+
+impl<S> HostBuilt<S> {
+    pub fn new(schedule: S, blocks: HostBlocks) -> HostBuilt<S> {
+        HostBuilt { schedule, blocks }
+    }
+
+    pub fn schedule(&self) -> &S {
+        &self.schedule
+    }
+}
+
+impl<S> std::ops::Deref for HostBuilt<S> {
+    type Target = HostBlocks;
+    fn deref(&self) -> &HostBlocks {
+        &self.blocks
+    }
+}
+
+impl HostBlocks {
+    /// `text` (the host mapping of `kernel`, a launch of `blocks` blocks) compiled for the host.
+    pub fn compile(kernel: Kernel, text: &str, blocks: u64) -> Result<HostBlocks, TargetError> {
+        let backend = JitBackend::compile(text, std::slice::from_ref(&kernel.name))?;
+        Ok(HostBlocks { kernel, blocks: blocks as i64, backend })
+    }
+
+    /// Runs the launch over buffers given as strided memref descriptors (as a GPU launch
+    /// receives them), block by block.
+    ///
+    /// # Safety
+    /// `descriptors` are the kernel's buffers in order, each a valid descriptor of its rank
+    /// over memory of its size.
+    pub unsafe fn call_blocks(&self, descriptors: &mut [*mut i64]) -> Result<(), TargetError> {
+        // SAFETY: the caller's guarantee; function 0 is this kernel.
+        unsafe { self.backend.call_ranges(0, descriptors, &mut (0..self.blocks).map(|b| (b, b + 1))) }
+    }
+
+    /// Runs the launch as the GPU would, block by block (x fastest, then y, then z), each
+    /// block's threads phase by phase, into outputs first filled with NaN.
+    pub fn run(&self, operands: &[&Tensor]) -> Result<Vec<Tensor>, TargetError> {
+        let l = Launch::new(&self.kernel, operands, true)?;
+        self.backend.launch_ranges(0, &l, &mut (0..self.blocks).map(|b| (b, b + 1)))
+    }
+}
+
 /// The `(lo, hi)` range of the shared parallel loop (of `extent` iterations) each thread of a
 /// GPU launch of `grid` × `block` threads (x, y) runs, block by block, thread by thread: for a
 /// one-dimensional launch thread `t` runs `t..min(t + 1, extent)`; for a two-dimensional one
