@@ -97,7 +97,8 @@ pub fn recognize(k: &Kernel, arch: &GpuArch) -> Option<RowKernel> {
     let mut reduces = false;
     for s in body {
         match s {
-            Stmt::Let { value, .. } => {
+            // (A store of the row's own, thread 0's, may reduce as well.)
+            Stmt::Let { value, .. } | Stmt::Store { value, .. } => {
                 let mut rs = Vec::new();
                 take_reductions(value, &mut rs);
                 for r in &rs {
@@ -112,7 +113,6 @@ pub fn recognize(k: &Kernel, arch: &GpuArch) -> Option<RowKernel> {
                 }
                 widest = widest.max(known(k, extent)?);
             }
-            Stmt::Store { .. } => {}
             _ => return None,
         }
     }
@@ -208,9 +208,9 @@ pub fn emit(k: &Kernel, rk: &RowKernel, options: MlirOptions, gpu: bool) -> Stri
     let mut e = Emitter::new(k, MlirOptions { gpu, ..options });
     let t = rk.threads;
     let red_ty = if gpu { format!("memref<{t}xf32, 3>") } else { format!("memref<{t}xf32>") };
+    let red_ty = red_ty.as_str();
     let params = crate::native::block_params(k, gpu);
     let (c0, c1) = (e.idx(0, &Idx::Const(0)), e.idx(0, &Idx::Const(1)));
-    let threads = e.idx(0, &Idx::Const(t as i64));
     let base = if gpu {
         e.line(0, &format!("%i{} = gpu.block_id x", rk.var));
         e.line(0, &format!("%i{TID} = gpu.thread_id x"));
@@ -227,103 +227,37 @@ pub fn emit(k: &Kernel, rk: &RowKernel, options: MlirOptions, gpu: bool) -> Stri
         e.line(base + n, &format!("scf.for %i{v} = {c0} to {ext} step {c1} {{"));
     }
     let depth = base + rk.outer.len();
-    // A phase: `f` run by every thread (on the host, a loop over them), then a barrier.
-    let phase = |e: &mut Emitter, n: &str, f: &mut dyn FnMut(&mut Emitter, usize)| {
-        if gpu {
-            f(e, depth);
-            e.line(depth, "gpu.barrier");
-        } else {
-            e.line(depth, &format!("scf.for %i{TID} = {c0} to {n} step {c1} {{"));
-            f(e, depth + 1);
-            e.line(depth, "}");
-        }
-    };
+    let cx = Phases { gpu, depth, threads: t, c0: c0.clone(), c1, red_ty };
     for s in &rk.body {
         match s {
             Stmt::Let { slot, value } => {
-                let mut rs = Vec::new();
-                let rest = take_reductions(value, &mut rs);
-                for (n, r) in rs.iter().enumerate() {
-                    let Val::Reduce { op, var, extent, body } = r else { unreachable!("taken reductions") };
-                    let (init, combine) = match op {
-                        RedOp::Sum => (0.0, "arith.addf"),
-                        RedOp::Max => (f64::NEG_INFINITY, "arith.maximumf"),
-                        RedOp::Min => (f64::INFINITY, "arith.minimumf"),
-                    };
-                    // Each thread's partial over its columns, into shared memory.
-                    phase(&mut e, &threads, &mut |e, d| {
-                        let (init, ext, step) =
-                            (e.constant(d, init), e.idx(d, extent), e.idx(d, &Idx::Const(t as i64)));
-                        let (p, acc) = (e.fresh(), e.fresh());
-                        e.line(
-                            d,
-                            &format!(
-                                "{p} = scf.for %i{var} = %i{TID} to {ext} step {step} iter_args({acc} = {init}) -> (f32) {{"
-                            ),
-                        );
-                        let v = e.val(d + 1, body);
-                        let x = e.fresh();
-                        e.line(d + 1, &format!("{x} = {combine} {acc}, {v} : f32"));
-                        e.line(d + 1, &format!("scf.yield {x} : f32"));
-                        e.line(d, "}");
-                        e.line(d, &format!("memref.store {p}, %red[%i{TID}] : {red_ty}"));
-                    });
-                    // The tree: `half` threads combine their partial with the one `half` on.
-                    let mut half = t / 2;
-                    while half > 0 {
-                        let h = e.idx(depth, &Idx::Const(half as i64));
-                        if gpu {
-                            let inside = e.fresh();
-                            e.line(depth, &format!("{inside} = arith.cmpi ult, %i{TID}, {h} : index"));
-                            e.line(depth, &format!("scf.if {inside} {{"));
-                        } else {
-                            e.line(depth, &format!("scf.for %i{TID} = {c0} to {h} step {c1} {{"));
-                        }
-                        let d = depth + 1;
-                        let (a, o, b, x) = (e.fresh(), e.fresh(), e.fresh(), e.fresh());
-                        e.line(d, &format!("{a} = memref.load %red[%i{TID}] : {red_ty}"));
-                        e.line(d, &format!("{o} = arith.addi %i{TID}, {h} : index"));
-                        e.line(d, &format!("{b} = memref.load %red[{o}] : {red_ty}"));
-                        e.line(d, &format!("{x} = {combine} {a}, {b} : f32"));
-                        e.line(d, &format!("memref.store {x}, %red[%i{TID}] : {red_ty}"));
-                        e.line(depth, "}");
-                        if gpu {
-                            e.line(depth, "gpu.barrier");
-                        }
-                        half /= 2;
-                    }
-                    let total = e.fresh();
-                    e.line(depth, &format!("{total} = memref.load %red[{c0}] : {red_ty}"));
-                    if gpu {
-                        // Every thread has read the total before the next partials overwrite it.
-                        e.line(depth, "gpu.barrier");
-                    }
-                    e.slots.insert(TOTAL + n, total);
-                }
+                let rest = cx.reductions(&mut e, value);
                 let v = e.val(depth, &rest);
                 e.slots.insert(*slot, v);
             }
             Stmt::For { var, extent, body, .. } => {
-                phase(&mut e, &threads, &mut |e, d| {
+                cx.phase(&mut e, &mut |e, d| {
                     let (ext, step) = (e.idx(d, extent), e.idx(d, &Idx::Const(t as i64)));
                     e.line(d, &format!("scf.for %i{var} = %i{TID} to {ext} step {step} {{"));
                     e.stmts(d + 1, body);
                     e.line(d, "}");
                 });
             }
-            other => {
-                // A store of the row's own: thread 0.
+            Stmt::Store { buf, index, value } => {
+                // A store of the row's own (its reductions shared first): thread 0.
+                let store = Stmt::Store { buf: *buf, index: index.clone(), value: cx.reductions(&mut e, value) };
                 if gpu {
                     let first = e.fresh();
                     e.line(depth, &format!("{first} = arith.cmpi eq, %i{TID}, {c0} : index"));
                     e.line(depth, &format!("scf.if {first} {{"));
-                    e.stmts(depth + 1, std::slice::from_ref(other));
+                    e.stmts(depth + 1, std::slice::from_ref(&store));
                     e.line(depth, "}");
                     e.line(depth, "gpu.barrier");
                 } else {
-                    e.stmts(depth, std::slice::from_ref(other));
+                    e.stmts(depth, std::slice::from_ref(&store));
                 }
             }
+            Stmt::Mma(_) => unreachable!("recognize takes no register tiles"),
         }
     }
     for n in (0..rk.outer.len()).rev() {
@@ -348,6 +282,97 @@ pub fn emit(k: &Kernel, rk: &RowKernel, options: MlirOptions, gpu: bool) -> Stri
             params.join(", "),
             e.out
         )
+    }
+}
+
+/// How [`emit`] writes a block's phases at `depth`.
+struct Phases<'a> {
+    gpu: bool,
+    depth: usize,
+    threads: u64,
+    c0: String,
+    c1: String,
+    red_ty: &'a str,
+}
+
+impl Phases<'_> {
+    /// `f` run by every thread (on the host, a loop over them), then a barrier.
+    fn phase(&self, e: &mut Emitter, f: &mut dyn FnMut(&mut Emitter, usize)) {
+        if self.gpu {
+            f(e, self.depth);
+            e.line(self.depth, "gpu.barrier");
+        } else {
+            let n = e.idx(self.depth, &Idx::Const(self.threads as i64));
+            e.line(self.depth, &format!("scf.for %i{TID} = {} to {n} step {} {{", self.c0, self.c1));
+            f(e, self.depth + 1);
+            e.line(self.depth, "}");
+        }
+    }
+
+    /// `value`'s outermost reductions shared by the block (each thread's partial over its
+    /// strided columns, the tree in shared memory, the total read by all); returns `value`
+    /// with each replaced by its total's slot.
+    fn reductions(&self, e: &mut Emitter, value: &Val) -> Val {
+        let (depth, t, red_ty) = (self.depth, self.threads, self.red_ty);
+        let mut rs = Vec::new();
+        let rest = take_reductions(value, &mut rs);
+        for (n, r) in rs.iter().enumerate() {
+            let Val::Reduce { op, var, extent, body } = r else { unreachable!("taken reductions") };
+            let (init, combine) = match op {
+                RedOp::Sum => (0.0, "arith.addf"),
+                RedOp::Max => (f64::NEG_INFINITY, "arith.maximumf"),
+                RedOp::Min => (f64::INFINITY, "arith.minimumf"),
+            };
+            // Each thread's partial over its columns, into shared memory.
+            self.phase(e, &mut |e, d| {
+                let (init, ext, step) = (e.constant(d, init), e.idx(d, extent), e.idx(d, &Idx::Const(t as i64)));
+                let (p, acc) = (e.fresh(), e.fresh());
+                e.line(
+                    d,
+                    &format!(
+                        "{p} = scf.for %i{var} = %i{TID} to {ext} step {step} iter_args({acc} = {init}) -> (f32) {{"
+                    ),
+                );
+                let v = e.val(d + 1, body);
+                let x = e.fresh();
+                e.line(d + 1, &format!("{x} = {combine} {acc}, {v} : f32"));
+                e.line(d + 1, &format!("scf.yield {x} : f32"));
+                e.line(d, "}");
+                e.line(d, &format!("memref.store {p}, %red[%i{TID}] : {red_ty}"));
+            });
+            // The tree: `half` threads combine their partial with the one `half` on.
+            let mut half = t / 2;
+            while half > 0 {
+                let h = e.idx(depth, &Idx::Const(half as i64));
+                if self.gpu {
+                    let inside = e.fresh();
+                    e.line(depth, &format!("{inside} = arith.cmpi ult, %i{TID}, {h} : index"));
+                    e.line(depth, &format!("scf.if {inside} {{"));
+                } else {
+                    e.line(depth, &format!("scf.for %i{TID} = {} to {h} step {} {{", self.c0, self.c1));
+                }
+                let d = depth + 1;
+                let (a, o, b, x) = (e.fresh(), e.fresh(), e.fresh(), e.fresh());
+                e.line(d, &format!("{a} = memref.load %red[%i{TID}] : {red_ty}"));
+                e.line(d, &format!("{o} = arith.addi %i{TID}, {h} : index"));
+                e.line(d, &format!("{b} = memref.load %red[{o}] : {red_ty}"));
+                e.line(d, &format!("{x} = {combine} {a}, {b} : f32"));
+                e.line(d, &format!("memref.store {x}, %red[%i{TID}] : {red_ty}"));
+                e.line(depth, "}");
+                if self.gpu {
+                    e.line(depth, "gpu.barrier");
+                }
+                half /= 2;
+            }
+            let total = e.fresh();
+            e.line(depth, &format!("{total} = memref.load %red[{}] : {red_ty}", self.c0));
+            if self.gpu {
+                // Every thread has read the total before the next partials overwrite it.
+                e.line(depth, "gpu.barrier");
+            }
+            e.slots.insert(TOTAL + n, total);
+        }
+        rest
     }
 }
 
