@@ -1743,3 +1743,14 @@ fn conv_kernel_nodes(m: &Module) -> std::collections::HashSet<String> {
         .map(|op| op.node_name().to_string())
         .collect()
 }
+
+/// Launch dimensions fit the driver's 32 bits or are refused.
+#[test]
+fn gpu_launch_dims_fit_the_drivers_32_bits_or_are_refused() {
+    use kiln_targets::gpu_plan::driver_dims;
+    let max = u64::from(u32::MAX);
+    assert_eq!(driver_dims([5, 4, 1]), Some([5, 4, 1]));
+    assert_eq!(driver_dims([max, 1, 1]), Some([u32::MAX, 1, 1]));
+    assert_eq!(driver_dims([1, max + 1, 1]), None);
+    assert_eq!(driver_dims([1 << 40]), None);
+}

@@ -4,7 +4,7 @@
 //! cpu tuning is exercised on a small model (its timings are not asserted).
 
 use crate::common::*;
-use kiln::tune::{read_db, Record, Strategy, TuneOptions};
+use kiln::tune::{best_of, read_db, Outcome, Record, Strategy, TuneOptions};
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::time::Duration;
@@ -606,4 +606,68 @@ fn tune_takes_the_rvv_vlen_and_refuses_it_elsewhere() {
         kiln::tune::target_hash(&*kiln_targets::lookup_with("rvv", &t).unwrap())
     };
     assert_ne!(hash(128), hash(256), "records of different VLENs must not mix");
+}
+
+/// A record of `knobs` for workload `w` costing `cost` ms (`None`: a failed measurement).
+fn record(w: &str, knobs: &kiln_passes::lower::Schedule, cost: Option<f64>) -> Record {
+    Record {
+        workload: w.into(),
+        target: "cpu".into(),
+        target_hash: "h".into(),
+        knobs: knobs.clone(),
+        result: Outcome {
+            ok: cost.is_some(),
+            median_ms: cost,
+            sim_cycles: None,
+            est_cycles: None,
+            estimate: false,
+            clock: cost.map(|_| "wall".into()),
+            error: cost.is_none().then(|| "wrong result".into()),
+        },
+        kiln_version: "0".into(),
+        time: String::new(),
+    }
+}
+
+/// `best_of` (what `--tuning-db` applies) takes each schedule's median, not its luckiest
+/// reading: the middle one of an odd count, the mean of the middle two of an even one; a
+/// failed measurement rules a schedule out; other machines' records do not count; ties go to
+/// the schedule recorded first.
+#[test]
+fn best_of_takes_each_schedules_median_not_its_luckiest_measurement() {
+    let a = kiln_passes::lower::Schedule::for_machine(&kiln_targets::lookup("cpu").unwrap().machine());
+    let b = kiln_passes::lower::Schedule { matmul_tile_k: a.matmul_tile_k * 2, ..a.clone() };
+    let c = kiln_passes::lower::Schedule { matmul_tile_k: a.matmul_tile_k * 4, ..a.clone() };
+    let d = kiln_passes::lower::Schedule { matmul_tile_k: a.matmul_tile_k * 8, ..a.clone() };
+    // `a` read 1.0 once (lucky) but 3.0 twice; `b` 2.0 and 2.1; `c` was cheapest but failed
+    // once; another machine's record and another workload's are not counted.
+    let mut rs = vec![
+        record("w", &a, Some(1.0)),
+        record("w", &b, Some(2.0)),
+        record("w", &a, Some(3.0)),
+        record("w", &c, Some(0.5)),
+        record("w", &a, Some(3.0)),
+        record("w", &b, Some(2.1)),
+        record("w", &c, None),
+        record("v", &c, Some(0.1)),
+    ];
+    rs.push(Record { target_hash: "other".into(), ..record("w", &c, Some(0.01)) });
+    let best = best_of(&rs, "cpu", "h");
+    assert_eq!(best["w"], b);
+    assert_eq!(best["v"], c);
+    // Ties: the schedule recorded first.
+    let tie = best_of(&[record("w", &b, Some(2.0)), record("w", &a, Some(2.0))], "cpu", "h");
+    assert_eq!(tie["w"], b);
+    // `a`'s readings against one of `d`: the median is the middle one of an odd count (5, 1,
+    // 3 → 3.0) and the mean of the middle two of an even one (4, 1, 2, 10 → 3.0): `d` wins
+    // just below it and loses just above (so not the least, the largest or the mean reading).
+    let race = |readings: &[f64], other: f64| {
+        let rs: Vec<Record> =
+            readings.iter().map(|&x| record("u", &a, Some(x))).chain([record("u", &d, Some(other))]).collect();
+        best_of(&rs, "cpu", "h")["u"].clone()
+    };
+    for readings in [&[5.0, 1.0, 3.0][..], &[4.0, 1.0, 2.0, 10.0]] {
+        assert_eq!(race(readings, 2.95), d, "{readings:?}");
+        assert_eq!(race(readings, 3.05), a, "{readings:?}");
+    }
 }
