@@ -1,5 +1,5 @@
 //! Block-tiled MatMul/Gemm for the GPU targets: shared memory as the local level, barriers,
-//! vectorized global loads.
+//! vectorized global loads, the matrix unit (tensor cores, MFMA).
 //!
 //! A MatMul/Gemm lowers per output element (`Schedule::matmul_per_element`: one parallel
 //! loop over `batch × M × N`, storing `epilogue(Σ_k a(row, k) · b(k, col))`). [`recognize`]
@@ -27,6 +27,13 @@
 //!   after another (the barrier is the boundary between two thread loops), the accumulators in
 //!   a per-thread array. Same tiles, same zero padding, same summation order per output
 //!   element: the host numerics are the schedule's.
+//!
+//! With the chip's matrix unit ([`MatrixInst`], [`GemmTile::mma`]) the compute step is
+//! warp-level instead: each warp's `rm × rn` part is `rm/m × rn/n` of the instruction's
+//! products per `k` step, its lanes' fragments read from the shared tiles (rows padded
+//! against bank conflicts) by the instruction's lane layout, the accumulators' positions the
+//! store phase's. The host mapping runs the same fragment loads in a thread loop, then per warp
+//! the instruction emulated from the same layout (`@<kernel>_mma`).
 
 use crate::gpu::GpuArch;
 use crate::native::{Emitter, HostBlocks, HostBuilt, MlirOptions};
