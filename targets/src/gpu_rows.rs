@@ -97,14 +97,16 @@ pub fn recognize(k: &Kernel, arch: &GpuArch) -> Option<RowKernel> {
     let mut reduces = false;
     for s in body {
         match s {
-            // (A store of the row's own, thread 0's, may reduce as well.)
+            // A store of the row's own (thread 0's) may reduce as well, but only a `Let`'s
+            // reduction makes a row kernel: a store of one reduction per iteration is a
+            // per-element kernel (a Conv's or MatMul's output), a thread per element.
             Stmt::Let { value, .. } | Stmt::Store { value, .. } => {
                 let mut rs = Vec::new();
                 take_reductions(value, &mut rs);
                 for r in &rs {
                     let Val::Reduce { extent, .. } = r else { continue };
                     widest = widest.max(known(k, extent)?);
-                    reduces = true;
+                    reduces |= matches!(s, Stmt::Let { .. });
                 }
             }
             Stmt::For { var: c, extent, parallel: false, body } => {

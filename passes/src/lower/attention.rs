@@ -168,14 +168,13 @@ pub(super) fn body(lw: &Lowering, att: OpId, out_buf: usize, locals_at: usize) -
             }
         };
         let (score, m_new, corr, p, inv) = (0, 1, 2, 3, 4);
-        let key = vec![
+        let mut key = vec![
             Stmt::Let { slot: score, value: scale_mask(&i, j.clone(), dot)? },
             Stmt::Let { slot: m_new, value: bin(BinOp::Max, st(0), Val::Scalar(score)) },
             Stmt::Let { slot: corr, value: exp(bin(BinOp::Sub, st(0), Val::Scalar(m_new))) },
             Stmt::Let { slot: p, value: exp(bin(BinOp::Sub, Val::Scalar(score), Val::Scalar(m_new))) },
             set(1, bin(BinOp::Add, bin(BinOp::Mul, st(1), Val::Scalar(corr)), Val::Scalar(p))),
         ];
-        let mut key = key;
         key.extend(per_z(&|z| {
             Ok(Stmt::Store {
                 buf: acc,
