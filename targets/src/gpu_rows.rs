@@ -31,10 +31,11 @@
 //! the end of one. The partial sums, the tree and each thread's columns are the same, so the
 //! host numerics are the GPU's.
 
-use crate::gpu::GpuArch;
+use crate::gpu::{static_idx, GpuArch};
+use crate::gpu_tile::take_reductions;
 use crate::native::{Emitter, HostBlocks, HostBuilt, MlirOptions};
 use crate::TargetError;
-use kiln_ir::kernel::{Idx, Kernel, RedOp, Stmt, Val};
+use kiln_ir::kernel::{Idx, Kernel, Stmt, Val};
 use kiln_ir::Dim;
 
 /// The thread variable (one on the GPU; a loop of its own per phase on the host).
@@ -85,14 +86,14 @@ pub fn recognize(k: &Kernel, arch: &GpuArch) -> Option<RowKernel> {
         match nest {
             [Stmt::For { var, extent, parallel: true, body }] => break (var, extent, body),
             [Stmt::For { var, extent, parallel: false, body }] => {
-                known(k, extent)?;
+                static_idx(extent, k)?;
                 outer.push((*var, extent.clone()));
                 nest = body;
             }
             _ => return None,
         }
     };
-    let rows = crate::native::eval_idx(extent, &shapes(k).iter().map(Vec::as_slice).collect::<Vec<_>>())?;
+    let rows = static_idx(extent, k)?;
     let mut widest = 0i64;
     let mut reduces = false;
     for s in body {
@@ -102,10 +103,10 @@ pub fn recognize(k: &Kernel, arch: &GpuArch) -> Option<RowKernel> {
             // per-element kernel (a Conv's or MatMul's output), a thread per element.
             Stmt::Let { value, .. } | Stmt::Store { value, .. } => {
                 let mut rs = Vec::new();
-                take_reductions(value, &mut rs);
+                take_reductions(value, &mut rs, &|n| TOTAL + n);
                 for r in &rs {
                     let Val::Reduce { extent, .. } = r else { continue };
-                    widest = widest.max(known(k, extent)?);
+                    widest = widest.max(static_idx(extent, k)?);
                     reduces |= matches!(s, Stmt::Let { .. });
                 }
             }
@@ -113,7 +114,7 @@ pub fn recognize(k: &Kernel, arch: &GpuArch) -> Option<RowKernel> {
                 if !columns_independent(body, *c, k.inputs) {
                     return None;
                 }
-                widest = widest.max(known(k, extent)?);
+                widest = widest.max(static_idx(extent, k)?);
             }
             _ => return None,
         }
@@ -129,26 +130,6 @@ pub fn recognize(k: &Kernel, arch: &GpuArch) -> Option<RowKernel> {
     }
     let threads = (widest.max(1) as u64).next_power_of_two().clamp(warp, arch.block_threads().max(warp));
     Some(RowKernel { rows: rows as u64, threads, var: *var, outer, body: body.clone() })
-}
-
-fn shapes(k: &Kernel) -> Vec<Vec<usize>> {
-    k.buffers
-        .iter()
-        .map(|b| {
-            b.shape
-                .iter()
-                .map(|d| match d {
-                    Dim::Known(n) => *n as usize,
-                    Dim::Sym(_) => 0,
-                })
-                .collect()
-        })
-        .collect()
-}
-
-/// The value of `i` (known shapes; `None` where it uses a loop variable).
-fn known(k: &Kernel, i: &Idx) -> Option<i64> {
-    crate::native::eval_idx(i, &shapes(k).iter().map(Vec::as_slice).collect::<Vec<_>>())
 }
 
 /// Whether the iterations of column loop `c` over `body` (`Let`s and `Store`s only) may run
@@ -172,36 +153,22 @@ fn columns_independent(body: &[Stmt], c: usize, inputs: usize) -> bool {
     })
 }
 
+/// Whether every load in `v` of a buffer in `stored` reads an element stored there.
 fn loads_ok(v: &Val, stored: &[(usize, &Vec<Idx>)]) -> bool {
-    let mut ok = true;
+    let mut ok = match v {
+        Val::Load { buf, index } => {
+            !stored.iter().any(|(b, _)| b == buf) || stored.iter().any(|(b, i)| b == buf && *i == index)
+        }
+        _ => true,
+    };
     v.map_parts(
         &mut |x| {
-            if let Val::Load { buf, index } = x {
-                if stored.iter().any(|(b, _)| b == buf) && !stored.iter().any(|(b, i)| b == buf && *i == index) {
-                    ok = false;
-                }
-            }
             ok &= loads_ok(x, stored);
             x.clone()
         },
         &mut Idx::clone,
     );
-    if let Val::Load { buf, index } = v {
-        if stored.iter().any(|(b, _)| b == buf) && !stored.iter().any(|(b, i)| b == buf && *i == index) {
-            ok = false;
-        }
-    }
     ok
-}
-
-/// `v` with its outermost reductions taken out: the `n`-th becomes `Val::Scalar(TOTAL + n)`
-/// (counting from `out`'s length) and is pushed on `out`.
-fn take_reductions(v: &Val, out: &mut Vec<Val>) -> Val {
-    if let Val::Reduce { .. } = v {
-        out.push(v.clone());
-        return Val::Scalar(TOTAL + out.len() - 1);
-    }
-    v.map_parts(&mut |x| take_reductions(x, out), &mut Idx::clone)
 }
 
 /// The row kernel as a `gpu.func` (`gpu`) or the host emulation's `func.func` over blocks
@@ -317,14 +284,10 @@ impl Phases<'_> {
     fn reductions(&self, e: &mut Emitter, value: &Val) -> Val {
         let (depth, t, red_ty) = (self.depth, self.threads, self.red_ty);
         let mut rs = Vec::new();
-        let rest = take_reductions(value, &mut rs);
+        let rest = take_reductions(value, &mut rs, &|n| TOTAL + n);
         for (n, r) in rs.iter().enumerate() {
             let Val::Reduce { op, var, extent, body } = r else { unreachable!("taken reductions") };
-            let (init, combine) = match op {
-                RedOp::Sum => (0.0, "arith.addf"),
-                RedOp::Max => (f64::NEG_INFINITY, "arith.maximumf"),
-                RedOp::Min => (f64::INFINITY, "arith.minimumf"),
-            };
+            let (init, combine) = crate::native::reduction(*op);
             // Each thread's partial over its columns, into shared memory.
             self.phase(e, &mut |e, d| {
                 let (init, ext, step) = (e.constant(d, init), e.idx(d, extent), e.idx(d, &Idx::Const(t as i64)));

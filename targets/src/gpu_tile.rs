@@ -317,13 +317,14 @@ fn replace_scalar(v: &Val, slot: usize, by: &Val) -> Val {
     v.map(&mut |x| if x == Val::Scalar(slot) { by.clone() } else { x })
 }
 
-/// `v` with its reductions taken out: each becomes `Val::Scalar(ACC)` and is pushed on `out`.
-fn take_reductions(v: &Val, out: &mut Vec<Val>) -> Val {
+/// `v` with its outermost reductions taken out: each is pushed on `out` and becomes
+/// `Val::Scalar(slot(n))`, `n` its position in `out`.
+pub(crate) fn take_reductions(v: &Val, out: &mut Vec<Val>, slot: &dyn Fn(usize) -> usize) -> Val {
     if let Val::Reduce { .. } = v {
         out.push(v.clone());
-        return Val::Scalar(ACC);
+        return Val::Scalar(slot(out.len() - 1));
     }
-    v.map_parts(&mut |x| take_reductions(x, out), &mut Idx::clone)
+    v.map_parts(&mut |x| take_reductions(x, out, slot), &mut Idx::clone)
 }
 
 /// The flattened variable `v` over `b × m × n` rewritten into [`ROW`], [`COL`] and `inner`
@@ -401,7 +402,7 @@ struct Product {
 /// `rw`; `None` when it is not one sum of products of constant extent.
 fn product(k: &Kernel, value: &Val, rw: &dyn Fn(&Idx) -> Option<Idx>) -> Option<Product> {
     let mut reductions = Vec::new();
-    let epilogue = take_reductions(value, &mut reductions).try_map_idx(&mut |i| rw(i).ok_or(())).ok()?;
+    let epilogue = take_reductions(value, &mut reductions, &|_| ACC).try_map_idx(&mut |i| rw(i).ok_or(())).ok()?;
     reductions.dedup();
     let [Val::Reduce { op: RedOp::Sum, var: kvar, extent, body }] = reductions.as_slice() else { return None };
     let Idx::Const(kk) = concrete(extent, k)? else { return None };

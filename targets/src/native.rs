@@ -49,6 +49,15 @@ fn f32_literal(v: f64) -> String {
     }
 }
 
+/// A reduction's identity and the MLIR op that combines two of its values.
+pub(crate) fn reduction(op: RedOp) -> (f64, &'static str) {
+    match op {
+        RedOp::Sum => (0.0, "arith.addf"),
+        RedOp::Max => (f64::NEG_INFINITY, "arith.maximumf"),
+        RedOp::Min => (f64::INFINITY, "arith.minimumf"),
+    }
+}
+
 /// Emits a kernel's statements and values as MLIR text (the GPU GEMM tiling in
 /// [`crate::gpu_tile`] uses it for loads, index math and epilogues).
 pub(crate) struct Emitter<'k> {
@@ -642,14 +651,8 @@ impl<'k> Emitter<'k> {
                 t
             }
             Val::Reduce { op, var, extent, body } => {
-                let init = self.constant(
-                    depth,
-                    match op {
-                        RedOp::Sum => 0.0,
-                        RedOp::Max => f64::NEG_INFINITY,
-                        RedOp::Min => f64::INFINITY,
-                    },
-                );
+                let (identity, combine) = reduction(*op);
+                let init = self.constant(depth, identity);
                 let e = self.idx(depth, extent);
                 let (lo, step) = (self.idx(depth, &Idx::Const(0)), self.idx(depth, &Idx::Const(1)));
                 let (r, acc) = (self.fresh(), self.fresh());
@@ -658,11 +661,6 @@ impl<'k> Emitter<'k> {
                     &format!("{r} = scf.for %i{var} = {lo} to {e} step {step} iter_args({acc} = {init}) -> (f32) {{"),
                 );
                 let v = self.val(depth + 1, body);
-                let combine = match op {
-                    RedOp::Sum => "arith.addf",
-                    RedOp::Max => "arith.maximumf",
-                    RedOp::Min => "arith.minimumf",
-                };
                 let n = self.fresh();
                 // Reassociation lets LLVM vectorize the reduction (partial sums per lane).
                 self.line(depth + 1, &format!("{n} = {combine} {acc}, {v} fastmath<reassoc,contract> : f32"));
