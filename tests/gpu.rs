@@ -344,6 +344,19 @@ fn ptxas() -> Option<PathBuf> {
     std::process::Command::new("ptxas").arg("--version").output().ok().map(|_| PathBuf::from("ptxas"))
 }
 
+/// Assembles PTX file `file` for `chip` with `ptxas` ([`ptxas`]'s; NOT RUN, a failure, where
+/// there is none), `what` naming it in a failure; returns ptxas's resource report (`-v`).
+fn assemble(ptxas: Option<&PathBuf>, file: &std::path::Path, chip: &str, what: &str) -> String {
+    let Some(ptxas) = ptxas else { panic!("NOT RUN: ptxas not found: run scripts/setup.sh") };
+    let cubin = file.with_extension("cubin");
+    let out = std::process::Command::new(ptxas)
+        .args([&format!("-arch={chip}"), "-v", file.to_str().unwrap(), "-o", cubin.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{what}: ptxas: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
 /// Every PTX kiln emits assembles with ptxas for its chip: the snapshot models on sm_80 and
 /// sm_90, and every ONNX node test's kernels that lower natively on sm_80. A missing ptxas
 /// fails the test with the way to install it (it never passes without having run).
@@ -357,11 +370,7 @@ fn gpu_ptx_assembles_with_ptxas() {
     let check = |what: &str, chip: &str, ptx: &str| {
         let f = dir.join(format!("k{}.ptx", count.get()));
         std::fs::write(&f, ptx).unwrap();
-        let out = std::process::Command::new(&ptxas)
-            .args([&format!("-arch={chip}"), f.to_str().unwrap(), "-o", dir.join("k.cubin").to_str().unwrap()])
-            .output()
-            .unwrap_or_else(|e| panic!("{}: {e}", ptxas.display()));
-        assert!(out.status.success(), "{what} ({chip}): ptxas failed:\n{}", String::from_utf8_lossy(&out.stderr));
+        assemble(Some(&ptxas), &f, chip, &format!("{what} ({chip})"));
         count.set(count.get() + 1);
     };
     for (name, m, _) in models() {
@@ -875,17 +884,7 @@ fn gpu_tiled_gemm_code_uses_shared_memory_and_barriers() {
                         "{name} {chip} {f}: no vector global loads"
                     );
                 }
-                let Some(ptxas) = &ptxas else { panic!("NOT RUN: ptxas not found: run scripts/setup.sh") };
-                let out = std::process::Command::new(ptxas)
-                    .args([
-                        &format!("-arch={chip}"),
-                        file.to_str().unwrap(),
-                        "-o",
-                        dir.join("k.cubin").to_str().unwrap(),
-                    ])
-                    .output()
-                    .unwrap();
-                assert!(out.status.success(), "{name} {chip}: ptxas: {}", String::from_utf8_lossy(&out.stderr));
+                assemble(ptxas.as_ref(), &file, chip, &format!("{name} {chip}"));
             }
         }
         for chip in gpu::ROCM_ARCHS {
@@ -1069,17 +1068,7 @@ fn gpu_tiled_conv_code_uses_shared_memory_and_barriers() {
                 assert!(ptx.contains("ld.shared.") && ptx.contains("st.shared."), "{name} {chip} {f}: no shared loads");
                 let (_, v4) = ptx_global_loads(ptx);
                 assert_eq!(v4 > 0, want.0 || want.1, "{name} {chip} {f}: {v4} vector global loads");
-                let Some(ptxas) = &ptxas else { panic!("NOT RUN: ptxas not found: run scripts/setup.sh") };
-                let out = std::process::Command::new(ptxas)
-                    .args([
-                        &format!("-arch={chip}"),
-                        file.to_str().unwrap(),
-                        "-o",
-                        dir.join("k.cubin").to_str().unwrap(),
-                    ])
-                    .output()
-                    .unwrap();
-                assert!(out.status.success(), "{name} {chip}: ptxas: {}", String::from_utf8_lossy(&out.stderr));
+                assemble(ptxas.as_ref(), &file, chip, &format!("{name} {chip}"));
             }
         }
         for chip in gpu::ROCM_ARCHS {
@@ -1559,15 +1548,9 @@ fn gpu_attention_runs_a_thread_per_query() {
         assert!(!ptx.contains(".local"), "{name}: the output row spilled to local memory");
         let file = dir.join("attention.ptx");
         std::fs::write(&file, ptx).unwrap();
-        let Some(ptxas) = &ptxas else { panic!("NOT RUN: ptxas not found: run scripts/setup.sh") };
-        let out = std::process::Command::new(ptxas)
-            .args(["-arch=sm_80", "-v", file.to_str().unwrap(), "-o", dir.join("a.cubin").to_str().unwrap()])
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{name}: ptxas: {}", String::from_utf8_lossy(&out.stderr));
-        let info = String::from_utf8_lossy(&out.stderr);
-        assert!(info.contains("0 bytes spill stores"), "{name}: {info}");
-        println!("{name}: {}", info.lines().filter(|l| l.contains("registers")).collect::<Vec<_>>().join(" "));
+        let report = assemble(ptxas.as_ref(), &file, "sm_80", name);
+        assert!(report.contains("0 bytes spill stores"), "{name}: {report}");
+        println!("{name}: {}", report.lines().filter(|l| l.contains("registers")).collect::<Vec<_>>().join(" "));
     }
 }
 
@@ -1723,12 +1706,7 @@ fn gpu_row_kernels_run_a_block_per_row() {
             if family == Family::Cuda {
                 let file = dir.join("rows.ptx");
                 std::fs::write(&file, &p.functions[0].1.asm).unwrap();
-                let Some(ptxas) = &ptxas else { panic!("NOT RUN: ptxas not found: run scripts/setup.sh") };
-                let out = std::process::Command::new(ptxas)
-                    .args(["-arch=sm_80", file.to_str().unwrap(), "-o", dir.join("r.cubin").to_str().unwrap()])
-                    .output()
-                    .unwrap();
-                assert!(out.status.success(), "{name}: ptxas: {}", String::from_utf8_lossy(&out.stderr));
+                assemble(ptxas.as_ref(), &file, "sm_80", name);
             }
         }
     }
