@@ -16,7 +16,7 @@ use kiln_targets::gpu::{self, Family, GpuArch, GpuProgram};
 use kiln_targets::gpu_plan::EmulatedGpu;
 use kiln_targets::gpu_rows;
 use kiln_targets::gpu_tile;
-use kiln_targets::native::NativeKernel;
+use kiln_targets::native::{HostBlocks, NativeKernel};
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::rc::Rc;
@@ -223,13 +223,14 @@ fn run_as_gpu(m: &Module, inputs: Vec<Tensor>) -> (Vec<Tensor>, usize, u64, usiz
 }
 
 /// [`run_as_gpu`] for `arch`; also returns the launches of block-tiled GEMMs, which run
-/// block by block, each block's threads phase by phase ([`gpu_tile::HostTiled`]), as row
-/// kernels do ([`gpu_rows::HostRows`]).
+/// block by block, each block's threads phase by phase ([`gpu_tile::host_blocks`]), as row
+/// kernels do ([`gpu_rows::host_blocks`]).
 fn run_as_gpu_on(m: &Module, inputs: Vec<Tensor>, arch: &GpuArch) -> (Vec<Tensor>, usize, u64, Vec<gpu::KernelLaunch>) {
     let schedule = gpu::schedule();
     let mut launches: HashMap<kiln_ir::ir::OpId, (Rc<NativeKernel>, u64, gpu::KernelLaunch)> = HashMap::new();
-    let mut tiled: HashMap<kiln_ir::ir::OpId, Rc<gpu_tile::HostTiled>> = HashMap::new();
-    let mut rows: HashMap<kiln_ir::ir::OpId, Rc<gpu_rows::HostRows>> = HashMap::new();
+    // Block-synchronous kernels' host builds; which of them are tiled GEMMs.
+    let mut blocked: HashMap<kiln_ir::ir::OpId, Rc<HostBlocks>> = HashMap::new();
+    let mut tiled = std::collections::HashSet::new();
     let mut compiled: HashMap<String, Rc<NativeKernel>> = HashMap::new();
     for (o, name) in kiln_targets::native::launched_kernels(m) {
         let Ok(k) = gpu::lower(m, o, &name, &schedule) else { continue };
@@ -238,10 +239,11 @@ fn run_as_gpu_on(m: &Module, inputs: Vec<Tensor>, arch: &GpuArch) -> (Vec<Tensor
         let threads = grid.iter().chain(&launch.block).product::<u64>();
         if let Some(g) = gpu_tile::recognize(&k, arch).unwrap() {
             assert_eq!(launch.tile, Some(g.tile));
-            tiled.insert(o, Rc::new(gpu_tile::HostTiled::compile(k.clone(), g).unwrap()));
+            blocked.insert(o, Rc::new(gpu_tile::host_blocks(k.clone(), &g).unwrap()));
+            tiled.insert(o);
         } else if let Some(r) = gpu_rows::recognize(&k, arch) {
             assert_eq!((launch.row_block, launch.grid), (Some(r.threads), Some(r.grid())));
-            rows.insert(o, Rc::new(gpu_rows::HostRows::compile(k.clone(), r).unwrap()));
+            blocked.insert(o, Rc::new(gpu_rows::host_blocks(k.clone(), &r).unwrap()));
         }
         let key = format!("{:?}", kiln_ir::kernel::Kernel { name: String::new(), ..k.clone() });
         let native = compiled.entry(key).or_insert_with(|| Rc::new(NativeKernel::compile(k).unwrap())).clone();
@@ -249,19 +251,15 @@ fn run_as_gpu_on(m: &Module, inputs: Vec<Tensor>, arch: &GpuArch) -> (Vec<Tensor
     }
     let largest = launches.values().map(|(_, t, _)| *t).max().unwrap_or(0);
     let tiled_launches: Vec<gpu::KernelLaunch> =
-        launches.iter().filter(|(o, _)| tiled.contains_key(o)).map(|(_, (_, _, l))| l.clone()).collect();
+        launches.iter().filter(|(o, _)| tiled.contains(*o)).map(|(_, (_, _, l))| l.clone()).collect();
     let omitted = Tensor::from_f32(&[0], vec![]);
     let over = |o: kiln_ir::ir::OpId, operands: &[Option<&Tensor>]| {
         let (native, threads, launch) = launches.get(&o)?;
         let refs: Vec<&Tensor> = operands.iter().map(|t| t.unwrap_or(&omitted)).collect();
-        let blocked = match (tiled.get(&o), rows.get(&o)) {
-            (Some(t), _) => Some(t.run(&refs)),
-            (None, Some(r)) => Some(r.run(&refs)),
-            (None, None) => None,
-        };
-        if let Some(run) = blocked {
+        if let Some(b) = blocked.get(&o) {
             return Some(
-                run.map(|outs| outs.into_iter().map(Rc::new).collect())
+                b.run(&refs)
+                    .map(|outs| outs.into_iter().map(Rc::new).collect())
                     .map_err(|e| kiln_ir::graph::OpError(e.to_string())),
             );
         }

@@ -299,11 +299,10 @@ pub struct EmulatedGpu {
     backend: crate::native::JitBackend,
     /// Per function name: its index in `backend`, its kernel, its grid's columns.
     functions: HashMap<String, (usize, kiln_ir::kernel::Kernel, Option<i64>)>,
-    /// Block-tiled GEMMs ([`crate::gpu_tile`]): their block-synchronous host build, run block
-    /// by block, each block's threads phase by phase.
-    tiled: HashMap<String, crate::gpu_tile::HostTiled>,
-    /// Row kernels ([`crate::gpu_rows`]): their host build, block by block likewise.
-    rows: HashMap<String, crate::gpu_rows::HostRows>,
+    /// Block-synchronous kernels, block-tiled GEMMs ([`crate::gpu_tile`]) and row kernels
+    /// ([`crate::gpu_rows`]): their host build, run block by block, each block's threads phase
+    /// by phase.
+    blocked: HashMap<String, crate::native::HostBlocks>,
     loaded: std::collections::HashSet<String>,
     memory: Vec<Box<[u64]>>,
     /// Launches run and threads emulated.
@@ -319,10 +318,9 @@ impl EmulatedGpu {
     /// The functions of `prog`, compiled for the host.
     pub fn new(prog: &GpuProgram) -> Result<EmulatedGpu, TargetError> {
         let mut firsts: Vec<(String, kiln_ir::kernel::Kernel, Option<i64>)> = Vec::new();
-        let mut tiled = HashMap::new();
-        let mut rows = HashMap::new();
+        let mut blocked = HashMap::new();
         for (l, k) in prog.manifest.kernels.iter().zip(&prog.kernels) {
-            if l.row_block.is_some() && !rows.contains_key(&l.function) {
+            if l.row_block.is_some() && !blocked.contains_key(&l.function) {
                 let r = crate::gpu_rows::recognize(k, &prog.arch).ok_or_else(|| {
                     TargetError::Codegen(format!(
                         "kernel {}: a block per row in the manifest, not a row kernel",
@@ -330,14 +328,14 @@ impl EmulatedGpu {
                     ))
                 })?;
                 let k = kiln_ir::kernel::Kernel { name: l.function.clone(), ..k.clone() };
-                rows.insert(l.function.clone(), crate::gpu_rows::HostRows::compile(k, r)?);
+                blocked.insert(l.function.clone(), crate::gpu_rows::host_blocks(k, &r)?);
             }
-            if l.tile.is_some() && !tiled.contains_key(&l.function) {
+            if l.tile.is_some() && !blocked.contains_key(&l.function) {
                 let gemm = crate::gpu_tile::recognize(k, &prog.arch)?.ok_or_else(|| {
                     TargetError::Codegen(format!("kernel {}: tiled in the manifest, not a tiled GEMM", l.name))
                 })?;
                 let k = kiln_ir::kernel::Kernel { name: l.function.clone(), ..k.clone() };
-                tiled.insert(l.function.clone(), crate::gpu_tile::HostTiled::compile(k, gemm)?);
+                blocked.insert(l.function.clone(), crate::gpu_tile::host_blocks(k, &gemm)?);
             }
             if !firsts.iter().any(|(f, ..)| *f == l.function) {
                 let cols = l.cols_known.map(|c| c as i64);
@@ -355,8 +353,7 @@ impl EmulatedGpu {
         Ok(EmulatedGpu {
             backend,
             functions,
-            tiled,
-            rows,
+            blocked,
             loaded: Default::default(),
             memory: Vec::new(),
             launches: 0,
@@ -430,15 +427,9 @@ impl kiln_runtime::gpu::Device for EmulatedGpu {
             return Err(device_error(format!("function {function} was not loaded")));
         }
         let (index, k, cols) = &self.functions[function];
-        let tiled = self.tiled.get(function);
-        let rows = self.rows.get(function);
-        let blocked = match (tiled, rows) {
-            (Some(t), _) => Some((t.gemm().grid(), t.gemm().tile.threads())),
-            (None, Some(r)) => Some((r.rows().grid(), r.rows().threads)),
-            (None, None) => None,
-        };
-        if let Some((g, threads)) = blocked {
-            let want = (g.map(|x| x as u32), [threads as u32, 1, 1]);
+        let blocked = self.blocked.get(function);
+        if let Some(b) = blocked {
+            let want = (b.grid().map(|x| x as u32), [b.threads() as u32, 1, 1]);
             if (grid, block) != want {
                 return Err(device_error(format!(
                     "kernel {}: launched on grid {grid:?} × block {block:?}, its blocks need {:?} × {:?}",
@@ -475,14 +466,9 @@ impl kiln_runtime::gpu::Device for EmulatedGpu {
         let base = words.as_mut_ptr();
         // SAFETY: offsets are within `words` (checked above).
         let mut descriptors: Vec<*mut i64> = offsets.iter().map(|&o| unsafe { base.add(o) }).collect();
-        if blocked.is_some() {
+        if let Some(b) = blocked {
             // SAFETY: as below; the function is the tiled or row kernel's host build.
-            match (tiled, rows) {
-                (Some(t), _) => unsafe { t.call_blocks(&mut descriptors) },
-                (None, Some(r)) => unsafe { r.call_blocks(&mut descriptors) },
-                (None, None) => unreachable!("blocked"),
-            }
-            .map_err(device_error)?;
+            unsafe { b.call_blocks(&mut descriptors) }.map_err(device_error)?;
             self.launches += 1;
             self.threads += grid.iter().chain(&block).map(|&x| x as u64).product::<u64>();
             return Ok(());

@@ -33,7 +33,7 @@
 
 use crate::gpu::{static_idx, GpuArch};
 use crate::gpu_tile::take_reductions;
-use crate::native::{Emitter, HostBlocks, HostBuilt, MlirOptions};
+use crate::native::{Emitter, HostBlocks, MlirOptions};
 use crate::TargetError;
 use kiln_ir::kernel::{Idx, Kernel, Stmt, Val};
 use kiln_ir::Dim;
@@ -341,17 +341,9 @@ impl Phases<'_> {
     }
 }
 
-/// A row kernel compiled for the host emulation ([`emit`] with `gpu: false`).
-pub type HostRows = HostBuilt<RowKernel>;
-
-impl HostRows {
-    pub fn compile(kernel: Kernel, rows: RowKernel) -> Result<HostRows, TargetError> {
-        let text = emit(&kernel, &rows, MlirOptions::default(), false);
-        let blocks = HostBlocks::compile(kernel, &text, rows.rows)?;
-        Ok(HostBuilt::new(rows, blocks))
-    }
-
-    pub fn rows(&self) -> &RowKernel {
-        self.schedule()
-    }
+/// The row kernel `rows` of `kernel` compiled for the host emulation ([`emit`] with
+/// `gpu: false`).
+pub fn host_blocks(kernel: Kernel, rows: &RowKernel) -> Result<HostBlocks, TargetError> {
+    let text = emit(&kernel, rows, MlirOptions::default(), false);
+    HostBlocks::compile(kernel, &text, rows.grid(), rows.threads)
 }

@@ -36,7 +36,7 @@
 //! the instruction emulated from the same layout (`@<kernel>_mma`).
 
 use crate::gpu::GpuArch;
-use crate::native::{Emitter, HostBlocks, HostBuilt, MlirOptions};
+use crate::native::{Emitter, HostBlocks, MlirOptions};
 use crate::TargetError;
 use kiln_ir::kernel::{BinOp, Idx, Kernel, RedOp, Stmt, Val};
 use kiln_ir::machine::MachineDescription;
@@ -1651,17 +1651,9 @@ fn mma_emulation(k: &Kernel, g: &TiledGemm, inst: MatrixInst) -> String {
     )
 }
 
-/// A tiled GEMM compiled for the host emulation ([`emit`] with `gpu: false`).
-pub type HostTiled = HostBuilt<TiledGemm>;
-
-impl HostTiled {
-    pub fn compile(kernel: Kernel, gemm: TiledGemm) -> Result<HostTiled, TargetError> {
-        let text = emit(&kernel, &gemm, MlirOptions::default(), false);
-        let blocks = HostBlocks::compile(kernel, &text, gemm.blocks())?;
-        Ok(HostBuilt::new(gemm, blocks))
-    }
-
-    pub fn gemm(&self) -> &TiledGemm {
-        self.schedule()
-    }
+/// The tiled GEMM `gemm` of `kernel` compiled for the host emulation ([`emit`] with
+/// `gpu: false`).
+pub fn host_blocks(kernel: Kernel, gemm: &TiledGemm) -> Result<HostBlocks, TargetError> {
+    let text = emit(&kernel, gemm, MlirOptions::default(), false);
+    HostBlocks::compile(kernel, &text, gemm.grid(), gemm.tile.threads())
 }

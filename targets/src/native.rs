@@ -1195,15 +1195,6 @@ impl JitBackend {
     }
 }
 
-/// A block-synchronous GPU kernel built for the host: the host mapping of a GEMM tile
-/// ([`crate::gpu_tile`]) or a row kernel ([`crate::gpu_rows`]), a function over blocks
-/// `%lo..%hi` whose phases are loops over each block's threads, run one block at a time.
-pub struct HostBlocks {
-    kernel: Kernel,
-    blocks: i64,
-    backend: JitBackend,
-}
-
 /// The parameters of a block-synchronous kernel's function ([`crate::gpu_tile`],
 /// [`crate::gpu_rows`]): a memref per buffer, `noalias` in the host mapping.
 pub(crate) fn block_params(k: &Kernel, gpu: bool) -> Vec<String> {
@@ -1215,34 +1206,36 @@ pub(crate) fn block_params(k: &Kernel, gpu: bool) -> Vec<String> {
         .collect()
 }
 
-/// A schedule `S` and its host build ([`HostBlocks`], which it dereferences to).
-pub struct HostBuilt<S> {
-    schedule: S,
-    blocks: HostBlocks,
-}
-
-impl<S> HostBuilt<S> {
-    pub fn new(schedule: S, blocks: HostBlocks) -> HostBuilt<S> {
-        HostBuilt { schedule, blocks }
-    }
-
-    pub fn schedule(&self) -> &S {
-        &self.schedule
-    }
-}
-
-impl<S> std::ops::Deref for HostBuilt<S> {
-    type Target = HostBlocks;
-    fn deref(&self) -> &HostBlocks {
-        &self.blocks
-    }
+/// A block-synchronous GPU kernel built for the host: the host mapping of a GEMM tile
+/// ([`crate::gpu_tile`]) or a row kernel ([`crate::gpu_rows`]), a function over blocks
+/// `%lo..%hi` whose phases are loops over each block's threads, run one block at a time.
+pub struct HostBlocks {
+    kernel: Kernel,
+    grid: [u64; 3],
+    threads: u64,
+    backend: JitBackend,
 }
 
 impl HostBlocks {
-    /// `text` (the host mapping of `kernel`, a launch of `blocks` blocks) compiled for the host.
-    pub fn compile(kernel: Kernel, text: &str, blocks: u64) -> Result<HostBlocks, TargetError> {
+    /// `text` (the host mapping of `kernel`, launched on `grid` blocks of `threads` threads)
+    /// compiled for the host.
+    pub fn compile(kernel: Kernel, text: &str, grid: [u64; 3], threads: u64) -> Result<HostBlocks, TargetError> {
         let backend = JitBackend::compile(text, std::slice::from_ref(&kernel.name))?;
-        Ok(HostBlocks { kernel, blocks: blocks as i64, backend })
+        Ok(HostBlocks { kernel, grid, threads, backend })
+    }
+
+    /// The launch's grid.
+    pub fn grid(&self) -> [u64; 3] {
+        self.grid
+    }
+
+    /// Threads a block (one-dimensional).
+    pub fn threads(&self) -> u64 {
+        self.threads
+    }
+
+    fn blocks(&self) -> i64 {
+        self.grid.iter().product::<u64>() as i64
     }
 
     /// Runs the launch over buffers given as strided memref descriptors (as a GPU launch
@@ -1253,14 +1246,14 @@ impl HostBlocks {
     /// over memory of its size.
     pub unsafe fn call_blocks(&self, descriptors: &mut [*mut i64]) -> Result<(), TargetError> {
         // SAFETY: the caller's guarantee; function 0 is this kernel.
-        unsafe { self.backend.call_ranges(0, descriptors, &mut (0..self.blocks).map(|b| (b, b + 1))) }
+        unsafe { self.backend.call_ranges(0, descriptors, &mut (0..self.blocks()).map(|b| (b, b + 1))) }
     }
 
     /// Runs the launch as the GPU would, block by block (x fastest, then y, then z), each
     /// block's threads phase by phase, into outputs first filled with NaN.
     pub fn run(&self, operands: &[&Tensor]) -> Result<Vec<Tensor>, TargetError> {
         let l = Launch::new(&self.kernel, operands, true)?;
-        self.backend.launch_ranges(0, &l, &mut (0..self.blocks).map(|b| (b, b + 1)))
+        self.backend.launch_ranges(0, &l, &mut (0..self.blocks()).map(|b| (b, b + 1)))
     }
 }
 
